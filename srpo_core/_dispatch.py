@@ -1,0 +1,65 @@
+"""Backend choice and output allocation shared by every public op.
+
+Kernels hold no policy: a public function validates its inputs, asks :func:`pick_backend` which implementation to
+run, and calls it. Launchers allocate their outputs with :func:`empty`, which fills them with NaN (or the dtype's
+largest value) when ``SRPO_POISON=1``, so a test notices any element a kernel forgot to write.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising anything at import
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1`` (how the tests check them)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pick_backend(backend: str, device: torch.device, *, op: str, has_triton: bool = True) -> str:
+    """Resolve ``backend="auto" | "triton" | "torch"`` for tensors on ``device``.
+
+    ``auto`` takes the Triton kernel for CUDA tensors when one exists for ``op`` and Triton imports, the torch path
+    otherwise. ``triton`` insists: it raises unless the kernel can run (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    runnable = has_triton and triton_importable() and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
+    if backend == "auto":
+        return "triton" if runnable and device.type == "cuda" else "torch"
+    if not has_triton:
+        raise NotImplementedError(f"{op}: no Triton kernel exists for this op yet; use backend='torch' or 'auto'")
+    if not triton_importable():
+        raise RuntimeError(f"{op}: backend='triton' needs the `triton` package, which does not import here")
+    if not runnable:
+        raise RuntimeError(
+            f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got tensors on {device}"
+        )
+    return "triton"
+
+
+def poisoning() -> bool:
+    return os.environ.get("SRPO_POISON", "0") == "1"
+
+
+def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs; poisoned (NaN / max int) under ``SRPO_POISON=1``."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if poisoning():
+        out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(dtype).max)
+    return out

@@ -1,0 +1,294 @@
+"""Public API: SRPO's role-aware token advantages, GRPO's sequence advantages, and the log-prob contrasts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from srpo_core import _dispatch
+from srpo_core._validate import (
+    check_cu_seqlens,
+    describe,
+    first_true_index,
+    require_same_device,
+    require_same_shape,
+    require_tensor,
+)
+from srpo_core.config import Role, SRPOConfig
+from srpo_core.layout import cu_seqlens_from_mask, pack, segment_sum, unpack
+from srpo_core.reference import contrast as contrast_ref
+from srpo_core.reference.role_weights import role_weights as role_weights_ref
+
+OP = "role_aware_advantages"
+
+
+@dataclasses.dataclass
+class RoleAwareAdvantages:
+    """Outputs of :func:`role_aware_advantages`, per-token tensors in the input's layout (``[B, T]`` or ``[N]``).
+
+    - ``advantages``: ``A_{i,t} = w_t · A_i`` on valid tokens, 0 elsewhere.
+    - ``weights``: ``w_t`` (> 0 on valid tokens, 1 on OTHER tokens before renormalisation), 0 outside the mask.
+    - ``signals``: the standardised signals ``z_t`` at role tokens, 0 elsewhere.
+    - ``baseline``: ``b_i: [B]``, the shared trajectory baseline.
+    - ``stats``: floats for logging: per role ``count``, ``mu``, ``sigma`` (over the whole batch, all ranks) and
+      ``w_min``, ``w_mean``, ``w_max`` (this rank's tokens); keys like ``"perception/mu"``.
+    """
+
+    advantages: torch.Tensor
+    weights: torch.Tensor
+    signals: torch.Tensor
+    baseline: torch.Tensor
+    stats: dict[str, float]
+
+
+def contrast(logp: torch.Tensor, logp_other: torch.Tensor, kind: str = "k3", *, clamp: float = 20.0,
+             k3_max: float = 10.0) -> torch.Tensor:
+    """Elementwise SPEC step-1 contrast ``D(ℓ, ℓ')`` of two log-prob tensors of the same shape.
+
+    ``kind="logratio"``: ``clamp(ℓ − ℓ', −c, c)``; ``kind="k3"``: ``min(e^δ − δ − 1, k3_max)`` with
+    ``δ = clamp(ℓ' − ℓ, −c, c)``. ``−inf`` is allowed; NaN is an error. ``kl`` and ``js`` need the two logit rows:
+    use ``token_contrast``.
+    """
+    op = "contrast"
+    require_tensor(op, "logp", logp, kind="float")
+    require_tensor(op, "logp_other", logp_other, kind="float")
+    require_same_shape(op, "logp", logp, logp_other=logp_other)
+    require_same_device(op, "logp", logp, logp_other=logp_other)
+    if kind in ("kl", "js"):
+        raise ValueError(
+            f"{op}: kind={kind!r} needs the two full logit rows, not log-probs; use srpo_core.token_contrast"
+            " (it returns the divergence and both sampled-token log-probs)"
+        )
+    if kind not in ("logratio", "k3"):
+        raise ValueError(f"{op}: `kind` must be 'logratio' or 'k3', got {kind!r}")
+    for name, x in (("logp", logp), ("logp_other", logp_other)):
+        _reject_bad_values(op, name, x, torch.ones_like(x, dtype=torch.bool), "")
+    return contrast_ref.contrast(logp, logp_other, kind, clamp, k3_max)
+
+
+def _reject_bad_values(op: str, name: str, x: torch.Tensor, where: torch.Tensor, what: str) -> None:
+    """NaN or +inf where a value is read is an error (a log-prob may be −inf, never NaN or +inf)."""
+    bad = where & (torch.isnan(x) | (x == float("inf")))
+    if bool(bad.any()):
+        kind = "NaN" if bool(torch.isnan(x[bad]).any()) else "+inf"
+        raise ValueError(
+            f"{op}: `{name}` has {int(bad.sum())} NaN/+inf value(s){what}; first at index {first_true_index(bad)}"
+            f" ({kind}); log-probs must be finite or -inf there"
+        )
+
+
+def role_aware_advantages(
+    advantages: torch.Tensor,
+    logp: torch.Tensor,
+    logp_corrupt: torch.Tensor | None,
+    logp_ablated: torch.Tensor | None,
+    roles: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    config: SRPOConfig = SRPOConfig(),  # noqa: B008 - frozen dataclass, safe as a default
+    process_group=None,
+    backend: str = "auto",
+    perception_signal: torch.Tensor | None = None,
+    reasoning_signal: torch.Tensor | None = None,
+) -> RoleAwareAdvantages:
+    """SRPO's role-aware token advantages (SPEC steps 1-6).
+
+    Args:
+        advantages: ``[B]`` sequence-level advantages ``A_i`` (GRPO, Dr.GRPO, RLOO …), finite.
+        logp: ``ℓ_t``, log-prob of the sampled token with the original image: ``[B, T]`` with ``mask``, or ``[N]``
+            with ``cu_seqlens``.
+        logp_corrupt: ``ℓ̃_t`` with the corrupted image, same shape (read at perception tokens).
+        logp_ablated: ``ℓ°_t`` with the perception span removed, same shape (read at reasoning tokens).
+        roles: integer, same shape: ``Role.OTHER`` 0, ``PERCEPTION`` 1, ``REASONING`` 2 at valid tokens.
+        mask: ``bool [B, T]``, the response tokens (padded layout only).
+        cu_seqlens: ``int [B+1]`` offsets (packed layout only).
+        config: :class:`SRPOConfig`.
+        process_group: when given, the role statistics of step 2 are all-reduced over it, so the weights equal
+            those of the whole batch in one process.
+        backend: ``"auto"`` (Triton for CUDA tensors once its kernel exists, torch otherwise), ``"triton"``,
+            ``"torch"`` (the reference path).
+        perception_signal / reasoning_signal: precomputed ``s_t`` for that role (same shape), e.g. ``kl`` or ``js``
+            from ``token_contrast``; they replace the log-prob contrast of that role, and the corresponding
+            ``logp_corrupt`` / ``logp_ablated`` may then be ``None``.
+
+    Per-token outputs come in the layout of the input, in float32 (float64 if any input is float64).
+    """
+    if not isinstance(config, SRPOConfig):
+        raise TypeError(f"{OP}: `config` must be an SRPOConfig, got {describe(config)}")
+    require_tensor(OP, "advantages", advantages, kind="float", ndim=1)
+    require_tensor(OP, "logp", logp, kind="float", ndim=(1, 2))
+    require_tensor(OP, "roles", roles, kind="int")
+    per_token = {
+        "logp_corrupt": logp_corrupt,
+        "logp_ablated": logp_ablated,
+        "perception_signal": perception_signal,
+        "reasoning_signal": reasoning_signal,
+    }
+    for name, x in per_token.items():
+        if x is not None:
+            require_tensor(OP, name, x, kind="float")
+    require_same_shape(OP, "logp", logp, roles=roles, **per_token)
+    require_same_device(OP, "logp", logp, advantages=advantages, roles=roles, mask=mask, cu_seqlens=cu_seqlens,
+                        **per_token)
+
+    padded = logp.dim() == 2
+    if padded:
+        if cu_seqlens is not None:
+            raise ValueError(f"{OP}: 2-D (padded) inputs take `mask`, not `cu_seqlens`; got cu_seqlens "
+                             f"{describe(cu_seqlens)} (pass 1-D packed inputs to use cu_seqlens)")
+        if mask is None:
+            raise ValueError(f"{OP}: 2-D (padded) inputs need `mask: bool {list(logp.shape)}` marking response tokens")
+        require_tensor(OP, "mask", mask, kind="bool")
+        require_same_shape(OP, "logp", logp, mask=mask)
+        cu = cu_seqlens_from_mask(mask)
+    else:
+        if mask is not None:
+            raise ValueError(f"{OP}: 1-D (packed) inputs take `cu_seqlens`, not `mask`; got mask {describe(mask)}")
+        if cu_seqlens is None:
+            raise ValueError(f"{OP}: 1-D (packed) inputs need `cu_seqlens: int [B+1]`")
+        check_cu_seqlens(OP, cu_seqlens, logp.numel())
+        cu = cu_seqlens.to(torch.int64)
+    num_traj = cu.numel() - 1
+    if advantages.numel() != num_traj:
+        raise ValueError(f"{OP}: `advantages` must have one entry per trajectory (B = {num_traj}), "
+                         f"got {describe(advantages)}")
+    if not bool(torch.isfinite(advantages).all()):
+        bad = ~torch.isfinite(advantages)
+        raise ValueError(f"{OP}: `advantages` must be finite, got {int(bad.sum())} non-finite value(s), "
+                         f"first at index {first_true_index(bad)[0]}")
+
+    # Everything below works on the packed layout.
+    def packed(x):
+        return None if x is None else (pack(x, mask) if padded else x)
+
+    r = packed(roles)
+    if r.numel() and bool(((r < 0) | (r > 2)).any()):
+        bad_vals = torch.unique(r[(r < 0) | (r > 2)])[:5].tolist()
+        raise ValueError(f"{OP}: `roles` must hold 0 (OTHER), 1 (PERCEPTION) or 2 (REASONING) at valid tokens, "
+                         f"got {bad_vals}")
+    compute_dtype = torch.float64 if any(
+        x is not None and x.dtype == torch.float64 for x in (advantages, logp, *per_token.values())
+    ) else torch.float32
+    signals = _signals(
+        config, r, packed(roles), packed(logp), packed(logp_corrupt), packed(logp_ablated),
+        packed(perception_signal), packed(reasoning_signal), roles_unpacked=roles, mask=mask if padded else None,
+        dtype=compute_dtype,
+    )
+
+    which = _dispatch.pick_backend(backend, logp.device, op=OP, has_triton=False)
+    assert which == "torch"
+    res = role_weights_ref(advantages.to(compute_dtype), signals, r, cu, config, process_group)
+
+    stats = _stats(res, r, cu)
+    if padded:
+        return RoleAwareAdvantages(unpack(res.advantages, mask), unpack(res.weights, mask), unpack(res.z, mask),
+                                   res.baseline, stats)
+    return RoleAwareAdvantages(res.advantages, res.weights, res.z, res.baseline, stats)
+
+
+def _signals(config, r, _roles, logp, logp_corrupt, logp_ablated, perception_signal, reasoning_signal, *,
+             roles_unpacked, mask, dtype) -> torch.Tensor:
+    """Step 1: ``s_t = D_P(ℓ, ℓ̃)`` at perception tokens, ``D_R(ℓ, ℓ°)`` at reasoning tokens, 0 elsewhere [N]."""
+    signals = torch.zeros(r.shape, dtype=dtype, device=r.device)
+    for role, kind, other_name, other, given_name, given in (
+        (Role.PERCEPTION, config.perception_contrast, "logp_corrupt", logp_corrupt, "perception_signal",
+         perception_signal),
+        (Role.REASONING, config.reasoning_contrast, "logp_ablated", logp_ablated, "reasoning_signal",
+         reasoning_signal),
+    ):
+        sel = r == role
+        if not bool(sel.any()):
+            continue
+        label = role.name.lower()
+        where = f" at valid {label} positions"
+        if given is not None:
+            _reject_nan(given_name, given, sel, roles_unpacked, mask, role, where)
+            signals = torch.where(sel, given.to(dtype), signals)
+            continue
+        if kind in ("kl", "js"):
+            raise ValueError(
+                f"{OP}: config.{label}_contrast={kind!r} needs the full logit rows: compute it with "
+                f"srpo_core.token_contrast(...) and pass it as `{given_name}`"
+            )
+        if other is None:
+            raise ValueError(f"{OP}: `{other_name}` is None but the batch has {int(sel.sum())} {label} token(s); "
+                             f"pass it, or a precomputed `{given_name}`")
+        _reject_nan("logp", logp, sel, roles_unpacked, mask, role, where)
+        _reject_nan(other_name, other, sel, roles_unpacked, mask, role, where)
+        s = contrast_ref.contrast(logp.to(dtype), other.to(dtype), kind, config.clamp, config.k3_max)
+        signals = torch.where(sel, s, signals)
+    return signals
+
+
+def _reject_nan(name, x_packed, sel, roles_unpacked, mask, role, where) -> None:
+    bad = sel & (torch.isnan(x_packed) | (x_packed == float("inf")))
+    if not bool(bad.any()):
+        return
+    # Report the first bad index in the caller's own layout.
+    if mask is not None:
+        full = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+        full[mask] = bad
+        first = first_true_index(full)
+    else:
+        first = first_true_index(bad)
+    raise ValueError(f"{OP}: `{name}` has {int(bad.sum())} NaN/+inf value(s){where}; first at index {first}")
+
+
+def _stats(res, r: torch.Tensor, cu: torch.Tensor) -> dict[str, float]:
+    """Logging statistics, gathered to the host in one transfer."""
+    rows = []
+    for k, role in enumerate((Role.PERCEPTION, Role.REASONING)):
+        sel = r == role
+        w = res.weights.to(torch.float64)
+        cnt = sel.sum()
+        inf = torch.tensor(float("inf"), dtype=torch.float64, device=w.device)
+        w_min = torch.where(sel, w, inf).amin() if w.numel() else inf
+        w_max = torch.where(sel, w, -inf).amax() if w.numel() else -inf
+        w_mean = torch.where(sel, w, 0.0).sum() / cnt.clamp(min=1)
+        rows.append(torch.stack([res.role_stats[k, 0], res.role_stats[k, 1], res.role_stats[k, 2],
+                                 torch.where(cnt > 0, w_min, torch.nan), w_mean.to(torch.float64),
+                                 torch.where(cnt > 0, w_max, torch.nan)]))
+    values = torch.stack(rows).tolist()
+    keys = ("count", "mu", "sigma", "w_min", "w_mean", "w_max")
+    stats = {f"{role}/{k}": v for role, vals in zip(("perception", "reasoning"), values) for k, v in zip(keys, vals)}
+    for role in ("perception", "reasoning"):
+        stats[f"{role}/count"] = int(stats[f"{role}/count"])
+        if stats[f"{role}/count"] == 0:
+            stats[f"{role}/w_mean"] = float("nan")
+    return stats
+
+
+def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm: str = "std",
+                    eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's sequence-level advantages: ``A_i = (R_i − mean_g R) / (std_g R + eps)``.
+
+    ``rewards: [B]`` float, ``group_ids: [B]`` integer labels (any values; equal label = same prompt).
+    ``std`` is the unbiased one (as verl and TRL compute it); a group of one gives ``A_i = 0``.
+    ``norm="none"`` gives ``R_i − mean_g R`` (Dr.GRPO). Returns float32 (float64 for float64 rewards).
+    """
+    op = "grpo_advantages"
+    require_tensor(op, "rewards", rewards, kind="float", ndim=1)
+    require_tensor(op, "group_ids", group_ids, kind="int", ndim=1)
+    require_same_shape(op, "rewards", rewards, group_ids=group_ids)
+    require_same_device(op, "rewards", rewards, group_ids=group_ids)
+    if norm not in ("std", "none"):
+        raise ValueError(f"{op}: `norm` must be 'std' or 'none', got {norm!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"{op}: `eps` must be a positive number, got {eps!r}")
+    if not bool(torch.isfinite(rewards).all()):
+        bad = ~torch.isfinite(rewards)
+        raise ValueError(f"{op}: `rewards` must be finite, got {int(bad.sum())} non-finite value(s), "
+                         f"first at index {first_true_index(bad)[0]}")
+    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r = rewards.to(dtype)
+    _, g = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(g.max()) + 1 if g.numel() else 0
+    size = segment_sum(torch.ones_like(r), g, num_groups)
+    mean = segment_sum(r, g, num_groups) / size
+    centred = r - mean[g]
+    if norm == "none":
+        return torch.where(size[g] > 1, centred, 0.0)
+    std = torch.sqrt(segment_sum(centred * centred, g, num_groups) / (size - 1).clamp(min=1))
+    return torch.where(size[g] > 1, centred / (std[g] + eps), 0.0)
