@@ -1,9 +1,18 @@
 """srpo-core: role-aware token-level advantages (SRPO) for RL on vision-language models."""
 
+from srpo_core.ablation import AblatedBatch, ablate_span
 from srpo_core.advantages import RoleAwareAdvantages, contrast, grpo_advantages, role_aware_advantages
 from srpo_core.config import Role, SRPOConfig
+from srpo_core.corruption import corrupt_images, corrupt_pixel_values
+from srpo_core.roles import roles_from_text, roles_from_token_ids
 
 __all__ = [
+    "AblatedBatch",
+    "ablate_span",
+    "corrupt_images",
+    "corrupt_pixel_values",
+    "roles_from_text",
+    "roles_from_token_ids",
     "Role",
     "RoleAwareAdvantages",
     "SRPOConfig",

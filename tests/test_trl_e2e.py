@@ -1,0 +1,284 @@
+"""End to end: SRPOGRPOTrainer trains a tiny random Qwen2-VL with TRL's GRPO on CPU.
+
+Everything is built offline: a character-level tokenizer with Qwen's special tokens and single-token tags (so the
+random policy emits ``<perception>`` / ``<think>`` often enough for roles to be non-trivial; roles come from the real
+tag parser), ``Qwen2VLImageProcessor()`` defaults (the PIL backend when torchvision is absent) in a
+``Qwen2VLProcessor``, and a 4-prompt dataset of 56×56 coloured squares with a rule reward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+tokenizers = pytest.importorskip("tokenizers")
+PIL_Image = pytest.importorskip("PIL.Image")
+
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from srpo_core import Role, SRPOConfig  # noqa: E402
+from srpo_core.adapters.trl import SRPOGRPOTrainer, SRPOTrainerOptions  # noqa: E402
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+           "<|video_pad|>", "[UNK]"]
+TAGS = ["<perception>", "</perception>", "<think>", "</think>"]
+CHARS = list("abcde \n")
+# Qwen2-VL's chat template, reduced to what the test needs (images and text in user turns).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
+
+
+def build_processor():
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor
+
+    vocab = {t: i for i, t in enumerate(SPECIAL + TAGS + CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="<|endoftext|>",
+                                        eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE)
+
+    class Processor(Qwen2VLProcessor):
+        # Without torchvision transformers has no video-processor base class to check against; images only here.
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)  # the "falling back to the PIL backend" notice
+    image_processor = Qwen2VLImageProcessor()
+    return Processor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                     chat_template=CHAT_TEMPLATE)
+
+
+def build_model(tokenizer, seed=0):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def build_dataset():
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "abc"}]}],
+             "image": PIL_Image.new("RGB", (56, 56), c)} for c in COLOURS]
+    return datasets.Dataset.from_list(rows)
+
+
+def rule_reward(completions, **kwargs):
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [t.count("a") + 2.0 * ("</think>" in t) for t in texts]
+
+
+def grpo_args(tokenizer, **overrides):
+    suppress = [tokenizer.convert_tokens_to_ids(t) for t in
+                ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>")]
+    kwargs = dict(
+        output_dir=tempfile.mkdtemp(prefix="srpo-trl-"), per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=16, max_steps=2, learning_rate=1e-3, use_cpu=True, report_to=[], bf16=False,
+        logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+        # a random policy must not emit vision placeholders: they would not match the image features
+        generation_kwargs={"suppress_tokens": suppress},
+    )
+    kwargs.update(overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return GRPOConfig(**kwargs)
+
+
+def capturing(base):
+    """A subclass that records what each generation step produced and what reached ``_compute_loss``."""
+
+    class Capturing(base):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.generated, self.seen, self.losses = [], [], []
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            last = getattr(self, "_srpo_last", None)
+            if last is not None:
+                # carried along TRL's shuffle so they can be compared row by row in _compute_loss
+                out["test_weights"] = last.result.weights
+                out["test_sequence_advantages"] = last.sequence_advantages
+                out["test_roles"] = last.roles.roles
+            self.generated.append({k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
+            return out
+
+        def _compute_loss(self, model, inputs):
+            loss = super()._compute_loss(model, inputs)
+            self.seen.append({k: v.detach().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+            self.losses.append(loss.detach())
+            return loss
+
+    return Capturing
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+def run(trainer_cls, processor, *, steps=2, lr=1e-3, **trainer_kwargs):
+    args = grpo_args(processor.tokenizer, max_steps=steps, learning_rate=lr)
+    model = build_model(processor.tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer = capturing(trainer_cls)(model=model, reward_funcs=rule_reward, args=args,
+                                         train_dataset=build_dataset(), processing_class=processor, **trainer_kwargs)
+        trainer.train()
+    return trainer
+
+
+def test_srpo_trains_tiny_qwen2vl(processor):
+    start = time.perf_counter()
+    trainer = run(SRPOGRPOTrainer, processor)
+    elapsed = time.perf_counter() - start
+    assert len(trainer.seen) == 2
+    role_counts = {Role.PERCEPTION: 0, Role.REASONING: 0}
+    for inputs, loss in zip(trainer.seen, trainer.losses, strict=True):
+        assert math.isfinite(float(loss))
+        adv, mask = inputs["advantages"], inputs["completion_mask"].bool()
+        assert adv.shape == inputs["completion_ids"].shape  # [B, T] reached _compute_loss
+        w, seq = inputs["test_weights"], inputs["test_sequence_advantages"]
+        assert bool((w[mask] > 0).all()) and bool(torch.isfinite(w[mask]).all())
+        torch.testing.assert_close(adv, torch.where(mask, w * seq[:, None], 0.0), rtol=0, atol=0)
+        roles = inputs["test_roles"]
+        for role in role_counts:
+            role_counts[role] += int((roles[mask] == role).sum())
+        role_tok = mask & (roles != Role.OTHER)
+        assert bool(((w - 1).abs() > 1e-4)[role_tok].any()), "some role token must be re-weighted"
+        # SPEC property 5: each trajectory's mean weight is 1
+        n = mask.sum(1)
+        torch.testing.assert_close((w * mask).sum(1)[n > 0] / n[n > 0], torch.ones(int((n > 0).sum())))
+    assert role_counts[Role.PERCEPTION] > 0 and role_counts[Role.REASONING] > 0
+    logged = trainer.state.log_history[0]
+    assert "srpo/perception/count" in logged and "srpo/malformed_frac" in logged
+    assert elapsed < 180
+
+
+def test_beta_zero_equals_plain_grpo(processor):
+    srpo = run(SRPOGRPOTrainer, processor, srpo_config=SRPOConfig(beta_perception=0.0, beta_reasoning=0.0))
+    grpo = run(GRPOTrainer, processor)
+    assert len(srpo.seen) == len(grpo.seen) == 2
+    # SRPO's passes draw from a private generator: the same completions are sampled at every step
+    assert sum(int((s["test_roles"] != 0).sum()) for s in srpo.seen) > 0, "roles must be non-trivial"
+    for a, b in zip(srpo.seen, grpo.seen, strict=True):
+        torch.testing.assert_close(a["completion_ids"], b["completion_ids"], rtol=0, atol=0)
+        mask = b["completion_mask"].bool()
+        assert a["advantages"].dim() == 2 and b["advantages"].dim() == 1
+        expected = torch.where(mask, b["advantages"][:, None].expand_as(mask), 0.0)
+        torch.testing.assert_close(a["advantages"], expected, rtol=0, atol=0)
+    for la, lb in zip(srpo.losses, grpo.losses, strict=True):
+        torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-7)
+
+
+def test_mask_ablation_and_raw_patches_run(processor):
+    opts = SRPOTrainerOptions(ablation_mode="mask", corruption_patch="raw", corruption_mode="noise")
+    trainer = run(SRPOGRPOTrainer, processor, steps=1, srpo_options=opts)
+    assert math.isfinite(float(trainer.losses[0]))
+    last = trainer._srpo_last
+    roles = last.roles.roles
+    reasoning = (roles == Role.REASONING) & last.mask
+    assert bool(torch.isfinite(last.logp_ablated[reasoning]).all())
+
+
+def half_perception_half_reasoning(completion_ids, mask, tokenizer):
+    """A ``roles_fn``: the first 4 tokens are perception, the rest reasoning (forces both passes to matter)."""
+    roles = torch.full_like(completion_ids, int(Role.REASONING))
+    roles[:, :4] = int(Role.PERCEPTION)
+    return roles.masked_fill(~mask, 0), torch.zeros(len(completion_ids), dtype=torch.bool), 0
+
+
+def test_roles_fn_hook(processor):
+    trainer = run(SRPOGRPOTrainer, processor, steps=1,
+                  srpo_options=SRPOTrainerOptions(roles_fn=half_perception_half_reasoning))
+    last = trainer._srpo_last
+    perception = (last.roles.roles == Role.PERCEPTION) & last.mask
+    reasoning = (last.roles.roles == Role.REASONING) & last.mask
+    assert int(perception.sum()) > 0 and int(reasoning.sum()) > 0
+    # removing the span changes the reasoning log-probs; the corrupted image changes the perception ones
+    assert bool(((last.logp_ablated - last.logp).abs() > 1e-6)[reasoning].any())
+    assert bool(((last.logp_corrupt - last.logp).abs() > 1e-6)[perception].any())
+
+
+@pytest.mark.parametrize("mode", ["drop", "mask"])
+def test_ablated_pass_matches_direct_forward(processor, mode):
+    """ℓ° from the trainer equals a forward of each hand-built row: the perception span removed (drop: positions of
+    the shortened row) or hidden (mask: original M-RoPE positions), one row at a time, without padding."""
+    trainer = run(SRPOGRPOTrainer, processor, steps=1, lr=0.0,
+                  srpo_options=SRPOTrainerOptions(roles_fn=half_perception_half_reasoning, ablation_mode=mode))
+    out, last = trainer.generated[0], trainer._srpo_last
+    model = trainer.model.eval()
+    image_token = model.config.image_token_id
+    rows_per_image = int(out["image_grid_thw"][0].prod())
+    checked = 0
+    for b in range(out["completion_ids"].shape[0]):
+        prompt = out["prompt_ids"][b][out["prompt_mask"][b].bool()]
+        valid = last.mask[b]
+        keep = valid & (last.roles.roles[b] != Role.PERCEPTION) if mode == "drop" else valid
+        completion = out["completion_ids"][b][keep]
+        ids = torch.cat([prompt, completion])[None]
+        attn = torch.ones_like(ids)
+        if mode == "mask":
+            attn[0, len(prompt):] = (last.roles.roles[b][valid] != Role.PERCEPTION).long()
+        mm = (ids == image_token).int()
+        grid = out["image_grid_thw"][b:b + 1]
+        kwargs = dict(pixel_values=out["pixel_values"][b * rows_per_image:(b + 1) * rows_per_image],
+                      image_grid_thw=grid, mm_token_type_ids=mm)
+        if mode == "mask":
+            kwargs["position_ids"], _ = model.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid,
+                                                                   attention_mask=torch.ones_like(ids))
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attn, **kwargs).logits.float()
+        logp = torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0][len(prompt) - 1:]
+        positions = torch.nonzero(keep)[:, 0]
+        reasoning = last.roles.roles[b][positions] == Role.REASONING
+        torch.testing.assert_close(last.logp_ablated[b][positions][reasoning], logp[reasoning], rtol=1e-4,
+                                   atol=1e-5)
+        checked += int(reasoning.sum())
+    assert checked > 0
+
+
+def test_refuses_liger_kernel(processor):
+    args = grpo_args(processor.tokenizer)
+    args.use_liger_kernel = True
+    with pytest.raises(ValueError, match="use_liger_kernel"):
+        SRPOGRPOTrainer(model=build_model(processor.tokenizer), reward_funcs=rule_reward, args=args,
+                        train_dataset=build_dataset(), processing_class=processor)
+
+
+def test_refuses_bad_options():
+    with pytest.raises(ValueError, match="ablation_mode"):
+        SRPOTrainerOptions(ablation_mode="zero")
+    with pytest.raises(ValueError, match="corruption_p"):
+        SRPOTrainerOptions(corruption_p=1.5)
