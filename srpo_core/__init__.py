@@ -3,10 +3,13 @@
 from srpo_core.ablation import AblatedBatch, ablate_span
 from srpo_core.advantages import RoleAwareAdvantages, contrast, grpo_advantages, role_aware_advantages
 from srpo_core.config import Role, SRPOConfig
+from srpo_core.contrast_ops import TokenContrast, token_contrast
 from srpo_core.corruption import corrupt_images, corrupt_pixel_values
 from srpo_core.roles import roles_from_text, roles_from_token_ids
 
 __all__ = [
+    "TokenContrast",
+    "token_contrast",
     "AblatedBatch",
     "ablate_span",
     "corrupt_images",

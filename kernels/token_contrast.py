@@ -1,0 +1,213 @@
+"""Fused two-condition contrast: ``KL(p ‖ p')`` or ``JS(p, p')`` per row, plus ``log p_id`` and ``log p'_id``.
+
+``p = softmax(x / τ)``, ``p' = softmax(x' / τ)`` for the rows ``x = logits[n]``, ``x' = logits_ref[n]``.
+One program per row, a loop over the vocabulary in blocks of ``BLOCK_V``; ``V``, the strides and ``τ`` are runtime
+arguments (the JIT specialises only on ``V % 16`` and on unit strides, so a new vocabulary size costs no compile).
+
+``kl`` reads each row once. With ``c, c'`` the running maxima, ``u = (x − c)/τ`` and ``u' = (x' − c')/τ``:
+
+    KL = Σ_v e^{u_v} (u_v − u'_v) / s − log s + log s',      s = Σ_v e^{u_v},  s' = Σ_v e^{u'_v}
+
+and ``t = Σ_v e^{u_v} (u_v − u'_v)`` is kept online like ``s``: when the maxima move by ``Δ = (c_new − c_old)/τ``
+and ``Δ'``, ``t ← e^{−Δ} (t + (Δ' − Δ) s)``. Working in max-shifted units keeps ``KL`` exact to a few ulps when
+``x' ≈ x + const`` (no cancellation between two large log-sum-exps).
+
+``js`` needs ``log m_v = log(½ (p_v + p'_v))``, which depends on both normalisers at once: no fixed set of running
+sums gives it in one pass. It reads each row twice: pass 1 is the online ``(c, s)``, ``(c', s')``; pass 2 sums
+``½ p (log p − log m) + ½ p' (log p' − log m)``.
+
+Conventions: ``p_v = 0`` terms are 0; ``x_v`` finite with ``x'_v = −inf`` gives ``KL = +inf``; a row of all ``−inf``
+(or with ``+inf``/NaN) gives NaN; ``ids[n] == ignore_index`` gives 0 and skips the row's loads; an ``id`` outside
+``[0, V)`` gives NaN (the public function raises before that can happen).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from srpo_core._dispatch import empty
+
+KIND_KL = 0
+KIND_JS = 1
+KIND_CODES = {"kl": KIND_KL, "js": KIND_JS}
+
+# Pinned default config (no autotuning): 4096 columns of each row per iteration, 8 warps → 16 elements per thread per
+# row, i.e. two 128-bit loads per row per thread for bf16/fp16, four for fp32.
+MAX_BLOCK_V = 4096
+
+
+def default_config(V: int) -> dict:
+    block_v = min(MAX_BLOCK_V, max(16, triton.next_power_of_2(V)))
+    return {"BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4}
+
+
+@triton.jit
+def token_contrast_fwd_kernel(
+    p_x,  # logits      [N, V]
+    p_y,  # logits_ref  [N, V]
+    p_ids,  # [N]
+    p_div,  # [N] fp32
+    p_lp,  # [N] fp32
+    p_lq,  # [N] fp32
+    V,
+    stride_xn,
+    stride_xv,
+    stride_yn,
+    stride_yv,
+    stride_ids,
+    inv_temperature,
+    ignore_index,
+    KIND: tl.constexpr,  # 0 = kl, 1 = js
+    BLOCK_V: tl.constexpr,
+):
+    # div = KL(p ‖ p') or JS(p, p'); lp = x_id/τ − lse(x/τ); lq = x'_id/τ − lse(x'/τ)
+    i_n = tl.program_id(0).to(tl.int64)
+    p_x += i_n * stride_xn
+    p_y += i_n * stride_yn
+    i_id = tl.load(p_ids + i_n * stride_ids).to(tl.int64)
+    keep = i_id != ignore_index
+    valid = keep & (i_id >= 0) & (i_id < V)
+    v_end = tl.where(keep, V, 0)  # an ignored row reads nothing
+
+    m_x = -float("inf")  # running max of x (raw units)
+    m_y = -float("inf")
+    s_x = 0.0  # Σ e^{(x − c_x)/τ}, c_x = m_x or 0 while m_x = −inf
+    s_y = 0.0
+    t = 0.0  # Σ e^{u} (u − u')   (kl only)
+    for v0 in range(0, v_end, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)  # [BLOCK_V]
+        m_v = o_v < V
+        b_x = tl.load(p_x + o_v * stride_xv, mask=m_v, other=-float("inf")).to(tl.float32)
+        b_y = tl.load(p_y + o_v * stride_yv, mask=m_v, other=-float("inf")).to(tl.float32)
+        c_x_old = tl.where(m_x == -float("inf"), 0.0, m_x)
+        c_y_old = tl.where(m_y == -float("inf"), 0.0, m_y)
+        m_x_new = tl.maximum(m_x, tl.max(b_x, 0))
+        m_y_new = tl.maximum(m_y, tl.max(b_y, 0))
+        c_x = tl.where(m_x_new == -float("inf"), 0.0, m_x_new)
+        c_y = tl.where(m_y_new == -float("inf"), 0.0, m_y_new)
+        # e^{−Δ}; nothing accumulated yet while the old max is −inf
+        a_x = tl.where(m_x == -float("inf"), 0.0, tl.exp((c_x_old - c_x) * inv_temperature))
+        a_y = tl.where(m_y == -float("inf"), 0.0, tl.exp((c_y_old - c_y) * inv_temperature))
+        b_u = (b_x - c_x) * inv_temperature  # [BLOCK_V], ≤ 0, −inf where p_v = 0
+        b_uy = (b_y - c_y) * inv_temperature
+        b_e = tl.exp(b_u)
+        if KIND == 0:
+            b_t = tl.where(b_y == -float("inf"), float("inf"), b_e * (b_u - b_uy))
+            b_t = tl.where(b_x == -float("inf"), 0.0, b_t)
+            d = ((c_y - c_y_old) - (c_x - c_x_old)) * inv_temperature  # Δ' − Δ
+            t = tl.where(t == float("inf"), float("inf"), a_x * (t + d * s_x)) + tl.sum(b_t, 0)
+        s_x = s_x * a_x + tl.sum(b_e, 0)
+        s_y = s_y * a_y + tl.sum(tl.exp(b_uy), 0)
+        m_x = m_x_new
+        m_y = m_y_new
+
+    c_x = tl.where(m_x == -float("inf"), 0.0, m_x)
+    c_y = tl.where(m_y == -float("inf"), 0.0, m_y)
+    log_s_x = tl.log(s_x)
+    log_s_y = tl.log(s_y)
+    if KIND == 0:
+        div = t / s_x - log_s_x + log_s_y
+    else:
+        acc = 0.0
+        for v0 in range(0, v_end, BLOCK_V):  # second read of both rows
+            o_v = v0 + tl.arange(0, BLOCK_V)
+            m_v = o_v < V
+            b_x = tl.load(p_x + o_v * stride_xv, mask=m_v, other=-float("inf")).to(tl.float32)
+            b_y = tl.load(p_y + o_v * stride_yv, mask=m_v, other=-float("inf")).to(tl.float32)
+            b_lp = (b_x - c_x) * inv_temperature - log_s_x  # log p_v
+            b_lq = (b_y - c_y) * inv_temperature - log_s_y
+            b_p = tl.exp(b_lp)
+            b_q = tl.exp(b_lq)
+            b_lm = tl.log(b_p + b_q) - 0.6931471805599453  # log m_v; finite wherever p_v or p'_v > 0
+            # a term whose mass underflowed to 0 is < 1e-38 in size: drop it rather than risk 0 · (−inf)
+            b_j = tl.where(b_p > 0.0, b_p * (b_lp - b_lm), 0.0) + tl.where(b_q > 0.0, b_q * (b_lq - b_lm), 0.0)
+            # a NaN row (all −inf, +inf entries) keeps its NaN through the first term's condition
+            b_j = tl.where((b_lp != b_lp) | (b_lq != b_lq), float("nan"), b_j)
+            acc += tl.sum(b_j, 0)
+        div = 0.5 * acc
+        div = tl.where(div > 0.6931471805599453, 0.6931471805599453, div)
+    div = tl.where(div < 0.0, 0.0, div)  # rounding only: both divergences are ≥ 0 (NaN passes through)
+
+    i_safe = tl.where(valid, i_id, 0)
+    b_xid = tl.load(p_x + i_safe * stride_xv).to(tl.float32)
+    b_yid = tl.load(p_y + i_safe * stride_yv).to(tl.float32)
+    lp = (b_xid - c_x) * inv_temperature - log_s_x
+    lq = (b_yid - c_y) * inv_temperature - log_s_y
+    # a row with no distribution: lp/lq are NaN already; make the divergence NaN too (kl's t/s can be finite)
+    div = tl.where((lp != lp) | (lq != lq) | (s_x != s_x) | (s_y != s_y), float("nan"), div)
+    div = tl.where(valid, div, float("nan"))
+    lp = tl.where(valid, lp, float("nan"))
+    lq = tl.where(valid, lq, float("nan"))
+    tl.store(p_div + i_n, tl.where(keep, div, 0.0))
+    tl.store(p_lp + i_n, tl.where(keep, lp, 0.0))
+    tl.store(p_lq + i_n, tl.where(keep, lq, 0.0))
+
+
+def token_contrast_fwd(
+    logits: torch.Tensor,
+    logits_ref: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    kind: str,
+    temperature: float,
+    ignore_index: int,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch on ``logits, logits_ref: [N, V]`` (any strides), ``ids: [N]`` → three fp32 ``[N]`` tensors.
+
+    ``block_v`` / ``num_warps`` override the pinned default (tests use a small block to cover the multi-block path).
+    """
+    assert logits.dim() == 2 and logits.shape == logits_ref.shape and ids.shape == logits.shape[:1]
+    assert logits.dtype in (torch.float32, torch.float16, torch.bfloat16) and logits_ref.dtype in (
+        torch.float32, torch.float16, torch.bfloat16)
+    N, V = logits.shape
+    out = [empty((N,), dtype=torch.float32, device=logits.device) for _ in range(3)]
+    if N == 0:
+        return tuple(out)
+    cfg = default_config(V)
+    if block_v is not None:
+        cfg["BLOCK_V"] = block_v
+    if num_warps is not None:
+        cfg["num_warps"] = num_warps
+    token_contrast_fwd_kernel[(N,)](
+        logits, logits_ref, ids, *out,
+        V, logits.stride(0), logits.stride(1), logits_ref.stride(0), logits_ref.stride(1), ids.stride(0),
+        1.0 / float(temperature), int(ignore_index),
+        KIND=KIND_CODES[kind], BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
+    )
+    return tuple(out)
+
+
+def _report_entries() -> list[dict]:
+    """What ``benchmarks/gpu_report.py`` compiles: the launcher's default config for a large vocabulary (V ≥ 4096,
+    a multiple of 16 like every common vocabulary, unit vocab stride), per kind and logits dtype."""
+    cfg = default_config(1 << 17)
+    entries = []
+    for kind, code in KIND_CODES.items():
+        for dtype in ("bf16", "fp32"):
+            entries.append({
+                "name": f"token_contrast_fwd[{kind},{dtype}]",
+                "fn": token_contrast_fwd_kernel,
+                "signature": {
+                    "p_x": f"*{dtype}", "p_y": f"*{dtype}", "p_ids": "*i64",
+                    "p_div": "*fp32", "p_lp": "*fp32", "p_lq": "*fp32",
+                    "V": "i32:16", "stride_xn": "i32:16", "stride_xv": "constexpr", "stride_yn": "i32:16",
+                    "stride_yv": "constexpr", "stride_ids": "constexpr", "inv_temperature": "fp32",
+                    "ignore_index": "i32", "KIND": "constexpr", "BLOCK_V": "constexpr",
+                },
+                "constexprs": {"stride_xv": 1, "stride_yv": 1, "stride_ids": 1, "KIND": code,
+                               "BLOCK_V": cfg["BLOCK_V"]},
+                "num_warps": cfg["num_warps"],
+                "num_stages": 3,
+                "bytes": "2·N·V·s = floor (both rows once)" if kind == "kl" else "4·N·V·s = 2× floor (rows read twice)",
+                "load_dtype": dtype,
+            })
+    return entries
+
+
+GPU_REPORT = _report_entries()
+
+__all__ = ["GPU_REPORT", "KIND_CODES", "default_config", "token_contrast_fwd", "token_contrast_fwd_kernel"]

@@ -1,0 +1,162 @@
+"""Public ``token_contrast``: the per-position divergence between two next-token distributions (SPEC's ``kl`` / ``js``
+contrasts) and both sampled-token log-probs, from the two logit rows, without materialising a softmax.
+
+Backends: ``"triton"`` is the fused kernel in ``srpo_core.kernels.token_contrast`` (one read of both rows for ``kl``,
+two for ``js``); ``"torch"`` runs the float64-friendly reference on row chunks upcast to float32 (float64 stays
+float64), so at most ``CHUNK_ELEMENTS`` logits are live as a softmax at a time. ``"auto"``: Triton for CUDA tensors,
+torch otherwise.
+
+The op is registered as ``torch.ops.srpo_core.token_contrast`` (a ``torch.library`` custom op with a fake kernel), so
+``torch.compile(fullgraph=True)`` traces through it. It is forward-only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from srpo_core import _dispatch
+from srpo_core._validate import describe, require_same_device, require_tensor
+from srpo_core.reference import token_contrast as ref
+
+OP = "token_contrast"
+KINDS = ref.KINDS
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Rows per chunk of the torch path: chunk · V ≤ CHUNK_ELEMENTS (16 MiB per fp32 temporary).
+CHUNK_ELEMENTS = 1 << 22
+
+
+class TokenContrast(NamedTuple):
+    """Outputs of :func:`token_contrast`, each ``[N]``: ``div`` = KL(p ‖ p') or JS(p, p'), ``logp`` = ``log p_id``,
+    ``logp_ref`` = ``log p'_id``."""
+
+    div: torch.Tensor
+    logp: torch.Tensor
+    logp_ref: torch.Tensor
+
+
+def _out_dtype(logits: torch.Tensor, logits_ref: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (logits.dtype, logits_ref.dtype) else torch.float32
+
+
+def _torch_path(logits, logits_ref, ids, kind, temperature, ignore_index):
+    """The reference, on row chunks upcast to the output dtype (fp32 math for fp32/bf16/fp16 inputs)."""
+    N, V = logits.shape
+    dtype = _out_dtype(logits, logits_ref)
+    outs = [torch.empty(N, dtype=dtype, device=logits.device) for _ in range(3)]
+    # An id outside [0, V) (only reachable under torch.compile, which skips the eager check) gives NaN, as the kernel.
+    bad = (ids != ignore_index) & ((ids < 0) | (ids >= V))
+    ids = torch.where(bad, torch.zeros_like(ids), ids)
+    rows = max(1, CHUNK_ELEMENTS // max(V, 1))
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        parts = ref.token_contrast(
+            logits[r0:r1].to(dtype), logits_ref[r0:r1].to(dtype), ids[r0:r1],
+            kind=kind, temperature=temperature, ignore_index=ignore_index,
+        )
+        for out, part in zip(outs, parts, strict=True):
+            out[r0:r1] = part
+    return tuple(torch.where(bad, torch.full_like(out, math.nan), out) for out in outs)
+
+
+@torch.library.custom_op("srpo_core::token_contrast", mutates_args=())
+def _token_contrast_op(logits: torch.Tensor, logits_ref: torch.Tensor, ids: torch.Tensor, kind: str,
+                       temperature: float, ignore_index: int, backend: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from srpo_core.kernels.token_contrast import token_contrast_fwd
+
+        return token_contrast_fwd(logits, logits_ref, ids, kind=kind, temperature=temperature,
+                                  ignore_index=ignore_index)
+    return _torch_path(logits, logits_ref, ids, kind, temperature, ignore_index)
+
+
+@_token_contrast_op.register_fake
+def _(logits, logits_ref, ids, kind, temperature, ignore_index, backend):
+    dtype = _out_dtype(logits, logits_ref)
+    return tuple(logits.new_empty(logits.shape[:1], dtype=dtype) for _ in range(3))
+
+
+def _validate(logits, logits_ref, ids, kind, temperature, ignore_index) -> None:
+    require_tensor(OP, "logits", logits, kind="float", ndim=2)
+    require_tensor(OP, "logits_ref", logits_ref, kind="float", ndim=2)
+    require_tensor(OP, "ids", ids, kind="int", ndim=1)
+    if logits_ref.shape != logits.shape:
+        raise ValueError(f"{OP}: `logits_ref` must have the shape of `logits` {tuple(logits.shape)} ([N, V]), "
+                         f"got {describe(logits_ref)}")
+    if ids.shape[0] != logits.shape[0]:
+        raise ValueError(f"{OP}: `ids` must have shape [N] = [{logits.shape[0]}] (one id per row of `logits`), "
+                         f"got {describe(ids)}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"{OP}: `logits` must have a vocabulary of V >= 1 columns, got {describe(logits)}")
+    require_same_device(OP, "logits", logits, logits_ref=logits_ref, ids=ids)
+    if kind not in KINDS:
+        raise ValueError(f"{OP}: `kind` must be one of {KINDS}, got {kind!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{OP}: `temperature` must be a positive finite float, got {describe(temperature)}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{OP}: `temperature` must be a positive finite float, got {temperature!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{OP}: `ignore_index` must be an int, got {describe(ignore_index)}")
+
+
+def _check_ids(ids: torch.Tensor, V: int, ignore_index: int) -> None:
+    """Every id is ``ignore_index`` or in ``[0, V)`` (one device sync; skipped while torch.compile traces)."""
+    bad = (ids != ignore_index) & ((ids < 0) | (ids >= V))
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(f"{OP}: `ids` must lie in [0, V) = [0, {V}) or equal ignore_index={ignore_index}, "
+                         f"got ids[{i}] = {int(ids[i])} ({int(bad.sum())} such id(s))")
+
+
+def token_contrast(
+    logits: torch.Tensor,
+    logits_ref: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    kind: str = "kl",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> TokenContrast:
+    """Per-position divergence of ``p = softmax(logits/τ)`` from ``p' = softmax(logits_ref/τ)`` and both log-probs of
+    the sampled token.
+
+    Args:
+        logits: ``[N, V]`` float (fp32/bf16/fp16, or float64 on the torch path); any strides.
+        logits_ref: ``[N, V]``, same device; its dtype may differ from ``logits``'.
+        ids: ``[N]`` integer, the sampled tokens; each in ``[0, V)`` or equal to ``ignore_index``.
+        kind: ``"kl"`` for ``KL(p ‖ p') = Σ_v p_v (log p_v − log p'_v)`` (≥ 0, ``+inf`` when ``p`` has mass where
+            ``p'`` has none), or ``"js"`` for Jensen–Shannon ``½KL(p‖m) + ½KL(p'‖m)``, ``m = ½(p + p')``, in
+            ``[0, ln 2]``.
+        temperature: ``τ > 0``, applied to both rows.
+        ignore_index: rows whose id equals it give 0 in all three outputs.
+        backend: ``"auto" | "triton" | "torch"``.
+
+    Returns:
+        ``TokenContrast(div, logp, logp_ref)``, each ``[N]``, float32 (float64 if an input is float64).
+
+    Forward only: the contrast passes run under ``no_grad``. Inputs that require grad are read detached, and the
+    outputs carry no graph. ``ids`` are range-checked eagerly (one device sync); while ``torch.compile`` traces, the
+    check is skipped and an out-of-range id gives NaN in its row instead of an error. ``p_v = 0`` terms count 0; a
+    row of all ``−inf`` (or with ``+inf``/NaN) gives NaN, as ``torch.log_softmax`` does.
+    """
+    _validate(logits, logits_ref, ids, kind, temperature, ignore_index)
+    chosen = _dispatch.pick_backend(backend, logits.device, op=OP)
+    low_precision_only = logits.dtype in KERNEL_DTYPES and logits_ref.dtype in KERNEL_DTYPES
+    if chosen == "triton" and not low_precision_only:
+        if backend == "triton":
+            raise TypeError(f"{OP}: backend='triton' takes fp32/bf16/fp16 logits, got `logits` {logits.dtype} and "
+                            f"`logits_ref` {logits_ref.dtype}; use backend='torch' for float64")
+        chosen = "torch"
+    if not torch.compiler.is_compiling():
+        _check_ids(ids, logits.shape[1], ignore_index)
+    div, logp, logp_ref = torch.ops.srpo_core.token_contrast(
+        logits.detach(), logits_ref.detach(), ids, kind, float(temperature), int(ignore_index), chosen
+    )
+    return TokenContrast(div, logp, logp_ref)
+
+
+__all__ = ["TokenContrast", "token_contrast"]

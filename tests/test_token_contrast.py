@@ -1,0 +1,311 @@
+"""token_contrast: the Triton kernel (under TRITON_INTERPRET=1) and the chunked torch path against the float64
+reference, edge cases of the math (−inf entries, ±1e4 logits, disjoint supports), errors, and torch.compile tracing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from srpo_core import _dispatch, contrast_ops
+from srpo_core.contrast_ops import token_contrast
+from srpo_core.reference.token_contrast import token_contrast as reference
+from srpo_core.testing import assert_close
+
+# The interpreter evaluates −inf − (−inf) and 0 · inf in masked lanes with numpy, which warns; the kernel discards them.
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+needs_interpreter = pytest.mark.skipif(
+    not (_dispatch.triton_importable() and (_dispatch.interpreting() or torch.cuda.is_available())),
+    reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NAMES = ("div", "logp", "logp_ref")
+# fp32 math against float64 truth on the same (exactly upcast) values: 1e-5 relative, with an absolute floor for
+# values near 0 (a divergence near 0 is a difference of O(1) sums).
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def check(outs, ref64, tag=""):
+    for name, a, e in zip(NAMES, outs, ref64, strict=True):
+        assert a.dtype == torch.float32, f"{name}: dtype {a.dtype}"
+        assert_close(a, e, atol=ATOL, rtol=RTOL, name=f"{tag}{name}")
+
+
+def run_kernel(x, y, ids, *, kind, temperature=1.0, ignore_index=-100, block_v=None):
+    """The launcher directly (to force a small block), after the public function's checks passed."""
+    from srpo_core.kernels.token_contrast import token_contrast_fwd
+
+    token_contrast(x, y, ids, kind=kind, temperature=temperature, ignore_index=ignore_index, backend="torch")
+    return token_contrast_fwd(x, y, ids, kind=kind, temperature=temperature, ignore_index=ignore_index,
+                              block_v=block_v)
+
+
+@st.composite
+def cases(draw, max_n=5, max_v=70):
+    """Logit pairs with awkward sizes, extreme scales, −inf entries, ignored rows and non-unit strides."""
+    n = draw(st.sampled_from([0] + [1, 2, 3, 4] * 2 + list(range(5, max_n + 1))))
+    v = draw(st.integers(1, max_v) | st.sampled_from([1, 2, 15, 16, 17, 31, 32, 33, 47, 64, max_v]))
+    dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
+    scale = draw(st.sampled_from([1.0, 8.0, 1e4]))
+    if dtype == torch.float16:
+        scale = min(scale, 3e3)
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
+    related = draw(st.sampled_from(["independent", "noisy", "shifted"]))
+    if related == "independent":
+        y = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
+    elif related == "noisy":
+        y = x + 0.3 * torch.randn(n, v, generator=g, dtype=torch.float64)
+    else:
+        y = x + draw(st.sampled_from([0.0, 3.5, -1e3]))
+    neg_inf = draw(st.sampled_from([0.0, 0.0, 0.2, 0.6]))
+    if neg_inf:
+        x[torch.rand(n, v, generator=g) < neg_inf] = -math.inf
+        y[torch.rand(n, v, generator=g) < neg_inf] = -math.inf
+        x[:, 0] = torch.where(torch.isinf(x[:, 0]), 0.0, x[:, 0])  # keep every row a distribution
+        y[:, 0] = torch.where(torch.isinf(y[:, 0]), 0.0, y[:, 0])
+    ids = torch.randint(0, v, (n,), generator=g)
+    ids[torch.rand(n, generator=g) < draw(st.sampled_from([0.0, 0.3]))] = -100
+    ids = ids.to(draw(st.sampled_from([torch.int64, torch.int32])))
+    layout = draw(st.sampled_from(["contiguous", "row-padded", "column-major"]))
+    x, y = x.to(dtype), y.to(dtype)
+    if layout == "row-padded":  # row stride V + 3
+        x = torch.cat([x, torch.zeros(n, 3, dtype=dtype)], 1)[:, :v]
+        y = torch.cat([y, torch.zeros(n, 3, dtype=dtype)], 1)[:, :v]
+    elif layout == "column-major":  # vocab stride N
+        x, y = x.t().contiguous().t(), y.t().contiguous().t()
+    kind = draw(st.sampled_from(["kl", "js"]))
+    temperature = draw(st.sampled_from([1.0, 0.7, 1.9]))
+    return x.to(DEVICE), y.to(DEVICE), ids.to(DEVICE), kind, temperature
+
+
+@needs_interpreter
+@settings(max_examples=30, deadline=None)
+@given(case=cases(), block_v=st.sampled_from([16, 16, 32, None]))
+def test_kernel_matches_float64_reference(case, block_v):
+    x, y, ids, kind, temperature = case
+    outs = run_kernel(x, y, ids, kind=kind, temperature=temperature, block_v=block_v)
+    ref64 = reference(x.double(), y.double(), ids, kind=kind, temperature=temperature)
+    check(outs, ref64, tag=f"{kind} V={x.shape[1]} {x.dtype} τ={temperature} ")
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=cases(max_n=8, max_v=90), chunk=st.sampled_from([16, 100, 1 << 22]))
+def test_torch_path_matches_float64_reference(case, chunk):
+    x, y, ids, kind, temperature = case
+    old = contrast_ops.CHUNK_ELEMENTS
+    contrast_ops.CHUNK_ELEMENTS = chunk  # several rows per chunk, one row per chunk, or everything at once
+    try:
+        outs = token_contrast(x, y, ids, kind=kind, temperature=temperature, backend="torch")
+    finally:
+        contrast_ops.CHUNK_ELEMENTS = old
+    ref64 = reference(x.double(), y.double(), ids, kind=kind, temperature=temperature)
+    ref32 = reference(x.float(), y.float(), ids, kind=kind, temperature=temperature)
+    for name, a, e, t in zip(NAMES, outs, ref64, ref32, strict=True):
+        # the torch path is fp32 torch: hold it to twice torch's own fp32 error (it is that computation, chunked)
+        err = torch.nan_to_num((t.double() - e).abs(), nan=0.0, posinf=0.0)
+        assert_close(a, e, atol=ATOL + 2 * err, rtol=RTOL, name=name)
+
+
+def rows(*pairs, dtype=torch.float32):
+    x = torch.tensor([p[0] for p in pairs], dtype=dtype, device=DEVICE)
+    y = torch.tensor([p[1] for p in pairs], dtype=dtype, device=DEVICE)
+    return x, y
+
+
+INF = math.inf
+EDGE_CASES = [
+    # (x row, x' row), id, kind, expected div (None: the reference's value is checked only)
+    pytest.param(([0.0, 1.0, 2.0], [0.0, 1.0, 2.0]), 1, "kl", 0.0, id="identical-kl-0"),
+    pytest.param(([0.0, 1.0, 2.0], [5.0, 6.0, 7.0]), 1, "kl", 0.0, id="shifted-kl-0"),
+    pytest.param(([1e4, -1e4, 0.0], [1e4 - 3, -1e4, 3.0]), 0, "kl", None, id="pm-1e4"),
+    pytest.param(([0.0, -INF, 1.0], [0.0, 2.0, 1.0]), 2, "kl", None, id="p-zero-term-is-0"),
+    pytest.param(([0.0, 2.0, 1.0], [0.0, -INF, 1.0]), 1, "kl", INF, id="mass-where-ref-zero-kl-inf"),
+    pytest.param(([0.0, -INF], [-INF, 0.0]), 0, "js", math.log(2), id="disjoint-js-ln2"),
+    pytest.param(([0.0, 2.0, 1.0], [0.0, -INF, 1.0]), 1, "js", None, id="js-finite-where-kl-inf"),
+    pytest.param(([-INF, -INF, -INF], [0.0, 1.0, 2.0]), 1, "kl", math.nan, id="all-neg-inf-row-nan"),
+    pytest.param(([-INF, -INF, -INF], [0.0, 1.0, 2.0]), 1, "js", math.nan, id="all-neg-inf-row-nan-js"),
+    pytest.param(([0.0, INF, 1.0], [0.0, 1.0, 2.0]), 1, "kl", math.nan, id="pos-inf-row-nan"),
+    pytest.param(([0.0, math.nan, 1.0], [0.0, 1.0, 2.0]), 0, "js", math.nan, id="nan-entry-row-nan"),
+    pytest.param(([3.0], [-2.0]), 0, "kl", 0.0, id="V=1"),
+    # block 1 (of 16 columns) puts mass where x' is −inf; block 2 moves x's max by 1e4, which rescales that mass by
+    # e^-1e4 = 0 in fp32: KL must stay +inf (the mass is tiny but not 0)
+    pytest.param(([0.0] + [-1.0] * 18 + [1e4], [-INF] + [0.0] * 19), 19, "kl", INF, id="inf-survives-rescale"),
+]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@pytest.mark.parametrize(("pair", "id_", "kind", "expected"), EDGE_CASES)
+def test_edge_cases(pair, id_, kind, expected, backend):
+    x, y = rows(pair)
+    ids = torch.tensor([id_], device=DEVICE)
+    if backend == "triton":
+        outs = run_kernel(x, y, ids, kind=kind, block_v=16)
+    else:
+        outs = token_contrast(x, y, ids, kind=kind, backend="torch")
+    ref64 = reference(x.double(), y.double(), ids, kind=kind)
+    check(outs, ref64)
+    if expected is not None:
+        assert_close(outs[0], torch.tensor([expected]), atol=1e-6, name="div")
+    div = outs[0]
+    if kind == "js" and not torch.isnan(div).any():
+        assert 0.0 <= float(div) <= math.log(2) + 1e-7
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_ignored_rows_and_n0(kind):
+    x = torch.randn(4, 23, device=DEVICE)
+    y = torch.randn(4, 23, device=DEVICE)
+    x[1] = math.nan  # an ignored row is never read into a result
+    ids = torch.tensor([3, -100, 0, -100], device=DEVICE)
+    for backend in ("triton", "torch"):
+        d, lp, lq = token_contrast(x, y, ids, kind=kind, backend=backend)
+        assert torch.equal(d[[1, 3]], torch.zeros(2, device=DEVICE)), backend
+        assert torch.equal(lp[[1, 3]], torch.zeros(2, device=DEVICE)) and torch.equal(lq[[1, 3]], lp[[1, 3]])
+        assert torch.isfinite(d).all() and (d[[0, 2]] > 0).all()
+        empty = token_contrast(x[:0], y[:0], ids[:0], kind=kind, backend=backend)
+        assert all(t.shape == (0,) and t.dtype == torch.float32 for t in empty)
+
+
+def test_ignore_index_is_a_parameter():
+    x, y = torch.randn(3, 7), torch.randn(3, 7)
+    ids = torch.tensor([-1, 2, -1])
+    d, lp, _ = token_contrast(x, y, ids, ignore_index=-1)
+    assert d[0] == 0 and lp[2] == 0 and lp[1] < 0
+
+
+def test_float64_in_float64_out_and_auto_on_cpu():
+    x, y = torch.randn(3, 11, dtype=torch.float64), torch.randn(3, 11, dtype=torch.float64)
+    ids = torch.tensor([1, 2, 3])
+    outs = token_contrast(x, y, ids, kind="js")
+    assert all(t.dtype == torch.float64 for t in outs)
+    for a, e in zip(outs, reference(x, y, ids, kind="js"), strict=True):
+        assert_close(a, e, atol=1e-12, rtol=1e-12)
+
+
+def test_requires_grad_inputs_give_detached_outputs():
+    x = torch.randn(2, 9, requires_grad=True)
+    y = torch.randn(2, 9, requires_grad=True)
+    outs = token_contrast(x, y, torch.tensor([0, 8]))
+    assert not any(t.requires_grad for t in outs)
+
+
+def test_reference_kl_matches_torch_kl_div():
+    x, y = torch.randn(5, 13, dtype=torch.float64), torch.randn(5, 13, dtype=torch.float64)
+    d, _, _ = reference(x, y, torch.zeros(5, dtype=torch.long), kind="kl", temperature=1.3)
+    lp, lq = torch.log_softmax(x / 1.3, -1), torch.log_softmax(y / 1.3, -1)
+    expected = torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
+    assert_close(d, expected, atol=1e-12, rtol=1e-12)
+    dj, _, _ = reference(x, y, torch.zeros(5, dtype=torch.long), kind="js")
+    m = 0.5 * (x.softmax(-1) + y.softmax(-1))
+    kl = lambda p: (p * (p.log() - m.log())).sum(-1)  # noqa: E731
+    assert_close(dj, 0.5 * kl(x.softmax(-1)) + 0.5 * kl(y.softmax(-1)), atol=1e-12, rtol=1e-12)
+
+
+ERRORS = [
+    pytest.param(dict(logits=torch.randn(3, 5).long()), TypeError, "`logits` must be a floating-point",
+                 id="int-logits"),
+    pytest.param(dict(logits=torch.randn(3, 5, 2)), ValueError, "`logits` must be 2-D", id="3d-logits"),
+    pytest.param(dict(logits_ref=torch.randn(3, 6)), ValueError, "`logits_ref` must have the shape", id="shape"),
+    pytest.param(dict(ids=torch.tensor([0, 1])), ValueError, "`ids` must have shape [N] = [3]", id="ids-length"),
+    pytest.param(dict(ids=torch.tensor([0.0, 1.0, 2.0])), TypeError, "`ids` must be an integer", id="float-ids"),
+    pytest.param(dict(ids=torch.tensor([0, 5, 1])), ValueError, "got ids[1] = 5", id="id-too-big"),
+    pytest.param(dict(ids=torch.tensor([0, -3, 1])), ValueError, "got ids[1] = -3", id="id-negative"),
+    pytest.param(dict(kind="k3"), ValueError, "`kind` must be one of", id="kind"),
+    pytest.param(dict(temperature=0.0), ValueError, "`temperature` must be a positive", id="temperature-0"),
+    pytest.param(dict(temperature=math.nan), ValueError, "`temperature` must be a positive", id="temperature-nan"),
+    pytest.param(dict(temperature="1"), TypeError, "`temperature`", id="temperature-str"),
+    pytest.param(dict(ignore_index=1.5), TypeError, "`ignore_index` must be an int", id="ignore-index-float"),
+    pytest.param(dict(backend="cuda"), ValueError, "`backend` must be one of", id="backend"),
+    pytest.param(dict(logits=torch.randn(3, 0), logits_ref=torch.randn(3, 0)), ValueError, "V >= 1", id="V=0"),
+    pytest.param(dict(logits_ref=torch.randn(3, 5, device="meta")), ValueError, "`logits_ref` must be on",
+                 id="device-mismatch"),
+    pytest.param(dict(logits=torch.randn(3, 5, dtype=torch.float64), backend="triton"), (TypeError, RuntimeError),
+                 "", id="float64-triton"),
+]
+
+
+@pytest.mark.parametrize(("override", "exc", "match"), [p.values for p in ERRORS], ids=[p.id for p in ERRORS])
+def test_errors_name_the_argument(override, exc, match):
+    args = dict(logits=torch.randn(3, 5), logits_ref=torch.randn(3, 5), ids=torch.tensor([0, 4, -100]))
+    args.update(override)
+    kwargs = {k: args.pop(k) for k in list(args) if k not in ("logits", "logits_ref", "ids")}
+    with pytest.raises(exc) as info:
+        token_contrast(args["logits"], args["logits_ref"], args["ids"], **kwargs)
+    assert match in str(info.value)
+    if match:
+        assert str(info.value).startswith("token_contrast:")
+
+
+def test_backend_triton_without_interpreter_or_cuda_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend='triton' needs CUDA"):
+        token_contrast(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([0, 1]), backend="triton")
+
+
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_torch_compile_fullgraph_traces_the_custom_op(kind):
+    x, y = torch.randn(5, 19), torch.randn(5, 19)
+    ids = torch.tensor([0, 18, -100, 4, 7])
+
+    def step(x, y, ids):
+        div, logp, logp_ref = token_contrast(x * 1.0, y, ids, kind=kind, temperature=0.9)
+        return div * 2.0, logp - logp_ref
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fake kernel + tracing, no C++ toolchain
+    for a, e in zip(compiled(x, y, ids), step(x, y, ids), strict=True):
+        assert_close(a, e, atol=1e-6, name="compiled")
+
+
+def test_custom_op_opcheck():
+    x, y = torch.randn(4, 10), torch.randn(4, 10)
+    ids = torch.tensor([0, 9, -100, 3])
+    torch.library.opcheck(torch.ops.srpo_core.token_contrast.default, (x, y, ids, "js", 1.0, -100, "torch"))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind", ["kl", "js"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_kernel_default_block_several_blocks(kind, dtype):
+    """The launcher's default config (BLOCK_V = 4096) over three full blocks and a ragged tail, V = 3·4096 + 77."""
+    g = torch.Generator().manual_seed(0)
+    v = 3 * 4096 + 77
+    x = (torch.randn(3, v, generator=g) * 6).to(dtype).to(DEVICE)
+    y = (x.float() + torch.randn(3, v, generator=g)).to(dtype).to(DEVICE)
+    ids = torch.tensor([5, v - 1, 4096], device=DEVICE)
+    outs = token_contrast(x, y, ids, kind=kind, temperature=0.8, backend="triton")
+    check(outs, reference(x.double(), y.double(), ids, kind=kind, temperature=0.8))
+
+
+@pytest.mark.slow
+@needs_interpreter
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_kernel_qwen2vl_vocab(kind):
+    """A real vocabulary size (Qwen2-VL, V = 151,936), bf16, with −inf entries and a large shift between the rows."""
+    g = torch.Generator().manual_seed(1)
+    v = 151_936
+    x = torch.randn(8, v, generator=g) * 4
+    y = x + 0.5 * torch.randn(8, v, generator=g) + 100.0
+    x[:, 1000:1010] = -math.inf
+    x, y = x.to(torch.bfloat16).to(DEVICE), y.to(torch.bfloat16).to(DEVICE)
+    ids = torch.randint(0, v, (8,), generator=g).to(DEVICE)
+    ids[3] = -100
+    outs = token_contrast(x, y, ids, kind=kind, backend="triton")
+    check(outs, reference(x.double(), y.double(), ids, kind=kind))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+def test_out_of_range_id_past_the_check_gives_nan(backend):
+    """What torch.compile sees (the eager range check is skipped there): NaN in that row, never a read out of bounds."""
+    x, y = torch.randn(3, 6, device=DEVICE), torch.randn(3, 6, device=DEVICE)
+    ids = torch.tensor([0, 6, -7], device=DEVICE)
+    outs = torch.ops.srpo_core.token_contrast(x, y, ids, "kl", 1.0, -100, backend)
+    for t in outs:
+        assert torch.isfinite(t[0]) and torch.isnan(t[1:]).all()
