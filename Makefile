@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.srpo-installed
 
-.PHONY: demo test lint bench gpu-report clean
+.PHONY: demo test lint bench gpu-report gpu-bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/srpo-core bench
+
+gpu-report: $(STAMP)
+	$(BIN)/python benchmarks/gpu_report.py
+
+gpu-bench: $(STAMP)
+	$(BIN)/python benchmarks/gpu_bench.py
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install -q ruff

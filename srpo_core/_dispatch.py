@@ -7,7 +7,6 @@ largest value) when ``SRPO_POISON=1``, so a test notices any element a kernel fo
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -15,13 +14,20 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 
 
-@functools.cache
+_TRITON_IMPORTABLE: bool | None = None
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising anything at import
-        return False
-    return True
+    """Whether ``import triton`` works here (asked once; a plain global, so torch.compile traces it quietly)."""
+    global _TRITON_IMPORTABLE
+    if _TRITON_IMPORTABLE is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_IMPORTABLE = True
+        except Exception:  # ImportError, or a broken install raising anything at import
+            _TRITON_IMPORTABLE = False
+    return _TRITON_IMPORTABLE
 
 
 def interpreting() -> bool:
