@@ -204,7 +204,7 @@ def _signals(config, r, _roles, logp, logp_corrupt, logp_ablated, perception_sig
         label = role.name.lower()
         where = f" at valid {label} positions"
         if given is not None:
-            _reject_nan(given_name, given, sel, roles_unpacked, mask, role, where)
+            _reject_nan(given_name, given, sel, roles_unpacked, mask, role, where, finite=True)
             signals = torch.where(sel, given.to(dtype), signals)
             continue
         if kind in ("kl", "js"):
@@ -222,8 +222,9 @@ def _signals(config, r, _roles, logp, logp_corrupt, logp_ablated, perception_sig
     return signals
 
 
-def _reject_nan(name, x_packed, sel, roles_unpacked, mask, role, where) -> None:
-    bad = sel & (torch.isnan(x_packed) | (x_packed == float("inf")))
+def _reject_nan(name, x_packed, sel, roles_unpacked, mask, role, where, finite: bool = False) -> None:
+    """Log-probs may be −inf (never NaN or +inf); precomputed signals (``finite=True``) must be finite."""
+    bad = sel & (~torch.isfinite(x_packed) if finite else (torch.isnan(x_packed) | (x_packed == float("inf"))))
     if not bool(bad.any()):
         return
     # Report the first bad index in the caller's own layout.
@@ -233,7 +234,8 @@ def _reject_nan(name, x_packed, sel, roles_unpacked, mask, role, where) -> None:
         first = first_true_index(full)
     else:
         first = first_true_index(bad)
-    raise ValueError(f"{OP}: `{name}` has {int(bad.sum())} NaN/+inf value(s){where}; first at index {first}")
+    what = "non-finite" if finite else "NaN/+inf"
+    raise ValueError(f"{OP}: `{name}` has {int(bad.sum())} {what} value(s){where}; first at index {first}")
 
 
 def _stats(res, r: torch.Tensor, cu: torch.Tensor) -> dict[str, float]:
@@ -256,7 +258,7 @@ def _stats(res, r: torch.Tensor, cu: torch.Tensor) -> dict[str, float]:
     for role in ("perception", "reasoning"):
         stats[f"{role}/count"] = int(stats[f"{role}/count"])
         if stats[f"{role}/count"] == 0:
-            stats[f"{role}/w_mean"] = float("nan")
+            stats.update({f"{role}/{k}": float("nan") for k in ("mu", "sigma", "w_mean")})
     return stats
 
 
@@ -282,13 +284,17 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm: str
         raise ValueError(f"{op}: `rewards` must be finite, got {int(bad.sum())} non-finite value(s), "
                          f"first at index {first_true_index(bad)[0]}")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    r = rewards.to(dtype)
+    r = rewards.to(torch.float64)  # group statistics in float64, result cast back
     _, g = torch.unique(group_ids, return_inverse=True)
     num_groups = int(g.max()) + 1 if g.numel() else 0
     size = segment_sum(torch.ones_like(r), g, num_groups)
     mean = segment_sum(r, g, num_groups) / size
+    # A group whose rewards are all equal has no spread: its advantages are exactly 0, not (ulp of the mean) / eps.
+    hi = r.new_full((num_groups,), -float("inf")).scatter_reduce(0, g, r, "amax")
+    lo = r.new_full((num_groups,), float("inf")).scatter_reduce(0, g, r, "amin")
+    informative = ((size > 1) & (hi > lo))[g]
     centred = r - mean[g]
     if norm == "none":
-        return torch.where(size[g] > 1, centred, 0.0)
+        return torch.where(informative, centred, 0.0).to(dtype)
     std = torch.sqrt(segment_sum(centred * centred, g, num_groups) / (size - 1).clamp(min=1))
-    return torch.where(size[g] > 1, centred / (std[g] + eps), 0.0)
+    return torch.where(informative, centred / (std[g] + eps), 0.0).to(dtype)

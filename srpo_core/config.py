@@ -71,6 +71,9 @@ class SRPOConfig:
         number("beta_perception", nonnegative=True)
         number("beta_reasoning", nonnegative=True)
         number("w_min", positive=True)
+        if self.w_min > 1:
+            raise ValueError(f"SRPOConfig: `w_min` must be in (0, 1], got {self.w_min!r} (a floor above 1 would "
+                             "raise every role token above OTHER tokens even at beta = 0)")
 
     def beta(self, role: Role) -> float:
         return {Role.PERCEPTION: self.beta_perception, Role.REASONING: self.beta_reasoning}.get(role, 0.0)

@@ -42,11 +42,7 @@ def examples(n: int) -> int:
     return max(10, round(n * _SCALE))
 
 
-GRPO_EQUAL_BUG = ("grpo_advantages: a group of identical rewards gives |A| up to ~0.97 in fp32 (~1e-11..1e-6 in fp64): "
-                  "the rounded mean differs from the rewards by an ulp and ulp/(std+eps) is not small "
-                  "(reported to the lead, cf. decision D5)")
 PERCEPTION, REASONING = 1, 2
-
 
 # -- the loop reference -------------------------------------------------------------------------------------------
 def loop_contrast(l: float, l_other: float, kind: str, c: float, k3_max: float) -> float:
@@ -226,10 +222,8 @@ def test_grpo_group_of_one_is_zero():
     [
         pytest.param(1.0, 8, torch.float32, id="binary-fp32"),
         pytest.param(0.0, 3, torch.float64, id="zero-fp64"),
-        pytest.param(24.9, 15, torch.float32, marks=pytest.mark.xfail(strict=True, reason=GRPO_EQUAL_BUG),
-                     id="24.9x15-fp32"),
-        pytest.param(0.1, 7, torch.float64, marks=pytest.mark.xfail(strict=True, reason=GRPO_EQUAL_BUG),
-                     id="0.1x7-fp64"),
+        pytest.param(24.9, 15, torch.float32, id="24.9x15-fp32"),
+        pytest.param(0.1, 7, torch.float64, id="0.1x7-fp64"),
     ],
 )
 def test_grpo_identical_rewards_give_zero(value, n, dtype):

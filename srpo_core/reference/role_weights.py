@@ -40,7 +40,9 @@ def standardize(signals: torch.Tensor, roles: torch.Tensor, config: SRPOConfig, 
     """Step 2: ``z_t = (s_t − μ_r) / (σ_r + eps)`` per role over the batch (all ranks of ``group``).
 
     ``μ_r`` and the population ``σ_r`` are reduced in float64 in two passes (sum, then sum of squared deviations), so
-    that no cancellation creeps in; ``σ_r = 0`` gives ``z = 0``; a role with no tokens contributes nothing.
+    that no cancellation creeps in, and ``z`` is formed in float64 too (``s − μ`` cannot overflow). ``σ_r = 0`` gives
+    ``z = 0``; a role whose signals are all equal has ``σ_r = 0`` exactly (its min equals its max), whatever the
+    rounding of the mean. A role with no tokens contributes nothing.
     Returns ``z: [N]`` (0 at OTHER tokens) and ``role_stats: float64 [2, 3]``.
     """
     sel = torch.stack([roles == r for r in ROLES])  # [2, N]
@@ -50,16 +52,22 @@ def standardize(signals: torch.Tensor, roles: torch.Tensor, config: SRPOConfig, 
     count, total = first[:, 0], first[:, 1]
     mu = total / count.clamp(min=1.0)
     dev = torch.where(sel, s - mu[:, None], 0.0)
-    sigma = torch.sqrt(_all_reduce((dev * dev).sum(1), group) / count.clamp(min=1.0))
+    # max(s) and max(−s) per role detect a constant role exactly.
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=s.device)
+    extremes = torch.stack([torch.where(sel, s, -inf).amax(1), torch.where(sel, -s, -inf).amax(1)], dim=1) \
+        if s.numel() else torch.full((2, 2), -float("inf"), dtype=torch.float64, device=s.device)
+    if group is not None:
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    sq = _all_reduce((dev * dev).sum(1), group)
+    constant = extremes[:, 0] == -extremes[:, 1]
+    sigma = torch.where(constant, 0.0, torch.sqrt(sq / count.clamp(min=1.0)))
     role_stats = torch.stack([count, mu, sigma], dim=1)
     if config.standardize == "none":
         z = torch.where(sel, signals, 0.0).sum(0)
         return z.to(signals.dtype), role_stats
-    mu_c = mu.to(signals.dtype)[:, None]
-    sigma_c = sigma.to(signals.dtype)[:, None]
-    z_r = torch.where(sigma_c > 0, (signals - mu_c) / (sigma_c + config.eps), 0.0)  # [2, N]
+    z_r = torch.where(sigma[:, None] > 0, dev / (sigma[:, None] + config.eps), 0.0)  # [2, N]
     z = torch.where(sel, z_r, 0.0).sum(0)
-    return z, role_stats
+    return z.to(signals.dtype), role_stats
 
 
 def weight_map(x: torch.Tensor, config: SRPOConfig) -> torch.Tensor:
