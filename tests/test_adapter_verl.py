@@ -1,0 +1,364 @@
+"""verl adapter.
+
+Part 1 (default suite, torch only): the conversion on tensors shaped exactly like verl's batch — ``advantages``,
+``response_mask``, ``old_log_probs`` ``[bs, response_length]``, uid strings — against ``role_aware_advantages`` and
+the VPPO preset, plus the batch-preparation helpers.
+
+Part 2 (needs upstream verl ≥ 0.7, skipped otherwise): the real ``DataProto``, ``core_algos`` registry,
+``ray_trainer.compute_advantage`` and ``RayPPOTrainer._compute_old_log_prob`` (its padding-free path:
+``left_right_2_no_padding`` → worker → ``no_padding_2_padding``). The only stand-in is the Ray worker group: a
+tiny bigram "VLM" whose next-token distribution depends on the previous token and on the image's mean pixel, so that
+every log-prob the adapter receives can be recomputed by hand. Run with the verl environment::
+
+    python3 -m venv .venv-verl && .venv-verl/bin/pip install torch==2.13.0 \
+        && .venv-verl/bin/pip install verl==0.9.1 fastapi uvicorn pyzmq msgspec cachetools -c <torch pin> \
+        && .venv-verl/bin/pip install -e . --no-deps && .venv-verl/bin/pip install pytest hypothesis
+    .venv-verl/bin/pytest tests/test_adapter_verl.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from srpo_core import Role, SRPOConfig, grpo_advantages, role_aware_advantages
+from srpo_core.adapters import verl as adapter
+from srpo_core.adapters._common import (
+    AdapterOptions,
+    corrupt_multi_modal_inputs,
+    group_ids,
+    perception_span_hidden,
+    realign_compact,
+    sequence_advantages,
+)
+from srpo_core.presets import vppo_advantages
+
+
+def _has_upstream_verl() -> bool:
+    try:
+        return importlib.util.find_spec("verl.trainer.ppo.core_algos") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+HAVE_VERL = _has_upstream_verl()
+needs_verl = pytest.mark.skipif(not HAVE_VERL, reason="upstream verl is not installed here (see the module docstring "
+                                                      "for the .venv-verl install that runs these)")
+
+
+def verl_like_batch(bs=8, n=4, resp_len=9, seed=0, dtype=torch.float32):
+    """Tensors as verl holds them after ``old_log_prob``: right-padded responses, GRPO advantages, string uids."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, resp_len + 1, (bs,), generator=g)
+    lengths[0] = resp_len
+    response_mask = (torch.arange(resp_len)[None, :] < lengths[:, None]).to(torch.int64)  # verl keeps it int
+    uids = np.array([str(uuid.UUID(int=i // n)) for i in range(bs)], dtype=object)
+    rewards = torch.randint(0, 2, (bs,), generator=g).to(dtype) + 0.1 * torch.arange(bs, dtype=dtype)
+    seq = grpo_advantages(rewards, group_ids(uids))
+    advantages = seq[:, None] * response_mask  # what verl's GRPO returns
+    old = -torch.rand(bs, resp_len, generator=g, dtype=dtype) * 3
+    corrupt = old - torch.rand(bs, resp_len, generator=g, dtype=dtype)
+    ablated = old + torch.randn(bs, resp_len, generator=g, dtype=dtype) * 0.3
+    roles = torch.randint(0, 3, (bs, resp_len), generator=g) * response_mask
+    # Garbage past the response, as a padded batch may hold.
+    for t in (old, corrupt, ablated):
+        t[response_mask == 0] = float("nan")
+    return dict(advantages=advantages, response_mask=response_mask, old=old, corrupt=corrupt, ablated=ablated,
+                roles=roles, uids=uids, seq=seq)
+
+
+# --------------------------------------------------------------------------- part 1: plain torch
+def test_group_ids_from_uid_strings():
+    uids = np.array(["b", "a", "b", "c", "a"], dtype=object)
+    g = group_ids(uids)
+    assert g.dtype == torch.int64 and g.tolist() == [1, 0, 1, 2, 0]
+    assert group_ids(np.array([], dtype=object)).shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_srpo_conversion_matches_role_aware_advantages(dtype):
+    b = verl_like_batch(dtype=dtype)
+    config = SRPOConfig(beta_perception=0.7, beta_reasoning=0.3)
+    out, stats = adapter.srpo_token_advantages(
+        b["advantages"], b["response_mask"], b["old"], logp_corrupt=b["corrupt"], logp_ablated=b["ablated"],
+        roles=b["roles"], options=AdapterOptions(srpo=config))
+    want = role_aware_advantages(b["seq"], b["old"], b["corrupt"], b["ablated"], b["roles"],
+                                 mask=b["response_mask"].bool(), config=config)
+    assert out.shape == b["advantages"].shape and out.dtype == dtype
+    torch.testing.assert_close(out, want.advantages.to(dtype), rtol=1e-6, atol=1e-6)
+    assert bool((out[b["response_mask"] == 0] == 0).all())
+    mask = b["response_mask"].bool()
+    assert bool((torch.sign(out[mask]) == torch.sign(b["advantages"][mask])).all())
+    assert stats["srpo/perception/count"] == int(((b["roles"] == 1) & mask).sum())
+
+
+def test_srpo_conversion_recovers_grpo_with_zero_strength():
+    b = verl_like_batch(seed=3)
+    out, _ = adapter.srpo_token_advantages(
+        b["advantages"], b["response_mask"], b["old"], logp_corrupt=b["corrupt"], logp_ablated=b["ablated"],
+        roles=b["roles"], options=AdapterOptions(srpo=SRPOConfig(beta_perception=0.0, beta_reasoning=0.0)))
+    torch.testing.assert_close(out, b["advantages"], rtol=0, atol=1e-6)
+
+
+def test_srpo_conversion_without_ablated_pass_scores_reasoning_like_other():
+    b = verl_like_batch(seed=4)
+    out, stats = adapter.srpo_token_advantages(
+        b["advantages"], b["response_mask"], b["old"], logp_corrupt=b["corrupt"], logp_ablated=None,
+        roles=b["roles"])
+    roles_p = torch.where(b["roles"] == Role.REASONING, 0, b["roles"])
+    want = role_aware_advantages(b["seq"], b["old"], b["corrupt"], None, roles_p, mask=b["response_mask"].bool())
+    torch.testing.assert_close(out, want.advantages, rtol=1e-6, atol=1e-6)
+    assert stats["srpo/reasoning/count"] == 0
+
+
+def test_vppo_estimator_folds_the_loss_mask_into_the_advantages():
+    b = verl_like_batch(seed=5)
+    opts = AdapterOptions(vppo_beta_min=0.8, vppo_top_k=0.5)
+    out, stats = adapter.srpo_token_advantages(b["advantages"], b["response_mask"], b["old"],
+                                               logp_corrupt=b["corrupt"], estimator="vppo", options=opts)
+    v = vppo_advantages(b["seq"], b["old"], b["corrupt"], mask=b["response_mask"].bool(), beta_min=0.8, top_k=0.5)
+    torch.testing.assert_close(out, torch.where(v.loss_mask, v.advantages, 0.0))
+    assert stats["vppo/mask_fraction"] == pytest.approx(v.stats["vppo/mask_fraction"])
+
+
+def test_sequence_advantages_rejects_per_token_estimators():
+    mask = torch.ones(2, 3, dtype=torch.int64)
+    gae_like = torch.tensor([[1.0, 0.5, 0.2], [0.3, 0.3, 0.3]])
+    with pytest.raises(ValueError, match="varies along response 0.*GAE"):
+        sequence_advantages(gae_like, mask)
+    assert sequence_advantages(torch.tensor([[2.0, 2.0, 0.0]]), torch.tensor([[1, 1, 0]])).tolist() == [2.0]
+    assert sequence_advantages(torch.zeros(1, 3), torch.zeros(1, 3)).tolist() == [0.0]
+
+
+def test_adapter_options_from_mapping():
+    opts = AdapterOptions.from_mapping({"beta_perception": 0.2, "corrupt_p": 0.3, "ablate": False})
+    assert opts.srpo.beta_perception == 0.2 and opts.corrupt_p == 0.3 and not opts.ablate
+    with pytest.raises(ValueError, match="unknown key.*beta_perceptoin"):
+        AdapterOptions.from_mapping({"beta_perceptoin": 0.2})
+    assert adapter.options_from_config({"srpo": {"u_max": 2.0}}).srpo.u_max == 2.0
+    assert adapter.options_from_config(None) == AdapterOptions()
+
+
+def _qwen_inputs(grid=(1, 4, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = grid[0] * grid[1] * grid[2]
+    return {"pixel_values": torch.randn(rows, 3 * 2 * 14 * 14, generator=g), "image_grid_thw": torch.tensor([grid])}
+
+
+def test_corrupt_multi_modal_inputs_one_mask_per_group_and_input_untouched():
+    samples = [_qwen_inputs(seed=i // 2) for i in range(4)]  # two prompts, two responses each
+    before = [s["pixel_values"].clone() for s in samples]
+    mm = np.array(samples, dtype=object)
+    out = corrupt_multi_modal_inputs(mm, torch.tensor([0, 0, 1, 1]), p=0.5, seed=7)
+    for s, b0 in zip(samples, before, strict=True):
+        assert torch.equal(s["pixel_values"], b0)
+    assert torch.equal(out[0]["pixel_values"], out[1]["pixel_values"])
+    assert not torch.equal(out[0]["pixel_values"], samples[0]["pixel_values"])
+    assert out[0]["image_grid_thw"] is samples[0]["image_grid_thw"]
+    changed0 = (out[0]["pixel_values"] != samples[0]["pixel_values"]).any(1)
+    changed2 = (out[2]["pixel_values"] != samples[2]["pixel_values"]).any(1)
+    assert not torch.equal(changed0, changed2)  # different prompts, different masks (for this seed)
+    text_only = corrupt_multi_modal_inputs(np.array([{}], dtype=object), torch.tensor([0]))
+    assert text_only[0] == {}
+
+
+def test_perception_span_hidden_and_realign_compact():
+    roles = torch.tensor([[2, 1, 1, 2, 0, 2], [1, 2, 2, 0, 0, 0]])
+    response_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    attention = torch.cat([torch.tensor([[0, 1], [1, 1]]), response_mask], dim=1)
+    hidden = perception_span_hidden(attention, response_mask, roles)
+    assert hidden.tolist() == [[0, 1, 1, 0, 0, 1, 1, 1], [1, 1, 0, 1, 1, 0, 0, 0]]
+    kept = response_mask.bool() & (roles != Role.PERCEPTION)
+    compact = torch.tensor([[10.0, 13.0, 14.0, 15.0, 0.0, 0.0], [21.0, 22.0, 0.0, 0.0, 0.0, 0.0]])
+    out = realign_compact(compact, kept)
+    assert out.tolist() == [[10.0, 0.0, 0.0, 13.0, 14.0, 15.0], [0.0, 21.0, 22.0, 0.0, 0.0, 0.0]]
+
+
+def test_importing_the_adapters_imports_no_framework():
+    code = ("import sys, srpo_core, srpo_core.adapters.verl, srpo_core.adapters.easyr1, srpo_core.adapters.openrlhf;"
+            "bad = [m for m in ('verl', 'openrlhf', 'ray', 'deepspeed', 'vllm') if m in sys.modules];"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- part 2: the real verl
+@pytest.fixture(scope="module")
+def verl_mods():
+    if not HAVE_VERL:
+        pytest.skip("upstream verl is not installed")
+    from omegaconf import OmegaConf
+    from verl import DataProto
+    from verl.trainer.ppo import core_algos, ray_trainer
+
+    adapter.install()
+    return DataProto, core_algos, ray_trainer, OmegaConf
+
+
+@needs_verl
+def test_install_registers_and_patches_idempotently(verl_mods):
+    _, core_algos, ray_trainer, _ = verl_mods
+    patched = ray_trainer.compute_advantage
+    adapter.install()
+    assert ray_trainer.compute_advantage is patched and hasattr(patched, "__srpo_original__")
+    for name in ("srpo", "vppo"):
+        with pytest.raises(RuntimeError, match="install"):
+            core_algos.get_adv_estimator_fn(name)()
+
+
+def _dataproto(DataProto, b, extra=None):  # noqa: N803 - verl's class
+    tensors = {"response_mask": b["response_mask"], "old_log_probs": b["old"], "srpo_logp_corrupt": b["corrupt"],
+               "srpo_logp_ablated": b["ablated"], "srpo_roles": b["roles"],
+               "token_level_rewards": b["rewards_tok"], **(extra or {})}
+    return DataProto.from_dict(tensors=tensors, non_tensors={"uid": b["uids"]})
+
+
+@needs_verl
+@pytest.mark.parametrize("norm", [True, False], ids=["grpo", "dr_grpo"])
+def test_patched_compute_advantage_on_a_real_dataproto(verl_mods, norm):
+    DataProto, core_algos, ray_trainer, OmegaConf = verl_mods  # noqa: N806
+    b = verl_like_batch(seed=11)
+    last = (b["response_mask"].sum(1) - 1).clamp(min=0)
+    rewards = torch.arange(8, dtype=torch.float32) % 3
+    b["rewards_tok"] = torch.zeros_like(b["old"]).nan_to_num(0.0)
+    b["rewards_tok"][torch.arange(8), last] = rewards * (b["response_mask"].sum(1) > 0)
+    config = OmegaConf.create({"srpo": {"beta_perception": 0.6}})
+    data = ray_trainer.compute_advantage(_dataproto(DataProto, b), "srpo", norm_adv_by_std_in_grpo=norm,
+                                         config=config)
+    # verl's own GRPO on the same batch, then our conversion by hand.
+    grpo, _ = core_algos.compute_grpo_outcome_advantage(b["rewards_tok"], b["response_mask"], b["uids"],
+                                                        norm_adv_by_std_in_grpo=norm)
+    want, _ = adapter.srpo_token_advantages(grpo, b["response_mask"], b["old"], logp_corrupt=b["corrupt"],
+                                            logp_ablated=b["ablated"], roles=b["roles"],
+                                            options=AdapterOptions(srpo=SRPOConfig(beta_perception=0.6)))
+    torch.testing.assert_close(data.batch["advantages"], want)
+    torch.testing.assert_close(data.batch["returns"], want)
+    assert "srpo/perception/mu" in data.meta_info["srpo_metrics"]
+    # Other estimators are verl's, untouched.
+    plain = ray_trainer.compute_advantage(_dataproto(DataProto, b), "grpo", norm_adv_by_std_in_grpo=norm)
+    torch.testing.assert_close(plain.batch["advantages"], grpo)
+    # A batch without the contrast passes is refused with the fix in the message.
+    bare = DataProto.from_dict(tensors={"response_mask": b["response_mask"], "token_level_rewards": b["rewards_tok"],
+                                        "old_log_probs": b["old"]}, non_tensors={"uid": b["uids"]})
+    with pytest.raises(KeyError, match="SRPORayPPOTrainer"):
+        ray_trainer.compute_advantage(bare, "srpo")
+
+
+class BigramVLM:
+    """``log p(next | prev, image) = log_softmax(W[prev] + m(image) · u)[next]``, ``m`` = mean pixel value."""
+
+    def __init__(self, vocab=13, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.W = torch.randn(vocab, vocab, generator=g, dtype=torch.float64)
+        self.u = torch.randn(vocab, generator=g, dtype=torch.float64) * 3
+
+    def logp(self, prev: int, nxt: int, m: float) -> float:
+        return float(torch.log_softmax(self.W[prev] + m * self.u, -1)[nxt])
+
+
+class BigramWorkerGroup:
+    """Stands in for verl's actor worker group on the engine path: ``compute_log_prob(TensorDict) -> TensorDict``
+    with, for every kept token of the padding-free sequence, the log-prob of the *next* kept token."""
+
+    def __init__(self, model):
+        self.model = model
+        self.seen_pixel_means = []
+
+    def compute_log_prob(self, td):
+        from verl.utils import tensordict_utils as tu
+
+        ids = tu.get(td, "input_ids")
+        mm = tu.get(td, "multi_modal_inputs")
+        means = [float(s["pixel_values"].double().mean()) for s in mm]
+        self.seen_pixel_means.append(means)
+        rows = []
+        for seq, m in zip(ids.unbind(), means, strict=True):
+            s = seq.tolist()
+            rows.append(torch.tensor([self.model.logp(s[p], s[p + 1], m) for p in range(len(s) - 1)] + [0.0]))
+        lp = torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+        ent = torch.nested.as_nested_tensor([torch.zeros_like(r) for r in rows], layout=torch.jagged)
+        return tu.get_tensordict({"log_probs": lp, "entropy": ent}, non_tensor_dict={"metrics": {"mfu": 0.0}})
+
+
+@needs_verl
+def test_trainer_old_log_prob_adds_the_contrast_passes(verl_mods):
+    DataProto, _, ray_trainer, OmegaConf = verl_mods  # noqa: N806
+    trainer_cls = adapter.SRPORayPPOTrainer
+    assert issubclass(trainer_cls, ray_trainer.RayPPOTrainer)
+    from verl.trainer import main_ppo_v0
+
+    assert issubclass(adapter.SRPOTaskRunner, main_ppo_v0.TaskRunner.__ray_actor_class__)
+
+    g = torch.Generator().manual_seed(0)
+    V, P, R, n = 13, 4, 7, 2  # noqa: N806
+    prompt_lens, resp_lens = [3, 4, 2, 4], [7, 5, 6, 0 + 1]
+    bs = len(prompt_lens)
+    prompts = torch.zeros(bs, P, dtype=torch.int64)
+    responses = torch.zeros(bs, R, dtype=torch.int64)
+    attn = torch.zeros(bs, P + R, dtype=torch.int64)
+    for i in range(bs):
+        prompts[i, P - prompt_lens[i]:] = torch.randint(1, V, (prompt_lens[i],), generator=g)
+        responses[i, :resp_lens[i]] = torch.randint(1, V, (resp_lens[i],), generator=g)
+        attn[i, P - prompt_lens[i]:P] = 1
+        attn[i, P:P + resp_lens[i]] = 1
+    response_mask = attn[:, P:].clone()
+    roles = torch.tensor([[2, 1, 1, 2, 0, 2, 2], [1, 1, 2, 2, 2, 0, 0], [0, 2, 2, 2, 1, 2, 0], [2, 0, 0, 0, 0, 0, 0]])
+    roles = roles * response_mask
+    position_ids = (torch.cumsum(attn, 1) - 1).clamp(min=0)
+    uids = np.array([str(uuid.UUID(int=i // n)) for i in range(bs)], dtype=object)
+    mm = np.array([_qwen_inputs(seed=i // n) for i in range(bs)], dtype=object)
+    batch = DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
+                 "attention_mask": attn, "position_ids": position_ids, "response_mask": response_mask,
+                 "srpo_roles": roles},
+        non_tensors={"uid": uids, "multi_modal_inputs": mm})
+
+    model = BigramVLM(V)
+    trainer = object.__new__(trainer_cls)
+    trainer.config = OmegaConf.create({"algorithm": {"adv_estimator": "srpo", "srpo": {"seed": 3, "corrupt_p": 0.9}},
+                                       "actor_rollout_ref": {"actor": {}}})
+    trainer.actor_rollout_wg = BigramWorkerGroup(model)
+    trainer.tokenizer = None
+    trainer.global_steps = 1
+    old, _mfu = trainer._compute_old_log_prob(batch)
+    assert len(trainer.actor_rollout_wg.seen_pixel_means) == 3  # clean, corrupted, ablated passes
+
+    clean_m, corrupt_m, ablated_m = trainer.actor_rollout_wg.seen_pixel_means
+    assert clean_m == ablated_m, (clean_m, ablated_m)
+    assert all(a != b for a, b in zip(clean_m, corrupt_m, strict=True)), (clean_m, corrupt_m)
+    assert corrupt_m[0] == corrupt_m[1] and corrupt_m[2] == corrupt_m[3]  # one corrupted image per prompt
+    # The batch itself is untouched: clean pixels and attention mask.
+    assert batch.non_tensor_batch["multi_modal_inputs"] is mm and torch.equal(batch.batch["attention_mask"], attn)
+
+    for i in range(bs):
+        seq = prompts[i, P - prompt_lens[i]:].tolist()
+        resp = responses[i, :resp_lens[i]].tolist()
+        full = seq + resp
+        for j, tok in enumerate(resp):
+            prev = full[len(seq) + j - 1]
+            assert float(old.batch["old_log_probs"][i, j]) == pytest.approx(model.logp(prev, tok, clean_m[i]),
+                                                                              abs=1e-5)
+            assert float(old.batch["srpo_logp_corrupt"][i, j]) == pytest.approx(
+                model.logp(prev, tok, corrupt_m[i]), abs=1e-5)
+            if roles[i, j] != Role.PERCEPTION:
+                # Ablated: the previous token that is not a perception token of the response.
+                k = len(seq) + j - 1
+                while k >= len(seq) and roles[i, k - len(seq)] == Role.PERCEPTION:
+                    k -= 1
+                assert float(old.batch["srpo_logp_ablated"][i, j]) == pytest.approx(
+                    model.logp(full[k], tok, clean_m[i]), abs=1e-5), (i, j)
+    assert torch.equal(old.batch["srpo_roles"], roles)
+
+    # The whole step: union, rewards, the patched compute_advantage.
+    batch = batch.union(old)
+    rewards = torch.zeros(bs, R)
+    rewards[torch.arange(bs), (response_mask.sum(1) - 1)] = torch.tensor([1.0, 0.0, 0.5, 1.0])
+    batch.batch["token_level_rewards"] = rewards
+    out = ray_trainer.compute_advantage(batch, "srpo", config=trainer.config.algorithm)
+    assert out.batch["advantages"].shape == (bs, R)
+    assert bool(torch.isfinite(out.batch["advantages"]).all())
