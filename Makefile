@@ -3,14 +3,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.srpo-installed
+VERL_VENV ?= .venv-verl
 
-.PHONY: demo test lint bench gpu-report gpu-bench clean
+.PHONY: demo test test-verl lint bench gpu-report gpu-bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: this machine holds a CPU build of 2.13.0; an open range would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test,trl]"
+	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[test,trl]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -18,6 +19,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# The verl adapter against the real verl, in a venv of its own (verl and trl pin conflicting transformers).
+$(VERL_VENV)/.srpo-installed: pyproject.toml
+	test -x $(VERL_VENV)/bin/python || $(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VERL_VENV)/bin/python -m pip install -q -c .ci/constraints.txt -e ".[test,verl]"
+	touch $@
+
+test-verl: $(VERL_VENV)/.srpo-installed
+	$(VERL_VENV)/bin/pytest tests/test_adapter_verl.py -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/srpo-core bench
@@ -33,4 +44,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VERL_VENV) build dist *.egg-info .pytest_cache .hypothesis
