@@ -1,0 +1,144 @@
+"""Generate ``geometry_demo.jsonl``, the built-in example of ``srpo-core demo`` (deterministic; run to regenerate).
+
+    python -m srpo_core.examples.make_example            # rewrites srpo_core/examples/geometry_demo.jsonl
+
+The story. Three visual questions, four sampled responses each, in the tagged format SRPO trains for:
+``<perception> … </perception> <think> … </think> <answer> … </answer>``. Tokens are whole words with their leading
+space (so ``"".join(tokens)`` is the response text), and tags are single tokens.
+
+The three log-prob sets are what a policy would give, drawn from a seeded generator with these rules:
+- ``logp`` (original image): every token gets ``−Exp(0.6)``-ish noise; visual facts (numbers, colours, shapes) are
+  fairly likely.
+- ``logp_corrupt`` (image patches blacked out): a *grounded* response's visual facts lose 1.5-4 nats, other
+  perception words lose little, the rest moves by noise only. A response whose perception is hallucinated (the
+  wrong answers) barely depends on the image: its facts lose 0-0.4 nats.
+- ``logp_ablated`` (perception span removed): reasoning tokens that reuse a fact from the perception lose 1-3 nats;
+  a reasoning token that contradicts the perception (``contradicts``) gains 0.5-1.5 nats without it; other tokens
+  move by noise.
+Rewards: 1 for a correct boxed answer, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import random
+
+FILE = pathlib.Path(__file__).with_name("geometry_demo.jsonl")
+SEED = 2026
+
+# (prompt_id, prompt, responses); a response is (perception words, reasoning words, answer, correct, grounded).
+# Words wrapped in [] are visual facts; words wrapped in {} reuse a perceived fact; words wrapped in !! contradict it.
+QUESTIONS = [
+    ("triangle-area", "What is the area of the triangle in the figure?", [
+        ("a right triangle with legs [3] cm and [4] cm , the right angle at [C]",
+         "area is half the product of the legs : 1/2 * {3} * {4} = 6", "6", True, True),
+        ("a [right] triangle , base [4] cm and height [3] cm",
+         "half base times height gives 1/2 * {4} * {3} = 6", "6", True, True),
+        ("a triangle with sides 5 cm and 4 cm",
+         "using the legs 5 and 4 the area is 1/2 * 5 * 4 = 10", "10", False, False),
+        ("a right triangle with legs [3] cm and [4] cm",
+         "the hypotenuse is 5 so the area is !5! * {4} / 2 = 10", "10", False, True),
+    ]),
+    ("bar-chart", "Which month had the highest sales in the bar chart?", [
+        ("the [tallest] bar is [blue] and labelled [March] , reaching [42]",
+         "the highest bar is {March} with {42} units", "March", True, True),
+        ("bars for January , February , [March] ; [March] is the [tallest]",
+         "so the maximum is in {March}", "March", True, True),
+        ("the chart shows sales rising every month until May",
+         "May is the last and highest month", "May", False, False),
+        ("the [blue] bar for [March] reaches [42] , [February] reaches [35]",
+         "{February} is higher than {March} because !35! is more", "February", False, True),
+    ]),
+    ("circle-count", "How many red circles are in the image?", [
+        ("[three] [red] circles on the left and [two] [blue] squares on the right",
+         "counting only the {red} circles gives {three}", "3", True, True),
+        ("[red] circles : one at the top , [two] at the bottom",
+         "one plus {two} makes 3 {red} circles", "3", True, True),
+        ("several red circles scattered across the image",
+         "there seem to be about five", "5", False, False),
+        ("[three] [red] circles and [two] [blue] squares",
+         "adding circles and squares gives !5! shapes", "5", False, True),
+    ]),
+]
+
+
+def _words(spec: str) -> list[tuple[str, str]]:
+    """``"a [3] {4} !5!"`` → ``[("a", ""), ("3", "fact"), ("4", "uses"), ("5", "contradicts")]``."""
+    out = []
+    for w in spec.split():
+        if w.startswith("[") and w.endswith("]"):
+            out.append((w[1:-1], "fact"))
+        elif w.startswith("{") and w.endswith("}"):
+            out.append((w[1:-1], "uses"))
+        elif w.startswith("!") and w.endswith("!") and len(w) > 2:
+            out.append((w[1:-1], "contradicts"))
+        else:
+            out.append((w, ""))
+    return out
+
+
+def _response(rng: random.Random, perception: str, reasoning: str, answer: str, grounded: bool):
+    tokens, logp, logp_corrupt, logp_ablated = [], [], [], []
+
+    def emit(token: str, part: str, kind: str = "") -> None:
+        base = -rng.expovariate(1.6) - 0.02
+        if kind == "fact":
+            base = -rng.uniform(0.02, 0.4)
+        corrupt = base + rng.gauss(0, 0.05)
+        ablated = base + rng.gauss(0, 0.08)
+        if part == "perception":
+            if kind == "fact":
+                corrupt = base - (rng.uniform(1.5, 4.0) if grounded else rng.uniform(0.0, 0.4))
+            else:
+                corrupt = base - (rng.uniform(0.0, 0.6) if grounded else rng.uniform(0.0, 0.2))
+        if part == "reasoning":
+            if kind == "uses":
+                ablated = base - rng.uniform(1.0, 3.0)
+            elif kind == "contradicts":
+                ablated = min(base + rng.uniform(0.5, 1.5), -0.01)
+        tokens.append(token)
+        logp.append(round(base, 4))
+        logp_corrupt.append(round(min(corrupt, 0.0), 4))
+        logp_ablated.append(round(min(ablated, 0.0), 4))
+
+    emit("<perception>", "tag")
+    for w, kind in _words(perception):
+        emit(" " + w, "perception", kind)
+    emit(" </perception>", "tag")
+    emit(" <think>", "tag")
+    for w, kind in _words(reasoning):
+        emit(" " + w, "reasoning", kind)
+    emit(" </think>", "tag")
+    emit(" <answer>", "tag")
+    emit(" \\boxed{" + answer + "}", "reasoning")
+    emit(" </answer>", "tag")
+    return tokens, logp, logp_corrupt, logp_ablated
+
+
+def generate(seed: int = SEED) -> list[dict]:
+    """The example's records, in the JSONL schema of ``srpo-core explain`` (see docs/rollouts.md)."""
+    rng = random.Random(seed)
+    records = []
+    for prompt_id, prompt, responses in QUESTIONS:
+        for k, (perception, reasoning, answer, correct, grounded) in enumerate(responses):
+            tokens, logp, logp_corrupt, logp_ablated = _response(rng, perception, reasoning, answer, grounded)
+            assert all(math.isfinite(x) for x in logp + logp_corrupt + logp_ablated)
+            records.append({"prompt_id": prompt_id, "prompt": prompt, "response_id": k, "tokens": tokens,
+                            "reward": 1.0 if correct else 0.0, "logp": logp, "logp_corrupt": logp_corrupt,
+                            "logp_ablated": logp_ablated})
+    return records
+
+
+def dumps(records: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def main() -> None:
+    FILE.write_text(dumps(generate()), encoding="utf-8")
+    print(f"wrote {FILE}")
+
+
+if __name__ == "__main__":
+    main()
