@@ -90,7 +90,7 @@ def print_analysis(a: Analysis, console=None) -> None:
         sl = a.span(i)
         c = a.changes(i)
         text = Text(f"  #{rec.get('response_id', i)} A={c['A']:+.2f} ")
-        for tok, w, r in zip(a.batch.tokens[i], a.result.weights[sl].tolist(), a.batch.roles[sl].tolist()):
+        for tok, w, r in zip(a.batch.tokens[i], a.result.weights[sl].tolist(), a.batch.roles[sl].tolist(), strict=True):
             style = "rgb({},{},{})".format(*_rgb(w)) if r != Role.OTHER else "dim"
             style = ("black on " + style) if r != Role.OTHER else style
             if r == Role.PERCEPTION:
@@ -155,7 +155,7 @@ def to_html(a: Analysis) -> str:
         c = a.changes(i)
         spans = []
         for tok, w, r, z, adv in zip(a.batch.tokens[i], a.result.weights[sl].tolist(), a.batch.roles[sl].tolist(),
-                                     a.result.signals[sl].tolist(), a.result.advantages[sl].tolist()):
+                                     a.result.signals[sl].tolist(), a.result.advantages[sl].tolist(), strict=True):
             bg = "" if r == Role.OTHER else "background:rgb({},{},{})".format(*_rgb(w))
             title = f"{ROLE_NAMES[Role(r)]}  w={w:.3f}  z={z:+.3f}  A_t={adv:+.3f}"
             spans.append(f"<span class='tok r{r}' style='{bg}' title='{esc(title)}'>{esc(tok)}</span>")
