@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import os
 
-# Must happen before anything imports triton / srpo_core.kernels.
-_INTERPRET_WAS_SET = os.environ.pop("TRITON_INTERPRET", None) not in (None, "0")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its current default
+# Run as a script, this must happen before anything imports triton / srpo_core.kernels. Imported (the tests read
+# MODULES), it must leave the importer's environment alone.
+_INTERPRET_WAS_SET = os.environ.get("TRITON_INTERPRET") not in (None, "0")
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its current default
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402

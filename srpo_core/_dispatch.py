@@ -45,7 +45,8 @@ def pick_backend(backend: str, device: torch.device, *, op: str, has_triton: boo
         raise ValueError(f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    runnable = has_triton and triton_importable() and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
+    on_device = device.type == "cuda" or (device.type == "cpu" and interpreting())
+    runnable = has_triton and triton_importable() and on_device
     if backend == "auto":
         return "triton" if runnable and device.type == "cuda" else "torch"
     if not has_triton:
@@ -54,7 +55,8 @@ def pick_backend(backend: str, device: torch.device, *, op: str, has_triton: boo
         raise RuntimeError(f"{op}: backend='triton' needs the `triton` package, which does not import here")
     if not runnable:
         raise RuntimeError(
-            f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got tensors on {device}"
+            f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+            f"got tensors on {device}"
         )
     return "triton"
 

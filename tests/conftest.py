@@ -12,8 +12,18 @@ try:
 except ImportError:  # pragma: no cover - torch is a hard dependency
     pass
 
+import importlib
+import pkgutil
+
 import pytest
 from hypothesis import HealthCheck, settings
+
+import srpo_core.kernels as _kernels
+
+# Decorate every kernel now, while TRITON_INTERPRET is what the session set: ``@triton.jit`` reads it once, at import,
+# and a test that later monkeypatches it to "0" (to check the no-CUDA error) must not be the first to import a kernel.
+for _mod in pkgutil.iter_modules(_kernels.__path__):
+    importlib.import_module(f"{_kernels.__name__}.{_mod.name}")
 
 settings.register_profile(
     "ci", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]

@@ -12,7 +12,6 @@ import math
 import pathlib
 import sys
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
