@@ -254,7 +254,9 @@ def _stats(res, r: torch.Tensor, cu: torch.Tensor) -> dict[str, float]:
                                  torch.where(cnt > 0, w_max, torch.nan)]))
     values = torch.stack(rows).tolist()
     keys = ("count", "mu", "sigma", "w_min", "w_mean", "w_max")
-    stats = {f"{role}/{k}": v for role, vals in zip(("perception", "reasoning"), values, strict=True) for k, v in zip(keys, vals, strict=True)}
+    stats = {f"{role}/{k}": v
+             for role, vals in zip(("perception", "reasoning"), values, strict=True)
+             for k, v in zip(keys, vals, strict=True)}
     for role in ("perception", "reasoning"):
         stats[f"{role}/count"] = int(stats[f"{role}/count"])
         if stats[f"{role}/count"] == 0:

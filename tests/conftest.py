@@ -16,9 +16,8 @@ import importlib
 import pkgutil
 
 import pytest
-from hypothesis import HealthCheck, settings
-
 import srpo_core.kernels as _kernels
+from hypothesis import HealthCheck, settings
 
 # Decorate every kernel now, while TRITON_INTERPRET is what the session set: ``@triton.jit`` reads it once, at import,
 # and a test that later monkeypatches it to "0" (to check the no-CUDA error) must not be the first to import a kernel.
