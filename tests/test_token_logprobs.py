@@ -1,0 +1,549 @@
+"""token_logprobs: the Triton kernels (under TRITON_INTERPRET=1), the chunked torch path (eager and compiled) and the
+vocab-parallel form against the float64 reference — values and gradients of both outputs — plus edge cases of the
+math (−inf entries, ±1e4 logits, V = 1, N = 0), strides, errors, the torch.library registration and torch.compile."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from srpo_core import _chunked, _dispatch, logprobs
+from srpo_core.logprobs import token_logprobs
+from srpo_core.reference.token_logprobs import token_logprobs as reference
+from srpo_core.testing import assert_close
+
+# The interpreter evaluates −inf − (−inf) and 0 · inf in masked lanes with numpy, which warns; the kernel discards them.
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+needs_interpreter = pytest.mark.skipif(
+    not (_dispatch.triton_importable() and (_dispatch.interpreting() or torch.cuda.is_available())),
+    reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp32 math against float64 truth on the same (exactly upcast) values.
+RTOL, ATOL = 1e-5, 1e-5
+GRAD_MODES = ("logp", "entropy", "both")
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True)
+def _eager_by_default(monkeypatch):
+    """Tests run the eager chunks unless they opt into compilation (a compile costs seconds)."""
+    monkeypatch.setattr(_chunked, "USE_COMPILE", False)
+    yield
+    _chunked.reset()
+
+
+def upstream(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+def loss_of(logp, ent, g1, g2, mode):
+    dt = logp.dtype
+    if mode == "logp":
+        return (logp * g1.to(dt)).sum()
+    if mode == "entropy":
+        return (ent * g2.to(dt)).sum()
+    return (logp * g1.to(dt)).sum() + (ent * g2.to(dt)).sum()
+
+
+def reference_with_grad(x, ids, *, temperature, ignore_index=-100, mode="both", seed=0):
+    """float64 reference on the (exactly upcast) values: ``(logp, entropy, grad of the mode's loss)``."""
+    x64 = x.detach().double().requires_grad_(True)
+    # an ignored row is never read: garbage there (NaN) must not leak into the reference's gradient either
+    clean = torch.where((ids == ignore_index)[..., None], torch.zeros_like(x64), x64)
+    lp, ent = reference(clean, ids, temperature=temperature, return_entropy=True, ignore_index=ignore_index)
+    g1, g2 = upstream(lp.shape, seed)
+    (grad,) = torch.autograd.grad(loss_of(lp, ent, g1, g2, mode), x64)
+    return lp.detach(), ent.detach(), grad
+
+
+def grad_bound(grad_ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Tolerance of a gradient stored in ``dtype``: fp32 math error plus rounding to the logits' dtype."""
+    eps = 0.0 if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
+    return ATOL + (RTOL + eps) * grad_ref.abs()
+
+
+def check_outputs(logp, ent, grad, ref, dtype, tag=""):
+    lp64, ent64, grad64 = ref
+    assert logp.dtype == torch.float32, f"{tag}logp dtype {logp.dtype}"
+    assert_close(logp, lp64, atol=ATOL, rtol=RTOL, name=f"{tag}logp")
+    if ent is not None:
+        assert ent.dtype == torch.float32
+        assert_close(ent, ent64, atol=ATOL, rtol=RTOL, name=f"{tag}entropy")
+    if grad is not None:
+        assert grad.dtype == dtype and grad.shape == grad64.shape, f"{tag}grad {grad.dtype} {tuple(grad.shape)}"
+        assert_close(grad, grad64, atol=grad_bound(grad64, dtype), name=f"{tag}grad")
+
+
+def run_public(x, ids, *, temperature, backend, mode, seed=0, ignore_index=-100):
+    """Public function forward + autograd backward of the mode's loss."""
+    xg = x.detach().clone().requires_grad_(True) if x.is_contiguous() else _same_strides(x).requires_grad_(True)
+    logp, ent = token_logprobs(xg, ids, temperature=temperature, return_entropy=True, ignore_index=ignore_index,
+                               backend=backend)
+    g1, g2 = upstream(logp.shape, seed)
+    (grad,) = torch.autograd.grad(loss_of(logp, ent, g1, g2, mode), xg)
+    return logp.detach(), ent.detach(), grad
+
+
+def _same_strides(x):
+    """A leaf with the same values and the same (non-contiguous) strides as ``x``."""
+    out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    out.copy_(x)
+    return out
+
+
+@st.composite
+def cases(draw, max_n=5, max_v=70):
+    """Logits with awkward sizes, extreme scales, −inf entries, ignored rows and several memory layouts."""
+    n = draw(st.sampled_from([0] + [1, 2, 3, 4] * 2 + list(range(5, max_n + 1))))
+    v = draw(st.integers(1, max_v) | st.sampled_from([1, 2, 15, 16, 17, 31, 32, 33, 47, 64, max_v]))
+    dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
+    scale = draw(st.sampled_from([1.0, 8.0, 1e4]))
+    if dtype == torch.float16:
+        scale = min(scale, 3e3)  # randn · 1e4 overflows fp16's 65504 now and then
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    layout = draw(st.sampled_from(["contiguous", "row-padded", "column-major", "sliced-3d", "4d-copy"]))
+    lead = {"sliced-3d": (2, n + 1), "4d-copy": (2, 3, n + 1)}.get(layout, (n,))
+    x = torch.randn(*lead, v, generator=g, dtype=torch.float64) * scale
+    neg_inf = draw(st.sampled_from([0.0, 0.0, 0.2, 0.6]))
+    if neg_inf:
+        x[torch.rand(x.shape, generator=g) < neg_inf] = -math.inf
+        x[..., 0] = torch.where(torch.isinf(x[..., 0]), 0.0, x[..., 0])  # keep every row a distribution
+    ids = torch.randint(0, v, lead, generator=g)
+    ids[torch.rand(lead, generator=g) < draw(st.sampled_from([0.0, 0.3]))] = -100
+    ids = ids.to(draw(st.sampled_from([torch.int64, torch.int32])))
+    x = x.to(dtype)
+    if layout == "row-padded":  # row stride V + 3
+        x = torch.cat([x, torch.zeros(n, 3, dtype=dtype)], 1)[:, :v]
+    elif layout == "column-major":  # vocab stride N: the launcher copies
+        x = x.t().contiguous().t()
+    elif layout == "sliced-3d":  # logits[:, :-1]: two row strides, read in place
+        x, ids = x[:, :-1], ids[:, :-1]
+    elif layout == "4d-copy":  # [2, 2, n, V] cut out of [2, 3, n+1, V]: three row strides, the launcher copies
+        x, ids = x[:, :2, :-1], ids[:, :2, :-1]
+    temperature = draw(st.sampled_from([1.0, 0.7, 1.9]))
+    return x.to(DEVICE), ids.to(DEVICE), temperature
+
+
+# ------------------------------------------------------------------------------------------- Triton kernels
+@needs_interpreter
+@settings(max_examples=25, deadline=None)
+@given(case=cases(), block_v=st.sampled_from([16, 16, 32, None]), mode=st.sampled_from(GRAD_MODES))
+def test_kernel_matches_float64_reference(case, block_v, mode):
+    """Forward and backward kernels (launched directly, to force small blocks) against the float64 reference."""
+    from srpo_core.kernels.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
+
+    x, ids, temperature = case
+    token_logprobs(x, ids, temperature=temperature, backend="torch")  # the public checks pass
+    logp, ent, row_max, row_logsum = token_logprobs_fwd(x, ids, temperature=temperature, ignore_index=-100,
+                                                        return_entropy=True, block_v=block_v)
+    g1, g2 = upstream(logp.shape, 0)
+    grad = token_logprobs_bwd(g1.float() if mode != "entropy" else None, g2.float() if mode != "logp" else None,
+                              x, ids, row_max, row_logsum, ent, temperature=temperature, ignore_index=-100,
+                              block_v=block_v)
+    ref = reference_with_grad(x, ids, temperature=temperature, mode=mode)
+    check_outputs(logp, ent, grad, ref, x.dtype, tag=f"V={x.shape[-1]} {x.dtype} τ={temperature} {mode} ")
+    logp_only, no_ent, _, _ = token_logprobs_fwd(x, ids, temperature=temperature, ignore_index=-100,
+                                                 return_entropy=False, block_v=block_v)
+    assert no_ent is None and torch.equal(logp_only.nan_to_num(), logp.nan_to_num())
+
+
+@needs_interpreter
+@settings(max_examples=8, deadline=None)
+@given(case=cases(max_n=4, max_v=40), mode=st.sampled_from(GRAD_MODES))
+def test_public_triton_backend_autograd(case, mode):
+    """backend="triton" through the custom op's autograd formula (default block)."""
+    x, ids, temperature = case
+    out = run_public(x, ids, temperature=temperature, backend="triton", mode=mode)
+    check_outputs(*out, reference_with_grad(x, ids, temperature=temperature, mode=mode), x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------- torch path
+@settings(max_examples=30, deadline=None)
+@given(case=cases(max_n=8, max_v=90), chunk=st.sampled_from([16, 100, 1 << 21]), mode=st.sampled_from(GRAD_MODES))
+def test_torch_path_matches_float64_reference(case, chunk, mode):
+    x, ids, temperature = case
+    old = logprobs.CHUNK_ELEMENTS
+    logprobs.CHUNK_ELEMENTS = chunk  # one row per chunk, several, or everything at once
+    try:
+        out = run_public(x, ids, temperature=temperature, backend="torch", mode=mode)
+    finally:
+        logprobs.CHUNK_ELEMENTS = old
+    check_outputs(*out, reference_with_grad(x, ids, temperature=temperature, mode=mode), x.dtype)
+
+
+def compiled_case(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 7, 301, generator=g, dtype=torch.float64) * 4
+    x[0, 1, ::3] = -math.inf
+    x[1, 2] = torch.randn(301, generator=g, dtype=torch.float64) * 1e4
+    ids = torch.randint(0, 301, (3, 7), generator=g)
+    ids[2, 3] = ids[0, 0] = -100
+    x[2, 3] = math.nan  # an ignored row's garbage never reaches a result
+    return x.to(dtype)[:, :-1], ids[:, :-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_chunks_match_reference_and_eager(monkeypatch, dtype):
+    """The torch.compile'd chunk functions (several chunks of a sliced 3-D input) against the reference and the eager
+    chunks, forward and backward, logp and entropy."""
+    monkeypatch.setattr(_chunked, "USE_COMPILE", True)
+    monkeypatch.setattr(logprobs, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(logprobs, "COMPILED_CHUNK_ELEMENTS", 301 * 4)  # 4 rows per chunk, a partial one last
+    x, ids = compiled_case(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compile failure would warn and fall back
+        compiled = run_public(x, ids, temperature=0.8, backend="torch", mode="both")
+    assert _chunked._BROKEN is None
+    check_outputs(*compiled, reference_with_grad(x, ids, temperature=0.8, mode="both"), dtype)
+    monkeypatch.setattr(_chunked, "USE_COMPILE", False)
+    eager = run_public(x, ids, temperature=0.8, backend="torch", mode="both")
+    for a, b, name in zip(compiled, eager, ("logp", "entropy", "grad"), strict=True):
+        assert_close(a, b, atol=grad_bound(b.double(), dtype) if name == "grad" else 2e-6, rtol=2e-6, name=name)
+    assert torch.equal(compiled[2][2, 3], torch.zeros_like(compiled[2][2, 3]))
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+    monkeypatch.setattr(_chunked, "USE_COMPILE", True)
+    monkeypatch.setattr(logprobs, "COMPILE_MIN_ELEMENTS", 0)
+
+    def broken(self, *args):
+        raise RuntimeError("no working C++ compiler (simulated)")
+
+    monkeypatch.setattr(_chunked.Compiled, "__call__", broken)
+    x, ids = compiled_case(torch.float32)
+    with pytest.warns(RuntimeWarning, match="falling back to eager chunks"):
+        out = run_public(x, ids, temperature=0.8, backend="torch", mode="both")
+    assert "simulated" in _chunked._BROKEN and not _chunked.compile_wanted(torch.device("cpu"))
+    check_outputs(*out, reference_with_grad(x, ids, temperature=0.8, mode="both"), torch.float32)
+
+
+def test_no_compile_env_var(monkeypatch):
+    monkeypatch.setattr(_chunked, "USE_COMPILE", None)
+    monkeypatch.setenv("SRPO_NO_COMPILE", "1")
+    assert not _chunked.compile_wanted(torch.device("cpu"))
+    monkeypatch.setenv("SRPO_NO_COMPILE", "0")
+    assert _chunked.compile_wanted(torch.device("cpu"))
+    assert not _chunked.compile_wanted(torch.device("meta"))
+
+
+def test_gradcheck_float64_torch_path_and_reference():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 6, -100], [3, 3, 1]])
+
+    def ours(x):
+        return token_logprobs(x, ids, temperature=0.7, return_entropy=True, backend="torch")
+
+    def ref(x):
+        return reference(x, ids, temperature=0.7, return_entropy=True)
+
+    assert torch.autograd.gradcheck(ours, (x,))
+    assert torch.autograd.gradcheck(ref, (x,))
+    lp, ent = ours(x)
+    assert lp.dtype == torch.float64
+    rl, rh = ref(x)
+    assert_close(lp, rl, atol=1e-12, rtol=1e-12) and assert_close(ent, rh, atol=1e-12, rtol=1e-12)
+
+
+def test_reference_matches_torch_log_softmax_and_entropy():
+    x = torch.randn(4, 13, dtype=torch.float64)
+    ids = torch.tensor([0, 12, 5, -100])
+    lp, ent = reference(x, ids, temperature=1.3, return_entropy=True)
+    logp_all = torch.log_softmax(x / 1.3, -1)
+    want = logp_all.gather(-1, ids.clamp(min=0)[:, None]).squeeze(-1) * (ids != -100)
+    assert_close(lp, want, atol=1e-12, rtol=1e-12)
+    want_ent = torch.distributions.Categorical(logits=x / 1.3).entropy() * (ids != -100)
+    assert_close(ent, want_ent, atol=1e-12, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------- edge cases
+INF = math.inf
+EDGE_CASES = [
+    # row, id, expected (logp, entropy) — None: only the reference's value is checked
+    pytest.param([1e4, -1e4, 0.0, 1e4 - 2], 3, (None, None), id="pm-1e4"),
+    pytest.param([0.0, -INF, 1.0, -INF], 2, (None, None), id="neg-inf-entries"),
+    pytest.param([0.0, -INF, 1.0], 1, (-INF, None), id="id-on-neg-inf-logit"),
+    pytest.param([5.0], 0, (0.0, 0.0), id="V=1"),
+    pytest.param([2.0, 2.0, 2.0, 2.0], 1, (-math.log(4), math.log(4)), id="uniform"),
+    pytest.param([-INF, -INF, -INF], 1, (math.nan, math.nan), id="all-neg-inf-row-nan"),
+    # block 1 (of 16 columns) holds the id; block 2 moves the max by 1e4, rescaling block 1's mass to 0
+    pytest.param([0.0] * 19 + [1e4], 3, (-1e4, None), id="max-moves-across-blocks"),
+]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@pytest.mark.parametrize(("row", "id_", "expected"), EDGE_CASES)
+def test_edge_cases(row, id_, expected, backend):
+    x = torch.tensor([row], dtype=torch.float32, device=DEVICE)
+    ids = torch.tensor([id_], device=DEVICE)
+    if backend == "triton":
+        from srpo_core.kernels.token_logprobs import token_logprobs_fwd
+
+        logp, ent, _, _ = token_logprobs_fwd(x, ids, temperature=1.0, ignore_index=-100, return_entropy=True,
+                                             block_v=16)
+    else:
+        logp, ent = token_logprobs(x, ids, return_entropy=True, backend="torch")
+    lp64, ent64 = reference(x.double(), ids, return_entropy=True)
+    assert_close(logp, lp64, atol=ATOL, rtol=RTOL, name="logp")
+    assert_close(ent, ent64, atol=ATOL, rtol=RTOL, name="entropy")
+    for got, want, name in zip((logp, ent), expected, ("logp", "entropy"), strict=True):
+        if want is not None:
+            assert_close(got, torch.tensor([want]), atol=1e-5, name=name)
+    if not math.isnan(expected[0] if expected[0] is not None else 0.0):
+        out = run_public(x, ids, temperature=1.0, backend=backend, mode="both")
+        assert torch.isfinite(out[2]).all()
+        check_outputs(*out, reference_with_grad(x, ids, temperature=1.0, mode="both"), torch.float32)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+def test_ignored_rows_give_zero_and_zero_grad_and_n0(backend):
+    x = torch.randn(4, 23, device=DEVICE)
+    x[1] = math.nan  # an ignored row is never read into a result
+    ids = torch.tensor([3, -100, 0, -100], device=DEVICE)
+    out = run_public(x, ids, temperature=1.0, backend=backend, mode="both")
+    for t in out[:2]:
+        assert torch.equal(t[[1, 3]], torch.zeros(2, device=DEVICE))
+        assert torch.isfinite(t).all()
+    assert torch.equal(out[2][[1, 3]], torch.zeros(2, 23, device=DEVICE)) and torch.isfinite(out[2]).all()
+    x0 = torch.randn(0, 23, device=DEVICE, requires_grad=True)
+    lp, ent = token_logprobs(x0, ids[:0], return_entropy=True, backend=backend)
+    assert lp.shape == ent.shape == (0,) and lp.dtype == torch.float32
+    (lp.sum() + ent.sum()).backward()
+    assert x0.grad.shape == (0, 23)
+
+
+def test_ignore_index_is_a_parameter_and_logp_only_output():
+    x = torch.randn(3, 7)
+    ids = torch.tensor([-1, 2, -1])
+    lp = token_logprobs(x, ids, ignore_index=-1)
+    assert isinstance(lp, torch.Tensor) and lp[0] == 0 and lp[2] == 0 and lp[1] < 0
+
+
+def test_float64_in_float64_out_and_auto_on_cpu():
+    x = torch.randn(3, 11, dtype=torch.float64)
+    ids = torch.tensor([1, 2, 3])
+    lp, ent = token_logprobs(x, ids, return_entropy=True)
+    assert lp.dtype == ent.dtype == torch.float64
+    rl, rh = reference(x, ids, return_entropy=True)
+    assert_close(lp, rl, atol=1e-12, rtol=1e-12) and assert_close(ent, rh, atol=1e-12, rtol=1e-12)
+
+
+def test_only_entropy_or_only_logp_gets_a_gradient():
+    x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([1, 8, 0])
+    for pick in (0, 1):
+        out = token_logprobs(x, ids, return_entropy=True, backend="torch")
+        (g,) = torch.autograd.grad(out[pick].sum(), x)
+        ref = reference(x, ids, return_entropy=True)
+        (want,) = torch.autograd.grad(ref[pick].sum(), x)
+        assert_close(g, want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.slow
+@needs_interpreter
+def test_large_vocab_kernel_and_torch_path():
+    """V = 262,144 (the largest vocabulary the issue names), fp32 and bf16, both backends."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(2, 262_144, generator=g) * 3).to(dtype)
+        ids = torch.tensor([0, 262_143])
+        for backend in ("triton", "torch"):
+            out = run_public(x, ids, temperature=0.9, backend=backend, mode="both")
+            check_outputs(*out, reference_with_grad(x, ids, temperature=0.9, mode="both"), dtype, tag=backend)
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+ERRORS = [
+    pytest.param(dict(logits=torch.randn(3, 5).long()), TypeError, "`logits` must be a floating-point",
+                 id="int-logits"),
+    pytest.param(dict(ids=torch.tensor([0, 1])), ValueError, "`ids` must have the leading shape of `logits` (3,)",
+                 id="ids-shape"),
+    pytest.param(dict(ids=torch.tensor([0.0, 1.0, 2.0])), TypeError, "`ids` must be an integer", id="float-ids"),
+    pytest.param(dict(ids=torch.tensor([0, 5, 1])), ValueError, "`ids` must lie in [0, V) = [0, 5)",
+                 id="id-too-big"),
+    pytest.param(dict(ids=torch.tensor([0, -3, 1])), ValueError, "got ids[1] = -3", id="id-negative"),
+    pytest.param(dict(logits=torch.randn(2, 3, 5), ids=torch.tensor([[0, 1, 9], [0, 0, 0]])), ValueError,
+                 "got ids[0, 2] = 9", id="id-too-big-2d"),
+    pytest.param(dict(temperature=0.0), ValueError, "`temperature` must be a positive", id="temperature-0"),
+    pytest.param(dict(temperature=math.inf), ValueError, "`temperature` must be a positive", id="temperature-inf"),
+    pytest.param(dict(temperature=True), TypeError, "`temperature`", id="temperature-bool"),
+    pytest.param(dict(return_entropy=1), TypeError, "`return_entropy` must be a bool", id="return-entropy"),
+    pytest.param(dict(ignore_index=1.5), TypeError, "`ignore_index` must be an int", id="ignore-index-float"),
+    pytest.param(dict(backend="cuda"), ValueError, "`backend` must be one of", id="backend"),
+    pytest.param(dict(logits=torch.randn(3, 0)), ValueError, "V >= 1", id="V=0"),
+    pytest.param(dict(logits=torch.tensor(1.0), ids=torch.tensor(0)), ValueError, "at least one dim", id="0d"),
+    pytest.param(dict(ids=torch.tensor([0, 1, 2], device="meta")), ValueError, "`ids` must be on", id="device"),
+    pytest.param(dict(vocab_start=5), ValueError, "`vocab_start` = 5 needs a `process_group`", id="vocab-start"),
+    pytest.param(dict(vocab_start=-1), ValueError, "`vocab_start` must be an int >= 0", id="vocab-start-neg"),
+    pytest.param(dict(logits=torch.randn(3, 5, dtype=torch.float64), backend="triton"), (TypeError, RuntimeError),
+                 "", id="float64-triton"),
+]
+
+
+@pytest.mark.parametrize(("override", "exc", "match"), [p.values for p in ERRORS], ids=[p.id for p in ERRORS])
+def test_errors_name_the_argument(override, exc, match):
+    args = dict(logits=torch.randn(3, 5), ids=torch.tensor([0, 4, -100]))
+    args.update(override)
+    kwargs = {k: args.pop(k) for k in list(args) if k not in ("logits", "ids")}
+    with pytest.raises(exc) as info:
+        token_logprobs(args["logits"], args["ids"], **kwargs)
+    assert match in str(info.value)
+    if match:
+        assert str(info.value).startswith("token_logprobs:")
+
+
+def test_backend_triton_without_interpreter_or_cuda_raises(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend='triton' needs CUDA"):
+        token_logprobs(torch.randn(2, 4), torch.tensor([0, 1]), backend="triton")
+
+
+# ----------------------------------------------------------------------------------------- torch.library / compile
+def test_opcheck_forward_and_backward_ops():
+    x = torch.randn(2, 3, 11, requires_grad=True)
+    ids = torch.tensor([[0, 10, -100], [4, 4, 2]])
+    torch.library.opcheck(torch.ops.srpo_core.token_logprobs.default, (x, ids, 0.9, -100, True, "torch"))
+    torch.library.opcheck(torch.ops.srpo_core.token_logprobs.default, (x, ids, 1.0, -100, False, "torch"))
+    lp, ent, row_max, row_logsum = torch.ops.srpo_core.token_logprobs(x.detach(), ids, 0.9, -100, True, "torch")
+    torch.library.opcheck(torch.ops.srpo_core.token_logprobs_backward.default,
+                          (torch.randn(2, 3), None, x.detach(), ids, row_max, row_logsum, ent, 0.9, -100, "torch"))
+
+
+@pytest.mark.parametrize("compile_chunks", [False, True], ids=["eager-chunks", "compiled-chunks"])
+def test_torch_compile_fullgraph_traces_the_custom_op(monkeypatch, compile_chunks):
+    """A training step calling token_logprobs compiles with fullgraph=True on CPU (no graph break), and gives the
+    eager values and gradients; the op's own compiled chunk functions run inside the compiled step."""
+    monkeypatch.setattr(_chunked, "USE_COMPILE", compile_chunks)
+    monkeypatch.setattr(logprobs, "COMPILE_MIN_ELEMENTS", 0)
+    x = torch.randn(3, 4, 37, requires_grad=True)
+    ids = torch.tensor([[0, 36, -100, 5], [1, 2, 3, 4], [9, 9, 9, -100]])
+
+    def step(x, ids):
+        logp, ent = token_logprobs(x[:, :-1] * 1.0, ids[:, :-1], temperature=0.9, return_entropy=True)
+        return (logp * 2.0).sum() + 0.1 * ent.sum()
+
+    loss = torch.compile(step, fullgraph=True)(x, ids)
+    (grad,) = torch.autograd.grad(loss, x)
+    loss_eager = step(x, ids)
+    (grad_eager,) = torch.autograd.grad(loss_eager, x)
+    assert_close(loss, loss_eager, atol=1e-5, rtol=1e-6, name="loss")
+    assert_close(grad, grad_eager, atol=1e-6, rtol=1e-5, name="grad")
+
+
+# ------------------------------------------------------------------------------------------------ vocab-parallel
+WORKER = '''
+"""Vocab-parallel token_logprobs on gloo: each rank holds an uneven vocabulary shard; forward and gradients must
+equal the unsharded ones. argv: PORT WORLD BACKENDS."""
+import math, os, sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run(rank, world, port, backends):
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    from srpo_core.logprobs import token_logprobs
+    from srpo_core.testing import assert_close
+    checked = 0
+    for seed, (V, dtype, temperature, entropy) in enumerate([(37, torch.float32, 0.7, True), (41, torch.float64, 1.0,
+                                                            True), (29, torch.bfloat16, 1.3, False), (5, torch.float32,
+                                                            1.0, True)]):
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.randn(2, 4, V, generator=g, dtype=torch.float64) * 3)
+        x[0, 1, ::4] = -math.inf
+        x[1, 0] = torch.randn(V, generator=g, dtype=torch.float64) * 1e4
+        x = x.to(dtype)
+        ids = torch.randint(0, V, (2, 4), generator=g)
+        ids[1, 3] = -100
+        ids[0, 0] = V - 1
+        g1 = torch.randn(2, 4, generator=g)
+        g2 = torch.randn(2, 4, generator=g)
+        # uneven shards: rank r gets sizes[r] columns (the first rank the most), never divisible evenly
+        sizes = [V // world + (1 if r < V % world else 0) for r in range(world)]
+        if sizes[-1] > 1:
+            sizes[0], sizes[-1] = sizes[0] + 1, sizes[-1] - 1
+        start = sum(sizes[:rank])
+        for backend in backends:
+            if backend == "triton" and dtype == torch.float64:
+                continue  # the kernels take fp32/bf16/fp16
+            xf = x.clone().requires_grad_(True)
+            full = token_logprobs(xf, ids, temperature=temperature, return_entropy=entropy, backend=backend)
+            full = full if entropy else (full,)
+            loss = (full[0] * g1.to(full[0].dtype)).sum() + ((full[1] * g2.to(full[1].dtype)).sum() if entropy else 0)
+            (grad_full,) = torch.autograd.grad(loss, xf)
+            xs = x[..., start:start + sizes[rank]].clone().requires_grad_(True)
+            part = token_logprobs(xs, ids, temperature=temperature, return_entropy=entropy, backend=backend,
+                                  process_group=dist.group.WORLD, vocab_start=start)
+            part = part if entropy else (part,)
+            loss = (part[0] * g1.to(part[0].dtype)).sum() + ((part[1] * g2.to(part[1].dtype)).sum() if entropy else 0)
+            (grad_part,) = torch.autograd.grad(loss, xs)
+            tol = 1e-12 if dtype == torch.float64 else 2e-5
+            for a, b, name in zip(part, full, ("logp", "entropy")):
+                assert_close(a, b, atol=tol, rtol=tol, name=f"rank {rank} V={V} {dtype} {backend} {name}")
+            want = grad_full[..., start:start + sizes[rank]]
+            eps = 0.0 if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
+            assert_close(grad_part, want, atol=tol + (tol + 2 * eps) * want.abs().double(),
+                         name=f"rank {rank} V={V} {dtype} {backend} grad")
+            checked += 1
+    # bad input: overlapping shards, and an id outside the global vocabulary, raise on every rank
+    xs = torch.randn(3, 4)
+    try:
+        token_logprobs(xs, torch.tensor([0, 1, 2]), process_group=dist.group.WORLD, vocab_start=0)
+        raise AssertionError("overlapping shards were accepted")
+    except ValueError as e:
+        assert "`vocab_start`" in str(e), e
+    try:
+        token_logprobs(xs, torch.tensor([0, 4 * world, 2]), process_group=dist.group.WORLD, vocab_start=4 * rank)
+        raise AssertionError("an id outside the global vocabulary was accepted")
+    except ValueError as e:
+        assert "`ids` must lie in [0, V_global)" in str(e), e
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        print(f"vocab-parallel: OK world={world} checked={checked}", flush=True)
+
+
+if __name__ == "__main__":
+    port, world, backends = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
+    mp.spawn(run, args=(world, port, backends), nprocs=world, join=True)
+'''
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed gloo")
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_matches_unsharded(tmp_path, world):
+    """2 and 3 ranks on gloo, uneven shards of V ∈ {37, 41, 29, 5}: logp, entropy and the local gradient equal the
+    unsharded forward and gradient (fp32, bf16, float64; torch path, and the Triton kernels under the interpreter)."""
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(WORKER))
+    backends = "torch,triton" if _dispatch.interpreting() and _dispatch.triton_importable() else "torch"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+           "OMP_NUM_THREADS": "1", "SRPO_NO_COMPILE": "1"}
+    # cwd outside the repository, so the root `kernels/` folder never lands on the children's sys.path.
+    proc = subprocess.run([sys.executable, str(script), str(free_port()), str(world), backends], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
+    assert f"vocab-parallel: OK world={world}" in proc.stdout
