@@ -1,0 +1,330 @@
+"""Fused LM-head + log-prob: ``logp = u_id − lse(u)``, ``H = lse − Σ softmax(u)·u`` for ``u = (h @ Wᵀ + b) / τ``,
+without materialising ``[N, V]`` (the cut-cross-entropy idea; this is an independent implementation).
+
+Forward, ``linear_logprobs_fwd_kernel``: grid ``(cdiv(N, BLOCK_N), SPLITS)``. A program owns ``BLOCK_N`` tokens and a
+contiguous range of vocabulary tiles; for each tile it accumulates ``h[BLOCK_N, :] @ W[BLOCK_V, :]ᵀ`` over ``H`` in
+``BLOCK_H`` steps with ``tl.dot`` (fp32 accumulator), then folds the tile into an online logsumexp in base 2
+(``u₂ = u·log₂e``: running max ``m``, ``s = Σ 2^(u₂ − m)``, ``t = Σ 2^(u₂ − m)(u₂ − m)`` for the entropy) and picks the
+sampled token's logit when it falls in the tile. Each split writes its partial ``(lse₂, target₂, H₂)`` to a
+``[SPLITS, N]`` buffer; the launcher combines the splits in a fixed order (deterministic; no atomics).
+
+Backward, ``linear_logprobs_bwd_kernel``: for one vocabulary chunk ``[v_lo, v_lo + V_chunk)``, grid
+``(cdiv(N, BLOCK_N), cdiv(V_chunk, BLOCK_V))``: recompute the tile, ``log₂p = u₂ − lse₂``, and write
+``G = ∂L/∂x = p·(a + b·log₂p) + c·onehot`` (``a = −(g_lp + g_H·H)/τ``, ``b = −g_H·ln2/τ``, ``c = g_lp/τ``) to a
+``[N, V_chunk]`` buffer in the inputs' dtype. The launcher then runs ``grad_hidden += G @ W_chunk``,
+``grad_weight[chunk] = Gᵀ @ h`` and ``grad_bias[chunk] = Σ_n G`` as library GEMMs. Peak extra memory is one chunk
+(``CHUNK_ELEMENTS``), never ``[N, V]``; every gradient element is written by one program or one GEMM, so the result
+is deterministic. (A single fused backward with atomics into ``grad_hidden``/``grad_weight`` would save the chunk's
+round trip through memory, at the price of run-to-run differences; we chose determinism.)
+
+``V``, ``H``, ``N``, the strides, ``1/τ`` and the vocabulary range are runtime arguments: a new vocabulary size or
+temperature costs no compile. fp32 inputs use ``input_precision="ieee"`` dots (no TF32), so fp32 means fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from srpo_core._dispatch import empty, interpreting
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Pinned default configuration (autotuning is not used: see STYLE "pinned default configs").
+DEFAULT = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3}
+DEFAULT_FP32 = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2}
+TARGET_PROGRAMS = 1024  # forward: enough (row block, split) programs to fill ~132 SMs several times over
+CHUNK_ELEMENTS = 1 << 26  # backward: G buffer of at most 64 M elements (128 MiB in bf16)
+
+
+def default_config(dtype: torch.dtype) -> dict:
+    return dict(DEFAULT_FP32 if dtype == torch.float32 else DEFAULT)
+
+
+@triton.jit
+def _dot_t(b_x, b_y, b_acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # b_acc + b_x @ b_yᵀ, fp32 accumulation
+    if UPCAST:
+        b_x = b_x.to(tl.float32)
+        b_y = b_y.to(tl.float32)
+    if IEEE or UPCAST:
+        return tl.dot(b_x, tl.trans(b_y), b_acc, input_precision="ieee")
+    return tl.dot(b_x, tl.trans(b_y), b_acc)
+
+
+@triton.heuristics({"HAS_BIAS": lambda a: a["p_b"] is not None})
+@triton.jit
+def linear_logprobs_fwd_kernel(
+    p_h,  # hidden [N, H]
+    p_w,  # weight [V, H]
+    p_b,  # bias [V] or None
+    p_ids,  # [N] int, local vocabulary ids (outside [0, V) when the token is not in this shard / ignored)
+    p_lse,  # [SPLITS, N] fp32, base 2
+    p_tgt,  # [SPLITS, N] fp32, base 2 (0 when the target is not in the split)
+    p_ent,  # [SPLITS, N] fp32, base 2 (entropy in bits of the split's own softmax)
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    scale,  # log₂e / τ
+    tiles_per_split,
+    HAS_BIAS: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 inputs: full-precision dots (no TF32)
+    UPCAST: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong (Triton 3.9), so dot in fp32 there
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # lse₂ = log₂ Σ_v 2^(u₂[v]), u₂ = (h·w_v + b_v)·log₂e/τ; target₂ = u₂[id]; H₂ = lse₂ − Σ_v p_v u₂[v]
+    i_n = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N]
+    m_n = o_n < N
+    b_ids = tl.load(p_ids + o_n, mask=m_n, other=-1).to(tl.int64)
+    b_m = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+    b_s = tl.zeros((BLOCK_N,), tl.float32)
+    b_t = tl.zeros((BLOCK_N,), tl.float32)
+    b_tgt = tl.zeros((BLOCK_N,), tl.float32)
+    n_tiles = tl.cdiv(V, BLOCK_V)
+    t_lo = i_s * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+    for i_v in range(t_lo, t_hi):
+        o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
+        m_v = o_v < V
+        b_acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            o_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
+            m_h = o_h < H
+            b_h = tl.load(p_h + o_n[:, None] * stride_hn + o_h[None, :] * stride_hh,
+                          mask=m_n[:, None] & m_h[None, :], other=0.0)  # [BLOCK_N, BLOCK_H]
+            b_w = tl.load(p_w + o_v[:, None] * stride_wv + o_h[None, :] * stride_wh,
+                          mask=m_v[:, None] & m_h[None, :], other=0.0)  # [BLOCK_V, BLOCK_H]
+            b_acc = _dot_t(b_h, b_w, b_acc, IEEE, UPCAST)
+        if HAS_BIAS:
+            b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+        b_u = tl.where(m_v[None, :], b_acc * scale, -float("inf"))  # [BLOCK_N, BLOCK_V], base 2
+        b_tgt += tl.sum(tl.where(o_v[None, :] == b_ids[:, None], b_u, 0.0), 1)
+        b_m_new = tl.maximum(b_m, tl.max(b_u, 1))
+        b_alpha = tl.where(b_s > 0, tl.exp2(b_m - b_m_new), 0.0)
+        b_p = tl.exp2(b_u - b_m_new[:, None])
+        if WANT_ENTROPY:
+            b_t = tl.where(b_s > 0, b_alpha * (b_t + (b_m - b_m_new) * b_s), 0.0)
+            b_t += tl.sum(tl.where(b_p > 0, b_p * (b_u - b_m_new[:, None]), 0.0), 1)
+        b_s = b_s * b_alpha + tl.sum(b_p, 1)
+        b_m = b_m_new
+    b_ls = tl.log2(b_s)
+    o_out = i_s * N + o_n
+    tl.store(p_lse + o_out, b_m + b_ls, mask=m_n)
+    tl.store(p_tgt + o_out, b_tgt, mask=m_n)
+    if WANT_ENTROPY:
+        tl.store(p_ent + o_out, b_ls - b_t / b_s, mask=m_n)
+
+
+@triton.heuristics({"HAS_BIAS": lambda a: a["p_b"] is not None})
+@triton.jit
+def linear_logprobs_bwd_kernel(
+    p_h,  # hidden [N, H]
+    p_w,  # weight [V, H]
+    p_b,  # bias [V] or None
+    p_ids,  # [N] local ids
+    p_lse,  # [N] fp32, base 2, of the whole vocabulary
+    p_a,  # [N] fp32: −(g_lp + g_H·H)/τ
+    p_c,  # [N] fp32: g_lp/τ (one-hot coefficient)
+    p_bc,  # [N] fp32: −g_H·ln2/τ (only read when HAS_ENTROPY_GRAD)
+    p_g,  # [N, V_chunk] out: ∂L/∂logits for the chunk, inputs' dtype
+    N,
+    V,
+    H,
+    v_lo,
+    V_chunk,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    stride_gn,
+    scale,  # log₂e / τ
+    HAS_BIAS: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # G[n, v] = p·(a_n + b_n·log₂p) + c_n·[v = id_n],  log₂p = u₂ − lse₂
+    i_n = tl.program_id(0).to(tl.int64)
+    i_v = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    m_n = o_n < N
+    o_c = i_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)  # column in the chunk
+    o_v = v_lo + o_c  # row of W
+    m_v = (o_c < V_chunk) & (o_v < V)
+    b_acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        o_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
+        m_h = o_h < H
+        b_h = tl.load(p_h + o_n[:, None] * stride_hn + o_h[None, :] * stride_hh,
+                      mask=m_n[:, None] & m_h[None, :], other=0.0)
+        b_w = tl.load(p_w + o_v[:, None] * stride_wv + o_h[None, :] * stride_wh,
+                      mask=m_v[:, None] & m_h[None, :], other=0.0)
+        b_acc = _dot_t(b_h, b_w, b_acc, IEEE, UPCAST)
+    if HAS_BIAS:
+        b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    b_lse = tl.load(p_lse + o_n, mask=m_n, other=0.0)
+    b_lp = b_acc * scale - b_lse[:, None]  # log₂ p, [BLOCK_N, BLOCK_V]
+    b_p = tl.exp2(b_lp)
+    b_a = tl.load(p_a + o_n, mask=m_n, other=0.0)
+    if HAS_ENTROPY_GRAD:
+        b_b = tl.load(p_bc + o_n, mask=m_n, other=0.0)
+        b_g = tl.where(b_p > 0, b_p * (b_a[:, None] + b_b[:, None] * b_lp), 0.0)
+    else:
+        b_g = b_p * b_a[:, None]
+    b_ids = tl.load(p_ids + o_n, mask=m_n, other=-1).to(tl.int64)
+    b_c = tl.load(p_c + o_n, mask=m_n, other=0.0)
+    b_g += tl.where(o_v[None, :] == b_ids[:, None], b_c[:, None], 0.0)
+    tl.store(p_g + o_n[:, None] * stride_gn + o_c[None, :], b_g.to(p_g.dtype.element_ty),
+             mask=m_n[:, None] & m_v[None, :])
+
+
+def _upcast(hidden: torch.Tensor) -> bool:
+    return interpreting() and hidden.dtype == torch.bfloat16
+
+
+def linear_logprobs_fwd(hidden, weight, bias, ids_local, *, inv_tau: float, want_entropy: bool, config=None,
+                        splits: int | None = None):
+    """``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``ids_local [N]`` → ``(lse, target, H)`` fp32 ``[N]``
+    in natural units (``H`` None unless ``want_entropy``); ``target`` is 0 where the id is outside ``[0, V)``."""
+    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1]
+    assert ids_local.shape == hidden.shape[:1] and hidden.dtype == weight.dtype
+    N, H = hidden.shape
+    V = weight.shape[0]
+    cfg = {**default_config(hidden.dtype), **(config or {})}
+    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
+    if splits is None:
+        splits = max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, n_blocks)))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)
+    dev = hidden.device
+    lse = empty((splits, N), dtype=torch.float32, device=dev)
+    tgt = empty((splits, N), dtype=torch.float32, device=dev)
+    ent = empty((splits, N), dtype=torch.float32, device=dev) if want_entropy else lse
+    linear_logprobs_fwd_kernel[(n_blocks, splits)](
+        hidden, weight, bias, ids_local, lse, tgt, ent,
+        N, V, H, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        float(inv_tau) * LOG2E, tiles_per_split,
+        WANT_ENTROPY=want_entropy, IEEE=hidden.dtype == torch.float32, UPCAST=_upcast(hidden),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    # combine the splits in a fixed order (base 2): lse = M + log₂ Σ 2^(lse_s − M); H = Σ w_s (H_s + lse − lse_s)
+    m = lse.max(0).values
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp2(lse - m_safe)
+    s = w.sum(0)
+    lse_tot = m_safe + torch.log2(s)
+    out_ent = None
+    if want_entropy:
+        wn = w / s
+        out_ent = torch.where(wn > 0, wn * (ent + lse_tot - lse), torch.zeros_like(wn)).sum(0) * LN2
+    return lse_tot * LN2, tgt.sum(0) * LN2, out_ent
+
+
+def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *, inv_tau: float, needs,
+                        config=None, chunk: int | None = None):
+    """Gradients ``(grad_hidden (fp32), grad_weight (weight dtype), grad_bias (fp32))`` for upstream ``g_lp``/``g_h``
+    (``[N]`` fp32 or None) given the whole vocabulary's ``lse`` and ``H`` (natural units)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    need_h, need_w, need_b = needs
+    cfg = {**default_config(hidden.dtype), **(config or {})}
+    zeros = torch.zeros(N, dtype=torch.float32, device=dev)
+    glp = g_lp.float() if g_lp is not None else zeros
+    a = -(glp + (g_h.float() * ent.float() if g_h is not None else 0.0)) * inv_tau
+    c = glp * inv_tau
+    bc = -g_h.float() * inv_tau * LN2 if g_h is not None else zeros
+    lse2 = (lse.float() * LOG2E).contiguous()
+    if chunk is None:
+        chunk = max(cfg["BLOCK_V"], (CHUNK_ELEMENTS // max(N, 1)) // cfg["BLOCK_V"] * cfg["BLOCK_V"])
+    chunk = min(chunk, V)
+    gh = torch.zeros(N, H, dtype=torch.float32, device=dev) if need_h else None
+    gw = empty(tuple(weight.shape), dtype=weight.dtype, device=dev) if need_w else None
+    gb = empty((V,), dtype=torch.float32, device=dev) if need_b else None
+    g = empty((N, chunk), dtype=hidden.dtype, device=dev)
+    for v_lo in range(0, V, chunk):
+        vc = min(chunk, V - v_lo)
+        gv = g[:, :vc]
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(vc, cfg["BLOCK_V"]))
+        linear_logprobs_bwd_kernel[grid](
+            hidden, weight, bias, ids_local, lse2, a, c, bc, gv,
+            N, V, H, v_lo, vc, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), gv.stride(0),
+            float(inv_tau) * LOG2E,
+            HAS_ENTROPY_GRAD=g_h is not None, IEEE=hidden.dtype == torch.float32, UPCAST=_upcast(hidden),
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        w = weight[v_lo:v_lo + vc]
+        if need_h:
+            if hidden.dtype == torch.float32:
+                gh.addmm_(gv, w)
+            else:
+                gh += torch.mm(gv, w)
+        if need_w:
+            torch.mm(gv.T, hidden, out=gw[v_lo:v_lo + vc])
+        if need_b:
+            gb[v_lo:v_lo + vc] = gv.sum(0, dtype=torch.float32)
+    return gh, gw, gb
+
+
+def _report_entries() -> list[dict]:
+    """What ``benchmarks/gpu_report.py`` compiles: the pinned configs, unit inner strides, sizes multiple of 16."""
+    entries = []
+    for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        cfg = default_config(dtype)
+        common = {"p_h": f"*{tname}", "p_w": f"*{tname}", "p_b": "constexpr", "p_ids": "*i64"}
+        consts = {"p_b": None, "HAS_BIAS": False, "IEEE": dtype == torch.float32, "UPCAST": False,
+                  "stride_hh": 1, "stride_wh": 1,
+                  "BLOCK_N": cfg["BLOCK_N"], "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"]}
+        entries.append({
+            "name": f"linear_logprobs_fwd[{tname}]",
+            "fn": linear_logprobs_fwd_kernel.fn,  # the JITFunction under the heuristics
+            "signature": {**common, "p_lse": "*fp32", "p_tgt": "*fp32", "p_ent": "*fp32", "N": "i32", "V": "i32:16",
+                          "H": "i32:16", "stride_hn": "i32:16", "stride_hh": "constexpr", "stride_wv": "i32:16",
+                          "stride_wh": "constexpr", "scale": "fp32", "tiles_per_split": "i32",
+                          "HAS_BIAS": "constexpr", "WANT_ENTROPY": "constexpr", "IEEE": "constexpr",
+                          "UPCAST": "constexpr",
+                          "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr"},
+            "constexprs": {**consts, "WANT_ENTROPY": True},
+            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+            "bytes": "V·H·s·cdiv(N, BLOCK_N) (weight per row block) + N·H·s·cdiv(V, BLOCK_V·tiles_per_split); "
+                     "2·N·V·H FLOPs",
+        })
+        entries.append({
+            "name": f"linear_logprobs_bwd[{tname}]",
+            "fn": linear_logprobs_bwd_kernel.fn,
+            "signature": {**common, "p_lse": "*fp32", "p_a": "*fp32", "p_c": "*fp32", "p_bc": "*fp32",
+                          "p_g": f"*{tname}", "N": "i32", "V": "i32:16", "H": "i32:16", "v_lo": "i32:16",
+                          "V_chunk": "i32:16", "stride_hn": "i32:16", "stride_hh": "constexpr",
+                          "stride_wv": "i32:16", "stride_wh": "constexpr", "stride_gn": "i32:16", "scale": "fp32",
+                          "HAS_BIAS": "constexpr", "HAS_ENTROPY_GRAD": "constexpr", "IEEE": "constexpr",
+                          "UPCAST": "constexpr",
+                          "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr"},
+            "constexprs": {**consts, "HAS_ENTROPY_GRAD": True},
+            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+            "bytes": "recompute as forward + N·V_chunk·s written per chunk; 2·N·V·H FLOPs (+ 4·N·V·H in the two "
+                     "library GEMMs)",
+        })
+    return entries
+
+
+GPU_REPORT = _report_entries()
+
+__all__ = ["GPU_REPORT", "default_config", "linear_logprobs_bwd", "linear_logprobs_bwd_kernel", "linear_logprobs_fwd",
+           "linear_logprobs_fwd_kernel"]

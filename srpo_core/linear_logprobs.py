@@ -1,0 +1,497 @@
+"""Public ``linear_token_logprobs``: per-token log-probs (and entropy) of ``hidden @ weightᵀ + bias`` without ever
+materialising the ``[N, V]`` logits.
+
+Math (SPEC "Log-prob ops"), with ``u = (hidden @ weightᵀ + bias) / τ``:
+
+    logp[n] = u[n, id_n] − lse_n,        lse_n = log Σ_v exp u[n, v]
+    H[n]    = lse_n − Σ_v p[n, v] u[n, v],  p = softmax(u)
+
+Backends (``backend="auto" | "triton" | "torch"``; auto = Triton for CUDA tensors, torch otherwise):
+
+- **torch** (the default off-GPU): a custom ``autograd.Function`` that tiles the *vocabulary*. The forward walks
+  vocabulary tiles ``W[v0:v1]`` (each read once per pass) and, inside each, chunks of tokens; each ``[n, v]`` logits
+  tile is folded into a running ``(c, s)`` per token (``s = Σ 2^(u₂ − c)``, base-2 units ``u₂ = u·log₂e`` because
+  ``exp2`` is ~3× cheaper than ``exp`` on CPU) and the sampled-token logit is picked on the way. After the first tile,
+  ``c`` is the running logsumexp, so the GEMM itself subtracts it (``addmm(−c, h, Wᵀ, alpha=log₂e/τ)``) and the tile
+  needs one ``exp2`` and one row sum — no max pass. A row whose tile sum overflows (a logit more than ~127 bits above
+  the running logsumexp) is redone with an explicit max. The backward saves
+  only ``lse`` (and ``H``) per token, recomputes each tile, turns it into ``G = ∂L/∂logits`` in place and runs
+  ``grad_hidden += G @ W_tile`` and ``grad_weight[v0:v1] = Gᵀ @ hidden``.
+  Peak extra memory is one tile (plus, for bf16/fp16, a low-precision copy of it): see :func:`tile_sizes`.
+- **triton** (``srpo_core.kernels.linear_logprobs``): a fused forward (``tl.dot`` tiles + online logsumexp, split
+  over the vocabulary and combined deterministically) and a fused backward tile kernel that writes ``G`` for one
+  vocabulary chunk, followed by two cuBLAS GEMMs per chunk (deterministic; no float atomics).
+
+Vocab-parallel: with ``process_group``, ``weight`` (and ``bias``) is this rank's shard ``[V_local, H]`` of a global
+vocabulary, starting at ``vocab_start``. Each rank folds its shard into ``(lse_r, target_r, H_r)``; the max and the
+rescaled sums are all-reduced, the sampled-token logit comes from its owner, so every rank returns the result of
+the whole vocabulary. In backward, ``grad_weight``/``grad_bias`` are this rank's shard of the full gradient and
+``grad_hidden`` is all-reduced (summed) over the group, so it equals the unsharded gradient — this assumes, as
+Megatron's vocab-parallel cross-entropy does, that the upstream gradient is the same on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from srpo_core import _dispatch
+from srpo_core._validate import describe, require_tensor
+
+OP = "linear_token_logprobs"
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tile sizes of the torch path (chosen by measurement on a 2-core AVX-512 CPU: vocabulary tiles of 512-2048 and tiles
+# of 1-4 M elements all ran within a few % of each other and ~5-8% under the bare GEMM; see docs/benchmarks_linear.md).
+# A logits tile holds at most TILE_ELEMENTS values; vocabulary tiles are VOCAB_TILE wide (each weight tile,
+# VOCAB_TILE·H values, is read once per pass and stays in the last-level cache while the token chunks stream past it);
+# token chunks take the rest of the budget (2048 tokens × 1024 vocabulary entries = 8 MiB fp32 by default).
+# Peak extra memory of a pass = one fp32 tile (+ one low-precision tile for bf16/fp16, + one more fp32 tile when the
+# entropy is requested) + O(N) per-token state (+ in backward the fp32 grad_hidden accumulator, [N, H]).
+TILE_ELEMENTS = int(os.environ.get("SRPO_LINEAR_TILE_ELEMENTS", 1 << 21))
+VOCAB_TILE = int(os.environ.get("SRPO_LINEAR_VOCAB_TILE", 1024))
+
+
+def tile_sizes(n: int, v: int) -> tuple[int, int]:
+    """``(token_chunk, vocab_tile)`` for ``n`` tokens and a vocabulary (shard) of ``v``: ``vocab_tile =
+    min(v, VOCAB_TILE)``, ``token_chunk = min(n, TILE_ELEMENTS // vocab_tile)``."""
+    vt = max(1, min(v, VOCAB_TILE))
+    nc = max(1, min(n, TILE_ELEMENTS // vt))
+    return nc, vt
+
+
+LOG2E = 1.4426950408889634  # the tiles work in base-2 units, u₂ = u·log₂e: exp2 is ~3× cheaper than exp on CPU
+LN2 = 0.6931471805599453
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch path: forward
+
+
+def _tile_logits_shifted(h, w, b, c, scale, out):
+    """``out = (h @ wᵀ + b)·scale − c[:, None]`` in the accumulation dtype (``out`` is ``[n, v]``; ``scale`` is
+    ``log₂e / τ``, so ``out`` is in base-2 units).
+
+
+    fp32/fp64: one GEMM that starts from ``−c`` (and the scaled bias). bf16/fp16: the logits are computed (and
+    rounded) in the input dtype, as a plain model computes them, then shifted while upcasting in one pass."""
+    if h.dtype in LOW_PRECISION:
+        z = torch.mm(h, w.T) if b is None else torch.addmm(b, h, w.T)
+        torch.add(-c[:, None], z, alpha=scale, out=out)
+        return z
+    if b is None:
+        out.copy_((-c)[:, None].expand_as(out))
+    else:
+        torch.sub((b * scale)[None, :], c[:, None], out=out)
+    torch.addmm(out, h, w.T, alpha=scale, out=out)
+    return None
+
+
+def _fold_safe(u, c, s, t, want_entropy):
+    """Fold a tile ``u`` ``[n, v]`` (base-2 units, overwritten) into the rows' ``(c, s, t)`` with an explicit max (first
+    tile, or rows whose fast-path sum overflowed): ``s = Σ 2^(u − c)``, ``t = Σ 2^(u − c)·(u − c)``."""
+    m = u.amax(1)
+    c_new = torch.maximum(c, m)
+    shift = torch.where(torch.isinf(c_new) & (c_new < 0), torch.zeros_like(c_new), c_new)  # all −inf: shift by 0
+    had = s > 0
+    scale = torch.where(had, torch.exp2(c - shift), torch.zeros_like(s))
+    if want_entropy:
+        t = torch.where(had, scale * (t + (c - shift) * s), torch.zeros_like(t))
+    u.sub_(shift[:, None])
+    if want_entropy:
+        e = torch.exp2(u)
+        s = s * scale + e.sum(1)
+        t = t + torch.where(e > 0, e * u, torch.zeros((), dtype=u.dtype)).sum(1)
+    else:
+        s = s * scale + u.exp2_().sum(1)
+    return shift, s, t
+
+
+def _torch_fwd(hidden, weight, bias, ids_local, inv_tau, want_entropy):
+    """Per row: ``(lse, target, H)`` in natural units of ``u`` (acc dtype). ``target`` is ``u[id]`` where the id falls
+    in this weight shard (``0 <= ids_local < V``), 0 elsewhere; ``H`` is the entropy of the shard's own softmax.
+
+    Internally everything is in base-2 units (``u₂ = u·log₂e``)."""
+    n_all, _ = hidden.shape
+    v_all = weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    dev = hidden.device
+    scale = inv_tau * LOG2E
+    c = torch.full((n_all,), -math.inf, dtype=acc, device=dev)
+    s = torch.zeros(n_all, dtype=acc, device=dev)
+    t = torch.zeros(n_all, dtype=acc, device=dev)
+    tgt = torch.zeros(n_all, dtype=acc, device=dev)
+    nc, vt = tile_sizes(n_all, v_all)
+    buf = torch.empty(nc * vt, dtype=acc, device=dev)
+    for v0 in range(0, v_all, vt):
+        v1 = min(v_all, v0 + vt)
+        w = weight[v0:v1]
+        b = None if bias is None else bias[v0:v1]
+        for n0 in range(0, n_all, nc):
+            n1 = min(n_all, n0 + nc)
+            h = hidden[n0:n1]
+            cn, sn, tn = c[n0:n1], s[n0:n1], t[n0:n1]
+            loc = ids_local[n0:n1] - v0
+            sel = (loc >= 0) & (loc < v1 - v0)
+            idx = loc.clamp(0, v1 - v0 - 1)[:, None]
+            u = buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
+            if v0 == 0:  # no reference point yet: explicit max
+                _tile_logits_shifted(h, w, b, torch.zeros_like(cn), scale, u)
+                tgt[n0:n1] = torch.where(sel, u.gather(1, idx)[:, 0], tgt[n0:n1])
+                cn, sn, tn = _fold_safe(u, cn, sn, tn, want_entropy)
+            else:
+                _tile_logits_shifted(h, w, b, cn, scale, u)  # u − c
+                tgt[n0:n1] = torch.where(sel, u.gather(1, idx)[:, 0] + cn, tgt[n0:n1])
+                if want_entropy:
+                    e = torch.exp2(u)
+                    st = e.sum(1)
+                    tt = torch.where(e > 0, e * u, torch.zeros((), dtype=acc)).sum(1)
+                else:
+                    st = u.exp2_().sum(1)
+                    tt = None
+                bad = ~torch.isfinite(st)
+                if bool(bad.any()):  # a logit > c + ~127 (or a NaN/inf logit): redo these rows with an explicit max
+                    rows = torch.nonzero(bad)[:, 0]
+                    ur = torch.empty(rows.numel(), v1 - v0, dtype=acc, device=dev)
+                    _tile_logits_shifted(h[rows], w, b, torch.zeros_like(cn[rows]), scale, ur)
+                    cr, sr, tr = _fold_safe(ur, cn[rows], sn[rows], tn[rows], want_entropy)
+                    sn = sn + st
+                    if want_entropy:
+                        tn = tn + tt
+                    cn, sn, tn = cn.clone(), sn.clone(), tn.clone()
+                    cn[rows], sn[rows], tn[rows] = cr, sr, tr
+                else:
+                    sn = sn + st
+                    if want_entropy:
+                        tn = tn + tt
+            # rebase to the running logsumexp: c ← c + log₂ s, s ← 1 (t follows), so the next tile's 2^x stays ≲ 1
+            ls = torch.log2(sn)
+            ok = sn > 0
+            if want_entropy:
+                tn = torch.where(ok, tn / sn - ls, tn)
+            cn = torch.where(ok, cn + ls, cn)
+            sn = torch.where(ok, torch.ones_like(sn), sn)
+            c[n0:n1], s[n0:n1], t[n0:n1] = cn, sn, tn
+    lse = (c + torch.log2(s)) * LN2
+    ent = ((torch.log2(s) - t / s) * LN2) if want_entropy else None
+    return lse, tgt * LN2, ent
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch path: backward
+
+
+def _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, needs):
+    """Gradients ``(grad_hidden, grad_weight, grad_bias)`` for upstream ``g_lp``/``g_h`` (``[N]`` acc dtype or None).
+
+    ``G = ∂L/∂x = (g_lp·(onehot − p) − g_h·p·(log p + H)) / τ`` tile by tile, ``log p = u − lse`` (computed in base 2:
+    ``p = 2^(u₂ − lse₂)``)."""
+    n_all, h_dim = hidden.shape
+    v_all = weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    dev = hidden.device
+    low = hidden.dtype in LOW_PRECISION
+    need_h, need_w, need_b = needs
+    scale = inv_tau * LOG2E
+    lse2 = lse * LOG2E
+    gh = torch.zeros(n_all, h_dim, dtype=acc, device=dev) if need_h else None
+    gw = torch.empty_like(weight) if need_w else None
+    gb = torch.zeros(v_all, dtype=acc, device=dev) if need_b else None
+    nc, vt = tile_sizes(n_all, v_all)
+    multi_chunk = nc < n_all
+    buf = torch.empty(nc * vt, dtype=acc, device=dev)
+    buf2 = torch.empty(nc * vt, dtype=acc, device=dev) if g_h is not None else None
+    if g_lp is not None:
+        coef_lp = g_lp * inv_tau
+    if g_h is not None:
+        # G = p·(a + b·log₂p) (+ the one-hot term): −g_h·p·(ln p + H)/τ with ln p = ln2·log₂p
+        a = -((g_lp if g_lp is not None else 0) + g_h * ent) * inv_tau
+        bcoef = -g_h * inv_tau * LN2
+    for v0 in range(0, v_all, vt):
+        v1 = min(v_all, v0 + vt)
+        w = weight[v0:v1]
+        b = None if bias is None else bias[v0:v1]
+        gw_acc = torch.zeros(v1 - v0, h_dim, dtype=acc, device=dev) if (need_w and multi_chunk) else None
+        for n0 in range(0, n_all, nc):
+            n1 = min(n_all, n0 + nc)
+            h = hidden[n0:n1]
+            g = buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
+            _tile_logits_shifted(h, w, b, lse2[n0:n1], scale, g)  # log₂ p
+            if g_h is None:
+                g.exp2_().mul_(-coef_lp[n0:n1, None])  # −g·p/τ
+            else:
+                lp = buf2[: g.numel()].view_as(g)
+                lp.copy_(g)
+                g.exp2_()
+                lp.mul_(bcoef[n0:n1, None]).add_(a[n0:n1, None])
+                g.mul_(torch.where(g > 0, lp, torch.zeros((), dtype=acc)))
+            if g_lp is not None:  # + g/τ at the sampled token
+                loc = ids_local[n0:n1] - v0
+                rows = torch.nonzero((loc >= 0) & (loc < v1 - v0))[:, 0]
+                if rows.numel():
+                    g.index_put_((rows, loc[rows]), coef_lp[n0:n1][rows], accumulate=True)
+            if need_b:
+                gb[v0:v1] += g.sum(0)
+            gm = g.to(weight.dtype) if low else g
+            if need_h:
+                if low:
+                    gh[n0:n1] += torch.mm(gm, w)
+                else:
+                    gh[n0:n1].addmm_(gm, w)
+            if need_w:
+                if gw_acc is not None and low:
+                    gw_acc += torch.mm(gm.T, h)
+                elif gw_acc is not None:
+                    gw_acc.addmm_(gm.T, h)
+                else:
+                    torch.mm(gm.T, h, out=gw[v0:v1])
+        if gw_acc is not None:
+            gw[v0:v1] = gw_acc
+    return gh, gw, gb
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backend dispatch of the local (per-shard) passes
+
+
+def _local_fwd(backend, hidden, weight, bias, ids_local, inv_tau, want_entropy):
+    if backend == "triton":
+        from srpo_core.kernels.linear_logprobs import linear_logprobs_fwd
+
+        return linear_logprobs_fwd(hidden, weight, bias, ids_local, inv_tau=inv_tau, want_entropy=want_entropy)
+    return _torch_fwd(hidden, weight, bias, ids_local, inv_tau, want_entropy)
+
+
+def _local_bwd(backend, hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, needs):
+    if backend == "triton":
+        from srpo_core.kernels.linear_logprobs import linear_logprobs_bwd
+
+        return linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, inv_tau=inv_tau, needs=needs)
+    return _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, needs)
+
+
+def _combine_shards(lse_r, tgt_r, ent_r, owned, group):
+    """All-reduce per-shard ``(lse_r, target_r, H_r)`` into the whole vocabulary's ``(lse, target, H)``."""
+    import torch.distributed as dist
+
+    m = lse_r.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w_r = torch.exp(lse_r - m_safe)  # this shard's share of Σ exp, relative to the global max
+    parts = [w_r, torch.where(owned, tgt_r - m_safe, torch.zeros_like(tgt_r))]
+    if ent_r is not None:
+        parts.append(torch.where(w_r > 0, w_r * (ent_r + m_safe - lse_r), torch.zeros_like(w_r)))
+    stacked = torch.stack(parts)
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+    s = stacked[0]
+    lse = m_safe + torch.log(s)
+    tgt = stacked[1] + m_safe
+    ent = (stacked[2] / s + torch.log(s)) if ent_r is not None else None  # Σ_r w_r (H_r + lse − lse_r), rescaled
+    return lse, tgt, ent
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, group, vocab_start, backend):
+        ctx.set_materialize_grads(False)
+        acc = _acc_dtype(hidden.dtype)
+        keep = ids != ignore_index
+        n = ids.shape[0]
+        compact = backend == "torch" and n > 0 and not bool(keep.all())
+        rows = torch.nonzero(keep)[:, 0] if compact else None
+        h_k = hidden[rows] if compact else hidden
+        ids_k = ids[rows] if compact else ids
+        ids_local = torch.where(ids_k == ignore_index, torch.full_like(ids_k, -1), ids_k - vocab_start)
+        v_local = weight.shape[0]
+        owned = (ids_local >= 0) & (ids_local < v_local)
+        if h_k.shape[0] == 0:
+            lse_k = tgt_k = torch.zeros(0, dtype=acc, device=hidden.device)
+            ent_k = torch.zeros(0, dtype=acc, device=hidden.device) if want_entropy else None
+        else:
+            lse_k, tgt_k, ent_k = _local_fwd(backend, h_k, weight, bias, ids_local, inv_tau, want_entropy)
+        if group is not None:
+            lse_k, tgt_k, ent_k = _combine_shards(lse_k, tgt_k, ent_k, owned, group)
+        logp_k = tgt_k - lse_k
+        if compact:
+            logp = torch.zeros(n, dtype=acc, device=hidden.device).index_copy_(0, rows, logp_k)
+            ent = torch.zeros(n, dtype=acc, device=hidden.device).index_copy_(0, rows, ent_k) if want_entropy else None
+        else:
+            logp = torch.where(keep, logp_k, torch.zeros((), dtype=acc, device=hidden.device))
+            ent = torch.where(keep, ent_k, torch.zeros((), dtype=acc, device=hidden.device)) if want_entropy else None
+        ctx.save_for_backward(h_k, weight, bias, ids_local, lse_k, ent_k if want_entropy else lse_k, keep,
+                              rows if compact else keep)
+        ctx.cfg = (inv_tau, want_entropy, group, backend, compact, hidden.shape)
+        if want_entropy:
+            return logp, ent
+        return logp, None
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h_k, weight, bias, ids_local, lse, ent, keep, rows = ctx.saved_tensors
+        inv_tau, want_entropy, group, backend, compact, hshape = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if not want_entropy:
+            g_ent = None
+        acc = lse.dtype
+        zero = torch.zeros((), dtype=acc, device=lse.device)
+
+        def local(g):
+            if g is None:
+                return None
+            g = g.to(acc)
+            return g[rows] if compact else torch.where(keep, g, zero)
+
+        g_lp, g_h = local(g_logp), local(g_ent)
+        if (g_lp is None and g_h is None) or not (need_h or need_w or need_b) or h_k.shape[0] == 0:
+            gh = torch.zeros(hshape, dtype=h_k.dtype, device=h_k.device) if need_h else None
+            gw = torch.zeros_like(weight) if need_w else None
+            gb = torch.zeros_like(bias) if need_b else None
+            if group is not None and need_h:
+                import torch.distributed as dist
+
+                dist.all_reduce(gh, group=group)  # the other ranks may have work: keep the collective in step
+            return gh, gw, gb, None, None, None, None, None, None, None
+        gh, gw, gb = _local_bwd(backend, h_k, weight, bias, ids_local, inv_tau, lse, ent if want_entropy else None,
+                                g_lp, g_h, (need_h, need_w, need_b))
+        if need_h:
+            if compact:
+                gh = torch.zeros(hshape, dtype=acc, device=h_k.device).index_copy_(0, rows, gh)
+            if group is not None:
+                import torch.distributed as dist
+
+                dist.all_reduce(gh, group=group)
+            gh = gh.to(h_k.dtype)
+        if need_b:
+            gb = gb.to(bias.dtype)
+        return gh, gw, gb, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation and the public function
+
+
+def _shard_layout(group, v_local: int, vocab_start: int, device: torch.device) -> tuple[list[int], list[int]]:
+    """All-gather every rank's ``(V_local, vocab_start)``, so that all ranks see (and reject) the same layout."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    got = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(got, torch.tensor([v_local, vocab_start], dtype=torch.int64, device=device), group=group)
+    return [int(x[0]) for x in got], [int(x[1]) for x in got]
+
+
+def _validate(hidden, weight, ids, bias, temperature, ignore_index, vocab_start, return_entropy):
+    require_tensor(OP, "hidden", hidden, kind="float", ndim=2)
+    require_tensor(OP, "weight", weight, kind="float", ndim=2)
+    require_tensor(OP, "ids", ids, kind="int", ndim=1)
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"{OP}: `weight` must be [V, H] with H = {hidden.shape[1]} (the inner size of `hidden` "
+                         f"[N, H]), got {describe(weight)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{OP}: `weight` must have V >= 1 rows (vocabulary entries), got {describe(weight)}")
+    if ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{OP}: `ids` must have shape [N] = [{hidden.shape[0]}] (one id per row of `hidden`), "
+                         f"got {describe(ids)}")
+    for name, x in (("weight", weight), ("ids", ids)) + ((("bias", bias),) if bias is not None else ()):
+        if x.device != hidden.device:
+            raise ValueError(f"{OP}: `{name}` must be on {hidden.device} like `hidden`, got {describe(x)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{OP}: `weight` must have the dtype of `hidden` ({hidden.dtype}), got {describe(weight)}")
+    if bias is not None:
+        require_tensor(OP, "bias", bias, kind="float", ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{OP}: `bias` must have shape [V] = [{weight.shape[0]}] (one entry per row of "
+                             f"`weight`), got {describe(bias)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{OP}: `bias` must have the dtype of `hidden` ({hidden.dtype}), got {describe(bias)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{OP}: `temperature` must be a positive finite float, got {describe(temperature)}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{OP}: `temperature` must be a positive finite float, got {temperature!r}")
+    for name, x in (("ignore_index", ignore_index), ("vocab_start", vocab_start)):
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"{OP}: `{name}` must be an int, got {describe(x)}")
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"{OP}: `return_entropy` must be a bool, got {describe(return_entropy)}")
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    process_group=None,
+    vocab_start: int = 0,
+    backend: str = "auto",
+):
+    """Log-prob of each sampled token under ``softmax((hidden @ weightᵀ + bias) / τ)``, never materialising the
+    ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[N, H]`` float (fp32/bf16/fp16; float64 on the torch path).
+        weight: ``[V, H]`` (the LM head), same dtype and device; with ``process_group`` this rank's vocabulary shard
+            ``[V_local, H]`` covering global ids ``[vocab_start, vocab_start + V_local)``.
+        ids: ``[N]`` integer sampled tokens (global ids), each in ``[0, V)`` (``V`` = the global vocabulary when
+            sharded) or equal to ``ignore_index``.
+        bias: optional ``[V]`` (the shard's part when sharded).
+        temperature: ``τ > 0``.
+        return_entropy: also return the entropy of ``softmax(u)`` per token.
+        ignore_index: tokens with this id give 0 (and no gradient).
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded (None: not sharded).
+        vocab_start: first global vocabulary id of this rank's shard; must equal the sum of the shard sizes of the
+            lower ranks.
+        backend: ``"auto" | "triton" | "torch"``.
+
+    Returns:
+        ``logp [N]`` — or ``(logp, entropy)`` when ``return_entropy`` — float32 (float64 for float64 inputs),
+        differentiable in ``hidden``, ``weight`` and ``bias``.
+    """
+    _validate(hidden, weight, ids, bias, temperature, ignore_index, vocab_start, return_entropy)
+    chosen = _dispatch.pick_backend(backend, hidden.device, op=OP)
+    if chosen == "triton" and hidden.dtype not in KERNEL_DTYPES:
+        if backend == "triton":
+            raise TypeError(f"{OP}: backend='triton' takes fp32/bf16/fp16 inputs, got `hidden` {hidden.dtype}; "
+                            f"use backend='torch' for float64")
+        chosen = "torch"
+    v_local = weight.shape[0]
+    v_global = v_local
+    if process_group is not None:
+        sizes, starts = _shard_layout(process_group, v_local, vocab_start, hidden.device)
+        import torch.distributed as dist
+
+        rank = dist.get_rank(process_group)
+        for r, start in enumerate(starts):  # every rank checks every rank, so all raise together (no hang)
+            expect = sum(sizes[:r])
+            if start != expect:
+                who = "this rank" if r == rank else f"rank {r}"
+                raise ValueError(f"{OP}: `vocab_start` on {who} must be {expect} (the sum of the lower ranks' "
+                                 f"shard sizes; shards {sizes}), got {start}")
+        v_global = sum(sizes)
+    elif vocab_start != 0:
+        raise ValueError(f"{OP}: `vocab_start` must be 0 without a process_group (the weight is the whole "
+                         f"vocabulary), got {vocab_start}")
+    if not torch.compiler.is_compiling() and ids.numel():
+        bad = (ids != ignore_index) & ((ids < 0) | (ids >= v_global))
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0, 0])
+            where = "the global vocabulary " if process_group is not None else ""
+            raise ValueError(f"{OP}: `ids` must lie in {where}[0, V) = [0, {v_global}) or equal ignore_index="
+                             f"{ignore_index}, got ids[{i}] = {int(ids[i])} ({int(bad.sum())} such id(s))")
+    logp, ent = _LinearTokenLogprobs.apply(hidden, weight, bias, ids, 1.0 / float(temperature), return_entropy,
+                                           ignore_index, process_group, vocab_start, chosen)
+    return (logp, ent) if return_entropy else logp
+
+
+__all__ = ["linear_token_logprobs", "tile_sizes"]

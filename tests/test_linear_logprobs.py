@@ -1,0 +1,296 @@
+"""``linear_token_logprobs`` against its float64 reference: torch path and Triton kernels (interpreter), forward and
+gradients of hidden / weight / bias, entropy, ignore_index, temperature, N = 0 / 1, tiny vocabulary tiles (many tiles,
+ragged last tile), the overflow fallback, vocab-parallel on 2 and 3 gloo processes, bad input, benchmark smoke."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import srpo_core.linear_logprobs as L
+from srpo_core.linear_logprobs import linear_token_logprobs
+from srpo_core.reference.linear_token_logprobs import linear_token_logprobs as reference
+from srpo_core.testing import assert_close
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def make(n, h, v, dtype, *, seed, bias, scale=1.0, ignore_every=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(v, h, generator=g, dtype=torch.float64) * scale).to(dtype)
+    b = torch.randn(v, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    ids = torch.randint(0, v, (n,), generator=g)
+    if ignore_every:
+        ids[::ignore_every] = -100
+    return hidden, weight, b, ids
+
+
+def run(fn, hidden, weight, bias, ids, *, entropy, seed, **kw):
+    """Forward, then backward of ``Σ g_lp·logp + Σ g_H·H`` (random upstream): outputs and grads, float64."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    b = bias.detach().clone().requires_grad_() if bias is not None else None
+    out = fn(h, w, ids, bias=b, return_entropy=entropy, **kw)
+    lp, ent = out if entropy else (out, None)
+    g = torch.Generator().manual_seed(seed + 7)
+    loss = (lp.double() * torch.randn(lp.shape, generator=g, dtype=torch.float64)).sum()
+    if entropy:
+        loss = loss + (ent.double() * torch.randn(ent.shape, generator=g, dtype=torch.float64)).sum()
+    if loss.requires_grad:
+        loss.backward()
+    res = {"logp": lp, "grad_hidden": h.grad, "grad_weight": w.grad}
+    if entropy:
+        res["entropy"] = ent
+    if b is not None:
+        res["grad_bias"] = b.grad
+    return res
+
+
+def check(hidden, weight, bias, ids, *, entropy, seed, temperature=1.0, **kw):
+    got = run(linear_token_logprobs, hidden, weight, bias, ids, entropy=entropy, seed=seed, temperature=temperature,
+              **kw)
+    def up(x):
+        return None if x is None else x.double()
+
+    ref = run(reference, up(hidden), up(weight), up(bias), ids, entropy=entropy, seed=seed, temperature=temperature)
+    same = run(reference, hidden, weight, bias, ids, entropy=entropy, seed=seed, temperature=temperature)
+    low = hidden.dtype in (torch.bfloat16, torch.float16)
+    for name, want in ref.items():
+        have = got[name]
+        if want is None:
+            assert have is None or not have.abs().any(), name
+            continue
+        assert have is not None, f"{name}: no gradient"
+        assert have.dtype == (torch.float64 if hidden.dtype == torch.float64 else
+                              (torch.float32 if name in ("logp", "entropy") else hidden.dtype)), name
+        torch_err = (same[name].double() - want).abs()
+        peak = want.abs().max() if want.numel() else 0
+        atol = 2 * torch_err + (1e-10 if hidden.dtype == torch.float64 else 2e-5 + 4e-6 * peak)  # fp32: scale-aware
+        if low:  # a different tiling rounds a few logits / gradient tiles to the neighbouring bf16/fp16 value
+            atol = atol + 2 ** -6 * (peak + 1)
+        assert_close(have, want, atol=atol, name=f"{name} [{DTYPE_IDS[hidden.dtype]}]")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Force many vocabulary tiles and token chunks on tiny shapes."""
+    monkeypatch.setattr(L, "VOCAB_TILE", 7)
+    monkeypatch.setattr(L, "TILE_ELEMENTS", 7 * 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch path
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 40), h=st.integers(1, 24), v=st.integers(1, 300),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+       bias=st.booleans(), entropy=st.booleans(), temperature=st.sampled_from([1.0, 0.6, 2.5]),
+       ignore_every=st.sampled_from([0, 0, 2, 3]), tiles=st.sampled_from([(7, 35), (64, 256), (1024, 1 << 21)]),
+       scale=st.sampled_from([0.1, 1.0, 4.0]), seed=st.integers(0, 2 ** 16))
+def test_torch_path_matches_reference(n, h, v, dtype, bias, entropy, temperature, ignore_every, tiles, scale, seed):
+    old = L.VOCAB_TILE, L.TILE_ELEMENTS
+    L.VOCAB_TILE, L.TILE_ELEMENTS = tiles
+    try:
+        hidden, weight, b, ids = make(n, h, v, dtype, seed=seed, bias=bias, scale=scale, ignore_every=ignore_every)
+        check(hidden, weight, b, ids, entropy=entropy, seed=seed, temperature=temperature, backend="torch")
+    finally:
+        L.VOCAB_TILE, L.TILE_ELEMENTS = old
+
+
+@pytest.mark.parametrize("n", [0, 1], ids=["N=0", "N=1"])
+@pytest.mark.parametrize("entropy", [False, True], ids=["logp", "logp+entropy"])
+def test_tiny_batches(n, entropy, small_tiles):
+    hidden, weight, b, ids = make(n, 5, 17, torch.float64, seed=n, bias=True)
+    check(hidden, weight, b, ids, entropy=entropy, seed=n, backend="torch")
+
+
+def test_all_ignored_gives_zeros_and_zero_grads(small_tiles):
+    hidden, weight, b, ids = make(6, 5, 17, torch.float32, seed=3, bias=True)
+    ids[:] = -100
+    res = run(linear_token_logprobs, hidden, weight, b, ids, entropy=True, seed=3)
+    for name, x in res.items():
+        assert x is not None and not x.abs().any(), name
+
+
+def test_gradcheck_float64(small_tiles):
+    hidden, weight, b, ids = make(5, 3, 11, torch.float64, seed=1, bias=True, ignore_every=4)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    b.requires_grad_()
+
+    def f(h, w, bb):
+        lp, ent = linear_token_logprobs(h, w, ids, bias=bb, temperature=0.8, return_entropy=True, backend="torch")
+        return lp, ent
+
+    assert torch.autograd.gradcheck(f, (hidden, weight, b))
+
+
+@pytest.mark.parametrize("where", ["later tile", "first tile"], ids=["jump-later", "jump-first"])
+def test_overflow_fallback_and_extreme_logits(where, small_tiles):
+    """A logit far above the running logsumexp of earlier tiles (the fast path's 2^x would overflow) is redone with an
+    explicit max; -inf logits (bias) count as probability 0."""
+    hidden, weight, b, ids = make(4, 3, 30, torch.float64, seed=5, bias=True)
+    col = 25 if where == "later tile" else 2
+    b[col] = 400.0
+    b[11] = -float("inf")
+    ids[0] = col
+    ids[1] = 3
+    check(hidden, weight, b, ids, entropy=True, seed=5, backend="torch")
+    lp = linear_token_logprobs(hidden.float(), weight.float(), ids, bias=b.float())
+    assert torch.isfinite(lp).all()
+
+
+def test_output_never_materialises_full_logits_in_a_tile():
+    """The rule of :func:`tile_sizes`: a tile holds at most TILE_ELEMENTS values, vocabulary tiles ≤ VOCAB_TILE."""
+    for n, v in [(1, 151936), (2048, 151936), (16384, 32000), (3, 5)]:
+        nc, vt = L.tile_sizes(n, v)
+        assert nc * vt <= max(L.TILE_ELEMENTS, vt) and vt <= L.VOCAB_TILE and 1 <= nc <= n
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter (conftest sets TRITON_INTERPRET=1 on CPU-only machines)
+
+needs_interpreter = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def kernel_blocks(monkeypatch):
+    K = pytest.importorskip("srpo_core.kernels.linear_logprobs")
+    small = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16, "num_warps": 1, "num_stages": 1}
+    monkeypatch.setattr(K, "DEFAULT", dict(small))
+    monkeypatch.setattr(K, "DEFAULT_FP32", dict(small))
+    monkeypatch.setattr(K, "CHUNK_ELEMENTS", 16 * 64)  # several backward chunks
+    monkeypatch.setattr(K, "TARGET_PROGRAMS", 4)  # several forward splits
+    return K
+
+
+@needs_interpreter
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 33), h=st.integers(1, 40), v=st.integers(1, 300),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), bias=st.booleans(),
+       entropy=st.booleans(), temperature=st.sampled_from([1.0, 0.7]), ignore_every=st.sampled_from([0, 3]),
+       seed=st.integers(0, 2 ** 16))
+def test_triton_matches_reference(kernel_blocks, n, h, v, dtype, bias, entropy, temperature, ignore_every, seed):
+    hidden, weight, b, ids = make(n, h, v, dtype, seed=seed, bias=bias, ignore_every=ignore_every)
+    check(hidden, weight, b, ids, entropy=entropy, seed=seed, temperature=temperature, backend="triton")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_default_config(dtype):
+    pytest.importorskip("srpo_core.kernels.linear_logprobs")
+    hidden, weight, b, ids = make(9, 20, 150, dtype, seed=11, bias=True, ignore_every=4)
+    check(hidden, weight, b, ids, entropy=True, seed=11, temperature=0.9, backend="triton")
+
+
+@needs_interpreter
+def test_triton_n0(kernel_blocks):
+    hidden, weight, b, ids = make(0, 4, 9, torch.float32, seed=0, bias=False)
+    check(hidden, weight, b, ids, entropy=True, seed=0, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# vocab-parallel
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3], ids=["2 ranks", "3 ranks"])
+def test_vocab_parallel_matches_unsharded(world, tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed gloo")
+    worker = pathlib.Path(__file__).with_name("linear_logprobs_dist_worker.py")
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(worker), str(_free_port()), str(world)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
+    assert f"linear-dist: OK {world}" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def _good():
+    return torch.randn(4, 6), torch.randn(10, 6), torch.tensor([0, 9, -100, 3])
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    pytest.param("inner size", ValueError, r"`weight` must be \[V, H\] with H = 6", id="inner size"),
+    pytest.param("id too large", ValueError, r"ids\[1\] = 10", id="id too large"),
+    pytest.param("id negative", ValueError, r"ids\[0\] = -1 ", id="id negative"),
+    pytest.param("dtype mismatch", TypeError, r"`weight` must have the dtype of `hidden`", id="dtype mismatch"),
+    pytest.param("device mismatch", ValueError, r"`weight` must be on cpu", id="device mismatch"),
+    pytest.param("bias shape", ValueError, r"`bias` must have shape \[V\] = \[10\]", id="bias shape"),
+    pytest.param("ids shape", ValueError, r"`ids` must have shape \[N\] = \[4\]", id="ids shape"),
+    pytest.param("vocab_start without group", ValueError, r"`vocab_start` must be 0 without a process_group",
+                 id="vocab_start without group"),
+    pytest.param("temperature", ValueError, r"`temperature` must be a positive finite float", id="temperature"),
+    pytest.param("float ids", TypeError, r"`ids` must be an integer tensor", id="float ids"),
+    pytest.param("empty vocabulary", ValueError, r"V >= 1", id="empty vocabulary"),
+])
+def test_bad_input(case, exc, match):
+    h, w, ids = _good()
+    kw = {}
+    if case == "inner size":
+        w = torch.randn(10, 5)
+    elif case == "id too large":
+        ids = torch.tensor([0, 10, -100, 3])
+    elif case == "id negative":
+        ids = torch.tensor([-1, 2, -100, 3])
+    elif case == "dtype mismatch":
+        w = w.double()
+    elif case == "device mismatch":
+        w = torch.empty(10, 6, device="meta")
+    elif case == "bias shape":
+        kw["bias"] = torch.randn(9)
+    elif case == "ids shape":
+        ids = ids[:3]
+    elif case == "vocab_start without group":
+        kw["vocab_start"] = 4
+    elif case == "temperature":
+        kw["temperature"] = 0.0
+    elif case == "float ids":
+        ids = ids.float()
+    elif case == "empty vocabulary":
+        w = torch.randn(0, 6)
+    with pytest.raises(exc, match=match):
+        linear_token_logprobs(h, w, ids, **kw)
+
+
+def test_ignore_index_is_not_out_of_range():
+    h, w, ids = _good()
+    lp = linear_token_logprobs(h, w, ids, ignore_index=-100)
+    assert lp[2] == 0 and torch.isfinite(lp).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# benchmark smoke (the table script and the pytest-benchmark module on tiny sizes)
+
+
+def test_benchmark_table_smoke(tmp_path):
+    out = tmp_path / "table.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "linear_table.py"), "--smoke", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = out.read_text()
+    assert "| ours |" in text and "naive" in text and "torch" in text
