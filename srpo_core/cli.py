@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import pathlib
 import sys
 
@@ -12,14 +14,32 @@ from srpo_core.config import SRPOConfig
 
 def _config(pairs: list[str]) -> SRPOConfig:
     """``["beta_perception=1.0", "weight_map=linear"]`` → an :class:`SRPOConfig` (values typed by the field)."""
-    fields = {f.name: f for f in dataclasses.fields(SRPOConfig)}
+    defaults = SRPOConfig()
+    names = [f.name for f in dataclasses.fields(SRPOConfig)]
     values = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"--set takes FIELD=VALUE with FIELD one of {sorted(fields)}, got {pair!r}")
-        values[key] = float(raw) if isinstance(getattr(SRPOConfig, key), float) else raw
+        key = key.strip()
+        if not sep or key not in names:
+            raise ValueError(f"--set takes FIELD=VALUE with FIELD one of {', '.join(names)}; got {pair!r}")
+        if isinstance(getattr(defaults, key), float):
+            try:
+                values[key] = float(raw)
+            except ValueError:
+                raise ValueError(f"--set {pair}: `{key}` takes a number, got {raw!r}") from None
+        else:
+            values[key] = raw.strip()
     return SRPOConfig(**values)
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return n
 
 
 def _show(records, args) -> int:
@@ -29,10 +49,14 @@ def _show(records, args) -> int:
     from srpo_core.rollouts import to_batch
 
     analysis = analyse(to_batch(records), _config(args.set))
-    print_analysis(analysis, Console(width=args.width) if args.width else None)
+    print_analysis(analysis, Console(width=args.width) if args.width else None, limit=args.limit)
     if args.html:
-        pathlib.Path(args.html).write_text(to_html(analysis), encoding="utf-8")
-        print(f"wrote {args.html}")
+        path = pathlib.Path(args.html)
+        try:
+            path.write_text(to_html(analysis, limit=args.limit), encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"--html {args.html}: cannot be written ({e.strerror})") from None
+        print(f"wrote {path}")
     return 0
 
 
@@ -72,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
         p.add_argument("--set", metavar="FIELD=VALUE", action="append", default=[],
                        help="override an SRPOConfig field, e.g. --set beta_perception=1.0 (repeatable)")
+        p.add_argument("--limit", type=_count, default=24, metavar="N",
+                       help="list at most N responses (default 24; 0 = all); the role table covers the whole batch")
         p.add_argument("--width", type=int, default=None, help="terminal width (default: detected)")
 
     demo = sub.add_parser("demo", help="SRPO on the built-in example (3 prompts × 4 responses)")
@@ -97,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``srpo-core`` command; returns the exit status (0 ok, 2 bad input, with a one-line message on stderr)."""
     from srpo_core.rollouts import RolloutError
 
     args = build_parser().parse_args(argv)
@@ -105,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RolloutError, ValueError, TypeError) as e:
         print(f"srpo-core {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `srpo-core demo | head`: stop quietly; point stdout at devnull so exit's flush is silent
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

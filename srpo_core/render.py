@@ -1,7 +1,9 @@
 """What SRPO does to a batch of rollouts, shown in the terminal (rich) or as a self-contained HTML page.
 
 Each response's tokens are coloured by weight (red above 1, blue below, white at 1; the intensity follows
-``|log w|``), perception tokens are underlined and reasoning tokens bold, tags and other tokens dim.
+``|log w|``), perception tokens are underlined and reasoning tokens bold, tags and other tokens dim. Under each
+response, the tokens SRPO up- and down-weights most are listed with their role letter and weight, so the output
+also reads without colour (piped, or pasted into a README).
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from srpo_core.config import Role, SRPOConfig
 from srpo_core.rollouts import Rollouts
 
 ROLE_NAMES = {Role.OTHER: "other", Role.PERCEPTION: "perception", Role.REASONING: "reasoning"}
+ROLE_LETTER = {Role.PERCEPTION: "P", Role.REASONING: "R"}
+TITLE = "srpo-core: role-aware token advantages"
+NO_ROLES = ("no perception or reasoning tokens, so every weight is 1 (GRPO): tag the text (<perception>…</perception>"
+            "<think>…</think>) or give `roles` per token")
 
 
 @dataclasses.dataclass
@@ -32,7 +38,8 @@ class Analysis:
 
     def changes(self, i: int) -> dict:
         """Response ``i`` under GRPO and SRPO: its advantage, the token-advantage range, and the share of the
-        response's total |advantage| that sits on perception and on reasoning tokens."""
+        response's total |advantage| that sits on perception and on reasoning tokens (|A_t| = w_t |A_i|, so the
+        share is the share of the weight; GRPO's share is the share of the token count)."""
         sl = self.span(i)
         w, r = self.result.weights[sl], self.batch.roles[sl]
         adv = self.result.advantages[sl]
@@ -48,11 +55,33 @@ class Analysis:
             "srpo_share_r": float(w[r == Role.REASONING].sum()) / total,
         }
 
+    def highlights(self, i: int, k: int = 2, tol: float = 0.05) -> tuple[list, list]:
+        """The ``k`` role tokens of response ``i`` with the largest weights above ``1 + tol`` and the ``k`` with the
+        smallest below ``1 - tol``: lists of ``(token, role, weight)``."""
+        sl = self.span(i)
+        toks = self.batch.tokens[i]
+        w, r = self.result.weights[sl].tolist(), self.batch.roles[sl].tolist()
+        role_pos = [t for t in range(len(toks)) if r[t] != Role.OTHER]
+        by_weight = sorted(role_pos, key=lambda t: (w[t], t))
+        up = [(toks[t], Role(r[t]), w[t]) for t in reversed(by_weight[-k:]) if w[t] > 1 + tol]
+        down = [(toks[t], Role(r[t]), w[t]) for t in by_weight[:k] if w[t] < 1 - tol]
+        return up, down
+
+    def signal_names(self) -> tuple[str, str]:
+        """How each role's signal was obtained, e.g. ``("k3(ℓ, ℓ̃)", "logratio(ℓ, ℓ°)")``."""
+        c = self.config
+        p = "given in the file" if self.batch.perception_signal is not None else f"{c.perception_contrast}(ℓ, ℓ̃)"
+        r = "given in the file" if self.batch.reasoning_signal is not None else f"{c.reasoning_contrast}(ℓ, ℓ°)"
+        return p, r
+
 
 def analyse(batch: Rollouts, config: SRPOConfig) -> Analysis:
+    """Run ``grpo_advantages`` (unless the batch carries advantages) and ``role_aware_advantages`` on a batch."""
     adv = batch.advantages if batch.advantages is not None else grpo_advantages(batch.rewards, batch.group_ids)
     result = role_aware_advantages(adv, batch.logp, batch.logp_corrupt, batch.logp_ablated, batch.roles,
-                                   cu_seqlens=batch.cu_seqlens, config=config)
+                                   cu_seqlens=batch.cu_seqlens, config=config,
+                                   perception_signal=batch.perception_signal,
+                                   reasoning_signal=batch.reasoning_signal)
     return Analysis(batch, config, adv, result)
 
 
@@ -64,41 +93,86 @@ def _rgb(w: float) -> tuple[int, int, int]:
     return round(255 - 175 * t), round(255 - 120 * t), 255
 
 
-def _label(a: Analysis, i: int) -> str:
-    rec = a.batch.records[i]
-    rid = rec.get("response_id", i)
-    reward = f" reward {rec['reward']:g}" if rec.get("reward") is not None else ""
-    return f"{rec['prompt_id']} #{rid}{reward}"
+def _num(x: float, fmt: str = ".3f") -> str:
+    return "—" if isinstance(x, float) and math.isnan(x) else format(x, fmt)
+
+
+def _show_token(tok: str) -> str:
+    """A token for the highlight list: quoted, whitespace made visible."""
+    return '"' + (tok.strip() or tok).replace("\n", "⏎").replace("\t", "⇥") + '"'
+
+
+def _rid(rec: dict, i: int) -> str:
+    return str(rec.get("response_id", i))
+
+
+_MAPS = {"exp": "exp(β·u)", "linear": "max(1+β·u, w_min)", "sigmoid": "2·sigmoid(β·u)"}
+
+
+def _config_line(a: Analysis) -> str:
+    c = a.config
+    p, r = a.signal_names()
+    return (f"signals P: {p}, R: {r}; weight {_MAPS[c.weight_map]}, β {c.beta_perception:g}/{c.beta_reasoning:g}, "
+            f"renorm {c.renorm}")
+
+
+def _shown(a: Analysis, limit: int | None) -> int:
+    n = len(a.batch.records)
+    return n if not limit or limit >= n else limit
 
 
 # ------------------------------------------------------------------------------------------------------ terminal
-def print_analysis(a: Analysis, console=None) -> None:
+def print_analysis(a: Analysis, console=None, *, limit: int | None = None) -> None:
+    """Print the analysis with rich; ``limit`` caps the number of responses listed (the role table is always over
+    the whole batch)."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     console = console or Console()
-    console.rule("[bold]srpo-core[/]: role-aware token advantages")
-    console.print("Token colour = weight w_t (red > 1 > blue); [underline]underlined[/] = perception, "
-                  "[bold]bold[/] = reasoning, [dim]dim[/] = other (tags, format).")
-    last_prompt = None
-    for i, rec in enumerate(a.batch.records):
+    shown = _shown(a, limit)
+    console.rule(f"[bold]{TITLE}[/]")
+    console.print(Text.assemble(
+        "Colour = token weight w_t (", ("red", "red"), " > 1 > ", ("blue", "blue"), "); ",
+        ("underlined", "underline"), " = perception, ", ("bold", "bold"), " = reasoning, ",
+        ("dim", "dim"), " = other. Each response: #id A_i, its tokens, then those SRPO weights most (▲) and "
+        "least (▼), with role P/R and weight w_t."))
+    console.print(Text(_config_line(a), style="dim"))
+
+    last_prompt = object()
+    for i, rec in enumerate(a.batch.records[:shown]):
         if rec["prompt_id"] != last_prompt:
             last_prompt = rec["prompt_id"]
             console.print()
-            console.print(f"[bold cyan]{rec['prompt_id']}[/]" + (f": {rec['prompt']}" if rec.get("prompt") else ""))
+            console.print(Text.assemble((str(rec["prompt_id"]), "bold cyan"),
+                                        (f": {rec['prompt']}" if rec.get("prompt") else "")))
         sl = a.span(i)
-        c = a.changes(i)
-        text = Text(f"  #{rec.get('response_id', i)} A={c['A']:+.2f} ")
-        for tok, w, r in zip(a.batch.tokens[i], a.result.weights[sl].tolist(), a.batch.roles[sl].tolist(), strict=True):
-            style = "rgb({},{},{})".format(*_rgb(w)) if r != Role.OTHER else "dim"
-            style = ("black on " + style) if r != Role.OTHER else style
-            if r == Role.PERCEPTION:
-                style += " underline"
-            elif r == Role.REASONING:
-                style += " bold"
-            text.append(tok, style=style)
-        console.print(text)
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True)
+        grid.add_column(overflow="fold")
+        text = Text()
+        for tok, w, r in zip(a.batch.tokens[i], a.result.weights[sl].tolist(), a.batch.roles[sl].tolist(),
+                             strict=True):
+            if r == Role.OTHER:
+                text.append(tok, style="dim")
+            else:
+                style = "black on rgb({},{},{})".format(*_rgb(w))
+                text.append(tok, style=style + (" underline" if r == Role.PERCEPTION else " bold"))
+        grid.add_row(Text(f"#{_rid(rec, i)} {a.sequence_advantages[i]:+.2f}", style="bold"), text)
+        up, down = a.highlights(i)
+        marks = Text(style="dim")
+        for arrow, items in (("▲", up), ("▼", down)):
+            if items:
+                marks.append(("   " if marks else "") + arrow)
+                for tok, role, w in items:
+                    marks.append(f" {_show_token(tok)} {ROLE_LETTER[role]}×{w:.2f}")
+        if not up and not down and any(a.batch.roles[sl].tolist()):
+            marks.append("all weights within 5% of 1")
+        if marks:
+            grid.add_row("", marks)
+        console.print(grid)
+    if shown < len(a.batch.records):
+        console.print(f"\n[dim]… {len(a.batch.records) - shown} more responses (--limit 0 shows all)[/]")
 
     stats = a.result.stats
     table = Table(title="per role (whole batch)", title_justify="left")
@@ -106,77 +180,95 @@ def print_analysis(a: Analysis, console=None) -> None:
         table.add_column(col, justify="left" if col == "role" else "right")
     for role in ("perception", "reasoning"):
         table.add_row(role, str(stats[f"{role}/count"]),
-                      *(f"{stats[f'{role}/{k}']:.3f}" for k in ("mu", "sigma", "w_min", "w_mean", "w_max")))
+                      *(_num(stats[f"{role}/{k}"]) for k in ("mu", "sigma", "w_min", "w_mean", "w_max")))
     console.print()
     console.print(table)
 
     changes = Table(title="what SRPO changed vs GRPO (GRPO gives every token A_i)", title_justify="left")
     for col in ("response", "reward", "A_i", "SRPO A_t range", "P share", "R share"):
         changes.add_column(col, justify="left" if col == "response" else "right")
-    for i, rec in enumerate(a.batch.records):
+    for i, rec in enumerate(a.batch.records[:shown]):
         c = a.changes(i)
         reward = "" if rec.get("reward") is None else f"{rec['reward']:g}"
-        changes.add_row(f"{rec['prompt_id']} #{rec.get('response_id', i)}", reward, f"{c['A']:+.3f}",
+        changes.add_row(Text(f"{rec['prompt_id']} #{_rid(rec, i)}"), reward, f"{c['A']:+.3f}",
                         f"{c['adv_min']:+.2f} … {c['adv_max']:+.2f}",
                         f"{c['grpo_share_p']:.0%} → {c['srpo_share_p']:.0%}",
                         f"{c['grpo_share_r']:.0%} → {c['srpo_share_r']:.0%}")
     console.print(changes)
-    console.print("[dim]P/R share: the part of the response's total |advantage| on perception/reasoning tokens, "
-                  "GRPO → SRPO. Every token keeps the sign of A_i; each response's mean weight is 1.[/]")
+    console.print(Text("P/R share: the part of the response's total |advantage| on perception/reasoning tokens, "
+                       "GRPO → SRPO. Every token keeps the sign of A_i; each response's mean weight is 1.",
+                       style="dim"))
     if a.batch.malformed:
-        console.print(f"[yellow]{a.batch.malformed} response(s) had malformed tags[/]")
+        console.print(f"[yellow]{a.batch.malformed} response(s) had malformed tags (roles derived anyway)[/]")
+    if not stats["perception/count"] and not stats["reasoning/count"]:
+        console.print(f"[yellow]{NO_ROLES}[/]")
 
 
 # ---------------------------------------------------------------------------------------------------------- HTML
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
-.tok{white-space:pre;border-radius:3px;padding:1px 0}
+body{font-family:system-ui,sans-serif;margin:2em;max-width:72em;color:#222}
+.tok{white-space:pre-wrap;border-radius:3px;padding:1px 0}
 .r1{text-decoration:underline}.r2{font-weight:600}.r0{color:#999}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
-td:first-child,th:first-child{text-align:left}.resp{margin:.4em 0;line-height:1.8}.q{margin-top:1.4em}
+td:first-child,th:first-child{text-align:left}.q{margin-top:1.4em}
+.resp{display:grid;grid-template-columns:6em 1fr;gap:0 .6em;margin:.5em 0;line-height:1.8}
+.id{font-weight:600;white-space:nowrap}.marks{color:#666;font-size:.9em;line-height:1.3}.dim{color:#666}
 """
 
 
-def to_html(a: Analysis) -> str:
-    """A self-contained page (inline CSS, no external assets) with the same content as :func:`print_analysis`."""
+def to_html(a: Analysis, *, limit: int | None = None) -> str:
+    """A self-contained page (inline CSS, no scripts, no external assets) with the content of
+    :func:`print_analysis`; hovering a token shows its role, weight, z and A_t."""
     esc = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>srpo-core: role-aware advantages</title>",
-             f"<style>{_CSS}</style></head><body><h1>srpo-core: role-aware token advantages</h1>",
+    shown = _shown(a, limit)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{TITLE}</title>",
+             f"<style>{_CSS}</style></head><body><h1>{TITLE}</h1>",
              "<p>Token colour = weight w<sub>t</sub> (red &gt; 1 &gt; blue); <span class='r1'>underlined</span> = "
              "perception, <span class='r2'>bold</span> = reasoning, <span class='r0'>grey</span> = other. "
-             "Hover a token for its numbers.</p>"]
-    last_prompt = None
-    for i, rec in enumerate(a.batch.records):
+             "Each response: #id and A<sub>i</sub>, then the tokens SRPO weights most (▲) and least (▼). "
+             "Hover a token for its numbers.</p>",
+             f"<p class='dim'>{esc(_config_line(a))}</p>"]
+    last_prompt = object()
+    for i, rec in enumerate(a.batch.records[:shown]):
         if rec["prompt_id"] != last_prompt:
             last_prompt = rec["prompt_id"]
             parts.append(f"<h3 class='q'>{esc(str(rec['prompt_id']))}"
-                         + (f": {esc(rec['prompt'])}" if rec.get("prompt") else "") + "</h3>")
+                         + (f": {esc(str(rec['prompt']))}" if rec.get("prompt") else "") + "</h3>")
         sl = a.span(i)
-        c = a.changes(i)
         spans = []
         for tok, w, r, z, adv in zip(a.batch.tokens[i], a.result.weights[sl].tolist(), a.batch.roles[sl].tolist(),
                                      a.result.signals[sl].tolist(), a.result.advantages[sl].tolist(), strict=True):
             bg = "" if r == Role.OTHER else "background:rgb({},{},{})".format(*_rgb(w))
             title = f"{ROLE_NAMES[Role(r)]}  w={w:.3f}  z={z:+.3f}  A_t={adv:+.3f}"
             spans.append(f"<span class='tok r{r}' style='{bg}' title='{esc(title)}'>{esc(tok)}</span>")
-        parts.append(f"<div class='resp'><b>#{esc(str(rec.get('response_id', i)))}</b> A={c['A']:+.2f} "
-                     + "".join(spans) + "</div>")
+        up, down = a.highlights(i)
+        marks = "   ".join(arrow + "".join(f" {esc(_show_token(t))} {ROLE_LETTER[r]}×{w:.2f}" for t, r, w in items)
+                           for arrow, items in (("▲", up), ("▼", down)) if items)
+        parts.append(f"<div class='resp'><span class='id'>#{esc(_rid(rec, i))} {a.sequence_advantages[i]:+.2f}</span>"
+                     f"<span>{''.join(spans)}</span><span></span><span class='marks'>{marks}</span></div>")
+    if shown < len(a.batch.records):
+        parts.append(f"<p class='dim'>… {len(a.batch.records) - shown} more responses (--limit 0 shows all)</p>")
     stats = a.result.stats
     parts.append("<h2>Per role (whole batch)</h2><table><tr><th>role</th><th>tokens</th><th>μ(signal)</th>"
                  "<th>σ(signal)</th><th>w min</th><th>w mean</th><th>w max</th></tr>")
     for role in ("perception", "reasoning"):
-        cells = "".join(f"<td>{stats[f'{role}/{k}']:.3f}</td>" for k in ("mu", "sigma", "w_min", "w_mean", "w_max"))
+        cells = "".join(f"<td>{_num(stats[f'{role}/{k}'])}</td>" for k in ("mu", "sigma", "w_min", "w_mean", "w_max"))
         parts.append(f"<tr><td>{role}</td><td>{stats[f'{role}/count']}</td>{cells}</tr>")
-    parts.append("</table><h2>What SRPO changed vs GRPO</h2><table><tr><th>response</th><th>A<sub>i</sub> "
-                 "(GRPO, every token)</th><th>SRPO token range</th><th>perception share</th>"
-                 "<th>reasoning share</th></tr>")
-    for i in range(len(a.batch.records)):
+    parts.append("</table><h2>What SRPO changed vs GRPO</h2><table><tr><th>response</th><th>reward</th>"
+                 "<th>A<sub>i</sub> (GRPO, every token)</th><th>SRPO A<sub>t</sub> range</th>"
+                 "<th>perception share</th><th>reasoning share</th></tr>")
+    for i, rec in enumerate(a.batch.records[:shown]):
         c = a.changes(i)
-        parts.append(f"<tr><td>{esc(_label(a, i))}</td><td>{c['A']:+.3f}</td>"
-                     f"<td>{c['adv_min']:+.3f} … {c['adv_max']:+.3f}</td>"
+        reward = "" if rec.get("reward") is None else f"{rec['reward']:g}"
+        parts.append(f"<tr><td>{esc(str(rec['prompt_id']))} #{esc(_rid(rec, i))}</td><td>{reward}</td>"
+                     f"<td>{c['A']:+.3f}</td><td>{c['adv_min']:+.3f} … {c['adv_max']:+.3f}</td>"
                      f"<td>{c['grpo_share_p']:.0%} → {c['srpo_share_p']:.0%}</td>"
                      f"<td>{c['grpo_share_r']:.0%} → {c['srpo_share_r']:.0%}</td></tr>")
-    parts.append("</table><p>share = the part of the response's total |advantage| carried by that role's tokens; "
-                 "every token keeps the sign of A<sub>i</sub>, and each response's mean weight is 1.</p>")
+    parts.append("</table><p>share = the part of the response's total |advantage| carried by that role's tokens, "
+                 "GRPO → SRPO; every token keeps the sign of A<sub>i</sub>, and each response's mean weight is 1.</p>")
+    if not stats["perception/count"] and not stats["reasoning/count"]:
+        parts.append(f"<p>{esc(NO_ROLES)}</p>")
+    if a.batch.malformed:
+        parts.append(f"<p>{a.batch.malformed} response(s) had malformed tags (roles derived anyway).</p>")
     parts.append(f"<p><small>config: {esc(repr(a.config))}</small></p></body></html>")
     return "\n".join(parts)

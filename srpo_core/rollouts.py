@@ -1,14 +1,19 @@
 """Rollouts as JSONL (the input of ``srpo-core explain`` and the built-in demo), validated line by line.
 
-One JSON object per line (schema: docs/rollouts.md):
+One JSON object per line, one line per response (schema and examples: docs/rollouts.md):
 - ``prompt_id`` (string or integer, required): responses with the same id form a GRPO group;
 - ``tokens`` (list of strings, required): the response's tokens as text; ``"".join(tokens)`` is the response;
-- ``logp``, ``logp_corrupt``, ``logp_ablated`` (lists of numbers, one per token, required): ℓ, ℓ̃, ℓ°;
-  ``null`` stands for ``-inf`` (JSON has no infinity); NaN is refused;
-- ``reward`` (number) or ``advantage`` (number): one of the two; advantages come from ``grpo_advantages`` over
-  the file's groups unless every record carries ``advantage``;
+- ``logp``, ``logp_corrupt``, ``logp_ablated`` (lists of numbers, one per token): ℓ, ℓ̃, ℓ°;
+  ``null`` (or ``-Infinity``) stands for ``-inf``; NaN and ``+inf`` are refused;
+- ``reward`` (number) or ``advantage`` (number): advantages come from ``grpo_advantages`` over the file's groups
+  unless every line carries ``advantage``;
 - ``roles`` (list of 0/1/2, optional): per-token roles; derived from the tags in the text when absent;
+- ``perception_signal``, ``reasoning_signal`` (lists of finite numbers, optional, on every line or on none):
+  precomputed ``s_t`` (e.g. ``kl`` from ``token_contrast``) replacing that role's contrast; ``logp_corrupt`` /
+  ``logp_ablated`` may then be left out;
 - ``response_id``, ``prompt`` (optional): shown in the output.
+
+Every error names the file, the line and the field, and is a :class:`RolloutError` (a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import torch
 
 from srpo_core.roles import roles_from_text
 
-REQUIRED_LISTS = ("logp", "logp_corrupt", "logp_ablated")
+LOGP_FIELDS = ("logp", "logp_corrupt", "logp_ablated")
+SIGNAL_FIELDS = {"perception_signal": "logp_corrupt", "reasoning_signal": "logp_ablated"}
 
 
 class RolloutError(ValueError):
@@ -31,23 +37,45 @@ class RolloutError(ValueError):
 
 @dataclasses.dataclass
 class Rollouts:
-    """A batch in the packed layout: per-token tensors ``[N]``, ``cu_seqlens: [B+1]``, per-response lists ``[B]``."""
+    """A batch in the packed layout: per-token tensors ``[N]``, ``cu_seqlens: [B+1]``, per-response lists ``[B]``.
+
+    ``logp_corrupt`` / ``logp_ablated`` are ``None`` when the file gives the matching precomputed signal instead.
+    """
 
     records: list[dict]
     tokens: list[list[str]]
     logp: torch.Tensor
-    logp_corrupt: torch.Tensor
-    logp_ablated: torch.Tensor
+    logp_corrupt: torch.Tensor | None
+    logp_ablated: torch.Tensor | None
     roles: torch.Tensor
     cu_seqlens: torch.Tensor
     group_ids: torch.Tensor
     rewards: torch.Tensor | None
     advantages: torch.Tensor | None
+    perception_signal: torch.Tensor | None
+    reasoning_signal: torch.Tensor | None
     malformed: int
 
 
 def _fail(where: str, field: str, message: str):
     raise RolloutError(f"{where}: field `{field}` {message}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_numbers(rec: dict, field: str, n: int, where: str, *, allow_null: bool) -> None:
+    values = rec[field]
+    if not isinstance(values, list) or len(values) != n:
+        got = f"{len(values)}" if isinstance(values, list) else type(values).__name__
+        _fail(where, field, f"must be a list of {n} numbers (one per token), got {got}")
+    for k, v in enumerate(values):
+        if v is None and allow_null:
+            continue
+        if not _is_number(v) or math.isnan(v) or v == math.inf or (not allow_null and not math.isfinite(v)):
+            what = "a number or null (for -inf)" if allow_null else "a finite number"
+            _fail(where, field, f"[{k}] must be {what}, got {v!r}")
 
 
 def _check_record(rec, where: str) -> dict:
@@ -61,36 +89,54 @@ def _check_record(rec, where: str) -> dict:
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         _fail(where, "tokens", "must be a list of strings" + (" (it is missing)" if tokens is None else ""))
     n = len(tokens)
-    for field in REQUIRED_LISTS:
-        values = rec.get(field)
-        if values is None:
-            _fail(where, field, f"is missing (a list of {n} numbers, one per token)")
-        if not isinstance(values, list) or len(values) != n:
-            got = f"{len(values)}" if isinstance(values, list) else type(values).__name__
-            _fail(where, field, f"must be a list of {n} numbers (one per token), got {got}")
-        for k, v in enumerate(values):
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v == math.inf:
-                _fail(where, field, f"[{k}] must be a number or null (for -inf), got {v!r}")
+    for field in LOGP_FIELDS:
+        if rec.get(field) is None:
+            instead = [s for s, f in SIGNAL_FIELDS.items() if f == field]
+            if instead and rec.get(instead[0]) is not None:
+                continue  # the precomputed signal replaces this contrast
+            also = f", or give `{instead[0]}`" if instead else ""
+            _fail(where, field, f"is missing (a list of {n} numbers, one per token{also})")
+        _check_numbers(rec, field, n, where, allow_null=True)
+    for field in SIGNAL_FIELDS:
+        if rec.get(field) is not None:
+            _check_numbers(rec, field, n, where, allow_null=False)
     if "roles" in rec:
         roles = rec["roles"]
         if not isinstance(roles, list) or len(roles) != n:
-            _fail(where, "roles", f"must be a list of {n} integers (one per token)")
+            got = f"{len(roles)}" if isinstance(roles, list) else type(roles).__name__
+            _fail(where, "roles", f"must be a list of {n} integers (one per token), got {got}")
         for k, r in enumerate(roles):
-            if r not in (0, 1, 2) or isinstance(r, bool):
+            if isinstance(r, bool) or r not in (0, 1, 2):
                 _fail(where, "roles", f"[{k}] must be 0 (OTHER), 1 (PERCEPTION) or 2 (REASONING), got {r!r}")
     for field in ("reward", "advantage"):
         v = rec.get(field)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        if v is not None and (not _is_number(v) or not math.isfinite(v)):
             _fail(where, field, f"must be a finite number, got {v!r}")
     if rec.get("reward") is None and rec.get("advantage") is None:
-        _fail(where, "reward", "is missing (give `reward`, or `advantage` for every record)")
+        _fail(where, "reward", "is missing (give `reward`, or `advantage` on every line)")
     return rec
 
 
+def _check_file(records: list[dict], wheres: list[str]) -> None:
+    """Rules across lines: ``advantage`` is used only if every line has it, else every line needs ``reward``;
+    a precomputed signal is given on every line or on none."""
+    if not all(r.get("advantage") is not None for r in records):
+        for rec, where in zip(records, wheres, strict=True):
+            if rec.get("reward") is None:
+                other = wheres[next(k for k, r in enumerate(records) if r.get("advantage") is None)]
+                _fail(where, "reward", f"is missing, and `advantage` cannot be used because {other} has none: "
+                                       "give `reward` on every line, or `advantage` on every line")
+    for field in SIGNAL_FIELDS:
+        has = [r.get(field) is not None for r in records]
+        if any(has) and not all(has):
+            first_with = wheres[has.index(True)]
+            _fail(wheres[has.index(False)], field, f"is missing while {first_with} gives it: a precomputed signal "
+                                                   "goes on every line or on none")
+
+
 def parse_lines(lines, name: str = "<rollouts>") -> list[dict]:
-    records = []
+    """Validate JSONL lines (blank lines skipped) and return the records; raises :class:`RolloutError`."""
+    records, wheres = [], []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -100,56 +146,71 @@ def parse_lines(lines, name: str = "<rollouts>") -> list[dict]:
         except json.JSONDecodeError as e:
             raise RolloutError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         records.append(_check_record(rec, where))
+        wheres.append(where)
     if not records:
         raise RolloutError(f"{name}: no rollouts (the file is empty)")
+    _check_file(records, wheres)
     return records
 
 
 def load(path) -> list[dict]:
+    """Read and validate a rollouts JSONL file."""
     path = pathlib.Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise RolloutError(f"{path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise RolloutError(f"{path}: is not UTF-8 text ({e.reason} at byte {e.start})") from None
     return parse_lines(text.splitlines(), str(path))
 
 
-def _floats(values) -> list[float]:
-    return [-math.inf if v is None else float(v) for v in values]
+def _per_token(records: list[dict], field: str) -> torch.Tensor | None:
+    if any(r.get(field) is None for r in records):
+        return None
+    return torch.tensor([-math.inf if v is None else float(v) for r in records for v in r[field]],
+                        dtype=torch.float32)
+
+
+def token_roles(rec: dict) -> tuple[list[int], bool]:
+    """The record's per-token roles (``roles`` if given, else from the tags in its text) and whether its tags were
+    malformed. Tokens are matched to characters by concatenation: token ``k`` covers its own text in
+    ``"".join(tokens)``."""
+    if "roles" in rec:
+        return list(rec["roles"]), False
+    text, offsets, pos = "".join(rec["tokens"]), [], 0
+    for t in rec["tokens"]:
+        offsets.append((pos, pos + len(t)))
+        pos += len(t)
+    found = roles_from_text(text, offsets)
+    return found.roles.tolist(), bool(found.malformed)
 
 
 def to_batch(records: list[dict]) -> Rollouts:
-    """Records → the packed tensors ``role_aware_advantages`` takes (roles from tags where not given)."""
+    """Validated records (from :func:`load` / :func:`parse_lines`) → the packed tensors ``role_aware_advantages``
+    takes."""
     roles, malformed = [], 0
     for rec in records:
-        if "roles" in rec:
-            roles.extend(rec["roles"])
-            continue
-        text, offsets, pos = "".join(rec["tokens"]), [], 0
-        for t in rec["tokens"]:
-            offsets.append((pos, pos + len(t)))
-            pos += len(t)
-        found = roles_from_text(text, offsets)
-        roles.extend(found.roles.tolist())
-        malformed += int(found.malformed)
+        r, bad = token_roles(rec)
+        roles.extend(r)
+        malformed += bad
     lengths = [len(r["tokens"]) for r in records]
-    cu = torch.tensor([0] + lengths).cumsum(0)
-    groups = {pid: k for k, pid in enumerate(dict.fromkeys(str(r["prompt_id"]) for r in records))}
+    keys = [json.dumps(r["prompt_id"]) for r in records]  # "1" and 1 are different prompts
+    groups = {key: k for k, key in enumerate(dict.fromkeys(keys))}
     has_adv = all(r.get("advantage") is not None for r in records)
-    if not has_adv and any(r.get("reward") is None for r in records):
-        k = next(i for i, r in enumerate(records) if r.get("reward") is None)
-        raise RolloutError(f"record {k + 1}: field `reward` is missing while other records have no `advantage`: "
-                           "give `advantage` for every record, or `reward` for every record")
+    signals = {f: _per_token(records, f) for f in SIGNAL_FIELDS}
     return Rollouts(
         records=records,
         tokens=[r["tokens"] for r in records],
-        logp=torch.tensor([x for r in records for x in _floats(r["logp"])], dtype=torch.float32),
-        logp_corrupt=torch.tensor([x for r in records for x in _floats(r["logp_corrupt"])], dtype=torch.float32),
-        logp_ablated=torch.tensor([x for r in records for x in _floats(r["logp_ablated"])], dtype=torch.float32),
+        logp=_per_token(records, "logp"),
+        logp_corrupt=None if signals["perception_signal"] is not None else _per_token(records, "logp_corrupt"),
+        logp_ablated=None if signals["reasoning_signal"] is not None else _per_token(records, "logp_ablated"),
         roles=torch.tensor(roles, dtype=torch.int64),
-        cu_seqlens=cu,
-        group_ids=torch.tensor([groups[str(r["prompt_id"])] for r in records]),
+        cu_seqlens=torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0),
+        group_ids=torch.tensor([groups[key] for key in keys], dtype=torch.int64),
         rewards=None if has_adv else torch.tensor([float(r["reward"]) for r in records]),
         advantages=torch.tensor([float(r["advantage"]) for r in records]) if has_adv else None,
+        perception_signal=signals["perception_signal"],
+        reasoning_signal=signals["reasoning_signal"],
         malformed=malformed,
     )

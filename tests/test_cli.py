@@ -86,6 +86,9 @@ def test_roles_come_from_tags():
     assert first[tokens.index(" right")] == Role.PERCEPTION
     assert first[tokens.index(" area")] == Role.REASONING
     assert first[tokens.index(" \\boxed{6}")] == Role.REASONING
+    for tag in ("<perception>", "</perception>", " <think>", "</think>", " <answer>", "</answer>"):
+        assert first[tokens.index(tag)] == Role.OTHER, tag
+    assert "".join(tokens).startswith("<perception> a right triangle")
 
 
 def _write(tmp_path, records_or_lines):
@@ -118,6 +121,16 @@ def good(n=3, **over):
         pytest.param(json.dumps({k: v for k, v in good().items() if k != "reward"}), ["r.jsonl:2", "`reward`"],
                      id="no-reward"),
         pytest.param(json.dumps(good(tokens="abc")), ["r.jsonl:2", "`tokens`", "list of strings"], id="tokens"),
+        pytest.param(json.dumps(good(logp_ablated=[-0.1, "x", -0.1])), ["r.jsonl:2", "`logp_ablated`", "[1]", "'x'"],
+                     id="string-logp"),
+        pytest.param(json.dumps(good()).replace("-0.1, -0.1, -0.1", "-0.1, Infinity, -0.1"),
+                     ["r.jsonl:2", "`logp`", "[1]", "inf"], id="plus-inf"),
+        pytest.param(json.dumps(good(roles=[0, 1])), ["r.jsonl:2", "`roles`", "list of 3 integers", "got 2"],
+                     id="roles-length"),
+        pytest.param(json.dumps(good(reward=float("nan"))), ["r.jsonl:2", "`reward`", "finite"], id="nan-reward"),
+        pytest.param("[1, 2]", ["r.jsonl:2", "JSON object", "list"], id="not-an-object"),
+        pytest.param(json.dumps(good(perception_signal=[0.1, None, 0.2])),
+                     ["r.jsonl:2", "`perception_signal`", "[1]", "finite"], id="null-signal"),
     ],
 )
 def test_malformed_line_names_line_and_field(tmp_path, capsys, line, expected):
@@ -147,3 +160,113 @@ def test_config_parse_types():
 
     assert _config(["beta_perception=1.5", "weight_map=linear"]) == SRPOConfig(beta_perception=1.5,
                                                                                 weight_map="linear")
+
+
+def test_line_numbers_count_blank_lines_and_cross_line_rules(tmp_path, capsys):
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps(good(advantage=1.0)) + "\n\n" + json.dumps({**good(), "reward": None}) + "\n")
+    code, _, err = run(["explain", str(f)], capsys)
+    assert code == 2 and "r.jsonl:3: field `reward`" in err and "advantage" in err
+    f.write_text(json.dumps(good(perception_signal=[0.0, 1.0, 0.0])) + "\n" + json.dumps(good()) + "\n")
+    code, _, err = run(["explain", str(f)], capsys)
+    assert code == 2 and "r.jsonl:2: field `perception_signal` is missing while" in err and "r.jsonl:1" in err
+
+
+def test_precomputed_signals_replace_the_contrast(tmp_path, capsys):
+    """Signals given in the file equal the same signals computed from the log-probs."""
+    from srpo_core import contrast
+
+    recs = load(EXAMPLE)
+    batch = to_batch(recs)
+    s_p = contrast(batch.logp, batch.logp_corrupt, "k3").tolist()
+    s_r = contrast(batch.logp, batch.logp_ablated, "logratio").tolist()
+    given = []
+    for i, rec in enumerate(recs):
+        a, b = int(batch.cu_seqlens[i]), int(batch.cu_seqlens[i + 1])
+        rec = {k: v for k, v in rec.items() if k not in ("logp_corrupt", "logp_ablated")}
+        given.append({**rec, "perception_signal": s_p[a:b], "reasoning_signal": s_r[a:b]})
+    f = _write(tmp_path, given)
+    code, out, err = run(["explain", str(f), "--width", "120"], capsys)
+    assert code == 0, err
+    assert "signals P: given in the file, R: given in the file" in out
+    _, demo_out, _ = run(["demo", "--width", "120"], capsys)
+    table = demo_out[demo_out.index("per role"):]
+    assert out[out.index("per role"):] == table
+
+
+def test_limit_and_empty_roles_and_markup_safe(tmp_path, capsys):
+    recs = [{"prompt_id": "[bold]p[/]", "prompt": "a [red]x[/red] prompt", "tokens": ["no", " tags", " [b]"],
+             "reward": float(k), "logp": [-1.0] * 3, "logp_corrupt": [-1.0] * 3, "logp_ablated": [-1.0] * 3}
+            for k in range(3)]
+    recs.append({**recs[0], "tokens": [], "logp": [], "logp_corrupt": [], "logp_ablated": []})
+    f = _write(tmp_path, recs)
+    code, out, err = run(["explain", str(f), "--limit", "2", "--width", "100", "--html", str(tmp_path / "p.html")],
+                         capsys)
+    assert code == 0, err
+    assert "[bold]p[/]" in out and "a [red]x[/red] prompt" in out  # shown literally, not as rich markup
+    assert "… 2 more responses" in out and "— │" in out  # no role tokens: the statistics are shown as —
+    assert "no perception or reasoning tokens" in out
+    page = (tmp_path / "p.html").read_text()
+    assert "[b]" in page and "[bold]p[/]" in page and "no perception or reasoning tokens" in page
+    code, out, _ = run(["explain", str(f), "--limit", "0", "--width", "100"], capsys)
+    assert code == 0 and "more responses" not in out
+
+
+def test_html_escapes_tokens(tmp_path, capsys):
+    rec = {"prompt_id": "<q>", "tokens": ["<perception>", " <b>x</b>", "</perception>"], "reward": 1.0,
+           "logp": [-1.0] * 3, "logp_corrupt": [-2.0] * 3, "logp_ablated": [-1.0] * 3}
+    f = _write(tmp_path, [rec, {**rec, "reward": 0.0}])
+    code, _, err = run(["explain", str(f), "--html", str(tmp_path / "p.html")], capsys)
+    assert code == 0, err
+    page = (tmp_path / "p.html").read_text()
+    assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page and "&lt;q&gt;" in page
+
+
+def test_demo_lists_the_most_and_least_weighted_tokens(capsys):
+    _, out, _ = run(["demo", "--width", "80"], capsys)
+    assert out.count("▲") >= 12 and out.count("▼") >= 12
+    code, out, _ = run(["demo", "--width", "80", "--set", "beta_perception=0", "--set", "beta_reasoning=0"], capsys)
+    assert code == 0 and out.count("▲") == 1 and out.count("all weights within 5% of 1") == 12  # 1: the legend
+
+
+def test_demo_fits_80_columns(capsys):
+    _, out, _ = run(["demo", "--width", "80"], capsys)
+    from rich.cells import cell_len
+
+    assert max(cell_len(line.rstrip()) for line in out.splitlines()) <= 80
+
+
+def test_prompt_ids_keep_their_json_type(tmp_path):
+    batch = to_batch(load(_write(tmp_path, [good(prompt_id=1), good(prompt_id="1", reward=0.0)])))
+    assert batch.group_ids.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        pytest.param(["--set", "beta_perception=abc"], "`beta_perception` takes a number, got 'abc'",
+                     id="not-a-number"),
+        pytest.param(["--set", "beta_perception"], "--set takes FIELD=VALUE", id="no-equals"),
+        pytest.param(["--set", "weight_map=cubic"], "`weight_map` must be one of", id="bad-choice"),
+        pytest.param(["--set", "perception_contrast=kl"], "needs the full logit rows", id="kl-needs-logits"),
+        pytest.param(["--html", "/nonexistent/dir/p.html"], "cannot be written", id="html-unwritable"),
+    ],
+)
+def test_bad_options_are_clean_errors(capsys, argv, expected):
+    code, _, err = run(["demo", *argv], capsys)
+    assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_non_utf8_file(tmp_path, capsys):
+    f = tmp_path / "r.jsonl"
+    f.write_bytes(b"\xff\xfe{}")
+    code, _, err = run(["explain", str(f)], capsys)
+    assert code == 2 and "not UTF-8" in err
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "explain" in out

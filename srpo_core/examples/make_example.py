@@ -2,20 +2,28 @@
 
     python -m srpo_core.examples.make_example            # rewrites srpo_core/examples/geometry_demo.jsonl
 
-The story. Three visual questions, four sampled responses each, in the tagged format SRPO trains for:
-``<perception> … </perception> <think> … </think> <answer> … </answer>``. Tokens are whole words with their leading
-space (so ``"".join(tokens)`` is the response text), and tags are single tokens.
+The story. Three visual questions (a triangle's area, a bar chart, counting shapes), four sampled responses each, in
+the tagged format SRPO trains for: ``<perception> … </perception> <think> … </think> <answer> … </answer>``.
+Per question: two correct responses that read the figure and use what they read; one wrong response whose
+perception is hallucinated (generic words, no figure-specific facts); one wrong response that reads the figure right
+but whose reasoning contradicts what it read.
 
-The three log-prob sets are what a policy would give, drawn from a seeded generator with these rules:
-- ``logp`` (original image): every token gets ``−Exp(0.6)``-ish noise; visual facts (numbers, colours, shapes) are
-  fairly likely.
-- ``logp_corrupt`` (image patches blacked out): a *grounded* response's visual facts lose 1.5-4 nats, other
-  perception words lose little, the rest moves by noise only. A response whose perception is hallucinated (the
-  wrong answers) barely depends on the image: its facts lose 0-0.4 nats.
-- ``logp_ablated`` (perception span removed): reasoning tokens that reuse a fact from the perception lose 1-3 nats;
-  a reasoning token that contradicts the perception (``contradicts``) gains 0.5-1.5 nats without it; other tokens
-  move by noise.
-Rewards: 1 for a correct boxed answer, 0 otherwise.
+Tokenisation, deliberately simple (no model download): the text is split on spaces and every word becomes one token
+carrying its leading space, so ``"".join(tokens)`` is the response text. Each tag is one token, opening tags with
+their leading space and closing tags without one (``" C"``, ``"</perception>"``), so that no tag token holds a
+character of a span and ``roles_from_text`` gives every tag token the role OTHER; ``\\boxed{…}`` is one token
+(REASONING).
+
+The three log-probs of each token come from one seeded ``random.Random(2026)``, drawn in file order:
+- ``logp`` (original image): ``−Exp(mean 0.625) − 0.02`` for an ordinary token; a visual fact read off the figure
+  (a number, colour, shape or label, marked ``[x]`` in QUESTIONS) is likely: ``−U(0.02, 0.4)``.
+- ``logp_corrupt`` (image patches blacked out): in a response that reads the figure, a visual fact loses
+  ``U(1.5, 4)`` nats and other perception words ``U(0, 0.6)``; in the hallucinated response perception words lose only
+  ``U(0, 0.2)`` (they never depended on the image); reasoning and tag tokens move by ``N(0, 0.05)`` noise.
+- ``logp_ablated`` (perception span removed): a reasoning token that reuses a perceived fact (``{x}``) loses
+  ``U(1, 3)`` nats; a reasoning token that contradicts the perception (``!x!``) gains ``U(0.5, 1.5)`` nats without it;
+  every other token moves by ``N(0, 0.08)`` noise.
+All log-probs are capped at 0 and rounded to 4 decimals. Rewards: 1 for a correct boxed answer, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -106,14 +114,14 @@ def _response(rng: random.Random, perception: str, reasoning: str, answer: str, 
     emit("<perception>", "tag")
     for w, kind in _words(perception):
         emit(" " + w, "perception", kind)
-    emit(" </perception>", "tag")
+    emit("</perception>", "tag")
     emit(" <think>", "tag")
     for w, kind in _words(reasoning):
         emit(" " + w, "reasoning", kind)
-    emit(" </think>", "tag")
+    emit("</think>", "tag")
     emit(" <answer>", "tag")
     emit(" \\boxed{" + answer + "}", "reasoning")
-    emit(" </answer>", "tag")
+    emit("</answer>", "tag")
     return tokens, logp, logp_corrupt, logp_ablated
 
 
