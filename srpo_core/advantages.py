@@ -18,7 +18,7 @@ from srpo_core._validate import (
 from srpo_core.config import Role, SRPOConfig
 from srpo_core.layout import cu_seqlens_from_mask, pack, segment_sum, unpack
 from srpo_core.reference import contrast as contrast_ref
-from srpo_core.reference.role_weights import role_weights as role_weights_ref
+from srpo_core.role_weights import role_weights
 
 OP = "role_aware_advantages"
 
@@ -177,15 +177,20 @@ def role_aware_advantages(
         dtype=compute_dtype,
     )
 
-    which = _dispatch.pick_backend(backend, logp.device, op=OP, has_triton=False)
-    assert which == "torch"
-    res = role_weights_ref(advantages.to(compute_dtype), signals, r, cu, config, process_group)
+    which = _dispatch.pick_backend(backend, logp.device, op=OP, has_triton=_role_weights_triton_exists())
+    res = role_weights(which, advantages.to(compute_dtype), signals, r, cu, config, process_group)
 
     stats = _stats(res, r, cu)
     if padded:
         return RoleAwareAdvantages(unpack(res.advantages, mask), unpack(res.weights, mask), unpack(res.z, mask),
                                    res.baseline, stats)
     return RoleAwareAdvantages(res.advantages, res.weights, res.z, res.baseline, stats)
+
+
+def _role_weights_triton_exists() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("srpo_core._role_weights_triton") is not None
 
 
 def _signals(config, r, _roles, logp, logp_corrupt, logp_ablated, perception_signal, reasoning_signal, *,
