@@ -115,8 +115,8 @@ def roles_from_text(text: str, offsets, *, perception_tags: tuple[str, ...] = PE
     """Roles of the tokens of ``text`` given their character ``offsets`` (``[(start, end), …]`` or ``int [n, 2]``).
 
     A token takes the majority role of its characters that are not tag text (ties go to the lower role id, so a token
-    that straddles a span boundary never extends the span); a token made only of tag text, or with an empty span
-    (special tokens), is OTHER.
+    that straddles a span boundary never extends the span); a token made only of tag text and whitespace
+    (``" </think>"``), or with an empty span (special tokens), is OTHER.
     """
     if not isinstance(text, str):
         raise TypeError(f"roles_from_text: `text` must be a str, got {describe(text)}")
@@ -131,6 +131,14 @@ def roles_from_text(text: str, offsets, *, perception_tags: tuple[str, ...] = PE
     counts = np.concatenate([np.zeros((3, 1), dtype=np.int64), np.cumsum(onehot, axis=1)], axis=1)
     per_token = counts[:, offs[:, 1]] - counts[:, offs[:, 0]]  # [3, n]
     roles = np.where(per_token.sum(0) > 0, per_token.argmax(0), int(Role.OTHER))
+    # A tag token with a leading or trailing space (" </think>", "<think>\n") is a tag token: its whitespace does
+    # not vote, so the closing tag never takes the span's role.
+    is_tag = labels == _TAG_CHAR
+    is_ws = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) if text else np.zeros(0, dtype=np.uint32)
+    is_ws = np.isin(is_ws, np.frombuffer(" \t\n\r\f\v".encode("utf-32-le"), dtype=np.uint32)) & ~is_tag
+    cum = np.concatenate([np.zeros((2, 1), dtype=np.int64), np.cumsum(np.stack([is_tag, is_ws]), axis=1)], axis=1)
+    n_tag, n_ws = cum[:, offs[:, 1]] - cum[:, offs[:, 0]]
+    roles = np.where((n_tag > 0) & (n_ws == per_token.sum(0)), int(Role.OTHER), roles)
     return TextRoles(torch.from_numpy(roles.astype(np.int64)), malformed)
 
 

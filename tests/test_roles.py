@@ -63,6 +63,22 @@ def test_token_vote_and_tag_tokens():
     assert res.roles.tolist() == [R]  # majority
 
 
+def test_tag_tokens_with_whitespace_are_other():
+    """BPE glues a space or newline to a tag (" </think>", "<think>\\n"): such a token is still a tag token."""
+    text = "<perception>\n a red cube </perception>\n<think>x</think>"
+    pieces = ["<perception>\n", " a", " red", " cube", " </perception>\n", "<think>", "x", "</think>"]
+    offsets, pos = [], 0
+    for piece in pieces:
+        offsets.append((pos, pos + len(piece)))
+        pos += len(piece)
+    assert pos == len(text)
+    P, R, O = int(Role.PERCEPTION), int(Role.REASONING), int(Role.OTHER)
+    assert roles_from_text(text, offsets).roles.tolist() == [O, P, P, P, O, O, R, O]
+    # A whitespace-only token inside a span (no tag text) keeps the span's role.
+    assert roles_from_text("<think>a b</think>", [(0, 7), (7, 8), (8, 9), (9, 10), (10, 18)]).roles.tolist() == \
+        [O, R, R, R, O]
+
+
 def test_custom_tags_and_overlap_error():
     res = roles_from_text("<look>a</look><why>b</why>", char_offsets("<look>a</look><why>b</why>"),
                           perception_tags=("look",), reasoning_tags=("why",))
