@@ -136,7 +136,7 @@ def print_analysis(a: Analysis, console=None, *, limit: int | None = None) -> No
         "Colour = token weight w_t (", ("red", "red"), " > 1 > ", ("blue", "blue"), "); ",
         ("underlined", "underline"), " = perception, ", ("bold", "bold"), " = reasoning, ",
         ("dim", "dim"), " = other. Each response: #id A_i, its tokens, then those SRPO weights most (▲) and "
-        "least (▼), with role P/R and weight w_t."))
+        "least (▼), with role P/R and weight w_t. A_t = w_t·A_i: where A_i < 0, ▲ tokens are pushed down hardest."))
     console.print(Text(_config_line(a), style="dim"))
 
     last_prompt = object()
@@ -226,6 +226,8 @@ def to_html(a: Analysis, *, limit: int | None = None) -> str:
              "<p>Token colour = weight w<sub>t</sub> (red &gt; 1 &gt; blue); <span class='r1'>underlined</span> = "
              "perception, <span class='r2'>bold</span> = reasoning, <span class='r0'>grey</span> = other. "
              "Each response: #id and A<sub>i</sub>, then the tokens SRPO weights most (▲) and least (▼). "
+             "A<sub>t</sub> = w<sub>t</sub>·A<sub>i</sub>: where A<sub>i</sub> &lt; 0, ▲ tokens are pushed down "
+             "hardest. "
              "Hover a token for its numbers.</p>",
              f"<p class='dim'>{esc(_config_line(a))}</p>"]
     last_prompt = object()

@@ -226,7 +226,7 @@ def test_demo_lists_the_most_and_least_weighted_tokens(capsys):
     _, out, _ = run(["demo", "--width", "80"], capsys)
     assert out.count("▲") >= 12 and out.count("▼") >= 12
     code, out, _ = run(["demo", "--width", "80", "--set", "beta_perception=0", "--set", "beta_reasoning=0"], capsys)
-    assert code == 0 and out.count("▲") == 1 and out.count("all weights within 5% of 1") == 12  # 1: the legend
+    assert code == 0 and out.count("▲") == 2 and out.count("all weights within 5% of 1") == 12  # 2: the legend
 
 
 def test_demo_fits_80_columns(capsys):
