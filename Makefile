@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.srpo-installed
 VERL_VENV ?= .venv-verl
 
-.PHONY: demo test test-verl lint bench gpu-report gpu-bench clean
+.PHONY: demo test test-verl lint bench bench-docs gpu-report gpu-bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: this machine holds a CPU build of 2.13.0; an open range would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[test,trl]"
+	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[test,trl,bench]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,6 +32,12 @@ test-verl: $(VERL_VENV)/.srpo-installed
 
 bench: $(STAMP)
 	$(BIN)/srpo-core bench
+
+# The numbers in docs/benchmarks.md and the README: a full run (minutes), then the pages generated from its JSON.
+# Run it on a quiet machine: every other process on the cores shows up in the medians.
+bench-docs: $(STAMP)
+	$(BIN)/srpo-core bench --no-progress --json docs/benchmarks.json --plot docs/benchmarks.png
+	$(BIN)/python benchmarks/write_docs.py docs/benchmarks.json
 
 gpu-report: $(STAMP)
 	$(BIN)/python benchmarks/gpu_report.py

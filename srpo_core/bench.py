@@ -3,10 +3,16 @@
 Each case builds its inputs once and returns a closure; the harness times it (median with 20/80 quantiles; on CUDA
 through ``triton.testing.do_bench``, which synchronises), measures the peak extra memory of one call, and reports
 ``ours / anchor`` ratios against the bars of issue 7. The same case table feeds ``benchmarks/test_bench_ops.py``
-(pytest-benchmark) and ``benchmarks/write_docs.py`` (the generated ``docs/benchmarks.md``).
+(the pytest-benchmark suite: ``pytest benchmarks/test_bench_ops.py --benchmark-enable``), and the JSON this writes
+feeds ``benchmarks/write_docs.py`` (the generated ``docs/benchmarks.md``).
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the inputs; on CPU the largest amount of memory that
-torch allocators hold live during the call, from the torch profiler's allocation events (``profile_memory=True``).
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the inputs. On CPU the peak resident set size above
+the RSS right before the call: the kernel's high-water mark is reset (``/proc/self/clear_refs`` ← 5) and read back
+(``VmHWM`` in ``/proc/self/status``). That counts every allocation (torch, inductor's C++ buffers, anchors' own
+code), not only torch's. For freed memory to leave the RSS, glibc's mmap threshold is pinned at 128 KiB (it would
+otherwise grow after the first large free and keep later buffers in the heap) and the heap is trimmed before each
+call. Where ``/proc`` is missing (not Linux) the torch profiler's allocation events are replayed instead; the JSON says
+which (``environment.memory_method``).
 """
 
 from __future__ import annotations
@@ -302,7 +308,49 @@ def _time_cpu(fn, min_time: float, min_rounds: int, max_rounds: int) -> list[flo
     return times
 
 
+_LIBC = None
+
+
+def _rss_method_available() -> bool:
+    """Linux with a writable ``/proc/self/clear_refs`` and glibc (``mallopt``, ``malloc_trim``)."""
+    global _LIBC
+    if _LIBC is not None:
+        return bool(_LIBC)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        libc.mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB, and no more dynamic growth of it
+        _LIBC = libc
+    except (OSError, AttributeError):
+        _LIBC = False
+    return bool(_LIBC)
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
 def _peak_cpu(fn) -> int:
+    if _rss_method_available():
+        _LIBC.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_bytes("VmRSS:")
+        out = fn()
+        peak = _status_bytes("VmHWM:")
+        del out
+        return max(0, peak - before)
+    return _peak_cpu_profiler(fn)
+
+
+def _peak_cpu_profiler(fn) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -367,7 +415,8 @@ def _ratios(results: list[dict]) -> list[dict]:
     return out
 
 
-def _bars(ratios: list[dict], device: str) -> list[dict]:
+def _bars(ratios: list[dict], device: str, preset: str) -> list[dict]:
+    """Issue 7's CPU bars, evaluated on every run; they *apply* only at the sizes they are stated at (``full``)."""
     if device != "cpu":
         return []
     out = []
@@ -378,7 +427,8 @@ def _bars(ratios: list[dict], device: str) -> list[dict]:
             value = r["time_ratio"] if bar.metric == "time" else r["memory_ratio"]
             out.append({"op": bar.op, "mode": bar.mode, "anchor": bar.anchor, "metric": bar.metric,
                         "shape": r["shape"], "dtype": r["dtype"], "bar": bar.text, "max_ratio": bar.max_ratio,
-                        "ratio": value, "held": value is not None and value <= bar.max_ratio})
+                        "ratio": value, "held": value is not None and value <= bar.max_ratio,
+                        "applies": preset == "full"})
     return out
 
 
@@ -397,12 +447,26 @@ def environment(device: str) -> dict:
         env[mod] = version(mod)
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
+        env["memory_method"] = "torch.cuda.max_memory_allocated above the inputs"
+    else:
+        env["memory_method"] = ("peak RSS above the RSS before the call (VmHWM after clear_refs)"
+                                if _rss_method_available() else "torch profiler allocation events")
+    env["load_average"] = _load()
     return env
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in __import__("os").getloadavg()]
+    except OSError:
+        return None
 
 
 def run(preset: str = "quick", device: str | None = None, ops: list[str] | None = None,
         progress: bool = True) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)  # load average before the run
+    start = time.perf_counter()
     cases = [c for c in build_cases(preset, device) if not ops or c.op in ops]
     min_time = {"full": 2.0, "quick": 0.3, "tiny": 0.0}[preset]
     results = []
@@ -418,8 +482,10 @@ def run(preset: str = "quick", device: str | None = None, ops: list[str] | None 
     else:
         results = [measure(c, device, min_time=min_time) for c in cases]
     ratios = _ratios(results)
-    return {"schema": SCHEMA_VERSION, "preset": preset, "environment": environment(device), "results": results,
-            "ratios": ratios, "bars": _bars(ratios, device)}
+    env["load_average_after"] = _load()
+    env["wall_s"] = round(time.perf_counter() - start, 1)
+    return {"schema": SCHEMA_VERSION, "preset": preset, "environment": env, "results": results,
+            "ratios": ratios, "bars": _bars(ratios, device, preset)}
 
 
 # ------------------------------------------------------------------------------------------------------- output
@@ -463,7 +529,9 @@ def print_report(report: dict, console=None) -> None:
     for r in skipped:
         console.print(f"[dim]{r['op']} {r['mode']} {r['impl']}: {r['status']} ({r['reason']})[/]")
     if report["bars"]:
-        bars = Table(title="bars (issue 7)")
+        title = "bars (issue 7)" if report["preset"] == "full" else \
+            "bars (issue 7; stated at the full sizes, shown here for information only)"
+        bars = Table(title=title)
         for col in ("op", "mode", "dtype", "bar", "ours/anchor", "held"):
             bars.add_column(col)
         for b in report["bars"]:

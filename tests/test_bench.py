@@ -1,0 +1,114 @@
+"""`srpo-core bench`: a tiny run end to end (JSON schema, ratios, bars, plot), the generated docs, and the
+pytest-benchmark suite as a smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from srpo_core import bench
+from srpo_core.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OPS = {"token_logprobs", "token_contrast", "linear_token_logprobs", "role_aware_advantages"}
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = ["bench", "--tiny", "--no-progress", "--json", str(out / "b.json")]
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    if has_mpl:
+        args += ["--plot", str(out / "b.png")]
+    assert main(args) == 0
+    return out, json.loads((out / "b.json").read_text()), has_mpl
+
+
+def test_json_schema(tiny_report):
+    _, report, _ = tiny_report
+    assert report["schema"] == bench.SCHEMA_VERSION and report["preset"] == "tiny"
+    env = report["environment"]
+    for key in ("date", "device", "machine", "cpu_count", "torch_threads", "python", "torch", "triton", "trl",
+                "memory_method", "load_average", "load_average_after", "wall_s"):
+        assert key in env, key
+    assert env["device"] == "cpu"
+    for r in report["results"]:
+        assert {"op", "mode", "impl", "shape", "dtype", "status"} <= r.keys()
+        assert r["status"] in ("ok", "skipped", "failed")
+        if r["status"] == "ok":
+            assert r["median_s"] > 0 and r["q20_s"] <= r["median_s"] <= r["q80_s"] and r["rounds"] >= 3
+            assert isinstance(r["peak_bytes"], int) and r["peak_bytes"] >= 0
+        else:
+            assert r["reason"]
+    assert not [r for r in report["results"] if r["status"] == "failed"]
+
+
+def test_every_op_has_ours_and_an_anchor(tiny_report):
+    _, report, _ = tiny_report
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    assert {r["op"] for r in ok} == OPS
+    for op in OPS:
+        impls = {r["impl"] for r in ok if r["op"] == op}
+        assert "srpo-core" in impls and len(impls) >= 2, (op, impls)
+
+
+def test_ratios_are_the_medians_quotient(tiny_report):
+    _, report, _ = tiny_report
+    rows = {(r["op"], r["mode"], r["shape"], r["dtype"], r["impl"]): r for r in report["results"]}
+    assert report["ratios"]
+    for q in report["ratios"]:
+        key = (q["op"], q["mode"], q["shape"], q["dtype"])
+        ours, anchor = rows[(*key, "srpo-core")], rows[(*key, q["anchor"])]
+        assert math.isclose(q["time_ratio"], ours["median_s"] / anchor["median_s"], rel_tol=1e-12)
+        if anchor["peak_bytes"]:
+            assert math.isclose(q["memory_ratio"], ours["peak_bytes"] / anchor["peak_bytes"], rel_tol=1e-12)
+
+
+def test_bars_are_reported_and_marked_not_applicable_off_the_full_sizes(tiny_report):
+    _, report, _ = tiny_report
+    assert {(b["op"], b["mode"], b["metric"]) for b in report["bars"]} == {
+        (b.op, b.mode, b.metric) for b in bench.CPU_BARS}
+    for b in report["bars"]:
+        assert b["applies"] is False
+        assert b["held"] == (b["ratio"] is not None and b["ratio"] <= b["max_ratio"])
+
+
+def test_plot_is_a_png(tiny_report):
+    out, _, has_mpl = tiny_report
+    if not has_mpl:
+        pytest.skip("matplotlib is not installed (the `bench` extra)")
+    assert (out / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_write_docs_from_the_json(tiny_report, tmp_path):
+    out, report, _ = tiny_report
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- bench:begin -->\nold\n<!-- bench:end -->\nafter\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "write_docs.py"), str(out / "b.json"),
+                           "--out", str(tmp_path / "benchmarks.md"), "--readme", str(readme),
+                           "--linear", str(tmp_path / "missing.json")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert report["environment"]["date"] in page and "No GPU was available" in page
+    ours = next(r for r in report["results"] if r["impl"] == "srpo-core" and r["status"] == "ok")
+    assert f"| {ours['mode']} | {ours['dtype']} | **srpo-core** |" in page
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n<!-- bench:begin -->\n") and text.endswith("<!-- bench:end -->\nafter\n")
+    assert "old" not in text and "docs/benchmarks.md" in text
+
+
+def test_pytest_benchmark_suite_smoke():
+    """The pytest-benchmark view of the same cases runs (once each, benchmarking disabled) at the tiny sizes."""
+    env = {**os.environ, "SRPO_BENCH_PRESET": "tiny"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(ROOT / "benchmarks" / "test_bench_ops.py")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout
