@@ -3,8 +3,11 @@ contrasts) and both sampled-token log-probs, from the two logit rows, without ma
 
 Backends: ``"triton"`` is the fused kernel in ``srpo_core.kernels.token_contrast`` (one read of both rows for ``kl``,
 two for ``js``); ``"torch"`` runs the float64-friendly reference on row chunks upcast to float32 (float64 stays
-float64), so at most ``CHUNK_ELEMENTS`` logits are live as a softmax at a time. ``"auto"``: Triton for CUDA tensors,
-torch otherwise.
+float64), so at most ``CHUNK_ELEMENTS`` logits are live as a softmax at a time. On the CPU, for inputs of at least
+``COMPILE_MIN_ELEMENTS`` logits, the chunk function is ``torch.compile``d (inductor fuses the two log-softmaxes, the
+divergence terms and the gathers into a few passes over the rows); where compiling fails, or with
+``SRPO_NO_COMPILE=1``, the eager chunks compute the same values (see ``srpo_core/_chunked.py``).
+``"auto"``: Triton for CUDA tensors, torch otherwise.
 
 The op is registered as ``torch.ops.srpo_core.token_contrast`` (a ``torch.library`` custom op with a fake kernel), so
 ``torch.compile(fullgraph=True)`` traces through it. It is forward-only.
@@ -17,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from srpo_core import _dispatch
+from srpo_core import _chunked, _dispatch
 from srpo_core._validate import describe, require_same_device, require_tensor
 from srpo_core.reference import token_contrast as ref
 
@@ -26,6 +29,16 @@ KINDS = ref.KINDS
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Rows per chunk of the torch path: chunk · V ≤ CHUNK_ELEMENTS (16 MiB per fp32 temporary).
 CHUNK_ELEMENTS = 1 << 22
+COMPILE_MIN_ELEMENTS = 1 << 22  # smaller inputs run eager chunks: a compile (seconds, once) would not pay off
+
+
+def _chunk(x, y, ids, temperature, kind: str, ignore_index: int):
+    """The reference on one chunk, in the output dtype; ``temperature`` is a 0-d tensor (no recompile per value)."""
+    return ref.token_contrast(x.to(temperature.dtype), y.to(temperature.dtype), ids, kind=kind,
+                              temperature=temperature, ignore_index=ignore_index)
+
+
+_COMPILED = _chunked.Compiled(_chunk)
 
 
 class TokenContrast(NamedTuple):
@@ -50,7 +63,19 @@ def _torch_path(logits, logits_ref, ids, kind, temperature, ignore_index):
     bad = (ids != ignore_index) & ((ids < 0) | (ids >= V))
     ids = torch.where(bad, torch.zeros_like(ids), ids)
     rows = max(1, CHUNK_ELEMENTS // max(V, 1))
-    for r0 in range(0, N, rows):
+    done = False
+    if _chunked.compile_wanted(logits.device) and N * V >= COMPILE_MIN_ELEMENTS:
+        t = torch.tensor(temperature, dtype=dtype)
+        try:
+            for r0 in range(0, N, rows):
+                r1 = min(N, r0 + rows)
+                parts = _COMPILED(logits[r0:r1], logits_ref[r0:r1], ids[r0:r1], t, kind, ignore_index)
+                for out, part in zip(outs, parts, strict=True):
+                    out[r0:r1] = part
+            done = True
+        except Exception as err:  # no C++ compiler, an inductor error: eager chunks, same values
+            _chunked.compile_failed(OP, err)
+    for r0 in range(0, 0 if done else N, rows):
         r1 = min(N, r0 + rows)
         parts = ref.token_contrast(
             logits[r0:r1].to(dtype), logits_ref[r0:r1].to(dtype), ids[r0:r1],

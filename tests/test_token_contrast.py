@@ -309,3 +309,29 @@ def test_out_of_range_id_past_the_check_gives_nan(backend):
     outs = torch.ops.srpo_core.token_contrast(x, y, ids, "kl", 1.0, -100, backend)
     for t in outs:
         assert torch.isfinite(t[0]) and torch.isnan(t[1:]).all()
+
+
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_compiled_cpu_chunks_match_eager_and_float64(kind, monkeypatch):
+    """The inductor-compiled chunks (the CPU default for large inputs) give the eager chunks' values, edge rows
+    included: −inf entries, a row of all −inf (NaN), mass where the reference has none (KL = inf), ignored rows."""
+    from srpo_core import _chunked
+
+    if not _chunked.compile_wanted(torch.device("cpu")):
+        pytest.skip("torch.compile is off here (SRPO_NO_COMPILE=1 or an earlier compile failure)")
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(6, 300, generator=g) * 3, torch.randn(6, 300, generator=g) * 3
+    x[1, :5] = -math.inf
+    y[2, 11] = -math.inf
+    x[3] = -math.inf
+    ids = torch.tensor([0, 299, 11, 4, -100, 17])
+    monkeypatch.setattr(contrast_ops, "CHUNK_ELEMENTS", 4 * 300)  # two chunks, the second one shorter
+    eager = token_contrast(x, y, ids, kind=kind, temperature=0.8, backend="torch")
+    monkeypatch.setattr(contrast_ops, "COMPILE_MIN_ELEMENTS", 0)
+    compiled = token_contrast(x, y, ids, kind=kind, temperature=0.8, backend="torch")
+    assert _chunked._BROKEN is None, _chunked._BROKEN
+    ref64 = reference(x.double(), y.double(), ids, kind=kind, temperature=0.8)
+    for name, a, b, e in zip(NAMES, compiled, eager, ref64, strict=True):
+        assert torch.equal(torch.isnan(a), torch.isnan(e)) and torch.equal(torch.isinf(a), torch.isinf(e)), name
+        assert_close(a, e, atol=ATOL, rtol=RTOL, name=f"compiled {name}")
+        assert_close(a, b, atol=ATOL, rtol=RTOL, name=f"compiled vs eager {name}")
