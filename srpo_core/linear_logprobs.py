@@ -22,6 +22,10 @@ Backends (``backend="auto" | "triton" | "torch"``; auto = Triton for CUDA tensor
   over the vocabulary and combined deterministically) and a fused backward tile kernel that writes ``G`` for one
   vocabulary chunk, followed by two cuBLAS GEMMs per chunk (deterministic; no float atomics).
 
+Without a process group the op is registered as ``torch.ops.srpo_core.linear_token_logprobs`` (and ``…_backward``),
+``torch.library`` custom ops with fake kernels and an autograd formula, so ``torch.compile(fullgraph=True)`` traces a
+training step through it; the vocab-parallel path is an ``autograd.Function`` (a process group is not an op argument).
+
 Vocab-parallel: with ``process_group``, ``weight`` (and ``bias``) is this rank's shard ``[V_local, H]`` of a global
 vocabulary, starting at ``vocab_start``. Each rank folds its shard into ``(lse_r, target_r, H_r)``; the max and the
 rescaled sums are all-reduced, the sampled-token logit comes from its owner, so every rank returns the result of
@@ -298,80 +302,160 @@ def _combine_shards(lse_r, tgt_r, ent_r, owned, group):
     return lse, tgt, ent
 
 
-class _LinearTokenLogprobs(torch.autograd.Function):
+def _rows(hidden, ids, ignore_index, vocab_start, backend):
+    """The rows the torch path computes (ignored rows dropped when there are any), and their shard-local ids."""
+    keep = ids != ignore_index
+    compact = backend == "torch" and ids.shape[0] > 0 and not bool(keep.all())
+    rows = torch.nonzero(keep)[:, 0] if compact else None
+    h_k = hidden[rows] if compact else hidden
+    ids_k = ids[rows] if compact else ids
+    ids_local = torch.where(ids_k == ignore_index, torch.full_like(ids_k, -1), ids_k - vocab_start)
+    return keep, rows, h_k, ids_local
+
+
+def _fwd(hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, group, vocab_start, backend):
+    """→ ``(logp [N], ent [N] or None, lse [N], ent_all [N])``: the outputs (0 at ignored rows) and what backward
+    needs (per-row logsumexp and entropy of the whole vocabulary)."""
+    acc = _acc_dtype(hidden.dtype)
+    dev = hidden.device
+    n = ids.shape[0]
+    keep, rows, h_k, ids_local = _rows(hidden, ids, ignore_index, vocab_start, backend)
+    owned = (ids_local >= 0) & (ids_local < weight.shape[0])
+    if h_k.shape[0] == 0:
+        lse_k = tgt_k = torch.zeros(0, dtype=acc, device=dev)
+        ent_k = torch.zeros(0, dtype=acc, device=dev) if want_entropy else None
+    else:
+        lse_k, tgt_k, ent_k = _local_fwd(backend, h_k, weight, bias, ids_local, inv_tau, want_entropy)
+    if group is not None:
+        lse_k, tgt_k, ent_k = _combine_shards(lse_k, tgt_k, ent_k, owned, group)
+    zero = torch.zeros((), dtype=acc, device=dev)
+
+    def full(x):
+        if rows is not None:
+            return torch.zeros(n, dtype=acc, device=dev).index_copy_(0, rows, x)
+        return torch.where(keep, x, zero)
+
+    lse = full(lse_k)
+    ent = full(ent_k) if want_entropy else None
+    return full(tgt_k - lse_k), ent, lse, ent if want_entropy else lse
+
+
+def _bwd(g_logp, g_ent, hidden, weight, bias, ids, lse, ent, inv_tau, want_entropy, ignore_index, group,
+         vocab_start, backend, needs):
+    """Gradients ``(grad_hidden, grad_weight, grad_bias)`` (None where ``needs`` says no): the logits tiles are
+    recomputed from ``hidden``, ``weight`` and the saved per-row ``lse`` (and ``ent``)."""
+    need_h, need_w, need_b = needs
+    keep, rows, h_k, ids_local = _rows(hidden, ids, ignore_index, vocab_start, backend)
+    acc = lse.dtype
+    zero = torch.zeros((), dtype=acc, device=lse.device)
+
+    def local(g):
+        if g is None:
+            return None
+        g = g.to(acc)
+        return g[rows] if rows is not None else torch.where(keep, g, zero)
+
+    g_lp, g_h = local(g_logp), local(g_ent if want_entropy else None)
+    lse_k, ent_k = (lse[rows], ent[rows]) if rows is not None else (lse, ent)
+    if (g_lp is None and g_h is None) or not (need_h or need_w or need_b) or h_k.shape[0] == 0:
+        gh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+        gw = torch.zeros_like(weight) if need_w else None
+        gb = torch.zeros_like(bias) if need_b else None
+        if group is not None and need_h:
+            import torch.distributed as dist
+
+            dist.all_reduce(gh, group=group)  # the other ranks may have work: keep the collective in step
+        return gh, gw, gb
+    gh, gw, gb = _local_bwd(backend, h_k, weight, bias, ids_local, inv_tau, lse_k, ent_k if want_entropy else None,
+                            g_lp, g_h, needs)
+    if need_h:
+        if rows is not None:
+            gh = torch.zeros(hidden.shape, dtype=acc, device=h_k.device).index_copy_(0, rows, gh)
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(gh, group=group)
+        gh = gh.to(hidden.dtype)
+    if need_b:
+        gb = gb.to(bias.dtype)
+    return gh, gw, gb
+
+
+class _ShardedLinearTokenLogprobs(torch.autograd.Function):
+    """The vocab-parallel path (a process group cannot be a custom-op argument)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, group, vocab_start, backend):
         ctx.set_materialize_grads(False)
-        acc = _acc_dtype(hidden.dtype)
-        keep = ids != ignore_index
-        n = ids.shape[0]
-        compact = backend == "torch" and n > 0 and not bool(keep.all())
-        rows = torch.nonzero(keep)[:, 0] if compact else None
-        h_k = hidden[rows] if compact else hidden
-        ids_k = ids[rows] if compact else ids
-        ids_local = torch.where(ids_k == ignore_index, torch.full_like(ids_k, -1), ids_k - vocab_start)
-        v_local = weight.shape[0]
-        owned = (ids_local >= 0) & (ids_local < v_local)
-        if h_k.shape[0] == 0:
-            lse_k = tgt_k = torch.zeros(0, dtype=acc, device=hidden.device)
-            ent_k = torch.zeros(0, dtype=acc, device=hidden.device) if want_entropy else None
-        else:
-            lse_k, tgt_k, ent_k = _local_fwd(backend, h_k, weight, bias, ids_local, inv_tau, want_entropy)
-        if group is not None:
-            lse_k, tgt_k, ent_k = _combine_shards(lse_k, tgt_k, ent_k, owned, group)
-        logp_k = tgt_k - lse_k
-        if compact:
-            logp = torch.zeros(n, dtype=acc, device=hidden.device).index_copy_(0, rows, logp_k)
-            ent = torch.zeros(n, dtype=acc, device=hidden.device).index_copy_(0, rows, ent_k) if want_entropy else None
-        else:
-            logp = torch.where(keep, logp_k, torch.zeros((), dtype=acc, device=hidden.device))
-            ent = torch.where(keep, ent_k, torch.zeros((), dtype=acc, device=hidden.device)) if want_entropy else None
-        ctx.save_for_backward(h_k, weight, bias, ids_local, lse_k, ent_k if want_entropy else lse_k, keep,
-                              rows if compact else keep)
-        ctx.cfg = (inv_tau, want_entropy, group, backend, compact, hidden.shape)
-        if want_entropy:
-            return logp, ent
-        return logp, None
+        logp, ent, lse, ent_all = _fwd(hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, group,
+                                       vocab_start, backend)
+        ctx.save_for_backward(hidden, weight, bias, ids, lse, ent_all)
+        ctx.cfg = (inv_tau, want_entropy, ignore_index, group, vocab_start, backend)
+        return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        h_k, weight, bias, ids_local, lse, ent, keep, rows = ctx.saved_tensors
-        inv_tau, want_entropy, group, backend, compact, hshape = ctx.cfg
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if not want_entropy:
-            g_ent = None
-        acc = lse.dtype
-        zero = torch.zeros((), dtype=acc, device=lse.device)
-
-        def local(g):
-            if g is None:
-                return None
-            g = g.to(acc)
-            return g[rows] if compact else torch.where(keep, g, zero)
-
-        g_lp, g_h = local(g_logp), local(g_ent)
-        if (g_lp is None and g_h is None) or not (need_h or need_w or need_b) or h_k.shape[0] == 0:
-            gh = torch.zeros(hshape, dtype=h_k.dtype, device=h_k.device) if need_h else None
-            gw = torch.zeros_like(weight) if need_w else None
-            gb = torch.zeros_like(bias) if need_b else None
-            if group is not None and need_h:
-                import torch.distributed as dist
-
-                dist.all_reduce(gh, group=group)  # the other ranks may have work: keep the collective in step
-            return gh, gw, gb, None, None, None, None, None, None, None
-        gh, gw, gb = _local_bwd(backend, h_k, weight, bias, ids_local, inv_tau, lse, ent if want_entropy else None,
-                                g_lp, g_h, (need_h, need_w, need_b))
-        if need_h:
-            if compact:
-                gh = torch.zeros(hshape, dtype=acc, device=h_k.device).index_copy_(0, rows, gh)
-            if group is not None:
-                import torch.distributed as dist
-
-                dist.all_reduce(gh, group=group)
-            gh = gh.to(h_k.dtype)
-        if need_b:
-            gb = gb.to(bias.dtype)
+        hidden, weight, bias, ids, lse, ent = ctx.saved_tensors
+        gh, gw, gb = _bwd(g_logp, g_ent, hidden, weight, bias, ids, lse, ent, *ctx.cfg, ctx.needs_input_grad[:3])
         return gh, gw, gb, None, None, None, None, None, None, None
+
+
+# The unsharded path as torch.library custom ops (forward, backward, autograd formula, fake kernels), so that
+# torch.compile(fullgraph=True) traces a training step through it.
+@torch.library.custom_op("srpo_core::linear_token_logprobs", mutates_args=())
+def _op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, inv_tau: float,
+        want_entropy: bool, ignore_index: int, backend: str
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """→ ``(logp, entropy or [0], lse)``; backward saves ``lse`` (and the entropy output when there is one)."""
+    logp, ent, lse, _ = _fwd(hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, None, 0, backend)
+    return logp, (ent if want_entropy else logp.new_empty(0)), lse
+
+
+@_op.register_fake
+def _(hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, backend):
+    acc = _acc_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=acc), hidden.new_empty(n if want_entropy else 0, dtype=acc), \
+        hidden.new_empty(n, dtype=acc)
+
+
+@torch.library.custom_op("srpo_core::linear_token_logprobs_backward", mutates_args=())
+def _op_bwd(g_logp: torch.Tensor | None, g_ent: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor | None, ids: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, inv_tau: float,
+            want_entropy: bool, ignore_index: int, backend: str, need_h: bool, need_w: bool, need_b: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gh, gw, gb = _bwd(g_logp, g_ent, hidden, weight, bias, ids, lse, ent, inv_tau, want_entropy, ignore_index, None,
+                      0, backend, (need_h, need_w, need_b))
+    empty = hidden.new_empty(0)
+    return (gh if gh is not None else empty), (gw if gw is not None else empty), (gb if gb is not None else empty)
+
+
+@_op_bwd.register_fake
+def _(g_logp, g_ent, hidden, weight, bias, ids, lse, ent, inv_tau, want_entropy, ignore_index, backend, need_h,
+      need_w, need_b):
+    empty = hidden.new_empty(0)
+    return (torch.empty_like(hidden) if need_h else empty, torch.empty_like(weight) if need_w else empty,
+            torch.empty_like(bias) if need_b and bias is not None else empty)
+
+
+def _setup(ctx, inputs, output):
+    hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, backend = inputs
+    _, ent, lse = output
+    ctx.save_for_backward(hidden, weight, bias, ids, lse, ent if want_entropy else lse)
+    ctx.cfg = (inv_tau, want_entropy, ignore_index, backend)
+
+
+def _backward(ctx, g_logp, g_ent, _g_lse):
+    hidden, weight, bias, ids, lse, ent = ctx.saved_tensors
+    inv_tau, want_entropy, ignore_index, backend = ctx.cfg
+    need_h, need_w = ctx.needs_input_grad[:2]
+    need_b = bias is not None and ctx.needs_input_grad[2]
+    gh, gw, gb = _op_bwd(g_logp, g_ent if want_entropy else None, hidden, weight, bias, ids, lse, ent, inv_tau,
+                         want_entropy, ignore_index, backend, need_h, need_w, need_b)
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None, None, None, None, None, None)
+
+
+_op.register_autograd(_backward, setup_context=_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -489,8 +573,12 @@ def linear_token_logprobs(
             where = "the global vocabulary " if process_group is not None else ""
             raise ValueError(f"{OP}: `ids` must lie in {where}[0, V) = [0, {v_global}) or equal ignore_index="
                              f"{ignore_index}, got ids[{i}] = {int(ids[i])} ({int(bad.sum())} such id(s))")
-    logp, ent = _LinearTokenLogprobs.apply(hidden, weight, bias, ids, 1.0 / float(temperature), return_entropy,
-                                           ignore_index, process_group, vocab_start, chosen)
+    inv_tau = 1.0 / float(temperature)
+    if process_group is not None:
+        logp, ent = _ShardedLinearTokenLogprobs.apply(hidden, weight, bias, ids, inv_tau, return_entropy,
+                                                      ignore_index, process_group, vocab_start, chosen)
+    else:
+        logp, ent, _ = _op(hidden, weight, bias, ids, inv_tau, return_entropy, ignore_index, chosen)
     return (logp, ent) if return_entropy else logp
 
 
