@@ -1,0 +1,228 @@
+"""Role weights: SPEC steps 2-6 over packed tokens, in two launches, deterministic.
+
+Inputs (packed): ``signals [N]`` fp32 (``s_t``, read at role tokens only), ``roles [N]`` int, ``cu_seqlens [B+1]``
+int64, ``advantages [B]`` fp32. Outputs: ``adv [N]``, ``w [N]``, ``z [N]`` fp32, ``baseline [B]`` fp32.
+
+**Launch 1** (``role_stats_kernel``, one program per ``BLOCK``-token tile): per role ``r ∈ {P, R}`` the tile's
+partials ``(n, m, c, M2, min, max)``: the mean as ``m + c`` (fp32 mean plus the mean of the exact differences, so a
+signal whose spread is far below its size keeps its digits) and ``M2 = Σ (s − m − c)²`` (two passes over registers:
+no ``E[s²] − μ²`` cancellation). The wrapper folds the ``[tiles, 2, 6]`` partials in float64 and a fixed order
+(``μ = Σ n_p mean_p / n``, ``M2 = Σ M2_p + n_p (mean_p − μ)²``; all-reduced over a process group when one is given)
+into ``(μ_r, σ_r)``; ``σ_r = 0`` exactly when the role's max equals its min.
+
+**Launch 2** (``role_weights_kernel``, one program per trajectory): three passes over the trajectory's tokens (L2
+resident for any realistic length): (a) ``b_i = mean z`` over its role tokens; (b) ``w_t = map(β_r · clamp(z − b_i,
+±u_max))`` (1 at OTHER) and ``Σ w``; (c) ``w ← w · n_i / Σ w`` (``renorm="mean"``) and the writes of ``w``, ``z`` and
+``w · A_i``. ``z = (s − μ_r) / (σ_r + eps)`` is recomputed in each pass from ``s`` rather than stored.
+
+Bytes moved per token (the floor is one read of ``s`` and ``roles`` for the statistics, one more read of both for
+the weights, three writes): launch 1 reads ``s, roles`` once; launch 2 reads them three times from the same
+trajectory-sized window (from L2 after the first pass) and writes ``adv, w, z`` once: DRAM traffic is the floor,
+``2·(4 + r) + 12`` bytes per token with ``r`` the role id's width. No float atomics: every sum has a fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from srpo_core._dispatch import empty
+
+MAP_CODES = {"exp": 0, "linear": 1, "sigmoid": 2}
+BLOCK = 1024  # tokens per tile: 8 per thread at 4 warps, two 128-bit loads of fp32 signals
+NUM_WARPS = 4
+
+
+@triton.jit
+def _tile_stats(s, sel):
+    """(n, m, c, M2, min, max) of the selected values of one tile: the mean is ``m + c`` (``m`` the fp32 mean, ``c``
+    the mean of the exact differences ``s − m``), so it keeps the digits of a signal whose spread is far below its
+    size; ``M2 = Σ (s − m − c)²``."""
+    n = tl.sum(sel.to(tl.float32), axis=0)
+    m = tl.sum(tl.where(sel, s, 0.0), axis=0) / tl.maximum(n, 1.0)
+    d = tl.where(sel, s - m, 0.0)
+    c = tl.sum(d, axis=0) / tl.maximum(n, 1.0)
+    e = tl.where(sel, d - c, 0.0)
+    m2 = tl.sum(e * e, axis=0)
+    lo = tl.min(tl.where(sel, s, float("inf")), axis=0)
+    hi = tl.max(tl.where(sel, s, -float("inf")), axis=0)
+    return n, m, c, m2, lo, hi
+
+
+@triton.jit
+def role_stats_kernel(
+    p_s,  # signals [N] fp32
+    p_roles,  # [N] int
+    p_part,  # [tiles, 2, 6] fp32: (n, m, c, M2, min, max) per role
+    N,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < N
+    r = tl.load(p_roles + idx, mask=ok, other=0)
+    s = tl.load(p_s + idx, mask=ok & (r != 0), other=0.0)
+    base = p_part + pid.to(tl.int64) * 12
+    for role in tl.static_range(2):
+        n, m, c, m2, lo, hi = _tile_stats(s, ok & (r == role + 1))
+        tl.store(base + role * 6 + 0, n)
+        tl.store(base + role * 6 + 1, m)
+        tl.store(base + role * 6 + 2, c)
+        tl.store(base + role * 6 + 3, m2)
+        tl.store(base + role * 6 + 4, lo)
+        tl.store(base + role * 6 + 5, hi)
+
+
+@triton.jit
+def _z(s, r, mu1, lo1, inv1, mu2, lo2, inv2, STANDARDIZE: tl.constexpr):
+    """z at role tokens (0 elsewhere); ``μ_r = mu_r + lo_r`` in two fp32 parts, so that ``s − μ_r`` keeps the digits a
+    low-variance signal needs (``s − mu_r`` is exact when they are close); inv_r = 1 / (σ_r + eps), or 0 when
+    σ_r = 0."""
+    if STANDARDIZE:
+        z = tl.where(r == 1, ((s - mu1) - lo1) * inv1, ((s - mu2) - lo2) * inv2)
+    else:
+        z = s
+    return tl.where((r == 1) | (r == 2), z, 0.0)
+
+
+@triton.jit
+def _weight(z, r, base, beta1, beta2, u_max, w_min, MAP: tl.constexpr):
+    u = tl.minimum(tl.maximum(z - base, -u_max), u_max)
+    x = tl.where(r == 1, beta1, beta2) * u
+    if MAP == 0:
+        w = tl.exp(x)
+    elif MAP == 1:
+        w = tl.maximum(1.0 + x, w_min)
+    else:
+        w = 2.0 / (1.0 + tl.exp(-x))
+    return tl.where((r == 1) | (r == 2), w, 1.0)
+
+
+@triton.jit
+def role_weights_kernel(
+    p_s,  # signals [N] fp32
+    p_roles,  # [N] int
+    p_cu,  # cu_seqlens [B+1] int64
+    p_a,  # advantages [B] fp32
+    p_stats,  # [6] fp32: μ_P (hi, lo), 1/(σ_P+eps) or 0, μ_R (hi, lo), 1/(σ_R+eps) or 0
+    p_adv,  # out [N] fp32
+    p_w,  # out [N] fp32
+    p_z,  # out [N] fp32
+    p_base,  # out [B] fp32
+    beta1,
+    beta2,
+    u_max,
+    w_min,
+    MAP: tl.constexpr,
+    STANDARDIZE: tl.constexpr,
+    RENORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    start = tl.load(p_cu + b)
+    end = tl.load(p_cu + b + 1)
+    mu1 = tl.load(p_stats + 0)
+    lo1 = tl.load(p_stats + 1)
+    inv1 = tl.load(p_stats + 2)
+    mu2 = tl.load(p_stats + 3)
+    lo2 = tl.load(p_stats + 4)
+    inv2 = tl.load(p_stats + 5)
+    a = tl.load(p_a + b)
+    # (a) the shared baseline
+    zsum = tl.zeros([BLOCK], dtype=tl.float32)
+    nrole = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        ok = idx < end
+        r = tl.load(p_roles + idx, mask=ok, other=0)
+        s = tl.load(p_s + idx, mask=ok & (r != 0), other=0.0)
+        zsum += _z(s, r, mu1, lo1, inv1, mu2, lo2, inv2, STANDARDIZE)
+        nrole += ((r == 1) | (r == 2)).to(tl.float32)
+    n_role = tl.sum(nrole, axis=0)
+    base = tl.where(n_role > 0, tl.sum(zsum, axis=0) / tl.maximum(n_role, 1.0), 0.0)
+    tl.store(p_base + b, base)
+    # (b) the weights' sum, for the renormalisation
+    scale = 1.0
+    if RENORM:
+        wsum = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(start, end, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            ok = idx < end
+            r = tl.load(p_roles + idx, mask=ok, other=0)
+            s = tl.load(p_s + idx, mask=ok & (r != 0), other=0.0)
+            w = _weight(_z(s, r, mu1, lo1, inv1, mu2, lo2, inv2, STANDARDIZE), r, base, beta1, beta2, u_max, w_min, MAP)
+            wsum += tl.where(ok, w, 0.0)
+        total = tl.sum(wsum, axis=0)
+        scale = (end - start).to(tl.float32) / tl.maximum(total, 1.1754943508222875e-38)
+    # (c) the writes
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        ok = idx < end
+        r = tl.load(p_roles + idx, mask=ok, other=0)
+        s = tl.load(p_s + idx, mask=ok & (r != 0), other=0.0)
+        z = _z(s, r, mu1, lo1, inv1, mu2, lo2, inv2, STANDARDIZE)
+        w = _weight(z, r, base, beta1, beta2, u_max, w_min, MAP) * scale
+        tl.store(p_z + idx, z, mask=ok)
+        tl.store(p_w + idx, w, mask=ok)
+        tl.store(p_adv + idx, w * a, mask=ok)
+
+
+def partial_stats(signals: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
+    """Launch 1: ``[tiles, 2, 6]`` fp32 partials ``(n, m, c, M2, min, max)`` per tile and role."""
+    n = signals.numel()
+    tiles = triton.cdiv(max(n, 1), BLOCK)
+    part = empty((tiles, 2, 6), dtype=torch.float32, device=signals.device)
+    role_stats_kernel[(tiles,)](signals, roles, part, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return part
+
+
+def weights(signals, roles, cu_seqlens, advantages, stats, *, beta_perception, beta_reasoning, u_max, w_min,
+            weight_map: str, standardize: bool, renorm: bool):
+    """Launch 2: ``(adv, w, z) [N]`` and ``baseline [B]``, fp32. ``stats: [6]`` fp32 as ``role_weights_kernel``
+    reads it."""
+    n, b = signals.numel(), advantages.numel()
+    dev = signals.device
+    adv, w, z = (empty((n,), dtype=torch.float32, device=dev) for _ in range(3))
+    base = empty((b,), dtype=torch.float32, device=dev)
+    if b:
+        role_weights_kernel[(b,)](
+            signals, roles, cu_seqlens, advantages, stats, adv, w, z, base,
+            float(beta_perception), float(beta_reasoning), float(u_max), float(w_min),
+            MAP=MAP_CODES[weight_map], STANDARDIZE=standardize, RENORM=renorm, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+    return adv, w, z, base
+
+
+def _report_entries() -> list[dict]:
+    stats = {
+        "name": "role_stats",
+        "fn": role_stats_kernel,
+        "signature": {"p_s": "*fp32", "p_roles": "*i64", "p_part": "*fp32", "N": "i32", "BLOCK": "constexpr"},
+        "constexprs": {"BLOCK": BLOCK},
+        "num_warps": NUM_WARPS,
+        "num_stages": 3,
+        "bytes": "N·(4 + 8) read once = floor",
+        "load_dtype": "fp32",
+    }
+    entries = [stats]
+    for name, code in MAP_CODES.items():
+        entries.append({
+            "name": f"role_weights[{name}]",
+            "fn": role_weights_kernel,
+            "signature": {"p_s": "*fp32", "p_roles": "*i64", "p_cu": "*i64", "p_a": "*fp32", "p_stats": "*fp32",
+                          "p_adv": "*fp32", "p_w": "*fp32", "p_z": "*fp32", "p_base": "*fp32", "beta1": "fp32",
+                          "beta2": "fp32", "u_max": "fp32", "w_min": "fp32", "MAP": "constexpr",
+                          "STANDARDIZE": "constexpr", "RENORM": "constexpr", "BLOCK": "constexpr"},
+            "constexprs": {"MAP": code, "STANDARDIZE": True, "RENORM": True, "BLOCK": BLOCK},
+            "num_warps": NUM_WARPS,
+            "num_stages": 3,
+            "bytes": "reads s, roles 3× per trajectory (L2 after the first), writes 3·4·N: DRAM = floor",
+            "load_dtype": "fp32",
+        })
+    return entries
+
+
+GPU_REPORT = _report_entries()
+
+__all__ = ["GPU_REPORT", "MAP_CODES", "partial_stats", "role_stats_kernel", "role_weights_kernel", "weights"]
