@@ -31,8 +31,8 @@ import torch
 SCHEMA_VERSION = 1
 
 # Size presets: "full" is what issue 7's bars are stated at (the linear op at issue 4's calibration shape N=1024,
-# H=1024; benchmarks/linear_table.py measures it at N=2048 and the other shapes of issue 4); "quick" finishes in under a minute on 2 CPU cores; "tiny" is
-# for the test that checks the JSON.
+# H=1024; benchmarks/linear_table.py measures it at N=2048 and the other shapes of issue 4); "quick" finishes in
+# under a minute on 2 CPU cores; "tiny" is for the test that checks the JSON.
 SIZES = {
     "full": {"logprob_rows": 4096, "vocab": 151_936, "role_tokens": 1 << 20, "linear": (1024, 1024, 151_936),
              "contrast_rows": 1024},
