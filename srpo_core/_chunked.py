@@ -63,10 +63,10 @@ class Compiled:
         self.fn = fn
         self._compiled = None
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
-        return self._compiled(*args)
+        return self._compiled(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------ row views

@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from srpo_core import _dispatch
+from srpo_core._role_weights_fast import role_aware_advantages_fast
 from srpo_core._validate import (
     check_cu_seqlens,
     describe,
@@ -107,8 +108,8 @@ def role_aware_advantages(
         config: :class:`SRPOConfig`.
         process_group: when given, the role statistics of step 2 are all-reduced over it, so the weights equal
             those of the whole batch in one process.
-        backend: ``"auto"`` (Triton for CUDA tensors once its kernel exists, torch otherwise), ``"triton"``,
-            ``"torch"`` (the reference path).
+        backend: ``"auto"`` (Triton for CUDA tensors once its kernel exists, otherwise the fast torch path of
+            ``srpo_core/_role_weights_fast.py``, compiled on CPU), ``"triton"``, ``"torch"`` (the reference path).
         perception_signal / reasoning_signal: precomputed ``s_t`` for that role (same shape), e.g. ``kl`` or ``js``
             from ``token_contrast``; they replace the log-prob contrast of that role, and the corresponding
             ``logp_corrupt`` / ``logp_ablated`` may then be ``None``.
@@ -159,7 +160,22 @@ def role_aware_advantages(
         raise ValueError(f"{OP}: `advantages` must be finite, got {int(bad.sum())} non-finite value(s), "
                          f"first at index {first_true_index(bad)[0]}")
 
-    # Everything below works on the packed layout.
+    compute_dtype = torch.float64 if any(
+        x is not None and x.dtype == torch.float64 for x in (advantages, logp, *per_token.values())
+    ) else torch.float32
+    if backend == "auto" and _dispatch.pick_backend(
+            "auto", logp.device, op=OP, has_triton=_role_weights_triton_exists()) == "torch":
+        # The fast path (one canonical row grid, compiled on CPU). It returns None for an invalid value, and the
+        # reference path below then raises its detailed error (or for a batch it does not take: no tokens).
+        fast = role_aware_advantages_fast(
+            advantages.to(compute_dtype), logp, logp_corrupt, logp_ablated, roles, perception_signal,
+            reasoning_signal, mask=mask if padded else None, cu=cu, config=config, group=process_group,
+            dtype=compute_dtype)
+        if fast is not None:
+            token_adv, weights, z, baseline, rows = fast
+            return RoleAwareAdvantages(token_adv, weights, z, baseline, _stats_dict(rows))
+
+    # The reference path (backend="torch"): everything below works on the packed layout.
     def packed(x):
         return None if x is None else (pack(x, mask) if padded else x)
 
@@ -168,9 +184,6 @@ def role_aware_advantages(
         bad_vals = torch.unique(r[(r < 0) | (r > 2)])[:5].tolist()
         raise ValueError(f"{OP}: `roles` must hold 0 (OTHER), 1 (PERCEPTION) or 2 (REASONING) at valid tokens, "
                          f"got {bad_vals}")
-    compute_dtype = torch.float64 if any(
-        x is not None and x.dtype == torch.float64 for x in (advantages, logp, *per_token.values())
-    ) else torch.float32
     signals = _signals(
         config, r, packed(roles), packed(logp), packed(logp_corrupt), packed(logp_ablated),
         packed(perception_signal), packed(reasoning_signal), roles_unpacked=roles, mask=mask if padded else None,
@@ -257,7 +270,12 @@ def _stats(res, r: torch.Tensor, cu: torch.Tensor) -> dict[str, float]:
         rows.append(torch.stack([res.role_stats[k, 0], res.role_stats[k, 1], res.role_stats[k, 2],
                                  torch.where(cnt > 0, w_min, torch.nan), w_mean.to(torch.float64),
                                  torch.where(cnt > 0, w_max, torch.nan)]))
-    values = torch.stack(rows).tolist()
+    return _stats_dict(torch.stack(rows))
+
+
+def _stats_dict(rows: torch.Tensor) -> dict[str, float]:
+    """``rows: float64 [2, 6]``, per role ``(count, mu, sigma, w_min, w_mean, w_max)`` → the logging dict."""
+    values = rows.tolist()
     keys = ("count", "mu", "sigma", "w_min", "w_mean", "w_max")
     stats = {f"{role}/{k}": v
              for role, vals in zip(("perception", "reasoning"), values, strict=True)
