@@ -63,7 +63,7 @@ def bench_section(report: dict, source: str) -> str:
             tr = mr = ""
             if o is not None and r["impl"] != "srpo-core":
                 tr = f"{o['median_s'] / r['median_s']:.3f}"
-                mr = f"{o['peak_bytes'] / r['peak_bytes']:.3f}" if r["peak_bytes"] else "—"
+                mr = f"{o['peak_bytes'] / r['peak_bytes']:.3g}" if r["peak_bytes"] else "—"
             name = f"**{r['impl']}**" if r["impl"] == "srpo-core" else r["impl"]
             lines.append(f"| {r['mode']} | {r['dtype']} | {name} | {_ms(r['median_s'])} | "
                          f"[{_ms(r['q20_s'])}–{_ms(r['q80_s'])}] | {_mib(r['peak_bytes'])} | {tr} | {mr} |")
@@ -100,7 +100,7 @@ def readme_block(report: dict) -> str:
     for r in report["ratios"]:
         if r["anchor"] in ("GEMM floor",) or r["op"] == "role_aware_advantages" and r["anchor"].startswith("vppo"):
             continue
-        mem = "—" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}"
+        mem = "—" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3g}"
         lines.append(f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['anchor']} | {r['time_ratio']:.3f} | {mem} |")
     lines += ["", "Below 1 is better (ours / anchor). No GPU was available: no GPU number is reported.", END]
     return "\n".join(lines)
