@@ -450,7 +450,7 @@ def test_torch_compile_fullgraph_traces_the_custom_op(monkeypatch, compile_chunk
 WORKER = '''
 """Vocab-parallel token_logprobs on gloo: each rank holds an uneven vocabulary shard; forward and gradients must
 equal the unsharded ones. argv: PORT WORLD BACKENDS."""
-import math, os, sys
+import gc, math, os, sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -513,8 +513,13 @@ def run(rank, world, port, backends):
         raise AssertionError("an id outside the global vocabulary was accepted")
     except ValueError as e:
         assert "`ids` must lie in [0, V_global)" in str(e), e
+    # free the autograd graphs (they hold the group) and the group itself while Python is alive: a gloo group that
+    # outlives interpreter finalisation aborts the process at exit ("terminate called without an active exception")
+    del full, part, loss, xf, xs
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+    gc.collect()
     if rank == 0:
         print(f"vocab-parallel: OK world={world} checked={checked}", flush=True)
 
