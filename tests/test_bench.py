@@ -87,15 +87,36 @@ def test_plot_is_a_png(tiny_report):
     assert (out / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _linear_run(command: str, fwd_ours: float) -> dict:
+    """A linear_table.py JSON with made-up times: only its rendering is under test."""
+    t = {"gemm": [1.0, 1.0, 1.0], "three_gemms": [3.0, 3.0, 3.0], "naive/fwd": [1.2, 1.2, 1.2],
+         "naive/fwdbwd": [3.6, 3.6, 3.6], "ours/fwd": [fwd_ours] * 3, "ours/fwdbwd": [4.0, 4.0, 4.0]}
+    mem = {f"{m}/{mode}": {"method": m, "mode": mode, "peak_mb": 8.0, "extra_mb": 4.0}
+           for m in ("naive", "ours") for mode in ("fwd", "fwdbwd")}
+    meta = {"command": command, "date": "2026-01-01T00:00:00", "cpu": "cpu", "cores": 2, "threads": 2,
+            "torch": "t", "python": "p", "load_before": "0 0 0", "load_after": "0 0 0"}
+    return {"meta": meta, "results": [{"shape": [16, 32, 300, "float32"], "methods": ["naive", "ours"],
+                                       "times": t, "memory": mem}]}
+
+
 def test_write_docs_from_the_json(tiny_report, tmp_path):
     out, report, _ = tiny_report
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\nbefore\n<!-- bench:begin -->\nold\n<!-- bench:end -->\nafter\n")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "write_docs.py"), str(out / "b.json"),
-                           "--out", str(tmp_path / "benchmarks.md"), "--readme", str(readme),
-                           "--linear", str(tmp_path / "missing.json")], capture_output=True, text=True)
+    runs = [tmp_path / "lin_a.json", tmp_path / "lin_b.json"]
+    runs[0].write_text(json.dumps(_linear_run("linear_table.py --run-a", 0.9)))
+    runs[1].write_text(json.dumps(_linear_run("linear_table.py --run-b", 1.1)))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "write_docs.py"), str(out / "b.json"),
+           "--out", str(tmp_path / "benchmarks.md"), "--readme", str(readme)]
+    proc = subprocess.run(cmd + ["--linear", str(tmp_path / "missing.json")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "no such file" in proc.stderr and "missing.json" in proc.stderr
+    proc = subprocess.run(cmd + ["--linear", str(runs[0]), "--linear", str(runs[1])], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     page = (tmp_path / "benchmarks.md").read_text()
+    # both linear runs, in the order given, each with its own command and its own fwd/GEMM ratio
+    a = page.index("--run-a")
+    b = page.index("--run-b", a)
+    assert "| 0.90 |" in page[a:b] and "| 1.10 |" in page[b:] and "| 0.90 |" not in page[b:]
     assert report["environment"]["date"] in page and "No GPU was available" in page
     ours = next(r for r in report["results"] if r["impl"] == "srpo-core" and r["status"] == "ok")
     assert f"| {ours['mode']} | {ours['dtype']} | **srpo-core** |" in page
