@@ -1,6 +1,6 @@
 """SPEC property 10, the multi-process half: ``python tests/dist_worker.py PORT [CASES [BACKEND]]``.
 
-Spawns two ranks with ``torch.multiprocessing`` on the gloo backend (``MASTER_ADDR=127.0.0.1``). For each of
+Spawns two ranks with ``torch.multiprocessing`` on the gloo backend (``127.0.0.1:PORT``, ``gloo_group.py``). For each of
 ``CASES`` deterministic random batches, both ranks compute the whole batch in one process (no group), then each rank
 computes its own slice of trajectories with ``process_group`` and checks that its weights, advantages, ``z``,
 baselines and global role statistics equal the whole-batch ones. Slices may be empty, a role may live on one rank
@@ -13,12 +13,12 @@ Run by ``tests/test_distributed.py`` as a subprocess: a function defined in a py
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo_group import gloo_group
 
 from srpo_core import SRPOConfig, role_aware_advantages
 
@@ -115,16 +115,10 @@ def check(rank: int, seed: int, case: dict, backend: str = "auto") -> None:
 
 
 def worker(rank: int, port: int, cases: int, backend: str = "auto") -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, port):
         for seed in range(cases):
             check(rank, seed, make_case(seed), backend)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ Run by ``tests/test_linear_logprobs.py`` (a script, so the spawned children can 
 
 from __future__ import annotations
 
-import gc
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo_group import gloo_group
 
 from srpo_core.linear_logprobs import linear_token_logprobs
 
@@ -105,21 +104,9 @@ def check_errors(rank: int, world: int) -> None:
 
 
 def run(rank: int, world: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         check_cases(rank, world)
         check_errors(rank, world)
-    finally:
-        # The autograd graphs of the checks hold the process group (the sharded op's backward needs it). Free them,
-        # and with them the group, while the interpreter is alive: a gloo group that outlives Python's finalisation
-        # has its worker thread drop tensors without a GIL to take, and the process aborts at exit
-        # ("terminate called without an active exception").
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
-        gc.collect()
 
 
 def main() -> None:

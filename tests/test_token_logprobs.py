@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 import os
+import pathlib
 import socket
 import subprocess
 import sys
-import textwrap
 import warnings
 
 import pytest
@@ -447,89 +447,6 @@ def test_torch_compile_fullgraph_traces_the_custom_op(monkeypatch, compile_chunk
 
 
 # ------------------------------------------------------------------------------------------------ vocab-parallel
-WORKER = '''
-"""Vocab-parallel token_logprobs on gloo: each rank holds an uneven vocabulary shard; forward and gradients must
-equal the unsharded ones. argv: PORT WORLD BACKENDS."""
-import gc, math, os, sys
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-
-def run(rank, world, port, backends):
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
-    from srpo_core.logprobs import token_logprobs
-    from srpo_core.testing import assert_close
-    checked = 0
-    for seed, (V, dtype, temperature, entropy) in enumerate([(37, torch.float32, 0.7, True), (41, torch.float64, 1.0,
-                                                            True), (29, torch.bfloat16, 1.3, False), (5, torch.float32,
-                                                            1.0, True)]):
-        g = torch.Generator().manual_seed(seed)
-        x = (torch.randn(2, 4, V, generator=g, dtype=torch.float64) * 3)
-        x[0, 1, ::4] = -math.inf
-        x[1, 0] = torch.randn(V, generator=g, dtype=torch.float64) * 1e4
-        x = x.to(dtype)
-        ids = torch.randint(0, V, (2, 4), generator=g)
-        ids[1, 3] = -100
-        ids[0, 0] = V - 1
-        g1 = torch.randn(2, 4, generator=g)
-        g2 = torch.randn(2, 4, generator=g)
-        # uneven shards: rank r gets sizes[r] columns (the first rank the most), never divisible evenly
-        sizes = [V // world + (1 if r < V % world else 0) for r in range(world)]
-        if sizes[-1] > 1:
-            sizes[0], sizes[-1] = sizes[0] + 1, sizes[-1] - 1
-        start = sum(sizes[:rank])
-        for backend in backends:
-            if backend == "triton" and dtype == torch.float64:
-                continue  # the kernels take fp32/bf16/fp16
-            xf = x.clone().requires_grad_(True)
-            full = token_logprobs(xf, ids, temperature=temperature, return_entropy=entropy, backend=backend)
-            full = full if entropy else (full,)
-            loss = (full[0] * g1.to(full[0].dtype)).sum() + ((full[1] * g2.to(full[1].dtype)).sum() if entropy else 0)
-            (grad_full,) = torch.autograd.grad(loss, xf)
-            xs = x[..., start:start + sizes[rank]].clone().requires_grad_(True)
-            part = token_logprobs(xs, ids, temperature=temperature, return_entropy=entropy, backend=backend,
-                                  process_group=dist.group.WORLD, vocab_start=start)
-            part = part if entropy else (part,)
-            loss = (part[0] * g1.to(part[0].dtype)).sum() + ((part[1] * g2.to(part[1].dtype)).sum() if entropy else 0)
-            (grad_part,) = torch.autograd.grad(loss, xs)
-            tol = 1e-12 if dtype == torch.float64 else 2e-5
-            for a, b, name in zip(part, full, ("logp", "entropy")):
-                assert_close(a, b, atol=tol, rtol=tol, name=f"rank {rank} V={V} {dtype} {backend} {name}")
-            want = grad_full[..., start:start + sizes[rank]]
-            eps = 0.0 if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
-            assert_close(grad_part, want, atol=tol + (tol + 2 * eps) * want.abs().double(),
-                         name=f"rank {rank} V={V} {dtype} {backend} grad")
-            checked += 1
-    # bad input: overlapping shards, and an id outside the global vocabulary, raise on every rank
-    xs = torch.randn(3, 4)
-    try:
-        token_logprobs(xs, torch.tensor([0, 1, 2]), process_group=dist.group.WORLD, vocab_start=0)
-        raise AssertionError("overlapping shards were accepted")
-    except ValueError as e:
-        assert "`vocab_start`" in str(e), e
-    try:
-        token_logprobs(xs, torch.tensor([0, 4 * world, 2]), process_group=dist.group.WORLD, vocab_start=4 * rank)
-        raise AssertionError("an id outside the global vocabulary was accepted")
-    except ValueError as e:
-        assert "`ids` must lie in [0, V_global)" in str(e), e
-    # free the autograd graphs (they hold the group) and the group itself while Python is alive: a gloo group that
-    # outlives interpreter finalisation aborts the process at exit ("terminate called without an active exception")
-    del full, part, loss, xf, xs
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-    gc.collect()
-    if rank == 0:
-        print(f"vocab-parallel: OK world={world} checked={checked}", flush=True)
-
-
-if __name__ == "__main__":
-    port, world, backends = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
-    mp.spawn(run, args=(world, port, backends), nprocs=world, join=True)
-'''
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -542,8 +459,7 @@ def free_port() -> int:
 def test_vocab_parallel_matches_unsharded(tmp_path, world):
     """2 and 3 ranks on gloo, uneven shards of V ∈ {37, 41, 29, 5}: logp, entropy and the local gradient equal the
     unsharded forward and gradient (fp32, bf16, float64; torch path, and the Triton kernels under the interpreter)."""
-    script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(WORKER))
+    script = pathlib.Path(__file__).with_name("token_logprobs_dist_worker.py")
     backends = "torch,triton" if _dispatch.interpreting() and _dispatch.triton_importable() else "torch"
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
            "OMP_NUM_THREADS": "1", "SRPO_NO_COMPILE": "1"}
