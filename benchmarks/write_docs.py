@@ -90,8 +90,7 @@ def linear_section(runs: list[tuple[dict, str]]) -> str:
              "One table per run, each with its own machine line: compare ratios within a table, not times across "
              "tables (docs/decisions.md D64 says why the bf16 rows come from another host).", ""]
     for data, source in runs:
-        body = render(data["results"], data["meta"]).split("\n", 1)[1]  # render's own title dropped
-        parts += [f"### `{source}`", body]
+        parts.append(render(data["results"], data["meta"], heading=f"### `{source}`"))
     return "\n".join(parts)
 
 

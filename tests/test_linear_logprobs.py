@@ -304,6 +304,11 @@ def test_benchmark_table_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = out.read_text()
     assert "| ours |" in text and "naive" in text and "torch" in text
+    # a --dtype filter that leaves no shape is an error naming it, not an empty table
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "linear_table.py"), "--smoke", "--dtype",
+                           "bfloat16", "--out", str(tmp_path / "none.md")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "--dtype bfloat16" in proc.stderr and not (tmp_path / "none.md").exists()
 
 
 @pytest.mark.parametrize("entropy", [False, True], ids=["logp", "logp+entropy"])
