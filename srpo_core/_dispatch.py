@@ -7,6 +7,7 @@ largest value) when ``SRPO_POISON=1``, so a test notices any element a kernel fo
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -59,6 +60,16 @@ def pick_backend(backend: str, device: torch.device, *, op: str, has_triton: boo
             f"got tensors on {device}"
         )
     return "triton"
+
+
+def device_guard(x: torch.Tensor):
+    """The context every Triton launch runs in: ``torch.cuda.device(x.device)`` for a CUDA tensor, so the kernel runs
+    on the tensor's GPU and on that device's current stream, whatever device is current in the caller (with
+    ``device_map="auto"`` or one process per GPU without ``set_device`` they differ); a no-op on CPU (interpreter).
+    Every launcher in ``srpo_core.kernels`` enters it around its launches (a test checks each one does)."""
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def poisoning() -> bool:

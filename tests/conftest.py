@@ -4,13 +4,13 @@ import os
 
 # Both must be set before any Triton kernel is decorated (i.e. before srpo_core.kernels is imported).
 os.environ.setdefault("SRPO_POISON", "1")
-try:
-    import torch
+import torch
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-except ImportError:  # pragma: no cover - torch is a hard dependency
-    pass
+# The device the kernel parity tests run on: "cpu" (Triton through its interpreter) everywhere but `make gpu-check`,
+# which sets SRPO_TEST_DEVICE=cuda and runs the same tests on the GPU (the `device` fixture below).
+TEST_DEVICE = torch.device(os.environ.get("SRPO_TEST_DEVICE", "cpu"))
+if TEST_DEVICE.type == "cpu" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib
 import pkgutil
@@ -31,6 +31,12 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", deadline=None, max_examples=500, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where a kernel parity test puts its tensors: CPU (interpreter) by default, CUDA under `make gpu-check`."""
+    return TEST_DEVICE
 
 
 def pytest_addoption(parser):
