@@ -1,23 +1,22 @@
 """Test-suite set-up: Triton runs through its interpreter on CPU, kernel outputs are poisoned, slow tests are opt-in."""
 
+import importlib
 import os
+import pkgutil
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
 
 # Both must be set before any Triton kernel is decorated (i.e. before srpo_core.kernels is imported).
 os.environ.setdefault("SRPO_POISON", "1")
-import torch
-
 # The device the kernel parity tests run on: "cpu" (Triton through its interpreter) everywhere but `make gpu-check`,
 # which sets SRPO_TEST_DEVICE=cuda and runs the same tests on the GPU (the `device` fixture below).
 TEST_DEVICE = torch.device(os.environ.get("SRPO_TEST_DEVICE", "cpu"))
 if TEST_DEVICE.type == "cpu" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib
-import pkgutil
-
-import pytest
-import srpo_core.kernels as _kernels
-from hypothesis import HealthCheck, settings
+import srpo_core.kernels as _kernels  # noqa: E402  (after the environment above)
 
 # Decorate every kernel now, while TRITON_INTERPRET is what the session set: ``@triton.jit`` reads it once, at import,
 # and a test that later monkeypatches it to "0" (to check the no-CUDA error) must not be the first to import a kernel.
