@@ -46,6 +46,8 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from addr_audit import audit_ttir, format_findings  # noqa: E402  (benchmarks/ is the script's folder)
+
 MODULES = (
     "srpo_core.kernels.token_logprobs",
     "srpo_core.kernels.token_contrast",
@@ -155,6 +157,7 @@ def collect(modules=MODULES, targets=TARGETS, only: str | None = None, log=print
                 try:
                     compiled = compile_entry(entry, cc)
                     row.update(inspect_cubin(compiled.asm["cubin"], cuobjdump))
+                    row["addptr_findings"] = audit_ttir(compiled.asm["ttir"])
                     row["shared_dynamic_bytes"] = int(compiled.metadata.shared)
                 except Exception as e:  # report every failure, keep going
                     row["error"] = f"{type(e).__name__}: {e}"
@@ -188,21 +191,26 @@ def print_table(report: dict) -> None:
 
     table = Table(title="srpo-core Triton kernels, compiled statically", show_lines=False)
     for col in ("kernel", "target", "config", "regs", "spill (local B)", "stack B", "smem B", "128-bit LDG",
-                "tensor cores", "bytes moved"):
+                "tensor cores", "int64 addr", "bytes moved"):
         table.add_column(col, overflow="fold")
     for r in report["rows"]:
         cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
         if "error" in r:
-            table.add_row(escape(r["kernel"]), r["target"], cfg, "[red]compile error[/red]", "", "", "", "", "",
+            table.add_row(escape(r["kernel"]), r["target"], cfg, "[red]compile error[/red]", "", "", "", "", "", "",
                           escape(r["bytes"]))
             continue
         spill = str(r["local_bytes"]) if r["local_bytes"] == 0 else f"[red]{r['local_bytes']}[/red]"
         ldg = f"{'yes' if r['global_loads_128bit'] else '[yellow]no[/yellow]'} ({r['global_loads_128bit']}/" \
               f"{r['global_loads']})"
         smem = r["shared_dynamic_bytes"] + r["shared_static_bytes"]
+        n_bad = len(r["addptr_findings"])
+        addr = "ok" if not n_bad else f"[red]{n_bad} not i64[/red]"
         table.add_row(escape(r["kernel"]), r["target"], cfg, str(r["registers"]), spill, str(r["stack_bytes"]),
-                      str(smem), ldg, ",".join(r["tensor_core"]) or "none", escape(r["bytes"]))
+                      str(smem), ldg, ",".join(r["tensor_core"]) or "none", addr, escape(r["bytes"]))
     Console(width=200).print(table)
+    for r in report["rows"]:
+        if r.get("addptr_findings"):
+            print(format_findings(r["kernel"], r["target"], r["addptr_findings"]))
     for s in report["skipped"]:
         print(f"skipped {s['module']}: {s['reason']}")
     for e in report["errors"]:

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from srpo_core import _dispatch
 from srpo_core._dispatch import empty
 
 MAP_CODES = {"exp": 0, "linear": 1, "sigmoid": 2}
@@ -119,7 +120,7 @@ def role_weights_kernel(
     RENORM: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # every address offset is int64 (docs/kernels.md, "GPU check")
     start = tl.load(p_cu + b)
     end = tl.load(p_cu + b + 1)
     mu1 = tl.load(p_stats + 0)
@@ -173,7 +174,8 @@ def partial_stats(signals: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
     n = signals.numel()
     tiles = triton.cdiv(max(n, 1), BLOCK)
     part = empty((tiles, 2, 6), dtype=torch.float32, device=signals.device)
-    role_stats_kernel[(tiles,)](signals, roles, part, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    with _dispatch.device_guard(signals):
+        role_stats_kernel[(tiles,)](signals, roles, part, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return part
 
 
@@ -186,11 +188,12 @@ def weights(signals, roles, cu_seqlens, advantages, stats, *, beta_perception, b
     adv, w, z = (empty((n,), dtype=torch.float32, device=dev) for _ in range(3))
     base = empty((b,), dtype=torch.float32, device=dev)
     if b:
-        role_weights_kernel[(b,)](
-            signals, roles, cu_seqlens, advantages, stats, adv, w, z, base,
-            float(beta_perception), float(beta_reasoning), float(u_max), float(w_min),
-            MAP=MAP_CODES[weight_map], STANDARDIZE=standardize, RENORM=renorm, BLOCK=BLOCK, num_warps=NUM_WARPS,
-        )
+        with _dispatch.device_guard(signals):
+            role_weights_kernel[(b,)](
+                signals, roles, cu_seqlens, advantages, stats, adv, w, z, base,
+                float(beta_perception), float(beta_reasoning), float(u_max), float(w_min),
+                MAP=MAP_CODES[weight_map], STANDARDIZE=standardize, RENORM=renorm, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            )
     return adv, w, z, base
 
 
