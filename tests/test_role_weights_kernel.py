@@ -4,6 +4,7 @@ determinism, and property 10 across two gloo ranks."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import socket
@@ -13,18 +14,20 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from srpo_core import SRPOConfig, role_aware_advantages
 from srpo_core._dispatch import interpreting
 from srpo_core._role_weights_triton import role_weights_triton
+from srpo_core.reference.role_weights import RoleWeights
 from srpo_core.reference.role_weights import role_weights as reference
 from srpo_core.testing import assert_close
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()),
                                 reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Every test takes the `device` fixture (tests/conftest.py): the CPU under the interpreter, CUDA under `make gpu-check`.
+FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # `device` is a constant: sharing it across examples is intended
 CONFIGS = [SRPOConfig(), SRPOConfig(weight_map="linear", w_min=0.2), SRPOConfig(weight_map="sigmoid"),
            SRPOConfig(renorm="none"), SRPOConfig(standardize="none", u_max=1.5),
            SRPOConfig(beta_perception=1.3, beta_reasoning=0.0)]
@@ -45,8 +48,8 @@ def batches(draw, max_b=6, max_len=40):
     return torch.randn(b, generator=g), signals, roles, cu
 
 
-def compare(adv, s, r, cu, config):
-    got = role_weights_triton(adv.to(DEVICE), s.to(DEVICE), r.to(DEVICE), cu.to(DEVICE), config)
+def compare(adv, s, r, cu, config, device):
+    got = role_weights_triton(adv.to(device), s.to(device), r.to(device), cu.to(device), config)
     want = reference(adv.double(), s.double(), r, cu, config)
     for name in ("advantages", "weights", "z", "baseline"):
         a = getattr(got, name)
@@ -62,17 +65,19 @@ def compare(adv, s, r, cu, config):
     return got
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(batch=batches(), config=st.sampled_from(CONFIGS))
-def test_kernel_matches_float64_reference(batch, config):
-    compare(*batch, config)
+def test_kernel_matches_float64_reference(batch, config, device):
+    compare(*batch, config, device)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(batch=batches(max_b=4, max_len=20), config=st.sampled_from(CONFIGS))
-def test_properties_on_the_kernel_output(batch, config):
+def test_properties_on_the_kernel_output(batch, config, device):
     adv, s, r, cu = batch
-    got = role_weights_triton(adv, s, r, cu, config)
+    on = [t.to(device) for t in batch]
+    out = role_weights_triton(*on, config)
+    got = RoleWeights(**{f.name: getattr(out, f.name).cpu() for f in dataclasses.fields(RoleWeights)})
     seg = torch.repeat_interleave(torch.arange(adv.numel()), cu[1:] - cu[:-1])
     assert bool((got.weights > 0).all()) and bool(torch.isfinite(got.weights).all())  # property 1
     a_t = adv[seg]
@@ -82,51 +87,53 @@ def test_properties_on_the_kernel_output(batch, config):
         mean = torch.zeros(adv.numel(), dtype=torch.float64).index_add_(0, seg, got.weights.double())
         nz = n > 0
         assert_close(mean[nz] / n[nz], torch.ones(int(nz.sum()), dtype=torch.float64), atol=0, rtol=1e-5)
-    flat = role_weights_triton(adv, s, r, cu, SRPOConfig(beta_perception=0.0, beta_reasoning=0.0,
-                                                         weight_map=config.weight_map))
-    assert torch.equal(flat.advantages, a_t)  # property 3: GRPO exactly
+    flat = role_weights_triton(*on, SRPOConfig(beta_perception=0.0, beta_reasoning=0.0, weight_map=config.weight_map))
+    assert torch.equal(flat.advantages.cpu(), a_t)  # property 3: GRPO exactly
 
 
-def test_long_trajectories_several_tiles():
+def test_long_trajectories_several_tiles(device):
     """Trajectories longer than a tile and tiles that straddle trajectories (launch 1 tiles ignore them)."""
     g = torch.Generator().manual_seed(1)
     lens = [2500, 0, 1, 1030, 3000]
     cu = torch.tensor([0, *lens]).cumsum(0)
     n = int(cu[-1])
     compare(torch.randn(5, generator=g), torch.randn(n, generator=g) * 4 + 1, torch.randint(0, 3, (n,), generator=g),
-            cu, SRPOConfig())
+            cu, SRPOConfig(), device)
 
 
-def test_constant_role_gives_sigma_zero_and_unit_weights():
-    s = torch.full((12,), 0.37)
-    r = torch.tensor([1] * 12)
-    got = role_weights_triton(torch.tensor([2.0, -1.0]), s, r, torch.tensor([0, 5, 12]), SRPOConfig())
+def test_constant_role_gives_sigma_zero_and_unit_weights(device):
+    s = torch.full((12,), 0.37, device=device)
+    r = torch.tensor([1] * 12, device=device)
+    got = role_weights_triton(torch.tensor([2.0, -1.0], device=device), s, r, torch.tensor([0, 5, 12], device=device),
+                              SRPOConfig())
     assert float(got.role_stats[0, 2]) == 0.0
-    assert torch.equal(got.z, torch.zeros(12)) and torch.equal(got.weights, torch.ones(12))
+    assert torch.equal(got.z.cpu(), torch.zeros(12)) and torch.equal(got.weights.cpu(), torch.ones(12))
 
 
-def test_empty_batch_and_float64_fallback():
-    got = role_weights_triton(torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.int64),
-                              torch.zeros(1, dtype=torch.int64), SRPOConfig())
+def test_empty_batch_and_float64_fallback(device):
+    got = role_weights_triton(torch.zeros(0, device=device), torch.zeros(0, device=device),
+                              torch.zeros(0, dtype=torch.int64, device=device),
+                              torch.zeros(1, dtype=torch.int64, device=device), SRPOConfig())
     assert got.advantages.shape == (0,) and got.baseline.shape == (0,)
     adv, s, r, cu = torch.randn(2, dtype=torch.float64), torch.randn(6, dtype=torch.float64), \
         torch.tensor([1, 2, 0, 1, 2, 2]), torch.tensor([0, 4, 6])
-    got = role_weights_triton(adv, s, r, cu, SRPOConfig())
+    got = role_weights_triton(adv.to(device), s.to(device), r.to(device), cu.to(device), SRPOConfig())
     assert got.advantages.dtype == torch.float64
-    assert torch.equal(got.advantages, reference(adv, s, r, cu, SRPOConfig()).advantages)
+    assert torch.equal(got.advantages.cpu(), reference(adv, s, r, cu, SRPOConfig()).advantages)
 
 
-def test_deterministic():
+def test_deterministic(device):
     g = torch.Generator().manual_seed(5)
     cu = torch.tensor([0, 700, 1500, 1501])
     args = (torch.randn(3, generator=g), torch.randn(1501, generator=g), torch.randint(0, 3, (1501,), generator=g), cu)
+    args = tuple(t.to(device) for t in args)
     a, b = role_weights_triton(*args, SRPOConfig()), role_weights_triton(*args, SRPOConfig())
     for name in ("advantages", "weights", "z", "baseline", "role_stats"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_public_op_with_backend_triton(layout):
+def test_public_op_with_backend_triton(layout, device):
     g = torch.Generator().manual_seed(9)
     b, t = 4, 30
     mask = torch.rand(b, t, generator=g) < 0.8
@@ -138,6 +145,7 @@ def test_public_op_with_backend_triton(layout):
         args, kw = (adv, lp[mask], lc[mask], la[mask], roles[mask]), {"cu_seqlens": cu}
     else:
         args, kw = (adv, lp, lc, la, roles), {"mask": mask}
+    args, kw = tuple(t.to(device) for t in args), {k: v.to(device) for k, v in kw.items()}
     tri = role_aware_advantages(*args, **kw, backend="triton")
     ref = role_aware_advantages(*args, **kw, backend="torch")
     for name in ("advantages", "weights", "signals", "baseline"):
