@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.srpo-installed
 VERL_VENV ?= .venv-verl
 
-.PHONY: demo test test-verl lint bench bench-docs gpu-report gpu-bench clean
+.PHONY: demo test test-verl lint bench bench-docs gpu-report gpu-bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ gpu-report: $(STAMP)
 
 gpu-bench: $(STAMP)
 	$(BIN)/python benchmarks/gpu_bench.py
+
+# Everything a lent GPU validates, in one command with one summary line (docs/kernels.md, "GPU check"). No $(STAMP):
+# the GPU machine has no package index, so this runs on whatever python has torch (.venv here, python3 there) and
+# installs .whl/ (benchmarks/gpu_wheels.sh) offline. Without CUDA it runs the interpreter part and says so.
+GPU_PYTHON ?= $(shell test -x $(BIN)/python && echo $(BIN)/python || echo $(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install -q ruff

@@ -1,19 +1,28 @@
-"""Time the fused kernels on a CUDA GPU against TRL, a naive torch version and the bandwidth floor.
+"""Time the fused kernels on a CUDA GPU against the anchors that run there and the device's ceilings.
 
 For each case: the median and 20/80 % quantiles of ``triton.testing.do_bench`` (which synchronises), the effective
-bandwidth ``floor_bytes / time``, and ``floor_time = floor_bytes / copy_bandwidth`` where ``copy_bandwidth`` is
-measured here with a device-to-device copy (read + write) of ``--copy-mib`` MiB. ``floor_bytes`` is what the op must
-move at least (docs/kernels.md): ``N·V·s`` for log-probs forward, ``3·N·V·s`` forward+backward (read, then read +
-write the gradient), ``2·N·V·s`` for a contrast (both rows once).
+bandwidth ``floor_bytes / time`` and the useful ``flops / time``, each also as a fraction of the device's datasheet
+peak (``PEAKS``, looked up from the device name: H100 SXM / PCIe, H200; other devices get no fraction), and
+``floor_time = floor_bytes / copy_bandwidth`` with ``copy_bandwidth`` measured here (a device-to-device copy of
+``--copy-mib`` MiB, read + write). ``floor_bytes`` is what the op must move at least (docs/kernels.md): ``N·V·s`` for
+log-probs forward, ``3·N·V·s`` forward+backward, ``2·N·V·s`` for a contrast; for the linear op the inputs and
+gradients once, ``(N·H + V·H)·s`` forward and three times that forward+backward, and ``2·N·V·H`` FLOPs forward,
+``6·N·V·H`` forward+backward (the three products no method avoids).
 
-Cases (each skipped with a note when its implementation is not importable):
-- ``token_logprobs`` fwd and fwd+bwd, without and with entropy: srpo-core (``backend="triton"``), TRL
-  ``selective_log_softmax`` / ``selective_log_softmax_and_entropy``, naive ``log_softmax(x.float()).gather``;
+Cases (an anchor that does not import or run here is a "skipped" row with the reason; an error in srpo-core's own
+row is an "error" row, which ``make gpu-check`` counts as a failure):
+- ``token_logprobs`` fwd and fwd+bwd, without and with entropy: srpo-core (``backend="triton"``), TRL's Triton kernel
+  ``trl.kernels.logprob_entropy.selective_log_softmax_and_entropy`` (always computes both), Liger-Kernel's
+  ``LigerCrossEntropyLoss(reduction="none")`` (log-probs only), naive ``log_softmax(x.float()).gather``;
 - ``token_contrast`` kl and js: srpo-core, naive (two fp32 ``log_softmax`` and a sum);
-- ``role_aware_advantages`` (``backend="triton"`` vs ``"torch"``) when a Triton role-weights kernel exists.
+- ``linear_token_logprobs`` fwd and fwd+bwd: srpo-core, TRL's ``ChunkedLogProbFunction`` (chunk 32768, as its
+  trainer), Liger's ``LigerFusedLinearCrossEntropyLoss(reduction="none")``, cut-cross-entropy's
+  ``linear_cross_entropy(impl="cce", reduction="none")``, naive (``hidden @ Wᵀ`` then log-softmax);
+- ``role_aware_advantages`` (``backend="triton"`` vs ``"torch"``).
 
-Usage: ``python benchmarks/gpu_bench.py [--rows 4096] [--vocab 151936] [--dtype bf16] [--json FILE]``.
-Exits with status 2 and a message on a machine without CUDA: nothing is timed, no number is invented.
+Usage: ``python benchmarks/gpu_bench.py [--rows 4096] [--vocab 151936] [--dtype bf16] [--linear-rows 8192]
+[--hidden 2048] [--json FILE] [--markdown FILE]``. Exits with status 2 and a message on a machine without CUDA:
+nothing is timed, no number is invented.
 """
 
 from __future__ import annotations
@@ -31,6 +40,17 @@ import torch
 
 NO_CUDA_STATUS = 2
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Datasheet peaks (dense, no sparsity): memory bytes/s and FLOP/s per operand dtype (fp32 = plain FP32 cores; the
+# fp32 linear kernels use IEEE dots, not TF32). Matched by substring of torch.cuda.get_device_name(), first hit wins.
+PEAKS = (
+    ("H200", {"bytes_per_s": 4.8e12, "bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("H100 PCIe", {"bytes_per_s": 2.0e12, "bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
+    ("H100", {"bytes_per_s": 3.35e12, "bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+)
+
+
+def device_peaks(name: str) -> dict | None:
+    return next((dict(p, device=key) for key, p in PEAKS if key in name), None)
 
 
 def version(name: str) -> str | None:
@@ -86,8 +106,11 @@ def fwd_bwd(call, x):
     return run
 
 
+OURS = "srpo-core"
+
+
 def logprob_cases(n: int, v: int, dtype: torch.dtype) -> list[tuple]:
-    """(op, mode, impl, setup -> callable, floor bytes)."""
+    """(op, mode, impl, setup -> callable, floor bytes, useful FLOPs or None)."""
     s = torch.finfo(dtype).bits // 8
     cases = []
     for entropy in (False, True):
@@ -103,14 +126,19 @@ def logprob_cases(n: int, v: int, dtype: torch.dtype) -> list[tuple]:
                 call = lambda: token_logprobs(x, ids, return_entropy=entropy, backend="triton")  # noqa: E731
                 return fwd_bwd(call, x) if grad else call
 
-            def trl(grad=grad, entropy=entropy):
-                from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
+            def trl(grad=grad):
+                from trl.kernels.logprob_entropy import selective_log_softmax_and_entropy
 
                 x, ids = make_inputs(n, v, dtype, requires_grad=grad)
-                if entropy:
-                    call = lambda: selective_log_softmax_and_entropy(x, ids)  # noqa: E731
-                else:
-                    call = lambda: selective_log_softmax(x, ids)  # noqa: E731
+                call = lambda: selective_log_softmax_and_entropy(x, ids)  # noqa: E731
+                return fwd_bwd(call, x) if grad else call
+
+            def liger(grad=grad):
+                from liger_kernel.transformers import LigerCrossEntropyLoss
+
+                x, ids = make_inputs(n, v, dtype, requires_grad=grad)
+                loss = LigerCrossEntropyLoss(reduction="none")
+                call = lambda: loss(x, ids)  # noqa: E731  (its backward writes the gradient into x's buffer)
                 return fwd_bwd(call, x) if grad else call
 
             def naive(grad=grad, entropy=entropy):
@@ -123,8 +151,10 @@ def logprob_cases(n: int, v: int, dtype: torch.dtype) -> list[tuple]:
 
                 return fwd_bwd(call, x) if grad else call
 
-            cases += [(op, mode, "srpo-core", ours, floor), (op, mode, "trl", trl, floor),
-                      (op, mode, "naive torch", naive, floor)]
+            cases += [(op, mode, OURS, ours, floor, None), (op, mode, "trl (triton, +entropy)", trl, floor, None)]
+            if not entropy:
+                cases.append((op, mode, "liger", liger, floor, None))
+            cases.append((op, mode, "naive torch", naive, floor, None))
     return cases
 
 
@@ -154,14 +184,79 @@ def contrast_cases(n: int, v: int, dtype: torch.dtype) -> list[tuple]:
 
             return call
 
-        cases += [(f"token_contrast[{kind}]", "fwd", "srpo-core", ours, 2 * n * v * s),
-                  (f"token_contrast[{kind}]", "fwd", "naive torch", naive, 2 * n * v * s)]
+        cases += [(f"token_contrast[{kind}]", "fwd", OURS, ours, 2 * n * v * s, None),
+                  (f"token_contrast[{kind}]", "fwd", "naive torch", naive, 2 * n * v * s, None)]
     return cases
 
 
+def linear_cases(n: int, h: int, v: int, dtype: torch.dtype) -> list[tuple]:
+    s = torch.finfo(dtype).bits // 8
+    cases = []
+
+    def inputs(grad):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        hidden = torch.randn(n, h, generator=g, device="cuda").to(dtype).requires_grad_(grad)
+        weight = (torch.randn(v, h, generator=g, device="cuda") * h ** -0.5).to(dtype).requires_grad_(grad)
+        return hidden, weight, torch.randint(0, v, (n,), generator=g, device="cuda")
+
+    def wrap(make_call, grad):
+        hidden, weight, ids = inputs(grad)
+        call = make_call(hidden, weight, ids)
+        if not grad:
+            return lambda: _no_grad(call)
+        run = fwd_bwd(call, hidden)
+        run.grad_to_none = [hidden, weight]
+        return run
+
+    impls = {
+        OURS: lambda hid, w, ids: lambda: _ours_linear(hid, w, ids),
+        "trl (chunked)": lambda hid, w, ids: lambda: _trl_linear(hid, w, ids),
+        "liger (flce)": _liger_linear,
+        "cut-cross-entropy": lambda hid, w, ids: lambda: _cce_linear(hid, w, ids),
+        "naive torch": lambda hid, w, ids: lambda: torch.log_softmax((hid @ w.T).float(), -1).gather(
+            -1, ids[:, None])[:, 0],
+    }
+    for mode in ("fwd", "fwd+bwd"):
+        grad = mode != "fwd"
+        floor = (1 if mode == "fwd" else 3) * (n * h + v * h) * s
+        flops = (2 if mode == "fwd" else 6) * n * v * h
+        for impl, make in impls.items():
+            cases.append(("linear_token_logprobs", mode, impl,
+                          lambda make=make, grad=grad: wrap(make, grad), floor, flops))
+    return cases
+
+
+def _no_grad(call):
+    with torch.no_grad():
+        return call()
+
+
+def _ours_linear(hidden, weight, ids):
+    from srpo_core.linear_logprobs import linear_token_logprobs
+
+    return linear_token_logprobs(hidden, weight, ids, backend="triton")
+
+
+def _trl_linear(hidden, weight, ids):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    return ChunkedLogProbFunction.apply(hidden, weight, None, ids, 1.0, 32768, None, 1.0, ())[0]
+
+
+def _liger_linear(hidden, weight, ids):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
+    return lambda: loss(weight, hidden, ids)
+
+
+def _cce_linear(hidden, weight, ids):
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(hidden, weight, ids, impl="cce", reduction="none")
+
+
 def role_cases(tokens: int) -> list[tuple]:
-    if importlib.util.find_spec("srpo_core.kernels.role_weights") is None:
-        return []
     t = 1024
     b = max(1, tokens // t)
 
@@ -184,11 +279,11 @@ def role_cases(tokens: int) -> list[tuple]:
 
     # floor: read three fp32 log-probs and int64 roles once, write the fp32 advantages
     floor = b * t * (3 * 4 + 8 + 4)
-    return [("role_aware_advantages", "fwd", "srpo-core triton", run("triton"), floor),
-            ("role_aware_advantages", "fwd", "srpo-core torch", run("torch"), floor)]
+    return [("role_aware_advantages", "fwd", f"{OURS} triton", run("triton"), floor, None),
+            ("role_aware_advantages", "fwd", f"{OURS} torch", run("torch"), floor, None)]
 
 
-def measure(setup, floor_bytes: int, copy_bw: float) -> dict:
+def measure(setup, floor_bytes: int, flops: int | None, copy_bw: float, peaks: dict | None, dtype_name: str) -> dict:
     from triton.testing import do_bench
 
     fn = setup()
@@ -200,8 +295,40 @@ def measure(setup, floor_bytes: int, copy_bw: float) -> dict:
     med, lo, hi = do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
     peak = torch.cuda.max_memory_allocated() - base
     floor_ms = floor_bytes / copy_bw * 1e3
-    return {"median_ms": med, "p20_ms": lo, "p80_ms": hi, "floor_bytes": floor_bytes, "floor_ms": floor_ms,
-            "effective_gbps": floor_bytes / (med * 1e-3) / 1e9, "x_floor": med / floor_ms, "peak_extra_bytes": peak}
+    bps = floor_bytes / (med * 1e-3)
+    row = {"median_ms": med, "p20_ms": lo, "p80_ms": hi, "floor_bytes": floor_bytes, "floor_ms": floor_ms,
+           "effective_gbps": bps / 1e9, "x_floor": med / floor_ms, "peak_extra_bytes": peak}
+    if peaks:
+        row["bw_fraction_of_peak"] = bps / peaks["bytes_per_s"]
+    if flops:
+        row["flops"] = flops
+        row["tflops"] = flops / (med * 1e-3) / 1e12
+        if peaks:
+            row["flops_fraction_of_peak"] = row["tflops"] * 1e12 / peaks[dtype_name]
+    return row
+
+
+def markdown(env: dict, copy_bw: float, peaks: dict | None, results: list[dict]) -> str:
+    peak_txt = (f"datasheet peaks used: {peaks['bytes_per_s'] / 1e12:.2f} TB/s, {peaks['bf16'] / 1e12:.0f} TFLOP/s "
+                f"bf16, {peaks['fp32'] / 1e12:.0f} TFLOP/s fp32 ({peaks['device']})") if peaks else \
+        "no datasheet peaks for this device: no fractions"
+    lines = [f"GPU benchmarks on {env['gpu']} ({env['date']}; torch {env['torch']}, triton {env['triton']}); measured "
+             f"copy bandwidth {copy_bw / 1e9:.0f} GB/s; {peak_txt}.", "",
+             "| op | mode | impl | shape | dtype | median ms (p20-p80) | × floor | GB/s | % peak BW | TFLOP/s "
+             "| % peak FLOP/s | peak extra MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        head = f"| {r['op']} | {r['mode']} | {r['impl']} | {r['shape']} | {r['dtype']} |"
+        if "median_ms" not in r:
+            why = r.get("skipped") or f"ERROR {r.get('error')}"
+            lines.append(f"{head} {why.replace('|', '/')[:120]} | | | | | | |")
+            continue
+        bw = f"{100 * r['bw_fraction_of_peak']:.0f}" if "bw_fraction_of_peak" in r else ""
+        tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
+        tfp = f"{100 * r['flops_fraction_of_peak']:.0f}" if "flops_fraction_of_peak" in r else ""
+        lines.append(f"{head} {r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f}) | {r['x_floor']:.2f} | "
+                     f"{r['effective_gbps']:.0f} | {bw} | {tf} | {tfp} | {r['peak_extra_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -209,10 +336,13 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=4096, help="N, rows of logits (default 4096)")
     parser.add_argument("--vocab", type=int, default=151_936, help="V (default 151936, Qwen2-VL)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--linear-rows", type=int, default=8192, help="N of the linear op (default 8192)")
+    parser.add_argument("--hidden", type=int, default=2048, help="H of the linear op (default 2048)")
     parser.add_argument("--role-tokens", type=int, default=1 << 20)
     parser.add_argument("--copy-mib", type=int, default=1024)
     parser.add_argument("--only", help="only ops whose name contains this")
     parser.add_argument("--json", metavar="FILE", help="write results and environment as JSON")
+    parser.add_argument("--markdown", metavar="FILE", help="write the table as markdown")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -223,43 +353,47 @@ def main(argv=None) -> int:
 
     dtype = DTYPES[args.dtype]
     env = environment()
+    peaks = device_peaks(env["gpu"])
     copy_bw = copy_bandwidth(args.copy_mib)
     cases = logprob_cases(args.rows, args.vocab, dtype) + contrast_cases(args.rows, args.vocab, dtype) \
-        + role_cases(args.role_tokens)
+        + linear_cases(args.linear_rows, args.hidden, args.vocab, dtype) + role_cases(args.role_tokens)
     results = []
-    for op, mode, impl, setup, floor in cases:
+
+    def dump(final: bool) -> None:  # after every row, so a run stopped at its time limit keeps what it timed
+        if args.json:
+            Path(args.json).write_text(json.dumps({"environment": env, "copy_bandwidth_Bps": copy_bw, "peaks": peaks,
+                                                   "args": vars(args), "complete": final, "results": results},
+                                                  indent=1))
+        if args.markdown:
+            Path(args.markdown).write_text(markdown(env, copy_bw, peaks, results))
+
+    for op, mode, impl, setup, floor, flops in cases:
         if args.only and args.only not in op:
             continue
-        row = {"op": op, "mode": mode, "impl": impl, "shape": f"N={args.rows} V={args.vocab}", "dtype": args.dtype}
+        n = args.linear_rows if op.startswith("linear") else args.rows
+        shape = f"N={n} H={args.hidden} V={args.vocab}" if op.startswith("linear") else \
+            (f"{args.role_tokens} tokens" if op.startswith("role") else f"N={n} V={args.vocab}")
+        row = {"op": op, "mode": mode, "impl": impl, "shape": shape,
+               "dtype": "fp32" if op.startswith("role") else args.dtype}
         try:
-            row.update(measure(setup, floor, copy_bw))
-        except (ImportError, NotImplementedError) as e:
-            row["skipped"] = f"{type(e).__name__}: {e}"
+            row.update(measure(setup, floor, flops, copy_bw, peaks, row["dtype"]))
         except torch.cuda.OutOfMemoryError as e:
             row["skipped"] = f"out of memory: {str(e).splitlines()[0]}"
+        except Exception as e:  # an anchor that does not run here is skipped; srpo-core's own failure is an error
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            row["error" if impl.startswith(OURS) else "skipped"] = msg
         torch.cuda.empty_cache()
         results.append(row)
+        print(f"{op} {mode} {impl}: " + (f"{row['median_ms']:.3f} ms" if "median_ms" in row else
+                                         row.get("skipped") or f"ERROR {row['error']}"), flush=True)
+        dump(False)
 
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=f"{env['gpu']}: copy bandwidth {copy_bw / 1e9:.0f} GB/s")
-    for col in ("op", "mode", "impl", "median ms", "p20-p80 ms", "floor ms", "× floor", "GB/s", "peak extra MiB"):
-        table.add_column(col)
-    for r in results:
-        if "skipped" in r:
-            table.add_row(escape(r["op"]), r["mode"], r["impl"], "skipped", escape(r["skipped"]), "", "", "", "")
-            continue
-        table.add_row(escape(r["op"]), r["mode"], r["impl"], f"{r['median_ms']:.3f}",
-                      f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}", f"{r['floor_ms']:.3f}", f"{r['x_floor']:.2f}",
-                      f"{r['effective_gbps']:.0f}", f"{r['peak_extra_bytes'] / 2**20:.0f}")
-    Console(width=200).print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "copy_bandwidth_Bps": copy_bw,
-                                               "args": vars(args), "results": results}, indent=1))
-        print(f"wrote {args.json}")
-    return 0
+    print(markdown(env, copy_bw, peaks, results))
+    dump(True)
+    for f in (args.json, args.markdown):
+        if f:
+            print(f"wrote {f}")
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -87,3 +87,51 @@ def test_gpu_bench_without_cuda_exits_with_a_message():
     assert proc.returncode == 2, proc.stderr
     assert "no CUDA device" in proc.stderr and "Nothing was timed" in proc.stderr
     assert proc.stdout == ""
+
+
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def test_gpu_check_plan_without_cuda():
+    """`make gpu-check`'s plan off CUDA: the message, the static and parity phases on the CPU, no large/bench."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the plan would include the CUDA part")
+    proc = subprocess.run([sys.executable, str(GPU_CHECK), "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "no CUDA device: skipping the CUDA part" in out
+    assert "[static]" in out and "tests/test_gpu_static.py" in out
+    parity = next(line for line in out.splitlines() if line.startswith("[parity]"))
+    assert "SRPO_TEST_DEVICE=cpu" in parity and "-p pytest_device_only" in parity
+    for f in ("tests/test_token_logprobs.py", "tests/test_linear_logprobs.py", "tests/test_token_contrast.py",
+              "tests/test_role_weights_kernel.py"):
+        assert f in parity, f
+    assert "[large]" not in out and "[bench]" not in out
+    assert out.strip().splitlines()[-1].startswith("gpu-check (dry run): no CUDA device: 2 phases planned")
+
+
+def test_gpu_check_cpu_fallback_runs_a_tiny_selection(tmp_path):
+    """The real CPU path on one parity test: the device-only plugin selects it, the summary line counts it, exit 0;
+    a selection that runs no test is a FAIL (exit 1), not a pass."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: gpu_check.py would run the CUDA part")
+    env = {k: v for k, v in os.environ.items() if k not in ("SRPO_TEST_DEVICE", "TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, str(GPU_CHECK), "--phases", "parity", "-k",
+                           "test_constant_role_gives_sigma_zero", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("gpu-check: PASS: no CUDA device: tests 1 passed, 0 failed"), last
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["ok"] and summary["phases"]["parity"]["passed"] == 1 and summary["bench"] is None
+    assert (tmp_path / "parity.xml").exists() and (tmp_path / "gpu_check.log").exists()
+
+    proc = subprocess.run([sys.executable, str(GPU_CHECK), "--phases", "static", "-k", "no_such_test_anywhere",
+                           "--out", str(tmp_path / "none")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1 and "gpu-check: FAIL: no CUDA device: tests 0 passed" in proc.stdout, proc.stdout
