@@ -14,7 +14,9 @@ that ships with Triton:
 - ``-res-usage``: registers per thread, local memory (spills: Triton kernels keep no local arrays, so any local
   memory is spilled registers), stack, static shared memory; Triton's dynamic shared memory comes from the metadata;
 - ``-sass``: whether global loads are 128-bit (``LDG.E.128``, or ``LDGSTS``/``.128`` copies into shared memory), and
-  whether tensor-core instructions (``HMMA`` on sm_80, ``HGMMA`` / ``HMMA`` on sm_90) appear.
+  whether tensor-core instructions (``HMMA`` on sm_80, ``HGMMA`` / ``HMMA`` on sm_90) appear;
+- the TTIR: every ``tt.addptr`` offset is int64 (``addr_audit.audit_ttir``; findings per row in ``addptr_findings``,
+  printed with kernel and source line under the table).
 
 Usage: ``python benchmarks/gpu_report.py [--json FILE] [--targets 80,90] [--only SUBSTRING]``. Exits 1 if a kernel
 fails to compile. ``TRITON_INTERPRET`` is removed from the environment first: under the interpreter ``@triton.jit``

@@ -180,11 +180,12 @@ def test_the_guard_check_catches_an_unguarded_launch(guarded_runs):
             return lambda *a, **k: None
 
     state = {"guards": [], "launched": set(), "problems": []}
-    _Checked("k", Stub(), state)[(1,)](torch.empty(1, device=DEVICE))
+    t = torch.empty(1, device=DEVICE)
+    _Checked("k", Stub(), state)[(1,)](t)
     assert state["problems"] == ["k launched outside `_dispatch.device_guard`"]
     state["guards"].append(torch.device("meta"))
-    _Checked("k", Stub(), state)[(1,)](torch.empty(1, device=DEVICE))
-    assert state["problems"][1:] == [f"k: guard on meta, but a tensor argument is on {DEVICE}"]
+    _Checked("k", Stub(), state)[(1,)](t)
+    assert state["problems"][1:] == [f"k: guard on meta, but a tensor argument is on {t.device}"]
 
 
 # --- (b) int64 address math -------------------------------------------------------------------------------------
