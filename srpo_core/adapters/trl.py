@@ -1,7 +1,8 @@
 """SRPO for TRL: ``SRPOGRPOTrainer``, a drop-in ``GRPOTrainer`` whose advantages are role-aware and per token.
 
-Tested with TRL 1.16.0 and transformers 5.24.0 (see ``docs/trl.md``). After TRL has generated, scored and computed its
-sequence advantages ``A_i: [B_local]``, the trainer
+Tested with TRL 1.16 and transformers 5.24 (``srpo-core docs trl``); another TRL is refused at import (the trainer
+overrides private ``GRPOTrainer`` methods) unless ``SRPO_ALLOW_UNTESTED_TRL=1``. After TRL has generated, scored and
+computed its sequence advantages ``A_i: [B_local]``, the trainer
 
 1. labels each completion's tokens with :func:`srpo_core.roles_from_token_ids` (perception / reasoning / other);
 2. runs three teacher-forced passes under ``no_grad`` through TRL's own ``_get_per_token_logps_and_entropies``
@@ -21,20 +22,54 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import warnings
 from collections.abc import Callable
 
 import torch
 
 try:
+    import trl
     from trl import GRPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("srpo_core.adapters.trl needs TRL: pip install 'srpo-core[trl]'") from e
+    raise ImportError("srpo_core.adapters.trl needs TRL: install srpo-core with its `trl` extra "
+                      "(pip install '.[trl]' in a clone, or 'srpo_core-*.whl[trl]')") from e
 
 from srpo_core.ablation import ablate_span
 from srpo_core.advantages import RoleAwareAdvantages, role_aware_advantages
 from srpo_core.config import Role, SRPOConfig
 from srpo_core.corruption import CLIP_MEAN, CLIP_STD, MODES, corrupt_pixel_values
 from srpo_core.roles import PERCEPTION_TAGS, REASONING_TAGS, TokenRoles, roles_from_token_ids
+
+# The TRL releases the adapter is tested with, [low, high): it overrides GRPOTrainer's private
+# _generate_and_score_completions and calls _get_per_token_logps_and_entropies, which TRL may change in any release.
+TESTED_TRL = ("1.16", "1.17")
+ALLOW_UNTESTED_ENV = "SRPO_ALLOW_UNTESTED_TRL"
+_PRIVATE_METHODS = ("_generate_and_score_completions", "_get_per_token_logps_and_entropies")
+
+
+def check_trl_version(version: str, trainer_cls: type = GRPOTrainer) -> None:
+    """Raise ``ImportError`` unless TRL ``version`` is in :data:`TESTED_TRL` and ``trainer_cls`` has the private
+    methods the adapter relies on; with ``SRPO_ALLOW_UNTESTED_TRL=1`` an untested version only warns."""
+    from packaging.version import Version
+
+    low, high = (Version(v) for v in TESTED_TRL)
+    missing = [name for name in _PRIVATE_METHODS if not callable(getattr(trainer_cls, name, None))]
+    if missing:
+        raise ImportError(f"srpo_core.adapters.trl: TRL {version}'s GRPOTrainer has no {', '.join(missing)}, which "
+                          f"SRPOGRPOTrainer overrides; install a tested TRL: trl>={TESTED_TRL[0]},<{TESTED_TRL[1]}")
+    if low <= Version(Version(version).base_version) < high:  # 1.17.0.dev0 counts as 1.17: untested
+        return
+    message = (f"srpo_core.adapters.trl is tested with trl>={TESTED_TRL[0]},<{TESTED_TRL[1]}, and TRL {version} is "
+               f"installed: SRPOGRPOTrainer overrides private GRPOTrainer methods that change between TRL releases")
+    if os.environ.get(ALLOW_UNTESTED_ENV, "0") == "1":
+        warnings.warn(f"{message} ({ALLOW_UNTESTED_ENV}=1: trying anyway)", stacklevel=2)
+        return
+    raise ImportError(f"{message}. Install a tested TRL (pip install 'trl>={TESTED_TRL[0]},<{TESTED_TRL[1]}'), or set "
+                      f"{ALLOW_UNTESTED_ENV}=1 to try this one at your own risk.")
+
+
+check_trl_version(trl.__version__)
 
 # Inputs of TRL's log-prob function that the generation step stores in its output dict.
 _MM_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
