@@ -103,6 +103,7 @@ def _docs(args) -> int:
 def _bench(args) -> int:
     from srpo_core import bench
 
+    bench.check_arguments(args.device, args.json, args.plot)  # before a run of minutes, not after it
     preset = "tiny" if args.tiny else ("quick" if args.quick else "full")
     report = bench.run(preset, device=args.device, ops=args.op or None, progress=not args.no_progress)
     bench.print_report(report)
@@ -164,11 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     show_options(explain)
     explain.set_defaults(run=_explain)
 
-    bench = sub.add_parser("bench", help="benchmark every op against the anchors that run here")
+    bench = sub.add_parser("bench", help="benchmark every op against the anchors that run here",
+                           description="Time and peak memory of every op beside its anchors (naive torch, TRL, "
+                           "cut-cross-entropy, ...) on this machine.",
+                           epilog="ours/it = srpo-core's median time (or peak memory) divided by that row's: below 1, "
+                           "srpo-core is faster (smaller). The bars are srpo-core's CPU targets; they are judged at "
+                           "the full sizes only (the default), and shown for information with --quick / --tiny.")
     size = bench.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 CPU cores")
     size.add_argument("--tiny", action="store_true", help="toy sizes (for tests)")
-    bench.add_argument("--op", action="append", help="only this op (repeatable)")
+    from srpo_core.bench import OPS
+
+    bench.add_argument("--op", action="append", choices=OPS, metavar="OP",
+                       help=f"only this op (repeatable): {', '.join(OPS)}")
     bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present")
     bench.add_argument("--json", metavar="FILE", help="save the results as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="draw time and peak memory (needs matplotlib)")

@@ -340,3 +340,38 @@ def test_make_example_honours_help_and_never_rewrites_by_default(tmp_path, capsy
     assert target.read_text(encoding="utf-8") == EXAMPLE.read_text(encoding="utf-8")
     assert make_example.main(["--check"]) == 0
     assert EXAMPLE.stat().st_mtime_ns == before
+
+
+def test_numbering_without_response_ids_equals_demo(tmp_path, capsys):
+    records = [json.loads(line) for line in EXAMPLE.read_text(encoding="utf-8").splitlines()]
+    assert [r["response_id"] for r in records] == [0, 1, 2, 3] * 3
+    f = tmp_path / "no_ids.jsonl"
+    f.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "response_id"}) + "\n" for r in records))
+    _, demo_out, _ = run(["demo", "--width", "120"], capsys)
+    code, out, _ = run(["explain", str(f), "--width", "120"], capsys)
+    assert code == 0 and out == demo_out
+    page_demo, page = tmp_path / "d.html", tmp_path / "e.html"
+    run(["demo", "--html", str(page_demo)], capsys)
+    run(["explain", str(f), "--html", str(page)], capsys)
+    assert page.read_text() == page_demo.read_text()
+    from srpo_core.render import response_labels
+
+    assert response_labels([{"prompt_id": "a"}, {"prompt_id": "b"}, {"prompt_id": "a", "response_id": 9},
+                            {"prompt_id": "a"}, {"prompt_id": 1}, {"prompt_id": "1"}]) == ["0", "0", "9", "2", "0",
+                                                                                          "0"]
+
+
+def test_html_has_a_colour_legend_and_the_terminal_notes(tmp_path, capsys):
+    from srpo_core.render import LEGEND_WEIGHTS, _rgb
+
+    page = tmp_path / "demo.html"
+    run(["demo", "--html", str(page)], capsys)
+    text = page.read_text()
+    legend = text[text.index("class='legend'"):]
+    legend = legend[:legend.index("</div>")]
+    for w in LEGEND_WEIGHTS:
+        assert "background:rgb({},{},{})'>{:g}<".format(*_rgb(w), w) in legend, w
+    assert "perception" in legend and "reasoning" in legend and "other" in legend
+    for note in ("where A<sub>i</sub> &lt; 0, ▲ tokens are pushed down", "role P/R and weight",
+                 "each response's mean weight is 1", "signals P: k3"):
+        assert note in text, note
