@@ -313,3 +313,22 @@ def test_srpo_grpo_config_drives_the_trainer_and_the_loss_equals_grpo(processor)
             float(grpo_abs[sel].sum() / grpo_abs[last.mask].sum()), rel=1e-5)
     assert logged["srpo/w_std"] == pytest.approx(float(w[last.mask].std(correction=0)), rel=1e-5)
     assert logged["srpo/w_std"] > 0
+
+
+def test_the_offline_recipe_in_docs_trl_runs(tmp_path):
+    """docs/trl.md's offline recipe, run as written (in a fresh process, from an empty directory)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "trl.md").read_text(encoding="utf-8")
+    block = text.split("<!-- offline-recipe:begin -->")[1].split("<!-- offline-recipe:end -->")[0]
+    code = block.split("```python\n", 1)[1].rsplit("```", 1)[0]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "'loss'" in last and "'srpo/perception/adv_share'" in last and "'srpo/w_std'" in last, last
