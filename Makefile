@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: this machine holds a CPU build of 2.13.0; an open range would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[test,trl,bench]"
+	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[test,triton,trl,bench]"
 	touch $(STAMP)
 
 demo: $(STAMP)

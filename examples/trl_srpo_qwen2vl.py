@@ -2,13 +2,15 @@
 
 Lines that differ from a plain TRL GRPO vision-language script are marked ``# SRPO``: one import, the prompt format
 (``<perception>…</perception><think>…</think>\\boxed{}``, so that the trainer can tell perception tokens from
-reasoning tokens), and ``SRPOGRPOTrainer`` with its ``srpo_config`` in place of ``GRPOTrainer``.
+reasoning tokens), ``SRPOGRPOConfig`` in place of ``GRPOConfig`` (SRPO's settings as ``--srpo_*`` flags or YAML keys)
+and ``SRPOGRPOTrainer`` in place of ``GRPOTrainer``.
 
-    pip install "srpo-core[trl]"
+    pip install ".[trl]"        # in a clone of srpo-core (see its README)
     accelerate launch examples/trl_srpo_qwen2vl.py \\
         --model_name_or_path Qwen/Qwen2.5-VL-3B-Instruct --dataset_name hiyouga/geometry3k \\
         --output_dir srpo-qwen2.5vl-3b --bf16 --dtype bfloat16 --per_device_train_batch_size 8 --num_generations 8 \\
-        --max_completion_length 1024 --learning_rate 1e-6 --gradient_checkpointing --logging_steps 1
+        --max_completion_length 1024 --learning_rate 1e-6 --gradient_checkpointing --logging_steps 1 \\
+        --srpo_beta_perception 0.5 --srpo_beta_reasoning 0.5 --srpo_corruption_p 0.5
 
 Assumed columns (as in hiyouga/geometry3k): ``images`` (a list with one PIL image), ``problem`` (text, may contain an
 ``<image>`` placeholder) and ``answer``.
@@ -16,27 +18,17 @@ Assumed columns (as in hiyouga/geometry3k): ``images`` (a list with one PIL imag
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 from datasets import load_dataset
-from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
+from trl import ModelConfig, ScriptArguments, TrlParser
 
-from srpo_core import SRPOConfig  # SRPO
-from srpo_core.adapters.trl import SRPOGRPOTrainer, SRPOTrainerOptions  # SRPO
+from srpo_core.adapters.trl import SRPOGRPOConfig, SRPOGRPOTrainer  # SRPO
 
 SYSTEM_PROMPT = (  # SRPO: perception first, then reasoning, then the boxed answer
     "First describe what you see in the image that matters for the question inside <perception> </perception> "
     "tags, then think step by step inside <think> </think> tags, and finally give the answer as \\boxed{...}."
 )
-
-
-@dataclasses.dataclass
-class SRPOArguments:  # SRPO: the strengths and the corruption, from the command line
-    beta_perception: float = 0.5
-    beta_reasoning: float = 0.5
-    corruption_p: float = 0.5
-    ablation_mode: str = "drop"
 
 
 def make_conversation(example):
@@ -76,8 +68,8 @@ def accuracy_reward(completions, answer, **kwargs):
 
 
 def main():
-    parser = TrlParser((ScriptArguments, GRPOConfig, ModelConfig, SRPOArguments))
-    script_args, training_args, model_args, srpo_args = parser.parse_args_and_config()
+    parser = TrlParser((ScriptArguments, SRPOGRPOConfig, ModelConfig))  # SRPO: SRPOGRPOConfig for GRPOConfig
+    script_args, training_args, model_args = parser.parse_args_and_config()
     training_args.model_init_kwargs = {"dtype": model_args.dtype or "bfloat16",
                                        "attn_implementation": model_args.attn_implementation}
 
@@ -92,10 +84,6 @@ def main():
         reward_funcs=[format_reward, accuracy_reward],
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        srpo_config=SRPOConfig(beta_perception=srpo_args.beta_perception,  # SRPO
-                               beta_reasoning=srpo_args.beta_reasoning),
-        srpo_options=SRPOTrainerOptions(corruption_p=srpo_args.corruption_p,  # SRPO
-                                        ablation_mode=srpo_args.ablation_mode),
     )
     trainer.train()
     trainer.save_model(training_args.output_dir)

@@ -2,9 +2,10 @@
 
 Each case builds its inputs once and returns a closure; the harness times it (median with 20/80 quantiles; on CUDA
 through ``triton.testing.do_bench``, which synchronises), measures the peak extra memory of one call, and reports
-``ours / anchor`` ratios against the bars of issue 7. The same case table feeds ``benchmarks/test_bench_ops.py``
-(the pytest-benchmark suite: ``pytest benchmarks/test_bench_ops.py --benchmark-enable``), and the JSON this writes
-feeds ``benchmarks/write_docs.py`` (the generated ``docs/benchmarks.md``).
+``ours / anchor`` ratios against srpo-core's CPU performance targets (the bars). The same case table feeds
+``benchmarks/test_bench_ops.py`` (the pytest-benchmark suite: ``pytest benchmarks/test_bench_ops.py
+--benchmark-enable``), and the JSON this writes feeds ``benchmarks/write_docs.py`` (the generated
+``docs/benchmarks.md``).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the inputs. On CPU the peak resident set size above
 the RSS right before the call: the kernel's high-water mark is reset (``/proc/self/clear_refs`` ← 5) and read back
@@ -30,9 +31,10 @@ import torch
 
 SCHEMA_VERSION = 1
 
-# Size presets: "full" is what issue 7's bars are stated at (the linear op at issue 4's calibration shape N=1024,
-# H=1024; benchmarks/linear_table.py measures it at N=2048 and the other shapes of issue 4); "quick" finishes in
-# under a minute on 2 CPU cores; "tiny" is for the test that checks the JSON.
+# Size presets: "full" is what the bars are stated at (the linear op at N=1024, H=1024, V=151,936;
+# benchmarks/linear_table.py measures it at N=2048 and other shapes); "quick" finishes in under a minute on 2 CPU
+# cores; "tiny" is for the test that checks the JSON.
+OPS = ("token_logprobs", "token_contrast", "linear_token_logprobs", "role_aware_advantages")  # what --op accepts
 SIZES = {
     "full": {"logprob_rows": 4096, "vocab": 151_936, "role_tokens": 1 << 20, "linear": (1024, 1024, 151_936),
              "contrast_rows": 1024},
@@ -417,7 +419,8 @@ def _ratios(results: list[dict]) -> list[dict]:
 
 
 def _bars(ratios: list[dict], device: str, preset: str) -> list[dict]:
-    """Issue 7's CPU bars, evaluated on every run; they *apply* only at the sizes they are stated at (``full``)."""
+    """The CPU bars, evaluated on every run; they *apply* only at the sizes they are stated at (``full``): elsewhere
+    a row informs and holds nothing (``applies`` false)."""
     if device != "cpu":
         return []
     out = []
@@ -433,6 +436,36 @@ def _bars(ratios: list[dict], device: str, preset: str) -> list[dict]:
     return out
 
 
+# x86 / Arm feature flags that decide which SIMD paths torch, inductor and oneDNN take (the rest of cpuinfo is noise).
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2", "bf16", "i8mm")
+
+
+def cpu_info() -> dict:
+    """CPU model, the ISA flags of :data:`ISA_FLAGS` it has, and torch's CPU capability (the SIMD level its own
+    kernels dispatch to, e.g. ``AVX2`` or ``AVX512``): the numbers of a CPU run depend on all three."""
+    model, flags = platform.processor() or None, set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "cpu model", "hardware") and value.strip():
+                    model = model if key == "hardware" and model else value.strip()
+                elif key in ("flags", "features"):
+                    flags.update(value.split())
+                if not line.strip() and flags:  # the first processor block is enough
+                    break
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        capability = None
+    return {"cpu_model": model, "cpu_flags": [f for f in ISA_FLAGS if f in flags],
+            "torch_cpu_capability": capability}
+
+
 def environment(device: str) -> dict:
     def version(mod):
         try:
@@ -443,7 +476,7 @@ def environment(device: str) -> dict:
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": device, "machine": platform.machine(), "processor": platform.processor() or None,
            "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
-           "python": platform.python_version(), "torch": torch.__version__}
+           "python": platform.python_version(), "torch": torch.__version__, **cpu_info()}
     for mod in ("triton", "trl", "cut_cross_entropy", "liger_kernel", "srpo_core"):
         env[mod] = version(mod)
     if device == "cuda":
@@ -466,6 +499,9 @@ def _load() -> list[float] | None:
 def run(preset: str = "quick", device: str | None = None, ops: list[str] | None = None,
         progress: bool = True) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    unknown = sorted(set(ops or ()) - set(OPS))
+    if unknown:
+        raise ValueError(f"bench: unknown op {', '.join(map(repr, unknown))}; the ops are {', '.join(OPS)}")
     env = environment(device)  # load average before the run
     start = time.perf_counter()
     cases = [c for c in build_cases(preset, device) if not ops or c.op in ops]
@@ -498,24 +534,73 @@ def _fmt_bytes(b: int | None) -> str:
     return "—" if b is None else f"{b / 2**20:.1f} MiB"
 
 
+RATIO_NOTE = ("ours/it: srpo-core's median time (peak memory) divided by this row's; below 1, srpo-core is faster "
+              "(smaller). peak mem: the most extra memory one call takes above its inputs.")
+
+
+def check_arguments(device: str | None, json_path: str | None, plot_path: str | None) -> None:
+    """What ``srpo-core bench`` checks before a run of minutes: the device exists, ``--json`` / ``--plot`` can be
+    written, matplotlib imports for ``--plot``. Raises ``ValueError`` with the option named."""
+    import importlib.util
+    import os
+    import pathlib
+
+    if device == "cuda" and not torch.cuda.is_available():
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None and torch.version.hip is None
+               else "no GPU is visible")
+        raise ValueError(f"--device cuda: {why} (torch {torch.__version__}); use --device cpu or leave it out")
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is None:
+            continue
+        target = pathlib.Path(path)
+        parent = target.parent if str(target.parent) else pathlib.Path(".")
+        if target.is_dir():
+            raise ValueError(f"{option} {path}: is a directory; give a file name")
+        if not parent.is_dir():
+            raise ValueError(f"{option} {path}: the folder {parent} does not exist")
+        if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+            raise ValueError(f"{option} {path}: cannot be written (no write permission)")
+    if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib, which is not installed (pip install matplotlib, or the `bench` "
+                         "extra of srpo-core)")
+
+
+def header_lines(report: dict) -> list[str]:
+    """The run's identity, one fact per line: what ran, where (CPU model, ISA flags, torch's CPU capability or the
+    GPU), with which versions, and when. Lines are short; a long flag list wraps on its own."""
+    env = report["environment"]
+    lines = [f"srpo-core bench ({report['preset']} sizes) on {env['device']} · {env['date']}",
+             f"torch {env['torch']} · triton {env.get('triton') or 'not installed'} · python {env['python']}"]
+    if env.get("gpu"):
+        lines.append(f"GPU: {env['gpu']}")
+    lines.append(f"CPU: {env.get('cpu_model') or env.get('processor') or env['machine']} · {env['cpu_count']} cores, "
+                 f"{env['torch_threads']} torch threads")
+    lines.append(f"ISA: {' '.join(env.get('cpu_flags') or []) or 'unknown'} · torch CPU capability "
+                 f"{env.get('torch_cpu_capability') or 'unknown'}")
+    return lines
+
+
 def print_report(report: dict, console=None) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    env = report["environment"]
-    console.print(f"[bold]srpo-core bench[/] ({report['preset']}) on {env['device']} · torch {env['torch']} · "
-                  f"triton {env['triton']} · {env['date']}")
+    for i, line in enumerate(header_lines(report)):
+        console.print(f"[bold]{line}[/]" if i == 0 else line, overflow="fold", highlight=False)
+    console.print(f"[dim]{RATIO_NOTE}[/]", highlight=False)
     ours = {(r["op"], r["mode"], r["shape"], r["dtype"]): r for r in report["results"]
             if r["impl"] == "srpo-core" and r["status"] == "ok"}
-    for op in dict.fromkeys(r["op"] for r in report["results"]):
-        rows = [r for r in report["results"] if r["op"] == op]
-        table = Table(title=f"{op} · {rows[0]['shape']}", title_justify="left")
-        for col in ("mode", "dtype", "implementation", "median", "peak mem", "ours/it time", "ours/it mem"):
-            table.add_column(col, justify="left" if col in ("mode", "dtype", "implementation") else "right")
+    groups = dict.fromkeys((r["op"], r["dtype"]) for r in report["results"])
+    for op, dtype in groups:
+        rows = [r for r in report["results"] if (r["op"], r["dtype"]) == (op, dtype)]
+        table = Table(title=f"{op} · {dtype} · {rows[0]['shape']}", title_justify="left", box=box.SIMPLE_HEAD,
+                      pad_edge=False)
+        for col in ("mode", "implementation", "median", "peak mem", "ours/it\ntime", "ours/it\nmem"):
+            table.add_column(col, justify="left" if col in ("mode", "implementation") else "right", no_wrap=True)
         for r in rows:
             if r["status"] != "ok":
-                table.add_row(r["mode"], r["dtype"], r["impl"], f"[dim]{r['status']}[/]", "", "", "")
+                table.add_row(r["mode"], r["impl"], f"[dim]{r['status']}[/]", "", "", "")
                 continue
             o = ours.get((r["op"], r["mode"], r["shape"], r["dtype"]))
             t_ratio = m_ratio = ""
@@ -523,23 +608,25 @@ def print_report(report: dict, console=None) -> None:
                 t_ratio = f"{o['median_s'] / r['median_s']:.3f}"
                 m_ratio = f"{o['peak_bytes'] / r['peak_bytes']:.3f}" if r["peak_bytes"] else "—"
             name = f"[bold]{r['impl']}[/]" if r["impl"] == "srpo-core" else r["impl"]
-            table.add_row(r["mode"], r["dtype"], name, _fmt_time(r["median_s"]), _fmt_bytes(r["peak_bytes"]),
-                          t_ratio, m_ratio)
+            table.add_row(r["mode"], name, _fmt_time(r["median_s"]), _fmt_bytes(r["peak_bytes"]), t_ratio, m_ratio)
         console.print(table)
     skipped = [r for r in report["results"] if r["status"] != "ok"]
     for r in skipped:
-        console.print(f"[dim]{r['op']} {r['mode']} {r['impl']}: {r['status']} ({r['reason']})[/]")
+        console.print(f"[dim]{r['op']} {r['mode']} {r['impl']}: {r['status']} ({r['reason']})[/]", overflow="fold")
     if report["bars"]:
-        title = "bars (issue 7)" if report["preset"] == "full" else \
-            "bars (issue 7; stated at the full sizes, shown here for information only)"
-        bars = Table(title=title)
-        for col in ("op", "mode", "dtype", "bar", "ours/anchor", "held"):
-            bars.add_column(col)
+        applies = all(b.get("applies", True) for b in report["bars"])
+        console.print("[bold]bars[/]: srpo-core's CPU targets, " + (
+            "held or missed at these (full) sizes" if applies else
+            "for information only: they are stated at the full sizes (`srpo-core bench`), so nothing is judged here"),
+            overflow="fold", highlight=False)
         for b in report["bars"]:
-            bars.add_row(b["op"], b["mode"], b["dtype"], b["bar"],
-                         "—" if b["ratio"] is None else f"{b['ratio']:.3f} (≤ {b['max_ratio']:.3f})",
-                         "[green]yes[/]" if b["held"] else "[red]no[/]")
-        console.print(bars)
+            if not b.get("applies", True):
+                verdict = "[dim]info  [/]"
+            else:
+                verdict = "[green]held  [/]" if b["held"] else "[red]missed[/]"
+            value = "—" if b["ratio"] is None else f"{b['ratio']:.3f} (target ≤ {b['max_ratio']:.3f})"
+            console.print(f"  {verdict} {b['op']} {b['mode']} {b['dtype']}: {b['bar']}, ours/anchor {value}",
+                          overflow="fold", highlight=False)
 
 
 def plot(report: dict, path: str) -> None:
@@ -564,8 +651,8 @@ def plot(report: dict, path: str) -> None:
         for ax in (ax_t, ax_m):
             ax.tick_params(labelsize=7)
     env = report["environment"]
-    fig.suptitle(f"srpo-core bench ({report['preset']}) · {env['device']} · torch {env['torch']} · {env['date']}",
-                 fontsize=9)
+    fig.suptitle(f"srpo-core bench ({report['preset']}) · {env['device']} · torch {env['torch']} · {env['date']}\n"
+                 f"CPU {env.get('cpu_model')} · torch CPU capability {env.get('torch_cpu_capability')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""``srpo-core``: ``demo`` (the built-in example), ``explain ROLLOUTS.jsonl`` (your rollouts), ``bench``."""
+"""``srpo-core``: ``demo`` (the built-in example), ``explain ROLLOUTS.jsonl`` (your rollouts), ``bench``, ``docs``."""
 
 from __future__ import annotations
 
@@ -68,14 +68,42 @@ def _demo(args) -> int:
 
 
 def _explain(args) -> int:
+    from srpo_core.examples.make_example import FILE
     from srpo_core.rollouts import load
 
-    return _show(load(args.rollouts), args)
+    if args.example == (args.rollouts is not None):
+        raise ValueError("give a rollouts file (.jsonl) or --example (the built-in example), not both or neither")
+    return _show(load(FILE if args.example else args.rollouts), args)
+
+
+def docs_dir() -> pathlib.Path:
+    """The documentation pages: ``srpo_core/docs`` in an installed wheel, ``docs/`` in a source checkout."""
+    package = pathlib.Path(__file__).resolve().parent
+    for candidate in (package / "docs", package.parent / "docs"):
+        if (candidate / "rollouts.md").is_file():
+            return candidate
+    raise ValueError(f"no documentation found next to {package} (looked in srpo_core/docs and ../docs)")
+
+
+def _docs(args) -> int:
+    root = docs_dir()
+    pages = sorted(p.stem for p in root.glob("*.md"))
+    if args.page is None:
+        print(f"documentation pages (in {root}); `srpo-core docs PAGE` prints one:")
+        for name in pages:
+            print(f"  {name}")
+        return 0
+    name = args.page.removesuffix(".md")
+    if name not in pages:
+        raise ValueError(f"no page {args.page!r}; the pages are {', '.join(pages)}")
+    sys.stdout.write((root / f"{name}.md").read_text(encoding="utf-8"))
+    return 0
 
 
 def _bench(args) -> int:
     from srpo_core import bench
 
+    bench.check_arguments(args.device, args.json, args.plot)  # before a run of minutes, not after it
     preset = "tiny" if args.tiny else ("quick" if args.quick else "full")
     report = bench.run(preset, device=args.device, ops=args.op or None, progress=not args.no_progress)
     bench.print_report(report)
@@ -88,9 +116,33 @@ def _bench(args) -> int:
     return 0
 
 
+SCHEMA = """\
+rollouts: one JSON object per line, one line per response
+  prompt_id        str or int, required; the same id = one GRPO group
+  tokens           list of str, required; "".join(tokens) is the response
+  logp             numbers, one per token (null = -inf), required: the
+                   log-prob of each token with the original image,
+  logp_corrupt       ... with the corrupted image,
+  logp_ablated       ... with the perception span removed
+  reward           number (A_i from the group's rewards), or
+  advantage        number (A_i as given, when every line has one)
+  roles            optional 0/1/2 per token (other/perception/reasoning);
+                   without it the roles come from the tags in the text
+  perception_signal, reasoning_signal
+                   optional per-token signals replacing that contrast
+full rules: `srpo-core docs rollouts`; a file: `srpo-core explain --example`
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="srpo-core", description="Role-aware token-level advantages (SRPO).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from srpo_core import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="srpo-core", description="Role-aware token-level advantages (SRPO): see what SRPO does to your rollouts, "
+        "benchmark the ops, read the documentation.",
+        epilog="start with `srpo-core demo`; `srpo-core COMMAND --help` for each command's options")
+    parser.add_argument("--version", action="version", version=f"srpo-core {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def show_options(p):
         p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
@@ -104,21 +156,37 @@ def build_parser() -> argparse.ArgumentParser:
     show_options(demo)
     demo.set_defaults(run=_demo)
 
-    explain = sub.add_parser("explain", help="SRPO on your rollouts (JSONL; schema in docs/rollouts.md)")
-    explain.add_argument("rollouts", help="a .jsonl file, one response per line")
+    explain = sub.add_parser("explain", help="SRPO on your rollouts (JSONL, one response per line)",
+                             description="SRPO's token weights on your rollouts.", epilog=SCHEMA,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    explain.add_argument("rollouts", nargs="?", help="a .jsonl file, one response per line (schema below)")
+    explain.add_argument("--example", action="store_true",
+                         help="the built-in example file instead (what `demo` shows)")
     show_options(explain)
     explain.set_defaults(run=_explain)
 
-    bench = sub.add_parser("bench", help="benchmark every op against the anchors that run here")
+    bench = sub.add_parser("bench", help="benchmark every op against the anchors that run here",
+                           description="Time and peak memory of every op beside its anchors (naive torch, TRL, "
+                           "cut-cross-entropy, ...) on this machine.",
+                           epilog="ours/it = srpo-core's median time (or peak memory) divided by that row's: below 1, "
+                           "srpo-core is faster (smaller). The bars are srpo-core's CPU targets; they are judged at "
+                           "the full sizes only (the default), and shown for information with --quick / --tiny.")
     size = bench.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 CPU cores")
     size.add_argument("--tiny", action="store_true", help="toy sizes (for tests)")
-    bench.add_argument("--op", action="append", help="only this op (repeatable)")
+    from srpo_core.bench import OPS
+
+    bench.add_argument("--op", action="append", choices=OPS, metavar="OP",
+                       help=f"only this op (repeatable): {', '.join(OPS)}")
     bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if present")
     bench.add_argument("--json", metavar="FILE", help="save the results as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="draw time and peak memory (needs matplotlib)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)
+
+    docs = sub.add_parser("docs", help="list the documentation pages, or print one (they ship with the package)")
+    docs.add_argument("page", nargs="?", help="a page name, e.g. rollouts, trl, adapters, math, spec")
+    docs.set_defaults(run=_docs)
     return parser
 
 
@@ -126,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     """The ``srpo-core`` command; returns the exit status (0 ok, 2 bad input, with a one-line message on stderr)."""
     from srpo_core.rollouts import RolloutError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `srpo-core`: the help, not a usage error
+        parser.print_help()
+        return 0
     try:
         return args.run(args)
     except (RolloutError, ValueError, TypeError) as e:

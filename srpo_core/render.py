@@ -102,8 +102,20 @@ def _show_token(tok: str) -> str:
     return '"' + (tok.strip() or tok).replace("\n", "⏎").replace("\t", "⇥") + '"'
 
 
-def _rid(rec: dict, i: int) -> str:
-    return str(rec.get("response_id", i))
+def response_labels(records: list[dict]) -> list[str]:
+    """``#id`` of each response, the same in ``demo``, ``explain`` and the HTML page: its ``response_id`` when the
+    line has one, else its position within its prompt's group (0, 1, …, in file order), as the demo numbers them."""
+    seen: dict = {}
+    labels = []
+    for rec in records:
+        key = (type(rec["prompt_id"]).__name__, rec["prompt_id"])
+        k = seen.get(key, 0)
+        seen[key] = k + 1
+        labels.append(str(rec.get("response_id", k)))
+    return labels
+
+
+LEGEND_WEIGHTS = (0.3, 0.5, 0.75, 1.0, 1.33, 2.0, 3.3)  # the colour scale saturates at |log w| = 1.2
 
 
 _MAPS = {"exp": "exp(β·u)", "linear": "max(1+β·u, w_min)", "sigmoid": "2·sigmoid(β·u)"}
@@ -139,6 +151,7 @@ def print_analysis(a: Analysis, console=None, *, limit: int | None = None) -> No
         "least (▼), with role P/R and weight w_t. A_t = w_t·A_i: where A_i < 0, ▲ tokens are pushed down hardest."))
     console.print(Text(_config_line(a), style="dim"))
 
+    labels = response_labels(a.batch.records)
     last_prompt = object()
     for i, rec in enumerate(a.batch.records[:shown]):
         if rec["prompt_id"] != last_prompt:
@@ -158,7 +171,7 @@ def print_analysis(a: Analysis, console=None, *, limit: int | None = None) -> No
             else:
                 style = "black on rgb({},{},{})".format(*_rgb(w))
                 text.append(tok, style=style + (" underline" if r == Role.PERCEPTION else " bold"))
-        grid.add_row(Text(f"#{_rid(rec, i)} {a.sequence_advantages[i]:+.2f}", style="bold"), text)
+        grid.add_row(Text(f"#{labels[i]} {a.sequence_advantages[i]:+.2f}", style="bold"), text)
         up, down = a.highlights(i)
         marks = Text(style="dim")
         for arrow, items in (("▲", up), ("▼", down)):
@@ -190,7 +203,7 @@ def print_analysis(a: Analysis, console=None, *, limit: int | None = None) -> No
     for i, rec in enumerate(a.batch.records[:shown]):
         c = a.changes(i)
         reward = "" if rec.get("reward") is None else f"{rec['reward']:g}"
-        changes.add_row(Text(f"{rec['prompt_id']} #{_rid(rec, i)}"), reward, f"{c['A']:+.3f}",
+        changes.add_row(Text(f"{rec['prompt_id']} #{labels[i]}"), reward, f"{c['A']:+.3f}",
                         f"{c['adv_min']:+.2f} … {c['adv_max']:+.2f}",
                         f"{c['grpo_share_p']:.0%} → {c['srpo_share_p']:.0%}",
                         f"{c['grpo_share_r']:.0%} → {c['srpo_share_r']:.0%}")
@@ -213,6 +226,8 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ddd;padding:
 td:first-child,th:first-child{text-align:left}.q{margin-top:1.4em}
 .resp{display:grid;grid-template-columns:6em 1fr;gap:0 .6em;margin:.5em 0;line-height:1.8}
 .id{font-weight:600;white-space:nowrap}.marks{color:#666;font-size:.9em;line-height:1.3}.dim{color:#666}
+.legend{display:flex;gap:0;margin:.6em 0;font-size:.85em}.legend span{padding:2px 10px;border:1px solid #eee}
+.note{color:#666;font-size:.9em}
 """
 
 
@@ -225,11 +240,17 @@ def to_html(a: Analysis, *, limit: int | None = None) -> str:
              f"<style>{_CSS}</style></head><body><h1>{TITLE}</h1>",
              "<p>Token colour = weight w<sub>t</sub> (red &gt; 1 &gt; blue); <span class='r1'>underlined</span> = "
              "perception, <span class='r2'>bold</span> = reasoning, <span class='r0'>grey</span> = other. "
-             "Each response: #id and A<sub>i</sub>, then the tokens SRPO weights most (▲) and least (▼). "
+             "Each response: #id and A<sub>i</sub>, then the tokens SRPO weights most (▲) and least (▼), with role "
+             "P/R and weight w<sub>t</sub>. "
              "A<sub>t</sub> = w<sub>t</sub>·A<sub>i</sub>: where A<sub>i</sub> &lt; 0, ▲ tokens are pushed down "
              "hardest. "
              "Hover a token for its numbers.</p>",
+             "<div class='legend' aria-label='colour scale of the token weight'><span>w<sub>t</sub>:</span>"
+             + "".join("<span style='background:rgb({},{},{})'>{:g}</span>".format(*_rgb(w), w) for w in LEGEND_WEIGHTS)
+             + "<span class='r1'>perception</span><span class='r2'>reasoning</span>"
+             "<span class='r0'>other (not weighted)</span></div>",
              f"<p class='dim'>{esc(_config_line(a))}</p>"]
+    labels = response_labels(a.batch.records)
     last_prompt = object()
     for i, rec in enumerate(a.batch.records[:shown]):
         if rec["prompt_id"] != last_prompt:
@@ -246,7 +267,9 @@ def to_html(a: Analysis, *, limit: int | None = None) -> str:
         up, down = a.highlights(i)
         marks = "   ".join(arrow + "".join(f" {esc(_show_token(t))} {ROLE_LETTER[r]}×{w:.2f}" for t, r, w in items)
                            for arrow, items in (("▲", up), ("▼", down)) if items)
-        parts.append(f"<div class='resp'><span class='id'>#{esc(_rid(rec, i))} {a.sequence_advantages[i]:+.2f}</span>"
+        if not up and not down and any(a.batch.roles[sl].tolist()):
+            marks = "all weights within 5% of 1"
+        parts.append(f"<div class='resp'><span class='id'>#{esc(labels[i])} {a.sequence_advantages[i]:+.2f}</span>"
                      f"<span>{''.join(spans)}</span><span></span><span class='marks'>{marks}</span></div>")
     if shown < len(a.batch.records):
         parts.append(f"<p class='dim'>… {len(a.batch.records) - shown} more responses (--limit 0 shows all)</p>")
@@ -262,12 +285,13 @@ def to_html(a: Analysis, *, limit: int | None = None) -> str:
     for i, rec in enumerate(a.batch.records[:shown]):
         c = a.changes(i)
         reward = "" if rec.get("reward") is None else f"{rec['reward']:g}"
-        parts.append(f"<tr><td>{esc(str(rec['prompt_id']))} #{esc(_rid(rec, i))}</td><td>{reward}</td>"
+        parts.append(f"<tr><td>{esc(str(rec['prompt_id']))} #{esc(labels[i])}</td><td>{reward}</td>"
                      f"<td>{c['A']:+.3f}</td><td>{c['adv_min']:+.3f} … {c['adv_max']:+.3f}</td>"
                      f"<td>{c['grpo_share_p']:.0%} → {c['srpo_share_p']:.0%}</td>"
                      f"<td>{c['grpo_share_r']:.0%} → {c['srpo_share_r']:.0%}</td></tr>")
-    parts.append("</table><p>share = the part of the response's total |advantage| carried by that role's tokens, "
-                 "GRPO → SRPO; every token keeps the sign of A<sub>i</sub>, and each response's mean weight is 1.</p>")
+    parts.append("</table><p class='note'>share = the part of the response's total |advantage| carried by that "
+                 "role's tokens, GRPO → SRPO; every token keeps the sign of A<sub>i</sub>, and each response's mean "
+                 "weight is 1.</p>")
     if not stats["perception/count"] and not stats["reasoning/count"]:
         parts.append(f"<p>{esc(NO_ROLES)}</p>")
     if a.batch.malformed:

@@ -4,16 +4,13 @@ Part 1 (default suite, torch only): the conversion on tensors shaped exactly lik
 ``response_mask``, ``old_log_probs`` ``[bs, response_length]``, uid strings — against ``role_aware_advantages`` and
 the VPPO preset, plus the batch-preparation helpers.
 
-Part 2 (needs upstream verl ≥ 0.7, skipped otherwise): the real ``DataProto``, ``core_algos`` registry,
-``ray_trainer.compute_advantage`` and ``RayPPOTrainer._compute_old_log_prob`` (its padding-free path:
+Part 2 (needs upstream verl 0.9.1, skipped otherwise): the real ``DataProto``, ``core_algos`` registry,
+``ray_trainer.compute_advantage``, the v1 trainer's ``compute_advantage_for_multi_trajectories`` and
+``RayPPOTrainer._compute_old_log_prob`` (its padding-free path:
 ``left_right_2_no_padding`` → worker → ``no_padding_2_padding``). The only stand-in is the Ray worker group: a
 tiny bigram "VLM" whose next-token distribution depends on the previous token and on the image's mean pixel, so that
-every log-prob the adapter receives can be recomputed by hand. Run with the verl environment::
-
-    python3 -m venv .venv-verl && .venv-verl/bin/pip install torch==2.13.0 \
-        && .venv-verl/bin/pip install verl==0.9.1 fastapi uvicorn pyzmq msgspec cachetools -c <torch pin> \
-        && .venv-verl/bin/pip install -e . --no-deps && .venv-verl/bin/pip install pytest hypothesis
-    .venv-verl/bin/pytest tests/test_adapter_verl.py
+every log-prob the adapter receives can be recomputed by hand. Run with the verl environment: ``make test-verl``
+(it builds ``.venv-verl`` with the ``verl`` extra on first use).
 """
 
 from __future__ import annotations
@@ -247,6 +244,58 @@ def test_patched_compute_advantage_on_a_real_dataproto(verl_mods, norm):
                                         "old_log_probs": b["old"]}, non_tensors={"uid": b["uids"]})
     with pytest.raises(KeyError, match="SRPORayPPOTrainer"):
         ray_trainer.compute_advantage(bare, "srpo")
+
+
+@needs_verl
+def test_tested_verl_version(verl_mods):
+    import verl
+
+    assert verl.__version__ in adapter.TESTED_VERL, (verl.__version__, adapter.TESTED_VERL)
+
+
+@needs_verl
+def test_v1_trainer_path_reaches_the_same_estimator(verl_mods):
+    """verl 0.9's v1 trainer imports ``compute_advantage`` by name into ``ppo.v1.utils`` and sends every estimator
+    but ``grpo`` through it from ``compute_advantage_for_multi_trajectories``: after ``install()`` that call gives
+    the legacy path's SRPO advantages, on the real v1 code."""
+    DataProto, _, ray_trainer, OmegaConf = verl_mods  # noqa: N806
+    from verl.trainer.ppo.v1 import utils as v1_utils
+
+    assert v1_utils.compute_advantage is ray_trainer.compute_advantage
+    patched = v1_utils.compute_advantage
+    # v1.utils imported before install() holds verl's own function: install() replaces that reference too
+    v1_utils.compute_advantage = patched.__srpo_original__
+    adapter.install()
+    assert v1_utils.compute_advantage is patched
+    adapter.install()
+    assert v1_utils.compute_advantage is ray_trainer.compute_advantage is patched  # idempotent
+    b = verl_like_batch(seed=5)
+    last = (b["response_mask"].sum(1) - 1).clamp(min=0)
+    b["rewards_tok"] = torch.zeros_like(b["old"]).nan_to_num(0.0)
+    b["rewards_tok"][torch.arange(8), last] = (torch.arange(8, dtype=torch.float32) % 2) * (b["response_mask"].sum(1)
+                                                                                            > 0)
+    config = OmegaConf.create({"srpo": {"beta_reasoning": 0.8}})
+    keys = [f"{u}_0_0" for u in b["uids"]]  # {uid}_{session}_{index}, as the v1 agent loop names rows
+    v1 = v1_utils.compute_advantage_for_multi_trajectories(_dataproto(DataProto, b), batch_keys=keys,
+                                                           adv_estimator="srpo", num_repeat=4, config=config)
+    legacy = ray_trainer.compute_advantage(_dataproto(DataProto, b), "srpo", num_repeat=4, config=config)
+    torch.testing.assert_close(v1.batch["advantages"], legacy.batch["advantages"])
+    grpo = ray_trainer.compute_advantage(_dataproto(DataProto, b), "grpo")
+    assert not torch.allclose(v1.batch["advantages"], grpo.batch["advantages"])  # SRPO, not GRPO, ran
+
+
+@needs_verl
+def test_entry_point_refuses_the_v1_trainer_with_the_fix(verl_mods):
+    _, _, _, OmegaConf = verl_mods  # noqa: N806
+    import os
+
+    import verl
+
+    default = OmegaConf.load(os.path.join(os.path.dirname(verl.__file__), "trainer", "config", "ppo_trainer.yaml"))
+    assert default.trainer.use_v1 is True  # verl 0.9.1's default, which the entry point must not run silently
+    with pytest.raises(SystemExit, match="add trainer.use_v1=False"):
+        adapter.check_entry_config(OmegaConf.create({"trainer": {"use_v1": True}}))
+    adapter.check_entry_config(OmegaConf.create({"trainer": {"use_v1": False}}))
 
 
 class BigramVLM:

@@ -133,3 +133,84 @@ def test_pytest_benchmark_suite_smoke():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
+
+
+def test_header_records_the_cpu(tiny_report):
+    import torch
+
+    _, report, _ = tiny_report
+    env = report["environment"]
+    for key in ("cpu_model", "cpu_flags", "torch_cpu_capability"):
+        assert key in env, key
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(env["cpu_flags"]) <= set(bench.ISA_FLAGS)
+    if pathlib.Path("/proc/cpuinfo").exists():
+        assert env["cpu_model"] and env["cpu_flags"], env  # Linux: the model name and some SIMD flag are read
+    text = "\n".join(bench.header_lines(report))
+    assert f"torch CPU capability {env['torch_cpu_capability']}" in text and str(env["cpu_model"]) in text
+
+
+def _render(report, width=80) -> str:
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    bench.print_report(report, console)
+    return console.export_text()
+
+
+def test_report_fits_80_columns_explains_ratios_and_labels_information(tiny_report):
+    _, report, _ = tiny_report
+    text = _render(report)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text  # nothing cut: headers and implementation names whole
+    for impl in {r["impl"] for r in report["results"] if r["status"] == "ok"}:
+        assert impl in text, impl
+    assert "ours/it: srpo-core's median time (peak memory) divided by this row's" in " ".join(text.split())
+    bars = text[text.index("bars: "):]
+    assert "for information only" in bars and " info " in bars
+    assert "held" not in bars.replace("held or missed", "") and "missed" not in bars
+    # at the full sizes the same rows are judged
+    judged = {**report, "bars": [{**b, "applies": True} for b in report["bars"]]}
+    bars = _render(judged)
+    bars = bars[bars.index("bars: "):]
+    assert "held or missed" in bars and " info " not in bars
+    verdicts = [line.split()[0] for line in bars.splitlines() if line.startswith("  ") and line.split()]
+    assert len(verdicts) == len(report["bars"]) and set(verdicts) <= {"held", "missed"}, verdicts
+
+
+def test_ops_list_is_the_cases(tiny_report):
+    assert set(bench.OPS) == {c.op for c in bench.build_cases("tiny", "cpu")}
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        pytest.param(["--json", "/nonexistent/x.json"], "--json /nonexistent/x.json: the folder /nonexistent does not",
+                     id="json-folder"),
+        pytest.param(["--plot", "/nonexistent/x.png"], "--plot /nonexistent/x.png: the folder", id="plot-folder"),
+        pytest.param(["--json", "/"], "is a directory", id="json-dir"),
+    ],
+)
+def test_bench_arguments_are_checked_before_the_run(monkeypatch, capsys, argv, expected):
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the run must not start"))
+    assert main(["bench", "--tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_bench_unknown_op_and_missing_matplotlib_and_absent_cuda(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    import torch
+
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the run must not start"))
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--tiny", "--op", "nope"])
+    assert exc.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["bench", "--tiny", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "--plot needs matplotlib, which is not installed" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--tiny", "--device", "cuda"]) == 2
+        assert "--device cuda: " in capsys.readouterr().err

@@ -270,3 +270,108 @@ def test_help_lists_the_subcommands(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "demo" in out and "explain" in out
+
+
+def test_version_and_bare_command_prints_help(capsys):
+    import srpo_core
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"srpo-core {srpo_core.__version__}"
+    code, out, err = run([], capsys)
+    assert code == 0 and err == ""
+    assert out.startswith("usage: srpo-core") and "demo" in out and "explain" in out and "docs" in out
+
+
+def test_explain_example_equals_demo_and_needs_exactly_one_source(capsys):
+    _, demo_out, _ = run(["demo", "--width", "120"], capsys)
+    code, out, _ = run(["explain", "--example", "--width", "120"], capsys)
+    assert code == 0 and out == demo_out
+    for argv in (["explain"], ["explain", "--example", str(EXAMPLE)]):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and "give a rollouts file (.jsonl) or --example" in err
+
+
+def test_help_points_to_what_ships_with_the_package(capsys):
+    with pytest.raises(SystemExit):
+        main(["explain", "--help"])
+    out = capsys.readouterr().out
+    assert "docs/" not in out and "srpo-core docs rollouts" in out and "--example" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    for field in ("prompt_id", "tokens", "logp_corrupt", "logp_ablated", "reward", "advantage", "roles"):
+        assert field in out, field
+
+
+def test_docs_lists_and_prints_pages(capsys):
+    from srpo_core.cli import docs_dir
+
+    code, out, _ = run(["docs"], capsys)
+    assert code == 0 and all(f"  {name}\n" in out for name in ("rollouts", "trl", "adapters", "math", "spec"))
+    code, out, _ = run(["docs", "rollouts"], capsys)
+    assert code == 0 and out == (docs_dir() / "rollouts.md").read_text(encoding="utf-8")
+    code, _, err = run(["docs", "nope"], capsys)
+    assert code == 2 and "no page 'nope'" in err
+
+
+def test_user_facing_docs_speak_of_the_product():
+    """No issue or decision numbers in the pages a user reads (decisions.md is where they live)."""
+    import re
+
+    from srpo_core.cli import docs_dir
+
+    pages = [docs_dir() / f"{n}.md" for n in ("trl", "adapters", "rollouts", "math", "spec")]
+    pages.append(docs_dir().parent / "README.md")
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        assert not re.search(r"\bissue[ -]?\d|\bD\d{1,3}\b", text), (page.name, re.findall(r".{30}\bD\d+\b.{10}", text))
+    assert "(spec.md)" in (docs_dir() / "math.md").read_text(encoding="utf-8")
+    assert "../shared" not in (docs_dir() / "math.md").read_text(encoding="utf-8")
+
+
+def test_make_example_honours_help_and_never_rewrites_by_default(tmp_path, capsys):
+    before = EXAMPLE.stat().st_mtime_ns
+    with pytest.raises(SystemExit) as exc:
+        make_example.main(["--help"])
+    assert exc.value.code == 0 and "usage:" in capsys.readouterr().out
+    assert make_example.main([]) == 0
+    assert capsys.readouterr().out == EXAMPLE.read_text(encoding="utf-8")
+    target = tmp_path / "ex.jsonl"
+    assert make_example.main(["-o", str(target)]) == 0
+    assert target.read_text(encoding="utf-8") == EXAMPLE.read_text(encoding="utf-8")
+    assert make_example.main(["--check"]) == 0
+    assert EXAMPLE.stat().st_mtime_ns == before
+
+
+def test_numbering_without_response_ids_equals_demo(tmp_path, capsys):
+    records = [json.loads(line) for line in EXAMPLE.read_text(encoding="utf-8").splitlines()]
+    assert [r["response_id"] for r in records] == [0, 1, 2, 3] * 3
+    f = tmp_path / "no_ids.jsonl"
+    f.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "response_id"}) + "\n" for r in records))
+    _, demo_out, _ = run(["demo", "--width", "120"], capsys)
+    code, out, _ = run(["explain", str(f), "--width", "120"], capsys)
+    assert code == 0 and out == demo_out
+    page_demo, page = tmp_path / "d.html", tmp_path / "e.html"
+    run(["demo", "--html", str(page_demo)], capsys)
+    run(["explain", str(f), "--html", str(page)], capsys)
+    assert page.read_text() == page_demo.read_text()
+    from srpo_core.render import response_labels
+
+    assert response_labels([{"prompt_id": "a"}, {"prompt_id": "b"}, {"prompt_id": "a", "response_id": 9},
+                            {"prompt_id": "a"}, {"prompt_id": 1}, {"prompt_id": "1"}]) == ["0", "0", "9", "2", "0",
+                                                                                          "0"]
+
+
+def test_html_has_a_colour_legend_and_the_terminal_notes(tmp_path, capsys):
+    from srpo_core.render import LEGEND_WEIGHTS, _rgb
+
+    page = tmp_path / "demo.html"
+    run(["demo", "--html", str(page)], capsys)
+    text = page.read_text()
+    legend = text[text.index("class='legend'"):]
+    legend = legend[:legend.index("</div>")]
+    for w in LEGEND_WEIGHTS:
+        assert "background:rgb({},{},{})'>{:g}<".format(*_rgb(w), w) in legend, w
+    assert "perception" in legend and "reasoning" in legend and "other" in legend
+    for note in ("where A<sub>i</sub> &lt; 0, ▲ tokens are pushed down", "role P/R and weight",
+                 "each response's mean weight is 1", "signals P: k3"):
+        assert note in text, note

@@ -26,7 +26,7 @@ PIL_Image = pytest.importorskip("PIL.Image")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from srpo_core import Role, SRPOConfig  # noqa: E402
-from srpo_core.adapters.trl import SRPOGRPOTrainer, SRPOTrainerOptions  # noqa: E402
+from srpo_core.adapters.trl import SRPOGRPOConfig, SRPOGRPOTrainer, SRPOTrainerOptions  # noqa: E402
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
            "<|video_pad|>", "[UNK]"]
@@ -99,7 +99,7 @@ def rule_reward(completions, **kwargs):
     return [t.count("a") + 2.0 * ("</think>" in t) for t in texts]
 
 
-def grpo_args(tokenizer, **overrides):
+def grpo_args(tokenizer, config_cls=None, **overrides):
     suppress = [tokenizer.convert_tokens_to_ids(t) for t in
                 ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>")]
     kwargs = dict(
@@ -112,7 +112,7 @@ def grpo_args(tokenizer, **overrides):
     kwargs.update(overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return GRPOConfig(**kwargs)
+        return (config_cls or GRPOConfig)(**kwargs)
 
 
 def capturing(base):
@@ -148,8 +148,8 @@ def processor():
     return build_processor()
 
 
-def run(trainer_cls, processor, *, steps=2, lr=1e-3, **trainer_kwargs):
-    args = grpo_args(processor.tokenizer, max_steps=steps, learning_rate=lr)
+def run(trainer_cls, processor, *, steps=2, lr=1e-3, config_cls=None, config=None, **trainer_kwargs):
+    args = grpo_args(processor.tokenizer, config_cls, max_steps=steps, learning_rate=lr, **(config or {}))
     model = build_model(processor.tokenizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -282,3 +282,53 @@ def test_refuses_bad_options():
         SRPOTrainerOptions(ablation_mode="zero")
     with pytest.raises(ValueError, match="corruption_p"):
         SRPOTrainerOptions(corruption_p=1.5)
+
+
+def test_srpo_grpo_config_drives_the_trainer_and_the_loss_equals_grpo(processor):
+    """Settings from SRPOGRPOConfig's flat fields reach the trainer; the logged loss of the first (on-policy) step
+    equals GRPO's on the same completions although the advantages differ (each response's weights average 1); the
+    srpo/* metrics show the change: per-role share of |A_t| beside GRPO's, the weight spread."""
+    config = {"srpo_beta_perception": 1.0, "srpo_beta_reasoning": 0.25, "srpo_ablation_mode": "mask"}
+    srpo = run(SRPOGRPOTrainer, processor, steps=1, config_cls=SRPOGRPOConfig, config=config)
+    assert srpo.srpo_config == SRPOConfig(beta_perception=1.0, beta_reasoning=0.25)
+    assert srpo.srpo_options == SRPOTrainerOptions(ablation_mode="mask")
+    grpo = run(GRPOTrainer, processor, steps=1)
+    a, b = srpo.seen[0], grpo.seen[0]
+    torch.testing.assert_close(a["completion_ids"], b["completion_ids"], rtol=0, atol=0)
+    mask = b["completion_mask"].bool()
+    grpo_adv = torch.where(mask, b["advantages"][:, None].expand_as(mask), 0.0)
+    assert not torch.allclose(a["advantages"], grpo_adv)  # SRPO changed the token advantages ...
+    torch.testing.assert_close(srpo.losses[0], grpo.losses[0], rtol=1e-5, atol=1e-6)  # ... but not the loss
+    logged = srpo.state.log_history[0]
+    last = srpo._srpo_last
+    w, adv = last.result.weights, last.result.advantages.abs()
+    roles = last.roles.roles.masked_fill(~last.mask, 0)
+    for role in (Role.PERCEPTION, Role.REASONING):
+        sel = last.mask & (roles == role)
+        name = role.name.lower()
+        assert logged[f"srpo/{name}/adv_share"] == pytest.approx(float(adv[sel].sum() / adv[last.mask].sum()),
+                                                                 rel=1e-5)
+        grpo_abs = last.sequence_advantages.abs()[:, None].expand_as(sel)
+        assert logged[f"srpo/{name}/adv_share_grpo"] == pytest.approx(
+            float(grpo_abs[sel].sum() / grpo_abs[last.mask].sum()), rel=1e-5)
+    assert logged["srpo/w_std"] == pytest.approx(float(w[last.mask].std(correction=0)), rel=1e-5)
+    assert logged["srpo/w_std"] > 0
+
+
+def test_the_offline_recipe_in_docs_trl_runs(tmp_path):
+    """docs/trl.md's offline recipe, run as written (in a fresh process, from an empty directory)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "trl.md").read_text(encoding="utf-8")
+    block = text.split("<!-- offline-recipe:begin -->")[1].split("<!-- offline-recipe:end -->")[0]
+    code = block.split("```python\n", 1)[1].rsplit("```", 1)[0]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "'loss'" in last and "'srpo/perception/adv_share'" in last and "'srpo/w_std'" in last, last

@@ -9,12 +9,12 @@
   broadcast over the response), the advantages of the whole batch are refined together with SRPO or the VPPO preset
   (:func:`refine_experiences`). Other estimators are left alone.
 
-Run it in every process that may hold the experience maker, through Ray's ``worker_process_setup_hook``::
-
-    ray.init(runtime_env={"worker_process_setup_hook": "srpo_core.adapters.openrlhf.install",
-                          "env_vars": {"SRPO_OPENRLHF": '{"method": "srpo", "beta_perception": 0.5}'}})
-
-or call ``install()`` yourself in the process that builds the trainer.
+Launch: ``python -m srpo_core.adapters.openrlhf --srpo '{"beta_perception": 0.5}' <train_ppo_ray arguments>``
+(:func:`launch`). OpenRLHF's ``train_ppo_ray`` builds its argument parser under ``if __name__ == "__main__"`` and
+keeps the experience maker in a Ray actor (``PPOTrainer.remote``), so the wrapper starts Ray itself with the patch
+as every worker's ``worker_process_setup_hook`` (OpenRLHF's ``train`` then reuses that Ray), and runs the module as
+``__main__``. By hand: ``ray.init(runtime_env={"worker_process_setup_hook": "srpo_core.adapters.openrlhf.install",
+"env_vars": {"SRPO_OPENRLHF": '{"method": "srpo", "beta_perception": 0.5}'}})`` before OpenRLHF's ``train``.
 
 Limits, stated rather than hidden: the ablated pass (reasoning contrast) is not wired for OpenRLHF — its reasoning
 tokens carry no signal and are scored like OTHER tokens; and the KL must be a loss term (``--algo.kl.use_loss``, the
@@ -39,7 +39,10 @@ from srpo_core.adapters._common import (
 )
 
 ENV_OPTIONS = "SRPO_OPENRLHF"
-__all__ = ["ENV_OPTIONS", "install", "refine_experiences"]
+ENTRY_MODULE = "openrlhf.cli.train_ppo_ray"
+# The environment OpenRLHF's train() gives Ray when it starts it (kept when the wrapper starts Ray instead).
+_OPENRLHF_ENV = {"TOKENIZERS_PARALLELISM": "true", "NCCL_DEBUG": "WARN", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+__all__ = ["ENTRY_MODULE", "ENV_OPTIONS", "install", "launch", "refine_experiences"]
 
 
 def _options_from_env() -> tuple[str, AdapterOptions]:
@@ -139,3 +142,59 @@ def install(method: str | None = None, options: AdapterOptions | None = None) ->
     cls.make_experience = torch.no_grad()(make_experience)
     cls.compute_advantages_and_returns = torch.no_grad()(compute_advantages_and_returns)
     cls.__srpo_installed__ = True
+
+
+def _split_srpo_argument(argv: list[str]) -> tuple[str, list[str]]:
+    """``--srpo JSON`` (or ``--srpo=JSON``) out of ``argv``; the rest is OpenRLHF's."""
+    raw, rest, it = os.environ.get(ENV_OPTIONS, "{}") or "{}", [], iter(argv)
+    for arg in it:
+        if arg == "--srpo":
+            raw = next(it, None)
+            if raw is None:
+                raise SystemExit("error: --srpo takes a JSON object, e.g. --srpo '{\"beta_perception\": 0.5}'")
+        elif arg.startswith("--srpo="):
+            raw = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return raw, rest
+
+
+def launch(argv: list[str] | None = None) -> None:
+    """``python -m srpo_core.adapters.openrlhf [--srpo JSON] <train_ppo_ray arguments>``: OpenRLHF's
+    ``train_ppo_ray`` with SRPO (or ``{"method": "vppo"}``) patched into every Ray worker. Checks first that the
+    run is one the adapter refines: ``--algo.advantage.estimator group_norm`` and ``--algo.kl.use_loss``."""
+    import runpy
+    import sys
+
+    raw, rest = _split_srpo_argument(sys.argv[1:] if argv is None else list(argv))
+    try:
+        mapping = json.loads(raw)
+        if not isinstance(mapping, dict):
+            raise ValueError("not a JSON object")
+        method = mapping.pop("method", "srpo")
+        AdapterOptions.from_mapping(mapping)  # the option names and values, checked before Ray starts
+    except ValueError as e:
+        raise SystemExit(f"error: --srpo {raw!r}: {e}") from None
+    if method not in ("srpo", "vppo"):
+        raise SystemExit(f"error: --srpo: `method` must be 'srpo' or 'vppo', got {method!r}")
+    estimator = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--algo.advantage.estimator"), None)
+    if estimator != "group_norm":
+        raise SystemExit("error: SRPO refines OpenRLHF's GRPO advantages: pass --algo.advantage.estimator group_norm "
+                         f"(got {estimator!r})")
+    if "--algo.kl.use_loss" not in rest:
+        raise SystemExit("error: pass --algo.kl.use_loss: a KL folded into the reward makes the advantage vary along "
+                         "the response, which SRPO refuses")
+    os.environ[ENV_OPTIONS] = json.dumps({"method": method, **mapping})
+    import ray
+
+    if not ray.is_initialized():
+        env = {k: os.environ.get(k, v) for k, v in _OPENRLHF_ENV.items()}
+        ray.init(runtime_env={"worker_process_setup_hook": f"{__name__}.install",
+                              "env_vars": {**env, ENV_OPTIONS: os.environ[ENV_OPTIONS]}})
+    install()  # this process too (a local-mode actor runs here)
+    sys.argv = [ENTRY_MODULE, *rest]
+    runpy.run_module(ENTRY_MODULE, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    launch()

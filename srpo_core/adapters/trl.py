@@ -1,7 +1,8 @@
 """SRPO for TRL: ``SRPOGRPOTrainer``, a drop-in ``GRPOTrainer`` whose advantages are role-aware and per token.
 
-Tested with TRL 1.16.0 and transformers 5.24.0 (see ``docs/trl.md``). After TRL has generated, scored and computed its
-sequence advantages ``A_i: [B_local]``, the trainer
+Tested with TRL 1.16 and transformers 5.24 (``srpo-core docs trl``); another TRL is refused at import (the trainer
+overrides private ``GRPOTrainer`` methods) unless ``SRPO_ALLOW_UNTESTED_TRL=1``. After TRL has generated, scored and
+computed its sequence advantages ``A_i: [B_local]``, the trainer
 
 1. labels each completion's tokens with :func:`srpo_core.roles_from_token_ids` (perception / reasoning / other);
 2. runs three teacher-forced passes under ``no_grad`` through TRL's own ``_get_per_token_logps_and_entropies``
@@ -13,28 +14,67 @@ sequence advantages ``A_i: [B_local]``, the trainer
    ``_compute_loss`` reads them (it broadcasts ``[B]`` and accepts ``[B, T]`` as they are), plus SRPO's statistics
    in TRL's metrics under ``srpo/…``.
 
-Usage: replace ``GRPOTrainer`` by ``SRPOGRPOTrainer`` and optionally pass ``srpo_config=SRPOConfig(...)`` (the math)
-and ``srpo_options=SRPOTrainerOptions(...)`` (corruption, ablation, tags).
+Usage: replace ``GRPOTrainer`` by ``SRPOGRPOTrainer`` and ``GRPOConfig`` by :class:`SRPOGRPOConfig`, whose flat
+``srpo_*`` fields come from ``TrlParser``, YAML or the command line like TRL's own. In code,
+``srpo_config=SRPOConfig(...)`` (the math) and ``srpo_options=SRPOTrainerOptions(...)`` (corruption, ablation, tags,
+``roles_fn``) work as well.
+
+The logged ``loss`` equals GRPO's at every step (each response's weights average 1, so its mean token advantage is
+``A_i``); what SRPO changed shows in ``srpo/*``: per-role share of ``|A_t|`` beside GRPO's, the weight spread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import warnings
 from collections.abc import Callable
 
 import torch
 
 try:
-    from trl import GRPOTrainer
+    import trl
+    from trl import GRPOConfig, GRPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("srpo_core.adapters.trl needs TRL: pip install 'srpo-core[trl]'") from e
+    raise ImportError("srpo_core.adapters.trl needs TRL: install srpo-core with its `trl` extra "
+                      "(pip install '.[trl]' in a clone, or 'srpo_core-*.whl[trl]')") from e
 
 from srpo_core.ablation import ablate_span
 from srpo_core.advantages import RoleAwareAdvantages, role_aware_advantages
 from srpo_core.config import Role, SRPOConfig
 from srpo_core.corruption import CLIP_MEAN, CLIP_STD, MODES, corrupt_pixel_values
 from srpo_core.roles import PERCEPTION_TAGS, REASONING_TAGS, TokenRoles, roles_from_token_ids
+
+# The TRL releases the adapter is tested with, [low, high): it overrides GRPOTrainer's private
+# _generate_and_score_completions and calls _get_per_token_logps_and_entropies, which TRL may change in any release.
+TESTED_TRL = ("1.16", "1.17")
+ALLOW_UNTESTED_ENV = "SRPO_ALLOW_UNTESTED_TRL"
+_PRIVATE_METHODS = ("_generate_and_score_completions", "_get_per_token_logps_and_entropies")
+
+
+def check_trl_version(version: str, trainer_cls: type = GRPOTrainer) -> None:
+    """Raise ``ImportError`` unless TRL ``version`` is in :data:`TESTED_TRL` and ``trainer_cls`` has the private
+    methods the adapter relies on; with ``SRPO_ALLOW_UNTESTED_TRL=1`` an untested version only warns."""
+    from packaging.version import Version
+
+    low, high = (Version(v) for v in TESTED_TRL)
+    missing = [name for name in _PRIVATE_METHODS if not callable(getattr(trainer_cls, name, None))]
+    if missing:
+        raise ImportError(f"srpo_core.adapters.trl: TRL {version}'s GRPOTrainer has no {', '.join(missing)}, which "
+                          f"SRPOGRPOTrainer overrides; install a tested TRL: trl>={TESTED_TRL[0]},<{TESTED_TRL[1]}")
+    if low <= Version(Version(version).base_version) < high:  # 1.17.0.dev0 counts as 1.17: untested
+        return
+    message = (f"srpo_core.adapters.trl is tested with trl>={TESTED_TRL[0]},<{TESTED_TRL[1]}, and TRL {version} is "
+               f"installed: SRPOGRPOTrainer overrides private GRPOTrainer methods that change between TRL releases")
+    if os.environ.get(ALLOW_UNTESTED_ENV, "0") == "1":
+        warnings.warn(f"{message} ({ALLOW_UNTESTED_ENV}=1: trying anyway)", stacklevel=2)
+        return
+    raise ImportError(f"{message}. Install a tested TRL (pip install 'trl>={TESTED_TRL[0]},<{TESTED_TRL[1]}'), or set "
+                      f"{ALLOW_UNTESTED_ENV}=1 to try this one at your own risk.")
+
+
+check_trl_version(trl.__version__)
 
 # Inputs of TRL's log-prob function that the generation step stores in its output dict.
 _MM_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
@@ -80,6 +120,105 @@ class SRPOTrainerOptions:
                              f"{self.ablation_mode!r}")
 
 
+def _field(default, help: str):  # noqa: A002 - HfArgumentParser reads metadata["help"]
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+_MATH = SRPOConfig()
+_OPTS = SRPOTrainerOptions()
+
+
+@dataclasses.dataclass
+class SRPOGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus SRPO's settings as flat ``srpo_*`` fields (parser-friendly: ``TrlParser``, YAML, the
+    command line as ``--srpo_beta_perception 0.5``), read by :class:`SRPOGRPOTrainer`.
+
+    ``srpo_<name>`` is field ``<name>`` of :class:`srpo_core.SRPOConfig` (the math, SPEC steps 1-5) or of
+    :class:`SRPOTrainerOptions` (the passes). The prefix keeps them apart from GRPO's own fields (GRPO's ``beta`` is
+    the KL coefficient, ``epsilon`` the clip range). Validated at construction, with SRPOConfig's messages.
+    """
+
+    srpo_perception_contrast: str = _field(_MATH.perception_contrast,
+                                           "SRPO: perception signal, 'k3' or 'logratio' (TRL gives no logit rows)")
+    srpo_reasoning_contrast: str = _field(_MATH.reasoning_contrast, "SRPO: reasoning signal, 'logratio' or 'k3'")
+    srpo_clamp: float = _field(_MATH.clamp, "SRPO: log-prob differences are clamped to ±clamp")
+    srpo_k3_max: float = _field(_MATH.k3_max, "SRPO: cap of the k3 contrast")
+    srpo_standardize: str = _field(_MATH.standardize, "SRPO: role-wise standardisation, 'batch' or 'none'")
+    srpo_eps: float = _field(_MATH.eps, "SRPO: added to the role standard deviation")
+    srpo_u_max: float = _field(_MATH.u_max, "SRPO: standardised signals are clamped to ±u_max")
+    srpo_beta_perception: float = _field(_MATH.beta_perception, "SRPO: strength on perception tokens (0 = GRPO)")
+    srpo_beta_reasoning: float = _field(_MATH.beta_reasoning, "SRPO: strength on reasoning tokens (0 = GRPO)")
+    srpo_weight_map: str = _field(_MATH.weight_map, "SRPO: 'exp', 'linear' or 'sigmoid'")
+    srpo_w_min: float = _field(_MATH.w_min, "SRPO: weight floor of the linear map, in (0, 1]")
+    srpo_renorm: str = _field(_MATH.renorm, "SRPO: 'mean' (each response's weights average 1) or 'none'")
+    srpo_corruption_mode: str = _field(_OPTS.corruption_mode, "SRPO: corrupted image, 'black', 'mean' or 'noise'")
+    srpo_corruption_p: float = _field(_OPTS.corruption_p, "SRPO: probability that a visual unit is corrupted")
+    srpo_corruption_patch: str = _field(_OPTS.corruption_patch, "SRPO: unit, 'merged' (one visual token) or 'raw'")
+    srpo_ablation_mode: str = _field(_OPTS.ablation_mode, "SRPO: perception span 'drop'ped or 'mask'ed")
+    srpo_perception_tags: list[str] = _field(list(_OPTS.perception_tags), "SRPO: tags of perception spans")
+    srpo_reasoning_tags: list[str] = _field(list(_OPTS.reasoning_tags), "SRPO: tags of reasoning spans")
+    srpo_seed: int | None = _field(_OPTS.seed, "SRPO: seed of the corruption masks (default: `seed`)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.srpo_math_config()
+        self.srpo_trainer_options()
+
+    def _srpo_values(self, cls) -> dict:
+        values = {f.name: getattr(self, f"srpo_{f.name}") for f in dataclasses.fields(cls)
+                  if hasattr(self, f"srpo_{f.name}")}
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+    def srpo_math_config(self) -> SRPOConfig:
+        """The :class:`srpo_core.SRPOConfig` these fields describe."""
+        return SRPOConfig(**self._srpo_values(SRPOConfig))
+
+    def srpo_trainer_options(self, **extra) -> SRPOTrainerOptions:
+        """The :class:`SRPOTrainerOptions` these fields describe, plus ``extra`` (e.g. ``roles_fn``)."""
+        return SRPOTrainerOptions(**{**self._srpo_values(SRPOTrainerOptions), **extra})
+
+
+def _resolve_srpo_settings(args, srpo_config, srpo_options) -> tuple[SRPOConfig, SRPOTrainerOptions]:
+    """With an :class:`SRPOGRPOConfig` the settings come from ``args``; ``srpo_options`` may still bring what a
+    config file cannot (``roles_fn``), provided its other fields agree with ``args``."""
+    if not isinstance(args, SRPOGRPOConfig):
+        return (SRPOConfig() if srpo_config is None else srpo_config,
+                SRPOTrainerOptions() if srpo_options is None else srpo_options)
+    if srpo_config is not None:
+        raise ValueError("SRPOGRPOTrainer: `args` is an SRPOGRPOConfig, whose srpo_* fields are the math config; "
+                         "do not also pass `srpo_config` (set args.srpo_beta_perception etc. instead)")
+    from_args = args.srpo_trainer_options()
+    if srpo_options is None:
+        return args.srpo_math_config(), from_args
+    if not isinstance(srpo_options, SRPOTrainerOptions):
+        raise TypeError(f"SRPOGRPOTrainer: `srpo_options` must be an SRPOTrainerOptions, got "
+                        f"{type(srpo_options).__name__}")
+    for name in args._srpo_values(SRPOTrainerOptions):
+        if getattr(srpo_options, name) != getattr(from_args, name):
+            raise ValueError(f"SRPOGRPOTrainer: srpo_options.{name}={getattr(srpo_options, name)!r} disagrees with "
+                             f"args.srpo_{name}={getattr(from_args, name)!r}; set it in one place")
+    return args.srpo_math_config(), srpo_options
+
+
+def srpo_change_metrics(result: RoleAwareAdvantages, roles: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """What SRPO changed, for the logs (the loss cannot show it: it equals GRPO's). Per role: its share of the total
+    ``|A_t|`` under SRPO (``adv_share``) and under GRPO (``adv_share_grpo``, every token ``|A_i|``); and the spread
+    of the weights over all response tokens (``w_std``). ``roles``, ``mask``: ``[B, T]``."""
+    w = result.weights.float()
+    adv = result.advantages.float().abs() * mask
+    grpo = (adv / w.clamp_min(1e-30)) * mask  # |A_i| on every response token (w > 0 there)
+    total, total_grpo = float(adv.sum()), float(grpo.sum())
+    out = {"w_std": float(w[mask].std(correction=0)) if bool(mask.any()) else float("nan")}
+    for role in (Role.PERCEPTION, Role.REASONING):
+        sel = mask & (roles == role)
+        out[f"{role.name.lower()}/adv_share"] = float(adv[sel].sum()) / total if total > 0 else float("nan")
+        out[f"{role.name.lower()}/adv_share_grpo"] = (float(grpo[sel].sum()) / total_grpo if total_grpo > 0
+                                                      else float("nan"))
+    return out
+
+
 @dataclasses.dataclass
 class SRPOStep:
     """What the last generation step computed (for inspection and tests): TRL's sequence advantages ``[B]``,
@@ -97,15 +236,16 @@ class SRPOStep:
 class SRPOGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` with SRPO's role-aware token advantages ``A_{i,t} = w_t · A_i``.
 
-    Takes every ``GRPOTrainer`` argument plus ``srpo_config`` (:class:`srpo_core.SRPOConfig`) and ``srpo_options``
-    (:class:`SRPOTrainerOptions`). Multimodal corruption supports the Qwen-VL layout (``pixel_values`` with
+    Takes every ``GRPOTrainer`` argument; SRPO's settings come from ``args`` when it is an :class:`SRPOGRPOConfig`,
+    else from ``srpo_config`` (:class:`srpo_core.SRPOConfig`) and ``srpo_options`` (:class:`SRPOTrainerOptions`).
+    Multimodal corruption supports the Qwen-VL layout (``pixel_values`` with
     ``image_grid_thw``); text-only batches skip it (``ℓ̃ = ℓ``, no perception signal).
     """
 
     def __init__(self, *args, srpo_config: SRPOConfig | None = None, srpo_options: SRPOTrainerOptions | None = None,
                  **kwargs):
-        srpo_config = SRPOConfig() if srpo_config is None else srpo_config
-        srpo_options = SRPOTrainerOptions() if srpo_options is None else srpo_options
+        training_args = kwargs.get("args", args[2] if len(args) > 2 else None)
+        srpo_config, srpo_options = _resolve_srpo_settings(training_args, srpo_config, srpo_options)
         if not isinstance(srpo_config, SRPOConfig):
             raise TypeError(f"SRPOGRPOTrainer: `srpo_config` must be an srpo_core.SRPOConfig, got "
                             f"{type(srpo_config).__name__}")
@@ -115,7 +255,6 @@ class SRPOGRPOTrainer(GRPOTrainer):
         if srpo_config.perception_contrast in ("kl", "js") or srpo_config.reasoning_contrast in ("kl", "js"):
             raise ValueError("SRPOGRPOTrainer: contrast kinds 'kl' and 'js' need full logit rows, which TRL's fused "
                              "LM head never materialises; use 'k3' or 'logratio'")
-        training_args = kwargs.get("args", args[2] if len(args) > 2 else None)
         if training_args is not None and getattr(training_args, "use_liger_kernel", False):
             raise ValueError(
                 "SRPOGRPOTrainer does not support use_liger_kernel=True: Liger's GRPO path takes sequence-level [B] "
@@ -257,6 +396,9 @@ class SRPOGRPOTrainer(GRPOTrainer):
         for key, value in res.stats.items():
             if value == value:  # skip NaN (a role with no tokens)
                 metrics[f"srpo/{key}"].append(float(value))
+        for key, value in srpo_change_metrics(res, role_t, mask).items():
+            if value == value:
+                metrics[f"srpo/{key}"].append(value)
         metrics["srpo/malformed_frac"].append(roles.num_malformed / max(len(seq_adv), 1))
         return out
 

@@ -1,4 +1,4 @@
-"""verl adapter (verl ≥ 0.7, tested with 0.9.1): ``algorithm.adv_estimator=srpo`` (or ``vppo``) without forking verl.
+"""verl adapter (tested with verl 0.9.1): ``algorithm.adv_estimator=srpo`` (or ``vppo``) without forking verl.
 
 Pieces, from the smallest to the whole run:
 
@@ -8,14 +8,19 @@ Pieces, from the smallest to the whole run:
 - :func:`compute_advantage`: a drop-in for ``verl.trainer.ppo.ray_trainer.compute_advantage``: for ``srpo``/``vppo``
   it runs verl's own GRPO branch (so ``norm_adv_by_std_in_grpo`` and verl's grouping by ``uid`` apply), then refines.
   Anything else goes to verl untouched.
-- :func:`install`: patches that function into ``ray_trainer`` (``fit`` looks it up there at each step) and registers
-  the names in verl's estimator registry (``core_algos.register_adv_est``), idempotently.
+- :func:`install`: patches that function into ``ray_trainer`` (the legacy ``fit`` looks it up there at each step)
+  and into ``ppo.v1.utils`` (the v1 trainer imports it by name; its ``compute_advantage_for_multi_trajectories``
+  hands any estimator but ``grpo`` to it), and registers the names in verl's estimator registry
+  (``core_algos.register_adv_est``), idempotently.
 - ``SRPORayPPOTrainer``: a ``RayPPOTrainer`` whose ``_compute_old_log_prob`` also runs the corrupted-image pass and the
   perception-ablated pass through verl's *own* ``_compute_old_log_prob`` (same workers, temperature, padding-free
   path), adding ``srpo_logp_corrupt``, ``srpo_logp_ablated`` and ``srpo_roles`` to the batch.
 - ``SRPOTaskRunner`` and :func:`main`: ``python -m srpo_core.adapters.verl <hydra overrides>`` is verl's
   ``main_ppo`` (legacy ``RayPPOTrainer`` path, ``trainer.use_v1=False``) with the two patches applied inside the
-  TaskRunner actor, where the trainer lives.
+  TaskRunner actor, where the trainer lives. verl 0.9.1 defaults to ``trainer.use_v1=true``, whose trainer computes
+  old log-probs through its TransferQueue and fetches a fixed field list for the advantage step, so the contrast
+  passes do not reach it yet: the entry point refuses ``use_v1=true`` with that message instead of silently
+  switching paths.
 
 The Ray workers need nothing from srpo-core: the extra passes are ordinary ``compute_log_prob`` calls on batches
 the driver prepared (corrupted ``pixel_values`` in ``multi_modal_inputs``, the perception span removed from the
@@ -46,8 +51,13 @@ from srpo_core.adapters._common import (
 )
 from srpo_core.config import Role
 
+# The verl releases `make test-verl` runs the adapter against (the legacy entry point needs `main_ppo_v0`, which
+# 0.7.x and 0.8.0 do not have; 0.9.x has it, deprecated).
+TESTED_VERL = ("0.9.1",)
+
 __all__ = [
     "ESTIMATORS",
+    "TESTED_VERL",
     "KEY_LOGP_ABLATED",
     "KEY_LOGP_CORRUPT",
     "KEY_ROLES",
@@ -165,10 +175,17 @@ def install() -> None:
         if core_algos.ADV_ESTIMATOR_REGISTRY.get(name) is not fn:
             core_algos.register_adv_est(name)(fn)
     current = ray_trainer.compute_advantage
-    if getattr(current, "__srpo_original__", None) is not None:
+    if getattr(current, "__srpo_original__", None) is None:
+        ray_trainer.compute_advantage = _wrap(current)
+    try:  # verl ≥ 0.9: the v1 trainer's helpers hold their own reference, bound at their import
+        from verl.trainer.ppo.v1 import utils as v1_utils
+    except ImportError:
         return
-    original = current
+    if getattr(v1_utils.compute_advantage, "__srpo_original__", None) is None:
+        v1_utils.compute_advantage = ray_trainer.compute_advantage
 
+
+def _wrap(original):
     def wrapped(data, adv_estimator, gamma=1.0, lam=1.0, num_repeat=1, norm_adv_by_std_in_grpo=True, config=None):
         return compute_advantage(data, adv_estimator, gamma=gamma, lam=lam, num_repeat=num_repeat,
                                  norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo, config=config,
@@ -176,7 +193,20 @@ def install() -> None:
 
     wrapped.__srpo_original__ = original
     wrapped.__doc__ = compute_advantage.__doc__
-    ray_trainer.compute_advantage = wrapped
+    return wrapped
+
+
+V1_REFUSAL = ("srpo_core.adapters.verl runs SRPO on verl's legacy trainer (RayPPOTrainer): add trainer.use_v1=False. "
+              "verl 0.9's default v1 trainer computes old log-probs through its TransferQueue and fetches a fixed "
+              "list of fields for the advantage step, so the corrupted-image and ablated passes SRPO needs do not "
+              "reach it (adv_estimator=srpo would fail there for lack of srpo_* keys).")
+
+
+def check_entry_config(config) -> None:
+    """Refuse a config the entry point cannot run as asked (today: ``trainer.use_v1=true``) with the fix."""
+    trainer = config.get("trainer", {}) if hasattr(config, "get") else {}
+    if bool(trainer.get("use_v1", False)):
+        raise SystemExit(f"error: {V1_REFUSAL}")
 
 
 # --------------------------------------------------------------------------- the trainer and the task runner
@@ -313,6 +343,7 @@ def main() -> None:
 
     @hydra.main(config_path=config_dir, config_name="ppo_trainer", version_base=None)
     def _main(config):
+        check_entry_config(config)
         from verl.trainer.main_ppo import run_ppo
         from verl.utils.device import auto_set_device
 

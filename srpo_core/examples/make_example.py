@@ -1,6 +1,11 @@
-"""Generate ``geometry_demo.jsonl``, the built-in example of ``srpo-core demo`` (deterministic; run to regenerate).
+"""Generate ``geometry_demo.jsonl``, the built-in example of ``srpo-core demo`` (deterministic).
 
-    python -m srpo_core.examples.make_example            # rewrites srpo_core/examples/geometry_demo.jsonl
+    python -m srpo_core.examples.make_example                 # prints the example's JSONL to stdout
+    python -m srpo_core.examples.make_example -o my.jsonl     # writes it to a file of your choice
+    python -m srpo_core.examples.make_example --check         # does the shipped file match the generator?
+
+It never rewrites the shipped file by default (in an installed package that file lies in site-packages); a
+developer regenerating it in a source checkout passes ``-o srpo_core/examples/geometry_demo.jsonl``.
 
 The story. Three visual questions (a triangle's area, a bar chart, counting shapes), four sampled responses each, in
 the tagged format SRPO trains for: ``<perception> … </perception> <think> … </think> <answer> … </answer>``.
@@ -28,10 +33,12 @@ All log-probs are capped at 0 and rounded to 4 decimals. Rewards: 1 for a correc
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import pathlib
 import random
+import sys
 
 FILE = pathlib.Path(__file__).with_name("geometry_demo.jsonl")
 SEED = 2026
@@ -143,10 +150,29 @@ def dumps(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def main() -> None:
-    FILE.write_text(dumps(generate()), encoding="utf-8")
-    print(f"wrote {FILE}")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m srpo_core.examples.make_example",
+                                     description="Generate the built-in example's rollouts (JSONL, deterministic).")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: print to stdout)")
+    what.add_argument("--check", action="store_true",
+                      help=f"exit 1 unless the shipped {FILE.name} equals the generator's output")
+    args = parser.parse_args(argv)
+    text = dumps(generate())
+    if args.check:
+        same = FILE.read_text(encoding="utf-8") == text
+        print(f"{FILE}: {'matches' if same else 'differs from'} the generator")
+        return 0 if same else 1
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        pathlib.Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as e:
+        parser.error(f"--output {args.output}: cannot be written ({e.strerror})")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
