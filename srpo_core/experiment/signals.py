@@ -6,9 +6,9 @@ colours wrong, reasoning consistent with them) — under three passes: the clean
 responses) and the clean image with the perception span removed (:func:`srpo_core.ablate_span`, ``drop``). Per token:
 
 - visual dependency ``k3`` (:func:`srpo_core.contrast` of ``ℓ`` and ``ℓ̃``), ``kl`` and ``js`` (:func:`srpo_core.
-  token_contrast` of the clean and corrupted next-token rows);
+  token_contrast` of the clean and corrupted next-token rows), and the signed ``logratio`` ``ℓ − ℓ̃``;
 - reasoning consistency ``logratio`` ``ℓ − ℓ°`` (SRPO's default) and ``k3`` / ``kl`` / ``js`` of the clean and
-  ablated rows.
+  ablated rows; ``logratio_no_tags`` removes the ``<perception>`` tags too (``ablate_span(tags_mask=…)``).
 
 Roles come from the real tag parser (:func:`srpo_core.roles_from_token_ids`). Comparisons (difference of token means
 and Cohen's d, with a cluster bootstrap over samples): perception vs reasoning vs OTHER tokens; grounded vs
@@ -32,7 +32,7 @@ from srpo_core.experiment.sft import PART_CODES, encode
 from srpo_core.experiment.task import VALUES, Sample, hallucinate, response
 from srpo_core.roles import roles_from_token_ids
 
-KINDS = ("k3", "kl", "js")
+KINDS = ("k3", "kl", "js", "logratio")
 REASONING_KINDS = ("logratio", "k3", "kl", "js")
 
 
@@ -40,6 +40,11 @@ def _rows_logits(model, inputs) -> torch.Tensor:
     """``[B, L, V]`` next-token logits, shifted so that position ``j`` holds the row that predicts token ``j``."""
     logits = model(**inputs).logits.float()
     return torch.cat([logits[:, :1] * 0, logits[:, :-1]], dim=1)
+
+
+def _ablated_inputs(inputs: dict, ab) -> dict:
+    return {**inputs, "input_ids": ab.input_ids, "attention_mask": ab.attention_mask,
+            "mm_token_type_ids": ab.ablate(inputs["mm_token_type_ids"])}
 
 
 def _per_token(rows_a, rows_b, ids, keep, kind):
@@ -76,9 +81,13 @@ def token_signals(model, processor, samples: list[Sample], *, seed: int = 0, cor
         span = batch.part == PART_CODES["perception"]
         ab = ablate_span(ids, inputs["attention_mask"], span, mode="drop",
                          pad_token_id=processor.tokenizer.pad_token_id)
-        ab_inputs = {**inputs, "input_ids": ab.input_ids, "attention_mask": ab.attention_mask,
-                     "mm_token_type_ids": ab.ablate(inputs["mm_token_type_ids"])}
-        ablated = ab.gather(_rows_logits(model, ab_inputs))
+        ablated = ab.gather(_rows_logits(model, _ablated_inputs(inputs, ab)))
+        # the same with the <perception> tags removed too (ablate_span's tags_mask option)
+        tag_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(["<perception>", "</perception>"]))
+        tags = batch.completion & torch.isin(ids, tag_ids)
+        ab2 = ablate_span(ids, inputs["attention_mask"], span, mode="drop", tags_mask=tags,
+                          pad_token_id=processor.tokenizer.pad_token_id)
+        ablated_no_tags = ab2.gather(_rows_logits(model, _ablated_inputs(inputs, ab2)))
         comp = batch.completion
         roles = torch.zeros_like(ids)
         for b in range(len(pairs)):  # the real parser on each response's tokens
@@ -90,6 +99,10 @@ def token_signals(model, processor, samples: list[Sample], *, seed: int = 0, cor
             full = torch.full(ids.shape, float("nan"))
             full[kept_not_span] = _per_token(clean, ablated, ids, kept_not_span, k).float()
             got[f"reasoning_{k}"] = full[keep]
+        full = torch.full(ids.shape, float("nan"))
+        kept = keep & ~span & ~tags
+        full[kept] = _per_token(clean, ablated_no_tags, ids, kept, "logratio").float()
+        got["reasoning_logratio_no_tags"] = full[keep]
         wrong = torch.zeros_like(keep)
         for b, (s, c) in enumerate(pairs):
             pos = torch.nonzero(batch.part[b] == PART_CODES["perception"])[:, 0]
@@ -157,7 +170,7 @@ def analyse(sig: dict, *, n_boot: int = 1000, seed: int = 0) -> dict:
                                                                 & sig["wrong_colour"].astype(bool), cl,
                                                                 n_boot=n_boot, seed=seed),
         }
-    for k in REASONING_KINDS:
+    for k in (*REASONING_KINDS, "logratio_no_tags"):
         v = sig[f"reasoning_{k}"].astype(float)
         out[f"reasoning_{k}"] = {
             "fact_vs_nonfact": bootstrap_effect(v, reasoning & fact, reasoning & ~fact, cl, n_boot=n_boot,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 import time
 
@@ -100,14 +101,15 @@ def environment(cfg: StudyConfig) -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl.__version__, "machine": platform.machine(), "processor": platform.processor(),
-            "cpu_count": __import__("os").cpu_count(), "threads": cfg.threads}
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
 def run(cfg: StudyConfig = QUICK, *, progress: bool = True, note: str = "") -> dict:
     """Run the study; returns the JSON-ready result dict."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    torch.set_num_threads(cfg.threads)
+    threads = int(os.environ.get("OMP_NUM_THREADS", cfg.threads))  # a shared host may ask for fewer
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     bar = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    disable=not progress)

@@ -75,8 +75,8 @@ def solve(kind: str, args: tuple[str, ...], cells) -> str:
     raise ValueError(f"solve: unknown question kind {kind!r}; expected one of {KINDS}")
 
 
-def make_sample(rng: random.Random) -> Sample:
-    cells = tuple(rng.choice(VALUES) for _ in CELLS)
+def make_sample(rng: random.Random, uniform: bool = False) -> Sample:
+    cells = (rng.choice(COLOURS),) * len(CELLS) if uniform else tuple(rng.choice(VALUES) for _ in CELLS)
     kind = rng.choice(KINDS)
     if kind == "count":
         args = (rng.choice(COLOURS),)
@@ -87,12 +87,13 @@ def make_sample(rng: random.Random) -> Sample:
     return Sample(cells, kind, args, solve(kind, args, cells))
 
 
-def generate(n: int, seed: int) -> list[Sample]:
-    """``n`` samples, deterministic from ``seed`` (different seeds give independent splits)."""
+def generate(n: int, seed: int, *, uniform: bool = False) -> list[Sample]:
+    """``n`` samples, deterministic from ``seed`` (different seeds give independent splits). ``uniform=True`` is
+    the easy variant the tests warm-start on in seconds: all four cells share one colour."""
     if n < 0:
         raise ValueError(f"generate: `n` must be >= 0, got {n!r}")
     rng = random.Random(f"srpo-task-{seed}")
-    return [make_sample(rng) for _ in range(n)]
+    return [make_sample(rng, uniform) for _ in range(n)]
 
 
 def hallucinate(cells, rng: random.Random, n_wrong: int | None = None) -> tuple[str, ...]:
