@@ -57,7 +57,7 @@ def test_encode_labels_align_with_tokens(processor):
 
 
 # ------------------------------------------------------------------ smoke run of every phase
-def test_smoke_study_runs_every_phase():
+def test_smoke_study_runs_every_phase(tmp_path):
     cfg = dataclasses.replace(SMOKE, budget=dataclasses.replace(SMOKE.budget, steps=2))
     result = run(cfg, progress=False)
     runs = result["rl"]["runs"]
@@ -71,6 +71,20 @@ def test_smoke_study_runs_every_phase():
         assert ev["grounding_gap"] == pytest.approx(ev["accuracy"] - ev["accuracy_corrupt"])
     assert "srpo/perception/w_mean" in next(r for r in runs if r["method"] == "srpo")["logged"]
     assert result["signals"]["counts"]["perception"] > 0
+    from srpo_core.experiment import report
+
+    report.write_docs(result, str(tmp_path / "e.md"), str(tmp_path / "e.png"), source="e.json")
+    text = (tmp_path / "e.md").read_text()
+    assert "## Verdict" in text and "| grpo |" in text and (tmp_path / "e.png").stat().st_size > 0
+
+
+def test_verdict_rule():
+    from srpo_core.experiment.report import verdict_of
+
+    assert verdict_of({"diff_ci": [0.1, 0.3]}, 1) == "supported"
+    assert verdict_of({"diff_ci": [-0.3, -0.1]}, 1) == "contradicted"
+    assert verdict_of({"diff_ci": [-0.3, -0.1]}, -1) == "supported"
+    assert verdict_of({"diff_ci": [-0.1, 0.1]}, 1).startswith("not resolved")
 
 
 # ------------------------------------------------------------------ signal validity on a tiny warm-started model
@@ -222,14 +236,20 @@ def test_entropy_and_papo_terms_reach_the_loss(processor):
         with torch.no_grad():
             return float(trainer._compute_loss(model, inputs))
 
+    seen = {}
+    original = trainer._get_per_token_logps_and_entropies
+
+    def spy(*a, **k):  # the policy log-probs TRL's own loss computes (the base options add no term)
+        out = original(*a, **k)
+        seen["logp"] = out[0]
+        return out
+
+    trainer._get_per_token_logps_and_entropies = spy
     l0 = loss_with(base)
+    assert trainer._get_per_token_logps_and_entropies is spy  # the adapter restores what it wrapped
+    del trainer._get_per_token_logps_and_entropies
+    logp = seen["logp"]
     mask = inputs["completion_mask"].bool()
-    with torch.no_grad():
-        logp, _, _ = trainer._get_per_token_logps_and_entropies(
-            model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
-            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].shape[1],
-            pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-            mm_token_type_ids=inputs.get("mm_token_type_ids"))
     neg_mean = float(-(logp * mask).sum() / mask.sum())
     lc = inputs["srpo_logp_corrupt"]
     aug = float(-(torch.where(mask, lc, 0.0)).sum() / mask.sum())

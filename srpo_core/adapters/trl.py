@@ -339,6 +339,7 @@ class SRPOGRPOTrainer(GRPOTrainer):
             return super()._compute_loss(model, inputs)
         seen = {}
         original = self._get_per_token_logps_and_entropies
+        own = "_get_per_token_logps_and_entropies" in self.__dict__  # an instance attribute set by someone else
 
         def spy(*args, **kwargs):
             result = original(*args, **kwargs)
@@ -349,7 +350,10 @@ class SRPOGRPOTrainer(GRPOTrainer):
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
-            del self._get_per_token_logps_and_entropies
+            if own:
+                self._get_per_token_logps_and_entropies = original
+            else:
+                del self._get_per_token_logps_and_entropies
         logp = seen["logps"]
         mask = inputs["completion_mask"].bool()
         if "tool_mask" in inputs:

@@ -46,7 +46,7 @@ SIGNAL_CLAIMS = (
     ("reasoning_logratio", "fact_vs_nonfact",
      "ℓ − ℓ° (SRPO's reasoning signal) is higher on reasoning tokens that use a perceived fact", 1),
     ("reasoning_logratio_no_tags", "fact_vs_nonfact",
-     "the same with the <perception> tags removed too", 1),
+     "the same with the `<perception>` tags removed too", 1),
     ("reasoning_kl", "fact_vs_nonfact", "KL(clean ‖ ablated) is higher on reasoning tokens that use a perceived fact",
      1),
 )
@@ -107,6 +107,31 @@ def verdict(result: dict) -> list[str]:
         out.append("Contradicted (the CI excludes 0 on the other side): " + "; ".join(con) + ".")
     if unr:
         out.append("Not resolved at this sample size: " + "; ".join(unr) + ".")
+    verdicts = {(r[1], r[2]): r[4] for r in rows}
+    if verdicts.get(("reasoning_logratio", "fact_vs_nonfact")) == "contradicted":
+        out.append("A reading of the reasoning result, not a measurement: with the span dropped, the template words "
+                   "(which the perception span does not determine) lose more probability than the fact words, "
+                   "i.e. `ℓ − ℓ°` mostly measures how far the ablated context is from what the model was trained "
+                   "on, not which tokens use a perceived fact.")
+    signed = result["signals"].get("visual_logratio", {}).get("grounded_vs_hallucinated_colour", {})
+    if verdicts.get(("visual_logratio", "grounded_vs_hallucinated_colour")) == "supported" and \
+            signed.get("mean_b", 0) < 0 and any(
+            verdicts.get((f"visual_{k}", "grounded_vs_hallucinated_colour")) != "supported" for k in ("k3", "kl")):
+        out.append("k3/KL/JS are magnitudes: a hallucinated word whose cell is blacked out gains probability, which "
+                   "they count like the loss of a grounded word; only the signed `ℓ − ℓ̃` separates the two here.")
+    summary = result["rl"]["summary"]
+    gains = {m: row["accuracy_gain_vs_warm"]["mean"] for m, row in summary.items()
+             if row["accuracy_gain_vs_warm"]["mean"] is not None}
+    if gains and all(g < 0 for g in gains.values()):
+        out.append("Every method, GRPO included, ended below the warm start on held-out accuracy: at this budget "
+                   "and learning rate the RL phase degraded the policy, so the method differences below are "
+                   "differences in how much it degraded.")
+    faster = [m for m, row in summary.items() if m != "grpo" and row["step_time_vs_grpo"]["mean"] is not None
+              and row["step_time_vs_grpo"]["mean"] < 1.0]
+    if faster:
+        out.append(f"Step times are noisy here: {', '.join(faster)} ran faster than GRPO per step although each "
+                   "does strictly more work (an extra corrupted-image pass), so read the step-time column as "
+                   "indicative only.")
     seeds = len(result["config"]["seeds"])
     for method in ("srpo", "vppo", "papo"):
         for metric in ("accuracy", "grounding_gap", "perception"):
