@@ -260,3 +260,11 @@ def test_entropy_and_papo_terms_reach_the_loss(processor):
                                                                                                   abs=1e-6)
     assert loss_with(dataclasses.replace(base, papo_kl_coef=0.5)) - l0 == pytest.approx(-0.5 * kl, rel=1e-4,
                                                                                          abs=1e-6)
+
+
+def test_cli_has_the_experiment_subcommand():
+    from srpo_core import cli
+
+    args = cli.build_parser().parse_args(["experiment", "--quick", "--json", "x.json", "--plot", "x.png"])
+    assert args.run is cli._experiment and args.quick and args.json == "x.json" and args.plot == "x.png"
+    assert not cli.build_parser().parse_args(["experiment"]).quick
