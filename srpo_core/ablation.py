@@ -76,7 +76,7 @@ class AblatedBatch:
 
 
 def ablate_span(input_ids: torch.Tensor, attention_mask: torch.Tensor, span_mask: torch.Tensor, *,
-                mode: str = "drop", pad_token_id: int = 0) -> AblatedBatch:
+                mode: str = "drop", pad_token_id: int = 0, tags_mask: torch.Tensor | None = None) -> AblatedBatch:
     """Remove the ``span_mask`` tokens from each row (``drop``), or hide them from attention (``mask``).
 
     Args:
@@ -86,6 +86,9 @@ def ablate_span(input_ids: torch.Tensor, attention_mask: torch.Tensor, span_mask
             positions).
         mode: ``"drop"`` | ``"mask"``.
         pad_token_id: fills the right padding of shortened rows (``drop``).
+        tags_mask: optional ``bool [B, L]``, the tag tokens around each span (e.g. ``<perception>`` and
+            ``</perception>``), ablated too when given. By default the tags stay in the context, so the ablated pass
+            still sees an (empty) ``<perception></perception>``; see ``docs/decisions.md`` D115.
 
     Returns:
         :class:`AblatedBatch`. ``gather`` maps the ablated pass's per-token values back; the values at the original
@@ -98,6 +101,11 @@ def ablate_span(input_ids: torch.Tensor, attention_mask: torch.Tensor, span_mask
     require_same_device(OP, "input_ids", input_ids, attention_mask=attention_mask, span_mask=span_mask)
     if mode not in ("drop", "mask"):
         raise ValueError(f"{OP}: `mode` must be 'drop' or 'mask', got {mode!r}")
+    if tags_mask is not None:
+        require_tensor(OP, "tags_mask", tags_mask, kind="bool", ndim=2)
+        require_same_shape(OP, "input_ids", input_ids, tags_mask=tags_mask)
+        require_same_device(OP, "input_ids", input_ids, tags_mask=tags_mask)
+        span_mask = span_mask | tags_mask
     keep = ~span_mask
     index = torch.where(keep, torch.cumsum(keep.to(torch.int64), dim=1) - 1, -1)
     if mode == "mask":

@@ -132,6 +132,20 @@ rollouts: one JSON object per line, one line per response
                    optional per-token signals replacing that contrast
 full rules: `srpo-core docs rollouts`; a file: `srpo-core explain --example`
 """
+def _experiment(args) -> int:
+    import json
+
+    from srpo_core.experiment import FULL, QUICK, report, run
+
+    result = run(QUICK if args.quick else FULL, progress=not args.no_progress, note=args.note)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    report.print_summary(result)
+    if args.plot:
+        report.plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     docs = sub.add_parser("docs", help="list the documentation pages, or print one (they ship with the package)")
     docs.add_argument("page", nargs="?", help="a page name, e.g. rollouts, trl, adapters, math, spec")
     docs.set_defaults(run=_docs)
+    exp = sub.add_parser("experiment", help="the miniature grounded-reasoning study (docs/experiment.md)")
+    exp.add_argument("--quick", action="store_true", help="one seed, short budget: ≤ 15 min on 2 quiet CPU cores")
+    exp.add_argument("--json", metavar="FILE", help="save the results as JSON")
+    exp.add_argument("--plot", metavar="FILE.png", help="draw the summary figure (needs matplotlib)")
+    exp.add_argument("--note", default="", help="a line stored with the results (e.g. host conditions)")
+    exp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    exp.set_defaults(run=_experiment)
     return parser
 
 

@@ -82,6 +82,23 @@ _MM_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_s
 _PER_POSITION_KEYS = ("token_type_ids", "mm_token_type_ids")  # [B, P+C]: ablated like input_ids
 
 
+METHODS = ("srpo", "vppo", "papo")
+# Each method's corruption and loss terms as in its source (file:line in docs/decisions.md D112-D114).
+PRESETS = {
+    "srpo": {},
+    # VPPO-RL verl/workers/perc_utils.py:5 (14-px cells, p=0.5) applied per response image (fsdp_workers.py:511);
+    # entropy penalty coef·(−mean log π) in dp_actor.py:564-567, coef 0.06 in examples/configs/train_vppo_7b.sh:23
+    # (0.12 for the 8B script, train_vppo_8b.sh:23).
+    "vppo": dict(method="vppo", corruption_patch="raw", corruption_p=0.5, corruption_share="response",
+                 entropy_penalty_coef=0.06),
+    # PAPO verl/trainer/papo_utils.py:17 (14-px cells, black_prob=0.6) on the raw images before rollout, so a
+    # prompt's responses share them; kl_prcp_coef 0.01 and Double Entropy Loss 0.03 + 0.03 in
+    # examples/papo_grpo/qwen2_5_vl_3b_grpo_papo_no_kl_ref.sh:28-34 (the GRPO script without a reference KL, as here).
+    "papo": dict(method="papo", corruption_patch="raw", corruption_p=0.6, corruption_share="prompt",
+                 papo_kl_coef=0.01, entropy_penalty_coef=0.03, papo_aug_entropy_coef=0.03),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class SRPOTrainerOptions:
     """Adapter knobs (the math lives in :class:`srpo_core.SRPOConfig`).
@@ -95,6 +112,15 @@ class SRPOTrainerOptions:
       the tag parser (e.g. a different response format, or a test that forces roles).
     - ``seed``: seeds the corruption masks (``seed + generation index``; default: the trainer's ``args.seed``). A
       private generator is used, so SRPO never consumes the global RNG that TRL samples and shuffles with.
+    - ``method``: ``"srpo"`` (default) | ``"vppo"`` (VPPO's trajectory scale and top-k token mask, see
+      :func:`srpo_core.vppo_advantages`; the mask is folded into the advantages, D36) | ``"papo"`` (TRL's sequence
+      advantages, and ``−papo_kl_coef · mean(KL_prcp)`` added to the loss, :func:`srpo_core.papo_perception_kl`).
+    - ``corruption_share``: ``"prompt"`` (one corrupted image per prompt, shared by its responses) | ``"response"``
+      (a mask drawn per response, as VPPO).
+    - ``entropy_penalty_coef``: adds ``coef · (−mean ℓ)`` over the response tokens to the loss (VPPO's entropy
+      penalty; PAPO's "original" half of the Double Entropy Loss); ``papo_aug_entropy_coef``: adds
+      ``coef · (−mean ℓ̃)`` (PAPO's "augmented" half; ``ℓ̃`` is computed without gradient, as PAPO's default).
+    - :meth:`preset` gives each method its source's defaults (``docs/decisions.md`` D112-D114).
     """
 
     corruption_mode: str = "black"
@@ -105,8 +131,31 @@ class SRPOTrainerOptions:
     reasoning_tags: tuple[str, ...] = REASONING_TAGS
     roles_fn: Callable | None = None
     seed: int | None = None
+    method: str = "srpo"
+    corruption_share: str = "prompt"
+    entropy_penalty_coef: float = 0.0
+    papo_kl_coef: float = 0.01
+    papo_aug_entropy_coef: float = 0.0
+    vppo_beta_min: float = 0.9
+    vppo_top_k: float = 0.4
+
+    @classmethod
+    def preset(cls, method: str, **overrides) -> SRPOTrainerOptions:
+        """Options with the corruption and loss terms of ``method``'s own launch scripts (then ``overrides``)."""
+        if method not in PRESETS:
+            raise ValueError(f"SRPOTrainerOptions.preset: `method` must be one of {tuple(PRESETS)}, got {method!r}")
+        return cls(**{**PRESETS[method], **overrides})
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"SRPOTrainerOptions: `method` must be one of {METHODS}, got {self.method!r}")
+        if self.corruption_share not in ("prompt", "response"):
+            raise ValueError(f"SRPOTrainerOptions: `corruption_share` must be 'prompt' or 'response', got "
+                             f"{self.corruption_share!r}")
+        for name in ("entropy_penalty_coef", "papo_kl_coef", "papo_aug_entropy_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"SRPOTrainerOptions: `{name}` must be a number >= 0, got {value!r}")
         if self.corruption_mode not in MODES:
             raise ValueError(f"SRPOTrainerOptions: `corruption_mode` must be one of {MODES}, got "
                              f"{self.corruption_mode!r}")
@@ -160,6 +209,16 @@ class SRPOGRPOConfig(GRPOConfig):
     srpo_perception_tags: list[str] = _field(list(_OPTS.perception_tags), "SRPO: tags of perception spans")
     srpo_reasoning_tags: list[str] = _field(list(_OPTS.reasoning_tags), "SRPO: tags of reasoning spans")
     srpo_seed: int | None = _field(_OPTS.seed, "SRPO: seed of the corruption masks (default: `seed`)")
+    srpo_method: str = _field(_OPTS.method, "SRPO: 'srpo', or the 'vppo' / 'papo' baselines through this trainer")
+    srpo_corruption_share: str = _field(_OPTS.corruption_share,
+                                        "SRPO: one corrupted image per 'prompt', or a mask per 'response'")
+    srpo_entropy_penalty_coef: float = _field(_OPTS.entropy_penalty_coef,
+                                              "SRPO: adds coef·(−mean log π) to the loss (VPPO's entropy penalty)")
+    srpo_papo_kl_coef: float = _field(_OPTS.papo_kl_coef, "SRPO: PAPO's perception-KL coefficient (method='papo')")
+    srpo_papo_aug_entropy_coef: float = _field(_OPTS.papo_aug_entropy_coef,
+                                               "SRPO: PAPO's augmented-image entropy term coefficient")
+    srpo_vppo_beta_min: float = _field(_OPTS.vppo_beta_min, "SRPO: VPPO's trajectory-scale floor (method='vppo')")
+    srpo_vppo_top_k: float = _field(_OPTS.vppo_top_k, "SRPO: VPPO's share of tokens kept (method='vppo')")
 
     def __post_init__(self):
         super().__post_init__()
@@ -287,6 +346,8 @@ class SRPOGRPOTrainer(GRPOTrainer):
             raise NotImplementedError("SRPOGRPOTrainer: the corrupted-image pass supports the Qwen-VL layout "
                                       "(pixel_values with image_grid_thw); this model's processor gives "
                                       f"pixel_values {tuple(pixel_values.shape)} without image_grid_thw")
+        if self.srpo_options.corruption_share == "response":
+            group_ids = torch.arange(len(group_ids)) + self.accelerator.process_index * len(group_ids)
         num_images = out.get("num_images") or [1] * len(group_ids)
         # image j of completion i belongs to group (prompt of i, j): the same corrupted image for a prompt's group
         image_groups = torch.tensor([int(group_ids[i]) * 1_000_003 + j for i, n in enumerate(num_images)
@@ -373,12 +434,15 @@ class SRPOGRPOTrainer(GRPOTrainer):
             logp = out.get("old_per_token_logps")
             logp = (self._srpo_logps(out, input_ids, attention_mask, width_c, batch_size)
                     if logp is None else logp.float())
-            corrupted = self._srpo_corrupt(out, group_ids) if bool((role_t == Role.PERCEPTION).any()) else None
+            needs_corrupt = opts.method != "srpo" or bool((role_t == Role.PERCEPTION).any())
+            corrupted = self._srpo_corrupt(out, group_ids) if needs_corrupt else None
             if corrupted is None:
                 logp_corrupt = logp  # no image, or nobody reads ℓ̃
             else:
                 logp_corrupt = self._srpo_logps(out, input_ids, attention_mask, width_c, batch_size,
                                                 pixel_values=corrupted)
+            if opts.method != "srpo":
+                return self._preset_step(out, mode, seq_adv, roles, mask, logp, logp_corrupt)
             span = role_t == Role.PERCEPTION
             if not bool(span.any()) or not bool((role_t == Role.REASONING).any()):
                 logp_ablated = logp  # nothing removed, or nobody reads ℓ°
@@ -401,6 +465,65 @@ class SRPOGRPOTrainer(GRPOTrainer):
                 metrics[f"srpo/{key}"].append(value)
         metrics["srpo/malformed_frac"].append(roles.num_malformed / max(len(seq_adv), 1))
         return out
+
+    def _preset_step(self, out, mode, seq_adv, roles, mask, logp, logp_corrupt):
+        """VPPO's or PAPO's step (no ablated pass): VPPO's token advantages, or PAPO's ℓ̃ kept for the loss."""
+        from srpo_core.presets import vppo_advantages
+
+        opts, metrics = self.srpo_options, self._metrics[mode]
+        res = None
+        if opts.method == "vppo":
+            res = vppo_advantages(seq_adv.float(), logp, logp_corrupt, mask=mask, beta_min=opts.vppo_beta_min,
+                                  top_k=opts.vppo_top_k)
+            out["advantages"] = torch.where(res.loss_mask, res.advantages, 0.0).to(seq_adv.dtype)
+            for key, value in res.stats.items():
+                metrics[key].append(float(value))
+        out["srpo_logp_corrupt"] = logp_corrupt.detach()  # [B, T]: travels with TRL's shuffle to _compute_loss
+        self._srpo_last = SRPOStep(seq_adv, res, roles, mask, logp, logp_corrupt, logp)
+        self._srpo_generation += 1
+        return out
+
+    def _compute_loss(self, model, inputs):
+        """TRL's loss, plus the entropy terms and PAPO's perception KL when the options ask for them."""
+        opts = self.srpo_options
+        papo = opts.method == "papo" and "srpo_logp_corrupt" in inputs
+        if not (opts.entropy_penalty_coef or papo):
+            return super()._compute_loss(model, inputs)
+        seen = {}
+        original = self._get_per_token_logps_and_entropies
+        own = "_get_per_token_logps_and_entropies" in self.__dict__  # an instance attribute set by someone else
+
+        def spy(*args, **kwargs):
+            result = original(*args, **kwargs)
+            seen["logps"] = result[0]  # [B, T], with gradient: the current policy on the clean image
+            return result
+
+        self._get_per_token_logps_and_entropies = spy
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            if own:
+                self._get_per_token_logps_and_entropies = original
+            else:
+                del self._get_per_token_logps_and_entropies
+        logp = seen["logps"]
+        mask = inputs["completion_mask"].bool()
+        if "tool_mask" in inputs:
+            mask = mask & inputs["tool_mask"].bool()
+        count = mask.sum().clamp(min=1)
+        mode = "train" if self.model.training else "eval"
+        extra = opts.entropy_penalty_coef * (-(logp * mask).sum() / count)
+        if papo:
+            from srpo_core.presets import papo_perception_kl
+
+            lc = inputs["srpo_logp_corrupt"]
+            kl = papo_perception_kl(logp, lc, mask=mask)
+            kl_mean = kl.sum() / count
+            extra = extra - opts.papo_kl_coef * kl_mean
+            extra = extra + opts.papo_aug_entropy_coef * (-(torch.where(mask, lc, 0.0)).sum() / count)
+            self._metrics[mode]["papo/kl_prcp"].append(float(kl_mean.detach()))
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        return loss + extra / normalizer
 
     def _srpo_ablated_logps(self, out, input_ids, attention_mask, span, width_p, batch_size):
         full_span = torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), span], dim=1)

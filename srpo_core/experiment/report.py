@@ -1,0 +1,330 @@
+"""``docs/experiment.md`` and its figure, generated from a study's JSON (never from numbers typed by hand)."""
+
+from __future__ import annotations
+
+
+def _fmt(cell, digits: int = 3) -> str:
+    if cell is None or cell.get("mean") is None:
+        return "—"
+    m, (lo, hi) = cell["mean"], cell["ci"]
+    if lo is None:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def print_summary(result: dict, console=None) -> None:
+    """A terminal table of the RL summary (held-out metrics per method)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"srpo-core experiment ({result['config']['name']}), wall {result['wall_seconds']:.0f} s")
+    cols = ("accuracy", "accuracy_corrupt", "grounding_gap", "perception", "length", "step_time_vs_grpo")
+    table.add_column("method")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for method, row in result["rl"]["summary"].items():
+        table.add_row(method, *(_fmt(row[c]) for c in cols))
+    console.print(table)
+
+
+SIGNAL_CLAIMS = (
+    # (signal, comparison, claim in words, expected sign of diff)
+    ("visual_k3", "perception_vs_reasoning", "k3 visual dependency is higher on perception than on reasoning tokens",
+     1),
+    ("visual_k3", "perception_vs_other", "k3 visual dependency is higher on perception than on OTHER tokens", 1),
+    ("visual_kl", "perception_vs_reasoning", "KL visual dependency is higher on perception than on reasoning tokens",
+     1),
+    ("visual_js", "perception_vs_reasoning", "JS visual dependency is higher on perception than on reasoning tokens",
+     1),
+    ("visual_k3", "grounded_vs_hallucinated_span", "k3 is higher on grounded than on hallucinated perception spans", 1),
+    ("visual_k3", "grounded_vs_hallucinated_colour", "k3 is higher on grounded than on hallucinated colour words", 1),
+    ("visual_kl", "grounded_vs_hallucinated_colour", "KL is higher on grounded than on hallucinated colour words", 1),
+    ("visual_js", "grounded_vs_hallucinated_colour", "JS is higher on grounded than on hallucinated colour words", 1),
+    ("visual_logratio", "grounded_vs_hallucinated_colour",
+     "the signed ℓ − ℓ̃ is higher on grounded than on hallucinated colour words", 1),
+    ("reasoning_logratio", "fact_vs_nonfact",
+     "ℓ − ℓ° (SRPO's reasoning signal) is higher on reasoning tokens that use a perceived fact", 1),
+    ("reasoning_logratio_no_tags", "fact_vs_nonfact",
+     "the same with the `<perception>` tags removed too", 1),
+    ("reasoning_kl", "fact_vs_nonfact", "KL(clean ‖ ablated) is higher on reasoning tokens that use a perceived fact",
+     1),
+)
+
+
+def verdict_of(effect: dict, sign: int) -> str:
+    lo, hi = effect["diff_ci"]
+    if lo is None or hi is None or lo != lo or hi != hi:
+        return "not measurable"
+    low, high = sorted((sign * lo, sign * hi))  # the interval of sign · diff
+    if low > 0:
+        return "supported"
+    if high < 0:
+        return "contradicted"
+    return "not resolved (CI spans 0)"
+
+
+def _num(x, digits=3):
+    return "—" if x is None or x != x else f"{x:.{digits}g}"
+
+
+def _ci(pair, digits=3):
+    return f"[{_num(pair[0], digits)}, {_num(pair[1], digits)}]"
+
+
+def signal_rows(result: dict) -> list[tuple]:
+    rows = []
+    sig = result["signals"]
+    for name, comp, claim, sign in SIGNAL_CLAIMS:
+        e = sig.get(name, {}).get(comp)
+        if e is None:
+            continue
+        rows.append((claim, name, comp, e, verdict_of(e, sign)))
+    return rows
+
+
+def _rl_comparison(result: dict, method: str, metric: str) -> dict | None:
+    """Paired per-seed difference ``method − grpo`` of a held-out metric, mean and t CI (None with < 2 seeds)."""
+    from srpo_core.experiment.study import mean_ci
+
+    runs = result["rl"]["runs"]
+    base = {r["seed"]: r["eval"][metric] for r in runs if r["method"] == "grpo"}
+    diffs = [r["eval"][metric] - base[r["seed"]] for r in runs if r["method"] == method and r["seed"] in base]
+    return mean_ci(diffs) if diffs else None
+
+
+def verdict(result: dict) -> list[str]:
+    """Plain sentences, each derived from the JSON by a fixed rule (no hand-typed numbers)."""
+    out = []
+    rows = signal_rows(result)
+    sup = [r[0] for r in rows if r[4] == "supported"]
+    con = [r[0] for r in rows if r[4] == "contradicted"]
+    unr = [r[0] for r in rows if r[4].startswith("not")]
+    if sup:
+        out.append("Supported by the signal-validity data (95% bootstrap CI of the difference excludes 0): "
+                   + "; ".join(sup) + ".")
+    if con:
+        out.append("Contradicted (the CI excludes 0 on the other side): " + "; ".join(con) + ".")
+    if unr:
+        out.append("Not resolved at this sample size: " + "; ".join(unr) + ".")
+    verdicts = {(r[1], r[2]): r[4] for r in rows}
+    if verdicts.get(("reasoning_logratio", "fact_vs_nonfact")) == "contradicted":
+        out.append("A reading of the reasoning result, not a measurement: with the span dropped, the template words "
+                   "(which the perception span does not determine) lose more probability than the fact words, "
+                   "i.e. `ℓ − ℓ°` mostly measures how far the ablated context is from what the model was trained "
+                   "on, not which tokens use a perceived fact.")
+    signed = result["signals"].get("visual_logratio", {}).get("grounded_vs_hallucinated_colour", {})
+    if verdicts.get(("visual_logratio", "grounded_vs_hallucinated_colour")) == "supported" and \
+            signed.get("mean_b", 0) < 0 and any(
+            verdicts.get((f"visual_{k}", "grounded_vs_hallucinated_colour")) != "supported" for k in ("k3", "kl")):
+        out.append("k3/KL/JS are magnitudes: a hallucinated word whose cell is blacked out gains probability, which "
+                   "they count like the loss of a grounded word; only the signed `ℓ − ℓ̃` separates the two here.")
+    summary = result["rl"]["summary"]
+    gains = {m: row["accuracy_gain_vs_warm"]["mean"] for m, row in summary.items()
+             if row["accuracy_gain_vs_warm"]["mean"] is not None}
+    if gains and all(g < 0 for g in gains.values()):
+        out.append("Every method, GRPO included, ended below the warm start on held-out accuracy: at this budget "
+                   "and learning rate the RL phase degraded the policy, so the method differences below are "
+                   "differences in how much it degraded.")
+    faster = [m for m, row in summary.items() if m != "grpo" and row["step_time_vs_grpo"]["mean"] is not None
+              and row["step_time_vs_grpo"]["mean"] < 1.0]
+    if faster:
+        out.append(f"Step times are noisy here: {', '.join(faster)} ran faster than GRPO per step although each "
+                   "does strictly more work (an extra corrupted-image pass), so read the step-time column as "
+                   "indicative only.")
+    seeds = len(result["config"]["seeds"])
+    for method in ("srpo", "vppo", "papo"):
+        for metric in ("accuracy", "grounding_gap", "perception"):
+            c = _rl_comparison(result, method, metric)
+            if c is None or c["mean"] is None:
+                continue
+            if seeds < 2:
+                out.append(f"{method} − grpo held-out {metric}: {c['mean']:+.3f} from one seed — no interval, "
+                           "so no claim either way.")
+                continue
+            lo, hi = c["ci"]
+            word = "higher" if lo > 0 else "lower" if hi < 0 else "not distinguishable"
+            out.append(f"{method} − grpo held-out {metric}: {c['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] over "
+                       f"{c['n']} seeds: {word}.")
+    return out
+
+
+def plot(result: dict, path: str) -> None:
+    """Three panels: signal effect sizes (Cohen's d, bootstrap CI), held-out metrics per method, reward curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    rows = signal_rows(result)
+    ax = axes[0]
+    for i, (_claim, _name, _comp, e, _v) in enumerate(rows):
+        lo, hi = e["d_ci"]
+        ax.errorbar(e["d"], i, xerr=[[e["d"] - lo], [hi - e["d"]]], fmt="o", color="C0" if e["d"] > 0 else "C3")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(rows)), [f"{n.replace('visual_', 'V:').replace('reasoning_', 'R:')} {c}"
+                                     for _, n, c, _, _ in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("Cohen's d (A − B), 95% cluster-bootstrap CI")
+    ax.set_title("signal validity (warm-started model)")
+
+    ax = axes[1]
+    summary = result["rl"]["summary"]
+    methods = list(summary)
+    metrics = ("accuracy", "accuracy_corrupt", "perception")
+    width = 0.8 / len(metrics)
+    for k, metric in enumerate(metrics):
+        means = [summary[m][metric]["mean"] or 0.0 for m in methods]
+        errs = [[(summary[m][metric]["mean"] - summary[m][metric]["ci"][0]) if summary[m][metric]["ci"][0]
+                 is not None else 0 for m in methods],
+                [(summary[m][metric]["ci"][1] - summary[m][metric]["mean"]) if summary[m][metric]["ci"][1]
+                 is not None else 0 for m in methods]]
+        ax.bar([i + k * width for i in range(len(methods))], means, width, yerr=errs, label=metric)
+    warm = result["warm_start"]["eval"]["accuracy"]
+    ax.axhline(warm, color="k", ls="--", lw=0.8, label="warm-start accuracy")
+    ax.set_xticks([i + width for i in range(len(methods))], methods, rotation=30, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    ax.set_title(f"held-out after RL ({len(result['config']['seeds'])} seed(s))")
+
+    ax = axes[2]
+    for i, m in enumerate(methods):
+        curves = [r["reward_curve"] for r in result["rl"]["runs"] if r["method"] == m]
+        if curves:
+            n = min(len(c) for c in curves)
+            mean = [sum(c[j] for c in curves) / len(curves) for j in range(n)]
+            ax.plot(range(1, n + 1), mean, label=m, color=f"C{i}")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("mean reward (answer correct)")
+    ax.legend(fontsize=7)
+    ax.set_title("training reward")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+COMPARISON_WORDS = {
+    "perception_vs_reasoning": ("perception", "reasoning"),
+    "perception_vs_other": ("perception", "OTHER"),
+    "grounded_vs_hallucinated_span": ("grounded spans", "hallucinated spans"),
+    "grounded_vs_hallucinated_colour": ("grounded colour words", "hallucinated (changed) colour words"),
+    "fact_vs_nonfact": ("uses a fact", "does not"),
+    "fact_vs_nonfact_grounded": ("uses a fact (grounded rows)", "does not"),
+}
+
+
+def markdown(result: dict, png_name: str | None = "experiment.png", source: str = "docs/experiment_quick.json") -> str:
+    cfg, env = result["config"], result["environment"]
+    quick = cfg["name"] != "full"
+    sft = result["warm_start"]
+    lines = ["# The miniature grounded-reasoning study (issue 13)", "",
+             "Generated by `python -m srpo_core.experiment.report` from "
+             f"`{source}` — edit the code, not this page.", ""]
+    if quick:
+        lines += ["> **This page shows the `--quick` run (one seed, a short RL budget).** The full study "
+                  "(`srpo-core experiment --json docs/experiment_full.json --plot docs/experiment.png`, three seeds, "
+                  f"{FULL_STEPS} RL steps per run) did **not** run in the session that built it: it did not fit. "
+                  "Nothing below is from the full study.", ""]
+    lines += [f"- Run: `{cfg['name']}`, finished {result['finished_utc']} UTC, wall {result['wall_seconds']:.0f} s "
+              f"(warm start {result['phase_seconds']['warm_start']:.0f} s, signals "
+              f"{result['phase_seconds']['signals']:.0f} s, RL {result['phase_seconds']['rl']:.0f} s).",
+              f"- Host: {env['cpu_count']} CPUs, {env['threads']} torch thread(s), torch {env['torch']}, "
+              f"transformers {env['transformers']}, TRL {env['trl']}. {result.get('note') or ''}".rstrip(),
+              f"- Task: 56×56 images, 2×2 cells (one merged visual token each), colours red/green/blue/none; "
+              f"questions count / compare / read; {cfg['train_samples']} train, {cfg['test_samples']} held-out, "
+              f"{cfg['signal_samples']} signal-probe samples.",
+              f"- Model: tiny Qwen2-VL from a config (hidden {cfg['size']['hidden']}, {cfg['size']['layers']} layers, "
+              f"vision depth {cfg['size']['vision_depth']}), random init, word-level tokenizer built locally.",
+              f"- Warm start: {cfg['sft_steps']} AdamW steps × {cfg['sft_batch']} responses, lr {cfg['sft_lr']}, "
+              f"{cfg['hallucinated']:.0%} of them with 1-2 hallucinated cell colours.",
+              f"- RL: {cfg['budget']['steps']} steps × {cfg['budget']['prompts']} prompts × "
+              f"{cfg['budget']['generations']} generations, lr {cfg['budget']['lr']}, temperature "
+              f"{cfg['budget']['temperature']}, reward = answer correct; seeds {cfg['seeds']}. Same data, budget and "
+              "seeds for every method; no method was tuned.", ""]
+    if png_name:
+        lines += [f"![summary]({png_name})", ""]
+    ev = sft["eval"]
+    lines += ["## Warm start", "",
+              f"SFT loss {sft['loss'][0]:.3f} → {sft['loss'][-1]:.3f}. Held-out (greedy): accuracy "
+              f"{ev['accuracy']:.3f}, with a corrupted image {ev['accuracy_corrupt']:.3f} (gap "
+              f"{ev['grounding_gap']:+.3f}), perception correctness {ev['perception']:.3f} (corrupted image "
+              f"{ev['perception_corrupt']:.3f}), {ev['length']:.1f} words.", "",
+              "## Signal validity (before RL, warm-started model)", "",
+              "Teacher-forced grounded and hallucinated responses of each probe sample; corrupted image = the SRPO "
+              "trainer's default (each merged 28×28 token blacked with p = 0.5, one mask per sample); ablation = "
+              "perception span dropped (`ablate_span`, `drop`; the `no_tags` row drops the tags too). "
+              "A − B is the difference of token means; d is Cohen's d; 95% CIs from a bootstrap over samples "
+              f"({cfg['n_boot']} resamples). Counts: {result['signals']['counts']}.", "",
+              "| claim | signal | A | B | mean A | mean B | A − B [95% CI] | d [95% CI] | verdict |",
+              "|---|---|---|---|---:|---:|---:|---:|---|"]
+    for claim, name, comp, e, v in signal_rows(result):
+        a, b = COMPARISON_WORDS.get(comp, (comp, ""))
+        lines.append(f"| {claim} | `{name}` | {a} | {b} | {_num(e['mean_a'])} | {_num(e['mean_b'])} | "
+                     f"{_num(e['diff'])} {_ci(e['diff_ci'])} | {_num(e['d'], 2)} {_ci(e['d_ci'], 2)} | {v} |")
+    summary = result["rl"]["summary"]
+    lines += ["", "## RL", "",
+              "Held-out greedy metrics after RL (mean [95% t CI] across seeds; one seed gives no interval). "
+              "Corrupted image: each 28-px cell blacked with p = 0.5, the same draws for every method. "
+              "Step time: median seconds per optimizer step relative to GRPO's in the same seed (the extra "
+              "passes' cost; the host was shared, so treat it as indicative).", "",
+              "| method | accuracy | acc. corrupted | grounding gap | perception | length | Δacc vs warm | "
+              "step time / GRPO |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, row in summary.items():
+        lines.append(f"| {m} | {_fmt(row['accuracy'])} | {_fmt(row['accuracy_corrupt'])} | "
+                     f"{_fmt(row['grounding_gap'])} | {_fmt(row['perception'])} | {_fmt(row['length'], 1)} | "
+                     f"{_fmt(row['accuracy_gain_vs_warm'])} | {_fmt(row['step_time_vs_grpo'], 2)} |")
+    lines += ["", "Token weights per role, averaged over RL steps (SRPO variants; each trajectory's weights have "
+              "mean 1), and the presets' own statistics:", "",
+              "| method | perception w mean (min–max) | reasoning w mean (min–max) | train reward | other |",
+              "|---|---:|---:|---:|---|"]
+    for m, row in summary.items():
+        def wm(role, row=row):
+            if row[f"srpo/{role}/w_mean"]["mean"] is None:
+                return "—"
+            return (f"{row[f'srpo/{role}/w_mean']['mean']:.3f} ({row[f'srpo/{role}/w_min']['mean']:.3f}–"
+                    f"{row[f'srpo/{role}/w_max']['mean']:.3f})")
+        other = ", ".join(f"{k} {row[k]['mean']:.3g}" for k in ("vppo/alpha_min", "vppo/alpha_max",
+                                                                 "vppo/mask_fraction", "papo/kl_prcp")
+                          if row[k]["mean"] is not None)
+        lines.append(f"| {m} | {wm('perception')} | {wm('reasoning')} | {_fmt(row['reward'])} | {other} |")
+    lines += ["", "## Verdict", ""]
+    lines += [f"- {s}" for s in verdict(result)]
+    lines += [f"- Scale: a hidden-{cfg['size']['hidden']} two-layer model, a synthetic 4-cell task, "
+              f"{len(cfg['seeds'])} seed(s) and {cfg['budget']['steps']} RL steps. Whatever holds here is evidence "
+              "about the signals' mechanics, "
+              "not about SRPO on real VLMs; a null RL difference at this budget says little either way.", ""]
+    return "\n".join(lines)
+
+
+FULL_STEPS = 120
+
+
+def write_docs(result: dict, md_path: str, png_path: str | None, source: str = "docs/experiment_quick.json") -> None:
+    import pathlib
+
+    if png_path:
+        plot(result, png_path)
+    text = markdown(result, pathlib.Path(png_path).name if png_path else None, source)
+    pathlib.Path(md_path).write_text(text + "\n", encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m srpo_core.experiment.report",
+                                     description="docs/experiment.md and its figure from a study's JSON")
+    parser.add_argument("json")
+    parser.add_argument("--md", default="docs/experiment.md")
+    parser.add_argument("--png", default="docs/experiment.png")
+    args = parser.parse_args(argv)
+    with open(args.json, encoding="utf-8") as f:
+        result = json.load(f)
+    write_docs(result, args.md, args.png, source=args.json)
+    print(f"wrote {args.md} and {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
