@@ -110,12 +110,17 @@ def linear_logprobs_fwd_kernel(
             b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
         b_u = tl.where(m_v[None, :], b_acc * scale, -float("inf"))  # [BLOCK_N, BLOCK_V], base 2
         b_tgt += tl.sum(tl.where(o_v[None, :] == b_ids[:, None], b_u, 0.0), 1)
+        # every exp2 takes a shifted argument ≤ 0 and no lane computes inf·0 or inf − inf (masked lanes included):
+        # a row whose tile is all −inf shifts by 0, and the rescale of an empty running sum is skipped
         b_m_new = tl.maximum(b_m, tl.max(b_u, 1))
-        b_alpha = tl.where(b_s > 0, tl.exp2(b_m - b_m_new), 0.0)
-        b_p = tl.exp2(b_u - b_m_new[:, None])
+        b_shift = tl.where(b_m_new == -float("inf"), 0.0, b_m_new)
+        b_d = tl.where(b_s > 0, b_m - b_shift, 0.0)  # b_s > 0 ⇒ b_m finite
+        b_alpha = tl.where(b_s > 0, tl.exp2(b_d), 0.0)
+        b_x = b_u - b_shift[:, None]  # ≤ 0, −inf where p = 0
+        b_p = tl.exp2(b_x)
         if WANT_ENTROPY:
-            b_t = tl.where(b_s > 0, b_alpha * (b_t + (b_m - b_m_new) * b_s), 0.0)
-            b_t += tl.sum(tl.where(b_p > 0, b_p * (b_u - b_m_new[:, None]), 0.0), 1)
+            b_t = b_alpha * (b_t + b_d * b_s)
+            b_t += tl.sum(b_p * tl.where(b_p > 0, b_x, 0.0), 1)
         b_s = b_s * b_alpha + tl.sum(b_p, 1)
         b_m = b_m_new
     b_ls = tl.log2(b_s)
@@ -177,14 +182,17 @@ def linear_logprobs_bwd_kernel(
     if HAS_BIAS:
         b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
     b_lse = tl.load(p_lse + o_n, mask=m_n, other=0.0)
-    b_lp = b_acc * scale - b_lse[:, None]  # log₂ p, [BLOCK_N, BLOCK_V]
+    # log₂ p, [BLOCK_N, BLOCK_V]. Never exp2 of an unshifted value: masked lanes are −inf (p = 0), and log₂ p is
+    # clamped at 0 (p ≤ 1 holds for the true lse up to rounding), so a row whose saved lse is not its logsumexp (an
+    # ignored row keeps lse = 0 with zero upstream coefficients) gives p ≤ 1, G = 0, not exp2(u) = inf times 0 = NaN.
+    b_lp = tl.where(m_n[:, None] & m_v[None, :], tl.minimum(b_acc * scale - b_lse[:, None], 0.0), -float("inf"))
     b_p = tl.exp2(b_lp)
     b_a = tl.load(p_a + o_n, mask=m_n, other=0.0)
     if HAS_ENTROPY_GRAD:
         b_b = tl.load(p_bc + o_n, mask=m_n, other=0.0)
-        b_g = tl.where(b_p > 0, b_p * (b_a[:, None] + b_b[:, None] * b_lp), 0.0)
+        b_g = b_p * (b_a[:, None] + b_b[:, None] * tl.where(b_p > 0, b_lp, 0.0))
     else:
-        b_g = b_p * b_a[:, None]
+        b_g = b_p * b_a[:, None]  # p = 0 on masked lanes, p ≤ 1 elsewhere: never inf·0
     b_ids = tl.load(p_ids + o_n, mask=m_n, other=-1).to(tl.int64)
     b_c = tl.load(p_c + o_n, mask=m_n, other=0.0)
     b_g += tl.where(o_v[None, :] == b_ids[:, None], b_c[:, None], 0.0)
