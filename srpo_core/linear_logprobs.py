@@ -224,16 +224,16 @@ def _op_bwd(g_logp: torch.Tensor | None, g_ent: torch.Tensor | None, hidden: tor
             need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gh, gw, gb = _bwd(g_logp, g_ent, hidden, weight, bias, ids, lse, ent, inv_tau, want_entropy, ignore_index, None,
                       0, backend, (need_h, need_w, need_b), compact)
-    empty = hidden.new_empty(0)
-    return (gh if gh is not None else empty), (gw if gw is not None else empty), (gb if gb is not None else empty)
+    # a custom op's outputs may not alias each other: a fresh empty tensor for each gradient not asked for
+    return tuple(x if x is not None else hidden.new_empty(0) for x in (gh, gw, gb))
 
 
 @_op_bwd.register_fake
 def _(g_logp, g_ent, hidden, weight, bias, ids, lse, ent, inv_tau, want_entropy, ignore_index, backend, compact,
       need_h, need_w, need_b):
-    empty = hidden.new_empty(0)
-    return (torch.empty_like(hidden) if need_h else empty, torch.empty_like(weight) if need_w else empty,
-            torch.empty_like(bias) if need_b and bias is not None else empty)
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else hidden.new_empty(0),
+            torch.empty_like(bias) if need_b and bias is not None else hidden.new_empty(0))
 
 
 def _setup(ctx, inputs, output):

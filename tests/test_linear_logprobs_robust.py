@@ -140,3 +140,91 @@ def test_kernels_compute_no_inf_or_nan_on_any_lane(device, dtype, entropy):
         warnings.simplefilter("error", RuntimeWarning)
         _fwd_bwd(hidden[:, :30], weight[:190, :30], bias[:190], ids, entropy=entropy, backend="triton",
                  check_ids=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# issue 17 defect 1: any subset of hidden / weight / bias may need no gradient
+
+SUBSETS = [pytest.param(s, id="+".join(n for n, f in zip(("h", "w", "b"), s, strict=True) if f) or "none")
+           for s in [(a, b, c) for a in (False, True) for b in (False, True) for c in (False, True)]]
+
+
+def _subset_step(hidden, weight, bias, ids, needs, backend, compiled):
+    h, w, b = (x.detach().clone().requires_grad_(need) for x, need in zip((hidden, weight, bias), needs, strict=True))
+
+    def step(h, w, b):
+        lp, ent = linear_token_logprobs(h, w, ids, bias=b, return_entropy=True, temperature=0.9, backend=backend)
+        return (lp * torch.linspace(-1, 1, lp.shape[0], device=lp.device)).sum() + 0.3 * ent.sum()
+
+    fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+    loss = fn(h, w, b)
+    if loss.requires_grad:
+        loss.backward()
+    return loss.detach(), h.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("needs", SUBSETS)
+def test_every_requires_grad_subset(device, needs, backend, compiled):
+    """The gradients asked for equal the float64 reference's, the others stay None (no "may not alias" error)."""
+    _skip_unless_runnable(backend, device)
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(7, 12, generator=g).to(device)
+    weight = (torch.randn(45, 12, generator=g) / 3).to(device)
+    bias = torch.randn(45, generator=g).to(device)
+    ids = torch.tensor([0, 44, -100, 4, 7, 7, 30], device=device)
+    torch._dynamo.reset()
+    got = _subset_step(hidden, weight, bias, ids, needs, backend, compiled)
+    want = _subset_step(hidden.double().cpu(), weight.double().cpu(), bias.double().cpu(), ids.cpu(), needs, "torch",
+                        False)
+    for name, x, y, need in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, want, (True,) + needs,
+                                strict=True):
+        if not need:
+            assert x is None, f"{name}: a gradient nobody asked for"
+            continue
+        assert_close(x, y, atol=1e-5 + 1e-5 * float(y.abs().max()), name=name)
+
+
+def test_frozen_lm_head_lora_step(device):
+    """TRL's frozen-head scenario end to end: a frozen ``lm_head`` without bias, a trainable LoRA-style adapter
+    producing the hidden states, the fused op computing the loss, backward and an optimizer step — on both backends,
+    with gradients and updated parameters equal to a naive materialised-logits step."""
+    g = torch.Generator().manual_seed(5)
+    n, d, v, r = 10, 16, 97, 4
+    x = torch.randn(n, d, generator=g)
+    ids = torch.randint(0, v, (n,), generator=g)
+    ids[[1, 6]] = -100
+    advantages = torch.randn(n, generator=g)
+    base = torch.randn(d, d, generator=g) / 4  # frozen base projection
+    lm_head = torch.randn(v, d, generator=g) / 4  # frozen, no bias
+    lora_a0, lora_b0 = torch.randn(r, d, generator=g) / 4, torch.randn(d, r, generator=g) / 4
+
+    def train(logp_fn, dev):
+        a = lora_a0.clone().to(dev).requires_grad_()
+        b = lora_b0.clone().to(dev).requires_grad_()
+        head = lm_head.to(dev)
+        opt = torch.optim.SGD([a, b], lr=0.5)
+        hidden = x.to(dev) @ base.to(dev).T + (x.to(dev) @ a.T) @ b.T
+        lp = logp_fn(hidden, head, ids.to(dev))
+        keep = (ids != -100).to(dev)
+        loss = -(advantages.to(dev) * lp * keep).sum() / keep.sum()
+        loss.backward()
+        grads = (a.grad.clone(), b.grad.clone())
+        opt.step()
+        return loss.detach(), grads, (a.detach(), b.detach()), head.grad
+
+    def naive(hidden, head, ids):
+        logsm = torch.log_softmax((hidden @ head.T).double(), -1)
+        return torch.where(ids != -100, logsm.gather(-1, ids.clamp(min=0)[:, None])[:, 0], 0.0)
+
+    want = train(naive, torch.device("cpu"))
+    backends = ["torch"] + (["triton"] if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else [])
+    for backend in backends:
+        loss, grads, params, head_grad = train(
+            lambda h, w, i, be=backend: linear_token_logprobs(h, w, i, backend=be), device)
+        assert head_grad is None, "the frozen head got a gradient"
+        assert_close(loss, want[0], atol=1e-5, name=f"loss [{backend}]")
+        for name, got, exp in zip(("grad A", "grad B", "A after step", "B after step"), grads + params,
+                              want[1] + want[2], strict=True):
+            assert_close(got, exp, atol=1e-5 + 1e-5 * float(exp.abs().max()), name=f"{name} [{backend}]")
