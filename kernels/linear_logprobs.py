@@ -54,6 +54,17 @@ def _dot_t(b_x, b_y, b_acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(b_x, tl.trans(b_y), b_acc)
 
 
+@triton.jit
+def _round_like(b_x, p_like, EMULATE_BF16: tl.constexpr):
+    # fp32 b_x rounded (to nearest even) to the element type of p_like and back; a no-op for fp32. The interpreter
+    # truncates fp32 → bf16 casts (Triton 3.9), so there (EMULATE_BF16) the rounding is done on the bits.
+    if EMULATE_BF16:
+        bits = b_x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return b_x.to(p_like.dtype.element_ty).to(tl.float32)
+
+
 @triton.heuristics({"HAS_BIAS": lambda a: a["p_b"] is not None})
 @triton.jit
 def linear_logprobs_fwd_kernel(
@@ -108,6 +119,7 @@ def linear_logprobs_fwd_kernel(
             b_acc = _dot_t(b_h, b_w, b_acc, IEEE, UPCAST)
         if HAS_BIAS:
             b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+        b_acc = _round_like(b_acc, p_h, UPCAST)  # logits rounded to the inputs' dtype (D48; fp32: no-op)
         b_u = tl.where(m_v[None, :], b_acc * scale, -float("inf"))  # [BLOCK_N, BLOCK_V], base 2
         b_tgt += tl.sum(tl.where(o_v[None, :] == b_ids[:, None], b_u, 0.0), 1)
         # every exp2 takes a shifted argument ≤ 0 and no lane computes inf·0 or inf − inf (masked lanes included):
@@ -181,6 +193,7 @@ def linear_logprobs_bwd_kernel(
         b_acc = _dot_t(b_h, b_w, b_acc, IEEE, UPCAST)
     if HAS_BIAS:
         b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    b_acc = _round_like(b_acc, p_h, UPCAST)  # as the forward rounds them (D48)
     b_lse = tl.load(p_lse + o_n, mask=m_n, other=0.0)
     # log₂ p, [BLOCK_N, BLOCK_V]. Never exp2 of an unshifted value: masked lanes are −inf (p = 0), and log₂ p is
     # clamped at 0 (p ≤ 1 holds for the true lse up to rounding), so a row whose saved lse is not its logsumexp (an

@@ -36,6 +36,7 @@ Megatron's vocab-parallel cross-entropy does, that the upstream gradient is the 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -110,6 +111,35 @@ def _rows(hidden, ids, ignore_index, vocab_start, compact):
     return keep, rows, h_k, ids_local
 
 
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs a linear layer in on ``device`` now, or None when autocast is off there."""
+    if device.type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _autocast_off(hidden_arg: int):
+    """Run the decorated pass with autocast disabled on the device of its ``hidden`` argument: the public function
+    has already cast the inputs (D67), and the tiles' own GEMMs and ``out=`` ops must keep the dtypes chosen here."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            dev = args[hidden_arg].device.type
+            if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+                with torch.autocast(device_type=dev, enabled=False):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return run
+
+    return deco
+
+
+@_autocast_off(0)
 def _fwd(hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, group, vocab_start, backend, compact=True):
     """→ ``(logp [N], ent [N] or None, lse [N], ent_all [N])``: the outputs (0 at ignored rows) and what backward
     needs (per-row logsumexp and entropy of the whole vocabulary)."""
@@ -137,6 +167,7 @@ def _fwd(hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, group, 
     return full(tgt_k - lse_k), ent, lse, ent if want_entropy else lse
 
 
+@_autocast_off(2)
 def _bwd(g_logp, g_ent, hidden, weight, bias, ids, lse, ent, inv_tau, want_entropy, ignore_index, group,
          vocab_start, backend, needs, compact=True):
     """Gradients ``(grad_hidden, grad_weight, grad_bias)`` (None where ``needs`` says no): the logits tiles are
@@ -347,6 +378,10 @@ def linear_token_logprobs(
         ``logp [N]`` — or ``(logp, entropy)`` when ``return_entropy`` — float32 (float64 for float64 inputs),
         differentiable in ``hidden``, ``weight`` and ``bias``.
     """
+    cast = _autocast_dtype(hidden.device) if isinstance(hidden, torch.Tensor) else None
+    if cast is not None:  # like F.linear under autocast (D67): floating inputs other than float64 run in its dtype
+        hidden, weight, bias = (x.to(cast) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                                and x.dtype != torch.float64 else x for x in (hidden, weight, bias))
     _validate(hidden, weight, ids, bias, temperature, ignore_index, vocab_start, return_entropy)
     chosen = _dispatch.pick_backend(backend, hidden.device, op=OP)
     if chosen == "triton" and hidden.dtype not in KERNEL_DTYPES:

@@ -228,3 +228,51 @@ def test_frozen_lm_head_lora_step(device):
         for name, got, exp in zip(("grad A", "grad B", "A after step", "B after step"), grads + params,
                               want[1] + want[2], strict=True):
             assert_close(got, exp, atol=1e-5 + 1e-5 * float(exp.abs().max()), name=f"{name} [{backend}]")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# issue 17 defect 3: torch.autocast (D67)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_autocast_follows_f_linear(device, backend, with_bias):
+    """Under ``torch.autocast(dtype=bf16)`` the op equals ``log_softmax(F.linear(h, W, b).float())`` computed under
+    the same autocast, forward and gradients of the fp32 leaves. Inputs are multiples of 1/8, so every logit is an exact
+    fp32 sum and both sides round it to the same bf16 value: a tight tolerance, which the fp32 result (unrounded
+    logits) misses by ~10⁻²."""
+    _skip_unless_runnable(backend, device)
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(8)
+    hidden = (torch.randint(-16, 17, (9, 24), generator=g) / 8).to(device)
+    weight = (torch.randint(-16, 17, (70, 24), generator=g) / 8).to(device)
+    bias = (torch.randint(-16, 17, (70,), generator=g) / 8).to(device) if with_bias else None
+    ids = torch.randint(0, 70, (9,), generator=g).to(device)
+    ids[3] = -100
+    keep = ids != -100
+
+    def grads(fn):
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight) + ((bias,) if with_bias else ())]
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            lp, ent = fn(*leaves)
+        assert lp.dtype == torch.float32
+        ((lp * torch.linspace(-1, 1, 9, device=device)).sum() + 0.2 * ent.sum()).backward()
+        return [lp.detach(), ent.detach()] + [x.grad for x in leaves]
+
+    def naive(h, w, b=None):
+        logsm = torch.log_softmax(F.linear(h, w, b).float(), -1)
+        lp = torch.where(keep, logsm.gather(-1, ids.clamp(min=0)[:, None])[:, 0], 0.0)
+        ent = torch.where(keep, -(logsm.exp() * logsm).sum(-1), 0.0)
+        return lp, ent
+
+    def ours(h, w, b=None):
+        return linear_token_logprobs(h, w, ids, bias=b, return_entropy=True, backend=backend)
+
+    want, got = grads(naive), grads(ours)
+    for name, x, y in zip(("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"), got, want, strict=False):
+        atol = 1e-5 if name in ("logp", "entropy") else 2 ** -7 * (1 + float(y.abs().max()))
+        assert x.dtype == y.dtype, name
+        assert_close(x, y, atol=atol, name=f"{name} under autocast")
+    fp32 = linear_token_logprobs(hidden, weight, ids, bias=bias, backend=backend)
+    assert (fp32 - want[0]).abs().max() > 1e-3, "the case does not distinguish bf16 from fp32 logits"
