@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from srpo_core import _dispatch
 from srpo_core._dispatch import empty, interpreting
 
 LOG2E = 1.4426950408889634
@@ -213,6 +214,17 @@ def linear_logprobs_bwd_kernel(
              mask=m_n[:, None] & m_v[None, :])
 
 
+def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` accumulated in ``acc``'s dtype (fp32), in place, with no low-precision temporary: for fp32
+    operands one ``addmm_``; for bf16/fp16 operands on CUDA the GEMM writes its fp32 accumulator out (``out_dtype``,
+    no rounding to bf16) and is added; on CPU (no such kernel) an fp32 GEMM of the exactly upcast operands."""
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if acc.is_cuda:
+        return acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+    return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
 def _upcast(hidden: torch.Tensor) -> bool:
     return interpreting() and hidden.dtype == torch.bfloat16
 
@@ -236,14 +248,15 @@ def linear_logprobs_fwd(hidden, weight, bias, ids_local, *, inv_tau: float, want
     lse = empty((splits, N), dtype=torch.float32, device=dev)
     tgt = empty((splits, N), dtype=torch.float32, device=dev)
     ent = empty((splits, N), dtype=torch.float32, device=dev) if want_entropy else lse
-    linear_logprobs_fwd_kernel[(n_blocks, splits)](
-        hidden, weight, bias, ids_local, lse, tgt, ent,
-        N, V, H, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        float(inv_tau) * LOG2E, tiles_per_split,
-        WANT_ENTROPY=want_entropy, IEEE=hidden.dtype == torch.float32, UPCAST=_upcast(hidden),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with _dispatch.device_guard(hidden):  # the tensors' GPU and its current stream, whatever device is current
+        linear_logprobs_fwd_kernel[(n_blocks, splits)](
+            hidden, weight, bias, ids_local, lse, tgt, ent,
+            N, V, H, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            float(inv_tau) * LOG2E, tiles_per_split,
+            WANT_ENTROPY=want_entropy, IEEE=hidden.dtype == torch.float32, UPCAST=_upcast(hidden),
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     # combine the splits in a fixed order (base 2): lse = M + log₂ Σ 2^(lse_s − M); H = Σ w_s (H_s + lse − lse_s)
     m = lse.max(0).values
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -283,20 +296,18 @@ def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *,
         vc = min(chunk, V - v_lo)
         gv = g[:, :vc]
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(vc, cfg["BLOCK_V"]))
-        linear_logprobs_bwd_kernel[grid](
-            hidden, weight, bias, ids_local, lse2, a, c, bc, gv,
-            N, V, H, v_lo, vc, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), gv.stride(0),
-            float(inv_tau) * LOG2E,
-            HAS_ENTROPY_GRAD=g_h is not None, IEEE=hidden.dtype == torch.float32, UPCAST=_upcast(hidden),
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+        with _dispatch.device_guard(hidden):
+            linear_logprobs_bwd_kernel[grid](
+                hidden, weight, bias, ids_local, lse2, a, c, bc, gv,
+                N, V, H, v_lo, vc, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                gv.stride(0), float(inv_tau) * LOG2E,
+                HAS_ENTROPY_GRAD=g_h is not None, IEEE=hidden.dtype == torch.float32, UPCAST=_upcast(hidden),
+                BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
         w = weight[v_lo:v_lo + vc]
         if need_h:
-            if hidden.dtype == torch.float32:
-                gh.addmm_(gv, w)
-            else:
-                gh += torch.mm(gv, w)
+            addmm_fp32(gh, gv, w)
         if need_w:
             torch.mm(gv.T, hidden, out=gw[v_lo:v_lo + vc])
         if need_b:

@@ -187,6 +187,7 @@ def _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, ne
         w = weight[v0:v1]
         b = None if bias is None else bias[v0:v1]
         gw_acc = torch.zeros(v1 - v0, h_dim, dtype=acc, device=dev) if (need_w and multi_chunk) else None
+        w_acc = w.to(acc) if (need_h and low) else w  # bf16/fp16: grad_hidden accumulates in fp32 (no bf16 partials)
         for n0 in range(0, n_all, nc):
             n1 = min(n_all, n0 + nc)
             h = hidden[n0:n1]
@@ -207,12 +208,9 @@ def _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, ne
                     g.index_put_((rows, loc[rows]), coef_lp[n0:n1][rows], accumulate=True)
             if need_b:
                 gb[v0:v1] += g.sum(0)
+            if need_h:  # fp32 G @ fp32 W tile, accumulated in place into the fp32 [N, H] accumulator
+                gh[n0:n1].addmm_(g, w_acc)
             gm = g.to(weight.dtype) if low else g
-            if need_h:
-                if low:
-                    gh[n0:n1] += torch.mm(gm, w)
-                else:
-                    gh[n0:n1].addmm_(gm, w)
             if need_w:
                 if gw_acc is not None and low:
                     gw_acc += torch.mm(gm.T, h)

@@ -276,3 +276,97 @@ def test_autocast_follows_f_linear(device, backend, with_bias):
         assert_close(x, y, atol=atol, name=f"{name} under autocast")
     fp32 = linear_token_logprobs(hidden, weight, ids, bias=bias, backend=backend)
     assert (fp32 - want[0]).abs().max() > 1e-3, "the case does not distinguish bf16 from fp32 logits"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# issue 11 hazards that a CPU can check: device guard, fp32 grad_hidden accumulation, no host sync
+
+
+def test_every_launch_runs_inside_the_device_guard(device, monkeypatch):
+    """Both kernels are launched only inside ``_dispatch.device_guard(hidden)`` (patched here to record)."""
+    _skip_unless_runnable("triton", device)
+    import contextlib
+
+    from srpo_core.kernels import linear_logprobs as K
+
+    from srpo_core import _dispatch
+
+    state = {"inside": 0, "guarded": [], "launches": []}
+    real_guard = _dispatch.device_guard
+
+    @contextlib.contextmanager
+    def guard(x):
+        state["guarded"].append(x.device)
+        state["inside"] += 1
+        try:
+            with real_guard(x):
+                yield
+        finally:
+            state["inside"] -= 1
+
+    class Spy:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                state["launches"].append((self.name, state["inside"] > 0))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(_dispatch, "device_guard", guard)
+    for name in ("linear_logprobs_fwd_kernel", "linear_logprobs_bwd_kernel"):
+        monkeypatch.setattr(K, name, Spy(getattr(K, name), name))
+    hidden, weight, bias, ids = _reproducer(device, torch.float32)
+    _fwd_bwd(hidden, weight, bias, ids, entropy=True, backend="triton")
+    kinds = {name for name, _ in state["launches"]}
+    assert kinds == {"linear_logprobs_fwd_kernel", "linear_logprobs_bwd_kernel"}, state["launches"]
+    assert all(inside for _, inside in state["launches"]), state["launches"]
+    assert all(d == hidden.device for d in state["guarded"])
+
+
+def test_addmm_fp32_accumulates_without_low_precision_partials(device):
+    """``addmm_fp32`` (grad_hidden's accumulation across vocabulary chunks): bf16 operands whose products are exact
+    fp32 numbers, summed over 64 chunks, give the exact float64 sum; rounding each chunk's partial to bf16 (the old
+    ``acc += mm(bf16, bf16)``) does not."""
+    K = pytest.importorskip("srpo_core.kernels.linear_logprobs")
+    g = torch.Generator().manual_seed(9)
+    parts = [((torch.randint(-64, 65, (6, 8), generator=g) / 16).to(device, torch.bfloat16),
+              (torch.randint(-64, 65, (8, 5), generator=g) / 16).to(device, torch.bfloat16)) for _ in range(64)]
+    acc = torch.zeros(6, 5, device=device)
+    old = torch.zeros(6, 5, device=device)
+    exact = torch.zeros(6, 5, dtype=torch.float64)
+    for a, b in parts:
+        K.addmm_fp32(acc, a, b)
+        old += torch.mm(a, b)
+        exact += a.double().cpu() @ b.double().cpu()
+    assert acc.dtype == torch.float32
+    assert torch.equal(acc.double().cpu(), exact)
+    assert not torch.equal(old.double().cpu(), exact), "the case does not tell bf16 partials from fp32 ones"
+
+
+@pytest.mark.parametrize("entropy", [False, True], ids=["logp", "logp+entropy"])
+def test_check_ids_false_has_no_host_sync(device, monkeypatch, entropy):
+    """With ``check_ids=False`` the Triton path reads no tensor value on the host (``Tensor.item`` / ``__bool__`` /
+    ``nonzero`` would sync a GPU and break CUDA-graph capture), forward and backward; results equal the default's."""
+    _skip_unless_runnable("triton", device)
+    hidden, weight, bias, ids = _reproducer(device, torch.float32)
+    want = _fwd_bwd(hidden, weight, bias, ids, entropy=entropy, backend="triton")
+    calls = []
+
+    def forbid(name, real):
+        def f(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return f
+
+    for name in ("item", "__bool__", "nonzero", "tolist", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, forbid(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "nonzero", forbid("torch.nonzero", torch.nonzero))
+    got = _fwd_bwd(hidden, weight, bias, ids, entropy=entropy, backend="triton", check_ids=False)
+    monkeypatch.undo()
+    assert not calls, f"host reads with check_ids=False: {sorted(set(calls))}"
+    for name, x in got.items():
+        assert_close(x, want[name], atol=1e-5 + 1e-5 * float(want[name].detach().abs().max()), name=name)
