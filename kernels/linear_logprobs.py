@@ -66,6 +66,14 @@ def _round_like(b_x, p_like, EMULATE_BF16: tl.constexpr):
     return b_x.to(p_like.dtype.element_ty).to(tl.float32)
 
 
+@triton.jit
+def _tanh(b_y):
+    # tanh from one exp2 of a non-positive argument: no overflow for any |y|, exact sign, ±1 in the limit
+    b_e = tl.exp2(tl.abs(b_y) * -2.8853900817779268)  # exp(−2|y|) = 2^(−2·log₂e·|y|)
+    b_t = (1.0 - b_e) / (1.0 + b_e)
+    return tl.where(b_y < 0, -b_t, b_t)
+
+
 @triton.heuristics({"HAS_BIAS": lambda a: a["p_b"] is not None})
 @triton.jit
 def linear_logprobs_fwd_kernel(
@@ -83,10 +91,13 @@ def linear_logprobs_fwd_kernel(
     stride_hh,
     stride_wv,
     stride_wh,
-    scale,  # log₂e / τ
+    scale,  # log₂e / τ (times logit_scale without a softcap)
+    cap_pre,  # SOFTCAP: logit_scale / softcap
+    cap,  # SOFTCAP: softcap
     tiles_per_split,
     HAS_BIAS: tl.constexpr,
     WANT_ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots (no TF32)
     UPCAST: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong (Triton 3.9), so dot in fp32 there
     BLOCK_N: tl.constexpr,
@@ -121,6 +132,8 @@ def linear_logprobs_fwd_kernel(
         if HAS_BIAS:
             b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
         b_acc = _round_like(b_acc, p_h, UPCAST)  # logits rounded to the inputs' dtype (D48; fp32: no-op)
+        if SOFTCAP:
+            b_acc = cap * _tanh(b_acc * cap_pre)
         b_u = tl.where(m_v[None, :], b_acc * scale, -float("inf"))  # [BLOCK_N, BLOCK_V], base 2
         b_tgt += tl.sum(tl.where(o_v[None, :] == b_ids[:, None], b_u, 0.0), 1)
         # every exp2 takes a shifted argument ≤ 0 and no lane computes inf·0 or inf − inf (masked lanes included):
@@ -166,9 +179,12 @@ def linear_logprobs_bwd_kernel(
     stride_wv,
     stride_wh,
     stride_gn,
-    scale,  # log₂e / τ
+    scale,  # log₂e / τ (times logit_scale without a softcap)
+    cap_pre,  # SOFTCAP: logit_scale / softcap
+    cap,  # SOFTCAP: softcap
     HAS_BIAS: tl.constexpr,
     HAS_ENTROPY_GRAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -195,6 +211,9 @@ def linear_logprobs_bwd_kernel(
     if HAS_BIAS:
         b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
     b_acc = _round_like(b_acc, p_h, UPCAST)  # as the forward rounds them (D48)
+    if SOFTCAP:
+        b_tc = _tanh(b_acc * cap_pre)
+        b_acc = cap * b_tc
     b_lse = tl.load(p_lse + o_n, mask=m_n, other=0.0)
     # log₂ p, [BLOCK_N, BLOCK_V]. Never exp2 of an unshifted value: masked lanes are −inf (p = 0), and log₂ p is
     # clamped at 0 (p ≤ 1 holds for the true lse up to rounding), so a row whose saved lse is not its logsumexp (an
@@ -210,8 +229,17 @@ def linear_logprobs_bwd_kernel(
     b_ids = tl.load(p_ids + o_n, mask=m_n, other=-1).to(tl.int64)
     b_c = tl.load(p_c + o_n, mask=m_n, other=0.0)
     b_g += tl.where(o_v[None, :] == b_ids[:, None], b_c[:, None], 0.0)
+    if SOFTCAP:  # ∂u/∂x = logit_scale·(1 − t²)/τ; logit_scale/τ is in the coefficients
+        b_g = b_g * (1.0 - b_tc * b_tc)
     tl.store(p_g + o_n[:, None] * stride_gn + o_c[None, :], b_g.to(p_g.dtype.element_ty),
              mask=m_n[:, None] & m_v[None, :])
+
+
+def _transform(inv_tau, logit_scale, softcap):
+    """``(scale, cap_pre, cap)`` of the kernels: ``u₂ = x·scale`` or ``u₂ = cap·tanh(x·cap_pre)·scale``."""
+    if softcap:
+        return float(inv_tau) * LOG2E, float(logit_scale) / float(softcap), float(softcap)
+    return float(inv_tau) * float(logit_scale) * LOG2E, 1.0, 1.0
 
 
 def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -230,9 +258,11 @@ def _upcast(hidden: torch.Tensor) -> bool:
 
 
 def linear_logprobs_fwd(hidden, weight, bias, ids_local, *, inv_tau: float, want_entropy: bool, config=None,
-                        splits: int | None = None):
+                        splits: int | None = None, logit_scale: float = 1.0, softcap: float | None = None):
     """``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``ids_local [N]`` → ``(lse, target, H)`` fp32 ``[N]``
-    in natural units (``H`` None unless ``want_entropy``); ``target`` is 0 where the id is outside ``[0, V)``."""
+    in natural units (``H`` None unless ``want_entropy``); ``target`` is 0 where the id is outside ``[0, V)``.
+
+    Logits ``u = x·inv_tau·logit_scale``, or with ``softcap`` ``softcap·tanh(logit_scale·x/softcap)·inv_tau``."""
     assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1]
     assert ids_local.shape == hidden.shape[:1] and hidden.dtype == weight.dtype
     N, H = hidden.shape
@@ -245,6 +275,7 @@ def linear_logprobs_fwd(hidden, weight, bias, ids_local, *, inv_tau: float, want
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)
     dev = hidden.device
+    scale, cap_pre, cap = _transform(inv_tau, logit_scale, softcap)
     lse = empty((splits, N), dtype=torch.float32, device=dev)
     tgt = empty((splits, N), dtype=torch.float32, device=dev)
     ent = empty((splits, N), dtype=torch.float32, device=dev) if want_entropy else lse
@@ -252,8 +283,9 @@ def linear_logprobs_fwd(hidden, weight, bias, ids_local, *, inv_tau: float, want
         linear_logprobs_fwd_kernel[(n_blocks, splits)](
             hidden, weight, bias, ids_local, lse, tgt, ent,
             N, V, H, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            float(inv_tau) * LOG2E, tiles_per_split,
-            WANT_ENTROPY=want_entropy, IEEE=hidden.dtype == torch.float32, UPCAST=_upcast(hidden),
+            scale, cap_pre, cap, tiles_per_split,
+            WANT_ENTROPY=want_entropy, SOFTCAP=bool(softcap), IEEE=hidden.dtype == torch.float32,
+            UPCAST=_upcast(hidden),
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -271,19 +303,24 @@ def linear_logprobs_fwd(hidden, weight, bias, ids_local, *, inv_tau: float, want
 
 
 def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *, inv_tau: float, needs,
-                        config=None, chunk: int | None = None):
-    """Gradients ``(grad_hidden (fp32), grad_weight (weight dtype), grad_bias (fp32))`` for upstream ``g_lp``/``g_h``
-    (``[N]`` fp32 or None) given the whole vocabulary's ``lse`` and ``H`` (natural units)."""
+                        config=None, chunk: int | None = None, g_lse=None, logit_scale: float = 1.0,
+                        softcap: float | None = None):
+    """Gradients ``(grad_hidden (fp32), grad_weight (weight dtype), grad_bias (fp32))`` for upstream ``g_lp``/``g_h``/
+    ``g_lse`` (``[N]`` fp32 or None) given the whole vocabulary's ``lse`` and ``H`` (natural units). A row with zero
+    upstream gradients contributes exactly 0 whatever its ``lse`` (the kernel clamps ``log p`` at 0, D65)."""
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     need_h, need_w, need_b = needs
     cfg = {**default_config(hidden.dtype), **(config or {})}
     zeros = torch.zeros(N, dtype=torch.float32, device=dev)
+    scale, cap_pre, cap = _transform(inv_tau, logit_scale, softcap)
+    gsc = inv_tau * logit_scale  # ∂u/∂x = logit_scale/τ (× (1 − t²) in the kernel with a softcap)
     glp = g_lp.float() if g_lp is not None else zeros
-    a = -(glp + (g_h.float() * ent.float() if g_h is not None else 0.0)) * inv_tau
-    c = glp * inv_tau
-    bc = -g_h.float() * inv_tau * LN2 if g_h is not None else zeros
+    a = ((g_lse.float() if g_lse is not None else 0.0) - glp
+         - (g_h.float() * ent.float() if g_h is not None else 0.0)) * gsc
+    c = glp * gsc
+    bc = -g_h.float() * gsc * LN2 if g_h is not None else zeros
     lse2 = (lse.float() * LOG2E).contiguous()
     if chunk is None:
         chunk = max(cfg["BLOCK_V"], (CHUNK_ELEMENTS // max(N, 1)) // cfg["BLOCK_V"] * cfg["BLOCK_V"])
@@ -300,8 +337,9 @@ def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *,
             linear_logprobs_bwd_kernel[grid](
                 hidden, weight, bias, ids_local, lse2, a, c, bc, gv,
                 N, V, H, v_lo, vc, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                gv.stride(0), float(inv_tau) * LOG2E,
-                HAS_ENTROPY_GRAD=g_h is not None, IEEE=hidden.dtype == torch.float32, UPCAST=_upcast(hidden),
+                gv.stride(0), scale, cap_pre, cap,
+                HAS_ENTROPY_GRAD=g_h is not None, SOFTCAP=bool(softcap), IEEE=hidden.dtype == torch.float32,
+                UPCAST=_upcast(hidden),
                 BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
@@ -321,7 +359,7 @@ def _report_entries() -> list[dict]:
     for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         cfg = default_config(dtype)
         common = {"p_h": f"*{tname}", "p_w": f"*{tname}", "p_b": "constexpr", "p_ids": "*i64"}
-        consts = {"p_b": None, "HAS_BIAS": False, "IEEE": dtype == torch.float32, "UPCAST": False,
+        consts = {"p_b": None, "HAS_BIAS": False, "SOFTCAP": False, "IEEE": dtype == torch.float32, "UPCAST": False,
                   "stride_hh": 1, "stride_wh": 1,
                   "BLOCK_N": cfg["BLOCK_N"], "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"]}
         entries.append({
@@ -329,8 +367,9 @@ def _report_entries() -> list[dict]:
             "fn": linear_logprobs_fwd_kernel.fn,  # the JITFunction under the heuristics
             "signature": {**common, "p_lse": "*fp32", "p_tgt": "*fp32", "p_ent": "*fp32", "N": "i32", "V": "i32:16",
                           "H": "i32:16", "stride_hn": "i32:16", "stride_hh": "constexpr", "stride_wv": "i32:16",
-                          "stride_wh": "constexpr", "scale": "fp32", "tiles_per_split": "i32",
-                          "HAS_BIAS": "constexpr", "WANT_ENTROPY": "constexpr", "IEEE": "constexpr",
+                          "stride_wh": "constexpr", "scale": "fp32", "cap_pre": "fp32", "cap": "fp32",
+                          "tiles_per_split": "i32", "HAS_BIAS": "constexpr", "WANT_ENTROPY": "constexpr",
+                          "SOFTCAP": "constexpr", "IEEE": "constexpr",
                           "UPCAST": "constexpr",
                           "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr"},
             "constexprs": {**consts, "WANT_ENTROPY": True},
@@ -345,7 +384,8 @@ def _report_entries() -> list[dict]:
                           "p_g": f"*{tname}", "N": "i32", "V": "i32:16", "H": "i32:16", "v_lo": "i32:16",
                           "V_chunk": "i32:16", "stride_hn": "i32:16", "stride_hh": "constexpr",
                           "stride_wv": "i32:16", "stride_wh": "constexpr", "stride_gn": "i32:16", "scale": "fp32",
-                          "HAS_BIAS": "constexpr", "HAS_ENTROPY_GRAD": "constexpr", "IEEE": "constexpr",
+                          "cap_pre": "fp32", "cap": "fp32", "HAS_BIAS": "constexpr", "HAS_ENTROPY_GRAD": "constexpr",
+                          "SOFTCAP": "constexpr", "IEEE": "constexpr",
                           "UPCAST": "constexpr",
                           "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr"},
             "constexprs": {**consts, "HAS_ENTROPY_GRAD": True},

@@ -43,13 +43,23 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # torch path: forward
 
 
-def _tile_logits_shifted(h, w, b, c, scale, out):
-    """``out = (h @ wᵀ + b)·scale − c[:, None]`` in the accumulation dtype (``out`` is ``[n, v]``; ``scale`` is
-    ``log₂e / τ``, so ``out`` is in base-2 units).
-
+def _tile_logits_shifted(h, w, b, c, scale, out, cap=None):
+    """``out = f(h @ wᵀ + b)·scale − c[:, None]`` in the accumulation dtype (``out`` is ``[n, v]``; ``scale`` is
+    ``log₂e / τ``, so ``out`` is in base-2 units); ``f`` is the identity, or with ``cap = (pre, softcap)``
+    ``softcap·tanh(pre·x)`` (``pre = logit_scale / softcap``).
 
     fp32/fp64: one GEMM that starts from ``−c`` (and the scaled bias). bf16/fp16: the logits are computed (and
     rounded) in the input dtype, as a plain model computes them, then shifted while upcasting in one pass."""
+    if cap is not None:
+        pre, softcap = cap
+        if h.dtype in LOW_PRECISION:
+            out.copy_(torch.mm(h, w.T) if b is None else torch.addmm(b, h, w.T))
+        elif b is None:
+            torch.mm(h, w.T, out=out)
+        else:
+            torch.addmm(b[None, :].expand_as(out), h, w.T, out=out)
+        out.mul_(pre).tanh_().mul_(softcap * scale).sub_(c[:, None])
+        return None
     if h.dtype in LOW_PRECISION:
         z = torch.mm(h, w.T) if b is None else torch.addmm(b, h, w.T)
         torch.add(-c[:, None], z, alpha=scale, out=out)
@@ -82,16 +92,18 @@ def _fold_safe(u, c, s, t, want_entropy):
     return shift, s, t
 
 
-def _torch_fwd(hidden, weight, bias, ids_local, inv_tau, want_entropy):
+def _torch_fwd(hidden, weight, bias, ids_local, inv_tau, want_entropy, *, logit_scale=1.0, softcap=None):
     """Per row: ``(lse, target, H)`` in natural units of ``u`` (acc dtype). ``target`` is ``u[id]`` where the id falls
     in this weight shard (``0 <= ids_local < V``), 0 elsewhere; ``H`` is the entropy of the shard's own softmax.
 
-    Internally everything is in base-2 units (``u₂ = u·log₂e``)."""
+    Internally everything is in base-2 units (``u₂ = u·log₂e``). ``u = x·inv_tau`` without ``softcap`` (fold a logit
+    scale into ``inv_tau``), ``u = softcap·tanh(logit_scale·x/softcap)·inv_tau`` with one."""
     n_all, _ = hidden.shape
     v_all = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     dev = hidden.device
     scale = inv_tau * LOG2E
+    cap = (logit_scale / softcap, softcap) if softcap else None
     c = torch.full((n_all,), -math.inf, dtype=acc, device=dev)
     s = torch.zeros(n_all, dtype=acc, device=dev)
     t = torch.zeros(n_all, dtype=acc, device=dev)
@@ -111,11 +123,11 @@ def _torch_fwd(hidden, weight, bias, ids_local, inv_tau, want_entropy):
             idx = loc.clamp(0, v1 - v0 - 1)[:, None]
             u = buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
             if v0 == 0:  # no reference point yet: explicit max
-                _tile_logits_shifted(h, w, b, torch.zeros_like(cn), scale, u)
+                _tile_logits_shifted(h, w, b, torch.zeros_like(cn), scale, u, cap)
                 tgt[n0:n1] = torch.where(sel, u.gather(1, idx)[:, 0], tgt[n0:n1])
                 cn, sn, tn = _fold_safe(u, cn, sn, tn, want_entropy)
             else:
-                _tile_logits_shifted(h, w, b, cn, scale, u)  # u − c
+                _tile_logits_shifted(h, w, b, cn, scale, u, cap)  # u − c
                 tgt[n0:n1] = torch.where(sel, u.gather(1, idx)[:, 0] + cn, tgt[n0:n1])
                 if want_entropy:
                     e = torch.exp2(u)
@@ -128,7 +140,7 @@ def _torch_fwd(hidden, weight, bias, ids_local, inv_tau, want_entropy):
                 if bool(bad.any()):  # a logit > c + ~127 (or a NaN/inf logit): redo these rows with an explicit max
                     rows = torch.nonzero(bad)[:, 0]
                     ur = torch.empty(rows.numel(), v1 - v0, dtype=acc, device=dev)
-                    _tile_logits_shifted(h[rows], w, b, torch.zeros_like(cn[rows]), scale, ur)
+                    _tile_logits_shifted(h[rows], w, b, torch.zeros_like(cn[rows]), scale, ur, cap)
                     cr, sr, tr = _fold_safe(ur, cn[rows], sn[rows], tn[rows], want_entropy)
                     sn = sn + st
                     if want_entropy:
@@ -156,11 +168,15 @@ def _torch_fwd(hidden, weight, bias, ids_local, inv_tau, want_entropy):
 # torch path: backward
 
 
-def _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, needs):
-    """Gradients ``(grad_hidden, grad_weight, grad_bias)`` for upstream ``g_lp``/``g_h`` (``[N]`` acc dtype or None).
+def _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, needs, *, g_lse=None, logit_scale=1.0,
+               softcap=None):
+    """Gradients ``(grad_hidden, grad_weight, grad_bias)`` for upstream ``g_lp``/``g_h``/``g_lse`` (``[N]`` acc dtype
+    or None) given the rows' true ``lse`` (ignored rows must have been dropped: unlike the Triton kernel this path
+    does not clamp ``log p``).
 
-    ``G = ∂L/∂x = (g_lp·(onehot − p) − g_h·p·(log p + H)) / τ`` tile by tile, ``log p = u − lse`` (computed in base 2:
-    ``p = 2^(u₂ − lse₂)``)."""
+    ``G = ∂L/∂x = (g_lp·(onehot − p) − g_h·p·(log p + H) + g_lse·p)·f'(x) / τ`` tile by tile, ``log p = u − lse``
+    (computed in base 2: ``p = 2^(u₂ − lse₂)``); ``f'(x) = 1`` without a softcap (a logit scale folded into
+    ``inv_tau``), ``logit_scale·(1 − tanh²)`` with one."""
     n_all, h_dim = hidden.shape
     v_all = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
@@ -168,6 +184,8 @@ def _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, ne
     low = hidden.dtype in LOW_PRECISION
     need_h, need_w, need_b = needs
     scale = inv_tau * LOG2E
+    cap = (logit_scale / softcap, softcap) if softcap else None
+    gsc = inv_tau * logit_scale if softcap else inv_tau  # the coefficients' factor: f'(x) = logit_scale·(1 − t²)
     lse2 = lse * LOG2E
     gh = torch.zeros(n_all, h_dim, dtype=acc, device=dev) if need_h else None
     gw = torch.empty_like(weight) if need_w else None
@@ -176,12 +194,17 @@ def _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, ne
     multi_chunk = nc < n_all
     buf = torch.empty(nc * vt, dtype=acc, device=dev)
     buf2 = torch.empty(nc * vt, dtype=acc, device=dev) if g_h is not None else None
+    buf3 = torch.empty(nc * vt, dtype=acc, device=dev) if cap is not None else None
     if g_lp is not None:
-        coef_lp = g_lp * inv_tau
+        coef_lp = g_lp * gsc
+    # G = p·(a + b·log₂p) (+ the one-hot term): a = (g_lse − g_lp − g_h·H)/τ, b = −g_h·ln2/τ (ln p = ln2·log₂p)
+    a = torch.zeros_like(lse2)
+    for x, sign in ((g_lse, 1.0), (g_lp, -1.0), (None if g_h is None else g_h * ent, -1.0)):
+        if x is not None:
+            a = a + sign * x
+    a = a * gsc
     if g_h is not None:
-        # G = p·(a + b·log₂p) (+ the one-hot term): −g_h·p·(ln p + H)/τ with ln p = ln2·log₂p
-        a = -((g_lp if g_lp is not None else 0) + g_h * ent) * inv_tau
-        bcoef = -g_h * inv_tau * LN2
+        bcoef = -g_h * gsc * LN2
     for v0 in range(0, v_all, vt):
         v1 = min(v_all, v0 + vt)
         w = weight[v0:v1]
@@ -192,9 +215,13 @@ def _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, ne
             n1 = min(n_all, n0 + nc)
             h = hidden[n0:n1]
             g = buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
-            _tile_logits_shifted(h, w, b, lse2[n0:n1], scale, g)  # log₂ p
+            _tile_logits_shifted(h, w, b, lse2[n0:n1], scale, g, cap)  # log₂ p
+            if cap is not None:  # 1 − t², t = tanh(pre·x) = u₂ / (softcap·scale)
+                fac = buf3[: g.numel()].view_as(g)
+                torch.add(g, lse2[n0:n1, None], out=fac).mul_(1.0 / (cap[1] * scale)).square_()
+                fac.neg_().add_(1.0)
             if g_h is None:
-                g.exp2_().mul_(-coef_lp[n0:n1, None])  # −g·p/τ
+                g.exp2_().mul_(a[n0:n1, None])  # p·a
             else:
                 lp = buf2[: g.numel()].view_as(g)
                 lp.copy_(g)
@@ -206,6 +233,8 @@ def _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, ne
                 rows = torch.nonzero((loc >= 0) & (loc < v1 - v0))[:, 0]
                 if rows.numel():
                     g.index_put_((rows, loc[rows]), coef_lp[n0:n1][rows], accumulate=True)
+            if cap is not None:
+                g.mul_(fac)
             if need_b:
                 gb[v0:v1] += g.sum(0)
             if need_h:  # fp32 G @ fp32 W tile, accumulated in place into the fp32 [N, H] accumulator
