@@ -23,6 +23,8 @@ temperature costs no compile. fp32 inputs use ``input_precision="ieee"`` dots (n
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -33,15 +35,70 @@ from srpo_core._dispatch import empty, interpreting
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-# Pinned default configuration (autotuning is not used: see STYLE "pinned default configs").
+# Pinned configurations per (arch, dtype) (D71). DEFAULT / DEFAULT_FP32 serve the interpreter and unknown GPUs;
+# CONFIGS the tensor-core (bf16/fp16) tiles of A100 (sm_8x) and H100/H200 (sm_9x): 128×128 logits tiles (twice the
+# old 64×128's arithmetic intensity, ~85 FLOP/byte), BLOCK_H = 32 (sm_80: 3 stages of 16 KB) or 64 (sm_90: 3 stages
+# of 32 KB, within its 228 KB of shared memory). fp32 dots are IEEE (no tensor cores, D47) and keep the small tile.
+# SRPO_AUTOTUNE=1 times the CANDIDATES once per (arch, dtype, kernel, V, H, power-of-two bucket of N) instead.
 DEFAULT = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3}
 DEFAULT_FP32 = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2}
+CONFIGS = {
+    (8, "low"): {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
+    (9, "low"): {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
+}
+CANDIDATES = {
+    "low": [
+        {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
+    ],
+    "fp32": [
+        {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2},
+    ],
+}
+_TUNED: dict[tuple, dict] = {}
 TARGET_PROGRAMS = 1024  # forward: enough (row block, split) programs to fill ~132 SMs several times over
 CHUNK_ELEMENTS = 1 << 26  # backward: G buffer of at most 64 M elements (128 MiB in bf16)
 
 
-def default_config(dtype: torch.dtype) -> dict:
-    return dict(DEFAULT_FP32 if dtype == torch.float32 else DEFAULT)
+def default_config(dtype: torch.dtype, arch: int | None = None) -> dict:
+    """The pinned config for ``dtype`` on a GPU of major compute capability ``arch`` (None: interpreter / unknown)."""
+    if dtype == torch.float32:
+        return dict(DEFAULT_FP32)
+    return dict(CONFIGS.get((arch, "low"), DEFAULT))
+
+
+def n_bucket(n: int) -> int:
+    """The autotuning key of the token count: the next power of two (N changes every RL step; a bucket does not)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _arch(x: torch.Tensor) -> int | None:
+    return torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else None
+
+
+def _bench(fn) -> float:
+    """Median time of ``fn()`` in ms (CUDA only; the tests patch it)."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20)
+
+
+def _config(kind: str, hidden: torch.Tensor, V: int, launch, config: dict | None) -> dict:
+    """``config`` if given, else the pinned one, else (``SRPO_AUTOTUNE=1``) the fastest candidate for this
+    (arch, dtype, kernel, V, H, bucket of N), timed once with ``launch(cfg)`` and cached."""
+    if config is not None:
+        return {**default_config(hidden.dtype, _arch(hidden)), **config}
+    arch = _arch(hidden)
+    if os.environ.get("SRPO_AUTOTUNE", "0") != "1" or (arch is None and interpreting()):
+        return default_config(hidden.dtype, arch)
+    key = (kind, arch, hidden.dtype, V, hidden.shape[1], n_bucket(hidden.shape[0]))
+    if key not in _TUNED:
+        cands = CANDIDATES["fp32" if hidden.dtype == torch.float32 else "low"]
+        _TUNED[key] = dict(min(cands, key=lambda c: _bench(lambda: launch(c))))
+    return dict(_TUNED[key])
 
 
 @triton.jit
@@ -267,28 +324,31 @@ def linear_logprobs_fwd(hidden, weight, bias, ids_local, *, inv_tau: float, want
     assert ids_local.shape == hidden.shape[:1] and hidden.dtype == weight.dtype
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = {**default_config(hidden.dtype), **(config or {})}
-    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-    n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-    if splits is None:
-        splits = max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, n_blocks)))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)
     dev = hidden.device
     scale, cap_pre, cap = _transform(inv_tau, logit_scale, softcap)
-    lse = empty((splits, N), dtype=torch.float32, device=dev)
-    tgt = empty((splits, N), dtype=torch.float32, device=dev)
-    ent = empty((splits, N), dtype=torch.float32, device=dev) if want_entropy else lse
-    with _dispatch.device_guard(hidden):  # the tensors' GPU and its current stream, whatever device is current
-        linear_logprobs_fwd_kernel[(n_blocks, splits)](
-            hidden, weight, bias, ids_local, lse, tgt, ent,
-            N, V, H, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            scale, cap_pre, cap, tiles_per_split,
-            WANT_ENTROPY=want_entropy, SOFTCAP=bool(softcap), IEEE=hidden.dtype == torch.float32,
-            UPCAST=_upcast(hidden),
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+
+    def launch(cfg):
+        n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+        n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
+        n_splits = splits if splits is not None else max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, n_blocks)))
+        tiles_per_split = triton.cdiv(n_tiles, n_splits)
+        n_splits = triton.cdiv(n_tiles, tiles_per_split)
+        lse = empty((n_splits, N), dtype=torch.float32, device=dev)
+        tgt = empty((n_splits, N), dtype=torch.float32, device=dev)
+        ent = empty((n_splits, N), dtype=torch.float32, device=dev) if want_entropy else lse
+        with _dispatch.device_guard(hidden):  # the tensors' GPU and its current stream, whatever device is current
+            linear_logprobs_fwd_kernel[(n_blocks, n_splits)](
+                hidden, weight, bias, ids_local, lse, tgt, ent,
+                N, V, H, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                scale, cap_pre, cap, tiles_per_split,
+                WANT_ENTROPY=want_entropy, SOFTCAP=bool(softcap), IEEE=hidden.dtype == torch.float32,
+                UPCAST=_upcast(hidden),
+                BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+        return lse, tgt, ent
+
+    lse, tgt, ent = launch(_config("fwd", hidden, V, launch, config))
     # combine the splits in a fixed order (base 2): lse = M + log₂ Σ 2^(lse_s − M); H = Σ w_s (H_s + lse − lse_s)
     m = lse.max(0).values
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -312,7 +372,6 @@ def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *,
     V = weight.shape[0]
     dev = hidden.device
     need_h, need_w, need_b = needs
-    cfg = {**default_config(hidden.dtype), **(config or {})}
     zeros = torch.zeros(N, dtype=torch.float32, device=dev)
     scale, cap_pre, cap = _transform(inv_tau, logit_scale, softcap)
     gsc = inv_tau * logit_scale  # ∂u/∂x = logit_scale/τ (× (1 − t²) in the kernel with a softcap)
@@ -322,16 +381,16 @@ def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *,
     c = glp * gsc
     bc = -g_h.float() * gsc * LN2 if g_h is not None else zeros
     lse2 = (lse.float() * LOG2E).contiguous()
-    if chunk is None:
-        chunk = max(cfg["BLOCK_V"], (CHUNK_ELEMENTS // max(N, 1)) // cfg["BLOCK_V"] * cfg["BLOCK_V"])
-    chunk = min(chunk, V)
-    gh = torch.zeros(N, H, dtype=torch.float32, device=dev) if need_h else None
-    gw = empty(tuple(weight.shape), dtype=weight.dtype, device=dev) if need_w else None
-    gb = empty((V,), dtype=torch.float32, device=dev) if need_b else None
-    g = empty((N, chunk), dtype=hidden.dtype, device=dev)
-    for v_lo in range(0, V, chunk):
-        vc = min(chunk, V - v_lo)
-        gv = g[:, :vc]
+
+    def chunk_of(cfg):
+        c_ = chunk if chunk is not None else max(cfg["BLOCK_V"],
+                                                 (CHUNK_ELEMENTS // max(N, 1)) // cfg["BLOCK_V"] * cfg["BLOCK_V"])
+        return min(c_, V)
+
+    def launch(cfg, v_lo=0, gv=None):
+        if gv is None:  # autotuning: the first chunk into a scratch buffer
+            gv = empty((N, chunk_of(cfg)), dtype=hidden.dtype, device=dev)
+        vc = gv.shape[1]
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(vc, cfg["BLOCK_V"]))
         with _dispatch.device_guard(hidden):
             linear_logprobs_bwd_kernel[grid](
@@ -343,6 +402,17 @@ def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *,
                 BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
+
+    cfg = _config("bwd", hidden, V, launch, config)
+    step = chunk_of(cfg)
+    gh = torch.zeros(N, H, dtype=torch.float32, device=dev) if need_h else None
+    gw = empty(tuple(weight.shape), dtype=weight.dtype, device=dev) if need_w else None
+    gb = empty((V,), dtype=torch.float32, device=dev) if need_b else None
+    g = empty((N, step), dtype=hidden.dtype, device=dev)
+    for v_lo in range(0, V, step):
+        vc = min(step, V - v_lo)
+        gv = g[:, :vc]
+        launch(cfg, v_lo, gv)
         w = weight[v_lo:v_lo + vc]
         if need_h:
             addmm_fp32(gh, gv, w)
@@ -356,14 +426,16 @@ def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *,
 def _report_entries() -> list[dict]:
     """What ``benchmarks/gpu_report.py`` compiles: the pinned configs, unit inner strides, sizes multiple of 16."""
     entries = []
-    for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        cfg = default_config(dtype)
+    for dtype, tname, arch in ((torch.bfloat16, "bf16", None), (torch.bfloat16, "bf16,sm8x-config", 8),
+                               (torch.bfloat16, "bf16,sm9x-config", 9), (torch.float32, "fp32", None)):
+        cfg = default_config(dtype, arch)
+        tname, label = tname.split(",")[0], tname
         common = {"p_h": f"*{tname}", "p_w": f"*{tname}", "p_b": "constexpr", "p_ids": "*i64"}
         consts = {"p_b": None, "HAS_BIAS": False, "SOFTCAP": False, "IEEE": dtype == torch.float32, "UPCAST": False,
                   "stride_hh": 1, "stride_wh": 1,
                   "BLOCK_N": cfg["BLOCK_N"], "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"]}
         entries.append({
-            "name": f"linear_logprobs_fwd[{tname}]",
+            "name": f"linear_logprobs_fwd[{label}]",
             "fn": linear_logprobs_fwd_kernel.fn,  # the JITFunction under the heuristics
             "signature": {**common, "p_lse": "*fp32", "p_tgt": "*fp32", "p_ent": "*fp32", "N": "i32", "V": "i32:16",
                           "H": "i32:16", "stride_hn": "i32:16", "stride_hh": "constexpr", "stride_wv": "i32:16",
@@ -378,7 +450,7 @@ def _report_entries() -> list[dict]:
                      "2·N·V·H FLOPs",
         })
         entries.append({
-            "name": f"linear_logprobs_bwd[{tname}]",
+            "name": f"linear_logprobs_bwd[{label}]",
             "fn": linear_logprobs_bwd_kernel.fn,
             "signature": {**common, "p_lse": "*fp32", "p_a": "*fp32", "p_c": "*fp32", "p_bc": "*fp32",
                           "p_g": f"*{tname}", "N": "i32", "V": "i32:16", "H": "i32:16", "v_lo": "i32:16",

@@ -224,3 +224,70 @@ def test_meta_tensors_infer_shapes(backend):
     (lp.sum() + ent.sum() + lse.sum()).backward()
     assert hidden.grad.shape == hidden.shape and hidden.grad.dtype == torch.bfloat16
     assert weight.grad.shape == weight.shape and weight.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton configs per (arch, dtype) and opt-in autotuning (issue 11, D71)
+
+
+def test_pinned_configs_per_arch_and_dtype():
+    K = pytest.importorskip("srpo_core.kernels.linear_logprobs")
+    assert K.default_config(torch.bfloat16, 9) == K.CONFIGS[(9, "low")]
+    assert K.default_config(torch.float16, 8) == K.CONFIGS[(8, "low")]
+    assert K.default_config(torch.bfloat16, None) == K.DEFAULT and K.default_config(torch.bfloat16, 7) == K.DEFAULT
+    assert all(K.default_config(torch.float32, a) == K.DEFAULT_FP32 for a in (None, 8, 9))
+    assert [K.n_bucket(n) for n in (0, 1, 2, 3, 1000, 1024, 1025, 40000)] == [1, 1, 2, 4, 1024, 1024, 2048, 65536]
+
+
+def test_autotune_is_opt_in_and_keyed_on_v_h_and_the_n_bucket(monkeypatch):
+    """SRPO_AUTOTUNE=1 on a GPU times every candidate once per (kernel, arch, dtype, V, H, bucket of N) and keeps the
+    fastest; N moving inside its bucket reuses it; off (or on the interpreter) the pinned config is used, untimed."""
+    K = pytest.importorskip("srpo_core.kernels.linear_logprobs")
+    monkeypatch.setattr(K, "_TUNED", {})
+    timed = []
+    fastest = K.CANDIDATES["low"][3]
+
+    def fake_bench(fn):
+        cfg = fn()
+        timed.append(cfg)
+        return 1.0 if cfg == fastest else 2.0
+
+    monkeypatch.setattr(K, "_bench", fake_bench)
+    monkeypatch.setattr(K, "_arch", lambda x: 9)
+
+    def hidden(n):
+        return torch.empty(n, 64, dtype=torch.bfloat16)
+
+    monkeypatch.delenv("SRPO_AUTOTUNE", raising=False)
+    assert K._config("fwd", hidden(1000), 5000, lambda c: c, None) == K.CONFIGS[(9, "low")] and not timed
+    monkeypatch.setenv("SRPO_AUTOTUNE", "1")
+    assert K._config("fwd", hidden(1000), 5000, lambda c: c, None) == fastest
+    assert len(timed) == len(K.CANDIDATES["low"])
+    assert K._config("fwd", hidden(1017), 5000, lambda c: c, None) == fastest  # same bucket: no timing
+    assert len(timed) == len(K.CANDIDATES["low"])
+    K._config("fwd", hidden(1025), 5000, lambda c: c, None)  # next bucket
+    K._config("fwd", hidden(1000), 5001, lambda c: c, None)  # another V
+    K._config("bwd", hidden(1000), 5000, lambda c: c, None)  # the other kernel
+    assert len(timed) == 4 * len(K.CANDIDATES["low"])
+    assert K._config("fwd", hidden(1000), 5000, lambda c: c, {"BLOCK_N": 16})["BLOCK_N"] == 16  # explicit wins
+    monkeypatch.setattr(K, "_arch", lambda x: None)  # interpreter: never timed
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert K._config("fwd", hidden(7), 9, lambda c: c, None) == K.DEFAULT
+
+
+def test_autotuned_launch_gives_the_same_result(device, monkeypatch):
+    """The tuned path launches what it picked: results equal the torch backend's (interpreter, or a GPU)."""
+    _skip_unless_runnable("triton", device)
+    K = pytest.importorskip("srpo_core.kernels.linear_logprobs")
+    monkeypatch.setattr(K, "_TUNED", {})
+    monkeypatch.setenv("SRPO_AUTOTUNE", "1")
+    if device.type == "cpu":
+        monkeypatch.setattr(K, "_arch", lambda x: 8)
+        monkeypatch.setattr(K, "_bench", lambda fn: (fn(), float(len(K._TUNED)))[1])
+    hidden, weight, bias, ids = _data(device, torch.bfloat16)
+
+    got, want = _grads(lambda h, w, b: linear_token_logprobs(h, w, ids, bias=b, backend="triton"),
+                       (hidden, weight, bias)), \
+        _grads(lambda h, w, b: linear_token_logprobs(h, w, ids, bias=b, backend="torch"), (hidden, weight, bias))
+    _close(got, want, torch.bfloat16, ["logp", "grad_hidden", "grad_weight", "grad_bias"])
+    assert len(K._TUNED) == 2  # one forward and one backward entry
