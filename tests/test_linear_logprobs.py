@@ -163,10 +163,13 @@ def test_overflow_fallback_and_extreme_logits(where, small_tiles):
 
 
 def test_output_never_materialises_full_logits_in_a_tile():
-    """The rule of :func:`tile_sizes`: a tile holds at most TILE_ELEMENTS values, vocabulary tiles ≤ VOCAB_TILE."""
+    """The rule of :func:`tile_sizes`: a tile holds at most TILE_ELEMENTS values (the forward's FORWARD_TILE_SCALE
+    times more), vocabulary tiles ≤ VOCAB_TILE (×FORWARD_TILE_SCALE); the forward's tile stays ≤ 16 MiB fp32."""
     for n, v in [(1, 151936), (2048, 151936), (16384, 32000), (3, 5)]:
-        nc, vt = L.tile_sizes(n, v)
-        assert nc * vt <= max(C.TILE_ELEMENTS, vt) and vt <= C.VOCAB_TILE and 1 <= nc <= n
+        for fwd, k in ((False, 1), (True, C.FORWARD_TILE_SCALE)):
+            nc, vt = L.tile_sizes(n, v, forward=fwd)
+            assert nc * vt <= max(k * C.TILE_ELEMENTS, vt) and vt <= k * C.VOCAB_TILE and 1 <= nc <= n
+            assert nc * vt * 4 <= 16 << 20
 
 
 # ---------------------------------------------------------------------------------------------------------------------
