@@ -426,10 +426,10 @@ def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *,
 def _report_entries() -> list[dict]:
     """What ``benchmarks/gpu_report.py`` compiles: the pinned configs, unit inner strides, sizes multiple of 16."""
     entries = []
-    for dtype, tname, arch in ((torch.bfloat16, "bf16", None), (torch.bfloat16, "bf16,sm8x-config", 8),
-                               (torch.bfloat16, "bf16,sm9x-config", 9), (torch.float32, "fp32", None)):
+    for dtype, tname, arch in ((torch.bfloat16, "bf16", None), (torch.bfloat16, "bf16,sm8x", 8),
+                               (torch.bfloat16, "bf16,sm9x", 9), (torch.float32, "fp32", None)):
         cfg = default_config(dtype, arch)
-        tname, label = tname.split(",")[0], tname
+        tname, label = tname.split(",")[0], tname.split(",")[-1]  # "sm8x" / "sm9x": the bf16 configs of that arch
         common = {"p_h": f"*{tname}", "p_w": f"*{tname}", "p_b": "constexpr", "p_ids": "*i64"}
         consts = {"p_b": None, "HAS_BIAS": False, "SOFTCAP": False, "IEEE": dtype == torch.float32, "UPCAST": False,
                   "stride_hh": 1, "stride_wh": 1,
