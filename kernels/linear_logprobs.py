@@ -23,24 +23,82 @@ temperature costs no compile. fp32 inputs use ``input_precision="ieee"`` dots (n
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from srpo_core import _dispatch
 from srpo_core._dispatch import empty, interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-# Pinned default configuration (autotuning is not used: see STYLE "pinned default configs").
+# Pinned configurations per (arch, dtype) (D71). DEFAULT / DEFAULT_FP32 serve the interpreter and unknown GPUs;
+# CONFIGS the tensor-core (bf16/fp16) tiles of A100 (sm_8x) and H100/H200 (sm_9x): 128×128 logits tiles (twice the
+# old 64×128's arithmetic intensity, ~85 FLOP/byte), BLOCK_H = 32 (sm_80: 3 stages of 16 KB) or 64 (sm_90: 3 stages
+# of 32 KB, within its 228 KB of shared memory). fp32 dots are IEEE (no tensor cores, D47) and keep the small tile.
+# SRPO_AUTOTUNE=1 times the CANDIDATES once per (arch, dtype, kernel, V, H, power-of-two bucket of N) instead.
 DEFAULT = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3}
 DEFAULT_FP32 = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2}
+CONFIGS = {
+    (8, "low"): {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
+    (9, "low"): {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
+}
+CANDIDATES = {
+    "low": [
+        {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
+    ],
+    "fp32": [
+        {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2},
+    ],
+}
+_TUNED: dict[tuple, dict] = {}
 TARGET_PROGRAMS = 1024  # forward: enough (row block, split) programs to fill ~132 SMs several times over
 CHUNK_ELEMENTS = 1 << 26  # backward: G buffer of at most 64 M elements (128 MiB in bf16)
 
 
-def default_config(dtype: torch.dtype) -> dict:
-    return dict(DEFAULT_FP32 if dtype == torch.float32 else DEFAULT)
+def default_config(dtype: torch.dtype, arch: int | None = None) -> dict:
+    """The pinned config for ``dtype`` on a GPU of major compute capability ``arch`` (None: interpreter / unknown)."""
+    if dtype == torch.float32:
+        return dict(DEFAULT_FP32)
+    return dict(CONFIGS.get((arch, "low"), DEFAULT))
+
+
+def n_bucket(n: int) -> int:
+    """The autotuning key of the token count: the next power of two (N changes every RL step; a bucket does not)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _arch(x: torch.Tensor) -> int | None:
+    return torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else None
+
+
+def _bench(fn) -> float:
+    """Median time of ``fn()`` in ms (CUDA only; the tests patch it)."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20)
+
+
+def _config(kind: str, hidden: torch.Tensor, V: int, launch, config: dict | None) -> dict:
+    """``config`` if given, else the pinned one, else (``SRPO_AUTOTUNE=1``) the fastest candidate for this
+    (arch, dtype, kernel, V, H, bucket of N), timed once with ``launch(cfg)`` and cached."""
+    if config is not None:
+        return {**default_config(hidden.dtype, _arch(hidden)), **config}
+    arch = _arch(hidden)
+    if os.environ.get("SRPO_AUTOTUNE", "0") != "1" or (arch is None and interpreting()):
+        return default_config(hidden.dtype, arch)
+    key = (kind, arch, hidden.dtype, V, hidden.shape[1], n_bucket(hidden.shape[0]))
+    if key not in _TUNED:
+        cands = CANDIDATES["fp32" if hidden.dtype == torch.float32 else "low"]
+        _TUNED[key] = dict(min(cands, key=lambda c: _bench(lambda: launch(c))))
+    return dict(_TUNED[key])
 
 
 @triton.jit
@@ -52,6 +110,25 @@ def _dot_t(b_x, b_y, b_acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     if IEEE or UPCAST:
         return tl.dot(b_x, tl.trans(b_y), b_acc, input_precision="ieee")
     return tl.dot(b_x, tl.trans(b_y), b_acc)
+
+
+@triton.jit
+def _round_like(b_x, p_like, EMULATE_BF16: tl.constexpr):
+    # fp32 b_x rounded (to nearest even) to the element type of p_like and back; a no-op for fp32. The interpreter
+    # truncates fp32 → bf16 casts (Triton 3.9), so there (EMULATE_BF16) the rounding is done on the bits.
+    if EMULATE_BF16:
+        bits = b_x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return b_x.to(p_like.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _tanh(b_y):
+    # tanh from one exp2 of a non-positive argument: no overflow for any |y|, exact sign, ±1 in the limit
+    b_e = tl.exp2(tl.abs(b_y) * -2.8853900817779268)  # exp(−2|y|) = 2^(−2·log₂e·|y|)
+    b_t = (1.0 - b_e) / (1.0 + b_e)
+    return tl.where(b_y < 0, -b_t, b_t)
 
 
 @triton.heuristics({"HAS_BIAS": lambda a: a["p_b"] is not None})
@@ -71,10 +148,13 @@ def linear_logprobs_fwd_kernel(
     stride_hh,
     stride_wv,
     stride_wh,
-    scale,  # log₂e / τ
+    scale,  # log₂e / τ (times logit_scale without a softcap)
+    cap_pre,  # SOFTCAP: logit_scale / softcap
+    cap,  # SOFTCAP: softcap
     tiles_per_split,
     HAS_BIAS: tl.constexpr,
     WANT_ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots (no TF32)
     UPCAST: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong (Triton 3.9), so dot in fp32 there
     BLOCK_N: tl.constexpr,
@@ -108,14 +188,22 @@ def linear_logprobs_fwd_kernel(
             b_acc = _dot_t(b_h, b_w, b_acc, IEEE, UPCAST)
         if HAS_BIAS:
             b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+        b_acc = _round_like(b_acc, p_h, UPCAST)  # logits rounded to the inputs' dtype (D48; fp32: no-op)
+        if SOFTCAP:
+            b_acc = cap * _tanh(b_acc * cap_pre)
         b_u = tl.where(m_v[None, :], b_acc * scale, -float("inf"))  # [BLOCK_N, BLOCK_V], base 2
         b_tgt += tl.sum(tl.where(o_v[None, :] == b_ids[:, None], b_u, 0.0), 1)
+        # every exp2 takes a shifted argument ≤ 0 and no lane computes inf·0 or inf − inf (masked lanes included):
+        # a row whose tile is all −inf shifts by 0, and the rescale of an empty running sum is skipped
         b_m_new = tl.maximum(b_m, tl.max(b_u, 1))
-        b_alpha = tl.where(b_s > 0, tl.exp2(b_m - b_m_new), 0.0)
-        b_p = tl.exp2(b_u - b_m_new[:, None])
+        b_shift = tl.where(b_m_new == -float("inf"), 0.0, b_m_new)
+        b_d = tl.where(b_s > 0, b_m - b_shift, 0.0)  # b_s > 0 ⇒ b_m finite
+        b_alpha = tl.where(b_s > 0, tl.exp2(b_d), 0.0)
+        b_x = b_u - b_shift[:, None]  # ≤ 0, −inf where p = 0
+        b_p = tl.exp2(b_x)
         if WANT_ENTROPY:
-            b_t = tl.where(b_s > 0, b_alpha * (b_t + (b_m - b_m_new) * b_s), 0.0)
-            b_t += tl.sum(tl.where(b_p > 0, b_p * (b_u - b_m_new[:, None]), 0.0), 1)
+            b_t = b_alpha * (b_t + b_d * b_s)
+            b_t += tl.sum(b_p * tl.where(b_p > 0, b_x, 0.0), 1)
         b_s = b_s * b_alpha + tl.sum(b_p, 1)
         b_m = b_m_new
     b_ls = tl.log2(b_s)
@@ -148,9 +236,12 @@ def linear_logprobs_bwd_kernel(
     stride_wv,
     stride_wh,
     stride_gn,
-    scale,  # log₂e / τ
+    scale,  # log₂e / τ (times logit_scale without a softcap)
+    cap_pre,  # SOFTCAP: logit_scale / softcap
+    cap,  # SOFTCAP: softcap
     HAS_BIAS: tl.constexpr,
     HAS_ENTROPY_GRAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -176,20 +267,47 @@ def linear_logprobs_bwd_kernel(
         b_acc = _dot_t(b_h, b_w, b_acc, IEEE, UPCAST)
     if HAS_BIAS:
         b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    b_acc = _round_like(b_acc, p_h, UPCAST)  # as the forward rounds them (D48)
+    if SOFTCAP:
+        b_tc = _tanh(b_acc * cap_pre)
+        b_acc = cap * b_tc
     b_lse = tl.load(p_lse + o_n, mask=m_n, other=0.0)
-    b_lp = b_acc * scale - b_lse[:, None]  # log₂ p, [BLOCK_N, BLOCK_V]
+    # log₂ p, [BLOCK_N, BLOCK_V]. Never exp2 of an unshifted value: masked lanes are −inf (p = 0), and log₂ p is
+    # clamped at 0 (p ≤ 1 holds for the true lse up to rounding), so a row whose saved lse is not its logsumexp (an
+    # ignored row keeps lse = 0 with zero upstream coefficients) gives p ≤ 1, G = 0, not exp2(u) = inf times 0 = NaN.
+    b_lp = tl.where(m_n[:, None] & m_v[None, :], tl.minimum(b_acc * scale - b_lse[:, None], 0.0), -float("inf"))
     b_p = tl.exp2(b_lp)
     b_a = tl.load(p_a + o_n, mask=m_n, other=0.0)
     if HAS_ENTROPY_GRAD:
         b_b = tl.load(p_bc + o_n, mask=m_n, other=0.0)
-        b_g = tl.where(b_p > 0, b_p * (b_a[:, None] + b_b[:, None] * b_lp), 0.0)
+        b_g = b_p * (b_a[:, None] + b_b[:, None] * tl.where(b_p > 0, b_lp, 0.0))
     else:
-        b_g = b_p * b_a[:, None]
+        b_g = b_p * b_a[:, None]  # p = 0 on masked lanes, p ≤ 1 elsewhere: never inf·0
     b_ids = tl.load(p_ids + o_n, mask=m_n, other=-1).to(tl.int64)
     b_c = tl.load(p_c + o_n, mask=m_n, other=0.0)
     b_g += tl.where(o_v[None, :] == b_ids[:, None], b_c[:, None], 0.0)
+    if SOFTCAP:  # ∂u/∂x = logit_scale·(1 − t²)/τ; logit_scale/τ is in the coefficients
+        b_g = b_g * (1.0 - b_tc * b_tc)
     tl.store(p_g + o_n[:, None] * stride_gn + o_c[None, :], b_g.to(p_g.dtype.element_ty),
              mask=m_n[:, None] & m_v[None, :])
+
+
+def _transform(inv_tau, logit_scale, softcap):
+    """``(scale, cap_pre, cap)`` of the kernels: ``u₂ = x·scale`` or ``u₂ = cap·tanh(x·cap_pre)·scale``."""
+    if softcap:
+        return float(inv_tau) * LOG2E, float(logit_scale) / float(softcap), float(softcap)
+    return float(inv_tau) * float(logit_scale) * LOG2E, 1.0, 1.0
+
+
+def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` accumulated in ``acc``'s dtype (fp32), in place, with no low-precision temporary: for fp32
+    operands one ``addmm_``; for bf16/fp16 operands on CUDA the GEMM writes its fp32 accumulator out (``out_dtype``,
+    no rounding to bf16) and is added; on CPU (no such kernel) an fp32 GEMM of the exactly upcast operands."""
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if acc.is_cuda:
+        return acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+    return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _upcast(hidden: torch.Tensor) -> bool:
@@ -197,32 +315,40 @@ def _upcast(hidden: torch.Tensor) -> bool:
 
 
 def linear_logprobs_fwd(hidden, weight, bias, ids_local, *, inv_tau: float, want_entropy: bool, config=None,
-                        splits: int | None = None):
+                        splits: int | None = None, logit_scale: float = 1.0, softcap: float | None = None):
     """``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``ids_local [N]`` → ``(lse, target, H)`` fp32 ``[N]``
-    in natural units (``H`` None unless ``want_entropy``); ``target`` is 0 where the id is outside ``[0, V)``."""
+    in natural units (``H`` None unless ``want_entropy``); ``target`` is 0 where the id is outside ``[0, V)``.
+
+    Logits ``u = x·inv_tau·logit_scale``, or with ``softcap`` ``softcap·tanh(logit_scale·x/softcap)·inv_tau``."""
     assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1]
     assert ids_local.shape == hidden.shape[:1] and hidden.dtype == weight.dtype
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = {**default_config(hidden.dtype), **(config or {})}
-    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-    n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-    if splits is None:
-        splits = max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, n_blocks)))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_split)
     dev = hidden.device
-    lse = empty((splits, N), dtype=torch.float32, device=dev)
-    tgt = empty((splits, N), dtype=torch.float32, device=dev)
-    ent = empty((splits, N), dtype=torch.float32, device=dev) if want_entropy else lse
-    linear_logprobs_fwd_kernel[(n_blocks, splits)](
-        hidden, weight, bias, ids_local, lse, tgt, ent,
-        N, V, H, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        float(inv_tau) * LOG2E, tiles_per_split,
-        WANT_ENTROPY=want_entropy, IEEE=hidden.dtype == torch.float32, UPCAST=_upcast(hidden),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    scale, cap_pre, cap = _transform(inv_tau, logit_scale, softcap)
+
+    def launch(cfg):
+        n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+        n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
+        n_splits = splits if splits is not None else max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, n_blocks)))
+        tiles_per_split = triton.cdiv(n_tiles, n_splits)
+        n_splits = triton.cdiv(n_tiles, tiles_per_split)
+        lse = empty((n_splits, N), dtype=torch.float32, device=dev)
+        tgt = empty((n_splits, N), dtype=torch.float32, device=dev)
+        ent = empty((n_splits, N), dtype=torch.float32, device=dev) if want_entropy else lse
+        with _dispatch.device_guard(hidden):  # the tensors' GPU and its current stream, whatever device is current
+            linear_logprobs_fwd_kernel[(n_blocks, n_splits)](
+                hidden, weight, bias, ids_local, lse, tgt, ent,
+                N, V, H, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                scale, cap_pre, cap, tiles_per_split,
+                WANT_ENTROPY=want_entropy, SOFTCAP=bool(softcap), IEEE=hidden.dtype == torch.float32,
+                UPCAST=_upcast(hidden),
+                BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+        return lse, tgt, ent
+
+    lse, tgt, ent = launch(_config("fwd", hidden, V, launch, config))
     # combine the splits in a fixed order (base 2): lse = M + log₂ Σ 2^(lse_s − M); H = Σ w_s (H_s + lse − lse_s)
     m = lse.max(0).values
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -237,45 +363,59 @@ def linear_logprobs_fwd(hidden, weight, bias, ids_local, *, inv_tau: float, want
 
 
 def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *, inv_tau: float, needs,
-                        config=None, chunk: int | None = None):
-    """Gradients ``(grad_hidden (fp32), grad_weight (weight dtype), grad_bias (fp32))`` for upstream ``g_lp``/``g_h``
-    (``[N]`` fp32 or None) given the whole vocabulary's ``lse`` and ``H`` (natural units)."""
+                        config=None, chunk: int | None = None, g_lse=None, logit_scale: float = 1.0,
+                        softcap: float | None = None):
+    """Gradients ``(grad_hidden (fp32), grad_weight (weight dtype), grad_bias (fp32))`` for upstream ``g_lp``/``g_h``/
+    ``g_lse`` (``[N]`` fp32 or None) given the whole vocabulary's ``lse`` and ``H`` (natural units). A row with zero
+    upstream gradients contributes exactly 0 whatever its ``lse`` (the kernel clamps ``log p`` at 0, D65)."""
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     need_h, need_w, need_b = needs
-    cfg = {**default_config(hidden.dtype), **(config or {})}
     zeros = torch.zeros(N, dtype=torch.float32, device=dev)
+    scale, cap_pre, cap = _transform(inv_tau, logit_scale, softcap)
+    gsc = inv_tau * logit_scale  # ∂u/∂x = logit_scale/τ (× (1 − t²) in the kernel with a softcap)
     glp = g_lp.float() if g_lp is not None else zeros
-    a = -(glp + (g_h.float() * ent.float() if g_h is not None else 0.0)) * inv_tau
-    c = glp * inv_tau
-    bc = -g_h.float() * inv_tau * LN2 if g_h is not None else zeros
+    a = ((g_lse.float() if g_lse is not None else 0.0) - glp
+         - (g_h.float() * ent.float() if g_h is not None else 0.0)) * gsc
+    c = glp * gsc
+    bc = -g_h.float() * gsc * LN2 if g_h is not None else zeros
     lse2 = (lse.float() * LOG2E).contiguous()
-    if chunk is None:
-        chunk = max(cfg["BLOCK_V"], (CHUNK_ELEMENTS // max(N, 1)) // cfg["BLOCK_V"] * cfg["BLOCK_V"])
-    chunk = min(chunk, V)
+
+    def chunk_of(cfg):
+        c_ = chunk if chunk is not None else max(cfg["BLOCK_V"],
+                                                 (CHUNK_ELEMENTS // max(N, 1)) // cfg["BLOCK_V"] * cfg["BLOCK_V"])
+        return min(c_, V)
+
+    def launch(cfg, v_lo=0, gv=None):
+        if gv is None:  # autotuning: the first chunk into a scratch buffer
+            gv = empty((N, chunk_of(cfg)), dtype=hidden.dtype, device=dev)
+        vc = gv.shape[1]
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(vc, cfg["BLOCK_V"]))
+        with _dispatch.device_guard(hidden):
+            linear_logprobs_bwd_kernel[grid](
+                hidden, weight, bias, ids_local, lse2, a, c, bc, gv,
+                N, V, H, v_lo, vc, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                gv.stride(0), scale, cap_pre, cap,
+                HAS_ENTROPY_GRAD=g_h is not None, SOFTCAP=bool(softcap), IEEE=hidden.dtype == torch.float32,
+                UPCAST=_upcast(hidden),
+                BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+
+    cfg = _config("bwd", hidden, V, launch, config)
+    step = chunk_of(cfg)
     gh = torch.zeros(N, H, dtype=torch.float32, device=dev) if need_h else None
     gw = empty(tuple(weight.shape), dtype=weight.dtype, device=dev) if need_w else None
     gb = empty((V,), dtype=torch.float32, device=dev) if need_b else None
-    g = empty((N, chunk), dtype=hidden.dtype, device=dev)
-    for v_lo in range(0, V, chunk):
-        vc = min(chunk, V - v_lo)
+    g = empty((N, step), dtype=hidden.dtype, device=dev)
+    for v_lo in range(0, V, step):
+        vc = min(step, V - v_lo)
         gv = g[:, :vc]
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(vc, cfg["BLOCK_V"]))
-        linear_logprobs_bwd_kernel[grid](
-            hidden, weight, bias, ids_local, lse2, a, c, bc, gv,
-            N, V, H, v_lo, vc, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), gv.stride(0),
-            float(inv_tau) * LOG2E,
-            HAS_ENTROPY_GRAD=g_h is not None, IEEE=hidden.dtype == torch.float32, UPCAST=_upcast(hidden),
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+        launch(cfg, v_lo, gv)
         w = weight[v_lo:v_lo + vc]
         if need_h:
-            if hidden.dtype == torch.float32:
-                gh.addmm_(gv, w)
-            else:
-                gh += torch.mm(gv, w)
+            addmm_fp32(gh, gv, w)
         if need_w:
             torch.mm(gv.T, hidden, out=gw[v_lo:v_lo + vc])
         if need_b:
@@ -286,19 +426,22 @@ def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *,
 def _report_entries() -> list[dict]:
     """What ``benchmarks/gpu_report.py`` compiles: the pinned configs, unit inner strides, sizes multiple of 16."""
     entries = []
-    for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        cfg = default_config(dtype)
+    for dtype, tname, arch in ((torch.bfloat16, "bf16", None), (torch.bfloat16, "bf16,sm8x", 8),
+                               (torch.bfloat16, "bf16,sm9x", 9), (torch.float32, "fp32", None)):
+        cfg = default_config(dtype, arch)
+        tname, label = tname.split(",")[0], tname.split(",")[-1]  # "sm8x" / "sm9x": the bf16 configs of that arch
         common = {"p_h": f"*{tname}", "p_w": f"*{tname}", "p_b": "constexpr", "p_ids": "*i64"}
-        consts = {"p_b": None, "HAS_BIAS": False, "IEEE": dtype == torch.float32, "UPCAST": False,
+        consts = {"p_b": None, "HAS_BIAS": False, "SOFTCAP": False, "IEEE": dtype == torch.float32, "UPCAST": False,
                   "stride_hh": 1, "stride_wh": 1,
                   "BLOCK_N": cfg["BLOCK_N"], "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"]}
         entries.append({
-            "name": f"linear_logprobs_fwd[{tname}]",
+            "name": f"linear_logprobs_fwd[{label}]",
             "fn": linear_logprobs_fwd_kernel.fn,  # the JITFunction under the heuristics
             "signature": {**common, "p_lse": "*fp32", "p_tgt": "*fp32", "p_ent": "*fp32", "N": "i32", "V": "i32:16",
                           "H": "i32:16", "stride_hn": "i32:16", "stride_hh": "constexpr", "stride_wv": "i32:16",
-                          "stride_wh": "constexpr", "scale": "fp32", "tiles_per_split": "i32",
-                          "HAS_BIAS": "constexpr", "WANT_ENTROPY": "constexpr", "IEEE": "constexpr",
+                          "stride_wh": "constexpr", "scale": "fp32", "cap_pre": "fp32", "cap": "fp32",
+                          "tiles_per_split": "i32", "HAS_BIAS": "constexpr", "WANT_ENTROPY": "constexpr",
+                          "SOFTCAP": "constexpr", "IEEE": "constexpr",
                           "UPCAST": "constexpr",
                           "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr"},
             "constexprs": {**consts, "WANT_ENTROPY": True},
@@ -307,13 +450,14 @@ def _report_entries() -> list[dict]:
                      "2·N·V·H FLOPs",
         })
         entries.append({
-            "name": f"linear_logprobs_bwd[{tname}]",
+            "name": f"linear_logprobs_bwd[{label}]",
             "fn": linear_logprobs_bwd_kernel.fn,
             "signature": {**common, "p_lse": "*fp32", "p_a": "*fp32", "p_c": "*fp32", "p_bc": "*fp32",
                           "p_g": f"*{tname}", "N": "i32", "V": "i32:16", "H": "i32:16", "v_lo": "i32:16",
                           "V_chunk": "i32:16", "stride_hn": "i32:16", "stride_hh": "constexpr",
                           "stride_wv": "i32:16", "stride_wh": "constexpr", "stride_gn": "i32:16", "scale": "fp32",
-                          "HAS_BIAS": "constexpr", "HAS_ENTROPY_GRAD": "constexpr", "IEEE": "constexpr",
+                          "cap_pre": "fp32", "cap": "fp32", "HAS_BIAS": "constexpr", "HAS_ENTROPY_GRAD": "constexpr",
+                          "SOFTCAP": "constexpr", "IEEE": "constexpr",
                           "UPCAST": "constexpr",
                           "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr"},
             "constexprs": {**consts, "HAS_ENTROPY_GRAD": True},

@@ -1,10 +1,16 @@
 """Public ``linear_token_logprobs``: per-token log-probs (and entropy) of ``hidden @ weightᵀ + bias`` without ever
 materialising the ``[N, V]`` logits.
 
-Math (SPEC "Log-prob ops"), with ``u = (hidden @ weightᵀ + bias) / τ``:
+Math (SPEC "Log-prob ops"), with ``x = hidden @ weightᵀ + bias`` and ``u = f(x) / τ`` (``f(x) = logit_scale·x``, or
+``softcap·tanh(logit_scale·x / softcap)`` with a softcap; the defaults give ``u = x/τ``):
 
     logp[n] = u[n, id_n] − lse_n,        lse_n = log Σ_v exp u[n, v]
     H[n]    = lse_n − Σ_v p[n, v] u[n, v],  p = softmax(u)
+
+The public function accepts ``hidden [..., H]`` / ``ids [...]`` (flattened as views), ``shift`` (next-token ids),
+mixed precision and autocast (cast up front, D67 / D69), and returns ``out_dtype`` outputs (fp32 by default). Ignored
+rows are dropped before any work on every backend unless ``check_ids=False`` (D65 / D66). Input checks live in
+``srpo_core/_linear_validate.py``, the torch path in ``srpo_core/_linear_cpu.py``.
 
 Backends (``backend="auto" | "triton" | "torch"``; auto = Triton for CUDA tensors, torch otherwise):
 
@@ -36,250 +42,76 @@ Megatron's vocab-parallel cross-entropy does, that the upstream gradient is the 
 
 from __future__ import annotations
 
-import math
-import os
+import functools
+from typing import NamedTuple
 
 import torch
 
 from srpo_core import _dispatch
-from srpo_core._validate import describe, require_tensor
+from srpo_core._linear_cpu import (  # noqa: F401  (the torch path; re-exported, callers use L._torch_fwd etc.)
+    LN2,
+    LOG2E,
+    LOW_PRECISION,
+    _acc_dtype,
+    _torch_bwd,
+    _torch_fwd,
+    tile_sizes,
+)
+from srpo_core._linear_validate import (
+    AUTOCAST_DEVICES,
+    OP,
+    autocast_dtype,
+    check_id_values,
+    check_options,
+    check_tensors,
+    compute_dtype,
+)
 
-OP = "linear_token_logprobs"
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Tile sizes of the torch path (chosen by measurement on a 2-core AVX-512 CPU: vocabulary tiles of 512-2048 and tiles
-# of 1-4 M elements all ran within a few % of each other and ~5-8% under the bare GEMM; see docs/benchmarks_linear.md).
-# A logits tile holds at most TILE_ELEMENTS values; vocabulary tiles are VOCAB_TILE wide (each weight tile,
-# VOCAB_TILE·H values, is read once per pass and stays in the last-level cache while the token chunks stream past it);
-# token chunks take the rest of the budget (2048 tokens × 1024 vocabulary entries = 8 MiB fp32 by default).
-# Peak extra memory of a pass = one fp32 tile (+ one low-precision tile for bf16/fp16, + one more fp32 tile when the
-# entropy is requested) + O(N) per-token state (+ in backward the fp32 grad_hidden accumulator, [N, H]).
-TILE_ELEMENTS = int(os.environ.get("SRPO_LINEAR_TILE_ELEMENTS", 1 << 21))
-VOCAB_TILE = int(os.environ.get("SRPO_LINEAR_VOCAB_TILE", 1024))
-
-
-def tile_sizes(n: int, v: int) -> tuple[int, int]:
-    """``(token_chunk, vocab_tile)`` for ``n`` tokens and a vocabulary (shard) of ``v``: ``vocab_tile =
-    min(v, VOCAB_TILE)``, ``token_chunk = min(n, TILE_ELEMENTS // vocab_tile)``."""
-    vt = max(1, min(v, VOCAB_TILE))
-    nc = max(1, min(n, TILE_ELEMENTS // vt))
-    return nc, vt
-
-
-LOG2E = 1.4426950408889634  # the tiles work in base-2 units, u₂ = u·log₂e: exp2 is ~3× cheaper than exp on CPU
-LN2 = 0.6931471805599453
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# torch path: forward
-
-
-def _tile_logits_shifted(h, w, b, c, scale, out):
-    """``out = (h @ wᵀ + b)·scale − c[:, None]`` in the accumulation dtype (``out`` is ``[n, v]``; ``scale`` is
-    ``log₂e / τ``, so ``out`` is in base-2 units).
-
-
-    fp32/fp64: one GEMM that starts from ``−c`` (and the scaled bias). bf16/fp16: the logits are computed (and
-    rounded) in the input dtype, as a plain model computes them, then shifted while upcasting in one pass."""
-    if h.dtype in LOW_PRECISION:
-        z = torch.mm(h, w.T) if b is None else torch.addmm(b, h, w.T)
-        torch.add(-c[:, None], z, alpha=scale, out=out)
-        return z
-    if b is None:
-        out.copy_((-c)[:, None].expand_as(out))
-    else:
-        torch.sub((b * scale)[None, :], c[:, None], out=out)
-    torch.addmm(out, h, w.T, alpha=scale, out=out)
-    return None
-
-
-def _fold_safe(u, c, s, t, want_entropy):
-    """Fold a tile ``u`` ``[n, v]`` (base-2 units, overwritten) into the rows' ``(c, s, t)`` with an explicit max (first
-    tile, or rows whose fast-path sum overflowed): ``s = Σ 2^(u − c)``, ``t = Σ 2^(u − c)·(u − c)``."""
-    m = u.amax(1)
-    c_new = torch.maximum(c, m)
-    shift = torch.where(torch.isinf(c_new) & (c_new < 0), torch.zeros_like(c_new), c_new)  # all −inf: shift by 0
-    had = s > 0
-    scale = torch.where(had, torch.exp2(c - shift), torch.zeros_like(s))
-    if want_entropy:
-        t = torch.where(had, scale * (t + (c - shift) * s), torch.zeros_like(t))
-    u.sub_(shift[:, None])
-    if want_entropy:
-        e = torch.exp2(u)
-        s = s * scale + e.sum(1)
-        t = t + torch.where(e > 0, e * u, torch.zeros((), dtype=u.dtype)).sum(1)
-    else:
-        s = s * scale + u.exp2_().sum(1)
-    return shift, s, t
-
-
-def _torch_fwd(hidden, weight, bias, ids_local, inv_tau, want_entropy):
-    """Per row: ``(lse, target, H)`` in natural units of ``u`` (acc dtype). ``target`` is ``u[id]`` where the id falls
-    in this weight shard (``0 <= ids_local < V``), 0 elsewhere; ``H`` is the entropy of the shard's own softmax.
-
-    Internally everything is in base-2 units (``u₂ = u·log₂e``)."""
-    n_all, _ = hidden.shape
-    v_all = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
-    dev = hidden.device
-    scale = inv_tau * LOG2E
-    c = torch.full((n_all,), -math.inf, dtype=acc, device=dev)
-    s = torch.zeros(n_all, dtype=acc, device=dev)
-    t = torch.zeros(n_all, dtype=acc, device=dev)
-    tgt = torch.zeros(n_all, dtype=acc, device=dev)
-    nc, vt = tile_sizes(n_all, v_all)
-    buf = torch.empty(nc * vt, dtype=acc, device=dev)
-    for v0 in range(0, v_all, vt):
-        v1 = min(v_all, v0 + vt)
-        w = weight[v0:v1]
-        b = None if bias is None else bias[v0:v1]
-        for n0 in range(0, n_all, nc):
-            n1 = min(n_all, n0 + nc)
-            h = hidden[n0:n1]
-            cn, sn, tn = c[n0:n1], s[n0:n1], t[n0:n1]
-            loc = ids_local[n0:n1] - v0
-            sel = (loc >= 0) & (loc < v1 - v0)
-            idx = loc.clamp(0, v1 - v0 - 1)[:, None]
-            u = buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
-            if v0 == 0:  # no reference point yet: explicit max
-                _tile_logits_shifted(h, w, b, torch.zeros_like(cn), scale, u)
-                tgt[n0:n1] = torch.where(sel, u.gather(1, idx)[:, 0], tgt[n0:n1])
-                cn, sn, tn = _fold_safe(u, cn, sn, tn, want_entropy)
-            else:
-                _tile_logits_shifted(h, w, b, cn, scale, u)  # u − c
-                tgt[n0:n1] = torch.where(sel, u.gather(1, idx)[:, 0] + cn, tgt[n0:n1])
-                if want_entropy:
-                    e = torch.exp2(u)
-                    st = e.sum(1)
-                    tt = torch.where(e > 0, e * u, torch.zeros((), dtype=acc)).sum(1)
-                else:
-                    st = u.exp2_().sum(1)
-                    tt = None
-                bad = ~torch.isfinite(st)
-                if bool(bad.any()):  # a logit > c + ~127 (or a NaN/inf logit): redo these rows with an explicit max
-                    rows = torch.nonzero(bad)[:, 0]
-                    ur = torch.empty(rows.numel(), v1 - v0, dtype=acc, device=dev)
-                    _tile_logits_shifted(h[rows], w, b, torch.zeros_like(cn[rows]), scale, ur)
-                    cr, sr, tr = _fold_safe(ur, cn[rows], sn[rows], tn[rows], want_entropy)
-                    sn = sn + st
-                    if want_entropy:
-                        tn = tn + tt
-                    cn, sn, tn = cn.clone(), sn.clone(), tn.clone()
-                    cn[rows], sn[rows], tn[rows] = cr, sr, tr
-                else:
-                    sn = sn + st
-                    if want_entropy:
-                        tn = tn + tt
-            # rebase to the running logsumexp: c ← c + log₂ s, s ← 1 (t follows), so the next tile's 2^x stays ≲ 1
-            ls = torch.log2(sn)
-            ok = sn > 0
-            if want_entropy:
-                tn = torch.where(ok, tn / sn - ls, tn)
-            cn = torch.where(ok, cn + ls, cn)
-            sn = torch.where(ok, torch.ones_like(sn), sn)
-            c[n0:n1], s[n0:n1], t[n0:n1] = cn, sn, tn
-    lse = (c + torch.log2(s)) * LN2
-    ent = ((torch.log2(s) - t / s) * LN2) if want_entropy else None
-    return lse, tgt * LN2, ent
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# torch path: backward
-
-
-def _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, needs):
-    """Gradients ``(grad_hidden, grad_weight, grad_bias)`` for upstream ``g_lp``/``g_h`` (``[N]`` acc dtype or None).
-
-    ``G = ∂L/∂x = (g_lp·(onehot − p) − g_h·p·(log p + H)) / τ`` tile by tile, ``log p = u − lse`` (computed in base 2:
-    ``p = 2^(u₂ − lse₂)``)."""
-    n_all, h_dim = hidden.shape
-    v_all = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
-    dev = hidden.device
-    low = hidden.dtype in LOW_PRECISION
-    need_h, need_w, need_b = needs
-    scale = inv_tau * LOG2E
-    lse2 = lse * LOG2E
-    gh = torch.zeros(n_all, h_dim, dtype=acc, device=dev) if need_h else None
-    gw = torch.empty_like(weight) if need_w else None
-    gb = torch.zeros(v_all, dtype=acc, device=dev) if need_b else None
-    nc, vt = tile_sizes(n_all, v_all)
-    multi_chunk = nc < n_all
-    buf = torch.empty(nc * vt, dtype=acc, device=dev)
-    buf2 = torch.empty(nc * vt, dtype=acc, device=dev) if g_h is not None else None
-    if g_lp is not None:
-        coef_lp = g_lp * inv_tau
-    if g_h is not None:
-        # G = p·(a + b·log₂p) (+ the one-hot term): −g_h·p·(ln p + H)/τ with ln p = ln2·log₂p
-        a = -((g_lp if g_lp is not None else 0) + g_h * ent) * inv_tau
-        bcoef = -g_h * inv_tau * LN2
-    for v0 in range(0, v_all, vt):
-        v1 = min(v_all, v0 + vt)
-        w = weight[v0:v1]
-        b = None if bias is None else bias[v0:v1]
-        gw_acc = torch.zeros(v1 - v0, h_dim, dtype=acc, device=dev) if (need_w and multi_chunk) else None
-        for n0 in range(0, n_all, nc):
-            n1 = min(n_all, n0 + nc)
-            h = hidden[n0:n1]
-            g = buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
-            _tile_logits_shifted(h, w, b, lse2[n0:n1], scale, g)  # log₂ p
-            if g_h is None:
-                g.exp2_().mul_(-coef_lp[n0:n1, None])  # −g·p/τ
-            else:
-                lp = buf2[: g.numel()].view_as(g)
-                lp.copy_(g)
-                g.exp2_()
-                lp.mul_(bcoef[n0:n1, None]).add_(a[n0:n1, None])
-                g.mul_(torch.where(g > 0, lp, torch.zeros((), dtype=acc)))
-            if g_lp is not None:  # + g/τ at the sampled token
-                loc = ids_local[n0:n1] - v0
-                rows = torch.nonzero((loc >= 0) & (loc < v1 - v0))[:, 0]
-                if rows.numel():
-                    g.index_put_((rows, loc[rows]), coef_lp[n0:n1][rows], accumulate=True)
-            if need_b:
-                gb[v0:v1] += g.sum(0)
-            gm = g.to(weight.dtype) if low else g
-            if need_h:
-                if low:
-                    gh[n0:n1] += torch.mm(gm, w)
-                else:
-                    gh[n0:n1].addmm_(gm, w)
-            if need_w:
-                if gw_acc is not None and low:
-                    gw_acc += torch.mm(gm.T, h)
-                elif gw_acc is not None:
-                    gw_acc.addmm_(gm.T, h)
-                else:
-                    torch.mm(gm.T, h, out=gw[v0:v1])
-        if gw_acc is not None:
-            gw[v0:v1] = gw_acc
-    return gh, gw, gb
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Backend dispatch of the local (per-shard) passes
 
 
-def _local_fwd(backend, hidden, weight, bias, ids_local, inv_tau, want_entropy):
-    if backend == "triton":
+class _Spec(NamedTuple):
+    """The scalar options of one call. Logits ``u = f(x)/τ``, ``x = hidden @ weightᵀ + bias``, with
+    ``f(x) = logit_scale·x`` or, when ``softcap > 0``, ``softcap·tanh(logit_scale·x/softcap)``."""
+
+    inv_tau: float
+    logit_scale: float
+    softcap: float  # 0: none
+    want_entropy: bool
+    ignore_index: int
+    backend: str
+    compact: bool
+
+    def transform(self) -> dict:
+        """The launchers' logits keywords: without a softcap the scale folds into the inverse temperature."""
+        if self.softcap:
+            return {"inv_tau": self.inv_tau, "logit_scale": self.logit_scale, "softcap": self.softcap}
+        return {"inv_tau": self.inv_tau * self.logit_scale}
+
+
+def _local_fwd(spec, hidden, weight, bias, ids_local):
+    if spec.backend == "triton":
         from srpo_core.kernels.linear_logprobs import linear_logprobs_fwd
 
-        return linear_logprobs_fwd(hidden, weight, bias, ids_local, inv_tau=inv_tau, want_entropy=want_entropy)
-    return _torch_fwd(hidden, weight, bias, ids_local, inv_tau, want_entropy)
+        return linear_logprobs_fwd(hidden, weight, bias, ids_local, want_entropy=spec.want_entropy,
+                                   **spec.transform())
+    t = spec.transform()
+    return _torch_fwd(hidden, weight, bias, ids_local, t.pop("inv_tau"), spec.want_entropy, **t)
 
 
-def _local_bwd(backend, hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, needs):
-    if backend == "triton":
+def _local_bwd(spec, hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, g_lse, needs):
+    if spec.backend == "triton":
         from srpo_core.kernels.linear_logprobs import linear_logprobs_bwd
 
-        return linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, inv_tau=inv_tau, needs=needs)
-    return _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, needs)
+        return linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, needs=needs, g_lse=g_lse,
+                                   **spec.transform())
+    t = spec.transform()
+    return _torch_bwd(hidden, weight, bias, ids_local, t.pop("inv_tau"), lse, ent, g_lp, g_h, needs, g_lse=g_lse,
+                      **t)
 
 
 def _combine_shards(lse_r, tgt_r, ent_r, owned, group):
@@ -302,10 +134,13 @@ def _combine_shards(lse_r, tgt_r, ent_r, owned, group):
     return lse, tgt, ent
 
 
-def _rows(hidden, ids, ignore_index, vocab_start, backend):
-    """The rows the torch path computes (ignored rows dropped when there are any), and their shard-local ids."""
+def _rows(hidden, ids, ignore_index, vocab_start, compact):
+    """The rows the passes compute, and their shard-local ids. With ``compact`` (the default on every backend),
+    ignored rows are dropped before any work when there are any (a host sync: ``nonzero``); without it (Triton with
+    ``check_ids=False``: no host sync) every row is computed, the ignored ones with zero upstream coefficients and a
+    saved ``lse = 0``, which the backward kernel is safe for (it clamps ``log p`` at 0)."""
     keep = ids != ignore_index
-    compact = backend == "torch" and ids.shape[0] > 0 and not bool(keep.all())
+    compact = compact and ids.shape[0] > 0 and not bool(keep.all())
     rows = torch.nonzero(keep)[:, 0] if compact else None
     h_k = hidden[rows] if compact else hidden
     ids_k = ids[rows] if compact else ids
@@ -313,19 +148,39 @@ def _rows(hidden, ids, ignore_index, vocab_start, backend):
     return keep, rows, h_k, ids_local
 
 
-def _fwd(hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, group, vocab_start, backend):
-    """→ ``(logp [N], ent [N] or None, lse [N], ent_all [N])``: the outputs (0 at ignored rows) and what backward
-    needs (per-row logsumexp and entropy of the whole vocabulary)."""
+def _autocast_off(hidden_arg: int):
+    """Run the decorated pass with autocast disabled on the device of its ``hidden`` argument: the public function
+    has already cast the inputs (D67), and the tiles' own GEMMs and ``out=`` ops must keep the dtypes chosen here."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            dev = args[hidden_arg].device.type
+            if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+                with torch.autocast(device_type=dev, enabled=False):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return run
+
+    return deco
+
+
+@_autocast_off(0)
+def _fwd(hidden, weight, bias, ids, spec, group=None, vocab_start=0):
+    """``hidden [N, H]``, ``ids [N]`` → ``(logp [N], ent [N] or None, lse [N])``, 0 at ignored rows; backward needs
+    ``lse`` and ``ent`` (the whole vocabulary's), and is safe with their 0 at ignored rows (D65)."""
     acc = _acc_dtype(hidden.dtype)
     dev = hidden.device
     n = ids.shape[0]
-    keep, rows, h_k, ids_local = _rows(hidden, ids, ignore_index, vocab_start, backend)
+    keep, rows, h_k, ids_local = _rows(hidden, ids, spec.ignore_index, vocab_start,
+                                       spec.compact or spec.backend == "torch")
     owned = (ids_local >= 0) & (ids_local < weight.shape[0])
     if h_k.shape[0] == 0:
         lse_k = tgt_k = torch.zeros(0, dtype=acc, device=dev)
-        ent_k = torch.zeros(0, dtype=acc, device=dev) if want_entropy else None
+        ent_k = torch.zeros(0, dtype=acc, device=dev) if spec.want_entropy else None
     else:
-        lse_k, tgt_k, ent_k = _local_fwd(backend, h_k, weight, bias, ids_local, inv_tau, want_entropy)
+        lse_k, tgt_k, ent_k = _local_fwd(spec, h_k, weight, bias, ids_local)
     if group is not None:
         lse_k, tgt_k, ent_k = _combine_shards(lse_k, tgt_k, ent_k, owned, group)
     zero = torch.zeros((), dtype=acc, device=dev)
@@ -335,17 +190,17 @@ def _fwd(hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, group, 
             return torch.zeros(n, dtype=acc, device=dev).index_copy_(0, rows, x)
         return torch.where(keep, x, zero)
 
-    lse = full(lse_k)
-    ent = full(ent_k) if want_entropy else None
-    return full(tgt_k - lse_k), ent, lse, ent if want_entropy else lse
+    return full(tgt_k - lse_k), (full(ent_k) if spec.want_entropy else None), full(lse_k)
 
 
-def _bwd(g_logp, g_ent, hidden, weight, bias, ids, lse, ent, inv_tau, want_entropy, ignore_index, group,
-         vocab_start, backend, needs):
-    """Gradients ``(grad_hidden, grad_weight, grad_bias)`` (None where ``needs`` says no): the logits tiles are
-    recomputed from ``hidden``, ``weight`` and the saved per-row ``lse`` (and ``ent``)."""
+@_autocast_off(3)
+def _bwd(g_logp, g_ent, g_lse, hidden, weight, bias, ids, lse, ent, spec, needs, group=None, vocab_start=0):
+    """Gradients ``(grad_hidden, grad_weight, grad_bias)`` (None where ``needs`` says no) for upstream gradients of
+    ``logp``, ``entropy`` and ``lse`` (each ``[N]`` or None): the logits tiles are recomputed from ``hidden``,
+    ``weight`` and the saved per-row ``lse`` (and ``ent``)."""
     need_h, need_w, need_b = needs
-    keep, rows, h_k, ids_local = _rows(hidden, ids, ignore_index, vocab_start, backend)
+    keep, rows, h_k, ids_local = _rows(hidden, ids, spec.ignore_index, vocab_start,
+                                       spec.compact or spec.backend == "torch")
     acc = lse.dtype
     zero = torch.zeros((), dtype=acc, device=lse.device)
 
@@ -355,9 +210,9 @@ def _bwd(g_logp, g_ent, hidden, weight, bias, ids, lse, ent, inv_tau, want_entro
         g = g.to(acc)
         return g[rows] if rows is not None else torch.where(keep, g, zero)
 
-    g_lp, g_h = local(g_logp), local(g_ent if want_entropy else None)
+    g_lp, g_h, g_z = local(g_logp), local(g_ent if spec.want_entropy else None), local(g_lse)
     lse_k, ent_k = (lse[rows], ent[rows]) if rows is not None else (lse, ent)
-    if (g_lp is None and g_h is None) or not (need_h or need_w or need_b) or h_k.shape[0] == 0:
+    if (g_lp is None and g_h is None and g_z is None) or not (need_h or need_w or need_b) or h_k.shape[0] == 0:
         gh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         gw = torch.zeros_like(weight) if need_w else None
         gb = torch.zeros_like(bias) if need_b else None
@@ -366,8 +221,8 @@ def _bwd(g_logp, g_ent, hidden, weight, bias, ids, lse, ent, inv_tau, want_entro
 
             dist.all_reduce(gh, group=group)  # the other ranks may have work: keep the collective in step
         return gh, gw, gb
-    gh, gw, gb = _local_bwd(backend, h_k, weight, bias, ids_local, inv_tau, lse_k, ent_k if want_entropy else None,
-                            g_lp, g_h, needs)
+    gh, gw, gb = _local_bwd(spec, h_k, weight, bias, ids_local, lse_k, ent_k if spec.want_entropy else None,
+                            g_lp, g_h, g_z, needs)
     if need_h:
         if rows is not None:
             gh = torch.zeros(hidden.shape, dtype=acc, device=h_k.device).index_copy_(0, rows, gh)
@@ -385,34 +240,38 @@ class _ShardedLinearTokenLogprobs(torch.autograd.Function):
     """The vocab-parallel path (a process group cannot be a custom-op argument)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, group, vocab_start, backend):
+    def forward(ctx, hidden, weight, bias, ids, spec, group, vocab_start):
         ctx.set_materialize_grads(False)
-        logp, ent, lse, ent_all = _fwd(hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, group,
-                                       vocab_start, backend)
-        ctx.save_for_backward(hidden, weight, bias, ids, lse, ent_all)
-        ctx.cfg = (inv_tau, want_entropy, ignore_index, group, vocab_start, backend)
-        return logp, ent
+        logp, ent, lse = _fwd(hidden, weight, bias, ids, spec, group, vocab_start)
+        ctx.save_for_backward(hidden, weight, bias, ids, lse, ent if spec.want_entropy else lse)
+        ctx.cfg = (spec, group, vocab_start)
+        return logp, ent, lse
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
+    def backward(ctx, g_logp, g_ent, g_lse):
         hidden, weight, bias, ids, lse, ent = ctx.saved_tensors
-        gh, gw, gb = _bwd(g_logp, g_ent, hidden, weight, bias, ids, lse, ent, *ctx.cfg, ctx.needs_input_grad[:3])
-        return gh, gw, gb, None, None, None, None, None, None, None
+        spec, group, vocab_start = ctx.cfg
+        gh, gw, gb = _bwd(g_logp, g_ent, g_lse, hidden, weight, bias, ids, lse, ent, spec, ctx.needs_input_grad[:3],
+                          group, vocab_start)
+        return gh, gw, gb, None, None, None, None
 
 
 # The unsharded path as torch.library custom ops (forward, backward, autograd formula, fake kernels), so that
-# torch.compile(fullgraph=True) traces a training step through it.
+# torch.compile(fullgraph=True) traces a training step through it. The fake kernels also serve meta tensors (D70).
 @torch.library.custom_op("srpo_core::linear_token_logprobs", mutates_args=())
 def _op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor, inv_tau: float,
-        want_entropy: bool, ignore_index: int, backend: str
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ ``(logp, entropy or [0], lse)``; backward saves ``lse`` (and the entropy output when there is one)."""
-    logp, ent, lse, _ = _fwd(hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, None, 0, backend)
+        want_entropy: bool, ignore_index: int, backend: str, compact: bool = True, logit_scale: float = 1.0,
+        softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``hidden [N, H]``, ``ids [N]`` → ``(logp, entropy or [0], lse)``, each ``[N]``; backward saves ``lse`` (and
+    the entropy output when there is one)."""
+    spec = _Spec(inv_tau, logit_scale, softcap, want_entropy, ignore_index, backend, compact)
+    logp, ent, lse = _fwd(hidden, weight, bias, ids, spec)
     return logp, (ent if want_entropy else logp.new_empty(0)), lse
 
 
 @_op.register_fake
-def _(hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, backend):
+def _(hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, backend, compact=True, logit_scale=1.0,
+      softcap=0.0):
     acc = _acc_dtype(hidden.dtype)
     n = hidden.shape[0]
     return hidden.new_empty(n, dtype=acc), hidden.new_empty(n if want_entropy else 0, dtype=acc), \
@@ -420,46 +279,48 @@ def _(hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, backend):
 
 
 @torch.library.custom_op("srpo_core::linear_token_logprobs_backward", mutates_args=())
-def _op_bwd(g_logp: torch.Tensor | None, g_ent: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor,
-            bias: torch.Tensor | None, ids: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor, inv_tau: float,
-            want_entropy: bool, ignore_index: int, backend: str, need_h: bool, need_w: bool, need_b: bool
+def _op_bwd(g_logp: torch.Tensor | None, g_ent: torch.Tensor | None, g_lse: torch.Tensor | None,
+            hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
+            lse: torch.Tensor, ent: torch.Tensor, inv_tau: float, want_entropy: bool, ignore_index: int, backend: str,
+            compact: bool, logit_scale: float, softcap: float, need_h: bool, need_w: bool, need_b: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gh, gw, gb = _bwd(g_logp, g_ent, hidden, weight, bias, ids, lse, ent, inv_tau, want_entropy, ignore_index, None,
-                      0, backend, (need_h, need_w, need_b))
-    empty = hidden.new_empty(0)
-    return (gh if gh is not None else empty), (gw if gw is not None else empty), (gb if gb is not None else empty)
+    spec = _Spec(inv_tau, logit_scale, softcap, want_entropy, ignore_index, backend, compact)
+    gh, gw, gb = _bwd(g_logp, g_ent, g_lse, hidden, weight, bias, ids, lse, ent, spec, (need_h, need_w, need_b))
+    # a custom op's outputs may not alias each other: a fresh empty tensor for each gradient not asked for
+    return tuple(x if x is not None else hidden.new_empty(0) for x in (gh, gw, gb))
 
 
 @_op_bwd.register_fake
-def _(g_logp, g_ent, hidden, weight, bias, ids, lse, ent, inv_tau, want_entropy, ignore_index, backend, need_h,
-      need_w, need_b):
-    empty = hidden.new_empty(0)
-    return (torch.empty_like(hidden) if need_h else empty, torch.empty_like(weight) if need_w else empty,
-            torch.empty_like(bias) if need_b and bias is not None else empty)
+def _(g_logp, g_ent, g_lse, hidden, weight, bias, ids, lse, ent, inv_tau, want_entropy, ignore_index, backend,
+      compact, logit_scale, softcap, need_h, need_w, need_b):
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else hidden.new_empty(0),
+            torch.empty_like(bias) if need_b and bias is not None else hidden.new_empty(0))
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, backend = inputs
+    hidden, weight, bias, ids, inv_tau, want_entropy, ignore_index, backend, compact, logit_scale, softcap = inputs
     _, ent, lse = output
     ctx.save_for_backward(hidden, weight, bias, ids, lse, ent if want_entropy else lse)
-    ctx.cfg = (inv_tau, want_entropy, ignore_index, backend)
+    ctx.cfg = (inv_tau, want_entropy, ignore_index, backend, compact, logit_scale, softcap)
 
 
-def _backward(ctx, g_logp, g_ent, _g_lse):
+def _backward(ctx, g_logp, g_ent, g_lse):
     hidden, weight, bias, ids, lse, ent = ctx.saved_tensors
-    inv_tau, want_entropy, ignore_index, backend = ctx.cfg
+    inv_tau, want_entropy, ignore_index, backend, compact, logit_scale, softcap = ctx.cfg
     need_h, need_w = ctx.needs_input_grad[:2]
     need_b = bias is not None and ctx.needs_input_grad[2]
-    gh, gw, gb = _op_bwd(g_logp, g_ent if want_entropy else None, hidden, weight, bias, ids, lse, ent, inv_tau,
-                         want_entropy, ignore_index, backend, need_h, need_w, need_b)
-    return (gh if need_h else None, gw if need_w else None, gb if need_b else None, None, None, None, None, None)
+    gh, gw, gb = _op_bwd(g_logp, g_ent if want_entropy else None, g_lse, hidden, weight, bias, ids, lse, ent,
+                         inv_tau, want_entropy, ignore_index, backend, compact, logit_scale, softcap, need_h, need_w,
+                         need_b)
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 8
 
 
 _op.register_autograd(_backward, setup_context=_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Validation and the public function
+# The public function
 
 
 def _shard_layout(group, v_local: int, vocab_start: int, device: torch.device) -> tuple[list[int], list[int]]:
@@ -472,39 +333,29 @@ def _shard_layout(group, v_local: int, vocab_start: int, device: torch.device) -
     return [int(x[0]) for x in got], [int(x[1]) for x in got]
 
 
-def _validate(hidden, weight, ids, bias, temperature, ignore_index, vocab_start, return_entropy):
-    require_tensor(OP, "hidden", hidden, kind="float", ndim=2)
-    require_tensor(OP, "weight", weight, kind="float", ndim=2)
-    require_tensor(OP, "ids", ids, kind="int", ndim=1)
-    if weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"{OP}: `weight` must be [V, H] with H = {hidden.shape[1]} (the inner size of `hidden` "
-                         f"[N, H]), got {describe(weight)}")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{OP}: `weight` must have V >= 1 rows (vocabulary entries), got {describe(weight)}")
-    if ids.shape[0] != hidden.shape[0]:
-        raise ValueError(f"{OP}: `ids` must have shape [N] = [{hidden.shape[0]}] (one id per row of `hidden`), "
-                         f"got {describe(ids)}")
-    for name, x in (("weight", weight), ("ids", ids)) + ((("bias", bias),) if bias is not None else ()):
-        if x.device != hidden.device:
-            raise ValueError(f"{OP}: `{name}` must be on {hidden.device} like `hidden`, got {describe(x)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{OP}: `weight` must have the dtype of `hidden` ({hidden.dtype}), got {describe(weight)}")
-    if bias is not None:
-        require_tensor(OP, "bias", bias, kind="float", ndim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{OP}: `bias` must have shape [V] = [{weight.shape[0]}] (one entry per row of "
-                             f"`weight`), got {describe(bias)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"{OP}: `bias` must have the dtype of `hidden` ({hidden.dtype}), got {describe(bias)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"{OP}: `temperature` must be a positive finite float, got {describe(temperature)}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{OP}: `temperature` must be a positive finite float, got {temperature!r}")
-    for name, x in (("ignore_index", ignore_index), ("vocab_start", vocab_start)):
-        if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"{OP}: `{name}` must be an int, got {describe(x)}")
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"{OP}: `return_entropy` must be a bool, got {describe(return_entropy)}")
+def _global_vocab(process_group, v_local, vocab_start, device):
+    if process_group is None:
+        if vocab_start != 0:
+            raise ValueError(f"{OP}: `vocab_start` must be 0 without a process_group (the weight is the whole "
+                             f"vocabulary), got {vocab_start}")
+        return v_local
+    import torch.distributed as dist
+
+    sizes, starts = _shard_layout(process_group, v_local, vocab_start, device)
+    rank = dist.get_rank(process_group)
+    for r, start in enumerate(starts):  # every rank checks every rank, so all raise together (no hang)
+        expect = sum(sizes[:r])
+        if start != expect:
+            who = "this rank" if r == rank else f"rank {r}"
+            raise ValueError(f"{OP}: `vocab_start` on {who} must be {expect} (the sum of the lower ranks' "
+                             f"shard sizes; shards {sizes}), got {start}")
+    return sum(sizes)
+
+
+def _shifted(ids: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``ids [..., T]`` → ``[..., T]`` whose position t holds id t+1 and whose last position is ignored."""
+    pad = torch.full((*ids.shape[:-1], 1), ignore_index, dtype=ids.dtype, device=ids.device)
+    return torch.cat([ids[..., 1:], pad], dim=-1)
 
 
 def linear_token_logprobs(
@@ -519,67 +370,94 @@ def linear_token_logprobs(
     process_group=None,
     vocab_start: int = 0,
     backend: str = "auto",
+    check_ids: bool = True,
+    shift: bool = False,
+    out_dtype: torch.dtype | None = None,
+    return_lse: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ):
-    """Log-prob of each sampled token under ``softmax((hidden @ weightᵀ + bias) / τ)``, never materialising the
-    ``[N, V]`` logits.
+    """Log-prob of each sampled token under ``softmax(f(hidden @ weightᵀ + bias) / τ)``, never materialising the
+    ``[N, V]`` logits; ``f(x) = logit_scale·x``, or ``softcap·tanh(logit_scale·x / softcap)`` with a softcap.
 
     Args:
-        hidden: ``[N, H]`` float (fp32/bf16/fp16; float64 on the torch path).
-        weight: ``[V, H]`` (the LM head), same dtype and device; with ``process_group`` this rank's vocabulary shard
-            ``[V_local, H]`` covering global ids ``[vocab_start, vocab_start + V_local)``.
-        ids: ``[N]`` integer sampled tokens (global ids), each in ``[0, V)`` (``V`` = the global vocabulary when
-            sharded) or equal to ``ignore_index``.
+        hidden: ``[..., H]`` float (fp32/bf16/fp16; float64 on the torch path), any leading dimensions (``[N, H]``,
+            ``[B, T, H]``); contiguous leading dimensions are flattened as a view (no copy).
+        weight: ``[V, H]`` (the LM head), same device; with ``process_group`` this rank's vocabulary shard
+            ``[V_local, H]`` covering global ids ``[vocab_start, vocab_start + V_local)``. Same dtype as ``hidden``,
+            or mixed precision (bf16/fp16 with fp32, D69): then the op runs in fp32 on the exactly upcast inputs.
+        ids: ``[...]`` (the leading dimensions of ``hidden``) integer sampled tokens (global ids), each in
+            ``[0, V)`` (``V`` = the global vocabulary when sharded) or equal to ``ignore_index``.
         bias: optional ``[V]`` (the shard's part when sharded).
         temperature: ``τ > 0``.
         return_entropy: also return the entropy of ``softmax(u)`` per token.
-        ignore_index: tokens with this id give 0 (and no gradient).
+        ignore_index: tokens with this id give 0 (and no gradient); their rows are skipped before any work.
         process_group: a ``torch.distributed`` group over which the vocabulary is sharded (None: not sharded).
         vocab_start: first global vocabulary id of this rank's shard; must equal the sum of the shard sizes of the
             lower ranks.
         backend: ``"auto" | "triton" | "torch"``.
+        check_ids: scan ``ids`` for values outside ``[0, V)`` and raise (the default), and drop ignored rows before
+            any work. Both read values on the host (a device sync per call). ``False`` skips the scan (an
+            out-of-range id then gives an unspecified value, no error) and, on the Triton backend, computes every
+            row (ignored ones contribute exactly 0), so the call has no host sync and can be captured in a CUDA
+            graph (``torch.compile(mode="reduce-overhead")``). The torch backend always drops ignored rows. Under
+            ``torch.compile`` the scan is skipped whatever this says.
+        shift: score position ``t`` with ``ids[..., t + 1]`` (next-token prediction from ``hidden [..., T, H]`` and
+            the sequence's own ``ids [..., T]``, as cut-cross-entropy's ``shift``); the last position of each
+            sequence gives 0, like an ignored token. Saves the ``[:, :-1]`` slices and their copies.
+        out_dtype: dtype of the returned log-probs / entropy / lse. Default (None): float32 (float64 for float64
+            inputs), whatever the input dtype (D10); e.g. ``torch.bfloat16`` returns what TRL or a plain torch
+            model would.
+        return_lse: also return the per-token ``lse = log Σ_v exp u_v`` (for a z-loss ``(lse)²``), differentiable;
+            0 at ignored positions.
+        logit_scale: ``> 0``, multiplies the logits before the softcap and the temperature.
+        softcap: ``> 0`` or None: Gemma-style soft-capping of the (scaled) logits to ``(−softcap, softcap)``.
+
+    Under ``torch.autocast`` the op follows ``F.linear`` (D67): floating inputs other than float64 are cast to the
+    autocast dtype and the logits computed in it.
 
     Returns:
-        ``logp [N]`` — or ``(logp, entropy)`` when ``return_entropy`` — float32 (float64 for float64 inputs),
-        differentiable in ``hidden``, ``weight`` and ``bias``.
+        ``logp`` shaped like ``ids``; with ``return_entropy`` / ``return_lse`` the tuple ``(logp, entropy, lse)``
+        with the ones asked for, in that order. Float32 unless ``out_dtype`` says otherwise, differentiable in
+        ``hidden``, ``weight`` and ``bias``.
     """
-    _validate(hidden, weight, ids, bias, temperature, ignore_index, vocab_start, return_entropy)
+    if isinstance(hidden, torch.Tensor):
+        cast = autocast_dtype(hidden.device)
+        if cast is not None:  # like F.linear under autocast (D67): floating inputs other than float64, to its dtype
+            hidden, weight, bias = (x.to(cast) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                                    and x.dtype != torch.float64 else x for x in (hidden, weight, bias))
+    check_tensors(hidden, weight, ids, bias, shift)
+    check_options(temperature=temperature, ignore_index=ignore_index, vocab_start=vocab_start,
+                  flags={"return_entropy": return_entropy, "check_ids": check_ids, "shift": shift,
+                         "return_lse": return_lse}, out_dtype=out_dtype, logit_scale=logit_scale, softcap=softcap)
+    dtype = compute_dtype(hidden, weight, bias)
+    if dtype != hidden.dtype or dtype != weight.dtype or (bias is not None and bias.dtype != dtype):
+        hidden, weight = hidden.to(dtype), weight.to(dtype)  # exact upcasts; gradients flow back in each dtype
+        bias = bias.to(dtype) if bias is not None else None
     chosen = _dispatch.pick_backend(backend, hidden.device, op=OP)
-    if chosen == "triton" and hidden.dtype not in KERNEL_DTYPES:
-        if backend == "triton":
-            raise TypeError(f"{OP}: backend='triton' takes fp32/bf16/fp16 inputs, got `hidden` {hidden.dtype}; "
+    if chosen == "triton" and (dtype not in KERNEL_DTYPES or hidden.device.type == "meta"):
+        if backend == "triton" and dtype not in KERNEL_DTYPES:
+            raise TypeError(f"{OP}: backend='triton' takes fp32/bf16/fp16 inputs, got `hidden` {dtype}; "
                             f"use backend='torch' for float64")
         chosen = "torch"
-    v_local = weight.shape[0]
-    v_global = v_local
+    v_global = _global_vocab(process_group, weight.shape[0], vocab_start, hidden.device)
+    if check_ids and not torch.compiler.is_compiling():
+        check_id_values(ids, ignore_index, v_global, process_group is not None)
+    lead = ids.shape
+    if shift:
+        ids = _shifted(ids, ignore_index)
+    h2 = hidden.reshape(-1, hidden.shape[-1])  # a view for contiguous leading dimensions
+    ids1 = ids.reshape(-1)
+    spec = _Spec(1.0 / float(temperature), float(logit_scale), float(softcap or 0.0), return_entropy, ignore_index,
+                 chosen, check_ids)
     if process_group is not None:
-        sizes, starts = _shard_layout(process_group, v_local, vocab_start, hidden.device)
-        import torch.distributed as dist
-
-        rank = dist.get_rank(process_group)
-        for r, start in enumerate(starts):  # every rank checks every rank, so all raise together (no hang)
-            expect = sum(sizes[:r])
-            if start != expect:
-                who = "this rank" if r == rank else f"rank {r}"
-                raise ValueError(f"{OP}: `vocab_start` on {who} must be {expect} (the sum of the lower ranks' "
-                                 f"shard sizes; shards {sizes}), got {start}")
-        v_global = sum(sizes)
-    elif vocab_start != 0:
-        raise ValueError(f"{OP}: `vocab_start` must be 0 without a process_group (the weight is the whole "
-                         f"vocabulary), got {vocab_start}")
-    if not torch.compiler.is_compiling() and ids.numel():
-        bad = (ids != ignore_index) & ((ids < 0) | (ids >= v_global))
-        if bool(bad.any()):
-            i = int(torch.nonzero(bad)[0, 0])
-            where = "the global vocabulary " if process_group is not None else ""
-            raise ValueError(f"{OP}: `ids` must lie in {where}[0, V) = [0, {v_global}) or equal ignore_index="
-                             f"{ignore_index}, got ids[{i}] = {int(ids[i])} ({int(bad.sum())} such id(s))")
-    inv_tau = 1.0 / float(temperature)
-    if process_group is not None:
-        logp, ent = _ShardedLinearTokenLogprobs.apply(hidden, weight, bias, ids, inv_tau, return_entropy,
-                                                      ignore_index, process_group, vocab_start, chosen)
+        logp, ent, lse = _ShardedLinearTokenLogprobs.apply(h2, weight, bias, ids1, spec, process_group, vocab_start)
     else:
-        logp, ent, _ = _op(hidden, weight, bias, ids, inv_tau, return_entropy, ignore_index, chosen)
-    return (logp, ent) if return_entropy else logp
+        logp, ent, lse = _op(h2, weight, bias, ids1, spec.inv_tau, return_entropy, ignore_index, chosen, check_ids,
+                             spec.logit_scale, spec.softcap)
+    outs = [logp] + ([ent] if return_entropy else []) + ([lse] if return_lse else [])
+    outs = [x.reshape(lead) if out_dtype is None else x.reshape(lead).to(out_dtype) for x in outs]
+    return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 __all__ = ["linear_token_logprobs", "tile_sizes"]

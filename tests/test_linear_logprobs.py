@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import srpo_core._linear_cpu as C
 import srpo_core.linear_logprobs as L
 from srpo_core.linear_logprobs import linear_token_logprobs
 from srpo_core.reference.linear_token_logprobs import linear_token_logprobs as reference
@@ -94,8 +95,8 @@ def check(hidden, weight, bias, ids, *, entropy, seed, temperature=1.0, **kw):
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Force many vocabulary tiles and token chunks on tiny shapes."""
-    monkeypatch.setattr(L, "VOCAB_TILE", 7)
-    monkeypatch.setattr(L, "TILE_ELEMENTS", 7 * 5)
+    monkeypatch.setattr(C, "VOCAB_TILE", 7)
+    monkeypatch.setattr(C, "TILE_ELEMENTS", 7 * 5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -109,13 +110,13 @@ def small_tiles(monkeypatch):
        ignore_every=st.sampled_from([0, 0, 2, 3]), tiles=st.sampled_from([(7, 35), (64, 256), (1024, 1 << 21)]),
        scale=st.sampled_from([0.1, 1.0, 4.0]), seed=st.integers(0, 2 ** 16))
 def test_torch_path_matches_reference(n, h, v, dtype, bias, entropy, temperature, ignore_every, tiles, scale, seed):
-    old = L.VOCAB_TILE, L.TILE_ELEMENTS
-    L.VOCAB_TILE, L.TILE_ELEMENTS = tiles
+    old = C.VOCAB_TILE, C.TILE_ELEMENTS
+    C.VOCAB_TILE, C.TILE_ELEMENTS = tiles
     try:
         hidden, weight, b, ids = make(n, h, v, dtype, seed=seed, bias=bias, scale=scale, ignore_every=ignore_every)
         check(hidden, weight, b, ids, entropy=entropy, seed=seed, temperature=temperature, backend="torch")
     finally:
-        L.VOCAB_TILE, L.TILE_ELEMENTS = old
+        C.VOCAB_TILE, C.TILE_ELEMENTS = old
 
 
 @pytest.mark.parametrize("n", [0, 1], ids=["N=0", "N=1"])
@@ -162,10 +163,13 @@ def test_overflow_fallback_and_extreme_logits(where, small_tiles):
 
 
 def test_output_never_materialises_full_logits_in_a_tile():
-    """The rule of :func:`tile_sizes`: a tile holds at most TILE_ELEMENTS values, vocabulary tiles ≤ VOCAB_TILE."""
+    """The rule of :func:`tile_sizes`: a tile holds at most TILE_ELEMENTS values (the forward's FORWARD_TILE_SCALE
+    times more), vocabulary tiles ≤ VOCAB_TILE (×FORWARD_TILE_SCALE); the forward's tile stays ≤ 16 MiB fp32."""
     for n, v in [(1, 151936), (2048, 151936), (16384, 32000), (3, 5)]:
-        nc, vt = L.tile_sizes(n, v)
-        assert nc * vt <= max(L.TILE_ELEMENTS, vt) and vt <= L.VOCAB_TILE and 1 <= nc <= n
+        for fwd, k in ((False, 1), (True, C.FORWARD_TILE_SCALE)):
+            nc, vt = L.tile_sizes(n, v, forward=fwd)
+            assert nc * vt <= max(k * C.TILE_ELEMENTS, vt) and vt <= k * C.VOCAB_TILE and 1 <= nc <= n
+            assert nc * vt * 4 <= 16 << 20
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -251,7 +255,7 @@ def _good():
     pytest.param("dtype mismatch", TypeError, r"`weight` must have the dtype of `hidden`", id="dtype mismatch"),
     pytest.param("device mismatch", ValueError, r"`weight` must be on cpu", id="device mismatch"),
     pytest.param("bias shape", ValueError, r"`bias` must have shape \[V\] = \[10\]", id="bias shape"),
-    pytest.param("ids shape", ValueError, r"`ids` must have shape \[N\] = \[4\]", id="ids shape"),
+    pytest.param("ids shape", ValueError, r"`ids` must have shape \[4\] \(the leading dimensions", id="ids shape"),
     pytest.param("vocab_start without group", ValueError, r"`vocab_start` must be 0 without a process_group",
                  id="vocab_start without group"),
     pytest.param("temperature", ValueError, r"`temperature` must be a positive finite float", id="temperature"),
@@ -338,5 +342,6 @@ def test_custom_op_opcheck():
     hidden, weight, bias = torch.randn(5, 6, generator=g), torch.randn(11, 6, generator=g), torch.randn(11, generator=g)
     ids = torch.tensor([0, 10, -100, 3, 3])
     for want_entropy in (False, True):
-        args = (hidden.requires_grad_(True), weight.requires_grad_(True), bias, ids, 1.25, want_entropy, -100, "torch")
+        args = (hidden.requires_grad_(True), weight.requires_grad_(True), bias, ids, 1.25, want_entropy, -100, "torch",
+                True)
         torch.library.opcheck(torch.ops.srpo_core.linear_token_logprobs.default, args)
