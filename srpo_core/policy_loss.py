@@ -153,10 +153,13 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, *_):
+    """The stored gradients, scaled in place (a copy would double the peak memory by a ``[V, H]`` gradient). A second
+    backward through the same graph (``retain_graph=True``) then fails autograd's saved-tensor version check instead
+    of returning a twice-scaled gradient."""
     gh, gw, gb = ctx.saved_tensors
     need_h, need_w, need_b = ctx.need
-    return (gh * g_loss.to(gh.dtype) if need_h else None, gw * g_loss.to(gw.dtype) if need_w else None,
-            gb * g_loss.to(gb.dtype) if need_b else None) + (None,) * 18
+    return (gh.mul_(g_loss.to(gh.dtype)) if need_h else None, gw.mul_(g_loss.to(gw.dtype)) if need_w else None,
+            gb.mul_(g_loss.to(gb.dtype)) if need_b else None) + (None,) * 18
 
 
 _op.register_autograd(_backward, setup_context=_setup)
