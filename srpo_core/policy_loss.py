@@ -83,7 +83,7 @@ def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_e
     if h_k.shape[0] == 0:
         loss = torch.zeros((), dtype=acc, device=dev)
         lp_k = torch.zeros(0, dtype=acc, device=dev)
-        ent_k = lp_k if need_ent else None
+        ent_k = torch.zeros(0, dtype=acc, device=dev) if need_ent else None
         stats = torch.zeros(N_STATS, dtype=acc, device=dev)
         gh = torch.zeros(0, hidden.shape[1], dtype=acc, device=dev) if needs[0] else None
         gw = torch.zeros_like(weight) if needs[1] else None
@@ -130,9 +130,11 @@ def _op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, i
     cfg = LossConfig(epsilon_low, epsilon_high, clip_ratio_c, beta, kl_kind, entropy_coeff)
     loss, logp, ent, stats, gh, gw, gb = _flat(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef, valid,
                                                inv_tau, want_entropy, cfg, (need_h, need_w, need_b), backend)
-    e = hidden.new_empty(0)
-    return (loss, logp, ent if ent is not None else logp.new_empty(0), stats, gh if gh is not None else e,
-            gw if gw is not None else e, gb if gb is not None else e)
+    def e():  # a fresh empty tensor per absent output (custom-op outputs must not alias each other)
+        return hidden.new_empty(0)
+
+    return (loss, logp, ent if ent is not None else logp.new_empty(0), stats, gh if gh is not None else e(),
+            gw if gw is not None else e(), gb if gb is not None else e())
 
 
 @_op.register_fake
@@ -140,11 +142,11 @@ def _(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef, valid, in
       clip_ratio_c, beta, kl_kind, entropy_coeff, want_entropy, need_h, need_w, need_b, backend):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     n = hidden.shape[0]
-    e = hidden.new_empty(0)
     return (hidden.new_empty((), dtype=acc), hidden.new_empty(n, dtype=acc),
             hidden.new_empty(n if want_entropy else 0, dtype=acc), hidden.new_empty(N_STATS, dtype=acc),
-            torch.empty_like(hidden) if need_h else e, torch.empty_like(weight) if need_w else e,
-            torch.empty_like(bias) if (need_b and bias is not None) else e)
+            torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else hidden.new_empty(0),
+            torch.empty_like(bias) if (need_b and bias is not None) else hidden.new_empty(0))
 
 
 def _setup(ctx, inputs, output):
@@ -197,7 +199,10 @@ def _layout(hidden, ids, old_logp, advantages, ref_logp, mask, cu_seqlens):
         if hidden.dim() != 2:
             raise ValueError(f"{OP}: with `cu_seqlens`, `hidden` must be [N, H], got {describe(hidden)}")
         n = hidden.shape[0]
-        check_cu_seqlens(OP, cu_seqlens, n)
+        if not torch.compiler.is_compiling():
+            check_cu_seqlens(OP, cu_seqlens, n)
+        else:
+            require_tensor(OP, "cu_seqlens", cu_seqlens, kind="int", ndim=1)
         b, t = cu_seqlens.numel() - 1, None
         tok = (n,)
         seq = torch.repeat_interleave(torch.arange(b, device=dev), (cu_seqlens[1:] - cu_seqlens[:-1]).to(dev),

@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from srpo_core._dispatch import empty
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -137,20 +139,20 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
     scale = inv_tau * LOG2E
     k_max = token_chunk(n, v)
     multi = k_max < n
-    buf = torch.empty(k_max * v, dtype=acc, device=dev)
-    buf_e = torch.empty(k_max * v, dtype=acc, device=dev) if need_ent else None
+    buf = empty((k_max * v,), dtype=acc, device=dev)
+    buf_e = empty((k_max * v,), dtype=acc, device=dev) if need_ent else None
     buf_low = torch.empty(k_max * v, dtype=hidden.dtype, device=dev) if low else None
-    gh = torch.empty(n, hd, dtype=acc, device=dev) if need_h else None
+    gh = empty((n, hd), dtype=acc, device=dev) if need_h else None
     gw_acc = None
     if need_w:
-        gw = torch.empty_like(weight)
+        gw = empty(tuple(weight.shape), dtype=weight.dtype, device=dev)
         if low and multi:
-            gw_acc = torch.empty(v, hd, dtype=acc, device=dev)
+            gw_acc = empty((v, hd), dtype=acc, device=dev)
     else:
         gw = None
     gb = torch.zeros(v, dtype=acc, device=dev) if need_b else None
-    logp = torch.empty(n, dtype=acc, device=dev)
-    ent = torch.empty(n, dtype=acc, device=dev) if need_ent else None
+    logp = empty((n,), dtype=acc, device=dev)
+    ent = empty((n,), dtype=acc, device=dev) if need_ent else None
     loss = torch.zeros((), dtype=acc, device=dev)
     stats = torch.zeros(N_STATS, dtype=acc, device=dev)
     stats[-1] = n
