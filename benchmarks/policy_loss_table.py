@@ -32,8 +32,9 @@ BARS = [("GEMM floor", "time", 1.15, "fwd+bwd ≤ 1.15× the three GEMMs"), ("na
 def measure_shape(b, t, h, v, dtype, repeats):
     cases = bench._policy_loss_shape(b, t, h, v, dtype, "full", "cpu")
     fns = {c.impl: c.setup() for c in cases}
-    for fn in fns.values():
-        fn()  # warm-up (compiles)
+    for k, fn in fns.items():
+        if k.startswith("liger"):
+            fn()  # warm-up: torch.compile (the eager methods allocate afresh on every call anyway)
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
@@ -43,6 +44,8 @@ def measure_shape(b, t, h, v, dtype, repeats):
     grad_bytes = (b * t * h + v * h) * torch.finfo(dtype).bits // 8
     rows = {}
     for k, fn in fns.items():
+        for p in getattr(fn, "params", ()):  # so the RSS before the call holds no gradient of an earlier call
+            p.grad = None
         peak = bench._peak_cpu(fn)
         extra = peak - (grad_bytes if k != "GEMM floor" else 0)
         ts = sorted(times[k])
@@ -93,7 +96,10 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_policy_loss"))
     a = p.parse_args(argv)
     preset = "full" if a.full else "quick"
-    report = {"args": f"--{preset} --repeats {a.repeats}", "environment": bench.environment("cpu"),
+    from importlib.metadata import version
+
+    env = {**bench.environment("cpu"), "liger_kernel": version("liger-kernel")}
+    report = {"args": f"--{preset} --repeats {a.repeats}", "environment": env,
               "load_before": os.getloadavg(), "shapes": []}
     for b, t, h, v in bench.POLICY_LOSS_SHAPES[preset]:
         rows = measure_shape(b, t, h, v, torch.float32, a.repeats)
