@@ -92,7 +92,7 @@ def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_e
         from srpo_core.kernels.policy_loss import policy_loss_fwd_bwd
 
         def token_fn(logp, ent):
-            ell, d_lp, st = token_grads(logp, old_k, adv_k, ref_k, ent, cfg)
+            ell, d_lp, st = token_grads(logp, logp if old_k is None else old_k, adv_k, ref_k, ent, cfg)
             d_h = -cfg.entropy_coeff * coef_k if cfg.entropy_coeff != 0 else None
             return d_lp * coef_k, d_h, ((ell * coef_k).sum(), st.sum(1))
 
@@ -121,13 +121,13 @@ def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_e
 
 @torch.library.custom_op("srpo_core::linear_policy_loss", mutates_args=())
 def _op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-        old_logp: torch.Tensor, advantages: torch.Tensor, ref_logp: torch.Tensor | None, coef: torch.Tensor,
+        old_logp: torch.Tensor | None, advantages: torch.Tensor, ref_logp: torch.Tensor | None, coef: torch.Tensor,
         valid: torch.Tensor, inv_tau: float, epsilon_low: float, epsilon_high: float, clip_ratio_c: float | None,
         beta: float, kl_kind: str, entropy_coeff: float, want_entropy: bool, need_h: bool, need_w: bool,
-        need_b: bool, backend: str
+        need_b: bool, backend: str, kl_ratio_correction: bool
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """→ ``(loss, logp, entropy or [0], stats [N_STATS], grad_hidden or [0], grad_weight or [0], grad_bias or [0])``."""
-    cfg = LossConfig(epsilon_low, epsilon_high, clip_ratio_c, beta, kl_kind, entropy_coeff)
+    cfg = LossConfig(epsilon_low, epsilon_high, clip_ratio_c, beta, kl_kind, entropy_coeff, kl_ratio_correction)
     loss, logp, ent, stats, gh, gw, gb = _flat(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef, valid,
                                                inv_tau, want_entropy, cfg, (need_h, need_w, need_b), backend)
     def e():  # a fresh empty tensor per absent output (custom-op outputs must not alias each other)
@@ -139,7 +139,7 @@ def _op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, i
 
 @_op.register_fake
 def _(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef, valid, inv_tau, epsilon_low, epsilon_high,
-      clip_ratio_c, beta, kl_kind, entropy_coeff, want_entropy, need_h, need_w, need_b, backend):
+      clip_ratio_c, beta, kl_kind, entropy_coeff, want_entropy, need_h, need_w, need_b, backend, kl_ratio_correction):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     n = hidden.shape[0]
     return (hidden.new_empty((), dtype=acc), hidden.new_empty(n, dtype=acc),
@@ -150,18 +150,30 @@ def _(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef, valid, in
 
 
 def _setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the outputs other than the loss get no gradient: no [V, H] zeros for them
     ctx.need = inputs[17:20]
-    ctx.save_for_backward(*output[4:])
+    if torch.compiler.is_compiling():
+        ctx.save_for_backward(*output[4:])
+        ctx.grads = None
+    else:  # eager: held by ctx alone, so backward hands them over and AccumulateGrad takes them without a copy
+        ctx.grads = list(output[4:])
 
 
 def _backward(ctx, g_loss, *_):
-    """The stored gradients, scaled in place (a copy would double the peak memory by a ``[V, H]`` gradient). A second
-    backward through the same graph (``retain_graph=True``) then fails autograd's saved-tensor version check instead
-    of returning a twice-scaled gradient."""
-    gh, gw, gb = ctx.saved_tensors
+    """The stored gradients times the upstream scalar, scaled in place: neither a ``gw * g`` copy nor AccumulateGrad's
+    copy of a tensor still referenced elsewhere doubles the peak by a ``[V, H]`` gradient. In eager mode the
+    gradients are handed over once; a second backward through the same graph (``retain_graph=True``) raises."""
+    if ctx.grads is None:
+        gh, gw, gb = ctx.saved_tensors
+    else:
+        if not ctx.grads:
+            raise RuntimeError("linear_policy_loss: backward ran twice through the same graph; its gradients are "
+                               "computed in the forward and handed over once (retain_graph is not supported)")
+        gh, gw, gb = ctx.grads
+        ctx.grads = []
     need_h, need_w, need_b = ctx.need
     return (gh.mul_(g_loss.to(gh.dtype)) if need_h else None, gw.mul_(g_loss.to(gw.dtype)) if need_w else None,
-            gb.mul_(g_loss.to(gb.dtype)) if need_b else None) + (None,) * 18
+            gb.mul_(g_loss.to(gb.dtype)) if need_b else None) + (None,) * 19
 
 
 _op.register_autograd(_backward, setup_context=_setup)
@@ -229,14 +241,15 @@ def _layout(hidden, ids, old_logp, advantages, ref_logp, mask, cu_seqlens):
             raise ValueError(f"{OP}: `{name}` must be on {dev} like `hidden`, got {describe(x)}")
     flat = hidden.reshape(-1, hidden.shape[-1])
     ref = None if ref_logp is None else ref_logp.reshape(-1)
-    return flat, ids.reshape(-1), old_logp.reshape(-1), adv, ref, valid, seq, b, t, tok
+    old = None if old_logp is None else old_logp.reshape(-1)
+    return flat, ids.reshape(-1), old, adv, ref, valid, seq, b, t, tok
 
 
 def linear_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     ids: torch.Tensor,
-    old_logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     *,
     mask: torch.Tensor | None = None,
@@ -248,6 +261,7 @@ def linear_policy_loss(
     clip_ratio_c: float | None = None,
     beta: float = 0.0,
     kl_kind: str = "k3",
+    kl_ratio_correction: bool = False,
     entropy_coeff: float = 0.0,
     loss_agg_mode: str = "token-mean",
     loss_scale_factor: float | None = None,
@@ -262,13 +276,15 @@ def linear_policy_loss(
         hidden: ``[B, T, H]`` (padded, with ``mask``) or ``[N, H]`` (packed, with ``cu_seqlens [B+1]``).
         weight: ``[V, H]`` LM head (same dtype/device); ``bias``: optional ``[V]``.
         ids: sampled tokens ``[B, T]`` / ``[N]``; a token whose id is ``ignore_index`` is ignored like a masked one.
-        old_logp: ``[B, T]`` / ``[N]`` behaviour-policy log-probs (``π_old``).
+        old_logp: ``[B, T]`` / ``[N]`` behaviour-policy log-probs (``π_old``); None: on-policy (``π_old = π``
+            detached, ratio 1: TRL's ``num_iterations = 1`` case).
         advantages: per token ``[B, T]`` / ``[N]`` (SRPO's ``out.advantages``) or per sequence ``[B]``.
         mask: ``bool [B, T]``, the response tokens that enter the loss.
         ref_logp: optional reference log-probs (same shape as ``ids``) for the KL term and the ``kl`` metric.
         epsilon_low, epsilon_high: PPO clip range ``[1 − ε_low, 1 + ε_high]`` (``epsilon_high`` None: = ε_low).
         clip_ratio_c: dual-clip constant ``c > 1`` (verl's name; its default there is 3.0), None: off.
-        beta, kl_kind: KL coefficient and estimator, ``"k1" | "k2" | "k3" | "low_var_kl"``.
+        beta, kl_kind: KL coefficient and estimator, ``"k1" | "k2" | "k3" | "low_var_kl"``; kl_ratio_correction:
+            weight the KL term by the ratio ``r_t`` (TRL's ``use_bias_correction_kl``).
         entropy_coeff: entropy bonus coefficient (subtracted).
         loss_agg_mode: verl's names, see :func:`aggregation_coef`; ``"seq-mean-token-sum-norm"`` divides by
             ``loss_scale_factor`` (default ``T`` in the padded layout; required in the packed one).
@@ -342,7 +358,8 @@ def linear_policy_loss(
     loss, logp, ent, stats, *_ = _op(flat, weight, bias, ids_f, old, adv, ref, coef, valid, 1.0 / float(temperature),
                                      float(epsilon_low), float(epsilon_high),
                                      None if clip_ratio_c is None else float(clip_ratio_c), float(beta), kl_kind,
-                                     float(entropy_coeff), return_entropy, need_h, need_w, need_b, chosen)
+                                     float(entropy_coeff), return_entropy, need_h, need_w, need_b, chosen,
+                                     bool(kl_ratio_correction))
     s = stats.detach()
     n = s[6].clamp(min=1)
     metrics = {"clip_fraction": s[0] / n, "dual_clip_fraction": s[1] / n, "ratio_mean": s[2] / n,

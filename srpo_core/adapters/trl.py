@@ -53,6 +53,9 @@ class SRPOTrainerOptions:
     - ``perception_tags`` / ``reasoning_tags``: tag names, as in :func:`srpo_core.roles_from_text`.
     - ``roles_fn``: optional ``(completion_ids [B, T], completion_mask bool [B, T], tokenizer) -> TokenRoles`` replacing
       the tag parser (e.g. a different response format, or a test that forces roles).
+    - ``fused_loss``: compute TRL's GRPO loss with :func:`srpo_core.linear_policy_loss` from the model's last hidden
+      state (LM-head gradients formed in the loss's forward, never the full logits); see
+      ``srpo_core/adapters/_trl_fused.py`` for the TRL settings it reproduces (others are refused).
     - ``seed``: seeds the corruption masks (``seed + generation index``; default: the trainer's ``args.seed``). A
       private generator is used, so SRPO never consumes the global RNG that TRL samples and shuffles with.
     """
@@ -65,6 +68,7 @@ class SRPOTrainerOptions:
     reasoning_tags: tuple[str, ...] = REASONING_TAGS
     roles_fn: Callable | None = None
     seed: int | None = None
+    fused_loss: bool = False
 
     def __post_init__(self) -> None:
         if self.corruption_mode not in MODES:
@@ -127,6 +131,17 @@ class SRPOGRPOTrainer(GRPOTrainer):
         self._srpo_generation = 0
         self._srpo_last: SRPOStep | None = None
         super().__init__(*args, **kwargs)
+        if srpo_options.fused_loss:
+            from srpo_core.adapters import _trl_fused
+
+            _trl_fused.check_supported(self)
+
+    def _compute_loss(self, model, inputs):
+        if not self.srpo_options.fused_loss:
+            return super()._compute_loss(model, inputs)
+        from srpo_core.adapters import _trl_fused
+
+        return _trl_fused.compute_loss(self, model, inputs)
 
     # ------------------------------------------------------------------ passes
     def _srpo_logps(self, out: dict, input_ids, attention_mask, logits_to_keep, batch_size, **overrides):

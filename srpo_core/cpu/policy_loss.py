@@ -32,7 +32,7 @@ from srpo_core._dispatch import empty
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-TOKEN_CHUNK = int(os.environ.get("SRPO_POLICY_LOSS_TOKEN_CHUNK", 256))
+TOKEN_CHUNK = int(os.environ.get("SRPO_POLICY_LOSS_TOKEN_CHUNK", 192))
 CHUNK_ELEMENTS = int(os.environ.get("SRPO_POLICY_LOSS_CHUNK_ELEMENTS", 1 << 26))
 N_STATS = 7  # Σ clipped, Σ dual-clipped, Σ ratio, Σ (old − logp), Σ KL, Σ H, number of valid tokens
 
@@ -45,6 +45,7 @@ class LossConfig:
     beta: float = 0.0
     kl_kind: str = "k3"
     entropy_coeff: float = 0.0
+    kl_ratio_correction: bool = False
 
 
 def token_chunk(n: int, v: int) -> int:
@@ -97,6 +98,9 @@ def token_grads(logp, old, adv, ref, ent, cfg: LossConfig):
     kl = zero
     if ref is not None:
         kl, d_kl = _kl_and_grad(logp, ref, cfg.kl_kind)
+        if cfg.kl_ratio_correction:  # r·KL: d/dlogp = r·dKL + KL·r (the ratio's own clamp applies)
+            d_kl = ratio * d_kl + torch.where(inside, kl * ratio, zero)
+            kl = kl * ratio
         if cfg.beta != 0:
             loss = loss + cfg.beta * kl
             d_logp = d_logp + cfg.beta * d_kl
@@ -123,10 +127,30 @@ def _logits_tile(h, weight, bias, scale, out, low_buf):
         torch.addmm(out, h, weight.T, alpha=scale, out=out)
 
 
+def _shifted_tile(h, weight, bias, scale, c, out):
+    """``out = (h @ Wᵀ + b)·scale − c[:, None]`` with the shift and the bias folded into the GEMM's accumulator."""
+    if bias is None:
+        torch.addmm((-c)[:, None], h, weight.T, alpha=scale, out=out)
+    else:
+        torch.sub((bias * scale).to(out.dtype)[None, :], c[:, None], out=out)
+        torch.addmm(out, h, weight.T, alpha=scale, out=out)
+
+
+def _exp_rows(x, ids, e_buf):
+    """``x [k, V]`` (shifted base-2 logits) → ``(x[id], e = 2^x, s = Σ e, Σ e·x | None)``; ``e`` overwrites ``x``
+    unless ``e_buf`` is given (the entropy needs both)."""
+    tgt = x.gather(1, ids[:, None])[:, 0]
+    if e_buf is None:
+        e = x.exp2_()
+        return tgt, e, e.sum(1), None
+    torch.exp2(x, out=e_buf)
+    return tgt, e_buf, e_buf.sum(1), torch.bmm(e_buf[:, None, :], x[:, :, None])[:, 0, 0]  # no [k, V] temporary
+
+
 def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: float, want_entropy: bool,
                   cfg: LossConfig, needs: tuple[bool, bool, bool]):
     """All rows valid (the caller compacts). ``hidden [n, H]``, ``weight [V, H]``, ``bias [V] | None``,
-    ``ids/old/adv/coef [n]``, ``ref [n] | None`` →
+    ``ids/old/adv/coef [n]``, ``old [n] | None`` (None: on-policy), ``ref [n] | None`` →
     ``(loss [], logp [n], entropy [n] | None, stats [N_STATS], grad_hidden [n, H] | None, grad_weight | None,
     grad_bias | None)``; gradients of ``loss`` (acc dtype, grad_weight in weight's dtype)."""
     n, hd = hidden.shape
@@ -163,27 +187,39 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
         idc = ids[n0:n1]
         u = buf[: k * v].view(k, v)
         low_t = buf_low[: k * v].view(k, v) if low else None
-        _logits_tile(h, weight, bias, scale, u, low_t)
-        tgt = u.gather(1, idc[:, None])[:, 0]
-        m = u.amax(1)
-        u.sub_(m[:, None])  # x = u₂ − m ≤ 0
-        if need_ent:
-            e = buf_e[: k * v].view(k, v)
-            torch.exp2(u, out=e)
-            s = e.sum(1)
-            ex = torch.bmm(e[:, None, :], u[:, :, None])[:, 0, 0]  # Σ e·x without a [k, V] temporary
-        else:
-            e = u.exp2_()
-            s = e.sum(1)
+        if low:  # logits rounded in the input dtype first (D48), then an explicit row max
+            _logits_tile(h, weight, bias, scale, u, low_t)
+            m = u.amax(1)
+            u.sub_(m[:, None])  # x = u₂ − m ≤ 0
+        else:  # shift by the sampled token's own logit, subtracted by the GEMM itself: no max pass, no sub pass
+            m = (h * weight[idc]).sum(1, dtype=acc) * scale
+            if bias is not None:
+                m = m + bias[idc].to(acc) * scale
+            _shifted_tile(h, weight, bias, scale, m, u)
+        tgt, e, s, ex = _exp_rows(u, idc, buf_e[: k * v].view(k, v) if need_ent else None)
+        bad = ~torch.isfinite(s)
+        if not low and bool(bad.any()):  # a logit > 127 bits above the sampled one: redo those rows with their max
+            rows = torch.nonzero(bad)[:, 0]
+            ur = torch.empty(rows.numel(), v, dtype=acc, device=dev)
+            _logits_tile(h[rows], weight, bias, scale, ur, None)
+            mr = ur.amax(1)
+            ur.sub_(mr[:, None])
+            tr, er, sr, exr = _exp_rows(ur, idc[rows], torch.empty_like(ur) if need_ent else None)
+            m, tgt, s = m.index_put((rows,), mr), tgt.index_put((rows,), tr), s.index_put((rows,), sr)
+            e[rows] = er
+            if need_ent:
+                u[rows] = ur
+                ex = ex.index_put((rows,), exr)
         log2s = torch.log2(s)
-        lp = (tgt - m - log2s) * LN2
+        lp = (tgt - log2s) * LN2
         logp[n0:n1] = lp
         h_t = None
         if need_ent:
             h_t = (log2s - ex / s) * LN2
             ent[n0:n1] = h_t
         c_t = coef[n0:n1]
-        ell, d_lp, st = token_grads(lp, old[n0:n1], adv[n0:n1], None if ref is None else ref[n0:n1], h_t, cfg)
+        old_c = lp if old is None else old[n0:n1]  # None: on-policy, π_old = π (detached)
+        ell, d_lp, st = token_grads(lp, old_c, adv[n0:n1], None if ref is None else ref[n0:n1], h_t, cfg)
         loss += (ell * c_t).sum()
         stats[:-1] += st.sum(1)
         if not (need_h or need_w or need_b):

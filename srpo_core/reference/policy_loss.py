@@ -15,7 +15,8 @@ layout and ``loss_agg_mode``), so that
     L      = Σ_t valid_t · coef_t · ℓ_t
 
 with ``KL_t`` one of (``d = ref_logp_t − logp_t``): ``k1 = −d``, ``k2 = d²/2``, ``k3 = e^d − d − 1`` (TRL),
-``low_var_kl = clamp(e^{d'} − d' − 1, −10, 10)`` with ``d' = clamp(d, −20, 20)`` (verl's ``low_var_kl``).
+``low_var_kl = clamp(e^{d'} − d' − 1, −10, 10)`` with ``d' = clamp(d, −20, 20)`` (verl's ``low_var_kl``); with
+``kl_ratio_correction`` the term is ``r_t·KL_t`` (DeepSeek-V3.2's unbiased estimator, TRL's ``use_bias_correction_kl``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def pg_terms(logp, old_logp, adv, *, epsilon_low: float, epsilon_high: float, cl
 
 
 def token_loss(logp, old_logp, adv, ref_logp, entropy, *, epsilon_low, epsilon_high, clip_ratio_c, beta, kl_kind,
-               entropy_coeff):
+               entropy_coeff, kl_ratio_correction=False):
     """→ ``(ℓ [N], extras)``: the per-token loss and what the metrics need (ratio, clip flags, KL)."""
     pg, ratio, clipped, dual = pg_terms(logp, old_logp, adv, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
                                         clip_ratio_c=clip_ratio_c)
@@ -64,6 +65,8 @@ def token_loss(logp, old_logp, adv, ref_logp, entropy, *, epsilon_low, epsilon_h
     kl = None
     if ref_logp is not None:
         kl = kl_penalty(logp, ref_logp, kl_kind)
+        if kl_ratio_correction:  # DeepSeek-V3.2's unbiased estimator (TRL's use_bias_correction_kl): r_t·KL_t
+            kl = kl * ratio
         if beta != 0:
             loss = loss + beta * kl
     if entropy_coeff != 0:
@@ -73,7 +76,7 @@ def token_loss(logp, old_logp, adv, ref_logp, entropy, *, epsilon_low, epsilon_h
 
 def linear_policy_loss(hidden, weight, bias, ids, old_logp, adv, ref_logp, coef, valid, *, temperature=1.0,
                        epsilon_low=0.2, epsilon_high=0.2, clip_ratio_c=None, beta=0.0, kl_kind="k3",
-                       entropy_coeff=0.0):
+                       entropy_coeff=0.0, kl_ratio_correction=False):
     """Flat reference: ``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``ids/old_logp/adv/coef/valid [N]``,
     ``ref_logp [N] | None`` → ``(loss [], logp [N], entropy [N], metrics dict)``; differentiable in hidden, weight,
     bias through autograd. Values at invalid rows are never read into a result (``torch.where``)."""
@@ -87,11 +90,12 @@ def linear_policy_loss(hidden, weight, bias, ids, old_logp, adv, ref_logp, coef,
     logp = u.gather(-1, safe_ids[:, None])[:, 0] - lse
     entropy = lse - (torch.softmax(u, -1) * u).sum(-1)
     zero = torch.zeros((), dtype=acc, device=hidden.device)
-    old = torch.where(valid, old_logp.to(acc), zero)
+    old = logp.detach() if old_logp is None else torch.where(valid, old_logp.to(acc), zero)  # None: on-policy
     a = torch.where(valid, adv.to(acc), zero)
     ref = None if ref_logp is None else torch.where(valid, ref_logp.to(acc), zero)
     per_token, ex = token_loss(logp, old, a, ref, entropy, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                               clip_ratio_c=clip_ratio_c, beta=beta, kl_kind=kl_kind, entropy_coeff=entropy_coeff)
+                               clip_ratio_c=clip_ratio_c, beta=beta, kl_kind=kl_kind, entropy_coeff=entropy_coeff,
+                               kl_ratio_correction=kl_ratio_correction)
     w = torch.where(valid, coef.to(acc), zero)
     loss = (torch.where(valid, per_token, zero) * w).sum()
     n = valid.sum().clamp(min=1)
