@@ -93,15 +93,19 @@ def main(argv=None):
     g.add_argument("--full", action="store_true")
     g.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--vocab", type=int, action="append", help="only these vocabulary sizes of the preset")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_policy_loss"))
     a = p.parse_args(argv)
     preset = "full" if a.full else "quick"
     from importlib.metadata import version
 
     env = {**bench.environment("cpu"), "liger_kernel": version("liger-kernel")}
-    report = {"args": f"--{preset} --repeats {a.repeats}", "environment": env,
+    vocab = "".join(f" --vocab {v}" for v in a.vocab or ())
+    report = {"args": f"--{preset} --repeats {a.repeats}{vocab}", "environment": env,
               "load_before": os.getloadavg(), "shapes": []}
     for b, t, h, v in bench.POLICY_LOSS_SHAPES[preset]:
+        if a.vocab and v not in a.vocab:
+            continue
         rows = measure_shape(b, t, h, v, torch.float32, a.repeats)
         report["shapes"].append({"shape": f"N={b * t} H={h} V={v}", "dtype": "float32", "rows": rows,
                                  "bars": bars(rows)})
