@@ -292,11 +292,97 @@ def _role_cases(sizes, device) -> list[Case]:
             Case("role_aware_advantages", "fwd", "vppo_advantages (preset)", shape, "float32", vppo)]
 
 
+# Shapes of the fused policy loss (issue 12's bars are stated at N=1024, H=1024, V ∈ {32,000, 151,936}, fp32).
+POLICY_LOSS_SHAPES = {"full": [(4, 256, 1024, 32_000), (4, 256, 1024, 151_936)], "quick": [(2, 128, 512, 32_000)],
+                      "tiny": [(2, 8, 32, 257)]}
+
+
+def _policy_loss_cases(preset, dtypes, device) -> list[Case]:
+    """fwd+bwd of a GRPO step's loss (PPO-clip, token-mean, per-sequence advantages so that Liger can take them) from
+    hidden states: ours, naive torch, the three GEMMs, our log-prob op + the loss in torch, Liger's fused GRPO loss."""
+    return [c for s in POLICY_LOSS_SHAPES[preset] for d in dtypes for c in _policy_loss_shape(*s, d, preset, device)]
+
+
+def _policy_loss_shape(b, t, h, v, dtype, preset, device) -> list[Case]:
+    from srpo_core.reference.policy_loss import token_loss
+
+    shape, dname, n = f"N={b * t} H={h} V={v}", str(dtype).removeprefix("torch."), b * t
+
+    def inputs():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        hidden = torch.randn(b, t, h, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+        weight = (torch.randn(v, h, generator=g) / math.sqrt(h)).to(device=device, dtype=dtype).requires_grad_(True)
+        ids = torch.randint(0, v, (b, t), generator=g).to(device)
+        old = (-torch.rand(b, t, generator=g) * 8).to(device)
+        return hidden, weight, ids, old, torch.randn(b, generator=g).to(device), torch.ones(b, t, dtype=torch.bool,
+                                                                                           device=device)
+
+    def step(loss_fn, hidden, weight):
+        def run():
+            hidden.grad = weight.grad = None
+            loss_fn().backward()
+
+        run.params = (hidden, weight)  # the memory table frees their gradients before measuring one call
+        return run
+
+    def torch_loss(logp, old, adv, mask):
+        ell, _ = token_loss(logp, old, adv[:, None].expand_as(old), None, None, epsilon_low=0.2,
+                            epsilon_high=0.28, clip_ratio_c=None, beta=0.0, kl_kind="k3", entropy_coeff=0.0)
+        return (ell * mask).sum() / mask.sum()
+
+    def ours():
+        from srpo_core import linear_policy_loss
+
+        hidden, weight, ids, old, adv, mask = inputs()
+        return step(lambda: linear_policy_loss(hidden, weight, ids, old, adv, mask=mask, epsilon_high=0.28).loss,
+                    hidden, weight)
+
+    def naive():
+        hidden, weight, ids, old, adv, mask = inputs()
+        lp = lambda: torch.log_softmax((hidden @ weight.T).float(), -1).gather(-1, ids[..., None])[..., 0]  # noqa: E731
+        return step(lambda: torch_loss(lp(), old, adv, mask), hidden, weight)
+
+    def ours_logprobs():
+        from srpo_core import linear_token_logprobs
+
+        hidden, weight, ids, old, adv, mask = inputs()
+        lp = lambda: linear_token_logprobs(hidden.reshape(-1, h), weight, ids.reshape(-1)).reshape(b, t)  # noqa: E731
+        return step(lambda: torch_loss(lp(), old, adv, mask), hidden, weight)
+
+    def gemm():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        hidden, weight = (torch.randn(n, h, generator=g).to(device, dtype), torch.randn(v, h, generator=g).to(
+            device, dtype))
+        grad = torch.ones(n, v, dtype=dtype, device=device)
+
+        def three():  # the GEMMs fwd+bwd cannot avoid: logits, grad_hidden, grad_weight
+            hidden @ weight.T
+            grad @ weight
+            grad.T @ hidden
+
+        return three
+
+    def liger():
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        hidden, weight, ids, old, adv, mask = inputs()
+        fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=0.2, epsilon_high=0.28,
+                                      loss_type="bnpo", compiled=True)
+        return step(lambda: fn(hidden, weight, ids, mask.long(), adv, old_per_token_logps=old)[0], hidden, weight)
+
+    impls = [("srpo-core", ours), ("naive", naive), ("GEMM floor", gemm), ("linear_token_logprobs + loss",
+                                                                         ours_logprobs)]
+    if preset != "tiny":  # Liger's compile alone takes longer than the whole tiny run
+        impls.append(("liger.LigerFusedLinearGRPOLoss", liger))
+    return [Case("linear_policy_loss", "fwd+bwd", impl, shape, dname, fn) for impl, fn in impls]
+
+
 def build_cases(preset: str, device: str) -> list[Case]:
     sizes = SIZES[preset]
     dtypes = (torch.float32, torch.bfloat16) if preset != "tiny" else (torch.float32,)
     cases = (_token_logprob_cases(sizes, dtypes, device) + _contrast_cases(sizes, dtypes[:1], device)
-             + _linear_cases(sizes, dtypes[:1], device) + _role_cases(sizes, device))
+             + _linear_cases(sizes, dtypes[:1], device) + _role_cases(sizes, device)
+             + _policy_loss_cases(preset, dtypes[:1], device))
     return [c for c in cases if device in c.devices]
 
 

@@ -17,7 +17,7 @@ from srpo_core import bench
 from srpo_core.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-OPS = {"token_logprobs", "token_contrast", "linear_token_logprobs", "role_aware_advantages"}
+OPS = {"token_logprobs", "token_contrast", "linear_token_logprobs", "role_aware_advantages", "linear_policy_loss"}
 
 
 @pytest.fixture(scope="module")

@@ -110,6 +110,9 @@ class SRPOTrainerOptions:
     - ``perception_tags`` / ``reasoning_tags``: tag names, as in :func:`srpo_core.roles_from_text`.
     - ``roles_fn``: optional ``(completion_ids [B, T], completion_mask bool [B, T], tokenizer) -> TokenRoles`` replacing
       the tag parser (e.g. a different response format, or a test that forces roles).
+    - ``fused_loss``: compute TRL's GRPO loss with :func:`srpo_core.linear_policy_loss` from the model's last hidden
+      state (LM-head gradients formed in the loss's forward, never the full logits); see
+      ``srpo_core/adapters/_trl_fused.py`` for the TRL settings it reproduces (others are refused).
     - ``seed``: seeds the corruption masks (``seed + generation index``; default: the trainer's ``args.seed``). A
       private generator is used, so SRPO never consumes the global RNG that TRL samples and shuffles with.
     - ``method``: ``"srpo"`` (default) | ``"vppo"`` (VPPO's trajectory scale and top-k token mask, see
@@ -138,6 +141,7 @@ class SRPOTrainerOptions:
     papo_aug_entropy_coef: float = 0.0
     vppo_beta_min: float = 0.9
     vppo_top_k: float = 0.4
+    fused_loss: bool = False
 
     @classmethod
     def preset(cls, method: str, **overrides) -> SRPOTrainerOptions:
@@ -156,6 +160,10 @@ class SRPOTrainerOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"SRPOTrainerOptions: `{name}` must be a number >= 0, got {value!r}")
+        if self.fused_loss and (self.method == "papo" or self.entropy_penalty_coef or self.papo_aug_entropy_coef):
+            raise ValueError("SRPOTrainerOptions: `fused_loss=True` computes the clipped policy loss alone; it does not "
+                             "add the entropy terms or PAPO's perception KL (method='papo', entropy_penalty_coef, "
+                             "papo_aug_entropy_coef): turn those off or use fused_loss=False")
         if self.corruption_mode not in MODES:
             raise ValueError(f"SRPOTrainerOptions: `corruption_mode` must be one of {MODES}, got "
                              f"{self.corruption_mode!r}")
@@ -219,6 +227,8 @@ class SRPOGRPOConfig(GRPOConfig):
                                                "SRPO: PAPO's augmented-image entropy term coefficient")
     srpo_vppo_beta_min: float = _field(_OPTS.vppo_beta_min, "SRPO: VPPO's trajectory-scale floor (method='vppo')")
     srpo_vppo_top_k: float = _field(_OPTS.vppo_top_k, "SRPO: VPPO's share of tokens kept (method='vppo')")
+    srpo_fused_loss: bool = _field(_OPTS.fused_loss, "SRPO: compute the loss with srpo_core.linear_policy_loss "
+                                   "from the last hidden state (never the full logits)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -325,6 +335,10 @@ class SRPOGRPOTrainer(GRPOTrainer):
         self._srpo_generation = 0
         self._srpo_last: SRPOStep | None = None
         super().__init__(*args, **kwargs)
+        if srpo_options.fused_loss:
+            from srpo_core.adapters import _trl_fused
+
+            _trl_fused.check_supported(self)
 
     # ------------------------------------------------------------------ passes
     def _srpo_logps(self, out: dict, input_ids, attention_mask, logits_to_keep, batch_size, **overrides):
@@ -484,8 +498,13 @@ class SRPOGRPOTrainer(GRPOTrainer):
         return out
 
     def _compute_loss(self, model, inputs):
-        """TRL's loss, plus the entropy terms and PAPO's perception KL when the options ask for them."""
+        """TRL's loss (or, with ``fused_loss``, the fused linear policy loss from the last hidden state), plus the
+        entropy terms and PAPO's perception KL when the options ask for them (never with ``fused_loss``)."""
         opts = self.srpo_options
+        if opts.fused_loss:
+            from srpo_core.adapters import _trl_fused
+
+            return _trl_fused.compute_loss(self, model, inputs)
         papo = opts.method == "papo" and "srpo_logp_corrupt" in inputs
         if not (opts.entropy_penalty_coef or papo):
             return super()._compute_loss(model, inputs)

@@ -1,0 +1,255 @@
+"""Fast path of ``linear_policy_loss``: loss, per-token outputs and all gradients in one chunked pass (torch ops,
+any device; the default off-GPU).
+
+The loss is a sum of per-token terms, ``L = Σ_t coef_t·ℓ_t(logp_t, H_t)`` (see ``srpo_core.reference.policy_loss``),
+and ``ℓ_t`` depends on token ``t``'s own log-prob and entropy only, so ``∂L/∂logits`` of a token is known as soon as
+that token's row is. Per chunk of ``k`` tokens (full vocabulary rows, ``[k, V]``, in base-2 units
+``u₂ = (h·Wᵀ + b)·log₂e/τ``):
+
+    u₂ ← addmm(h, Wᵀ, α = log₂e/τ)                           GEMM 1 (the logits tile, written once)
+    m = max_v u₂;  x = u₂ − m;  e = 2^x;  s = Σ e            (in place)
+    logp = ln2·(u₂[id] − m − log₂ s);  H = ln2·(log₂ s − Σ e·x / s)
+    (ℓ, ∂ℓ/∂logp, ∂ℓ/∂H) per token (``token_grads``, explicit derivatives)
+    G = p·(a + b·x) + c·onehot   (∂L/∂logits, in place)       a, b, c per token, p = e/s
+    grad_hidden[chunk] = G @ W                               GEMM 2
+    grad_weight += Gᵀ @ h;  grad_bias += Σ_t G               GEMM 3
+
+So forward + backward is the three GEMMs plus a handful of elementwise passes over the tile; nothing is recomputed
+and the peak extra memory is one (two with entropy) ``[k, V]`` tile. The chunk is ``TOKEN_CHUNK`` tokens (capped so a
+tile holds at most ``CHUNK_ELEMENTS`` values): large enough that each chunk's GEMMs run at full speed (the weight is
+streamed once per GEMM per chunk), small enough to stay under 1/8 of the naive ``[N, V]`` buffers at N = 1024.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from srpo_core._dispatch import empty
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+TOKEN_CHUNK = int(os.environ.get("SRPO_POLICY_LOSS_TOKEN_CHUNK", 192))
+CHUNK_ELEMENTS = int(os.environ.get("SRPO_POLICY_LOSS_CHUNK_ELEMENTS", 1 << 26))
+N_STATS = 7  # Σ clipped, Σ dual-clipped, Σ ratio, Σ (old − logp), Σ KL, Σ H, number of valid tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    clip_ratio_c: float | None = None
+    beta: float = 0.0
+    kl_kind: str = "k3"
+    entropy_coeff: float = 0.0
+    kl_ratio_correction: bool = False
+
+
+def token_chunk(n: int, v: int) -> int:
+    return max(1, min(n, TOKEN_CHUNK, CHUNK_ELEMENTS // max(v, 1)))
+
+
+def _kl_and_grad(logp, ref, kind):
+    """``(KL_t, ∂KL_t/∂logp_t)`` for the kinds of ``reference.policy_loss.kl_penalty`` (same clamps, same
+    subgradients as autograd through ``torch.clamp``)."""
+    d = ref - logp
+    if kind == "k1":
+        return -d, torch.ones_like(d)
+    if kind == "k2":
+        return 0.5 * d * d, -d
+    if kind == "k3":
+        ed = torch.exp(d)
+        return ed - d - 1, 1 - ed
+    dc = torch.clamp(d, -20.0, 20.0)
+    ed = torch.exp(dc)
+    kv = ed - dc - 1
+    live = (d >= -20.0) & (d <= 20.0) & (kv >= -10.0) & (kv <= 10.0)
+    return torch.clamp(kv, -10.0, 10.0), torch.where(live, 1 - ed, torch.zeros_like(ed))
+
+
+def token_grads(logp, old, adv, ref, ent, cfg: LossConfig):
+    """Per token: ``(ℓ, ∂ℓ/∂logp, stats [N_STATS - 1, k])`` (``∂ℓ/∂H = −entropy_coeff``, a constant).
+
+    Derivatives follow autograd's conventions on the reference's ops: ``clamp`` passes the gradient on its closed
+    interval, ``maximum``/``minimum`` split it evenly at a tie."""
+    lr = logp - old
+    inside = (lr >= -20.0) & (lr <= 20.0)
+    ratio = torch.exp(torch.clamp(lr, -20.0, 20.0))
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
+    clipped = pg2 > pg1
+    pg = torch.maximum(pg1, pg2)
+    d_ratio = torch.where(clipped, torch.zeros_like(adv), -adv)  # pg1 == pg2 only inside the range (or A = 0)
+    zero = torch.zeros_like(adv)
+    if cfg.clip_ratio_c is not None:
+        pg3 = -adv * cfg.clip_ratio_c
+        neg = adv < 0
+        dual = (pg > pg3) & neg
+        d_dual = torch.where(pg < pg3, d_ratio, torch.where(pg > pg3, zero, 0.5 * d_ratio))
+        d_ratio = torch.where(neg, d_dual, d_ratio)
+        pg = torch.where(neg, torch.minimum(pg, pg3), pg)
+    else:
+        dual = torch.zeros_like(clipped)
+    loss = pg
+    d_logp = torch.where(inside, d_ratio * ratio, zero)
+    kl = zero
+    if ref is not None:
+        kl, d_kl = _kl_and_grad(logp, ref, cfg.kl_kind)
+        if cfg.kl_ratio_correction:  # r·KL: d/dlogp = r·dKL + KL·r (the ratio's own clamp applies)
+            d_kl = ratio * d_kl + torch.where(inside, kl * ratio, zero)
+            kl = kl * ratio
+        if cfg.beta != 0:
+            loss = loss + cfg.beta * kl
+            d_logp = d_logp + cfg.beta * d_kl
+    if cfg.entropy_coeff != 0:
+        loss = loss - cfg.entropy_coeff * ent
+    stats = torch.stack([clipped.to(adv.dtype), dual.to(adv.dtype), ratio, old - logp, kl,
+                         ent if ent is not None else zero])
+    return loss, d_logp, stats
+
+
+def _logits_tile(h, weight, bias, scale, out, low_buf):
+    """``out = (h @ Wᵀ + b)·scale`` in the accumulation dtype. bf16/fp16: the logits are computed (and rounded) in the
+    input dtype first, as the model's own LM head computes them (D48)."""
+    if low_buf is not None:
+        if bias is None:
+            torch.mm(h, weight.T, out=low_buf)
+        else:
+            torch.addmm(bias, h, weight.T, out=low_buf)
+        torch.mul(low_buf, scale, out=out)
+    elif bias is None:
+        torch.addmm(out, h, weight.T, beta=0, alpha=scale, out=out)
+    else:
+        out.copy_((bias * scale).to(out.dtype)[None, :].expand_as(out))
+        torch.addmm(out, h, weight.T, alpha=scale, out=out)
+
+
+def _shifted_tile(h, weight, bias, scale, c, out):
+    """``out = (h @ Wᵀ + b)·scale − c[:, None]`` with the shift and the bias folded into the GEMM's accumulator."""
+    if bias is None:
+        torch.addmm((-c)[:, None], h, weight.T, alpha=scale, out=out)
+    else:
+        torch.sub((bias * scale).to(out.dtype)[None, :], c[:, None], out=out)
+        torch.addmm(out, h, weight.T, alpha=scale, out=out)
+
+
+def _exp_rows(x, ids, e_buf):
+    """``x [k, V]`` (shifted base-2 logits) → ``(x[id], e = 2^x, s = Σ e, Σ e·x | None)``; ``e`` overwrites ``x``
+    unless ``e_buf`` is given (the entropy needs both)."""
+    tgt = x.gather(1, ids[:, None])[:, 0]
+    if e_buf is None:
+        e = x.exp2_()
+        return tgt, e, e.sum(1), None
+    torch.exp2(x, out=e_buf)
+    return tgt, e_buf, e_buf.sum(1), torch.bmm(e_buf[:, None, :], x[:, :, None])[:, 0, 0]  # no [k, V] temporary
+
+
+def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: float, want_entropy: bool,
+                  cfg: LossConfig, needs: tuple[bool, bool, bool]):
+    """All rows valid (the caller compacts). ``hidden [n, H]``, ``weight [V, H]``, ``bias [V] | None``,
+    ``ids/old/adv/coef [n]``, ``old [n] | None`` (None: on-policy), ``ref [n] | None`` →
+    ``(loss [], logp [n], entropy [n] | None, stats [N_STATS], grad_hidden [n, H] | None, grad_weight | None,
+    grad_bias | None)``; gradients of ``loss`` (acc dtype, grad_weight in weight's dtype)."""
+    n, hd = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    low = hidden.dtype in LOW_PRECISION
+    need_h, need_w, need_b = needs
+    need_ent = want_entropy or cfg.entropy_coeff != 0
+    scale = inv_tau * LOG2E
+    k_max = token_chunk(n, v)
+    multi = k_max < n
+    buf = empty((k_max * v,), dtype=acc, device=dev)
+    buf_e = empty((k_max * v,), dtype=acc, device=dev) if need_ent else None
+    buf_low = torch.empty(k_max * v, dtype=hidden.dtype, device=dev) if low else None
+    gh = empty((n, hd), dtype=acc, device=dev) if need_h else None
+    gw_acc = None
+    if need_w:
+        gw = empty(tuple(weight.shape), dtype=weight.dtype, device=dev)
+        if low and multi:
+            gw_acc = empty((v, hd), dtype=acc, device=dev)
+    else:
+        gw = None
+    gb = torch.zeros(v, dtype=acc, device=dev) if need_b else None
+    logp = empty((n,), dtype=acc, device=dev)
+    ent = empty((n,), dtype=acc, device=dev) if need_ent else None
+    loss = torch.zeros((), dtype=acc, device=dev)
+    stats = torch.zeros(N_STATS, dtype=acc, device=dev)
+    stats[-1] = n
+    for n0 in range(0, n, k_max):
+        n1 = min(n, n0 + k_max)
+        k = n1 - n0
+        h = hidden[n0:n1]
+        idc = ids[n0:n1]
+        u = buf[: k * v].view(k, v)
+        low_t = buf_low[: k * v].view(k, v) if low else None
+        if low:  # logits rounded in the input dtype first (D48), then an explicit row max
+            _logits_tile(h, weight, bias, scale, u, low_t)
+            m = u.amax(1)
+            u.sub_(m[:, None])  # x = u₂ − m ≤ 0
+        else:  # shift by the sampled token's own logit, subtracted by the GEMM itself: no max pass, no sub pass
+            m = (h * weight[idc]).sum(1, dtype=acc) * scale
+            if bias is not None:
+                m = m + bias[idc].to(acc) * scale
+            _shifted_tile(h, weight, bias, scale, m, u)
+        tgt, e, s, ex = _exp_rows(u, idc, buf_e[: k * v].view(k, v) if need_ent else None)
+        bad = ~torch.isfinite(s)
+        if not low and bool(bad.any()):  # a logit > 127 bits above the sampled one: redo those rows with their max
+            rows = torch.nonzero(bad)[:, 0]
+            ur = torch.empty(rows.numel(), v, dtype=acc, device=dev)
+            _logits_tile(h[rows], weight, bias, scale, ur, None)
+            mr = ur.amax(1)
+            ur.sub_(mr[:, None])
+            tr, er, sr, exr = _exp_rows(ur, idc[rows], torch.empty_like(ur) if need_ent else None)
+            m, tgt, s = m.index_put((rows,), mr), tgt.index_put((rows,), tr), s.index_put((rows,), sr)
+            e[rows] = er
+            if need_ent:
+                u[rows] = ur
+                ex = ex.index_put((rows,), exr)
+        log2s = torch.log2(s)
+        lp = (tgt - log2s) * LN2
+        logp[n0:n1] = lp
+        h_t = None
+        if need_ent:
+            h_t = (log2s - ex / s) * LN2
+            ent[n0:n1] = h_t
+        c_t = coef[n0:n1]
+        old_c = lp if old is None else old[n0:n1]  # None: on-policy, π_old = π (detached)
+        ell, d_lp, st = token_grads(lp, old_c, adv[n0:n1], None if ref is None else ref[n0:n1], h_t, cfg)
+        loss += (ell * c_t).sum()
+        stats[:-1] += st.sum(1)
+        if not (need_h or need_w or need_b):
+            continue
+        d_lp = d_lp * c_t
+        c_one = d_lp * inv_tau
+        if cfg.entropy_coeff != 0:  # G = e/s·(a + b·x): ∂H/∂u_v = −p_v(ln p_v + H), ln p_v = ln2·(x_v − log₂ s)
+            d_h = -cfg.entropy_coeff * c_t
+            a = (-d_lp - d_h * h_t + d_h * LN2 * log2s) * inv_tau / s
+            b = -d_h * LN2 * inv_tau / s
+            g = u.mul_(b[:, None]).add_(a[:, None]).mul_(e)
+        else:
+            g = e.mul_((-c_one / s)[:, None])
+        g.index_put_((torch.arange(k, device=dev), idc), c_one, accumulate=True)
+        if need_b:
+            gb += g.sum(0)
+        gm = low_t.copy_(g) if low else g
+        if need_h:
+            if low:
+                gh[n0:n1] = torch.mm(gm, weight)
+            else:
+                torch.mm(gm, weight, out=gh[n0:n1])
+        if need_w:
+            tgt_w = gw_acc if gw_acc is not None else gw
+            if n0 == 0:
+                torch.mm(gm.T, h, out=tgt_w) if gw_acc is None else tgt_w.copy_(torch.mm(gm.T, h))
+            elif gw_acc is not None:
+                gw_acc += torch.mm(gm.T, h)
+            else:
+                gw.addmm_(gm.T, h)
+    if gw_acc is not None:
+        gw.copy_(gw_acc)
+    return loss, logp, ent, stats, gh, gw, gb

@@ -1,0 +1,389 @@
+"""``linear_policy_loss``: parity with the materialised-logits reference (loss, every gradient, logp, entropy, metrics)
+over hypothesis batches, both layouts, every aggregation and KL kind; bf16; requires_grad subsets; poison; the Triton
+path (interpreter on CPU, the ``device`` fixture); torch.compile tracing; errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import srpo_core.cpu.policy_loss as cpu_pl
+from srpo_core import linear_policy_loss
+from srpo_core.policy_loss import LOSS_AGG_MODES
+from srpo_core.reference import policy_loss as ref
+from srpo_core.reference.policy_loss import KL_KINDS
+
+
+def naive_coef(lengths, valid_of_seq, mode, factor):
+    """Per valid token, verl's ``agg_loss`` weights written out per sequence (independent of ``aggregation_coef``)."""
+    b = len(lengths)
+    n_valid = sum(sum(v) for v in valid_of_seq)
+    out = []
+    for i in range(b):
+        n_i = sum(valid_of_seq[i])
+        for ok in valid_of_seq[i]:
+            if not ok:
+                continue
+            if mode == "token-mean":
+                out.append(1.0 / n_valid)
+            elif mode == "seq-mean-token-sum":
+                out.append(1.0 / b)
+            elif mode == "seq-mean-token-mean":
+                out.append(1.0 / (b * n_i))
+            else:
+                out.append(1.0 / factor)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@st.composite
+def batches(draw):
+    b = draw(st.integers(0, 4))
+    lengths = [draw(st.integers(0, 6)) for _ in range(b)]
+    return {
+        "lengths": lengths, "h": draw(st.integers(1, 9)), "v": draw(st.integers(1, 40)),
+        "per_token": draw(st.booleans()), "mode": draw(st.sampled_from(LOSS_AGG_MODES)),
+        "kl": draw(st.sampled_from((None,) + KL_KINDS)), "clip_c": draw(st.sampled_from([None, 3.0])),
+        "entropy_coeff": draw(st.sampled_from([0.0, 0.01])), "temperature": draw(st.sampled_from([1.0, 0.7])),
+        "regime": draw(st.sampled_from(["mixed", "none-clipped", "all-clipped"])),
+        "layout": draw(st.sampled_from(["padded", "packed"])), "bias": draw(st.booleans()),
+        "ignore": draw(st.booleans()), "chunk": draw(st.sampled_from([1, 2, 256])),
+        "eps": (draw(st.sampled_from([0.1, 0.2])), draw(st.sampled_from([0.2, 0.28]))),
+        "return_entropy": draw(st.booleans()), "seed": draw(st.integers(0, 2**16)), "kl_corr": draw(st.booleans()),
+    }
+
+
+def build(c, dtype=torch.float32):
+    """Master data in float64 over the valid tokens, the reference's results, and the op's inputs in ``dtype``."""
+    g = torch.Generator().manual_seed(c["seed"])
+    lengths, h, v = c["lengths"], c["h"], c["v"]
+    b, n = len(lengths), sum(lengths)
+    hid = torch.randn(n, h, generator=g, dtype=torch.float64)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64) * 2 / math.sqrt(h)
+    bias = torch.randn(v, generator=g, dtype=torch.float64) if c["bias"] else None
+    ids = torch.randint(0, v, (n,), generator=g)
+    if c["ignore"] and n:
+        ids[torch.rand(n, generator=g) < 0.3] = -100
+    keep = ids != -100
+    seq_adv = torch.randn(b, generator=g, dtype=torch.float64)
+    seq = torch.repeat_interleave(torch.arange(b), torch.tensor(lengths, dtype=torch.long), output_size=n)
+    adv = (seq_adv[seq] * (0.5 + torch.rand(n, generator=g, dtype=torch.float64))) if c["per_token"] else seq_adv[seq]
+    with torch.no_grad():  # the current policy's log-probs, to place old_logp relative to them
+        _, lp_true, _, _ = ref.linear_policy_loss(hid, w, bias, ids.clamp(min=0), adv, adv, None, adv, keep,
+                                                 temperature=c["temperature"])
+    if c["regime"] == "none-clipped":
+        old = lp_true.clone()
+    elif c["regime"] == "all-clipped":
+        old = lp_true - 3.0 * torch.sign(adv)
+    else:
+        old = lp_true + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    ref_lp = lp_true + 0.5 * torch.randn(n, generator=g, dtype=torch.float64) if c["kl"] else None
+    t = max(lengths, default=0) + 1
+    factor = float(t) if c["layout"] == "padded" else 7.5
+    offs = [0]
+    for L in lengths:
+        offs.append(offs[-1] + L)
+    valid_of_seq = [keep[offs[i]:offs[i + 1]].tolist() for i in range(b)]
+    coef = naive_coef(lengths, valid_of_seq, c["mode"], factor)
+    return {"hid": hid, "w": w, "bias": bias, "ids": ids, "keep": keep, "old": old, "adv": adv, "seq_adv": seq_adv,
+            "ref_lp": ref_lp, "coef": coef, "t": t, "factor": factor, "seq": seq, "offs": offs}
+
+
+def kwargs_of(c):
+    kw = {"epsilon_low": c["eps"][0], "epsilon_high": c["eps"][1], "clip_ratio_c": c["clip_c"],
+          "entropy_coeff": c["entropy_coeff"], "temperature": c["temperature"]}
+    if c["kl"]:
+        kw.update(beta=0.1, kl_kind=c["kl"], kl_ratio_correction=c.get("kl_corr", False))
+    return kw
+
+
+def reference(c, d, dtype):
+    """Reference on the valid tokens only, in ``dtype`` (float64: the truth; float32: torch's own error)."""
+    k = d["keep"]
+    hid = d["hid"][k].to(dtype).requires_grad_(True)
+    w = d["w"].to(dtype).requires_grad_(True)
+    bias = None if d["bias"] is None else d["bias"].to(dtype).requires_grad_(True)
+    rl = None if d["ref_lp"] is None else d["ref_lp"][k].to(dtype)
+    loss, lp, ent, m = ref.linear_policy_loss(hid, w, bias, d["ids"][k], d["old"][k].to(dtype), d["adv"][k].to(dtype),
+                                              rl, d["coef"].to(dtype), torch.ones(int(k.sum()), dtype=torch.bool),
+                                              **kwargs_of(c))
+    grads = torch.autograd.grad(loss, [x for x in (hid, w, bias) if x is not None], allow_unused=True)
+    grads = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, (hid, w, bias), strict=False)]
+    return loss.detach(), lp.detach(), ent.detach(), m, grads
+
+
+def run_op(c, d, dtype, device="cpu", backend="torch", chunk=None):
+    """The op in the drawn layout, with garbage (NaN, bad ids) at every position that is not a valid token."""
+    lengths, t, n = c["lengths"], d["t"], d["hid"].shape[0]
+    b = len(lengths)
+    w = d["w"].to(device, dtype).requires_grad_(True)
+    bias = None if d["bias"] is None else d["bias"].to(device, dtype).requires_grad_(True)
+    nan = float("nan")
+    if c["layout"] == "packed":
+        hid = d["hid"].to(device, dtype).requires_grad_(True)
+        place = lambda x: x.to(device)  # noqa: E731
+        extra = {"cu_seqlens": torch.tensor(d["offs"], device=device)}
+    else:
+        mask = torch.zeros(b, t, dtype=torch.bool)
+        for i, L in enumerate(lengths):
+            mask[i, :L] = True
+
+        def place(x, fill=nan):
+            out = torch.full((b, t) + tuple(x.shape[1:]), fill, dtype=x.dtype)
+            out[mask] = x
+            return out.to(device)
+
+        hid = place(d["hid"].to(dtype)).requires_grad_(True)
+        extra = {"mask": mask.to(device)}
+    ids = place(d["ids"]) if c["layout"] == "packed" else place(d["ids"], fill=-7)
+    adv = d["adv"] if c["per_token"] else d["seq_adv"]
+    adv = place(adv.to(dtype)) if c["per_token"] else adv.to(device, dtype)
+    rl = None if d["ref_lp"] is None else place(d["ref_lp"].to(dtype))
+    kw = kwargs_of(c)
+    if c["mode"] == "seq-mean-token-sum-norm" and c["layout"] == "packed":
+        kw["loss_scale_factor"] = d["factor"]
+    old_chunk = cpu_pl.TOKEN_CHUNK
+    cpu_pl.TOKEN_CHUNK = chunk or c["chunk"]
+    try:
+        out = linear_policy_loss(hid, w, ids, place(d["old"].to(dtype)), adv, bias=bias, ref_logp=rl,
+                                 loss_agg_mode=c["mode"], return_entropy=c["return_entropy"], backend=backend,
+                                 **extra, **kw)
+        params = [x for x in (hid, w, bias) if x is not None]
+        grads = torch.autograd.grad(out.loss, params) if out.loss.requires_grad else None
+    finally:
+        cpu_pl.TOKEN_CHUNK = old_chunk
+    flat = (lambda x: x.reshape(-1, *x.shape[2:])[extra["mask"].reshape(-1)]) if c["layout"] == "padded" else (
+        lambda x: x)
+    del n
+    return out, [flat(grads[0])] + list(grads[1:]), flat
+
+
+def close(name, x, r64, r32, rel=1e-5, atol=1e-12):
+    x, r64, r32 = (y.detach().double().cpu() for y in (x, r64, r32))
+    assert x.shape == r64.shape, (name, x.shape, r64.shape)
+    assert torch.isfinite(x).all(), f"{name}: non-finite values {x}"
+    bound = 2 * (r32 - r64).abs() + rel * (r64.abs().max() if r64.numel() else 0) + atol
+    bad = (x - r64).abs() > bound
+    assert not bad.any(), (f"{name}: first mismatch at {torch.nonzero(bad)[0].tolist()}: got "
+                           f"{x[bad][0].item()}, reference {r64[bad][0].item()} (bound {bound[bad][0].item()})")
+
+
+def check(c, d, out, grads, flat, dtype_rel=1e-5):
+    L64, lp64, ent64, m64, g64 = reference(c, d, torch.float64)
+    L32, lp32, ent32, _, g32 = reference(c, d, torch.float32)
+    k = d["keep"]
+    close("loss", out.loss, L64, L32, dtype_rel)
+    names = ["grad_hidden", "grad_weight", "grad_bias"]
+    gh = grads[0][k.to(grads[0].device)]
+    assert (grads[0][~k.to(grads[0].device)] == 0).all(), "grad_hidden must be 0 at ignored tokens"
+    for name, x, r64, r32 in zip(names, [gh] + grads[1:], g64, g32, strict=False):
+        close(name, x, r64, r32, dtype_rel)
+    lp = flat(out.logp)
+    close("logp", lp[k.to(lp.device)], lp64, lp32, dtype_rel, atol=1e-6)  # log-probs: fp32 rounding of O(1) values
+    assert (lp[~k.to(lp.device)] == 0).all()
+    if c["return_entropy"]:
+        close("entropy", flat(out.entropy)[k.to(lp.device)], ent64, ent32, dtype_rel, atol=1e-6)
+    for key in ("ratio_mean", "approx_kl") + (("kl",) if c["kl"] else ()):
+        assert abs(float(out.metrics[key]) - float(m64[key])) <= 1e-4 * (1 + abs(float(m64[key]))), key
+    return m64
+
+
+@given(batches())
+def test_parity_with_reference_fp32(c):
+    d = build(c)
+    out, grads, flat = run_op(c, d, torch.float32)
+    m64 = check(c, d, out, grads, flat)
+    k = d["keep"]
+    live = k & (d["adv"] != 0)
+    if c["regime"] == "all-clipped" and bool(live.any()):
+        assert float(out.metrics["clip_fraction"]) == pytest.approx(float(live.sum()) / float(k.sum()))
+    if c["regime"] == "none-clipped":
+        assert float(out.metrics["clip_fraction"]) == 0 and float(m64["clip_fraction"]) == 0
+
+
+BASE = {"lengths": [5, 0, 3, 7], "h": 16, "v": 70, "per_token": True, "mode": "token-mean", "kl": "low_var_kl",
+        "clip_c": 3.0, "entropy_coeff": 0.01, "temperature": 0.7, "regime": "mixed", "layout": "padded",
+        "bias": True, "ignore": True, "chunk": 4, "eps": (0.2, 0.28), "return_entropy": True, "seed": 3}
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_layouts_agree(layout):
+    c = {**BASE, "layout": layout}
+    d = build(c)
+    out, grads, flat = run_op(c, d, torch.float32)
+    check(c, d, out, grads, flat)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision(dtype):
+    """bf16/fp16: logits rounded in the input dtype (D48), fp32 accumulation; tolerance relative to torch's own error
+    in that dtype (the reference run on the same low-precision inputs)."""
+    c = {**BASE, "chunk": 3}
+    d = build(c)
+    for x in ("hid", "w", "bias"):  # make the low-precision inputs exact in float64, so the reference sees the same
+        d[x] = d[x].to(dtype).double()
+    out, grads, flat = run_op(c, d, dtype)
+    L64, _, _, _, g64 = reference(c, d, torch.float64)
+    Llo, _, _, _, glo = reference(c, d, dtype)
+    close("loss", out.loss, L64, Llo, 1e-2)
+    gh = grads[0][d["keep"]]
+    for name, x, r64, rlo in zip(["gh", "gw", "gb"], [gh] + grads[1:], g64, glo, strict=True):
+        close(name, x, r64, rlo, 2e-2)
+    assert grads[1].dtype == dtype
+
+
+@pytest.mark.parametrize("frozen", ["weight", "hidden", "bias", "all"])
+def test_requires_grad_subsets(frozen):
+    c = {**BASE, "layout": "packed"}
+    d = build(c)
+    w = d["w"].float().requires_grad_(frozen not in ("weight", "all"))
+    h = d["hid"].float().requires_grad_(frozen not in ("hidden", "all"))
+    bias = d["bias"].float().requires_grad_(frozen not in ("bias", "all"))
+    kw = kwargs_of(c)
+    out = linear_policy_loss(h, w, d["ids"], d["old"].float(), d["adv"].float(), bias=bias,
+                             ref_logp=d["ref_lp"].float(), cu_seqlens=torch.tensor(d["offs"]), **kw)
+    full_c = {**c, "return_entropy": False}
+    out_all, grads_all, _ = run_op(full_c, d, torch.float32)
+    assert float(out.loss.detach()) == pytest.approx(float(out_all.loss.detach()), rel=1e-6)
+    if frozen == "all":
+        assert not out.loss.requires_grad
+        return
+    out.loss.backward()
+    for name, x, g in zip(("hidden", "weight", "bias"), (h, w, bias), grads_all, strict=True):
+        if name == frozen:
+            assert x.grad is None
+        else:
+            torch.testing.assert_close(x.grad, g, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():  # no grad mode: same loss, nothing to backpropagate
+        out_ng = linear_policy_loss(h, w, d["ids"], d["old"].float(), d["adv"].float(), bias=bias,
+                                    ref_logp=d["ref_lp"].float(), cu_seqlens=torch.tensor(d["offs"]), **kw)
+    assert float(out_ng.loss) == pytest.approx(float(out.loss.detach()), rel=1e-6) and not out_ng.loss.requires_grad
+
+
+def test_no_bias_and_upstream_scale():
+    c = {**BASE, "bias": False, "layout": "packed"}
+    d = build(c)
+    h = d["hid"].float().requires_grad_(True)
+    w = d["w"].float().requires_grad_(True)
+    out = linear_policy_loss(h, w, d["ids"], d["old"].float(), d["adv"].float(), ref_logp=d["ref_lp"].float(),
+                             cu_seqlens=torch.tensor(d["offs"]), **kwargs_of(c))
+    (2.5 * out.loss).backward()
+    _, grads, _ = run_op(c, d, torch.float32)
+    torch.testing.assert_close(h.grad, 2.5 * grads[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w.grad, 2.5 * grads[1], rtol=1e-6, atol=1e-7)
+
+
+def test_poisoned_allocations_are_all_written(monkeypatch):
+    """Under SRPO_POISON=1 every fresh buffer starts as NaN: any element the chunked path forgot would show."""
+    monkeypatch.setenv("SRPO_POISON", "1")
+    for chunk in (1, 3, 256):
+        c = {**BASE, "chunk": chunk}
+        d = build(c)
+        out, grads, _ = run_op(c, d, torch.float32)
+        for x in [out.loss, out.logp, out.entropy, *out.metrics.values(), *grads]:
+            assert torch.isfinite(x).all()
+
+
+def test_empty_batch_and_no_valid_token():
+    for lengths, ignore_all in (([], False), ([0, 0], False), ([2, 1], True)):
+        c = {**BASE, "lengths": lengths, "layout": "packed"}
+        d = build(c)
+        if ignore_all:
+            d["ids"][:] = -100
+            d["keep"][:] = False
+            d["coef"] = d["coef"][:0]
+        out, grads, _ = run_op(c, d, torch.float32)
+        assert float(out.loss) == 0 and all((g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_triton_path(device, layout):
+    """The Triton path (the linear_logprobs kernels driven by this loss) against the reference."""
+    c = {**BASE, "layout": layout, "lengths": [5, 0, 4], "v": 70}
+    d = build(c)
+    out, grads, flat = run_op(c, d, torch.float32, device=device, backend="triton")
+    grads = [g.cpu() for g in grads]
+    check(c, d, out, grads, lambda x: flat(x).cpu())
+
+
+def test_torch_compile_traces_the_op():
+    c = {**BASE, "chunk": 256}
+    d = build(c)
+    _, grads_eager, _ = run_op(c, d, torch.float32)
+    b, t = len(c["lengths"]), d["t"]
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    for i, L in enumerate(c["lengths"]):
+        mask[i, :L] = True
+
+    def pad(x, fill=0):
+        out = torch.full((b, t) + tuple(x.shape[1:]), fill, dtype=x.dtype)
+        out[mask] = x
+        return out
+
+    h = pad(d["hid"].float()).requires_grad_(True)
+    w = d["w"].float().requires_grad_(True)
+    bias = d["bias"].float().requires_grad_(True)
+
+    def step(h, w, bias):
+        out = linear_policy_loss(h, w, pad(d["ids"], -100), pad(d["old"].float()), pad(d["adv"].float()),
+                                 mask=mask, bias=bias, ref_logp=pad(d["ref_lp"].float()), **kwargs_of(c))
+        return out.loss
+
+    torch.compile(step, backend="aot_eager", fullgraph=True)(h, w, bias).backward()
+    torch.testing.assert_close(h.grad[mask], grads_eager[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w.grad, grads_eager[1], rtol=1e-5, atol=1e-7)
+
+
+def _args(n=4, v=11, hd=3):
+    return (torch.randn(n, hd), torch.randn(v, hd), torch.randint(0, v, (n,)), torch.zeros(n), torch.ones(n))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"mask": torch.ones(4, dtype=torch.bool)}, "exactly one of `mask`"),
+    ({"cu_seqlens": None}, "exactly one of `mask`"),
+    ({"loss_agg_mode": "seq-mean"}, "`loss_agg_mode` must be one of"),
+    ({"kl_kind": "k4"}, "`kl_kind` must be one of"),
+    ({"clip_ratio_c": 1.0}, "`clip_ratio_c` must be > 1"),
+    ({"beta": 0.1}, "`beta` = 0.1 needs `ref_logp`"),
+    ({"loss_agg_mode": "seq-mean-token-sum-norm"}, "needs `loss_scale_factor`"),
+    ({"temperature": 0.0}, "`temperature` must be > 0"),
+    ({"cu_seqlens": torch.tensor([0, 3])}, "`cu_seqlens` must end at N = 4"),
+])
+def test_errors(change, match):
+    h, w, ids, old, adv = _args()
+    kw = {"cu_seqlens": torch.tensor([0, 1, 4]), **change}
+    with pytest.raises((ValueError, TypeError), match=match):
+        linear_policy_loss(h, w, ids, old, adv, **kw)
+
+
+def test_value_errors_name_the_argument():
+    h, w, ids, old, adv = _args()
+    cu = torch.tensor([0, 4])
+    with pytest.raises(ValueError, match=r"`ids` must lie in \[0, V\) = \[0, 11\)"):
+        linear_policy_loss(h, w, torch.tensor([0, 11, 2, 3]), old, adv, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="`old_logp` must be finite"):
+        linear_policy_loss(h, w, ids, torch.tensor([0.0, float("nan"), 0, 0]), adv, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="`advantages` must be per token"):
+        linear_policy_loss(h, w, ids, old, torch.ones(3), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="`weight` must be"):
+        linear_policy_loss(h, torch.randn(11, 5), ids, old, adv, cu_seqlens=cu)
+    with pytest.raises(TypeError, match="`weight` must be torch.float32"):
+        linear_policy_loss(h, w.double(), ids, old, adv, cu_seqlens=cu)
+
+
+def test_logits_far_above_the_sampled_token():
+    """The fp32 path shifts each row by its sampled token's logit; a row with another logit more than 127 bits above
+    it overflows 2^x and is redone with the row max (and must still match the reference)."""
+    c = {**BASE, "bias": False, "ignore": False, "kl": None, "entropy_coeff": 0.01, "return_entropy": True}
+    d = build(c)
+    d["w"] = d["w"] * 60  # logits spread over hundreds of nats
+    d["old"] = ref.linear_policy_loss(d["hid"], d["w"], None, d["ids"], d["adv"], d["adv"], None, d["adv"],
+                                      d["keep"], temperature=c["temperature"])[1].detach() + 0.1
+    u = (d["hid"] @ d["w"].T) / c["temperature"]
+    gap = (u.max(1).values - u.gather(1, d["ids"][:, None])[:, 0]) * 1.4426950408889634
+    assert bool((gap > 127).any()) and bool((gap < 127).any()), "the case must exercise both paths"
+    out, grads, flat = run_op(c, d, torch.float32)
+    check(c, d, out, grads, flat)
