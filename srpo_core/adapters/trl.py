@@ -161,8 +161,8 @@ class SRPOTrainerOptions:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"SRPOTrainerOptions: `{name}` must be a number >= 0, got {value!r}")
         if self.fused_loss and (self.method == "papo" or self.entropy_penalty_coef or self.papo_aug_entropy_coef):
-            raise ValueError("SRPOTrainerOptions: `fused_loss=True` computes the clipped policy loss alone; it does not "
-                             "add the entropy terms or PAPO's perception KL (method='papo', entropy_penalty_coef, "
+            raise ValueError("SRPOTrainerOptions: `fused_loss=True` computes the clipped policy loss alone; it does "
+                             "not add the entropy terms or PAPO's perception KL (method='papo', entropy_penalty_coef, "
                              "papo_aug_entropy_coef): turn those off or use fused_loss=False")
         if self.corruption_mode not in MODES:
             raise ValueError(f"SRPOTrainerOptions: `corruption_mode` must be one of {MODES}, got "
