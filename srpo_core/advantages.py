@@ -12,11 +12,12 @@ from srpo_core._validate import (
     check_cu_seqlens,
     describe,
     first_true_index,
+    refuse_meta,
     require_same_device,
     require_same_shape,
     require_tensor,
 )
-from srpo_core.config import Role, SRPOConfig
+from srpo_core.config import SIGNAL_MAX, Role, SRPOConfig
 from srpo_core.layout import cu_seqlens_from_mask, pack, segment_sum, unpack
 from srpo_core.reference import contrast as contrast_ref
 from srpo_core.role_weights import role_weights
@@ -48,7 +49,8 @@ def contrast(logp: torch.Tensor, logp_other: torch.Tensor, kind: str = "k3", *, 
     """Elementwise SPEC step-1 contrast ``D(ℓ, ℓ')`` of two log-prob tensors of the same shape.
 
     ``kind="logratio"``: ``clamp(ℓ − ℓ', −c, c)``; ``kind="k3"``: ``min(e^δ − δ − 1, k3_max)`` with
-    ``δ = clamp(ℓ' − ℓ, −c, c)``. ``−inf`` is allowed; NaN is an error. ``kl`` and ``js`` need the two logit rows:
+    ``δ = clamp(ℓ' − ℓ, −c, c)``. ``−inf`` is allowed; NaN is an error. ``clamp`` and ``k3_max`` must be finite,
+    in ``(0, 1e15]``. ``kl`` and ``js`` need the two logit rows:
     use ``token_contrast``.
     """
     op = "contrast"
@@ -63,6 +65,10 @@ def contrast(logp: torch.Tensor, logp_other: torch.Tensor, kind: str = "k3", *, 
         )
     if kind not in ("logratio", "k3"):
         raise ValueError(f"{op}: `kind` must be 'logratio' or 'k3', got {kind!r}")
+    for name, value in (("clamp", clamp), ("k3_max", k3_max)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= SIGNAL_MAX:
+            raise ValueError(f"{op}: `{name}` must be a finite number in (0, {SIGNAL_MAX:g}], got {value!r}")
+    refuse_meta(op, logp=logp, logp_other=logp_other)
     for name, x in (("logp", logp), ("logp_other", logp_other)):
         _reject_bad_values(op, name, x, torch.ones_like(x, dtype=torch.bool), "")
     return contrast_ref.contrast(logp, logp_other, kind, clamp, k3_max)
@@ -133,6 +139,7 @@ def role_aware_advantages(
     require_same_shape(OP, "logp", logp, roles=roles, **per_token)
     require_same_device(OP, "logp", logp, advantages=advantages, roles=roles, mask=mask, cu_seqlens=cu_seqlens,
                         **per_token)
+    refuse_meta(OP, advantages=advantages, logp=logp, roles=roles, mask=mask, cu_seqlens=cu_seqlens, **per_token)
 
     padded = logp.dim() == 2
     if padded:
@@ -300,6 +307,7 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm: str
     require_tensor(op, "group_ids", group_ids, kind="int", ndim=1)
     require_same_shape(op, "rewards", rewards, group_ids=group_ids)
     require_same_device(op, "rewards", rewards, group_ids=group_ids)
+    refuse_meta(op, rewards=rewards, group_ids=group_ids)
     if norm not in ("std", "none"):
         raise ValueError(f"{op}: `norm` must be 'std' or 'none', got {norm!r}")
     if not (isinstance(eps, (int, float)) and eps > 0):
