@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -295,12 +296,16 @@ def _stats_dict(rows: torch.Tensor) -> dict[str, float]:
 
 
 def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm: str = "std",
-                    eps: float = 1e-6) -> torch.Tensor:
-    """GRPO's sequence-level advantages: ``A_i = (R_i − mean_g R) / (std_g R + eps)``.
+                    eps: float = 1e-6, scale: str = "group", nan_rewards: str = "raise") -> torch.Tensor:
+    """GRPO's sequence-level advantages: ``A_i = (R_i − mean_g R) / (std R + eps)``.
 
     ``rewards: [B]`` float, ``group_ids: [B]`` integer labels (any values; equal label = same prompt).
-    ``std`` is the unbiased one (as verl and TRL compute it); a group of one gives ``A_i = 0``.
-    ``norm="none"`` gives ``R_i − mean_g R`` (Dr.GRPO). Returns float32 (float64 for float64 rewards).
+    ``std`` is the unbiased one (as verl and TRL compute it), over the group (``scale="group"``, the default) or over
+    the whole batch (``scale="batch"``, TRL's ``scale_rewards="batch"``; the mean stays the group's). A group of one,
+    or whose rewards are all equal, gives ``A_i = 0``. ``norm="none"`` gives ``R_i − mean_g R`` (Dr.GRPO).
+    ``nan_rewards="raise"`` (default): a NaN reward is an error; ``"zero"`` (TRL's handling of a completion no reward
+    function could score): a NaN reward gets ``A_i = 0`` and is left out of its group's mean and std (and of the
+    batch std). ``±inf`` is always an error. Returns float32 (float64 for float64 rewards).
     """
     op = "grpo_advantages"
     require_tensor(op, "rewards", rewards, kind="float", ndim=1)
@@ -310,24 +315,36 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm: str
     refuse_meta(op, rewards=rewards, group_ids=group_ids)
     if norm not in ("std", "none"):
         raise ValueError(f"{op}: `norm` must be 'std' or 'none', got {norm!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"{op}: `eps` must be a positive number, got {eps!r}")
-    if not bool(torch.isfinite(rewards).all()):
-        bad = ~torch.isfinite(rewards)
-        raise ValueError(f"{op}: `rewards` must be finite, got {int(bad.sum())} non-finite value(s), "
-                         f"first at index {first_true_index(bad)[0]}")
+    if scale not in ("group", "batch"):
+        raise ValueError(f"{op}: `scale` must be 'group' or 'batch', got {scale!r}")
+    if nan_rewards not in ("raise", "zero"):
+        raise ValueError(f"{op}: `nan_rewards` must be 'raise' or 'zero', got {nan_rewards!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"{op}: `eps` must be a finite positive number, got {eps!r}")
+    bad = torch.isinf(rewards) if nan_rewards == "zero" else ~torch.isfinite(rewards)
+    if bool(bad.any()):
+        what = "must not be ±inf" if nan_rewards == "zero" else "must be finite (or pass nan_rewards='zero')"
+        raise ValueError(f"{op}: `rewards` {what}, got {int(bad.sum())} such value(s), "
+                         f"first at index {first_true_index(bad)[0]} ({float(rewards[bad][0])})")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.to(torch.float64)  # group statistics in float64, result cast back
+    scored = ~torch.isnan(r)
+    r = torch.where(scored, r, 0.0)
     _, g = torch.unique(group_ids, return_inverse=True)
     num_groups = int(g.max()) + 1 if g.numel() else 0
-    size = segment_sum(torch.ones_like(r), g, num_groups)
-    mean = segment_sum(r, g, num_groups) / size
+    size = segment_sum(scored.to(torch.float64), g, num_groups)
+    mean = segment_sum(r, g, num_groups) / size.clamp(min=1.0)
     # A group whose rewards are all equal has no spread: its advantages are exactly 0, not (ulp of the mean) / eps.
-    hi = r.new_full((num_groups,), -float("inf")).scatter_reduce(0, g, r, "amax")
-    lo = r.new_full((num_groups,), float("inf")).scatter_reduce(0, g, r, "amin")
-    informative = ((size > 1) & (hi > lo))[g]
-    centred = r - mean[g]
+    hi = r.new_full((num_groups,), -float("inf")).scatter_reduce(0, g, torch.where(scored, r, -math.inf), "amax")
+    lo = r.new_full((num_groups,), float("inf")).scatter_reduce(0, g, torch.where(scored, r, math.inf), "amin")
+    informative = ((size > 1) & (hi > lo))[g] & scored
+    centred = torch.where(scored, r - mean[g], 0.0)
     if norm == "none":
         return torch.where(informative, centred, 0.0).to(dtype)
-    std = torch.sqrt(segment_sum(centred * centred, g, num_groups) / (size - 1).clamp(min=1))
-    return torch.where(informative, centred / (std[g] + eps), 0.0).to(dtype)
+    if scale == "group":
+        std = torch.sqrt(segment_sum(centred * centred, g, num_groups) / (size - 1).clamp(min=1))[g]
+    else:  # the unbiased std of every scored reward in the batch, about the batch mean
+        n = scored.sum()
+        dev = torch.where(scored, r - r.sum() / n.clamp(min=1), 0.0)
+        std = torch.sqrt((dev * dev).sum() / (n - 1).clamp(min=1))
+    return torch.where(informative, centred / (std + eps), 0.0).to(dtype)
