@@ -34,8 +34,10 @@ class RoleAwareAdvantages:
     - ``weights``: ``w_t`` (> 0 on valid tokens, 1 on OTHER tokens before renormalisation), 0 outside the mask.
     - ``signals``: the standardised signals ``z_t`` at role tokens, 0 elsewhere.
     - ``baseline``: ``b_i: [B]``, the shared trajectory baseline.
-    - ``stats``: floats for logging: per role ``count``, ``mu``, ``sigma`` (over the whole batch, all ranks) and
-      ``w_min``, ``w_mean``, ``w_max`` (this rank's tokens); keys like ``"perception/mu"``.
+    - ``stats``: floats for logging: per role ``count``, ``clamped`` (signals at a bound of their contrast, e.g. a
+      ``−inf`` log-prob driven to ``±clamp``; D87), ``mu``, ``sigma`` (over the whole batch, all ranks; ``mu`` and
+      ``sigma`` over the unclamped signals with ``config.role_stats="unclamped"``) and ``w_min``, ``w_mean``,
+      ``w_max`` (this rank's tokens); keys like ``"perception/mu"``.
     """
 
     advantages: torch.Tensor
@@ -192,14 +194,14 @@ def role_aware_advantages(
         bad_vals = torch.unique(r[(r < 0) | (r > 2)])[:5].tolist()
         raise ValueError(f"{OP}: `roles` must hold 0 (OTHER), 1 (PERCEPTION) or 2 (REASONING) at valid tokens, "
                          f"got {bad_vals}")
-    signals = _signals(
+    signals, clamped = _signals(
         config, r, packed(roles), packed(logp), packed(logp_corrupt), packed(logp_ablated),
         packed(perception_signal), packed(reasoning_signal), roles_unpacked=roles, mask=mask if padded else None,
         dtype=compute_dtype,
     )
 
     which = _dispatch.pick_backend(backend, logp.device, op=OP, has_triton=_role_weights_triton_exists())
-    res = role_weights(which, advantages.to(compute_dtype), signals, r, cu, config, process_group)
+    res = role_weights(which, advantages.to(compute_dtype), signals, r, cu, config, process_group, clamped)
 
     stats = _stats(res, r, cu)
     if padded:
@@ -216,8 +218,10 @@ def _role_weights_triton_exists() -> bool:
 
 def _signals(config, r, _roles, logp, logp_corrupt, logp_ablated, perception_signal, reasoning_signal, *,
              roles_unpacked, mask, dtype) -> torch.Tensor:
-    """Step 1: ``s_t = D_P(ℓ, ℓ̃)`` at perception tokens, ``D_R(ℓ, ℓ°)`` at reasoning tokens, 0 elsewhere [N]."""
+    """Step 1: ``s_t = D_P(ℓ, ℓ̃)`` at perception tokens, ``D_R(ℓ, ℓ°)`` at reasoning tokens, 0 elsewhere [N];
+    and ``clamped: bool [N]``, the log-prob contrasts at a bound (D87; precomputed signals never are)."""
     signals = torch.zeros(r.shape, dtype=dtype, device=r.device)
+    clamped = torch.zeros(r.shape, dtype=torch.bool, device=r.device)
     for role, kind, other_name, other, given_name, given in (
         (Role.PERCEPTION, config.perception_contrast, "logp_corrupt", logp_corrupt, "perception_signal",
          perception_signal),
@@ -245,7 +249,8 @@ def _signals(config, r, _roles, logp, logp_corrupt, logp_ablated, perception_sig
         _reject_nan(other_name, other, sel, roles_unpacked, mask, role, where)
         s = contrast_ref.contrast(logp.to(dtype), other.to(dtype), kind, config.clamp, config.k3_max)
         signals = torch.where(sel, s, signals)
-    return signals
+        clamped |= sel & contrast_ref.at_bound(logp.to(dtype), other.to(dtype), kind, config.clamp, config.k3_max)
+    return signals, clamped
 
 
 def _reject_nan(name, x_packed, sel, roles_unpacked, mask, role, where, finite: bool = False) -> None:
@@ -277,19 +282,24 @@ def _stats(res, r: torch.Tensor, cu: torch.Tensor) -> dict[str, float]:
         w_mean = torch.where(sel, w, 0.0).sum() / cnt.clamp(min=1)
         rows.append(torch.stack([res.role_stats[k, 0], res.role_stats[k, 1], res.role_stats[k, 2],
                                  torch.where(cnt > 0, w_min, torch.nan), w_mean.to(torch.float64),
-                                 torch.where(cnt > 0, w_max, torch.nan)]))
+                                 torch.where(cnt > 0, w_max, torch.nan), res.clamped[k]]))
     return _stats_dict(torch.stack(rows))
 
 
+STAT_KEYS = ("count", "mu", "sigma", "w_min", "w_mean", "w_max", "clamped")
+
+
 def _stats_dict(rows: torch.Tensor) -> dict[str, float]:
-    """``rows: float64 [2, 6]``, per role ``(count, mu, sigma, w_min, w_mean, w_max)`` → the logging dict."""
+    """``rows: float64 [2, 7]``, per role ``(count, mu, sigma, w_min, w_mean, w_max, clamped)`` → the logging
+    dict."""
     values = rows.tolist()
-    keys = ("count", "mu", "sigma", "w_min", "w_mean", "w_max")
+    keys = STAT_KEYS
     stats = {f"{role}/{k}": v
              for role, vals in zip(("perception", "reasoning"), values, strict=True)
              for k, v in zip(keys, vals, strict=True)}
     for role in ("perception", "reasoning"):
         stats[f"{role}/count"] = int(stats[f"{role}/count"])
+        stats[f"{role}/clamped"] = int(stats[f"{role}/clamped"])
         if stats[f"{role}/count"] == 0:
             stats.update({f"{role}/{k}": float("nan") for k in ("mu", "sigma", "w_mean")})
     return stats
