@@ -53,7 +53,8 @@ def contrast(logp: torch.Tensor, logp_other: torch.Tensor, kind: str = "k3", *, 
 
     ``kind="logratio"``: ``clamp(ℓ − ℓ', −c, c)``; ``kind="k3"``: ``min(e^δ − δ − 1, k3_max)`` with
     ``δ = clamp(ℓ' − ℓ, −c, c)``. ``−inf`` is allowed; NaN is an error. ``clamp`` and ``k3_max`` must be finite,
-    in ``(0, 1e15]``. ``kl`` and ``js`` need the two logit rows:
+    in ``(0, 1e15]``. Returns float32 (float64 if either input is float64), as ``role_aware_advantages`` computes
+    it. ``kl`` and ``js`` need the two logit rows:
     use ``token_contrast``.
     """
     op = "contrast"
@@ -63,7 +64,7 @@ def contrast(logp: torch.Tensor, logp_other: torch.Tensor, kind: str = "k3", *, 
     require_same_device(op, "logp", logp, logp_other=logp_other)
     if kind in ("kl", "js"):
         raise ValueError(
-            f"{op}: kind={kind!r} needs the two full logit rows, not log-probs; use srpo_core.token_contrast"
+            f"{op}: `kind`={kind!r} needs the two full logit rows, not log-probs; use srpo_core.token_contrast"
             " (it returns the divergence and both sampled-token log-probs)"
         )
     if kind not in ("logratio", "k3"):
@@ -74,7 +75,10 @@ def contrast(logp: torch.Tensor, logp_other: torch.Tensor, kind: str = "k3", *, 
     refuse_meta(op, logp=logp, logp_other=logp_other)
     for name, x in (("logp", logp), ("logp_other", logp_other)):
         _reject_bad_values(op, name, x, torch.ones_like(x, dtype=torch.bool), "")
-    return contrast_ref.contrast(logp, logp_other, kind, clamp, k3_max)
+    # float32 for every float input, float64 when either is float64 (D10; D86: a clamp beyond fp16's range, or
+    # e^δ of a clamped δ, is then representable).
+    dtype = torch.float64 if torch.float64 in (logp.dtype, logp_other.dtype) else torch.float32
+    return contrast_ref.contrast(logp.to(dtype), logp_other.to(dtype), kind, clamp, k3_max)
 
 
 def _reject_bad_values(op: str, name: str, x: torch.Tensor, where: torch.Tensor, what: str) -> None:

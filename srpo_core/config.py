@@ -14,15 +14,19 @@ class Role(enum.IntEnum):
     PERCEPTION = 1
     REASONING = 2
 
+    @classmethod
+    def _missing_(cls, value):
+        raise ValueError(f"Role: `value` must be 0 (OTHER), 1 (PERCEPTION) or 2 (REASONING), got {value!r}")
+
 
 CONTRAST_KINDS = ("logratio", "k3", "kl", "js")
 WEIGHT_MAPS = ("exp", "linear", "sigmoid")
 ROLE_STATS = ("all", "unclamped")
 
 # Bounds that keep every accepted config's weights finite and > 0 in float32 on every backend (decision D85):
-# contrast signals are at most SIGNAL_MAX in magnitude, β_r · u_max at most EXPONENT_MAX (so exp / sigmoid / linear weights
-# stay within [e^-20, e^20] before and [e^-40, n] after renormalisation), eps at least EPS_MIN (1 / (σ + eps) is a
-# float32 in the kernel), w_min at least W_MIN_MIN (a float32 floor that cannot round to 0).
+# contrast signals are at most SIGNAL_MAX in magnitude, β_r · u_max at most EXPONENT_MAX (so exp / sigmoid / linear
+# weights stay within [e^-20, e^20] before and [e^-40, n] after renormalisation), eps at least EPS_MIN (1 / (σ + eps)
+# is a float32 in the kernel), w_min at least W_MIN_MIN (a float32 floor that cannot round to 0).
 SIGNAL_MAX = 1e15
 EXPONENT_MAX = 20.0
 BETA_MAX = 1e6

@@ -98,8 +98,8 @@ def corrupt_pixel_values(
                          f"`pixel_values` has {pixel_values.shape[0]}")
     unit = merge_size * merge_size if patch == "merged" else 1
     if patch == "merged" and bool(((grids[:, 1] % merge_size) | (grids[:, 2] % merge_size)).any()):
-        raise ValueError(f"{op}: patch='merged' needs h and w divisible by merge_size={merge_size}, got grids "
-                         f"{grids.tolist()}")
+        raise ValueError(f"{op}: `patch`='merged' needs h and w of `image_grid_thw` divisible by "
+                         f"merge_size={merge_size}, got grids {grids.tolist()}")
     num_images = grids.shape[0]
     if group_index is None:
         groups = torch.arange(num_images)
@@ -126,7 +126,7 @@ def corrupt_pixel_values(
             drawn[g] = (units.repeat_interleave(unit), vals, grid)
         mask_i, vals, grid_g = drawn[g]
         if grid_g != grid:
-            raise ValueError(f"{op}: images of one group must have the same grid, got {grid_g} and {grid} "
+            raise ValueError(f"{op}: images of one `group_index` must have the same grid, got {grid_g} and {grid} "
                              f"(image {i}, group_index {int(group_index[i])})")
         row_mask[starts[i]:starts[i + 1]] = mask_i
         if vals is not None:
@@ -136,7 +136,7 @@ def corrupt_pixel_values(
     if mode == "black":
         black = -mean_t / std_t
         if not bool(torch.isfinite(black.to(pixel_values.dtype)).all()):
-            raise ValueError(f"{op}: mode='black' fills -image_mean / image_std = {black.tolist()}, which is not "
+            raise ValueError(f"{op}: `mode`='black' fills -`image_mean` / `image_std` = {black.tolist()}, which is not "
                              f"finite in {pixel_values.dtype}")
         fill = black.repeat_interleave(row // channels).to(pixel_values.dtype).to(pixel_values.device)
         fill = fill.expand_as(pixel_values)
@@ -198,10 +198,10 @@ def corrupt_images(images, *, p: float = 0.5, patch_size: int = 14, mode: str = 
             refuse_meta(op, **{f"images[{k}]": img})
             x = img
         else:
-            raise TypeError(f"{op}: images must be PIL images or [C, H, W] tensors, got {describe(img)} at index {k}")
+            raise TypeError(f"{op}: `images` must be PIL images or [C, H, W] tensors, got {describe(img)} at index {k}")
         h, w = x.shape[-2:]
         if same_mask and shared is not None and shared.shape != (h, w):
-            raise ValueError(f"{op}: same_mask=True needs images of one size, got {tuple(shared.shape)} and {(h, w)}")
+            raise ValueError(f"{op}: `same_mask`=True needs images of one size, got {tuple(shared.shape)} and {(h, w)}")
         m = shared if (same_mask and shared is not None) else _patch_mask(h, w, patch_size, p, generator)
         shared = m
         m = m.to(x.device)

@@ -172,6 +172,10 @@ def _check_tags(op: str, **tags) -> None:
         if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
                 isinstance(t, str) and t for t in value):
             raise TypeError(f"{op}: `{name}` must be a tuple of non-empty tag names (str), got {describe(value)}")
+    overlap = {t.lower() for t in tags["perception_tags"]} & {t.lower() for t in tags["reasoning_tags"]}
+    if overlap:
+        raise ValueError(f"{op}: a tag cannot be in both `perception_tags` and `reasoning_tags`, got "
+                         f"{sorted(overlap)} in both")
 
 
 def _backend(tokenizer):

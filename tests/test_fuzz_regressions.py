@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from srpo_core import (
-    Role,
     SRPOConfig,
     ablate_span,
     contrast,
