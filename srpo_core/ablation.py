@@ -62,6 +62,8 @@ class AblatedBatch:
         if values.shape[:2] != self.input_ids.shape:
             raise ValueError(f"AblatedBatch.gather: `values` must start with the ablated shape "
                              f"{tuple(self.input_ids.shape)}, got {describe(values)}")
+        if values.shape[1] == 0:  # every row ablated away entirely: nothing to gather, all fill
+            return values.new_full((*self.index.shape, *values.shape[2:]), fill)
         idx = self.index.clamp(min=0).to(values.device)
         idx = idx.view(*idx.shape, *([1] * (values.dim() - 2))).expand(*idx.shape, *values.shape[2:])
         out = torch.gather(values, 1, idx)

@@ -231,11 +231,21 @@ def segment_of(kwargs: dict) -> torch.Tensor:
 FUZZ_EXAMPLES = {"ci": 30, "dev": 15, "thorough": 1000}
 
 
+def fuzz_backends() -> tuple[str, ...]:
+    """The backends the fuzz tests draw from: ``auto`` / ``torch`` in process; ``triton`` (the interpreter on CPU)
+    only inside the subprocess of ``test_fuzz_subprocess.py`` (``SRPO_FUZZ_BACKEND=triton``), where a crash is a
+    failed test, not a dead run."""
+    import os
+
+    return ("triton",) if os.environ.get("SRPO_FUZZ_BACKEND") == "triton" else ("auto", "torch")
+
+
 def fuzz_settings(scale: float = 1.0):
     import os
 
     from hypothesis import HealthCheck, settings
 
+    scale *= float(os.environ.get("SRPO_FUZZ_SCALE", "1"))
     n = FUZZ_EXAMPLES.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), FUZZ_EXAMPLES["ci"])
     return settings(max_examples=max(1, int(n * scale)), deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
@@ -261,15 +271,16 @@ def outcome(op: str, fn, **kw):
         return None
 
 
-def within_torch_error(got: torch.Tensor, ref_same: torch.Tensor, ref64: torch.Tensor, *, atol: float, what: str):
+def within_torch_error(got: torch.Tensor, ref_same: torch.Tensor, ref64: torch.Tensor, *, atol, what: str):
     """STYLE's rule: ``|got − ref64| ≤ 2·|ref_same − ref64| + atol + 1e-5·|ref64|`` (``ref_same``: the reference in
-    the same compute dtype), with NaN / ±inf parity."""
+    the same compute dtype; ``atol`` a float or a tensor shaped like ``ref64``), with NaN / ±inf parity."""
     g, r, r64 = got.double(), ref_same.double(), ref64.double()
     assert torch.equal(torch.isnan(g), torch.isnan(r64)), f"{what}: NaN parity\n{g}\n{r64}"
     assert torch.equal(torch.isinf(g), torch.isinf(r64)) and torch.equal(g[torch.isinf(g)], r64[torch.isinf(r64)]), \
         f"{what}: inf parity\n{g}\n{r64}"
     fin = torch.isfinite(r64)
     err, base = (g - r64).abs()[fin], (r - r64).abs()[fin]
+    atol = atol[fin] if isinstance(atol, torch.Tensor) else atol
     bound = 2 * torch.nan_to_num(base, nan=0.0, posinf=0.0) + atol + 1e-5 * r64.abs()[fin]
     bad = err > bound
     if bool(bad.any()):

@@ -123,7 +123,7 @@ def raa_calls(draw):
         kw = case.packed(dtype)
     if case.perception_signal is not None and draw(st.booleans()):
         kw["logp_corrupt"] = None
-    return kind, _mutate(draw, kw, kind), draw(S.extreme_configs()), draw(st.sampled_from(("auto", "torch")))
+    return kind, _mutate(draw, kw, kind), draw(S.extreme_configs()), draw(st.sampled_from(S.fuzz_backends()))
 
 
 def _as64(kw: dict) -> dict:

@@ -217,3 +217,10 @@ def test_rollouts_deeply_nested_json_names_the_line(depth):
     lines = ['', "[" * depth]
     with raises(RolloutError, "x.jsonl:2", "nested too deeply"):
         parse_lines(lines, "x.jsonl")
+
+
+def test_ablate_span_every_token_in_the_span():
+    """Found by the fuzz suite: a batch whose rows are all span leaves an empty ablated batch; gather gives the fill."""
+    ab = ablate_span(torch.tensor([[4, 5]]), torch.ones(1, 2, dtype=torch.int64), torch.ones(1, 2, dtype=torch.bool))
+    assert ab.input_ids.shape == (1, 0)
+    assert ab.gather(torch.zeros(1, 0), fill=-1.0).tolist() == [[-1.0, -1.0]]
