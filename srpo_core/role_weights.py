@@ -4,8 +4,8 @@
 (``kernels/role_weights.py``), ``"torch"`` the reference (``srpo_core/reference/role_weights.py``). Every backend
 returns a :class:`~srpo_core.reference.role_weights.RoleWeights` with the same fields and dtypes.
 
-``clamped: bool [N]`` marks the signals at a bound of their contrast (D87): counted per role here for every backend
-(all-reduced over ``group``). ``config.role_stats="unclamped"`` leaves them out of step 2's statistics; the Triton
+``clamped: bool [N]`` marks the signals at a bound of their contrast (D87), counted per role for every backend (the
+reference folds the count into its first all-reduce; for the kernel it is all-reduced here). ``config.role_stats="unclamped"`` leaves them out of step 2's statistics; the Triton
 kernel's launch 1 has no per-token exclusion, so that option runs steps 2-6 on the reference path.
 
 Shapes: ``advantages: [B]``, ``signals: [N]``, ``roles: int [N]``, ``cu_seqlens: int64 [B+1]``.
@@ -40,7 +40,7 @@ def role_weights(which: str, advantages: torch.Tensor, signals: torch.Tensor, ro
         from srpo_core._role_weights_triton import role_weights_triton
 
         res = role_weights_triton(advantages, signals, roles, cu_seqlens, config, group)
-    else:
-        res = role_weights_reference(advantages, signals, roles, cu_seqlens, config, group, clamped)
-    res.clamped = clamped_counts(clamped, roles, group)
-    return res
+        if res.clamped is None:
+            res.clamped = clamped_counts(clamped, roles, group)
+        return res
+    return role_weights_reference(advantages, signals, roles, cu_seqlens, config, group, clamped)
