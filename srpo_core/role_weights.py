@@ -5,8 +5,9 @@
 returns a :class:`~srpo_core.reference.role_weights.RoleWeights` with the same fields and dtypes.
 
 ``clamped: bool [N]`` marks the signals at a bound of their contrast (D87), counted per role for every backend (the
-reference folds the count into its first all-reduce; for the kernel it is all-reduced here). ``config.role_stats="unclamped"`` leaves them out of step 2's statistics; the Triton
-kernel's launch 1 has no per-token exclusion, so that option runs steps 2-6 on the reference path.
+reference folds the count into its first all-reduce; for the kernel it is all-reduced here).
+``config.role_stats="unclamped"`` leaves them out of step 2's statistics; the Triton kernel's launch 1 has no
+per-token exclusion, so that option runs steps 2-6 on the reference path.
 
 Shapes: ``advantages: [B]``, ``signals: [N]``, ``roles: int [N]``, ``cu_seqlens: int64 [B+1]``.
 """
