@@ -252,3 +252,28 @@ def test_known_token_contrast_temperature_overflow():
 def test_known_linear_token_logprobs_logit_overflow():
     out = linear_token_logprobs(torch.tensor([[3e38]]), torch.tensor([[3.8525]]), torch.tensor([0]))
     assert not bool(torch.isnan(out).any()), out
+
+
+_W17 = [-0.5776, -0.1583, -0.3152, -0.1817, -0.0050, 0.0526, 0.0443, -0.2076, 0.0597, -0.0607, -0.1933, -0.3988,
+        -0.1718, 0.3720, -0.1121, -0.2228, 0.1687]
+
+
+@pytest.mark.xfail(strict=True, reason="fuzz (linear_token_logprobs' owners): large finite fp32 logits (|x/τ| ≈ "
+                                       "2.5e38, within float32) give NaN on both backends; torch in fp32 gives 0")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_known_linear_token_logprobs_large_finite_logits_nan(backend):
+    out = linear_token_logprobs(torch.tensor([[-3e38]]), torch.tensor(_W17)[:, None], torch.tensor([0]),
+                                temperature=0.7, backend=backend)
+    assert float(out[0]) == 0.0, out
+
+
+@pytest.mark.xfail(strict=True, reason="fuzz (linear_token_logprobs' owners): -inf where torch in fp32 and the "
+                                       "float64 reference both give -3.1984e38")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_known_linear_token_logprobs_large_finite_logits_inf(backend):
+    h = torch.tensor([[3e38, -0.29343, -2.1788, 0.56843, -1.0845, -1.3986, 0.40335, 0.83803]])
+    w = torch.tensor([[-0.5776, -0.0933, -0.2652, 0.2499, -0.2210, -0.3189, -0.1558, -0.2166],
+                      [0.0597, 0.1834, -0.3305, 0.3287, -0.3719, -0.1784, 0.1300, -0.2382],
+                      [0.1687, 0.2617, 0.0386, -0.1875, -0.1808, 0.0216, -0.4366, 0.2603]])
+    out = linear_token_logprobs(h, w, torch.tensor([0]), temperature=0.7, backend=backend)
+    assert bool(torch.isfinite(out).all()), out
