@@ -37,11 +37,13 @@ def clamped_counts(clamped: torch.Tensor | None, roles: torch.Tensor, group=None
 def role_weights(which: str, advantages: torch.Tensor, signals: torch.Tensor, roles: torch.Tensor,
                  cu_seqlens: torch.Tensor, config: SRPOConfig, group=None,
                  clamped: torch.Tensor | None = None) -> RoleWeights:
-    if which == "triton" and not (config.role_stats == "unclamped" and clamped is not None):
+    # float64 takes the reference on the Triton backend too (the kernels compute in fp32): call it here, with the
+    # clamped mask, rather than through role_weights_triton's own fallback, which has no mask.
+    kernel = which == "triton" and torch.float64 not in (advantages.dtype, signals.dtype)
+    if kernel and not (config.role_stats == "unclamped" and clamped is not None):
         from srpo_core._role_weights_triton import role_weights_triton
 
         res = role_weights_triton(advantages, signals, roles, cu_seqlens, config, group)
-        if res.clamped is None:
-            res.clamped = clamped_counts(clamped, roles, group)
+        res.clamped = clamped_counts(clamped, roles, group)
         return res
     return role_weights_reference(advantages, signals, roles, cu_seqlens, config, group, clamped)

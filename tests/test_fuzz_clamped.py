@@ -143,3 +143,10 @@ def test_trainer_metrics_carry_the_clamped_counts():
     assert isinstance(out.stats["reasoning/clamped"], int)
     src = inspect.getsource(trl_adapter)
     assert 'for key, value in res.stats.items():' in src and 'metrics[f"srpo/{key}"]' in src
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clamped_counts_in_float64(backend):
+    """Found by the fuzz suite: float64 on backend='triton' (the reference) reported 0 clamped signals."""
+    out = role_aware_advantages(**outlier_batch(torch.float64), backend=backend)
+    assert out.stats["reasoning/clamped"] == 1
