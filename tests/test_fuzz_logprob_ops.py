@@ -259,8 +259,8 @@ _W17 = [-0.5776, -0.1583, -0.3152, -0.1817, -0.0050, 0.0526, 0.0443, -0.2076, 0.
 
 
 @pytest.mark.xfail(strict=True, reason="fuzz (linear_token_logprobs' owners): large finite fp32 logits (|x/τ| ≈ "
-                                       "2.5e38, within float32) give NaN on both backends; torch in fp32 gives 0")
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+                                       "2.5e38, within float32) give NaN on all backends; torch in fp32 gives 0")
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_known_linear_token_logprobs_large_finite_logits_nan(backend):
     out = linear_token_logprobs(torch.tensor([[-3e38]]), torch.tensor(_W17)[:, None], torch.tensor([0]),
                                 temperature=0.7, backend=backend)
@@ -269,7 +269,7 @@ def test_known_linear_token_logprobs_large_finite_logits_nan(backend):
 
 @pytest.mark.xfail(strict=True, reason="fuzz (linear_token_logprobs' owners): -inf where torch in fp32 and the "
                                        "float64 reference both give -3.1984e38")
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_known_linear_token_logprobs_large_finite_logits_inf(backend):
     h = torch.tensor([[3e38, -0.29343, -2.1788, 0.56843, -1.0845, -1.3986, 0.40335, 0.83803]])
     w = torch.tensor([[-0.5776, -0.0933, -0.2652, 0.2499, -0.2210, -0.3189, -0.1558, -0.2166],
