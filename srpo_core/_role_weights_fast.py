@@ -12,8 +12,10 @@ scattered back. Both layouts of one batch therefore run the same code on the sam
 **Passes** (all-reduced between them over a process group, in the reference's order: SUM, MAX, then SUM):
 
 1. ``_signals``: ``s`` in the compute dtype and a float role code (``BAD`` -1 where a value read is invalid: NaN/+inf
-   log-probs, non-finite precomputed signals, roles outside 0-2; 0 padding, 1 OTHER, 2 PERCEPTION, 3 REASONING).
-   ``_role_sums``: per role the count, ``Σ s`` and extremes in float64, and the number of ``BAD`` tokens; if it is
+   log-probs, non-finite precomputed signals, roles outside 0-2; 0 padding, 1 OTHER, 2 PERCEPTION, 3 REASONING),
+   and ``clamped`` (1.0 where a log-prob contrast sits at a bound, D87).
+   ``_role_sums``: per role the count, ``Σ s`` and extremes in float64 (over the unclamped signals under
+   ``role_stats="unclamped"``), the role's token and clamped counts, and the number of ``BAD`` tokens; if it is
    not 0, :func:`role_aware_advantages_fast` returns ``None`` and the caller's reference path raises its detailed
    error (D59).
 2. ``_sq_dev``: ``Σ (s − μ_r)²`` per role in float64 (two-pass statistics, D4).
@@ -64,11 +66,15 @@ def _source(kind: str, other, given) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------- the passes
 def _contrast(logp, other, kind, params, dtype):
+    """The signal and whether it sits at a bound of its contrast (D87: ``|δ| ≥ c``, or ``k3 ≥ k3_max``)."""
     c = params[CLAMP].to(dtype)
     if kind == "logratio":
-        return clamped_difference(logp.to(dtype), other.to(dtype), c)
+        d = clamped_difference(logp.to(dtype), other.to(dtype), c)
+        return d, d.abs() >= c
     delta = clamped_difference(other.to(dtype), logp.to(dtype), c)
-    return (torch.expm1(delta) - delta).clamp_min(0.0).clamp_max(params[K3_MAX].to(dtype))
+    raw = torch.expm1(delta) - delta
+    k3_max = params[K3_MAX].to(dtype)
+    return raw.clamp_min(0.0).clamp_max(k3_max), torch.where(delta.abs() >= c, True, raw >= k3_max)
 
 
 def _signals(lengths, roles, logp, input_p, input_r, params, *, dtype, p_src, r_src):
@@ -81,42 +87,53 @@ def _signals(lengths, roles, logp, input_p, input_r, params, *, dtype, p_src, r_
     r = roles.to(dtype)  # exact for 0, 1, 2; no other integer converts to them
     zero = torch.zeros((), dtype=dtype, device=roles.device)
     inf = float("inf")
-    signal, ok = [], []
+    signal, ok, sat = [], [], []
+    no = torch.zeros((), dtype=torch.bool, device=roles.device)
     for src, x in ((p_src, input_p), (r_src, input_r)):
         if src is None:  # an error if the role has tokens (the caller checks the counts)
             signal.append(zero)
             ok.append(torch.ones((), dtype=torch.bool, device=roles.device))
-        elif src == "given":  # precomputed signals must be finite (D29)
+            sat.append(no)
+        elif src == "given":  # precomputed signals must be finite (D29); they are never clamped
             signal.append(x.to(dtype))
             ok.append(x.abs() < inf)
+            sat.append(no)
         else:  # log-probs may be -inf, never NaN or +inf (D2)
-            signal.append(_contrast(logp, x, src, params, dtype))
+            value, at_bound = _contrast(logp, x, src, params, dtype)
+            signal.append(value)
+            sat.append(at_bound)
             ok.append(torch.where(logp < inf, x < inf, False))
     code = torch.where(r == 1, torch.where(ok[0], PERCEPTION, BAD), torch.where(
         r == 2, torch.where(ok[1], REASONING, BAD), torch.where(r == 0, OTHER, BAD)))
     code = torch.where(valid, code, PADDING).to(dtype)
     s = torch.where(code == PERCEPTION, signal[0], torch.where(code == REASONING, signal[1], zero))
-    return s, code
+    clamped = torch.where(code == PERCEPTION, sat[0], torch.where(code == REASONING, sat[1], False)).to(dtype)
+    return s, code, clamped
 
 
-def _role_sums(s, code):
-    """Per role ``(count, Σ s)`` and ``(max s, max −s)`` in float64, and the number of ``BAD`` tokens."""
+def _role_sums(s, code, clamped, *, unclamped: bool):
+    """Per role ``(count, Σ s, all tokens, clamped)`` and ``(max s, max −s)`` in float64 (count, sum and extremes
+    over the unclamped signals when ``unclamped``), and the number of ``BAD`` tokens."""
     s64 = s.to(torch.float64)
     first, extremes = [], []
     for c in (PERCEPTION, REASONING):
-        sel = code == c
-        first.append(torch.stack([sel.sum(dtype=torch.float64), torch.where(sel, s64, 0.0).sum()]))
+        role = code == c
+        sel = torch.where(clamped > 0, False, role) if unclamped else role
+        first.append(torch.stack([sel.sum(dtype=torch.float64), torch.where(sel, s64, 0.0).sum(),
+                                  role.sum(dtype=torch.float64), torch.where(role, clamped, 0.0).sum(
+                                      dtype=torch.float64)]))
         extremes.append(torch.stack([torch.where(sel, s64, -float("inf")).amax(),
                                      torch.where(sel, -s64, -float("inf")).amax()]))
     return torch.stack(first), torch.stack(extremes), (code < 0).sum(dtype=torch.float64)
 
 
-def _sq_dev(s, code, mu):
-    """Pass 2: ``Σ (s − μ_r)²`` per role, float64."""
+def _sq_dev(s, code, clamped, mu, *, unclamped: bool):
+    """Pass 2: ``Σ (s − μ_r)²`` per role (over the unclamped signals when ``unclamped``), float64."""
     s64 = s.to(torch.float64)
     sq = []
     for k, c in enumerate((PERCEPTION, REASONING)):
-        dev = torch.where(code == c, s64 - mu[k], 0.0)
+        sel = torch.where(clamped > 0, False, code == c) if unclamped else code == c
+        dev = torch.where(sel, s64 - mu[k], 0.0)
         sq.append((dev * dev).sum())
     return torch.stack(sq)
 
@@ -249,7 +266,7 @@ class _Grid:
 def role_aware_advantages_fast(advantages, logp, logp_corrupt, logp_ablated, roles, perception_signal,
                                reasoning_signal, *, mask, cu, config: SRPOConfig, group, dtype):
     """SPEC steps 1-6 on inputs whose shapes, dtypes and ``cu`` the caller has checked; ``advantages`` finite, in
-    ``dtype``. Returns ``(token advantages, weights, z, baseline, stats rows [2, 6])`` in the caller's layout, or
+    ``dtype``. Returns ``(token advantages, weights, z, baseline, stats rows [2, 7])`` in the caller's layout, or
     ``None`` when this path does not apply (no tokens, very uneven lengths) or some value is invalid: the
     reference path then computes the result or raises its error."""
     lengths = cu[1:] - cu[:-1]
@@ -267,19 +284,20 @@ def role_aware_advantages_fast(advantages, logp, logp_corrupt, logp_ablated, rol
     p_in = perception_signal if p_src == "given" else logp_corrupt if p_src else None
     r_in = reasoning_signal if r_src == "given" else logp_ablated if r_src else None
     roles_g, logp_g, p_g, r_g = grid.take(roles, logp, p_in, r_in)
-    s, code = _run(_signals, compiled, lengths, roles_g, logp_g, p_g, r_g, params, dtype=dtype, p_src=p_src,
-                   r_src=r_src)
-    first, extremes, n_bad = _run(_role_sums, compiled, s, code)
-    n_bad, n_p, n_r = torch.cat([n_bad.view(1), first[:, 0]]).tolist()
+    s, code, clamped = _run(_signals, compiled, lengths, roles_g, logp_g, p_g, r_g, params, dtype=dtype,
+                            p_src=p_src, r_src=r_src)
+    unclamped = config.role_stats == "unclamped"
+    first, extremes, n_bad = _run(_role_sums, compiled, s, code, clamped, unclamped=unclamped)
+    n_bad, n_p, n_r = torch.cat([n_bad.view(1), first[:, 2]]).tolist()
     if n_bad or (n_p and p_src is None) or (n_r and r_src is None):
         return None
-    local_count = first[:, 0].clone()
+    local_count = first[:, 2].clone()
     if group is not None:
         dist.all_reduce(first, op=dist.ReduceOp.SUM, group=group)
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
     count = first[:, 0]
     mu = first[:, 1] / count.clamp(min=1.0)
-    sq = _run(_sq_dev, compiled, s, code, mu)
+    sq = _run(_sq_dev, compiled, s, code, clamped, mu, unclamped=unclamped)
     if group is not None:
         dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
     constant = extremes[:, 0] == -extremes[:, 1]
@@ -291,6 +309,7 @@ def role_aware_advantages_fast(advantages, logp, logp_corrupt, logp_ablated, rol
                                  weight_map=config.weight_map, renorm=config.renorm)
     has = local_count > 0
     nan = torch.tensor(float("nan"), dtype=torch.float64, device=w.device)
-    rows = torch.stack([count, mu, sigma, torch.where(has, w_stats[:, 0], nan),
-                        w_stats[:, 2] / local_count.clamp(min=1.0), torch.where(has, w_stats[:, 1], nan)], dim=1)
+    rows = torch.stack([first[:, 2], mu, sigma, torch.where(has, w_stats[:, 0], nan),
+                        w_stats[:, 2] / local_count.clamp(min=1.0), torch.where(has, w_stats[:, 1], nan),
+                        first[:, 3]], dim=1)
     return (*grid.give(token_adv, w, z), baseline, rows)

@@ -66,3 +66,11 @@ def first_true_index(flags: torch.Tensor) -> tuple[int, ...]:
     """Coordinates of the first True element of ``flags`` (row-major)."""
     flat = int(torch.nonzero(flags.reshape(-1))[0, 0])
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), flags.shape))
+
+
+def refuse_meta(op: str, **tensors) -> None:
+    """Ops that read values (checks, data-dependent shapes, host-side statistics) refuse meta tensors (D88)."""
+    for name, x in tensors.items():
+        if isinstance(x, torch.Tensor) and x.is_meta:
+            raise ValueError(f"{op}: `{name}` is a meta tensor ({describe(x)}); {op} reads values (its checks and "
+                             "results depend on them), so it needs real tensors")

@@ -26,7 +26,14 @@ import dataclasses
 
 import torch
 
-from srpo_core._validate import describe, require_same_device, require_same_shape, require_tensor
+from srpo_core._validate import (
+    describe,
+    first_true_index,
+    refuse_meta,
+    require_same_device,
+    require_same_shape,
+    require_tensor,
+)
 
 OP = "ablate_span"
 
@@ -55,6 +62,8 @@ class AblatedBatch:
         if values.shape[:2] != self.input_ids.shape:
             raise ValueError(f"AblatedBatch.gather: `values` must start with the ablated shape "
                              f"{tuple(self.input_ids.shape)}, got {describe(values)}")
+        if values.shape[1] == 0:  # every row ablated away entirely: nothing to gather, all fill
+            return values.new_full((*self.index.shape, *values.shape[2:]), fill)
         idx = self.index.clamp(min=0).to(values.device)
         idx = idx.view(*idx.shape, *([1] * (values.dim() - 2))).expand(*idx.shape, *values.shape[2:])
         out = torch.gather(values, 1, idx)
@@ -85,10 +94,13 @@ def ablate_span(input_ids: torch.Tensor, attention_mask: torch.Tensor, span_mask
         span_mask: ``bool [B, L]``, the tokens to ablate (e.g. ``roles == Role.PERCEPTION`` placed at the completion
             positions).
         mode: ``"drop"`` | ``"mask"``.
-        pad_token_id: fills the right padding of shortened rows (``drop``).
+        pad_token_id: an int, fills the right padding of shortened rows (``drop``).
         tags_mask: optional ``bool [B, L]``, the tag tokens around each span (e.g. ``<perception>`` and
             ``</perception>``), ablated too when given. By default the tags stay in the context, so the ablated pass
-            still sees an (empty) ``<perception></perception>``; see ``docs/decisions.md`` D115.
+            still sees an (empty) ``<perception></perception>``; see ``docs/decisions.md`` D116.
+
+    ``span_mask`` (and ``tags_mask``) must be False where ``attention_mask`` is 0 (an error otherwise, in both modes:
+    padding belongs to no span, decision D90).
 
     Returns:
         :class:`AblatedBatch`. ``gather`` maps the ablated pass's per-token values back; the values at the original
@@ -101,11 +113,28 @@ def ablate_span(input_ids: torch.Tensor, attention_mask: torch.Tensor, span_mask
     require_same_device(OP, "input_ids", input_ids, attention_mask=attention_mask, span_mask=span_mask)
     if mode not in ("drop", "mask"):
         raise ValueError(f"{OP}: `mode` must be 'drop' or 'mask', got {mode!r}")
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
+        raise TypeError(f"{OP}: `pad_token_id` must be an int, got {describe(pad_token_id)}")
+    info = torch.iinfo(input_ids.dtype)
+    if not info.min <= pad_token_id <= info.max:
+        raise ValueError(f"{OP}: `pad_token_id` must fit `input_ids`' dtype {input_ids.dtype} "
+                         f"[{info.min}, {info.max}], got {pad_token_id}")
+    refuse_meta(OP, input_ids=input_ids, attention_mask=attention_mask, span_mask=span_mask)
+    if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        bad = (attention_mask != 0) & (attention_mask != 1)
+        raise ValueError(f"{OP}: `attention_mask` must hold 0/1 (or bool), got {int(bad.sum())} other value(s); "
+                         f"first at index {first_true_index(bad)}")
     if tags_mask is not None:
         require_tensor(OP, "tags_mask", tags_mask, kind="bool", ndim=2)
         require_same_shape(OP, "input_ids", input_ids, tags_mask=tags_mask)
         require_same_device(OP, "input_ids", input_ids, tags_mask=tags_mask)
         span_mask = span_mask | tags_mask
+    outside = span_mask & ~attention_mask.bool()
+    if bool(outside.any()):
+        # A span token the model never sees (padding) cannot be removed from what it sees (D90).
+        raise ValueError(f"{OP}: `span_mask` must be False where `attention_mask` is 0 (padding is not part of any "
+                         f"span), got {int(outside.sum())} such position(s); first at index "
+                         f"{first_true_index(outside)}")
     keep = ~span_mask
     index = torch.where(keep, torch.cumsum(keep.to(torch.int64), dim=1) - 1, -1)
     if mode == "mask":

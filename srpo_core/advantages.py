@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -12,11 +13,12 @@ from srpo_core._validate import (
     check_cu_seqlens,
     describe,
     first_true_index,
+    refuse_meta,
     require_same_device,
     require_same_shape,
     require_tensor,
 )
-from srpo_core.config import Role, SRPOConfig
+from srpo_core.config import SIGNAL_MAX, Role, SRPOConfig
 from srpo_core.layout import cu_seqlens_from_mask, pack, segment_sum, unpack
 from srpo_core.reference import contrast as contrast_ref
 from srpo_core.role_weights import role_weights
@@ -32,8 +34,10 @@ class RoleAwareAdvantages:
     - ``weights``: ``w_t`` (> 0 on valid tokens, 1 on OTHER tokens before renormalisation), 0 outside the mask.
     - ``signals``: the standardised signals ``z_t`` at role tokens, 0 elsewhere.
     - ``baseline``: ``b_i: [B]``, the shared trajectory baseline.
-    - ``stats``: floats for logging: per role ``count``, ``mu``, ``sigma`` (over the whole batch, all ranks) and
-      ``w_min``, ``w_mean``, ``w_max`` (this rank's tokens); keys like ``"perception/mu"``.
+    - ``stats``: floats for logging: per role ``count``, ``clamped`` (signals at a bound of their contrast, e.g. a
+      ``−inf`` log-prob driven to ``±clamp``; D87), ``mu``, ``sigma`` (over the whole batch, all ranks; ``mu`` and
+      ``sigma`` over the unclamped signals with ``config.role_stats="unclamped"``) and ``w_min``, ``w_mean``,
+      ``w_max`` (this rank's tokens); keys like ``"perception/mu"``.
     """
 
     advantages: torch.Tensor
@@ -48,7 +52,9 @@ def contrast(logp: torch.Tensor, logp_other: torch.Tensor, kind: str = "k3", *, 
     """Elementwise SPEC step-1 contrast ``D(ℓ, ℓ')`` of two log-prob tensors of the same shape.
 
     ``kind="logratio"``: ``clamp(ℓ − ℓ', −c, c)``; ``kind="k3"``: ``min(e^δ − δ − 1, k3_max)`` with
-    ``δ = clamp(ℓ' − ℓ, −c, c)``. ``−inf`` is allowed; NaN is an error. ``kl`` and ``js`` need the two logit rows:
+    ``δ = clamp(ℓ' − ℓ, −c, c)``. ``−inf`` is allowed; NaN is an error. ``clamp`` and ``k3_max`` must be finite,
+    in ``(0, 1e15]``. Returns float32 (float64 if either input is float64), as ``role_aware_advantages`` computes
+    it. ``kl`` and ``js`` need the two logit rows:
     use ``token_contrast``.
     """
     op = "contrast"
@@ -58,14 +64,21 @@ def contrast(logp: torch.Tensor, logp_other: torch.Tensor, kind: str = "k3", *, 
     require_same_device(op, "logp", logp, logp_other=logp_other)
     if kind in ("kl", "js"):
         raise ValueError(
-            f"{op}: kind={kind!r} needs the two full logit rows, not log-probs; use srpo_core.token_contrast"
+            f"{op}: `kind`={kind!r} needs the two full logit rows, not log-probs; use srpo_core.token_contrast"
             " (it returns the divergence and both sampled-token log-probs)"
         )
     if kind not in ("logratio", "k3"):
         raise ValueError(f"{op}: `kind` must be 'logratio' or 'k3', got {kind!r}")
+    for name, value in (("clamp", clamp), ("k3_max", k3_max)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= SIGNAL_MAX:
+            raise ValueError(f"{op}: `{name}` must be a finite number in (0, {SIGNAL_MAX:g}], got {value!r}")
+    refuse_meta(op, logp=logp, logp_other=logp_other)
     for name, x in (("logp", logp), ("logp_other", logp_other)):
         _reject_bad_values(op, name, x, torch.ones_like(x, dtype=torch.bool), "")
-    return contrast_ref.contrast(logp, logp_other, kind, clamp, k3_max)
+    # float32 for every float input, float64 when either is float64 (D10; D86: a clamp beyond fp16's range, or
+    # e^δ of a clamped δ, is then representable).
+    dtype = torch.float64 if torch.float64 in (logp.dtype, logp_other.dtype) else torch.float32
+    return contrast_ref.contrast(logp.to(dtype), logp_other.to(dtype), kind, clamp, k3_max)
 
 
 def _reject_bad_values(op: str, name: str, x: torch.Tensor, where: torch.Tensor, what: str) -> None:
@@ -133,6 +146,7 @@ def role_aware_advantages(
     require_same_shape(OP, "logp", logp, roles=roles, **per_token)
     require_same_device(OP, "logp", logp, advantages=advantages, roles=roles, mask=mask, cu_seqlens=cu_seqlens,
                         **per_token)
+    refuse_meta(OP, advantages=advantages, logp=logp, roles=roles, mask=mask, cu_seqlens=cu_seqlens, **per_token)
 
     padded = logp.dim() == 2
     if padded:
@@ -184,14 +198,14 @@ def role_aware_advantages(
         bad_vals = torch.unique(r[(r < 0) | (r > 2)])[:5].tolist()
         raise ValueError(f"{OP}: `roles` must hold 0 (OTHER), 1 (PERCEPTION) or 2 (REASONING) at valid tokens, "
                          f"got {bad_vals}")
-    signals = _signals(
+    signals, clamped = _signals(
         config, r, packed(roles), packed(logp), packed(logp_corrupt), packed(logp_ablated),
         packed(perception_signal), packed(reasoning_signal), roles_unpacked=roles, mask=mask if padded else None,
         dtype=compute_dtype,
     )
 
     which = _dispatch.pick_backend(backend, logp.device, op=OP, has_triton=_role_weights_triton_exists())
-    res = role_weights(which, advantages.to(compute_dtype), signals, r, cu, config, process_group)
+    res = role_weights(which, advantages.to(compute_dtype), signals, r, cu, config, process_group, clamped)
 
     stats = _stats(res, r, cu)
     if padded:
@@ -208,8 +222,10 @@ def _role_weights_triton_exists() -> bool:
 
 def _signals(config, r, _roles, logp, logp_corrupt, logp_ablated, perception_signal, reasoning_signal, *,
              roles_unpacked, mask, dtype) -> torch.Tensor:
-    """Step 1: ``s_t = D_P(ℓ, ℓ̃)`` at perception tokens, ``D_R(ℓ, ℓ°)`` at reasoning tokens, 0 elsewhere [N]."""
+    """Step 1: ``s_t = D_P(ℓ, ℓ̃)`` at perception tokens, ``D_R(ℓ, ℓ°)`` at reasoning tokens, 0 elsewhere [N];
+    and ``clamped: bool [N]``, the log-prob contrasts at a bound (D87; precomputed signals never are)."""
     signals = torch.zeros(r.shape, dtype=dtype, device=r.device)
+    clamped = torch.zeros(r.shape, dtype=torch.bool, device=r.device)
     for role, kind, other_name, other, given_name, given in (
         (Role.PERCEPTION, config.perception_contrast, "logp_corrupt", logp_corrupt, "perception_signal",
          perception_signal),
@@ -237,7 +253,8 @@ def _signals(config, r, _roles, logp, logp_corrupt, logp_ablated, perception_sig
         _reject_nan(other_name, other, sel, roles_unpacked, mask, role, where)
         s = contrast_ref.contrast(logp.to(dtype), other.to(dtype), kind, config.clamp, config.k3_max)
         signals = torch.where(sel, s, signals)
-    return signals
+        clamped |= sel & contrast_ref.at_bound(logp.to(dtype), other.to(dtype), kind, config.clamp, config.k3_max)
+    return signals, clamped
 
 
 def _reject_nan(name, x_packed, sel, roles_unpacked, mask, role, where, finite: bool = False) -> None:
@@ -269,57 +286,79 @@ def _stats(res, r: torch.Tensor, cu: torch.Tensor) -> dict[str, float]:
         w_mean = torch.where(sel, w, 0.0).sum() / cnt.clamp(min=1)
         rows.append(torch.stack([res.role_stats[k, 0], res.role_stats[k, 1], res.role_stats[k, 2],
                                  torch.where(cnt > 0, w_min, torch.nan), w_mean.to(torch.float64),
-                                 torch.where(cnt > 0, w_max, torch.nan)]))
+                                 torch.where(cnt > 0, w_max, torch.nan), res.clamped[k]]))
     return _stats_dict(torch.stack(rows))
 
 
+STAT_KEYS = ("count", "mu", "sigma", "w_min", "w_mean", "w_max", "clamped")
+
+
 def _stats_dict(rows: torch.Tensor) -> dict[str, float]:
-    """``rows: float64 [2, 6]``, per role ``(count, mu, sigma, w_min, w_mean, w_max)`` → the logging dict."""
+    """``rows: float64 [2, 7]``, per role ``(count, mu, sigma, w_min, w_mean, w_max, clamped)`` → the logging
+    dict."""
     values = rows.tolist()
-    keys = ("count", "mu", "sigma", "w_min", "w_mean", "w_max")
+    keys = STAT_KEYS
     stats = {f"{role}/{k}": v
              for role, vals in zip(("perception", "reasoning"), values, strict=True)
              for k, v in zip(keys, vals, strict=True)}
     for role in ("perception", "reasoning"):
         stats[f"{role}/count"] = int(stats[f"{role}/count"])
+        stats[f"{role}/clamped"] = int(stats[f"{role}/clamped"])
         if stats[f"{role}/count"] == 0:
             stats.update({f"{role}/{k}": float("nan") for k in ("mu", "sigma", "w_mean")})
     return stats
 
 
 def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm: str = "std",
-                    eps: float = 1e-6) -> torch.Tensor:
-    """GRPO's sequence-level advantages: ``A_i = (R_i − mean_g R) / (std_g R + eps)``.
+                    eps: float = 1e-6, scale: str = "group", nan_rewards: str = "raise") -> torch.Tensor:
+    """GRPO's sequence-level advantages: ``A_i = (R_i − mean_g R) / (std R + eps)``.
 
     ``rewards: [B]`` float, ``group_ids: [B]`` integer labels (any values; equal label = same prompt).
-    ``std`` is the unbiased one (as verl and TRL compute it); a group of one gives ``A_i = 0``.
-    ``norm="none"`` gives ``R_i − mean_g R`` (Dr.GRPO). Returns float32 (float64 for float64 rewards).
+    ``std`` is the unbiased one (as verl and TRL compute it), over the group (``scale="group"``, the default) or over
+    the whole batch (``scale="batch"``, TRL's ``scale_rewards="batch"``; the mean stays the group's). A group of one,
+    or whose rewards are all equal, gives ``A_i = 0``. ``norm="none"`` gives ``R_i − mean_g R`` (Dr.GRPO).
+    ``nan_rewards="raise"`` (default): a NaN reward is an error; ``"zero"`` (TRL's handling of a completion no reward
+    function could score): a NaN reward gets ``A_i = 0`` and is left out of its group's mean and std (and of the
+    batch std). ``±inf`` is always an error. Returns float32 (float64 for float64 rewards).
     """
     op = "grpo_advantages"
     require_tensor(op, "rewards", rewards, kind="float", ndim=1)
     require_tensor(op, "group_ids", group_ids, kind="int", ndim=1)
     require_same_shape(op, "rewards", rewards, group_ids=group_ids)
     require_same_device(op, "rewards", rewards, group_ids=group_ids)
+    refuse_meta(op, rewards=rewards, group_ids=group_ids)
     if norm not in ("std", "none"):
         raise ValueError(f"{op}: `norm` must be 'std' or 'none', got {norm!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"{op}: `eps` must be a positive number, got {eps!r}")
-    if not bool(torch.isfinite(rewards).all()):
-        bad = ~torch.isfinite(rewards)
-        raise ValueError(f"{op}: `rewards` must be finite, got {int(bad.sum())} non-finite value(s), "
-                         f"first at index {first_true_index(bad)[0]}")
+    if scale not in ("group", "batch"):
+        raise ValueError(f"{op}: `scale` must be 'group' or 'batch', got {scale!r}")
+    if nan_rewards not in ("raise", "zero"):
+        raise ValueError(f"{op}: `nan_rewards` must be 'raise' or 'zero', got {nan_rewards!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"{op}: `eps` must be a finite positive number, got {eps!r}")
+    bad = torch.isinf(rewards) if nan_rewards == "zero" else ~torch.isfinite(rewards)
+    if bool(bad.any()):
+        what = "must not be ±inf" if nan_rewards == "zero" else "must be finite (or pass nan_rewards='zero')"
+        raise ValueError(f"{op}: `rewards` {what}, got {int(bad.sum())} such value(s), "
+                         f"first at index {first_true_index(bad)[0]} ({float(rewards[bad][0])})")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.to(torch.float64)  # group statistics in float64, result cast back
+    scored = ~torch.isnan(r)
+    r = torch.where(scored, r, 0.0)
     _, g = torch.unique(group_ids, return_inverse=True)
     num_groups = int(g.max()) + 1 if g.numel() else 0
-    size = segment_sum(torch.ones_like(r), g, num_groups)
-    mean = segment_sum(r, g, num_groups) / size
+    size = segment_sum(scored.to(torch.float64), g, num_groups)
+    mean = segment_sum(r, g, num_groups) / size.clamp(min=1.0)
     # A group whose rewards are all equal has no spread: its advantages are exactly 0, not (ulp of the mean) / eps.
-    hi = r.new_full((num_groups,), -float("inf")).scatter_reduce(0, g, r, "amax")
-    lo = r.new_full((num_groups,), float("inf")).scatter_reduce(0, g, r, "amin")
-    informative = ((size > 1) & (hi > lo))[g]
-    centred = r - mean[g]
+    hi = r.new_full((num_groups,), -float("inf")).scatter_reduce(0, g, torch.where(scored, r, -math.inf), "amax")
+    lo = r.new_full((num_groups,), float("inf")).scatter_reduce(0, g, torch.where(scored, r, math.inf), "amin")
+    informative = ((size > 1) & (hi > lo))[g] & scored
+    centred = torch.where(scored, r - mean[g], 0.0)
     if norm == "none":
         return torch.where(informative, centred, 0.0).to(dtype)
-    std = torch.sqrt(segment_sum(centred * centred, g, num_groups) / (size - 1).clamp(min=1))
-    return torch.where(informative, centred / (std[g] + eps), 0.0).to(dtype)
+    if scale == "group":
+        std = torch.sqrt(segment_sum(centred * centred, g, num_groups) / (size - 1).clamp(min=1))[g]
+    else:  # the unbiased std of every scored reward in the batch, about the batch mean
+        n = scored.sum()
+        dev = torch.where(scored, r - r.sum() / n.clamp(min=1), 0.0)
+        std = torch.sqrt((dev * dev).sum() / (n - 1).clamp(min=1))
+    return torch.where(informative, centred / (std + eps), 0.0).to(dtype)

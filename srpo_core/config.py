@@ -14,9 +14,25 @@ class Role(enum.IntEnum):
     PERCEPTION = 1
     REASONING = 2
 
+    @classmethod
+    def _missing_(cls, value):
+        raise ValueError(f"Role: `value` must be 0 (OTHER), 1 (PERCEPTION) or 2 (REASONING), got {value!r}")
+
 
 CONTRAST_KINDS = ("logratio", "k3", "kl", "js")
 WEIGHT_MAPS = ("exp", "linear", "sigmoid")
+ROLE_STATS = ("all", "unclamped")
+
+# Bounds that keep every accepted config's weights finite and > 0 in float32 on every backend (decision D85):
+# contrast signals are at most SIGNAL_MAX in magnitude, β_r · u_max at most EXPONENT_MAX (so exp / sigmoid / linear
+# weights stay within [e^-20, e^20] before and [e^-40, n] after renormalisation), eps at least EPS_MIN (1 / (σ + eps)
+# is a float32 in the kernel), w_min at least W_MIN_MIN (a float32 floor that cannot round to 0).
+SIGNAL_MAX = 1e15
+EXPONENT_MAX = 20.0
+BETA_MAX = 1e6
+U_MAX_MAX = 1e6
+EPS_MIN = 1e-30
+W_MIN_MIN = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +45,12 @@ class SRPOConfig:
     Step 4: ``u_max``, ``beta_perception``, ``beta_reasoning``, ``weight_map`` (``"exp"`` | ``"linear"`` |
     ``"sigmoid"``), ``w_min`` (linear map only).
     Step 5: ``renorm`` (``"mean"`` | ``"none"``).
+    ``role_stats``: which signals step 2's ``μ_r, σ_r`` are taken over: ``"all"`` (SPEC, the default) or
+    ``"unclamped"`` (signals at a bound of their contrast, e.g. a ``−inf`` log-prob driven to ``±clamp``, are left out
+    of the statistics but still standardised by them; decision D87).
+
+    Bounds (D85): ``0 < clamp, k3_max <= 1e15``; ``eps >= 1e-30``; ``0 < u_max <= 1e6``; ``0 <= β_r <= 1e6`` and
+    ``β_r · u_max <= 20``; ``1e-6 <= w_min <= 1``. Within them every weight is finite and > 0 in float32.
     """
 
     perception_contrast: str = "k3"
@@ -43,6 +65,7 @@ class SRPOConfig:
     weight_map: str = "exp"
     w_min: float = 0.1
     renorm: str = "mean"
+    role_stats: str = "all"
 
     def __post_init__(self) -> None:
         def choice(name: str, allowed: tuple[str, ...]) -> None:
@@ -64,6 +87,7 @@ class SRPOConfig:
         choice("standardize", ("batch", "none"))
         choice("weight_map", WEIGHT_MAPS)
         choice("renorm", ("mean", "none"))
+        choice("role_stats", ROLE_STATS)
         number("clamp", positive=True)
         number("k3_max", positive=True)
         number("eps", positive=True)
@@ -74,6 +98,28 @@ class SRPOConfig:
         if self.w_min > 1:
             raise ValueError(f"SRPOConfig: `w_min` must be in (0, 1], got {self.w_min!r} (a floor above 1 would "
                              "raise every role token above OTHER tokens even at beta = 0)")
+
+        def at_most(name: str, bound: float, why: str) -> None:
+            if getattr(self, name) > bound:
+                raise ValueError(f"SRPOConfig: `{name}` must be <= {bound:g}, got {getattr(self, name)!r} ({why})")
+
+        at_most("clamp", SIGNAL_MAX, "the bound on every signal: larger ones overflow float32 statistics")
+        at_most("k3_max", SIGNAL_MAX, "the bound on every signal: larger ones overflow float32 statistics")
+        at_most("u_max", U_MAX_MAX, "a float32 clip; z is at most sqrt(N) under standardize='batch'")
+        at_most("beta_perception", BETA_MAX, "a float32 strength")
+        at_most("beta_reasoning", BETA_MAX, "a float32 strength")
+        if self.eps < EPS_MIN:
+            raise ValueError(f"SRPOConfig: `eps` must be >= {EPS_MIN:g}, got {self.eps!r} (1 / (sigma + eps) must "
+                             "be a finite float32)")
+        if self.w_min < W_MIN_MIN:
+            raise ValueError(f"SRPOConfig: `w_min` must be >= {W_MIN_MIN:g}, got {self.w_min!r} (a smaller floor "
+                             "rounds to 0 in float32 after renormalisation)")
+        for name in ("beta_perception", "beta_reasoning"):
+            if getattr(self, name) * self.u_max > EXPONENT_MAX:
+                raise ValueError(
+                    f"SRPOConfig: `{name}` · `u_max` must be <= {EXPONENT_MAX:g}, got {getattr(self, name)!r} · "
+                    f"{self.u_max!r} (a weight ratio of e^40 within a trajectory is the most float32 keeps finite "
+                    "and > 0 after renormalisation)")
 
     def beta(self, role: Role) -> float:
         return {Role.PERCEPTION: self.beta_perception, Role.REASONING: self.beta_reasoning}.get(role, 0.0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from srpo_core._validate import describe, require_tensor
+from srpo_core._validate import describe, refuse_meta, require_tensor
 
 # OpenAI CLIP statistics: the defaults of Qwen2VLImageProcessor (and Qwen2.5-VL's).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -74,23 +74,32 @@ def corrupt_pixel_values(
     require_tensor(op, "image_grid_thw", image_grid_thw, kind="int", ndim=2)
     if image_grid_thw.shape[-1] != 3:
         raise ValueError(f"{op}: `image_grid_thw` must be [num_images, 3], got {describe(image_grid_thw)}")
-    channels = len(image_mean)
-    if len(image_std) != channels:
+    for name, value in (("temporal_patch_size", temporal_patch_size), ("patch_size", patch_size),
+                        ("merge_size", merge_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{op}: `{name}` must be a positive int, got {value!r}")
+    mean_t = _channel_stats(op, "image_mean", image_mean, positive=False)
+    std_t = _channel_stats(op, "image_std", image_std, positive=True)
+    channels = mean_t.numel()
+    if std_t.numel() != channels:
         raise ValueError(f"{op}: `image_mean` and `image_std` must have one entry per channel, got "
-                         f"{len(image_mean)} and {len(image_std)}")
+                         f"{mean_t.numel()} and {std_t.numel()}")
+    refuse_meta(op, pixel_values=pixel_values, image_grid_thw=image_grid_thw, group_index=group_index)
     row = channels * temporal_patch_size * patch_size * patch_size
     if pixel_values.shape[1] != row:
         raise ValueError(f"{op}: `pixel_values` must have C·T·P·P = {channels}·{temporal_patch_size}·{patch_size}·"
                          f"{patch_size} = {row} columns, got {describe(pixel_values)}")
     grids = image_grid_thw.detach().cpu().to(torch.int64)
+    if bool((grids < 0).any()):
+        raise ValueError(f"{op}: `image_grid_thw` must hold non-negative (t, h, w), got {grids.tolist()}")
     rows_per_image = grids.prod(-1)
     if int(rows_per_image.sum()) != pixel_values.shape[0]:
         raise ValueError(f"{op}: `image_grid_thw` describes Σ t·h·w = {int(rows_per_image.sum())} rows, but "
                          f"`pixel_values` has {pixel_values.shape[0]}")
     unit = merge_size * merge_size if patch == "merged" else 1
     if patch == "merged" and bool(((grids[:, 1] % merge_size) | (grids[:, 2] % merge_size)).any()):
-        raise ValueError(f"{op}: patch='merged' needs h and w divisible by merge_size={merge_size}, got grids "
-                         f"{grids.tolist()}")
+        raise ValueError(f"{op}: `patch`='merged' needs h and w of `image_grid_thw` divisible by "
+                         f"merge_size={merge_size}, got grids {grids.tolist()}")
     num_images = grids.shape[0]
     if group_index is None:
         groups = torch.arange(num_images)
@@ -117,7 +126,7 @@ def corrupt_pixel_values(
             drawn[g] = (units.repeat_interleave(unit), vals, grid)
         mask_i, vals, grid_g = drawn[g]
         if grid_g != grid:
-            raise ValueError(f"{op}: images of one group must have the same grid, got {grid_g} and {grid} "
+            raise ValueError(f"{op}: images of one `group_index` must have the same grid, got {grid_g} and {grid} "
                              f"(image {i}, group_index {int(group_index[i])})")
         row_mask[starts[i]:starts[i + 1]] = mask_i
         if vals is not None:
@@ -125,7 +134,10 @@ def corrupt_pixel_values(
 
     row_mask = row_mask.to(pixel_values.device)
     if mode == "black":
-        black = -torch.tensor(image_mean, dtype=torch.float64) / torch.tensor(image_std, dtype=torch.float64)
+        black = -mean_t / std_t
+        if not bool(torch.isfinite(black.to(pixel_values.dtype)).all()):
+            raise ValueError(f"{op}: `mode`='black' fills -`image_mean` / `image_std` = {black.tolist()}, which is not "
+                             f"finite in {pixel_values.dtype}")
         fill = black.repeat_interleave(row // channels).to(pixel_values.dtype).to(pixel_values.device)
         fill = fill.expand_as(pixel_values)
     elif mode == "mean":
@@ -134,6 +146,18 @@ def corrupt_pixel_values(
         fill = noise.to(pixel_values.dtype).to(pixel_values.device)
     out = torch.where(row_mask[:, None], fill, pixel_values)
     return (out, row_mask) if return_mask else out
+
+
+def _channel_stats(op: str, name: str, value, *, positive: bool) -> torch.Tensor:
+    """Per-channel statistics → ``float64 [C]``: a non-empty sequence of finite numbers (> 0 for ``image_std``)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) == 0 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{op}: `{name}` must be a non-empty sequence of numbers (one per channel), got {value!r}")
+    t = torch.tensor([float(v) for v in value], dtype=torch.float64)
+    if not bool(torch.isfinite(t).all()) or (positive and not bool((t > 0).all())):
+        want = "finite and > 0" if positive else "finite"
+        raise ValueError(f"{op}: every entry of `{name}` must be {want}, got {list(value)!r}")
+    return t
 
 
 def _patch_mask(h: int, w: int, patch_size: int, p: float, generator) -> torch.Tensor:
@@ -171,12 +195,13 @@ def corrupt_images(images, *, p: float = 0.5, patch_size: int = 14, mode: str = 
             arr = torch.from_numpy(np.array(img.convert("RGB") if img.mode not in ("RGB", "L") else img))
             x = arr.permute(2, 0, 1) if arr.dim() == 3 else arr[None]
         elif isinstance(img, torch.Tensor) and img.dim() == 3:
+            refuse_meta(op, **{f"images[{k}]": img})
             x = img
         else:
-            raise TypeError(f"{op}: images must be PIL images or [C, H, W] tensors, got {describe(img)} at index {k}")
+            raise TypeError(f"{op}: `images` must be PIL images or [C, H, W] tensors, got {describe(img)} at index {k}")
         h, w = x.shape[-2:]
         if same_mask and shared is not None and shared.shape != (h, w):
-            raise ValueError(f"{op}: same_mask=True needs images of one size, got {tuple(shared.shape)} and {(h, w)}")
+            raise ValueError(f"{op}: `same_mask`=True needs images of one size, got {tuple(shared.shape)} and {(h, w)}")
         m = shared if (same_mask and shared is not None) else _patch_mask(h, w, patch_size, p, generator)
         shared = m
         m = m.to(x.device)

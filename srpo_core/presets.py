@@ -26,6 +26,7 @@ from srpo_core._validate import (
     check_cu_seqlens,
     describe,
     first_true_index,
+    refuse_meta,
     require_same_device,
     require_same_shape,
     require_tensor,
@@ -172,6 +173,7 @@ def vppo_advantages(
     require_same_shape(op, "logp", logp, logp_corrupt=logp_corrupt)
     require_same_device(op, "logp", logp, advantages=advantages, logp_corrupt=logp_corrupt, mask=mask,
                         cu_seqlens=cu_seqlens)
+    refuse_meta(op, advantages=advantages, logp=logp, logp_corrupt=logp_corrupt, mask=mask, cu_seqlens=cu_seqlens)
     beta_min = _number(op, "beta_min", beta_min, low=0.0, high=1.0)
     top_k = _number(op, "top_k", top_k, low=0.0, high=1.0, low_open=True)
     clamp = _number(op, "clamp", clamp, low=0.0, high=math.inf, low_open=True)
@@ -250,6 +252,7 @@ def papo_perception_kl(
     require_tensor(op, "logp_corrupt", logp_corrupt, kind="float")
     require_same_shape(op, "logp", logp, logp_corrupt=logp_corrupt)
     require_same_device(op, "logp", logp, logp_corrupt=logp_corrupt, mask=mask, cu_seqlens=cu_seqlens)
+    refuse_meta(op, logp=logp, logp_corrupt=logp_corrupt, mask=mask, cu_seqlens=cu_seqlens)
     clamp = _number(op, "clamp", clamp, low=0.0, high=math.inf, low_open=True)
     k3_max = _number(op, "k3_max", k3_max, low=0.0, high=math.inf, low_open=True)
     padded, _ = _layout(op, logp, mask, cu_seqlens)

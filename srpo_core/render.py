@@ -121,6 +121,22 @@ LEGEND_WEIGHTS = (0.3, 0.5, 0.75, 1.0, 1.33, 2.0, 3.3)  # the colour scale satur
 _MAPS = {"exp": "exp(β·u)", "linear": "max(1+β·u, w_min)", "sigmoid": "2·sigmoid(β·u)"}
 
 
+def clamp_note(a: Analysis) -> str | None:
+    """Why some weights look flattened: signals at their contrast's clamp (D87), or ``None`` if there are none."""
+    stats, c = a.result.stats, a.config
+    found = [(role, stats[f"{role}/clamped"]) for role in ("perception", "reasoning") if stats[f"{role}/clamped"]]
+    if not found:
+        return None
+    counts = " and ".join(f"{n} {role}" for role, n in found)
+    if c.role_stats == "unclamped":
+        return (f"{counts} signal(s) sit at their contrast's bound (|ℓ − ℓ'| ≥ clamp = {c.clamp:g}, e.g. a −inf / "
+                "null log-prob, or k3 ≥ k3_max): role_stats=unclamped leaves them out of μ/σ; they are still "
+                "standardised and clipped at ±u_max.")
+    return (f"{counts} signal(s) sit at their contrast's bound (|ℓ − ℓ'| ≥ clamp = {c.clamp:g}, e.g. a −inf / null "
+            "log-prob, or k3 ≥ k3_max): they enter that role's μ/σ (SPEC) and can inflate σ, pulling the other "
+            "tokens' weights towards 1; role_stats=unclamped computes the statistics without them.")
+
+
 def _config_line(a: Analysis) -> str:
     c = a.config
     p, r = a.signal_names()
@@ -213,6 +229,8 @@ def print_analysis(a: Analysis, console=None, *, limit: int | None = None) -> No
                        style="dim"))
     if a.batch.malformed:
         console.print(f"[yellow]{a.batch.malformed} response(s) had malformed tags (roles derived anyway)[/]")
+    if note := clamp_note(a):
+        console.print(Text(note, style="yellow"))
     if not stats["perception/count"] and not stats["reasoning/count"]:
         console.print(f"[yellow]{NO_ROLES}[/]")
 
@@ -296,5 +314,7 @@ def to_html(a: Analysis, *, limit: int | None = None) -> str:
         parts.append(f"<p>{esc(NO_ROLES)}</p>")
     if a.batch.malformed:
         parts.append(f"<p>{a.batch.malformed} response(s) had malformed tags (roles derived anyway).</p>")
+    if note := clamp_note(a):
+        parts.append(f"<p>{esc(note)}</p>")
     parts.append(f"<p><small>config: {esc(repr(a.config))}</small></p></body></html>")
     return "\n".join(parts)

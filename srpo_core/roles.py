@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from srpo_core._validate import describe, require_same_shape, require_tensor
+from srpo_core._validate import describe, first_true_index, refuse_meta, require_same_shape, require_tensor
 from srpo_core.config import Role
 
 PERCEPTION_TAGS = ("perception", "description", "caption")
@@ -120,11 +120,8 @@ def roles_from_text(text: str, offsets, *, perception_tags: tuple[str, ...] = PE
     """
     if not isinstance(text, str):
         raise TypeError(f"roles_from_text: `text` must be a str, got {describe(text)}")
-    offs = np.asarray(offsets.tolist() if isinstance(offsets, torch.Tensor) else offsets, dtype=np.int64)
-    offs = offs.reshape(-1, 2) if offs.size else np.zeros((0, 2), dtype=np.int64)
-    if offs.size and (offs.min() < 0 or offs.max() > len(text) or bool((offs[:, 1] < offs[:, 0]).any())):
-        raise ValueError(f"roles_from_text: `offsets` must be (start, end) pairs with 0 <= start <= end <= "
-                         f"len(text) = {len(text)}, got min {offs.min()} max {offs.max()}")
+    offs = _offsets(offsets, len(text))
+    _check_tags("roles_from_text", perception_tags=perception_tags, reasoning_tags=reasoning_tags)
     labels, malformed = char_roles(text, perception_tags=perception_tags, reasoning_tags=reasoning_tags)
     # counts[k, i] = number of characters with label k in text[:i], for k = OTHER, PERCEPTION, REASONING
     onehot = labels[None, :] == np.arange(3, dtype=np.int8)[:, None]
@@ -140,6 +137,45 @@ def roles_from_text(text: str, offsets, *, perception_tags: tuple[str, ...] = PE
     n_tag, n_ws = cum[:, offs[:, 1]] - cum[:, offs[:, 0]]
     roles = np.where((n_tag > 0) & (n_ws == per_token.sum(0)), int(Role.OTHER), roles)
     return TextRoles(torch.from_numpy(roles.astype(np.int64)), malformed)
+
+
+def _offsets(offsets, n_chars: int) -> np.ndarray:
+    """``offsets`` → ``int64 [n, 2]``: a sequence of ``(start, end)`` int pairs or an integer ``[n, 2]`` tensor /
+    array, ``0 <= start <= end <= n_chars`` (decision D89: nothing is reshaped, rounded or truncated)."""
+    op = "roles_from_text"
+    want = "a sequence of (start, end) int pairs or an integer [n, 2] tensor"
+    if isinstance(offsets, (torch.Tensor, np.ndarray)):
+        arr = offsets.detach().cpu().numpy() if isinstance(offsets, torch.Tensor) else offsets
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer) or not (
+                arr.ndim == 2 and arr.shape[1] == 2 or arr.size == 0 and arr.ndim in (1, 2)):
+            raise TypeError(f"{op}: `offsets` must be {want}, got {describe(offsets)}")
+        offs = arr.astype(np.int64).reshape(-1, 2)
+    elif isinstance(offsets, (list, tuple)):
+        for k, pair in enumerate(offsets):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+                    isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in pair)):
+                raise TypeError(f"{op}: `offsets` must be {want}; offsets[{k}] is {describe(pair)}")
+        if any(abs(int(v)) >= 2**62 for pair in offsets for v in pair):
+            raise ValueError(f"{op}: `offsets` must be (start, end) pairs within the text (len {n_chars}), got a "
+                             "value beyond int64")
+        offs = np.asarray([[int(a), int(b)] for a, b in offsets], dtype=np.int64).reshape(-1, 2)
+    else:
+        raise TypeError(f"{op}: `offsets` must be {want}, got {describe(offsets)}")
+    if offs.size and (offs.min() < 0 or offs.max() > n_chars or bool((offs[:, 1] < offs[:, 0]).any())):
+        raise ValueError(f"{op}: `offsets` must be (start, end) pairs with 0 <= start <= end <= "
+                         f"len(text) = {n_chars}, got min {offs.min()} max {offs.max()}")
+    return offs
+
+
+def _check_tags(op: str, **tags) -> None:
+    for name, value in tags.items():
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
+                isinstance(t, str) and t for t in value):
+            raise TypeError(f"{op}: `{name}` must be a tuple of non-empty tag names (str), got {describe(value)}")
+    overlap = {t.lower() for t in tags["perception_tags"]} & {t.lower() for t in tags["reasoning_tags"]}
+    if overlap:
+        raise ValueError(f"{op}: a tag cannot be in both `perception_tags` and `reasoning_tags`, got "
+                         f"{sorted(overlap)} in both")
 
 
 def _backend(tokenizer):
@@ -198,8 +234,20 @@ def roles_from_token_ids(token_ids: torch.Tensor, tokenizer, mask: torch.Tensor 
         mask = torch.ones_like(token_ids, dtype=torch.bool)
     require_tensor(op, "mask", mask, ndim=2)
     require_same_shape(op, "token_ids", token_ids, mask=mask)
+    refuse_meta(op, token_ids=token_ids, mask=mask)
     mask = mask.bool()
+    _check_tags(op, perception_tags=perception_tags, reasoning_tags=reasoning_tags)
     backend = _backend(tokenizer)
+    vocab = backend.get_vocab_size(with_added_tokens=True)
+    read = token_ids[mask]
+    bad = (read < 0) | (read >= vocab)
+    if bool(bad.any()):
+        full = torch.zeros_like(mask)
+        full[mask] = bad
+        first = first_true_index(full)
+        raise ValueError(f"{op}: `token_ids` must be in [0, {vocab}) (the tokenizer's vocabulary, added tokens "
+                         f"included) inside `mask`, got {int(bad.sum())} id(s) outside it; first at index {first}: "
+                         f"{int(token_ids[first])}")
     ids_cpu, mask_cpu = token_ids.detach().cpu(), mask.detach().cpu()
     roles = torch.zeros(token_ids.shape, dtype=torch.int64)
     malformed = torch.zeros(token_ids.shape[0], dtype=torch.bool)

@@ -145,6 +145,8 @@ def parse_lines(lines, name: str = "<rollouts>") -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise RolloutError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:  # a line nested deeper than the interpreter's stack (D91)
+            raise RolloutError(f"{where}: JSON nested too deeply to read (a rollout is one flat object)") from None
         records.append(_check_record(rec, where))
         wheres.append(where)
     if not records:

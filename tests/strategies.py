@@ -223,3 +223,89 @@ def segment_of(kwargs: dict) -> torch.Tensor:
         return torch.where(mask, torch.arange(mask.shape[0])[:, None].expand_as(mask), -1)
     cu = kwargs["cu_seqlens"]
     return torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1])
+
+
+# -- the fuzz suite (tests/test_fuzz_*.py, issue 14) ----------------------------------------------------------------
+# Cases per fuzz test: a fast sample in CI, >= 1,000 per op under HYPOTHESIS_PROFILE=thorough. Derandomized (seeded
+# from each test's name), so a CI failure reproduces.
+FUZZ_EXAMPLES = {"ci": 30, "dev": 15, "thorough": 1000}
+
+
+def fuzz_backends() -> tuple[str, ...]:
+    """The backends the fuzz tests draw from: ``auto`` / ``torch`` in process; ``triton`` (the interpreter on CPU)
+    only inside the subprocess of ``test_fuzz_subprocess.py`` (``SRPO_FUZZ_BACKEND=triton``), where a crash is a
+    failed test, not a dead run."""
+    import os
+
+    return ("triton",) if os.environ.get("SRPO_FUZZ_BACKEND") == "triton" else ("auto", "torch")
+
+
+def fuzz_settings(scale: float = 1.0):
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    scale *= float(os.environ.get("SRPO_FUZZ_SCALE", "1"))
+    n = FUZZ_EXAMPLES.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), FUZZ_EXAMPLES["ci"])
+    return settings(max_examples=max(1, int(n * scale)), deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck))
+
+
+def check_library_error(op: str, err: BaseException, *, arg_named: bool = True) -> None:
+    """The library's own error: a TypeError / ValueError whose message starts with the op's name and names an
+    argument in backticks. Anything else (a raw torch / numpy error, an AssertionError) fails the case."""
+    msg = str(err)
+    assert isinstance(err, (TypeError, ValueError)), f"{op}: raw {type(err).__name__}: {msg}"
+    assert msg.startswith(f"{op}:") or msg.startswith(f"{op} "), f"{op}: message does not name the op: {msg!r}"
+    if arg_named:
+        assert "`" in msg, f"{op}: message names no argument: {msg!r}"
+
+
+def outcome(op: str, fn, **kw):
+    """Run ``fn()``: its result, or ``None`` after checking that what it raised is the library's own error."""
+    try:
+        return fn()
+    except (TypeError, ValueError, RuntimeError, IndexError, OverflowError, KeyError, AttributeError,
+            RecursionError, ZeroDivisionError) as err:
+        check_library_error(op, err, **kw)
+        return None
+
+
+def within_torch_error(got: torch.Tensor, ref_same: torch.Tensor, ref64: torch.Tensor, *, atol, what: str):
+    """STYLE's rule: ``|got − ref64| ≤ 2·|ref_same − ref64| + atol + 1e-5·|ref64|`` (``ref_same``: the reference in
+    the same compute dtype; ``atol`` a float or a tensor shaped like ``ref64``), with NaN / ±inf parity."""
+    g, r, r64 = got.double(), ref_same.double(), ref64.double()
+    assert torch.equal(torch.isnan(g), torch.isnan(r64)), f"{what}: NaN parity\n{g}\n{r64}"
+    assert torch.equal(torch.isinf(g), torch.isinf(r64)) and torch.equal(g[torch.isinf(g)], r64[torch.isinf(r64)]), \
+        f"{what}: inf parity\n{g}\n{r64}"
+    fin = torch.isfinite(r64)
+    err, base = (g - r64).abs()[fin], (r - r64).abs()[fin]
+    atol = atol[fin] if isinstance(atol, torch.Tensor) else atol
+    bound = 2 * torch.nan_to_num(base, nan=0.0, posinf=0.0) + atol + 1e-5 * r64.abs()[fin]
+    bad = err > bound
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad)[0, 0])
+        raise AssertionError(f"{what}: {int(bad.sum())} value(s) off the float64 reference; first: got "
+                             f"{float(g[fin][k])}, ref64 {float(r64[fin][k])}, same-dtype ref {float(r[fin][k])}")
+
+
+def extreme_configs() -> st.SearchStrategy[SRPOConfig]:
+    """Configs at the edges of what SRPOConfig accepts (decision D85), and ordinary ones."""
+    edge = {
+        "clamp": st.sampled_from((20.0, 0.5, 1e-6, 1e15)),
+        "k3_max": st.sampled_from((10.0, 1e-6, 1e15)),
+        "eps": st.sampled_from((1e-6, 1e-30, 1.0, 1e10)),
+        "u_max": st.sampled_from((3.0, 1e-6, 20.0, 1e6)),
+        "role_stats": st.sampled_from(("all", "unclamped")),
+        "w_min": st.sampled_from((0.1, 1e-6, 1.0)),
+    }
+
+    @st.composite
+    def build(draw):
+        fields = {k: draw(v) for k, v in edge.items()}
+        top = 20.0 / fields["u_max"]
+        for name in ("beta_perception", "beta_reasoning"):
+            fields[name] = draw(st.sampled_from((0.0, min(0.5, top), min(top, 1e6), min(top, 1e6) / 3)))
+        return draw(configs(**fields))
+
+    return build()

@@ -310,7 +310,7 @@ def test_backend_unknown():
 # -- contrast() ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["kl", "js"])
 def test_contrast_kl_js_need_logits(kind):
-    with raises(ValueError, f"kind={kind!r}", "full logit rows", "token_contrast"):
+    with raises(ValueError, f"`kind`={kind!r}", "full logit rows", "token_contrast"):
         contrast(torch.zeros(3), torch.zeros(3), kind)
 
 

@@ -83,7 +83,7 @@ def test_custom_tags_and_overlap_error():
     res = roles_from_text("<look>a</look><why>b</why>", char_offsets("<look>a</look><why>b</why>"),
                           perception_tags=("look",), reasoning_tags=("why",))
     assert res.roles.tolist().count(P) == 1 and res.roles.tolist().count(R) == 1
-    with pytest.raises(ValueError, match="both perception and reasoning"):
+    with pytest.raises(ValueError, match="both `perception_tags` and `reasoning_tags`"):
         roles_from_text("a", [(0, 1)], perception_tags=("x",), reasoning_tags=("x",))
 
 

@@ -33,3 +33,14 @@ def contrast(logp: torch.Tensor, logp_other: torch.Tensor, kind: str, clamp: flo
     if kind == "k3":
         return k3(logp, logp_other, clamp, k3_max)
     raise ValueError(f"contrast kind {kind!r} is not a log-prob contrast (kl and js need the logit rows)")
+
+
+def at_bound(logp: torch.Tensor, logp_other: torch.Tensor, kind: str, clamp: float = 20.0,
+             k3_max: float = 10.0) -> torch.Tensor:
+    """``bool``, same shape: the contrast sits at a bound (decision D87): ``|ℓ − ℓ'| ≥ c`` (so a ``−inf`` against a
+    finite log-prob), and for ``k3`` also ``e^δ − δ − 1 ≥ k3_max``. Such a signal says "at least this much", not how
+    much."""
+    if kind == "logratio":
+        return logratio(logp, logp_other, clamp).abs() >= clamp
+    delta = clamped_difference(logp_other, logp, clamp)
+    return (delta.abs() >= clamp) | ((torch.expm1(delta) - delta) >= k3_max)

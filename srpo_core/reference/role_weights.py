@@ -21,13 +21,16 @@ ROLES = (Role.PERCEPTION, Role.REASONING)
 @dataclasses.dataclass
 class RoleWeights:
     """Packed results: ``advantages, weights, z: [N]``, ``baseline: [B]``, ``role_stats: float64 [2, 3]`` holding
-    ``(count, μ_r, σ_r)`` for perception then reasoning."""
+    ``(count, μ_r, σ_r)`` for perception then reasoning (``count``: all the role's tokens; ``μ_r, σ_r``: over the
+    signals ``config.role_stats`` selects), and ``clamped: float64 [2]``, the number of signals at a bound of their
+    contrast per role, over the whole batch."""
 
     advantages: torch.Tensor
     weights: torch.Tensor
     z: torch.Tensor
     baseline: torch.Tensor
     role_stats: torch.Tensor
+    clamped: torch.Tensor | None = None
 
 
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
@@ -36,19 +39,29 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def standardize(signals: torch.Tensor, roles: torch.Tensor, config: SRPOConfig, group=None):
+def standardize(signals: torch.Tensor, roles: torch.Tensor, config: SRPOConfig, group=None,
+                clamped: torch.Tensor | None = None):
     """Step 2: ``z_t = (s_t − μ_r) / (σ_r + eps)`` per role over the batch (all ranks of ``group``).
+
+    ``config.role_stats="unclamped"`` takes ``μ_r, σ_r`` over the role's signals that are not ``clamped`` (``bool
+    [N]``, at a bound of their contrast; D87), and standardises every signal of the role with them.
 
     ``μ_r`` and the population ``σ_r`` are reduced in float64 in two passes (sum, then sum of squared deviations), so
     that no cancellation creeps in, and ``z`` is formed in float64 too (``s − μ`` cannot overflow). ``σ_r = 0`` gives
     ``z = 0``; a role whose signals are all equal has ``σ_r = 0`` exactly (its min equals its max), whatever the
     rounding of the mean. A role with no tokens contributes nothing.
-    Returns ``z: [N]`` (0 at OTHER tokens) and ``role_stats: float64 [2, 3]``.
+    Returns ``z: [N]`` (0 at OTHER tokens), ``role_stats: float64 [2, 3]`` and the clamped counts ``float64 [2]``.
     """
-    sel = torch.stack([roles == r for r in ROLES])  # [2, N]
+    role_sel = torch.stack([roles == r for r in ROLES])  # [2, N]
+    sel = role_sel & ~clamped if clamped is not None and config.role_stats == "unclamped" else role_sel
     s = signals.to(torch.float64)
     s_sel = torch.where(sel, s, 0.0)  # [2, N]
-    first = _all_reduce(torch.stack([sel.sum(1, dtype=torch.float64), s_sel.sum(1)], dim=1), group)  # [2, 2]
+    n_clamped = (role_sel & clamped).sum(1, dtype=torch.float64) if clamped is not None else \
+        torch.zeros(2, dtype=torch.float64, device=s.device)
+    # (stats count, Σ s, all tokens, clamped) per role: one all-reduce, the same [2, 4] as the fast path's, so that
+    # ranks on different paths still pair their collectives.
+    first = _all_reduce(torch.stack([sel.sum(1, dtype=torch.float64), s_sel.sum(1),
+                                     role_sel.sum(1, dtype=torch.float64), n_clamped], dim=1), group)  # [2, 4]
     count, total = first[:, 0], first[:, 1]
     mu = total / count.clamp(min=1.0)
     dev = torch.where(sel, s - mu[:, None], 0.0)
@@ -61,13 +74,14 @@ def standardize(signals: torch.Tensor, roles: torch.Tensor, config: SRPOConfig, 
     sq = _all_reduce((dev * dev).sum(1), group)
     constant = extremes[:, 0] == -extremes[:, 1]
     sigma = torch.where(constant, 0.0, torch.sqrt(sq / count.clamp(min=1.0)))
-    role_stats = torch.stack([count, mu, sigma], dim=1)
+    role_stats = torch.stack([first[:, 2], mu, sigma], dim=1)
     if config.standardize == "none":
-        z = torch.where(sel, signals, 0.0).sum(0)
-        return z.to(signals.dtype), role_stats
+        z = torch.where(role_sel, signals, 0.0).sum(0)
+        return z.to(signals.dtype), role_stats, first[:, 3]
+    dev = torch.where(role_sel, s - mu[:, None], 0.0)
     z_r = torch.where(sigma[:, None] > 0, dev / (sigma[:, None] + config.eps), 0.0)  # [2, N]
-    z = torch.where(sel, z_r, 0.0).sum(0)
-    return z.to(signals.dtype), role_stats
+    z = torch.where(role_sel, z_r, 0.0).sum(0)
+    return z.to(signals.dtype), role_stats, first[:, 3]
 
 
 def weight_map(x: torch.Tensor, config: SRPOConfig) -> torch.Tensor:
@@ -80,15 +94,15 @@ def weight_map(x: torch.Tensor, config: SRPOConfig) -> torch.Tensor:
 
 
 def role_weights(advantages: torch.Tensor, signals: torch.Tensor, roles: torch.Tensor, cu_seqlens: torch.Tensor,
-                 config: SRPOConfig, group=None) -> RoleWeights:
-    """SPEC steps 2-6. Values of ``signals`` at OTHER tokens are never read."""
+                 config: SRPOConfig, group=None, clamped: torch.Tensor | None = None) -> RoleWeights:
+    """SPEC steps 2-6. Values of ``signals`` at OTHER tokens are never read. ``clamped: bool [N]`` or ``None``."""
     b, n = advantages.numel(), signals.numel()
     seg = segment_ids(cu_seqlens, n)  # [N]
     is_role = (roles == Role.PERCEPTION) | (roles == Role.REASONING)
     signals = torch.where(is_role, signals, 0.0)
 
     # Step 2: role-wise standardisation over the batch.
-    z, role_stats = standardize(signals, roles, config, group)
+    z, role_stats, n_clamped = standardize(signals, roles, config, group, clamped)
 
     # Step 3: one shared baseline per trajectory, the mean of z over its P ∪ R tokens.
     n_role = segment_sum(is_role.to(z.dtype), seg, b)
@@ -107,4 +121,4 @@ def role_weights(advantages: torch.Tensor, signals: torch.Tensor, roles: torch.T
 
     # Step 6: token advantages keep the sign of A_i.
     token_adv = w * advantages.to(w.dtype)[seg]
-    return RoleWeights(token_adv, w, z, baseline, role_stats)
+    return RoleWeights(token_adv, w, z, baseline, role_stats, n_clamped)
