@@ -196,12 +196,16 @@ def _torch_fwd(logits, ids, temperature, ignore_index, return_entropy):
                 parts = _fwd_chunk_eager(chunk, safe[n0:n0 + chunk.shape[0]], inv_t, return_entropy, ws)
                 for out, part in zip(outs, parts, strict=True):
                     out[n0:n0 + chunk.shape[0]] = part
-    logp, c, log_s = outs[:3]
+    # Each output is a fresh tensor of ids' shape (``where`` over shaped views), never a view of a buffer: a custom
+    # op whose outputs are views makes autograd refuse in-place edits of them ("returns multiple views").
+    shape = ids.shape
+    keep, valid = keep.view(shape), valid.view(shape)
+    logp, c, log_s = (t.view(shape) for t in outs[:3])
     zero = torch.zeros((), dtype=acc, device=dev)
     nan = torch.full((), math.nan, dtype=acc, device=dev)
-    logp = torch.where(keep, torch.where(valid, logp, nan), zero).view(ids.shape)
-    ent = torch.where(keep, outs[3], zero).view(ids.shape) if return_entropy else None
-    return logp, ent, torch.where(keep, c, zero).view(ids.shape), torch.where(keep, log_s, zero).view(ids.shape)
+    logp = torch.where(keep, torch.where(valid, logp, nan), zero)
+    ent = torch.where(keep, outs[3].view(shape), zero) if return_entropy else None
+    return logp, ent, torch.where(keep, c, zero), torch.where(keep, log_s, zero)
 
 
 def _torch_bwd(grad_logp, grad_entropy, logits, ids, row_max, row_logsum, entropy, temperature, ignore_index):
@@ -260,7 +264,13 @@ def _token_logprobs_op(logits: torch.Tensor, ids: torch.Tensor, temperature: flo
         logp, ent, row_max, row_logsum = _torch_fwd(logits, ids, temperature, ignore_index, return_entropy)
     if ent is None:
         ent = logp.new_empty(0)
-    return logp, ent, row_max, row_logsum
+    return tuple(_own(t) for t in (logp, ent, row_max, row_logsum))
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it owns its storage, else a copy (``[...]``-sized: cheap). Custom-op outputs must not be views, or
+    autograd refuses in-place edits of them (issue 17)."""
+    return t if t._base is None else t.clone()
 
 
 @_token_logprobs_op.register_fake
@@ -293,7 +303,8 @@ def _(grad_logp, grad_entropy, logits, ids, row_max, row_logsum, entropy, temper
 def _setup_context(ctx, inputs, output):
     logits, ids, temperature, ignore_index, return_entropy, backend = inputs
     _, ent, row_max, row_logsum = output
-    ctx.save_for_backward(logits, ids, row_max, row_logsum, ent if return_entropy else None)
+    # The entropy is an output the caller may edit in place (issue 17): backward keeps its own copy ([...]: cheap).
+    ctx.save_for_backward(logits, ids, row_max, row_logsum, ent.detach().clone() if return_entropy else None)
     ctx.args = (temperature, ignore_index, return_entropy, backend)
     ctx.mark_non_differentiable(row_max, row_logsum)
     ctx.set_materialize_grads(False)  # an output nobody differentiates gives None, not a tensor of zeros
@@ -343,7 +354,7 @@ class _VocabParallel(torch.autograd.Function):
         logp = torch.where(keep, sums[1] - log_s, zero)
         ent = torch.where(keep, sums[2] / sums[0] + log_s, zero) if return_entropy else None
         c, log_s = torch.where(keep, c, zero), torch.where(keep, log_s, zero)
-        ctx.save_for_backward(logits, local_ids, c, log_s, ent)
+        ctx.save_for_backward(logits, local_ids, c, log_s, None if ent is None else ent.clone())  # ent: editable
         ctx.args = (temperature, backend)
         return logp, ent
 

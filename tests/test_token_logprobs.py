@@ -468,3 +468,29 @@ def test_vocab_parallel_matches_unsharded(tmp_path, world):
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
     assert f"vocab-parallel: OK world={world}" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------- outputs own storage
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@pytest.mark.parametrize("entropy", [False, True], ids=["logp", "logp+entropy"])
+def test_outputs_own_their_storage_in_place_edits_and_backward(backend, entropy, device):
+    """Issue 17 defect 2: ``logp[0, 2] = 0`` (and the same on the entropy) under autograd, then backward; the edited
+    positions contribute no gradient and the rest equals the float64 reference's."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 19, generator=g, dtype=torch.float64).to(torch.float32)
+    ids = torch.randint(0, 19, (2, 4), generator=g)
+    xg = x.clone().to(device).requires_grad_(True)
+    out = token_logprobs(xg, ids.to(device), return_entropy=entropy, backend=backend)
+    outs = out if entropy else (out,)
+    for t in outs:
+        assert t._base is None, "an output is a view of another tensor"
+        t[0, 2] = 0  # in place, under autograd
+        t[1] *= 2.0
+    sum(t.sum() for t in outs).backward()
+    x64 = x.double().requires_grad_(True)
+    refs = reference(x64, ids, return_entropy=True)
+    weight = torch.ones(2, 4, dtype=torch.float64)
+    weight[0, 2], weight[1] = 0.0, 2.0
+    (want,) = torch.autograd.grad(sum((r * weight).sum() for r in refs[:len(outs)]), x64)
+    assert_close(xg.grad.cpu(), want, atol=1e-5, rtol=1e-5, name="grad")
+    assert torch.equal(outs[0][0, 2].cpu(), torch.tensor(0.0))
