@@ -420,9 +420,10 @@ def test_opcheck_forward_and_backward_ops():
     ids = torch.tensor([[0, 10, -100], [4, 4, 2]])
     torch.library.opcheck(torch.ops.srpo_core.token_logprobs.default, (x, ids, 0.9, -100, True, "torch"))
     torch.library.opcheck(torch.ops.srpo_core.token_logprobs.default, (x, ids, 1.0, -100, False, "torch"))
-    lp, ent, row_max, row_logsum = torch.ops.srpo_core.token_logprobs(x.detach(), ids, 0.9, -100, True, "torch")
+    lp, ent, _, row_max, row_logsum = torch.ops.srpo_core.token_logprobs(x.detach(), ids, 0.9, -100, True, "torch")
     torch.library.opcheck(torch.ops.srpo_core.token_logprobs_backward.default,
-                          (torch.randn(2, 3), None, x.detach(), ids, row_max, row_logsum, ent, 0.9, -100, "torch"))
+                          (torch.randn(2, 3), None, None, x.detach(), ids, row_max, row_logsum, ent, 0.9, -100,
+                           "torch"))
 
 
 @pytest.mark.parametrize("compile_chunks", [False, True], ids=["eager-chunks", "compiled-chunks"])
@@ -494,3 +495,144 @@ def test_outputs_own_their_storage_in_place_edits_and_backward(backend, entropy,
     (want,) = torch.autograd.grad(sum((r * weight).sum() for r in refs[:len(outs)]), x64)
     assert_close(xg.grad.cpu(), want, atol=1e-5, rtol=1e-5, name="grad")
     assert torch.equal(outs[0][0, 2].cpu(), torch.tensor(0.0))
+
+
+# ------------------------------------------------------------------------------ issue 11: guard, sync, in place
+class _GuardSpy:
+    """Stands in for ``_dispatch.device_guard`` and for a kernel: records that every launch happens inside."""
+
+    def __init__(self):
+        self.depth, self.launches, self.outside = 0, 0, 0
+
+    def guard(self, t):
+        spy = self
+
+        class _Ctx:
+            def __enter__(self):
+                spy.depth += 1
+
+            def __exit__(self, *exc):
+                spy.depth -= 1
+
+        assert isinstance(t, torch.Tensor)
+        return _Ctx()
+
+    def wrap(self, kernel):
+        spy = self
+
+        class _K:
+            def __getitem__(self, grid):
+                spy.launches += 1
+                spy.outside += spy.depth == 0
+                return kernel[grid]
+
+        return _K()
+
+
+@needs_interpreter
+def test_every_launch_runs_inside_the_device_guard(monkeypatch, device):
+    from srpo_core.kernels import token_logprobs as kmod
+
+    spy = _GuardSpy()
+    monkeypatch.setattr(_dispatch, "device_guard", spy.guard)
+    for name in ("token_logprobs_fwd_kernel", "token_logprobs_bwd_kernel"):
+        monkeypatch.setattr(kmod, name, spy.wrap(getattr(kmod, name)))
+    x = torch.randn(3, 20, device=device, requires_grad=True)
+    lp, ent = token_logprobs(x * 1.0, torch.tensor([1, 2, 3], device=device), return_entropy=True, backend="triton")
+    (lp.sum() + ent.sum()).backward()
+    assert spy.launches == 2 and spy.outside == 0
+
+
+def test_check_ids_false_skips_the_scan_and_gives_nan(monkeypatch):
+    x = torch.randn(3, 8)
+    ids = torch.tensor([1, 8, -100])
+    with pytest.raises(ValueError, match=r"ids\[1\] = 8"):
+        token_logprobs(x, ids)
+
+    def no_scan(*a, **k):
+        raise AssertionError("the id scan ran")
+
+    monkeypatch.setattr(logprobs, "_check_ids", no_scan)
+    lp = token_logprobs(x, ids, check_ids=False)
+    assert torch.isnan(lp[1]) and lp[2] == 0 and torch.isfinite(lp[0])
+    with pytest.raises(TypeError, match="`check_ids` must be a bool"):
+        token_logprobs(x, ids, check_ids=1)
+
+
+def test_check_ids_false_step_compiles_without_graph_break():
+    """A step with check_ids=False has no graph break (no host sync in the wrapper), forward and backward."""
+    import torch._dynamo
+
+    def step(x, ids):
+        logp, ent = token_logprobs(x * 1.0, ids, return_entropy=True, check_ids=False)
+        return logp.sum() + ent.sum()
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 17, requires_grad=True)
+    ids = torch.randint(0, 17, (2, 3))
+    explained = torch._dynamo.explain(step)(x, ids)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    loss = torch.compile(step, fullgraph=True)(x, ids)
+    (grad,) = torch.autograd.grad(loss, x)
+    (want,) = torch.autograd.grad(step(x, ids), x)
+    assert_close(grad, want, atol=1e-6, rtol=1e-5, name="grad")
+
+
+def _inplace_case(dtype, layout, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 21, generator=g, dtype=torch.float64)
+    h = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 21, (2, 5), generator=g)
+    ids[0, 1] = -100
+    if layout == "sliced-3d":
+        ids = ids[:, :-1]
+    return h.to(dtype).to(device), w.to(dtype).to(device), ids.to(device)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch", "torch-compiled"])
+@pytest.mark.parametrize("entropy", [False, True], ids=["logp", "logp+entropy"])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced-3d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_inplace_backward_writes_the_gradient_over_the_logits(monkeypatch, backend, entropy, layout, dtype, device):
+    """inplace_backward=True: the gradient that reaches the layer below is the logits' own buffer, and it equals the
+    out-of-place gradient exactly (same arithmetic), so the weight gradient does too."""
+    if backend == "torch-compiled":
+        monkeypatch.setattr(_chunked, "USE_COMPILE", True)
+        monkeypatch.setattr(logprobs, "COMPILE_MIN_ELEMENTS", 0)
+        backend = "torch"
+    h, w0, ids = _inplace_case(dtype, layout, device)
+    results = []
+    for inplace in (False, True):
+        w = w0.clone().requires_grad_(True)
+        logits = h @ w  # [2, 5, 21], not a leaf
+        x = logits[:, :-1] if layout == "sliced-3d" else logits
+        seen = {}
+        x.register_hook(lambda g, seen=seen: seen.setdefault("grad", g))
+        out = token_logprobs(x, ids, return_entropy=entropy, backend=backend, inplace_backward=inplace)
+        loss = (out[0] * 2.0).sum() + 0.5 * out[1].sum() if entropy else (out * 2.0).sum()
+        loss.backward()
+        got = seen["grad"]
+        if inplace:
+            assert got.data_ptr() == x.data_ptr(), "the gradient is not the logits' buffer"
+            assert torch.equal(x.detach(), got)
+        results.append((got.detach().clone(), w.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]), "logits gradient differs in place"
+    assert torch.equal(results[0][1], results[1][1]), "weight gradient differs in place"
+
+
+def test_inplace_backward_refusals():
+    ids = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="leaf that requires grad"):
+        token_logprobs(torch.randn(2, 5, requires_grad=True), ids, inplace_backward=True)
+    base = torch.randn(5, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="written in place"):
+        token_logprobs((base * 1.0).t(), ids, inplace_backward=True)  # vocab stride 2
+    with pytest.raises(ValueError, match="written in place"):
+        token_logprobs((torch.randn(1, 5, requires_grad=True) * 1.0).expand(2, 5), ids, inplace_backward=True)
+    with pytest.raises(ValueError, match="not supported with `process_group`"):
+        token_logprobs(torch.randn(2, 5), ids, inplace_backward=True, process_group=object())
+    with pytest.raises(TypeError, match="`inplace_backward` must be a bool"):
+        token_logprobs(torch.randn(2, 5), ids, inplace_backward="yes")
+    # no grad needed: the option changes nothing
+    assert_close(token_logprobs(torch.ones(2, 5), ids, inplace_backward=True), torch.full((2,), -math.log(5.0)),
+                 atol=1e-6)
