@@ -138,6 +138,17 @@ def rows_in_place(x: torch.Tensor) -> bool:
     return True
 
 
+def shift_ids(ids: torch.Tensor, ignore_index: int, dim: int = -1) -> torch.Tensor:
+    """``ids`` moved one position left along ``dim`` (position ``t`` gets ``ids[t + 1]``), the last position
+    ``ignore_index``: the ``shift=True`` convention of the log-prob ops (cut-cross-entropy's). A copy of the ids
+    only (``[...]``), never of the logits."""
+    if ids.shape[dim] == 0:
+        return ids
+    head = ids.narrow(dim, 1, ids.shape[dim] - 1)
+    pad = torch.full_like(ids.narrow(dim, 0, 1), ignore_index)
+    return torch.cat([head, pad], dim)
+
+
 # -------------------------------------------------------------------------------------------------- allocations
 _HUGE = 2 << 20  # 2 MiB, the x86-64 transparent huge page
 _LIBC = None
@@ -177,5 +188,5 @@ def empty_large(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 __all__ = [
     "Compiled", "collapse_rows", "compile_failed", "compile_wanted", "empty_large", "reset", "row_chunks",
-    "row_chunks_multi", "rows_in_place",
+    "row_chunks_multi", "rows_in_place", "shift_ids",
 ]

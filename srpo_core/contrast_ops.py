@@ -165,15 +165,6 @@ def _check_ids(ids: torch.Tensor, V: int, ignore_index: int) -> None:
                          f"got {where} = {int(ids[idx])} ({int(bad.sum())} such id(s))")
 
 
-def shift_ids(ids: torch.Tensor, ignore_index: int, dim: int = -1) -> torch.Tensor:
-    """``ids`` moved one position left along ``dim`` (position ``t`` gets ``ids[t + 1]``), the last position
-    ``ignore_index``: the ``shift=True`` convention of both ops (cut-cross-entropy's), on ``[...]`` ids only."""
-    if ids.shape[dim] == 0:
-        return ids
-    pad = ids.narrow(dim, 0, 1).new_full(ids.narrow(dim, 0, 1).shape, ignore_index)
-    return torch.cat([ids.narrow(dim, 1, ids.shape[dim] - 1), pad], dim)
-
-
 def token_contrast(
     logits: torch.Tensor,
     logits_ref: torch.Tensor,
@@ -237,7 +228,7 @@ def token_contrast(
     if check_ids and logits.device.type != "meta" and not torch.compiler.is_compiling():
         _check_ids(ids, logits.shape[-1], ignore_index)
     if shift:
-        ids = shift_ids(ids, int(ignore_index))
+        ids = _chunked.shift_ids(ids, int(ignore_index))
     div, logp, logp_ref = torch.ops.srpo_core.token_contrast(
         logits.detach(), logits_ref.detach(), ids, kind, float(temperature), int(ignore_index), chosen
     )

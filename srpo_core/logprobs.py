@@ -454,9 +454,10 @@ def _validate(logits, ids, temperature, return_entropy, ignore_index, process_gr
     require_tensor(OP, "ids", ids, kind="int")
     if logits.dim() == 0:
         raise ValueError(f"{OP}: `logits` must be [..., V] with at least one dim, got {describe(logits)}")
-    if ids.shape != logits.shape[:-1]:
+    if ids.shape != logits.shape[:-1] and not (ids.dim() == logits.dim() and ids.shape[:-1] == logits.shape[:-1]):
         raise ValueError(f"{OP}: `ids` must have the leading shape of `logits` {tuple(logits.shape[:-1])} (one id per "
-                         f"row of `logits` [..., V]), got {describe(ids)}")
+                         f"row of `logits` [..., V]), or that shape plus a last dim K (K ids per row), got "
+                         f"{describe(ids)}")
     if logits.shape[-1] == 0:
         raise ValueError(f"{OP}: `logits` must have a vocabulary of V >= 1 columns, got {describe(logits)}")
     require_same_device(OP, "logits", logits, ids=ids)
@@ -499,6 +500,51 @@ def _check_ids(ids: torch.Tensor, V: int, ignore_index: int, what: str = "V") ->
                          f"got {where} = {int(ids[idx])} ({int(bad.sum())} such id(s))")
 
 
+class _GatherShifted(torch.autograd.Function):
+    """``(logits[..., ids_k] − row_max)/τ − row_logsum`` per gathered id (the max-shifted form, exact for logits of
+    ±1e4); its gradient is the ``δ_{v,id_k}/τ`` part only (the ``−p/τ`` part comes through ``lse``). Saves the ids,
+    not the logits."""
+
+    @staticmethod
+    def forward(ctx, logits, idx, row_max, row_logsum, inv_t):
+        ctx.save_for_backward(idx)
+        ctx.args = (logits.shape, logits.dtype, inv_t)
+        x = logits.gather(-1, idx).to(row_max.dtype)
+        return (x - row_max.unsqueeze(-1)) * inv_t - row_logsum.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        shape, dtype, inv_t = ctx.args
+        out = torch.zeros(shape, dtype=torch.float32 if dtype != torch.float64 else dtype, device=grad.device)
+        out.scatter_add_(-1, idx, (grad * inv_t).to(out.dtype))
+        return out.to(dtype), None, None, None, None
+
+
+def _multi_index(logits, ids, temperature, ignore_index, return_entropy, backend, inplace):
+    """``ids: [..., K]`` → ``(logp [..., K], entropy [...] or None, lse [...])``: one pass over each row for its
+    statistics (the op, with the row's first kept id), then the K gathers."""
+    keep_k = ids != ignore_index
+    V = logits.shape[-1]
+    valid_k = keep_k & (ids >= 0) & (ids < V)
+    if ids.shape[-1]:
+        first = ids.gather(-1, keep_k.to(torch.uint8).argmax(-1, keepdim=True)).squeeze(-1)
+        row_ids = torch.where(keep_k.any(-1), first, torch.full_like(first, ignore_index))
+    else:
+        row_ids = torch.full(ids.shape[:-1], ignore_index, dtype=ids.dtype, device=ids.device)
+    _, ent, lse, row_max, row_logsum = torch.ops.srpo_core.token_logprobs(
+        logits, row_ids, temperature, ignore_index, return_entropy, backend, inplace)
+    safe = torch.where(valid_k, ids, torch.zeros_like(ids)).long()
+    lp = _GatherShifted.apply(logits, safe, row_max, row_logsum, 1.0 / temperature)
+    lp = lp - (lse - lse.detach()).unsqueeze(-1)  # value unchanged; the −p/τ part of the gradient, via lse
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    lp = torch.where(keep_k, torch.where(valid_k, lp, torch.full_like(zero, math.nan)), zero)
+    return lp, (ent if return_entropy else None), lse
+
+
+OUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def token_logprobs(
     logits: torch.Tensor,
     ids: torch.Tensor,
@@ -511,19 +557,24 @@ def token_logprobs(
     backend: str = "auto",
     check_ids: bool = True,
     inplace_backward: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    shift: bool = False,
+    return_lse: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Log-prob of the sampled token, ``logp = z_id − logsumexp(z)`` with ``z = logits / τ``, and optionally the
-    entropy ``H = logsumexp(z) − Σ_v p_v z_v`` of ``p = softmax(z)``.
+    entropy ``H = logsumexp(z) − Σ_v p_v z_v`` of ``p = softmax(z)`` and ``lse = logsumexp(z)``.
 
     Args:
         logits: ``[..., V]`` float (fp32/bf16/fp16; float64 on the torch path, computed in float64); any strides
             (leading dims that collapse to two row strides, such as ``logits[:, :-1]``, are read in place). With
             ``process_group``: this rank's vocabulary shard ``[..., V_local]``.
         ids: ``[...]`` integer (int32/int64), the sampled tokens; each in ``[0, V)`` (the global vocabulary when
-            sharded) or equal to ``ignore_index``.
+            sharded) or equal to ``ignore_index``. Or ``[..., K]`` (signalled by ``ids.dim() == logits.dim()``):
+            ``K`` ids per row, as TRL's ``selective_log_softmax`` takes; ``logp`` is then ``[..., K]`` (the row is
+            read once for its statistics; the gathered ids' gradient is a second ``[..., V]`` tensor).
         temperature: ``τ > 0``.
-        return_entropy: also return ``H``.
-        ignore_index: positions whose id equals it give 0 in both outputs and a zero gradient.
+        return_entropy: also return ``H`` (``[...]``, one per row).
+        ignore_index: positions whose id equals it give 0 in every output and a zero gradient.
         process_group: vocab-parallel logits: a ``torch.distributed`` group over which the vocabulary is sharded.
         vocab_start: the global id of this rank's first column (only with ``process_group``).
         backend: ``"auto" | "triton" | "torch"``.
@@ -539,20 +590,43 @@ def token_logprobs(
             be written in place (a vocab stride ≠ 1, leading dims that need a copy, broadcast rows) and with
             ``process_group``. Ignored while ``torch.compile`` traces (the compiler plans the buffers). The gradient
             passed on is the (possibly non-contiguous) ``logits`` tensor itself.
+        shift: score position ``t`` with the id at ``t + 1`` (cut-cross-entropy's convention: pass the model's
+            ``[B, T, V]`` logits and the ``[B, T]`` input ids, no ``[:, :-1]`` copy); the last position gives 0 like
+            an ignored one (in every output). The position dim is the last dim of ``ids`` (``[..., T]``), or the one
+            before it for ``[..., T, K]`` ids. Needs ``logits.dim() >= 2``.
+        return_lse: also return ``lse = logsumexp(logits/τ)`` (``[...]``, 0 on ignored rows), differentiable
+            (``∂lse/∂x_v = p_v/τ``): a z-loss ``(lse**2).mean()`` adds no pass over the logits in forward.
+            Not with ``process_group``.
+        out_dtype: dtype of every output. Default ``None``: **float32** (float64 for float64 logits), whatever the
+            logits' dtype; the math runs in float32 (float64) either way, and another dtype (TRL, Liger and torch
+            return the input dtype: pass ``out_dtype=logits.dtype``) is a cast of the ``[...]`` results.
 
     Returns:
-        ``logp: [...]`` float32 (float64 for float64 logits), or ``(logp, entropy)``. Differentiable in ``logits``
-        (both outputs); the gradient has the logits' shape and dtype.
+        ``logp: [...]`` (``[..., K]`` for ``[..., K]`` ids), then ``entropy`` if ``return_entropy``, then ``lse`` if
+        ``return_lse``: a tensor when only ``logp`` is asked, a tuple otherwise; float32 unless ``out_dtype`` says
+        otherwise (float64 for float64 logits). Differentiable in ``logits`` (every output); the gradient has the
+        logits' shape and dtype. Every output owns its storage (in-place edits under autograd are fine).
 
     A ``−inf`` logit is a token of probability 0 (it adds nothing to ``Σ p z``); a row of all ``−inf`` (or with a
     ``+inf``/NaN logit) gives NaN. ``ids`` are range-checked eagerly (one device sync) unless ``check_ids=False``;
     while ``torch.compile`` traces, the check is skipped and an out-of-range id gives NaN in its row instead of an
     error. Meta tensors: shapes are inferred, value checks skipped (the ops' fake kernels run), backward included.
+    Not offered: ``logit_scale`` / soft-capping (D80: apply it to the logits first).
     """
     _validate(logits, ids, temperature, return_entropy, ignore_index, process_group, vocab_start)
-    for name, flag in (("check_ids", check_ids), ("inplace_backward", inplace_backward)):
+    for name, flag in (("check_ids", check_ids), ("inplace_backward", inplace_backward), ("shift", shift),
+                       ("return_lse", return_lse)):
         if not isinstance(flag, bool):
             raise TypeError(f"{OP}: `{name}` must be a bool, got {describe(flag)}")
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise TypeError(f"{OP}: `out_dtype` must be None or one of {OUT_DTYPES}, got {describe(out_dtype)}")
+    multi = ids.dim() == logits.dim()
+    if shift and logits.dim() < 2:
+        raise ValueError(f"{OP}: `shift=True` needs positions: `logits` [..., T, V] with at least 2 dims, got "
+                         f"{describe(logits)}")
+    if process_group is not None and (multi or return_lse):
+        raise ValueError(f"{OP}: with `process_group` (vocab-parallel logits) `ids` must be [...] (one id per row) and "
+                         f"`return_lse` False; got ids {describe(ids)}, return_lse={return_lse}")
     chosen = _dispatch.pick_backend(backend, logits.device, op=OP)
     if chosen == "triton" and logits.dtype not in KERNEL_DTYPES:
         if backend == "triton":
@@ -566,16 +640,32 @@ def token_logprobs(
         _check_inplace(logits, process_group)
         # under torch.compile the compiler plans the backward's buffers itself: the out-of-place op is traced
         inplace_backward = logits.requires_grad and not torch.compiler.is_compiling()
+    if shift:  # before the scan: the first position's id is never scored
+        ids = _chunked.shift_ids(ids, ignore_index, dim=-2 if multi else -1)
+    if process_group is None and scan_ids:
+        _check_ids(ids, logits.shape[-1], ignore_index)
     if process_group is None:
-        if scan_ids:
-            _check_ids(ids, logits.shape[-1], ignore_index)
-        logp, ent, _, _, _ = torch.ops.srpo_core.token_logprobs(logits, ids, temperature, ignore_index,
-                                                                return_entropy, chosen, inplace_backward)
-        return (logp, ent) if return_entropy else logp
+        if multi:
+            logp, ent, lse = _multi_index(logits, ids, temperature, ignore_index, return_entropy, chosen,
+                                          inplace_backward)
+        else:
+            logp, ent, lse, _, _ = torch.ops.srpo_core.token_logprobs(logits, ids, temperature, ignore_index,
+                                                                      return_entropy, chosen, inplace_backward)
+    else:
+        logp, ent = _vocab_parallel(logits, ids, temperature, return_entropy, ignore_index, process_group,
+                                    vocab_start, chosen, scan_ids, on_meta)
+        lse = None
+    outs = [logp] + ([ent] if return_entropy else []) + ([lse] if return_lse else [])
+    if out_dtype is not None:
+        outs = [t.to(out_dtype) for t in outs]
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _vocab_parallel(logits, ids, temperature, return_entropy, ignore_index, process_group, vocab_start, chosen,
+                    scan_ids, on_meta):
     if on_meta:
         raise ValueError(f"{OP}: vocab-parallel logits (`process_group` given) cannot be meta tensors: the shards are "
                          f"checked with a collective, which needs real tensors; got {describe(logits)}")
-
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         raise ValueError(f"{OP}: `process_group` was given but torch.distributed is not initialized")
     v_local = logits.shape[-1]
@@ -587,9 +677,8 @@ def token_logprobs(
     owned = keep & (local >= 0) & (local < v_local)
     local_ids = torch.where(owned, local, torch.full_like(local, v_local))
     local_ids = torch.where(keep, local_ids, torch.full_like(local, -1)).view(ids.shape)
-    logp, ent = _VocabParallel.apply(logits, local_ids, owned.view(ids.shape), keep.view(ids.shape), temperature,
-                                     return_entropy, chosen, process_group)
-    return (logp, ent) if return_entropy else logp
+    return _VocabParallel.apply(logits, local_ids, owned.view(ids.shape), keep.view(ids.shape), temperature,
+                                return_entropy, chosen, process_group)
 
 
 __all__ = ["token_logprobs"]
