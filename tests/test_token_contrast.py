@@ -505,3 +505,46 @@ def test_meta_tensors_infer_shapes():
     ids = torch.empty(2, 7, dtype=torch.long, device="meta")
     out = token_contrast(x, x, ids, kind="js", shift=True)
     assert all(t.device.type == "meta" and t.shape == (2, 7) and t.dtype == torch.float32 for t in out)
+
+
+# ------------------------------------------------------------------------------------ static: int64 offsets
+_IR_SCRIPT = r"""
+import os, re, sys
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, sys.argv[1])
+import gpu_report
+from srpo_core.kernels import token_contrast, token_logprobs
+want = {"token_logprobs_fwd[fp32,entropy]", "token_logprobs_bwd[fp32,both]", "token_contrast_fwd[kl,fp32]",
+        "token_contrast_fwd[js,fp32,redo-f64]"}
+pat = re.compile(r",\s*(tensor<[0-9x]*xi64>|i64)\s+loc\(")
+seen = 0
+for entry in token_logprobs.GPU_REPORT + token_contrast.GPU_REPORT:
+    if entry["name"] not in want:
+        continue
+    seen += 1
+    ttir = gpu_report.compile_entry(entry, 80).asm["ttir"]
+    adds = [line for line in ttir.splitlines() if "tt.addptr" in line]
+    bad = [line.strip() for line in adds if not pat.search(line)]
+    assert adds and not bad, (entry["name"], bad[:3])
+    print(entry["name"], len(adds), "addptr, all i64")
+assert seen == len(want), seen
+print("IR OK")
+"""
+
+
+def test_every_pointer_offset_is_int64_in_the_compiled_kernels(tmp_path):
+    """Issue 11: compile the kernels for sm_80 (no GPU needed) and check that every ``tt.addptr`` offset in the TTIR
+    is i64, so ``index × stride`` past 2³¹ (a ``[V, N]ᵀ`` view at N = 32,768, V = 151,936) cannot wrap."""
+    import pathlib
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    bench = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _IR_SCRIPT, str(bench)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr and "gpu_report" not in proc.stderr:
+        pytest.skip(f"cannot compile here: {proc.stderr[-300:]}")
+    assert proc.returncode == 0 and "IR OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
