@@ -80,9 +80,9 @@ def token_contrast_fwd_kernel(
     keep = i_id != ignore_index
     valid = keep & (i_id >= 0) & (i_id < V)
     todo = keep
-    if REDO:
+    if REDO:  # the fp32 pass marked the rows it could not finish with NaN (a genuine +inf KL is final)
         first = tl.load(p_div + i_n)
-        todo = keep & ((first != first) | (tl.abs(first) == float("inf")))
+        todo = valid & (first != first)
     v_end = tl.where(todo, V, 0)  # an ignored row (or, in REDO, a finished one) reads nothing
     one = tl.full([], 1.0, ACC)
     inv_t = one * inv_temperature
@@ -92,6 +92,7 @@ def token_contrast_fwd_kernel(
     s_x = zero  # Σ e^{(x − c_x)/τ}, c_x = m_x or 0 while m_x = −inf
     s_y = zero
     t = zero  # Σ e^{u} (u − u')   (kl only)
+    genuine = i_n * 0  # 1 once some x_v > −inf meets x'_v = −inf: KL = +inf exactly, in any precision (kl only)
     for v0 in range(0, v_end, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
         m_v = o_v < V
@@ -112,7 +113,9 @@ def token_contrast_fwd_kernel(
         b_e = tl.exp(b_u)
         if KIND == 0:
             b_t = tl.where(b_e > 0.0, b_e * (b_u - b_uy), 0.0)  # p_v = 0 in this precision: 0, not 0·(±inf)
-            b_t = tl.where((b_x > NEG_INF) & (b_y == NEG_INF), float("inf"), b_t)  # p_v > 0 = p'_v: +inf (D24)
+            b_gen = (b_x > NEG_INF) & (b_y == NEG_INF)  # p_v > 0 = p'_v: +inf (D24)
+            b_t = tl.where(b_gen, float("inf"), b_t)
+            genuine = tl.maximum(genuine, tl.max(b_gen.to(tl.int64), 0))
             d = ((c_y - c_y_old) - (c_x - c_x_old)) * inv_t  # Δ' − Δ
             # a_x = 0: the old mass underflowed, and with it its terms (never 0·inf); +inf stays +inf
             t_old = tl.where(a_x > 0.0, a_x * (t + d * s_x), 0.0)
@@ -128,6 +131,8 @@ def token_contrast_fwd_kernel(
     log_s_y = tl.log(s_y)
     if KIND == 0:
         div = t / s_x - log_s_x + log_s_y
+        if not REDO:  # a non-finite KL that is not genuinely infinite: NaN, finished by the float64 pass
+            div = tl.where(genuine > 0, float("inf"), tl.where(tl.abs(div) < float("inf"), div, float("nan")))
     else:
         acc = zero
         for v0 in range(0, v_end, BLOCK_V):  # second read of both rows
@@ -147,6 +152,8 @@ def token_contrast_fwd_kernel(
             acc += tl.sum(b_j, 0)
         div = 0.5 * acc
         div = tl.where(div > 0.6931471805599453, 0.6931471805599453, div)
+        if not REDO:
+            div = tl.where(tl.abs(div) < float("inf"), div, float("nan"))
     div = tl.where(div < 0.0, 0.0, div)  # rounding only: both divergences are ≥ 0 (NaN passes through)
 
     i_safe = tl.where(valid, i_id, 0)
@@ -184,8 +191,9 @@ def token_contrast_fwd(
     collapse to two row strides, copied once otherwise), ``ids: [...]`` → three fp32 tensors of ``ids``' shape.
 
     Two launches, no host sync: the fp32 pass over every row, then a float64 pass that re-reads only the rows whose
-    fp32 divergence is not finite (a genuine ``+inf`` KL, a NaN row, or an fp32 overflow of a shifted logit such as
-    ``(−3e38 − 3e38)/τ``) and rewrites their three outputs; every other program of it reads two scalars.
+    fp32 divergence is not finite for a reason other than a genuine ``+inf`` KL (a NaN row, or an fp32 overflow of a
+    shifted logit such as ``(−3e38 − 3e38)/τ``; the fp32 pass marks them NaN) and rewrites their three outputs;
+    every other program of it reads two scalars.
     ``block_v`` / ``num_warps`` override the pinned default (tests use a small block to cover the multi-block path).
     """
     assert logits.shape == logits_ref.shape and ids.shape == logits.shape[:-1]

@@ -93,22 +93,32 @@ def _torch_path(logits, logits_ref, ids, kind, temperature, ignore_index):
     return tuple(outs)
 
 
+def _rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (flat indices) of ``t: [..., V]`` as a ``[k, V]`` copy, one gather over its storage."""
+    x, _, T, sb, st = _chunked.collapse_rows(t, unit_v=False)
+    V = x.shape[-1]
+    storage = x.as_strided((x.untyped_storage().nbytes() // x.element_size(),), (1,), 0)
+    off = x.storage_offset() + (rows // T) * sb + (rows % T) * st
+    return storage[off[:, None] + torch.arange(V, device=x.device) * x.stride(-1)]
+
+
 def _redo_in_float64(logits, logits_ref, ids1, flat, kind, temperature, ignore_index, dtype):
-    """Rows whose fp32 divergence is not finite (a genuine ``+inf`` KL, a NaN row, or an fp32 overflow of a shifted
-    logit such as ``(−3e38 − 3e38)/τ``): recompute them from the float64 reference. One host sync (a CPU path)."""
-    redo = (ids1 != ignore_index) & ~torch.isfinite(flat[0])
-    if not bool(redo.any()):
-        return
-    rows = torch.nonzero(redo).squeeze(1)
-    picked = []
-    for t in (logits, logits_ref):
-        x, _, T, sb, st = _chunked.collapse_rows(t, unit_v=False)
-        V = x.shape[-1]
-        picked.append(torch.stack([x.as_strided((V,), (x.stride(-1),), x.storage_offset() + (n // T) * sb
-                                                + (n % T) * st) for n in rows.tolist()]).double())
-    parts = ref.token_contrast(*picked, ids1[rows], kind=kind, temperature=temperature, ignore_index=ignore_index)
-    for out, part in zip(flat, parts, strict=True):
-        out[rows] = part.to(dtype)
+    """Rows whose fp32 divergence is not finite for a reason other than a genuine ``+inf`` KL (a NaN row, or an fp32
+    overflow of a shifted logit such as ``(−3e38 − 3e38)/τ``): recompute them from the float64 reference, as the
+    kernel's second pass does. One host sync (a CPU path); the candidates are gathered in row chunks."""
+    cand = torch.nonzero((ids1 != ignore_index) & ~torch.isfinite(flat[0])).squeeze(1)
+    step = max(1, CHUNK_ELEMENTS // max(logits.shape[-1], 1))
+    for r0 in range(0, cand.numel(), step):
+        rows = cand[r0:r0 + step]
+        x, y = _rows(logits, rows), _rows(logits_ref, rows)
+        if kind == "kl":  # +inf from some x_v > −inf = x'_v is exact in any precision: keep it, read nothing more
+            final = (flat[0][rows] == math.inf) & ((x > -math.inf) & (y == -math.inf)).any(-1)
+            rows, x, y = rows[~final], x[~final], y[~final]
+        if rows.numel():
+            parts = ref.token_contrast(x.double(), y.double(), ids1[rows], kind=kind, temperature=temperature,
+                                       ignore_index=ignore_index)
+            for out, part in zip(flat, parts, strict=True):
+                out[rows] = part.to(dtype)
 
 
 @torch.library.custom_op("srpo_core::token_contrast", mutates_args=())
@@ -207,9 +217,10 @@ def token_contrast(
     traces, the check is skipped and an out-of-range id gives NaN in its row instead of an error. ``p_v = 0`` terms
     count 0; a row of all ``−inf`` (or with ``+inf``/NaN) gives NaN, as ``torch.log_softmax`` does. Extreme but
     valid inputs (logits of ±3e38, τ = 1e-6) give the float64 reference's value rounded to float32: a row whose
-    fp32 result is not finite is recomputed in float64 (both backends), so the result is NaN only for a row without
-    a distribution and ``+inf`` only where the KL is genuinely infinite (``x_v`` finite, ``x'_v = −inf``) or exceeds
-    the float32 range. Meta tensors: shapes are inferred, value checks skipped.
+    fp32 result is not finite, other than a genuine ``+inf`` KL (final after one read), is recomputed in float64
+    (both backends, D79), so the result is NaN only for a row without a distribution and ``+inf`` only where the KL
+    is genuinely infinite (``x_v`` finite, ``x'_v = −inf``) or exceeds the float32 range. Meta tensors: shapes are
+    inferred, value checks skipped.
     """
     _validate(logits, logits_ref, ids, kind, temperature, ignore_index)
     for name, flag in (("shift", shift), ("check_ids", check_ids)):

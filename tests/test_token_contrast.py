@@ -548,3 +548,24 @@ def test_every_pointer_offset_is_int64_in_the_compiled_kernels(tmp_path):
     if proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr and "gpu_report" not in proc.stderr:
         pytest.skip(f"cannot compile here: {proc.stderr[-300:]}")
     assert proc.returncode == 0 and "IR OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+def test_float64_redo_reads_only_rows_it_must(monkeypatch):
+    """Torch path: a genuinely infinite KL row (mass where p' has none, as a top-k-masked reference gives) is final
+    in fp32 and is not recomputed; an fp32-overflow row is, and gets the float64 value."""
+    calls = []
+    real = contrast_ops.ref.token_contrast
+
+    def spy(x, y, ids, **kw):
+        if x.dtype == torch.float64:
+            calls.append(x.shape[0])
+        return real(x, y, ids, **kw)
+
+    monkeypatch.setattr(contrast_ops.ref, "token_contrast", spy)
+    x = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, -math.inf], [1.0, 2.0, 3.0]])
+    # row 1: KL = ½(log ½ − 0) + ½(log ½ + 4e38) ≈ 2e38, though (−1e38 − 3e38) overflows fp32
+    y = torch.tensor([[0.0, -math.inf, 2.0], [3e38, -1e38, -math.inf], [1.0, 2.0, 3.0]])
+    out = token_contrast(x, y, torch.tensor([0, 0, 1]), kind="kl", backend="torch")
+    assert calls == [1], calls  # only the overflow row
+    assert out.div[0] == math.inf and math.isfinite(out.div[1]) and out.div[1] > 1e38
+    assert_close(out.div[1], torch.tensor(2e38), atol=0.0, rtol=1e-5)
