@@ -16,9 +16,12 @@ log Σ_v e^{(x_v − c)/τ}`` (the log-sum-exp split in two, so that ``log p_v =
 few ulps even for logits of ±1e4), plus the entropy when it is an output. Backward recomputes ``p`` from the logits
 and these, once.
 
-The op is registered as ``torch.ops.srpo_core.token_logprobs`` (forward) and ``torch.ops.srpo_core.
-token_logprobs_backward``, ``torch.library`` custom ops with fake kernels and an autograd formula, so
-``torch.compile(fullgraph=True)`` traces through a training step that calls :func:`token_logprobs`.
+The op is registered as ``torch.ops.srpo_core.token_logprobs`` (forward: ``logp, entropy, lse, row_max,
+row_logsum``) and ``torch.ops.srpo_core.token_logprobs_backward`` (plus ``token_logprobs_backward_``, which writes
+the gradient over the logits for ``inplace_backward=True``), ``torch.library`` custom ops with fake kernels and an
+autograd formula, so ``torch.compile(fullgraph=True)`` traces through a training step that calls
+:func:`token_logprobs`, and meta tensors get shapes. ``ids [..., K]``, ``shift``, ``out_dtype`` and ``return_lse``
+are handled around the op (D81-D83).
 
 Vocab-parallel (``process_group`` given): ``logits`` is this rank's shard ``[..., V_local]`` of the vocabulary
 ``[vocab_start, vocab_start + V_local)``. Each rank reduces its shard to ``(row_max, row_logsum, entropy)`` and the
