@@ -640,9 +640,12 @@ def token_logprobs(
     on_meta = logits.device.type == "meta"  # shapes are inferred, value checks skipped (the fake kernels run)
     scan_ids = check_ids and not on_meta and not torch.compiler.is_compiling()
     if inplace_backward:
-        _check_inplace(logits, process_group)
         # under torch.compile the compiler plans the backward's buffers itself: the out-of-place op is traced
-        inplace_backward = logits.requires_grad and not torch.compiler.is_compiling()
+        if torch.compiler.is_compiling():
+            inplace_backward = False
+        else:
+            _check_inplace(logits, process_group)
+            inplace_backward = logits.requires_grad
     if shift:  # before the scan: the first position's id is never scored
         ids = _chunked.shift_ids(ids, ignore_index, dim=-2 if multi else -1)
     if process_group is None and scan_ids:

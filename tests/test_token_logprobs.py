@@ -764,3 +764,17 @@ def test_meta_tensors_infer_shapes_forward_and_backward(multi):
     assert all(t.device.type == "meta" and t.dtype == torch.float32 for t in (lp, ent, lse))
     (lp.sum() + ent.sum() + lse.sum()).backward()
     assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+
+
+def test_inplace_backward_is_ignored_under_torch_compile():
+    w = torch.randn(6, 21, requires_grad=True)
+    h = torch.randn(2, 4, 6)
+    ids = torch.randint(0, 21, (2, 4))
+
+    def step(h, w, ids):
+        return token_logprobs(h @ w, ids, inplace_backward=True, check_ids=False).sum()
+
+    loss = torch.compile(step, fullgraph=True)(h, w, ids)
+    (grad,) = torch.autograd.grad(loss, w)
+    (want,) = torch.autograd.grad(step(h, w, ids), w)
+    assert_close(grad, want, atol=1e-5, rtol=1e-5, name="grad")
