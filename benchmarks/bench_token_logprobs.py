@@ -17,8 +17,9 @@ dtype, an output every implementation must write) is inside that peak; ``peak_be
 
 Usage:
 - ``python benchmarks/bench_token_logprobs.py [--n 2048] [--v 151936] [--dtypes fp32,bf16] [--modes fwd,fwd+bwd]
-  [--repeats 5] [--impls ...] [--json FILE]``: a table with ratios (anchor / ours: > 1 means ours is faster or
-  leaner) plus the machine, versions and shapes, also written to ``--json``.
+  [--repeats 5] [--impls ...] [--interleave] [--json FILE]``: a table with ratios (anchor / ours: > 1 means ours
+  is faster or leaner) plus the machine, versions and shapes, also written to ``--json``. ``--interleave`` times the
+  implementations round-robin on shared inputs, the only fair comparison on a shared, noisy host.
 - ``pytest benchmarks/bench_token_logprobs.py --benchmark-enable``: every implementation × mode × dtype under
   pytest-benchmark at ``SRPO_BENCH_N × SRPO_BENCH_V`` (default 256 × 32,000), peak memory in ``extra_info``. With the
   project's default ``--benchmark-disable`` each case runs once, as a smoke test.
@@ -159,6 +160,36 @@ def measure(name, impl, mode, n, v, dtype_name, repeats) -> dict:
     return row
 
 
+def measure_interleaved(impls: dict, mode, n, v, dtype_name, repeats) -> list[dict]:
+    """Every implementation on the same inputs, timed round-robin (``repeats`` rounds of one call each), so a noisy
+    shared host slows them alike; peak memory is measured once each, before the timing."""
+    x, ids = make_inputs(n, v, DTYPES[dtype_name], requires_grad=mode != "fwd")
+    calls = {name: make_call(impl, mode, x, ids) for name, impl in impls.items()}
+    rows = {}
+    for name, call in calls.items():
+        call()  # warm-up: compilation, allocator
+        x.grad = None
+        row = {"impl": name, "mode": mode, "dtype": dtype_name, "N": n, "V": v, "interleaved": True}
+        row["peak_bytes"], row["memory_method"] = peak_bytes(call)
+        x.grad = None
+        rows[name] = (row, [])
+    for _ in range(repeats):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            rows[name][1].append(time.perf_counter() - t0)
+    out = []
+    for row, times in rows.values():
+        q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+        row.update({"median_s": statistics.median(times), "q20_s": q[0], "q80_s": q[3], "repeats": repeats})
+        if mode != "fwd":
+            row["grad_bytes"] = x.numel() * x.element_size()
+            row["peak_beyond_grad"] = row["peak_bytes"] - row["grad_bytes"]
+        row["logits_gb_per_s"] = x.numel() * x.element_size() / row["median_s"] / 1e9
+        out.append(row)
+    return out
+
+
 def environment() -> dict:
     def version(mod):
         try:
@@ -203,6 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--impls", default=None, help="comma-separated subset of the implementations")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the implementations round-robin on shared inputs (for a noisy, shared host)")
     args = parser.parse_args(argv)
     impls = implementations()
     if args.impls:
@@ -210,8 +243,13 @@ def main(argv=None) -> int:
     rows = []
     for dtype_name in args.dtypes.split(","):
         for mode in args.modes.split(","):
-            for name, impl in impls.items():
-                row = measure(name, impl, mode, args.n, args.v, dtype_name, args.repeats)
+            if args.interleave:
+                measured = measure_interleaved(impls, mode, args.n, args.v, dtype_name, args.repeats)
+            else:
+                measured = (measure(name, impl, mode, args.n, args.v, dtype_name, args.repeats)
+                            for name, impl in impls.items())
+            for row in measured:
+                name = row["impl"]
                 rows.append(row)
                 beyond = f"  beyond grad {row['peak_beyond_grad'] / 2**20:9.1f} MiB" if mode != "fwd" else ""
                 print(f"{dtype_name:5s} {mode:8s} {name:16s} median {row['median_s'] * 1e3:9.1f} ms "

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from srpo_core import _dispatch
+from srpo_core._chunked import collapse_rows
 from srpo_core._dispatch import empty
 
 KIND_KL = 0
@@ -45,104 +47,133 @@ def default_config(V: int) -> dict:
 
 @triton.jit
 def token_contrast_fwd_kernel(
-    p_x,  # logits      [N, V]
-    p_y,  # logits_ref  [N, V]
+    p_x,  # logits      [N, V] as rows (i_b, i_t): offset i_b·stride_xb + i_t·stride_xt, vocab stride stride_xv
+    p_y,  # logits_ref  [N, V] as rows, with its own layout (T_y, stride_yb, stride_yt, stride_yv)
     p_ids,  # [N]
-    p_div,  # [N] fp32
+    p_div,  # [N] fp32 (REDO: read, then rewritten where it was not finite)
     p_lp,  # [N] fp32
     p_lq,  # [N] fp32
     V,
-    stride_xn,
+    T_x,  # rows per outer index of logits: row n = (n // T_x, n % T_x)
+    stride_xb,
+    stride_xt,
     stride_xv,
-    stride_yn,
+    T_y,
+    stride_yb,
+    stride_yt,
     stride_yv,
     stride_ids,
     inv_temperature,
     ignore_index,
     KIND: tl.constexpr,  # 0 = kl, 1 = js
+    REDO: tl.constexpr,  # False: fp32 pass over every row; True: float64 pass over the rows whose div is not finite
     BLOCK_V: tl.constexpr,
 ):
     # div = KL(p ‖ p') or JS(p, p'); lp = x_id/τ − lse(x/τ); lq = x'_id/τ − lse(x'/τ)
+    # Every pointer offset is int64: program id and column indices are cast before any multiply by a stride.
+    ACC = tl.float64 if REDO else tl.float32
+    NEG_INF = -float("inf")
     i_n = tl.program_id(0).to(tl.int64)
-    p_x += i_n * stride_xn
-    p_y += i_n * stride_yn
+    p_x += (i_n // T_x) * stride_xb + (i_n % T_x) * stride_xt
+    p_y += (i_n // T_y) * stride_yb + (i_n % T_y) * stride_yt
     i_id = tl.load(p_ids + i_n * stride_ids).to(tl.int64)
     keep = i_id != ignore_index
     valid = keep & (i_id >= 0) & (i_id < V)
-    v_end = tl.where(keep, V, 0)  # an ignored row reads nothing
-
-    m_x = -float("inf")  # running max of x (raw units)
-    m_y = -float("inf")
-    s_x = 0.0  # Σ e^{(x − c_x)/τ}, c_x = m_x or 0 while m_x = −inf
-    s_y = 0.0
-    t = 0.0  # Σ e^{u} (u − u')   (kl only)
+    todo = keep
+    if REDO:  # the fp32 pass marked the rows it could not finish with NaN (a genuine +inf KL is final)
+        first = tl.load(p_div + i_n)
+        todo = valid & (first != first)
+    v_end = tl.where(todo, V, 0)  # an ignored row (or, in REDO, a finished one) reads nothing
+    one = tl.full([], 1.0, ACC)
+    inv_t = one * inv_temperature
+    zero = one * 0.0
+    m_x = zero + NEG_INF  # running max of x (raw units)
+    m_y = zero + NEG_INF
+    s_x = zero  # Σ e^{(x − c_x)/τ}, c_x = m_x or 0 while m_x = −inf
+    s_y = zero
+    t = zero  # Σ e^{u} (u − u')   (kl only)
+    genuine = i_n * 0  # 1 once some x_v > −inf meets x'_v = −inf: KL = +inf exactly, in any precision (kl only)
     for v0 in range(0, v_end, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)  # [BLOCK_V]
+        o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
         m_v = o_v < V
-        b_x = tl.load(p_x + o_v * stride_xv, mask=m_v, other=-float("inf")).to(tl.float32)
-        b_y = tl.load(p_y + o_v * stride_yv, mask=m_v, other=-float("inf")).to(tl.float32)
-        c_x_old = tl.where(m_x == -float("inf"), 0.0, m_x)
-        c_y_old = tl.where(m_y == -float("inf"), 0.0, m_y)
+        b_x = tl.load(p_x + o_v * stride_xv, mask=m_v, other=NEG_INF).to(ACC)
+        b_y = tl.load(p_y + o_v * stride_yv, mask=m_v, other=NEG_INF).to(ACC)
+        c_x_old = tl.where(m_x == NEG_INF, 0.0, m_x)
+        c_y_old = tl.where(m_y == NEG_INF, 0.0, m_y)
         m_x_new = tl.maximum(m_x, tl.max(b_x, 0))
         m_y_new = tl.maximum(m_y, tl.max(b_y, 0))
-        c_x = tl.where(m_x_new == -float("inf"), 0.0, m_x_new)
-        c_y = tl.where(m_y_new == -float("inf"), 0.0, m_y_new)
-        # e^{−Δ}; nothing accumulated yet while the old max is −inf
-        a_x = tl.where(m_x == -float("inf"), 0.0, tl.exp((c_x_old - c_x) * inv_temperature))
-        a_y = tl.where(m_y == -float("inf"), 0.0, tl.exp((c_y_old - c_y) * inv_temperature))
-        b_u = (b_x - c_x) * inv_temperature  # [BLOCK_V], ≤ 0, −inf where p_v = 0
-        b_uy = (b_y - c_y) * inv_temperature
+        c_x = tl.where(m_x_new == NEG_INF, 0.0, m_x_new)
+        c_y = tl.where(m_y_new == NEG_INF, 0.0, m_y_new)
+        # e^{−Δ}; nothing accumulated yet while the old max is −inf. Every exp is of a max-shifted value (≤ 0 or
+        # −inf, masked lanes −inf): never an overflow, never e^{unshifted}.
+        a_x = tl.where(m_x == NEG_INF, 0.0, tl.exp((c_x_old - c_x) * inv_t))
+        a_y = tl.where(m_y == NEG_INF, 0.0, tl.exp((c_y_old - c_y) * inv_t))
+        b_u = (b_x - c_x) * inv_t  # [BLOCK_V], ≤ 0, −inf where p_v = 0 (or the shift overflowed: p_v = 0 too)
+        b_uy = (b_y - c_y) * inv_t
         b_e = tl.exp(b_u)
         if KIND == 0:
-            b_t = tl.where(b_y == -float("inf"), float("inf"), b_e * (b_u - b_uy))
-            b_t = tl.where(b_x == -float("inf"), 0.0, b_t)
-            d = ((c_y - c_y_old) - (c_x - c_x_old)) * inv_temperature  # Δ' − Δ
-            t = tl.where(t == float("inf"), float("inf"), a_x * (t + d * s_x)) + tl.sum(b_t, 0)
+            b_t = tl.where(b_e > 0.0, b_e * (b_u - b_uy), 0.0)  # p_v = 0 in this precision: 0, not 0·(±inf)
+            b_gen = (b_x > NEG_INF) & (b_y == NEG_INF)  # p_v > 0 = p'_v: +inf (D24)
+            b_t = tl.where(b_gen, float("inf"), b_t)
+            genuine = tl.maximum(genuine, tl.max(b_gen.to(tl.int64), 0))
+            d = ((c_y - c_y_old) - (c_x - c_x_old)) * inv_t  # Δ' − Δ
+            # a_x = 0: the old mass underflowed, and with it its terms (never 0·inf); +inf stays +inf
+            t_old = tl.where(a_x > 0.0, a_x * (t + d * s_x), 0.0)
+            t = tl.where(t == float("inf"), float("inf"), t_old) + tl.sum(b_t, 0)
         s_x = s_x * a_x + tl.sum(b_e, 0)
         s_y = s_y * a_y + tl.sum(tl.exp(b_uy), 0)
         m_x = m_x_new
         m_y = m_y_new
 
-    c_x = tl.where(m_x == -float("inf"), 0.0, m_x)
-    c_y = tl.where(m_y == -float("inf"), 0.0, m_y)
+    c_x = tl.where(m_x == NEG_INF, 0.0, m_x)
+    c_y = tl.where(m_y == NEG_INF, 0.0, m_y)
     log_s_x = tl.log(s_x)
     log_s_y = tl.log(s_y)
     if KIND == 0:
         div = t / s_x - log_s_x + log_s_y
+        if not REDO:  # a non-finite KL that is not genuinely infinite: NaN, finished by the float64 pass
+            div = tl.where(genuine > 0, float("inf"), tl.where(tl.abs(div) < float("inf"), div, float("nan")))
     else:
-        acc = 0.0
+        acc = zero
         for v0 in range(0, v_end, BLOCK_V):  # second read of both rows
-            o_v = v0 + tl.arange(0, BLOCK_V)
+            o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             m_v = o_v < V
-            b_x = tl.load(p_x + o_v * stride_xv, mask=m_v, other=-float("inf")).to(tl.float32)
-            b_y = tl.load(p_y + o_v * stride_yv, mask=m_v, other=-float("inf")).to(tl.float32)
-            b_lp = (b_x - c_x) * inv_temperature - log_s_x  # log p_v
-            b_lq = (b_y - c_y) * inv_temperature - log_s_y
+            b_x = tl.load(p_x + o_v * stride_xv, mask=m_v, other=NEG_INF).to(ACC)
+            b_y = tl.load(p_y + o_v * stride_yv, mask=m_v, other=NEG_INF).to(ACC)
+            b_lp = (b_x - c_x) * inv_t - log_s_x  # log p_v
+            b_lq = (b_y - c_y) * inv_t - log_s_y
             b_p = tl.exp(b_lp)
             b_q = tl.exp(b_lq)
             b_lm = tl.log(b_p + b_q) - 0.6931471805599453  # log m_v; finite wherever p_v or p'_v > 0
-            # a term whose mass underflowed to 0 is < 1e-38 in size: drop it rather than risk 0 · (−inf)
+            # a term whose mass underflowed to 0 is below the smallest normal: drop it rather than risk 0 · (−inf)
             b_j = tl.where(b_p > 0.0, b_p * (b_lp - b_lm), 0.0) + tl.where(b_q > 0.0, b_q * (b_lq - b_lm), 0.0)
             # a NaN row (all −inf, +inf entries) keeps its NaN through the first term's condition
             b_j = tl.where((b_lp != b_lp) | (b_lq != b_lq), float("nan"), b_j)
             acc += tl.sum(b_j, 0)
         div = 0.5 * acc
         div = tl.where(div > 0.6931471805599453, 0.6931471805599453, div)
+        if not REDO:
+            div = tl.where(tl.abs(div) < float("inf"), div, float("nan"))
     div = tl.where(div < 0.0, 0.0, div)  # rounding only: both divergences are ≥ 0 (NaN passes through)
 
     i_safe = tl.where(valid, i_id, 0)
-    b_xid = tl.load(p_x + i_safe * stride_xv).to(tl.float32)
-    b_yid = tl.load(p_y + i_safe * stride_yv).to(tl.float32)
-    lp = (b_xid - c_x) * inv_temperature - log_s_x
-    lq = (b_yid - c_y) * inv_temperature - log_s_y
+    b_xid = tl.load(p_x + i_safe * stride_xv, mask=todo, other=0.0).to(ACC)
+    b_yid = tl.load(p_y + i_safe * stride_yv, mask=todo, other=0.0).to(ACC)
+    lp = (b_xid - c_x) * inv_t - log_s_x
+    lq = (b_yid - c_y) * inv_t - log_s_y
     # a row with no distribution: lp/lq are NaN already; make the divergence NaN too (kl's t/s can be finite)
     div = tl.where((lp != lp) | (lq != lq) | (s_x != s_x) | (s_y != s_y), float("nan"), div)
-    div = tl.where(valid, div, float("nan"))
-    lp = tl.where(valid, lp, float("nan"))
-    lq = tl.where(valid, lq, float("nan"))
-    tl.store(p_div + i_n, tl.where(keep, div, 0.0))
-    tl.store(p_lp + i_n, tl.where(keep, lp, 0.0))
-    tl.store(p_lq + i_n, tl.where(keep, lq, 0.0))
+    div = tl.where(valid, div, float("nan")).to(tl.float32)
+    lp = tl.where(valid, lp, float("nan")).to(tl.float32)
+    lq = tl.where(valid, lq, float("nan")).to(tl.float32)
+    if REDO:
+        tl.store(p_div + i_n, div, mask=todo)
+        tl.store(p_lp + i_n, lp, mask=todo)
+        tl.store(p_lq + i_n, lq, mask=todo)
+    else:
+        tl.store(p_div + i_n, tl.where(keep, div, 0.0))
+        tl.store(p_lp + i_n, tl.where(keep, lp, 0.0))
+        tl.store(p_lq + i_n, tl.where(keep, lq, 0.0))
 
 
 def token_contrast_fwd(
@@ -156,15 +187,24 @@ def token_contrast_fwd(
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch on ``logits, logits_ref: [N, V]`` (any strides), ``ids: [N]`` → three fp32 ``[N]`` tensors.
+    """Launch on ``logits, logits_ref: [..., V]`` (any strides, each its own; read in place when the leading dims
+    collapse to two row strides, copied once otherwise), ``ids: [...]`` → three fp32 tensors of ``ids``' shape.
 
+    Two launches, no host sync: the fp32 pass over every row, then a float64 pass that re-reads only the rows whose
+    fp32 divergence is not finite for a reason other than a genuine ``+inf`` KL (a NaN row, or an fp32 overflow of a
+    shifted logit such as ``(−3e38 − 3e38)/τ``; the fp32 pass marks them NaN) and rewrites their three outputs;
+    every other program of it reads two scalars.
     ``block_v`` / ``num_warps`` override the pinned default (tests use a small block to cover the multi-block path).
     """
-    assert logits.dim() == 2 and logits.shape == logits_ref.shape and ids.shape == logits.shape[:1]
+    assert logits.shape == logits_ref.shape and ids.shape == logits.shape[:-1]
     assert logits.dtype in (torch.float32, torch.float16, torch.bfloat16) and logits_ref.dtype in (
         torch.float32, torch.float16, torch.bfloat16)
-    N, V = logits.shape
-    out = [empty((N,), dtype=torch.float32, device=logits.device) for _ in range(3)]
+    V = logits.shape[-1]
+    x, _, T_x, sxb, sxt = collapse_rows(logits, unit_v=False)
+    y, _, T_y, syb, syt = collapse_rows(logits_ref, unit_v=False)
+    ids1 = ids.reshape(-1)
+    N = ids1.numel()
+    out = [empty(ids.shape, dtype=torch.float32, device=logits.device) for _ in range(3)]
     if N == 0:
         return tuple(out)
     cfg = default_config(V)
@@ -172,12 +212,12 @@ def token_contrast_fwd(
         cfg["BLOCK_V"] = block_v
     if num_warps is not None:
         cfg["num_warps"] = num_warps
-    token_contrast_fwd_kernel[(N,)](
-        logits, logits_ref, ids, *out,
-        V, logits.stride(0), logits.stride(1), logits_ref.stride(0), logits_ref.stride(1), ids.stride(0),
-        1.0 / float(temperature), int(ignore_index),
-        KIND=KIND_CODES[kind], BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
-    )
+    args = (x, y, ids1, *out, V, T_x, sxb, sxt, x.stride(-1), T_y, syb, syt, y.stride(-1), ids1.stride(0),
+            1.0 / float(temperature), int(ignore_index))
+    with _dispatch.device_guard(logits):
+        for redo in (False, True):
+            token_contrast_fwd_kernel[(N,)](*args, KIND=KIND_CODES[kind], REDO=redo, BLOCK_V=cfg["BLOCK_V"],
+                                            num_warps=cfg["num_warps"])
     return tuple(out)
 
 
@@ -187,22 +227,25 @@ def _report_entries() -> list[dict]:
     cfg = default_config(1 << 17)
     entries = []
     for kind, code in KIND_CODES.items():
-        for dtype in ("bf16", "fp32"):
+        for dtype, redo in (("bf16", False), ("fp32", False), ("fp32", True)):
             entries.append({
-                "name": f"token_contrast_fwd[{kind},{dtype}]",
+                "name": f"token_contrast_fwd[{kind},{dtype}{',redo-f64' if redo else ''}]",
                 "fn": token_contrast_fwd_kernel,
                 "signature": {
                     "p_x": f"*{dtype}", "p_y": f"*{dtype}", "p_ids": "*i64",
                     "p_div": "*fp32", "p_lp": "*fp32", "p_lq": "*fp32",
-                    "V": "i32:16", "stride_xn": "i32:16", "stride_xv": "constexpr", "stride_yn": "i32:16",
-                    "stride_yv": "constexpr", "stride_ids": "constexpr", "inv_temperature": "fp32",
-                    "ignore_index": "i32", "KIND": "constexpr", "BLOCK_V": "constexpr",
+                    "V": "i32:16", "T_x": "i32", "stride_xb": "i32:16", "stride_xt": "i32:16", "stride_xv": "constexpr",
+                    "T_y": "i32", "stride_yb": "i32:16", "stride_yt": "i32:16", "stride_yv": "constexpr",
+                    "stride_ids": "constexpr", "inv_temperature": "fp32", "ignore_index": "i32",
+                    "KIND": "constexpr", "REDO": "constexpr", "BLOCK_V": "constexpr",
                 },
-                "constexprs": {"stride_xv": 1, "stride_yv": 1, "stride_ids": 1, "KIND": code,
+                "constexprs": {"stride_xv": 1, "stride_yv": 1, "stride_ids": 1, "KIND": code, "REDO": redo,
                                "BLOCK_V": cfg["BLOCK_V"]},
                 "num_warps": cfg["num_warps"],
                 "num_stages": 3,
-                "bytes": "2·N·V·s = floor (both rows once)" if kind == "kl" else "4·N·V·s = 2× floor (rows read twice)",
+                "bytes": ("O(N) unless a row's fp32 result is not finite (then that row again, in float64)" if redo
+                          else "2·N·V·s = floor (both rows once)" if kind == "kl"
+                          else "4·N·V·s = 2× floor (rows read twice)"),
                 "load_dtype": dtype,
             })
     return entries

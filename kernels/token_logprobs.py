@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from srpo_core import _dispatch
 from srpo_core._chunked import collapse_rows
 from srpo_core._dispatch import empty
 
@@ -74,6 +75,7 @@ def token_logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     # logp = (x_id − c)/τ − log s;  H = log s − t/s;  s = Σ e^u, t = Σ e^u·u, u = (x − c)/τ, c = max x
+    # Every pointer offset is int64 (program id and column indices cast before any multiply or add to a pointer).
     i_n = tl.program_id(0).to(tl.int64)
     p_x += (i_n // T) * stride_xb + (i_n % T) * stride_xt
     i_id = tl.load(p_ids + i_n * stride_ids).to(tl.int64)
@@ -85,19 +87,22 @@ def token_logprobs_fwd_kernel(
     s = 0.0
     t = 0.0
     for v0 in range(0, v_end, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)  # [BLOCK_V]
+        o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
         m_v = o_v < V
         b_x = tl.load(p_x + o_v, mask=m_v, other=-float("inf")).to(tl.float32)  # [BLOCK_V]
         m_new = tl.maximum(m, tl.max(b_x, 0))
         c_new = tl.where(m_new == -float("inf"), 0.0, m_new)
-        a = tl.exp((m - c_new) * inv_temperature)  # e^{−Δ}; 0 while nothing has been accumulated (m = −inf)
+        # e^{−Δ}; 0 while nothing has been accumulated (m = −inf). Every exp below is of a max-shifted value (≤ 0,
+        # or −inf): masked lanes hold −inf and give e^{−inf} = 0, never an overflow.
+        a = tl.exp((m - c_new) * inv_temperature)
         b_u = (b_x - c_new) * inv_temperature  # [BLOCK_V], ≤ 0, −inf where p_v = 0
         b_e = tl.exp(b_u)
         if HAS_ENTROPY:
             c_old = tl.where(m == -float("inf"), 0.0, m)
-            d = (c_new - c_old) * inv_temperature  # Δ
-            b_t = tl.where(b_x == -float("inf"), 0.0, b_e * b_u)
-            t = a * (t - d * s) + tl.sum(b_t, 0)
+            d = (c_new - c_old) * inv_temperature  # Δ (may overflow to +inf for logits of ±3e38)
+            b_t = tl.where(b_e > 0.0, b_e * b_u, 0.0)  # p_v = 0 (−inf, or underflow): 0, not 0·(−inf)
+            # a = 0: the old mass is below e^{−104} and Δ·e^{−Δ} vanishes with it (never 0·inf)
+            t = tl.where(a > 0.0, a * (t - d * s), 0.0) + tl.sum(b_t, 0)
         s = s * a + tl.sum(b_e, 0)
         m = m_new
 
@@ -116,6 +121,7 @@ def token_logprobs_fwd_kernel(
 @triton.heuristics({
     "HAS_GRAD_LOGP": lambda a: a["p_glogp"] is not None,
     "HAS_GRAD_ENT": lambda a: a["p_gent"] is not None,
+    "HAS_GRAD_LSE": lambda a: a["p_glse"] is not None,
 })
 @triton.jit
 def token_logprobs_bwd_kernel(
@@ -126,44 +132,53 @@ def token_logprobs_bwd_kernel(
     p_ent,  # [N] fp32 (forward's entropy), or None
     p_glogp,  # [N] fp32 upstream grad of logp, or None
     p_gent,  # [N] fp32 upstream grad of the entropy, or None
-    p_gx,  # grad_logits [N, V], contiguous, logits' dtype
+    p_glse,  # [N] fp32 upstream grad of lse = c/τ + log s, or None
+    p_gx,  # grad_logits [N, V] as rows (i_b, i_t) with its own strides (p_x itself for the in-place backward)
     V,
     T,
     stride_xb,
     stride_xt,
+    stride_gb,
+    stride_gt,
     stride_ids,
     inv_temperature,
     ignore_index,
     HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENT: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    # grad_x_v = [g_l (δ_{v,id} − p_v) − g_H p_v (log p_v + H)] / τ,   log p_v = (x_v − c)/τ − log s
+    # grad_x_v = [g_l δ_{v,id} − g_p p_v − g_H p_v (log p_v + H)] / τ, g_p = g_l − g_lse, log p_v = (x_v − c)/τ − log s
+    # In place (p_gx = p_x): each element is loaded, then stored, by the same lanes of the same program; the sampled
+    # logit is not needed after the forward. Every pointer offset is int64.
     i_n = tl.program_id(0).to(tl.int64)
     p_x += (i_n // T) * stride_xb + (i_n % T) * stride_xt
-    p_gx += i_n * V
+    p_gx += (i_n // T) * stride_gb + (i_n % T) * stride_gt
     i_id = tl.load(p_ids + i_n * stride_ids).to(tl.int64)
     keep = i_id != ignore_index
     v_read = tl.where(keep, V, 0)  # an ignored row reads nothing (and writes zeros)
     c = tl.load(p_max + i_n)
     log_s = tl.load(p_logs + i_n)
     g_l = 0.0
+    g_p = 0.0
     g_h = 0.0
     h = 0.0
     if HAS_GRAD_LOGP:
         g_l = tl.where(keep, tl.load(p_glogp + i_n), 0.0)
+        g_p = g_l
+    if HAS_GRAD_LSE:
+        g_p -= tl.where(keep, tl.load(p_glse + i_n), 0.0)
     if HAS_GRAD_ENT:
         g_h = tl.where(keep, tl.load(p_gent + i_n), 0.0)
         h = tl.load(p_ent + i_n)
     for v0 in range(0, V, BLOCK_V):  # every row is written, an ignored one with zeros (its loads are skipped)
-        o_v = v0 + tl.arange(0, BLOCK_V)  # [BLOCK_V]
+        o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
         m_v = o_v < V
+        # ignored rows and masked lanes load −inf: (−inf − c)/τ − log s = −inf, e^{−inf} = 0 (no unshifted exp)
         b_x = tl.load(p_x + o_v, mask=o_v < v_read, other=-float("inf")).to(tl.float32)
         b_lp = (b_x - c) * inv_temperature - log_s  # log p_v
         b_p = tl.exp(b_lp)
-        b_g = tl.zeros([BLOCK_V], dtype=tl.float32)
-        if HAS_GRAD_LOGP:
-            b_g = tl.where(o_v == i_id, g_l, 0.0) - b_p * g_l
+        b_g = tl.where(o_v == i_id, g_l, 0.0) - b_p * g_p
         if HAS_GRAD_ENT:
             b_g -= tl.where(b_p > 0.0, b_p * (b_lp + h), 0.0) * g_h
         tl.store(p_gx + o_v, (b_g * inv_temperature).to(p_gx.dtype.element_ty), mask=m_v)
@@ -196,11 +211,12 @@ def token_logprobs_fwd(
         return logp, ent, row_max, row_logsum
     cfg = default_config(V, logits.dtype)
     cfg.update({k: v for k, v in (("BLOCK_V", block_v), ("num_warps", num_warps)) if v is not None})
-    token_logprobs_fwd_kernel[(N,)](
-        x, ids1, logp, ent, row_max, row_logsum,
-        V, T, sb, st, ids1.stride(0), 1.0 / float(temperature), int(ignore_index),
-        BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
-    )
+    with _dispatch.device_guard(logits):
+        token_logprobs_fwd_kernel[(N,)](
+            x, ids1, logp, ent, row_max, row_logsum,
+            V, T, sb, st, ids1.stride(0), 1.0 / float(temperature), int(ignore_index),
+            BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
+        )
     return logp, ent, row_max, row_logsum
 
 
@@ -215,32 +231,43 @@ def token_logprobs_bwd(
     *,
     temperature: float,
     ignore_index: int,
+    grad_lse: torch.Tensor | None = None,
+    inplace: bool = False,
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """``grad_logits: [..., V]`` (contiguous, logits' dtype) from the upstream grads ``[...]`` (either may be None)
-    and the forward's saved ``row_max``, ``row_logsum`` (and ``entropy`` when ``grad_entropy`` is given)."""
+    """``grad_logits: [..., V]`` (logits' dtype) from the upstream grads ``[...]`` (any may be None) and the
+    forward's saved ``row_max``, ``row_logsum`` (and ``entropy`` when ``grad_entropy`` is given).
+
+    Contiguous and fresh by default; ``inplace=True`` writes it over ``logits`` itself and returns ``logits`` (whose
+    rows must then collapse without a copy: the caller checks, see ``srpo_core._chunked.rows_in_place``)."""
     assert logits.shape[:-1] == ids.shape and (grad_entropy is None or entropy is not None)
     V = logits.shape[-1]
     x, _, T, sb, st = collapse_rows(logits)  # rows (n // T, n % T), no copy for e.g. logits[:, :-1]
     ids1 = ids.reshape(-1)
     N = ids1.numel()
-    grad = empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if inplace:
+        assert x.data_ptr() == logits.data_ptr(), "in-place backward on logits whose rows do not collapse"
+        grad, gb, gt = x, sb, st
+    else:
+        grad = empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        gb, gt = T * V, V  # contiguous [..., V] seen as the same (n // T, n % T) rows
     if N == 0 or V == 0:
-        return grad
+        return logits if inplace else grad
 
     def flat(t):
         return None if t is None else t.reshape(-1).to(torch.float32).contiguous()
 
     cfg = default_config(V, logits.dtype)
     cfg.update({k: v for k, v in (("BLOCK_V", block_v), ("num_warps", num_warps)) if v is not None})
-    token_logprobs_bwd_kernel[(N,)](
-        x, ids1, flat(row_max), flat(row_logsum), flat(entropy) if grad_entropy is not None else None,
-        flat(grad_logp), flat(grad_entropy), grad,
-        V, T, sb, st, ids1.stride(0), 1.0 / float(temperature), int(ignore_index),
-        BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
-    )
-    return grad
+    with _dispatch.device_guard(logits):
+        token_logprobs_bwd_kernel[(N,)](
+            x, ids1, flat(row_max), flat(row_logsum), flat(entropy) if grad_entropy is not None else None,
+            flat(grad_logp), flat(grad_entropy), flat(grad_lse), grad,
+            V, T, sb, st, gb, gt, ids1.stride(0), 1.0 / float(temperature), int(ignore_index),
+            BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
+        )
+    return logits if inplace else grad
 
 
 def _report_entries() -> list[dict]:
@@ -272,11 +299,12 @@ def _report_entries() -> list[dict]:
                 "fn": token_logprobs_bwd_kernel.fn,
                 "signature": {"p_x": f"*{dtype}", "p_ids": "*i64", "p_max": "*fp32", "p_logs": "*fp32",
                               "p_ent": "*fp32" if ent else "constexpr", "p_glogp": "*fp32",
-                              "p_gent": "*fp32" if ent else "constexpr", "p_gx": f"*{dtype}",
-                              **common, "HAS_GRAD_LOGP": "constexpr", "HAS_GRAD_ENT": "constexpr",
-                              "BLOCK_V": "constexpr"},
-                "constexprs": {"stride_ids": 1, "HAS_GRAD_LOGP": True, "HAS_GRAD_ENT": ent,
-                               "BLOCK_V": cfg["BLOCK_V"], **({} if ent else {"p_ent": None, "p_gent": None})},
+                              "p_gent": "*fp32" if ent else "constexpr", "p_glse": "constexpr", "p_gx": f"*{dtype}",
+                              **common, "stride_gb": "i32:16", "stride_gt": "i32:16", "HAS_GRAD_LOGP": "constexpr",
+                              "HAS_GRAD_ENT": "constexpr", "HAS_GRAD_LSE": "constexpr", "BLOCK_V": "constexpr"},
+                "constexprs": {"stride_ids": 1, "HAS_GRAD_LOGP": True, "HAS_GRAD_ENT": ent, "HAS_GRAD_LSE": False,
+                               "p_glse": None, "BLOCK_V": cfg["BLOCK_V"],
+                               **({} if ent else {"p_ent": None, "p_gent": None})},
                 "num_warps": cfg["num_warps"],
                 "bytes": "2·N·V·s = floor (row read once, grad written once)",
                 "load_dtype": dtype,

@@ -70,12 +70,13 @@ class Compiled:
 
 
 # ------------------------------------------------------------------------------------------------------ row views
-def collapse_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
+def collapse_rows(x: torch.Tensor, *, unit_v: bool = True) -> tuple[torch.Tensor, int, int, int, int]:
     """See ``x: [..., V]`` as ``B × T`` rows, row ``(b, t)`` at element offset ``b·stride_b + t·stride_t``, with unit
-    stride over ``V``, without copying when the leading dims collapse to at most two (``logits[:, :-1]`` does);
-    copies otherwise. Returns ``(x, B, T, stride_b, stride_t)`` (``x`` possibly a contiguous copy)."""
+    stride over ``V`` (or, with ``unit_v=False``, whatever stride ``x`` has over ``V``), without copying when the
+    leading dims collapse to at most two (``logits[:, :-1]`` does); copies otherwise. Returns
+    ``(x, B, T, stride_b, stride_t)`` (``x`` possibly a contiguous copy)."""
     V = x.shape[-1]
-    if x.stride(-1) != 1 and V > 1:
+    if unit_v and x.stride(-1) != 1 and V > 1:
         x = x.contiguous()
     dims = [[n, st] for n, st in zip(x.shape[:-1], x.stride()[:-1], strict=True) if n != 1]
     merged: list[list[int]] = []
@@ -97,13 +98,55 @@ def collapse_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
 def row_chunks(x: torch.Tensor, rows: int):
     """Yield ``(n0, chunk)``: 2-D views ``chunk: [r, V]`` of ``x: [..., V]`` (unit stride over V) covering the
     flattened rows ``n0 .. n0 + r`` in order, ``r ≤ rows``."""
-    x, B, T, sb, st = collapse_rows(x)
+    for n0, (chunk,) in row_chunks_multi((x,), rows):
+        yield n0, chunk
+
+
+def row_chunks_multi(xs, rows: int, *, unit_v: bool = True):
+    """Yield ``(n0, chunks)``: for tensors ``xs`` of one shape ``[..., V]`` (any layouts), a tuple of 2-D views
+    ``[r, V]``, one per tensor, of the same flattened rows ``n0 .. n0 + r``, ``r ≤ rows`` (a chunk ends where any
+    tensor's rows stop being evenly spaced). Unit stride over V unless ``unit_v=False``."""
+    views = [collapse_rows(x, unit_v=unit_v) for x in xs]
+    V = xs[0].shape[-1]
+    N = math.prod(xs[0].shape[:-1])
+    n0 = 0
+    while n0 < N:
+        n1 = min(N, n0 + rows)
+        for _, _, T, _, _ in views:
+            n1 = min(n1, (n0 // T + 1) * T)
+        out = []
+        for x, _, T, sb, st in views:
+            b, t = divmod(n0, T)
+            out.append(x.as_strided((n1 - n0, V), (st, x.stride(-1)), x.storage_offset() + b * sb + t * st))
+        yield n0, tuple(out)
+        n0 = n1
+
+
+def rows_in_place(x: torch.Tensor) -> bool:
+    """Whether ``x: [..., V]``'s rows can be written in place as :func:`collapse_rows` sees them: unit stride over
+    ``V``, leading dims that collapse without a copy, and no two rows sharing memory (no broadcast stride 0)."""
+    if x.numel() == 0:
+        return True
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        return False
+    if any(n > 1 and st == 0 for n, st in zip(x.shape, x.stride(), strict=True)):
+        return False
+    y, B, T, sb, st = collapse_rows(x)
     V = x.shape[-1]
-    base = x.storage_offset()
-    for b in range(B):
-        for t0 in range(0, T, rows):
-            r = min(rows, T - t0)
-            yield b * T + t0, x.as_strided((r, V), (st, 1), base + b * sb + t0 * st)
+    if y.data_ptr() != x.data_ptr() or (T > 1 and st < V) or (B > 1 and sb < T * st):
+        return False
+    return True
+
+
+def shift_ids(ids: torch.Tensor, ignore_index: int, dim: int = -1) -> torch.Tensor:
+    """``ids`` moved one position left along ``dim`` (position ``t`` gets ``ids[t + 1]``), the last position
+    ``ignore_index``: the ``shift=True`` convention of the log-prob ops (cut-cross-entropy's). A copy of the ids
+    only (``[...]``), never of the logits."""
+    if ids.shape[dim] == 0:
+        return ids
+    head = ids.narrow(dim, 1, ids.shape[dim] - 1)
+    pad = torch.full_like(ids.narrow(dim, 0, 1), ignore_index)
+    return torch.cat([head, pad], dim)
 
 
 # -------------------------------------------------------------------------------------------------- allocations
@@ -143,4 +186,7 @@ def empty_large(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return out
 
 
-__all__ = ["Compiled", "collapse_rows", "compile_failed", "compile_wanted", "empty_large", "reset", "row_chunks"]
+__all__ = [
+    "Compiled", "collapse_rows", "compile_failed", "compile_wanted", "empty_large", "reset", "row_chunks",
+    "row_chunks_multi", "rows_in_place", "shift_ids",
+]

@@ -42,8 +42,8 @@ _COMPILED = _chunked.Compiled(_chunk)
 
 
 class TokenContrast(NamedTuple):
-    """Outputs of :func:`token_contrast`, each ``[N]``: ``div`` = KL(p ‖ p') or JS(p, p'), ``logp`` = ``log p_id``,
-    ``logp_ref`` = ``log p'_id``."""
+    """Outputs of :func:`token_contrast`, each of ``ids``' shape ``[...]``: ``div`` = KL(p ‖ p') or JS(p, p'),
+    ``logp`` = ``log p_id``, ``logp_ref`` = ``log p'_id``."""
 
     div: torch.Tensor
     logp: torch.Tensor
@@ -55,41 +55,77 @@ def _out_dtype(logits: torch.Tensor, logits_ref: torch.Tensor) -> torch.dtype:
 
 
 def _torch_path(logits, logits_ref, ids, kind, temperature, ignore_index):
-    """The reference, on row chunks upcast to the output dtype (fp32 math for fp32/bf16/fp16 inputs)."""
-    N, V = logits.shape
+    """The reference, on row chunks upcast to the output dtype (fp32 math for fp32/bf16/fp16 inputs), read in place
+    from ``[..., V]`` views; rows whose divergence is not finite are recomputed in float64 (as the kernel does)."""
+    V = logits.shape[-1]
     dtype = _out_dtype(logits, logits_ref)
-    outs = [torch.empty(N, dtype=dtype, device=logits.device) for _ in range(3)]
-    # An id outside [0, V) (only reachable under torch.compile, which skips the eager check) gives NaN, as the kernel.
-    bad = (ids != ignore_index) & ((ids < 0) | (ids >= V))
-    ids = torch.where(bad, torch.zeros_like(ids), ids)
+    outs = [torch.empty(ids.shape, dtype=dtype, device=logits.device) for _ in range(3)]  # own their storage
+    flat = [o.view(-1) for o in outs]
+    ids1 = ids.reshape(-1)
+    N = ids1.numel()
+    # An id outside [0, V) (only reachable with check_ids=False or under torch.compile) gives NaN, as the kernel.
+    bad = (ids1 != ignore_index) & ((ids1 < 0) | (ids1 >= V))
+    ids1 = torch.where(bad, torch.zeros_like(ids1), ids1)
     rows = max(1, CHUNK_ELEMENTS // max(V, 1))
     done = False
     if _chunked.compile_wanted(logits.device) and N * V >= COMPILE_MIN_ELEMENTS:
         t = torch.tensor(temperature, dtype=dtype)
         try:
-            for r0 in range(0, N, rows):
-                r1 = min(N, r0 + rows)
-                parts = _COMPILED(logits[r0:r1], logits_ref[r0:r1], ids[r0:r1], t, kind, ignore_index)
-                for out, part in zip(outs, parts, strict=True):
+            for r0, (x, y) in _chunked.row_chunks_multi((logits, logits_ref), rows, unit_v=False):
+                r1 = r0 + x.shape[0]
+                parts = _COMPILED(x, y, ids1[r0:r1], t, kind, ignore_index)
+                for out, part in zip(flat, parts, strict=True):
                     out[r0:r1] = part
             done = True
         except Exception as err:  # no C++ compiler, an inductor error: eager chunks, same values
             _chunked.compile_failed(OP, err)
-    for r0 in range(0, 0 if done else N, rows):
-        r1 = min(N, r0 + rows)
-        parts = ref.token_contrast(
-            logits[r0:r1].to(dtype), logits_ref[r0:r1].to(dtype), ids[r0:r1],
-            kind=kind, temperature=temperature, ignore_index=ignore_index,
-        )
-        for out, part in zip(outs, parts, strict=True):
-            out[r0:r1] = part
-    return tuple(torch.where(bad, torch.full_like(out, math.nan), out) for out in outs)
+    if not done:
+        for r0, (x, y) in _chunked.row_chunks_multi((logits, logits_ref), rows, unit_v=False):
+            r1 = r0 + x.shape[0]
+            parts = ref.token_contrast(x.to(dtype), y.to(dtype), ids1[r0:r1], kind=kind, temperature=temperature,
+                                       ignore_index=ignore_index)
+            for out, part in zip(flat, parts, strict=True):
+                out[r0:r1] = part
+    if dtype != torch.float64 and N:
+        _redo_in_float64(logits, logits_ref, ids1, flat, kind, temperature, ignore_index, dtype)
+    for out in flat:
+        out.masked_fill_(bad, math.nan)
+    return tuple(outs)
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (flat indices) of ``t: [..., V]`` as a ``[k, V]`` copy, one gather over its storage."""
+    x, _, T, sb, st = _chunked.collapse_rows(t, unit_v=False)
+    V = x.shape[-1]
+    storage = x.as_strided((x.untyped_storage().nbytes() // x.element_size(),), (1,), 0)
+    off = x.storage_offset() + (rows // T) * sb + (rows % T) * st
+    return storage[off[:, None] + torch.arange(V, device=x.device) * x.stride(-1)]
+
+
+def _redo_in_float64(logits, logits_ref, ids1, flat, kind, temperature, ignore_index, dtype):
+    """Rows whose fp32 divergence is not finite for a reason other than a genuine ``+inf`` KL (a NaN row, or an fp32
+    overflow of a shifted logit such as ``(−3e38 − 3e38)/τ``): recompute them from the float64 reference, as the
+    kernel's second pass does. One host sync (a CPU path); the candidates are gathered in row chunks."""
+    cand = torch.nonzero((ids1 != ignore_index) & ~torch.isfinite(flat[0])).squeeze(1)
+    step = max(1, CHUNK_ELEMENTS // max(logits.shape[-1], 1))
+    for r0 in range(0, cand.numel(), step):
+        rows = cand[r0:r0 + step]
+        x, y = _rows(logits, rows), _rows(logits_ref, rows)
+        if kind == "kl":  # +inf from some x_v > −inf = x'_v is exact in any precision: keep it, read nothing more
+            final = (flat[0][rows] == math.inf) & ((x > -math.inf) & (y == -math.inf)).any(-1)
+            rows, x, y = rows[~final], x[~final], y[~final]
+        if rows.numel():
+            parts = ref.token_contrast(x.double(), y.double(), ids1[rows], kind=kind, temperature=temperature,
+                                       ignore_index=ignore_index)
+            for out, part in zip(flat, parts, strict=True):
+                out[rows] = part.to(dtype)
 
 
 @torch.library.custom_op("srpo_core::token_contrast", mutates_args=())
 def _token_contrast_op(logits: torch.Tensor, logits_ref: torch.Tensor, ids: torch.Tensor, kind: str,
                        temperature: float, ignore_index: int, backend: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``logits, logits_ref: [..., V]``, ``ids: [...]`` → ``(div, logp, logp_ref)`` of ``ids``' shape."""
     if backend == "triton":
         from srpo_core.kernels.token_contrast import token_contrast_fwd
 
@@ -101,20 +137,22 @@ def _token_contrast_op(logits: torch.Tensor, logits_ref: torch.Tensor, ids: torc
 @_token_contrast_op.register_fake
 def _(logits, logits_ref, ids, kind, temperature, ignore_index, backend):
     dtype = _out_dtype(logits, logits_ref)
-    return tuple(logits.new_empty(logits.shape[:1], dtype=dtype) for _ in range(3))
+    return tuple(logits.new_empty(logits.shape[:-1], dtype=dtype) for _ in range(3))
 
 
 def _validate(logits, logits_ref, ids, kind, temperature, ignore_index) -> None:
-    require_tensor(OP, "logits", logits, kind="float", ndim=2)
-    require_tensor(OP, "logits_ref", logits_ref, kind="float", ndim=2)
-    require_tensor(OP, "ids", ids, kind="int", ndim=1)
+    require_tensor(OP, "logits", logits, kind="float")
+    require_tensor(OP, "logits_ref", logits_ref, kind="float")
+    require_tensor(OP, "ids", ids, kind="int")
+    if logits.dim() == 0:
+        raise ValueError(f"{OP}: `logits` must be [..., V] with at least one dim, got {describe(logits)}")
     if logits_ref.shape != logits.shape:
-        raise ValueError(f"{OP}: `logits_ref` must have the shape of `logits` {tuple(logits.shape)} ([N, V]), "
+        raise ValueError(f"{OP}: `logits_ref` must have the shape of `logits` {tuple(logits.shape)} ([..., V]), "
                          f"got {describe(logits_ref)}")
-    if ids.shape[0] != logits.shape[0]:
-        raise ValueError(f"{OP}: `ids` must have shape [N] = [{logits.shape[0]}] (one id per row of `logits`), "
-                         f"got {describe(ids)}")
-    if logits.shape[1] == 0:
+    if ids.shape != logits.shape[:-1]:
+        raise ValueError(f"{OP}: `ids` must have shape [...] = {list(logits.shape[:-1])} (the leading shape of "
+                         f"`logits` [..., V], one id per row), got {describe(ids)}")
+    if logits.shape[-1] == 0:
         raise ValueError(f"{OP}: `logits` must have a vocabulary of V >= 1 columns, got {describe(logits)}")
     require_same_device(OP, "logits", logits, logits_ref=logits_ref, ids=ids)
     if kind not in KINDS:
@@ -131,9 +169,10 @@ def _check_ids(ids: torch.Tensor, V: int, ignore_index: int) -> None:
     """Every id is ``ignore_index`` or in ``[0, V)`` (one device sync; skipped while torch.compile traces)."""
     bad = (ids != ignore_index) & ((ids < 0) | (ids >= V))
     if bool(bad.any()):
-        i = int(torch.nonzero(bad)[0, 0])
+        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+        where = f"ids[{', '.join(map(str, idx))}]" if idx else "ids"
         raise ValueError(f"{OP}: `ids` must lie in [0, V) = [0, {V}) or equal ignore_index={ignore_index}, "
-                         f"got ids[{i}] = {int(ids[i])} ({int(bad.sum())} such id(s))")
+                         f"got {where} = {int(ids[idx])} ({int(bad.sum())} such id(s))")
 
 
 def token_contrast(
@@ -145,30 +184,51 @@ def token_contrast(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
+    shift: bool = False,
+    check_ids: bool = True,
 ) -> TokenContrast:
     """Per-position divergence of ``p = softmax(logits/τ)`` from ``p' = softmax(logits_ref/τ)`` and both log-probs of
     the sampled token.
 
     Args:
-        logits: ``[N, V]`` float (fp32/bf16/fp16, or float64 on the torch path); any strides.
-        logits_ref: ``[N, V]``, same device; its dtype may differ from ``logits``'.
-        ids: ``[N]`` integer, the sampled tokens; each in ``[0, V)`` or equal to ``ignore_index``.
+        logits: ``[..., V]`` float (fp32/bf16/fp16, or float64 on the torch path); any strides: rows are read in place
+            when the leading dims collapse to two row strides (``logits[:, :-1]``, a ``[B, T, V]`` model output, a
+            ``[V, N]ᵀ`` view), copied once otherwise.
+        logits_ref: ``[..., V]``, the shape of ``logits``, same device; its dtype and layout may differ.
+        ids: ``[...]`` integer (the leading shape of ``logits``), the sampled tokens; each in ``[0, V)`` or equal to
+            ``ignore_index``.
         kind: ``"kl"`` for ``KL(p ‖ p') = Σ_v p_v (log p_v − log p'_v)`` (≥ 0, ``+inf`` when ``p`` has mass where
             ``p'`` has none), or ``"js"`` for Jensen–Shannon ``½KL(p‖m) + ½KL(p'‖m)``, ``m = ½(p + p')``, in
             ``[0, ln 2]``.
         temperature: ``τ > 0``, applied to both rows.
-        ignore_index: rows whose id equals it give 0 in all three outputs.
+        ignore_index: positions whose id equals it give 0 in all three outputs.
         backend: ``"auto" | "triton" | "torch"``.
+        shift: score position ``t`` with the id at ``t + 1`` (cut-cross-entropy's convention: pass the model's
+            ``[B, T, V]`` logits and the ``[B, T]`` input ids, no ``[:, :-1]`` slicing); the last position of the
+            last dim of ``ids`` gives 0, like an ignored one. Needs ``logits.dim() >= 2``.
+        check_ids: scan ``ids`` for out-of-range values first (one device-to-host sync per call); ``False`` skips
+            it (no sync on the Triton path; graph-capturable), and an out-of-range id gives NaN in its row.
 
     Returns:
-        ``TokenContrast(div, logp, logp_ref)``, each ``[N]``, float32 (float64 if an input is float64).
+        ``TokenContrast(div, logp, logp_ref)``, each of ``ids``' shape, float32 (float64 if an input is float64).
 
     Forward only: the contrast passes run under ``no_grad``. Inputs that require grad are read detached, and the
-    outputs carry no graph. ``ids`` are range-checked eagerly (one device sync); while ``torch.compile`` traces, the
-    check is skipped and an out-of-range id gives NaN in its row instead of an error. ``p_v = 0`` terms count 0; a
-    row of all ``−inf`` (or with ``+inf``/NaN) gives NaN, as ``torch.log_softmax`` does.
+    outputs carry no graph. ``ids`` are range-checked eagerly unless ``check_ids=False``; while ``torch.compile``
+    traces, the check is skipped and an out-of-range id gives NaN in its row instead of an error. ``p_v = 0`` terms
+    count 0; a row of all ``−inf`` (or with ``+inf``/NaN) gives NaN, as ``torch.log_softmax`` does. Extreme but
+    valid inputs (logits of ±3e38, τ = 1e-6) give the float64 reference's value rounded to float32: a row whose
+    fp32 result is not finite, other than a genuine ``+inf`` KL (final after one read), is recomputed in float64
+    (both backends, D79), so the result is NaN only for a row without a distribution and ``+inf`` only where the KL
+    is genuinely infinite (``x_v`` finite, ``x'_v = −inf``) or exceeds the float32 range. Meta tensors: shapes are
+    inferred, value checks skipped.
     """
     _validate(logits, logits_ref, ids, kind, temperature, ignore_index)
+    for name, flag in (("shift", shift), ("check_ids", check_ids)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{OP}: `{name}` must be a bool, got {describe(flag)}")
+    if shift and logits.dim() < 2:
+        raise ValueError(f"{OP}: `shift=True` needs positions: `logits` [..., T, V] with at least 2 dims, got "
+                         f"{describe(logits)}")
     chosen = _dispatch.pick_backend(backend, logits.device, op=OP)
     low_precision_only = logits.dtype in KERNEL_DTYPES and logits_ref.dtype in KERNEL_DTYPES
     if chosen == "triton" and not low_precision_only:
@@ -176,8 +236,10 @@ def token_contrast(
             raise TypeError(f"{OP}: backend='triton' takes fp32/bf16/fp16 logits, got `logits` {logits.dtype} and "
                             f"`logits_ref` {logits_ref.dtype}; use backend='torch' for float64")
         chosen = "torch"
-    if not torch.compiler.is_compiling():
-        _check_ids(ids, logits.shape[1], ignore_index)
+    if check_ids and logits.device.type != "meta" and not torch.compiler.is_compiling():
+        _check_ids(ids, logits.shape[-1], ignore_index)
+    if shift:
+        ids = _chunked.shift_ids(ids, int(ignore_index))
     div, logp, logp_ref = torch.ops.srpo_core.token_contrast(
         logits.detach(), logits_ref.detach(), ids, kind, float(temperature), int(ignore_index), chosen
     )

@@ -212,9 +212,14 @@ def test_reference_kl_matches_torch_kl_div():
 ERRORS = [
     pytest.param(dict(logits=torch.randn(3, 5).long()), TypeError, "`logits` must be a floating-point",
                  id="int-logits"),
-    pytest.param(dict(logits=torch.randn(3, 5, 2)), ValueError, "`logits` must be 2-D", id="3d-logits"),
+    pytest.param(dict(logits=torch.randn(3, 5, 2), logits_ref=torch.randn(3, 5, 2)), ValueError,
+                 "`ids` must have shape [...] = [3, 5]", id="3d-logits-2d-ids"),
+    pytest.param(dict(logits=torch.randn(5)), ValueError, "`logits_ref` must have the shape", id="1d-logits"),
+    pytest.param(dict(logits=torch.tensor(1.0)), ValueError, "at least one dim", id="0d-logits"),
+    pytest.param(dict(shift=1), TypeError, "`shift` must be a bool", id="shift-int"),
+    pytest.param(dict(check_ids=None), TypeError, "`check_ids` must be a bool", id="check-ids-none"),
     pytest.param(dict(logits_ref=torch.randn(3, 6)), ValueError, "`logits_ref` must have the shape", id="shape"),
-    pytest.param(dict(ids=torch.tensor([0, 1])), ValueError, "`ids` must have shape [N] = [3]", id="ids-length"),
+    pytest.param(dict(ids=torch.tensor([0, 1])), ValueError, "`ids` must have shape [...] = [3]", id="ids-length"),
     pytest.param(dict(ids=torch.tensor([0.0, 1.0, 2.0])), TypeError, "`ids` must be an integer", id="float-ids"),
     pytest.param(dict(ids=torch.tensor([0, 5, 1])), ValueError, "got ids[1] = 5", id="id-too-big"),
     pytest.param(dict(ids=torch.tensor([0, -3, 1])), ValueError, "got ids[1] = -3", id="id-negative"),
@@ -335,3 +340,232 @@ def test_compiled_cpu_chunks_match_eager_and_float64(kind, monkeypatch):
         assert torch.equal(torch.isnan(a), torch.isnan(e)) and torch.equal(torch.isinf(a), torch.isinf(e)), name
         assert_close(a, e, atol=ATOL, rtol=RTOL, name=f"compiled {name}")
         assert_close(a, b, atol=ATOL, rtol=RTOL, name=f"compiled vs eager {name}")
+
+
+# ------------------------------------------------------------------- [..., V] views, shift, guard, sync (issue 11/17)
+def _flat_reference(x, y, ids, kind, temperature=1.0):
+    V = x.shape[-1]
+    outs = reference(x.double().reshape(-1, V), y.double().reshape(-1, V), ids.reshape(-1), kind=kind,
+                     temperature=temperature)
+    return tuple(o.view(ids.shape) for o in outs)
+
+
+def _views(device, seed=0):
+    """(logits, logits_ref, ids): a [2, 5, 23] model output sliced to [:, :-1] (read in place) against a reference
+    laid out vocab-major (a [V, B·T]ᵀ view: vocab stride B·T), with ids [2, 4]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, 23, generator=g)[:, :-1]
+    y = torch.randn(23, 2, 4, generator=g).permute(1, 2, 0)
+    ids = torch.randint(0, 23, (2, 4), generator=g)
+    ids[1, 2] = -100
+    return x.to(device), y.to(device), ids.to(device)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_leading_dims_read_in_place_outputs_shaped_like_ids(backend, kind, device):
+    x, y, ids = _views(device)
+    assert not x.is_contiguous() and y.stride(-1) != 1
+    from srpo_core import _chunked
+
+    for t in (x, y):  # both layouts collapse to two row strides: no copy
+        assert _chunked.collapse_rows(t, unit_v=False)[0].data_ptr() == t.data_ptr()
+    out = token_contrast(x, y, ids, kind=kind, backend=backend)
+    want = _flat_reference(x.cpu(), y.cpu(), ids.cpu(), kind)
+    for name, a, e in zip(NAMES, out, want, strict=True):
+        assert a.shape == ids.shape and a._base is None
+        assert_close(a.cpu(), e, atol=ATOL, rtol=RTOL, name=name)
+
+
+@needs_interpreter
+def test_kernel_gets_the_callers_buffers_inside_the_device_guard(monkeypatch, device):
+    """No copy of a [..., V] view (the kernel's logits pointers are the caller's), and every launch in the guard."""
+    from srpo_core.kernels import token_contrast as kmod
+
+    seen = {"depth": 0, "launches": [], "outside": 0}
+
+    class _Ctx:
+        def __enter__(self):
+            seen["depth"] += 1
+
+        def __exit__(self, *exc):
+            seen["depth"] -= 1
+
+    kernel = kmod.token_contrast_fwd_kernel
+
+    class _K:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen["launches"].append((args[0].data_ptr(), args[1].data_ptr()))
+                seen["outside"] += seen["depth"] == 0
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(_dispatch, "device_guard", lambda t: _Ctx())
+    monkeypatch.setattr(kmod, "token_contrast_fwd_kernel", _K())
+    x, y, ids = _views(device)
+    token_contrast(x, y, ids, backend="triton")
+    assert seen["outside"] == 0 and len(seen["launches"]) == 2  # the fp32 pass and the float64 re-do pass
+    assert all(p == (x.data_ptr(), y.data_ptr()) for p in seen["launches"])
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+def test_shift_scores_position_t_with_id_t_plus_1(backend, device):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 6, 13, generator=g).to(device), torch.randn(2, 6, 13, generator=g).to(device)
+    ids = torch.randint(0, 13, (2, 6), generator=g).to(device)
+    ids[0, 3] = -100
+    got = token_contrast(x, y, ids, kind="kl", shift=True, backend=backend)
+    want = token_contrast(x[:, :-1], y[:, :-1], ids[:, 1:], kind="kl", backend=backend)
+    for a, e in zip(got, want, strict=True):
+        assert a.shape == (2, 6)
+        assert torch.equal(a[:, :-1], e) and torch.equal(a[:, -1], torch.zeros(2, device=device))
+    assert got.div[0, 2] == 0  # the id at position 3 is ignored
+    with pytest.raises(ValueError, match="`shift=True` needs positions"):
+        token_contrast(x[0, 0], y[0, 0], ids[0, 0], shift=True)
+
+
+def test_check_ids_false_skips_the_scan_and_compiles_without_graph_break(monkeypatch):
+    import torch._dynamo
+
+    x, y = torch.randn(2, 3, 9), torch.randn(2, 3, 9)
+    ids = torch.tensor([[0, 9, 1], [2, 3, -100]])
+    with pytest.raises(ValueError, match=r"ids\[0, 1\] = 9"):
+        token_contrast(x, y, ids)
+    monkeypatch.setattr(contrast_ops, "_check_ids", lambda *a: (_ for _ in ()).throw(AssertionError("scanned")))
+    out = token_contrast(x, y, ids, check_ids=False)
+    assert torch.isnan(out.div[0, 1]) and out.div[1, 2] == 0 and torch.isfinite(out.div[0, 0])
+
+    def step(x, y, ids):
+        div, lp, lq = token_contrast(x, y, ids, kind="js", check_ids=False, shift=True)
+        return div.sum() + lp.sum() - lq.sum()
+
+    torch._dynamo.reset()
+    ids = ids.clamp(0, 8)
+    explained = torch._dynamo.explain(step)(x, y, ids)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    assert_close(torch.compile(step, fullgraph=True)(x, y, ids), step(x, y, ids), atol=1e-6, rtol=1e-5, name="step")
+
+
+# ------------------------------------------------------------------------- extreme values (issues 11 and 14)
+EXTREME = [
+    # issue 14 finding 4: ±3e38 and −inf in fp32 (KL genuinely +inf: p has mass where p' has none)
+    ([[3e38, -3e38, -math.inf, 1.0]], [[-3e38, 3e38, 0.0, -math.inf]], "kl", 1.0),
+    # the same without the −inf: finite, and the fp32 shift (−3e38 − 3e38) overflows
+    ([[3e38, -3e38, 0.0, 1.0]], [[-3e38, 3e38, 0.0, 2.0]], "kl", 1.0),
+    # KL = ½·6e38 + ½ log ½ ≈ 3e38: finite in float32 although log p'_1 = −6e38 is not (float64 re-do)
+    ([[0.0, 0.0]], [[3e38, -3e38]], "kl", 1.0),
+    # issue 14 finding 4: js, τ = 1e-6, logits down to −3e38 (x/τ overflows before a shift)
+    ([[-3e38, -1e-3, 0.0, -2e38]], [[0.0, -3e38, -1.0, 1.0]], "js", 1e-6),
+    ([[-3e38, -3e38 * 0.999, -2.9e38]], [[-3e38, -1e30, -3e38]], "js", 1e-6),
+    ([[-3e38, -3e38 * 0.999, -2.9e38]], [[-3e38, -1e30, -3e38]], "kl", 1e-6),
+    ([[1e30, -1e30, 3.0]], [[-1e30, 1e30, -math.inf]], "kl", 1e-6),
+]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@pytest.mark.parametrize(("x", "y", "kind", "tau"), EXTREME)
+def test_extreme_values_equal_the_float64_reference(x, y, kind, tau, backend, device):
+    x, y = torch.tensor(x), torch.tensor(y)
+    for id_ in range(x.shape[1]):
+        ids = torch.tensor([id_])
+        out = token_contrast(x.to(device), y.to(device), ids.to(device), kind=kind, temperature=tau, backend=backend)
+        want = reference(x.double(), y.double(), ids, kind=kind, temperature=tau)
+        for name, a, e in zip(NAMES, out, want, strict=True):
+            e32 = e.float()  # the float64 value rounded to float32 (±inf where it leaves the range)
+            assert not torch.isnan(a).any(), f"{name} is NaN"
+            same_inf = torch.isinf(e32) & (a == e32)
+            assert same_inf.all() or torch.isclose(a.cpu(), e32, rtol=1e-5, atol=1e-5).all(), (name, a, e)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@pytest.mark.parametrize("kind", ["kl", "js"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_large_logits_on_ignored_rows(backend, kind, dtype, device):
+    """Issue 11: ignored rows (padding, prompt) scaled ×30 (max logit/τ > 88.7, e^x overflows fp32) change nothing:
+    outputs finite, 0 there, the kept rows equal to the float64 reference (and to the other backend)."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 40, generator=g) * 4, torch.randn(6, 40, generator=g) * 4
+    ids = torch.randint(0, 40, (6,), generator=g)
+    ids[[0, 3]] = -100
+    x[[0, 3]] *= 30.0
+    y[[0, 3]] *= -30.0
+    x, y = x.to(dtype), y.to(dtype)
+    out = token_contrast(x.to(device), y.to(device), ids.to(device), kind=kind, temperature=0.5, backend=backend)
+    want = reference(x.double(), y.double(), ids, kind=kind, temperature=0.5)
+    for name, a, e in zip(NAMES, out, want, strict=True):
+        assert torch.isfinite(a).all(), name
+        assert torch.equal(a[[0, 3]].cpu(), torch.zeros(2))
+        assert_close(a.cpu(), e, atol=ATOL, rtol=RTOL, name=name)
+
+
+def test_meta_tensors_infer_shapes():
+    x = torch.empty(2, 7, 50, device="meta")
+    ids = torch.empty(2, 7, dtype=torch.long, device="meta")
+    out = token_contrast(x, x, ids, kind="js", shift=True)
+    assert all(t.device.type == "meta" and t.shape == (2, 7) and t.dtype == torch.float32 for t in out)
+
+
+# ------------------------------------------------------------------------------------ static: int64 offsets
+_IR_SCRIPT = r"""
+import os, re, sys
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, sys.argv[1])
+import gpu_report
+from srpo_core.kernels import token_contrast, token_logprobs
+want = {"token_logprobs_fwd[fp32,entropy]", "token_logprobs_bwd[fp32,both]", "token_contrast_fwd[kl,fp32]",
+        "token_contrast_fwd[js,fp32,redo-f64]"}
+pat = re.compile(r",\s*(tensor<[0-9x]*xi64>|i64)\s+loc\(")
+seen = 0
+for entry in token_logprobs.GPU_REPORT + token_contrast.GPU_REPORT:
+    if entry["name"] not in want:
+        continue
+    seen += 1
+    ttir = gpu_report.compile_entry(entry, 80).asm["ttir"]
+    adds = [line for line in ttir.splitlines() if "tt.addptr" in line]
+    bad = [line.strip() for line in adds if not pat.search(line)]
+    assert adds and not bad, (entry["name"], bad[:3])
+    print(entry["name"], len(adds), "addptr, all i64")
+assert seen == len(want), seen
+print("IR OK")
+"""
+
+
+def test_every_pointer_offset_is_int64_in_the_compiled_kernels(tmp_path):
+    """Issue 11: compile the kernels for sm_80 (no GPU needed) and check that every ``tt.addptr`` offset in the TTIR
+    is i64, so ``index × stride`` past 2³¹ (a ``[V, N]ᵀ`` view at N = 32,768, V = 151,936) cannot wrap."""
+    import pathlib
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    bench = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _IR_SCRIPT, str(bench)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr and "gpu_report" not in proc.stderr:
+        pytest.skip(f"cannot compile here: {proc.stderr[-300:]}")
+    assert proc.returncode == 0 and "IR OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+def test_float64_redo_reads_only_rows_it_must(monkeypatch):
+    """Torch path: a genuinely infinite KL row (mass where p' has none, as a top-k-masked reference gives) is final
+    in fp32 and is not recomputed; an fp32-overflow row is, and gets the float64 value."""
+    calls = []
+    real = contrast_ops.ref.token_contrast
+
+    def spy(x, y, ids, **kw):
+        if x.dtype == torch.float64:
+            calls.append(x.shape[0])
+        return real(x, y, ids, **kw)
+
+    monkeypatch.setattr(contrast_ops.ref, "token_contrast", spy)
+    x = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, -math.inf], [1.0, 2.0, 3.0]])
+    # row 1: KL = ½(log ½ − 0) + ½(log ½ + 4e38) ≈ 2e38, though (−1e38 − 3e38) overflows fp32
+    y = torch.tensor([[0.0, -math.inf, 2.0], [3e38, -1e38, -math.inf], [1.0, 2.0, 3.0]])
+    out = token_contrast(x, y, torch.tensor([0, 0, 1]), kind="kl", backend="torch")
+    assert calls == [1], calls  # only the overflow row
+    assert out.div[0] == math.inf and math.isfinite(out.div[1]) and out.div[1] > 1e38
+    assert_close(out.div[1], torch.tensor(2e38), atol=0.0, rtol=1e-5)

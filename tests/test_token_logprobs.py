@@ -420,9 +420,10 @@ def test_opcheck_forward_and_backward_ops():
     ids = torch.tensor([[0, 10, -100], [4, 4, 2]])
     torch.library.opcheck(torch.ops.srpo_core.token_logprobs.default, (x, ids, 0.9, -100, True, "torch"))
     torch.library.opcheck(torch.ops.srpo_core.token_logprobs.default, (x, ids, 1.0, -100, False, "torch"))
-    lp, ent, row_max, row_logsum = torch.ops.srpo_core.token_logprobs(x.detach(), ids, 0.9, -100, True, "torch")
+    lp, ent, _, row_max, row_logsum = torch.ops.srpo_core.token_logprobs(x.detach(), ids, 0.9, -100, True, "torch")
     torch.library.opcheck(torch.ops.srpo_core.token_logprobs_backward.default,
-                          (torch.randn(2, 3), None, x.detach(), ids, row_max, row_logsum, ent, 0.9, -100, "torch"))
+                          (torch.randn(2, 3), None, None, x.detach(), ids, row_max, row_logsum, ent, 0.9, -100,
+                           "torch"))
 
 
 @pytest.mark.parametrize("compile_chunks", [False, True], ids=["eager-chunks", "compiled-chunks"])
@@ -468,3 +469,312 @@ def test_vocab_parallel_matches_unsharded(tmp_path, world):
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
     assert f"vocab-parallel: OK world={world}" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------- outputs own storage
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@pytest.mark.parametrize("entropy", [False, True], ids=["logp", "logp+entropy"])
+def test_outputs_own_their_storage_in_place_edits_and_backward(backend, entropy, device):
+    """Issue 17 defect 2: ``logp[0, 2] = 0`` (and the same on the entropy) under autograd, then backward; the edited
+    positions contribute no gradient and the rest equals the float64 reference's."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 19, generator=g, dtype=torch.float64).to(torch.float32)
+    ids = torch.randint(0, 19, (2, 4), generator=g)
+    xg = x.clone().to(device).requires_grad_(True)
+    out = token_logprobs(xg, ids.to(device), return_entropy=entropy, backend=backend)
+    outs = out if entropy else (out,)
+    for t in outs:
+        assert t._base is None, "an output is a view of another tensor"
+        t[0, 2] = 0  # in place, under autograd
+        t[1] *= 2.0
+    sum(t.sum() for t in outs).backward()
+    x64 = x.double().requires_grad_(True)
+    refs = reference(x64, ids, return_entropy=True)
+    weight = torch.ones(2, 4, dtype=torch.float64)
+    weight[0, 2], weight[1] = 0.0, 2.0
+    (want,) = torch.autograd.grad(sum((r * weight).sum() for r in refs[:len(outs)]), x64)
+    assert_close(xg.grad.cpu(), want, atol=1e-5, rtol=1e-5, name="grad")
+    assert torch.equal(outs[0][0, 2].cpu(), torch.tensor(0.0))
+
+
+# ------------------------------------------------------------------------------ issue 11: guard, sync, in place
+class _GuardSpy:
+    """Stands in for ``_dispatch.device_guard`` and for a kernel: records that every launch happens inside."""
+
+    def __init__(self):
+        self.depth, self.launches, self.outside = 0, 0, 0
+
+    def guard(self, t):
+        spy = self
+
+        class _Ctx:
+            def __enter__(self):
+                spy.depth += 1
+
+            def __exit__(self, *exc):
+                spy.depth -= 1
+
+        assert isinstance(t, torch.Tensor)
+        return _Ctx()
+
+    def wrap(self, kernel):
+        spy = self
+
+        class _K:
+            def __getitem__(self, grid):
+                spy.launches += 1
+                spy.outside += spy.depth == 0
+                return kernel[grid]
+
+        return _K()
+
+
+@needs_interpreter
+def test_every_launch_runs_inside_the_device_guard(monkeypatch, device):
+    from srpo_core.kernels import token_logprobs as kmod
+
+    spy = _GuardSpy()
+    monkeypatch.setattr(_dispatch, "device_guard", spy.guard)
+    for name in ("token_logprobs_fwd_kernel", "token_logprobs_bwd_kernel"):
+        monkeypatch.setattr(kmod, name, spy.wrap(getattr(kmod, name)))
+    x = torch.randn(3, 20, device=device, requires_grad=True)
+    lp, ent = token_logprobs(x * 1.0, torch.tensor([1, 2, 3], device=device), return_entropy=True, backend="triton")
+    (lp.sum() + ent.sum()).backward()
+    assert spy.launches == 2 and spy.outside == 0
+
+
+def test_check_ids_false_skips_the_scan_and_gives_nan(monkeypatch):
+    x = torch.randn(3, 8)
+    ids = torch.tensor([1, 8, -100])
+    with pytest.raises(ValueError, match=r"ids\[1\] = 8"):
+        token_logprobs(x, ids)
+
+    def no_scan(*a, **k):
+        raise AssertionError("the id scan ran")
+
+    monkeypatch.setattr(logprobs, "_check_ids", no_scan)
+    lp = token_logprobs(x, ids, check_ids=False)
+    assert torch.isnan(lp[1]) and lp[2] == 0 and torch.isfinite(lp[0])
+    with pytest.raises(TypeError, match="`check_ids` must be a bool"):
+        token_logprobs(x, ids, check_ids=1)
+
+
+def test_check_ids_false_step_compiles_without_graph_break():
+    """A step with check_ids=False has no graph break (no host sync in the wrapper), forward and backward."""
+    import torch._dynamo
+
+    def step(x, ids):
+        logp, ent = token_logprobs(x * 1.0, ids, return_entropy=True, check_ids=False)
+        return logp.sum() + ent.sum()
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 17, requires_grad=True)
+    ids = torch.randint(0, 17, (2, 3))
+    explained = torch._dynamo.explain(step)(x, ids)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    loss = torch.compile(step, fullgraph=True)(x, ids)
+    (grad,) = torch.autograd.grad(loss, x)
+    (want,) = torch.autograd.grad(step(x, ids), x)
+    assert_close(grad, want, atol=1e-6, rtol=1e-5, name="grad")
+
+
+def _inplace_case(dtype, layout, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 21, generator=g, dtype=torch.float64)
+    h = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 21, (2, 5), generator=g)
+    ids[0, 1] = -100
+    if layout == "sliced-3d":
+        ids = ids[:, :-1]
+    return h.to(dtype).to(device), w.to(dtype).to(device), ids.to(device)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch", "torch-compiled"])
+@pytest.mark.parametrize("entropy", [False, True], ids=["logp", "logp+entropy"])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced-3d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_inplace_backward_writes_the_gradient_over_the_logits(monkeypatch, backend, entropy, layout, dtype, device):
+    """inplace_backward=True: the gradient that reaches the layer below is the logits' own buffer, and it equals the
+    out-of-place gradient exactly (same arithmetic), so the weight gradient does too."""
+    if backend == "torch-compiled":
+        monkeypatch.setattr(_chunked, "USE_COMPILE", True)
+        monkeypatch.setattr(logprobs, "COMPILE_MIN_ELEMENTS", 0)
+        backend = "torch"
+    h, w0, ids = _inplace_case(dtype, layout, device)
+    results = []
+    for inplace in (False, True):
+        w = w0.clone().requires_grad_(True)
+        logits = h @ w  # [2, 5, 21], not a leaf
+        x = logits[:, :-1] if layout == "sliced-3d" else logits
+        seen = {}
+        x.register_hook(lambda g, seen=seen: seen.setdefault("grad", g))
+        out = token_logprobs(x, ids, return_entropy=entropy, backend=backend, inplace_backward=inplace)
+        loss = (out[0] * 2.0).sum() + 0.5 * out[1].sum() if entropy else (out * 2.0).sum()
+        loss.backward()
+        got = seen["grad"]
+        if inplace:
+            assert got.data_ptr() == x.data_ptr(), "the gradient is not the logits' buffer"
+            assert torch.equal(x.detach(), got)
+        results.append((got.detach().clone(), w.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]), "logits gradient differs in place"
+    assert torch.equal(results[0][1], results[1][1]), "weight gradient differs in place"
+
+
+def test_inplace_backward_refusals():
+    ids = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="leaf that requires grad"):
+        token_logprobs(torch.randn(2, 5, requires_grad=True), ids, inplace_backward=True)
+    base = torch.randn(5, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="written in place"):
+        token_logprobs((base * 1.0).t(), ids, inplace_backward=True)  # vocab stride 2
+    with pytest.raises(ValueError, match="written in place"):
+        token_logprobs((torch.randn(1, 5, requires_grad=True) * 1.0).expand(2, 5), ids, inplace_backward=True)
+    with pytest.raises(ValueError, match="not supported with `process_group`"):
+        token_logprobs(torch.randn(2, 5), ids, inplace_backward=True, process_group=object())
+    with pytest.raises(TypeError, match="`inplace_backward` must be a bool"):
+        token_logprobs(torch.randn(2, 5), ids, inplace_backward="yes")
+    # no grad needed: the option changes nothing
+    assert_close(token_logprobs(torch.ones(2, 5), ids, inplace_backward=True), torch.full((2,), -math.log(5.0)),
+                 atol=1e-6)
+
+
+# ------------------------------------------------------------------ large logits on ignored rows (issue 11)
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("entropy", [False, True], ids=["logp", "logp+entropy"])
+def test_large_logits_on_ignored_rows_forward_and_backward(backend, dtype, entropy, device):
+    """Ignored rows (padding, prompt, image placeholders) scaled ×30, max logit/τ > 88.7 (e^x overflows fp32): every
+    output and gradient finite, zero on those rows, the rest equal to the float64 reference; the same on both
+    backends (the kernels never exponentiate an unshifted logit on an ignored row or a masked lane)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 200, generator=g) * 4
+    ids = torch.randint(0, 200, (8,), generator=g)
+    ids[[0, 5]] = -100
+    x[[0, 5]] *= 30.0
+    x[0, 7] = 3e4  # max logit / τ = 6e4 at τ = 0.5
+    x = x.to(dtype)
+    mode = "both" if entropy else "logp"
+    out = run_public(x.to(device), ids.to(device), temperature=0.5, backend=backend, mode=mode)
+    for t in out:
+        assert torch.isfinite(t).all()
+    assert torch.equal(out[2][[0, 5]].cpu(), torch.zeros(2, 200, dtype=dtype))
+    check_outputs(*(t.cpu() for t in out), reference_with_grad(x, ids, temperature=0.5, mode=mode), dtype)
+
+
+# ------------------------------------------------------------------ shift, out_dtype, return_lse, K ids (issue 17)
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+def test_shift_scores_position_t_with_id_t_plus_1(backend, device):
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(2, 6, 13, generator=g).to(device)
+    ids = torch.randint(0, 13, (2, 6), generator=g).to(device)
+    ids[1, 4] = -100
+    xa, xb = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+    lp, ent = token_logprobs(xa, ids, shift=True, return_entropy=True, backend=backend)
+    lp2, ent2 = token_logprobs(xb[:, :-1], ids[:, 1:], return_entropy=True, backend=backend)
+    assert lp.shape == ent.shape == (2, 6)
+    assert torch.equal(lp[:, :-1], lp2) and torch.equal(ent[:, :-1], ent2)
+    assert torch.equal(lp[:, -1], torch.zeros(2, device=device)) and lp[1, 3] == 0
+    w = torch.arange(1.0, 11.0, device=device).view(2, 5)
+    ((lp[:, :-1] * w).sum() + ent[:, :-1].sum()).backward()
+    ((lp2 * w).sum() + ent2.sum()).backward()
+    assert torch.equal(xa.grad, xb.grad) and torch.equal(xa.grad[:, -1], torch.zeros(2, 13, device=device))
+    with pytest.raises(ValueError, match="`shift=True` needs positions"):
+        token_logprobs(x0[0, 0], ids[0, 0], shift=True)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float64, torch.float32])
+def test_out_dtype_casts_every_output(out_dtype):
+    x = torch.randn(3, 4, 11, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, 11, (3, 4))
+    outs = token_logprobs(x, ids, return_entropy=True, return_lse=True, out_dtype=out_dtype)
+    ref = token_logprobs(x, ids, return_entropy=True, return_lse=True)
+    assert all(t.dtype == torch.float32 for t in ref)  # the default: float32 whatever the logits' dtype
+    for a, e in zip(outs, ref, strict=True):
+        assert a.dtype == out_dtype and torch.equal(a, e.to(out_dtype))
+    sum(t.float().sum() for t in outs).backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+    with pytest.raises(TypeError, match="`out_dtype` must be None or one of"):
+        token_logprobs(x, ids, out_dtype=torch.int32)
+
+
+def _lse_and_multi_reference(x, ids, temperature, ignore_index=-100):
+    """float64: logp of K ids per row, entropy, lse, from the definitions."""
+    z = x / temperature
+    lse = torch.logsumexp(z, -1)
+    keep = ids != ignore_index
+    lp = z.gather(-1, torch.where(keep, ids, 0)) - lse.unsqueeze(-1)
+    row_keep = keep.any(-1)
+    ent = lse - (torch.softmax(z, -1) * z).sum(-1)
+    zero = torch.zeros((), dtype=x.dtype)
+    return torch.where(keep, lp, zero), torch.where(row_keep, ent, zero), torch.where(row_keep, lse, zero)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_k_ids_per_row_entropy_and_lse_values_and_gradients(backend, dtype, k, device):
+    """ids [..., K] (TRL's selective_log_softmax form) with return_lse: values and the gradient of a loss on all
+    three outputs (z-loss on lse) against float64 autograd; logits of ±1e4 keep their digits (max-shifted gather)."""
+    g = torch.Generator().manual_seed(7 + k)
+    x = (torch.randn(2, 3, 29, generator=g, dtype=torch.float64) * 3).to(dtype)
+    x[0, 0] += 1e4
+    ids = torch.randint(0, 29, (2, 3, k), generator=g)
+    if k:
+        ids[0, 1, 0] = -100
+        ids[1, 2] = -100  # a row with every id ignored: every output 0 there
+    xg = x.to(device).requires_grad_(True)
+    lp, ent, lse = token_logprobs(xg, ids.to(device), temperature=0.8, return_entropy=True, return_lse=True,
+                                  backend=backend)
+    assert lp.shape == (2, 3, k) and ent.shape == lse.shape == (2, 3)
+    g1 = torch.randn(2, 3, k, generator=g, dtype=torch.float64)
+    loss = (lp * g1.to(device).float()).sum() + 0.3 * ent.sum() + 1e-3 * (lse**2).sum()
+    (grad,) = torch.autograd.grad(loss, xg)
+    x64 = x.double().requires_grad_(True)
+    r_lp, r_ent, r_lse = _lse_and_multi_reference(x64, ids, 0.8)
+    (want,) = torch.autograd.grad((r_lp * g1).sum() + 0.3 * r_ent.sum() + 1e-3 * (r_lse**2).sum(), x64)
+    assert_close(lp.cpu(), r_lp.detach(), atol=ATOL, rtol=RTOL, name="logp")
+    assert_close(ent.cpu(), r_ent.detach(), atol=ATOL, rtol=RTOL, name="entropy")
+    assert_close(lse.cpu(), r_lse.detach(), atol=ATOL, rtol=RTOL, name="lse")
+    eps = 0.0 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps  # δ and p parts round separately in bf16
+    assert_close(grad.cpu(), want, atol=ATOL + (RTOL + eps) * want.abs(), name="grad")
+    if k:
+        assert torch.equal(grad[1, 2].cpu(), torch.zeros(29, dtype=dtype))
+
+
+def test_k_ids_match_the_single_id_op_and_errors():
+    x = torch.randn(4, 17, dtype=torch.float64)
+    ids = torch.randint(0, 17, (4,))
+    assert torch.equal(token_logprobs(x, ids[:, None]).squeeze(-1), token_logprobs(x, ids))
+    with pytest.raises(ValueError, match="or that shape plus a last dim K"):
+        token_logprobs(x, torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"got ids\[2, 1\] = 17"):
+        token_logprobs(x, torch.tensor([[0, 1], [2, 3], [4, 17], [5, 6]]))
+    lp = token_logprobs(x, torch.tensor([[0, 1], [2, 3], [4, 17], [5, -100]]), check_ids=False)
+    assert torch.isnan(lp[2, 1]) and lp[3, 1] == 0 and torch.isfinite(lp[:2]).all()
+    with pytest.raises(ValueError, match="with `process_group`"):
+        token_logprobs(x, ids, return_lse=True, process_group=object())
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["ids", "K-ids"])
+def test_meta_tensors_infer_shapes_forward_and_backward(multi):
+    x = torch.empty(2, 5, 64, device="meta", requires_grad=True)
+    ids = torch.empty((2, 5, 3) if multi else (2, 5), dtype=torch.long, device="meta")
+    lp, ent, lse = token_logprobs(x, ids, return_entropy=True, return_lse=True, shift=True)
+    assert lp.shape == ids.shape and ent.shape == lse.shape == (2, 5)
+    assert all(t.device.type == "meta" and t.dtype == torch.float32 for t in (lp, ent, lse))
+    (lp.sum() + ent.sum() + lse.sum()).backward()
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+
+
+def test_inplace_backward_is_ignored_under_torch_compile():
+    w = torch.randn(6, 21, requires_grad=True)
+    h = torch.randn(2, 4, 6)
+    ids = torch.randint(0, 21, (2, 4))
+
+    def step(h, w, ids):
+        return token_logprobs(h @ w, ids, inplace_backward=True, check_ids=False).sum()
+
+    loss = torch.compile(step, fullgraph=True)(h, w, ids)
+    (grad,) = torch.autograd.grad(loss, w)
+    (want,) = torch.autograd.grad(step(h, w, ids), w)
+    assert_close(grad, want, atol=1e-5, rtol=1e-5, name="grad")

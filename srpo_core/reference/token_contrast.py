@@ -32,8 +32,10 @@ LN2 = math.log(2.0)
 
 
 def kl_terms(logp: torch.Tensor, logq: torch.Tensor, finite_p: torch.Tensor, finite_q: torch.Tensor) -> torch.Tensor:
-    """``p_v (log p_v − log q_v)`` with ``0 · anything = 0`` and ``p_v > 0 = q_v`` giving ``+inf``."""
-    terms = logp.exp() * (logp - logq)
+    """``p_v (log p_v − log q_v)`` with ``0 · anything = 0`` and ``p_v > 0 = q_v`` giving ``+inf``. A ``p_v`` that
+    underflows to 0 in the working dtype counts 0 too (its log-ratio may have overflowed: ``−inf − (−inf)``)."""
+    p = logp.exp()
+    terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
     terms = torch.where(finite_p & ~finite_q, torch.full_like(terms, math.inf), terms)
     return torch.where(finite_p, terms, torch.zeros_like(terms))
 
@@ -55,14 +57,17 @@ def token_contrast(
     temperature: float = 1.0,
     ignore_index: int = -100,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``logits, logits_ref: [N, V]``, ``ids: [N]`` → ``(div [N], logp [N], logp_ref [N])`` in the logits' dtype.
+    """``logits, logits_ref: [..., V]``, ``ids: [...]`` → ``(div, logp, logp_ref)``, each ``[...]``, in the logits'
+    dtype.
 
     No input checks beyond what torch does: this is the math, the public ``srpo_core.token_contrast`` validates.
     """
     if kind not in KINDS:
         raise ValueError(f"token_contrast: `kind` must be one of {KINDS}, got {kind!r}")
-    x = logits / temperature
-    y = logits_ref / temperature
+    # shift by the row max before dividing by τ (log_softmax does not care): logits of ±3e38 with τ = 1e-6 would
+    # overflow x/τ to ±inf and leave a row with no distribution. A row with +inf, NaN or only −inf stays NaN.
+    x = (logits - logits.amax(-1, keepdim=True)) / temperature
+    y = (logits_ref - logits_ref.amax(-1, keepdim=True)) / temperature
     logp = torch.log_softmax(x, dim=-1)  # [N, V]
     logq = torch.log_softmax(y, dim=-1)
     finite_p = logits > -math.inf  # p_v > 0
