@@ -358,6 +358,18 @@ def _shifted(ids: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return torch.cat([ids[..., 1:], pad], dim=-1)
 
 
+def _refuse_nan(logp: torch.Tensor) -> None:
+    """A NaN log-prob only comes from logits that are not finite in the compute dtype (``hidden @ weightᵀ``, times
+    ``logit_scale``, over ``τ``, beyond float32's range, or NaN/inf inputs): raise instead of returning it (D150)."""
+    bad = torch.isnan(logp)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(f"{OP}: the logits of row {i} are not finite in {logp.dtype}: `hidden` @ `weight`ᵀ "
+                         f"(× logit_scale) / temperature overflows (|logit| / τ must stay well below 1e38) or "
+                         f"`hidden` / `weight` / `bias` hold NaN or inf there ({int(bad.sum())} such row(s)); "
+                         f"pass check_ids=False to get the NaN instead")
+
+
 def linear_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -401,7 +413,9 @@ def linear_token_logprobs(
             out-of-range id then gives an unspecified value, no error) and, on the Triton backend, computes every
             row (ignored ones contribute exactly 0), so the call has no host sync and can be captured in a CUDA
             graph (``torch.compile(mode="reduce-overhead")``). The torch backend always drops ignored rows. Under
-            ``torch.compile`` the scan is skipped whatever this says.
+            ``torch.compile`` the scan is skipped whatever this says. With the check on, a NaN result (logits not
+            finite in the compute dtype: an fp32 overflow, or NaN/inf inputs) raises ``ValueError`` instead of
+            being returned.
         shift: score position ``t`` with ``ids[..., t + 1]`` (next-token prediction from ``hidden [..., T, H]`` and
             the sequence's own ``ids [..., T]``, as cut-cross-entropy's ``shift``); the last position of each
             sequence gives 0, like an ignored token. Saves the ``[:, :-1]`` slices and their copies.
@@ -455,6 +469,8 @@ def linear_token_logprobs(
     else:
         logp, ent, lse = _op(h2, weight, bias, ids1, spec.inv_tau, return_entropy, ignore_index, chosen, check_ids,
                              spec.logit_scale, spec.softcap)
+    if check_ids and not torch.compiler.is_compiling() and logp.device.type != "meta":
+        _refuse_nan(logp)
     outs = [logp] + ([ent] if return_entropy else []) + ([lse] if return_lse else [])
     outs = [x.reshape(lead) if out_dtype is None else x.reshape(lead).to(out_dtype) for x in outs]
     return outs[0] if len(outs) == 1 else tuple(outs)

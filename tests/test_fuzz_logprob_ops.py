@@ -229,46 +229,48 @@ def test_fuzz_token_contrast(call):
     _check("token_contrast", tuple(out), same, ref64, ids, f"{kind}, {logits.dtype}, {opts}", scale)
 
 
-# -- what the fuzz found in these ops (reported to their owners; strict xfails: they fail once the op is fixed, so
-# the mark and the KNOWN_OVERFLOW exclusion in _check are removed then) -----------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 14 finding 4 (token_contrast's owners): KL of fp32 logits with ±3e38 "
-                                       "and -inf is NaN; the float64 reference is +inf")
-def test_known_token_contrast_kl_extreme_logits():
+# -- what the fuzz found in these ops: regression tests for the fixed cases; the one strict xfail left is a known
+# limit of linear_token_logprobs (D150), and the KNOWN_OVERFLOW exclusion in _check stays for it --------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_token_contrast_kl_extreme_logits(backend):
+    """Issue 14 finding 4: KL of fp32 logits with ±3e38 and -inf was NaN; the float64 reference is +inf."""
     x, y = torch.tensor([[3e38, -3e38, -INF, 0.0]]), torch.tensor([[-3e38, 3e38, 0.0, -INF]])
-    out = token_contrast(x, y, torch.tensor([0]), kind="kl")
-    assert not bool(torch.isnan(out.div).any()), out
+    out = token_contrast(x, y, torch.tensor([0]), kind="kl", backend=backend)
+    assert float(out.div[0]) == INF, out
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz (token_contrast's owners): logits_ref 3e38 / temperature 0.7 overflows "
-                                       "float32; logp_ref is NaN where the float64 reference gives 0")
-def test_known_token_contrast_temperature_overflow():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_token_contrast_temperature_overflow(backend):
+    """Found by the fuzz: logits_ref 3e38 / temperature 0.7 overflows float32; logp_ref was NaN (float64: 0)."""
     out = token_contrast(torch.tensor([[-INF]]), torch.tensor([[3e38]]), torch.tensor([0]), kind="kl",
-                         temperature=0.7)
+                         temperature=0.7, backend=backend)
     assert float(out.logp_ref[0]) == 0.0, out
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz (linear_token_logprobs' owners): hidden [[3e38]] @ weight [[3.8525]]ᵀ "
-                                       "overflows the fp32 logit; the result is NaN, float64 gives 0 (V = 1)")
-def test_known_linear_token_logprobs_logit_overflow():
-    out = linear_token_logprobs(torch.tensor([[3e38]]), torch.tensor([[3.8525]]), torch.tensor([0]))
-    assert not bool(torch.isnan(out).any()), out
+def test_linear_token_logprobs_logit_overflow_raises():
+    """Found by the fuzz: hidden [[3e38]] @ weight [[3.8525]]ᵀ overflows the fp32 logit, and the result was NaN
+    (float64 gives 0, V = 1). Logits beyond float32 are outside the op's domain: a clear error, not a NaN (D150)."""
+    with pytest.raises(ValueError, match=r"linear_token_logprobs: the logits of row 0 are not finite"):
+        linear_token_logprobs(torch.tensor([[3e38]]), torch.tensor([[3.8525]]), torch.tensor([0]))
+    out = linear_token_logprobs(torch.tensor([[3e38]]), torch.tensor([[3.8525]]), torch.tensor([0]), check_ids=False)
+    assert bool(torch.isnan(out).all()), out  # the documented escape hatch returns what the arithmetic gives
 
 
 _W17 = [-0.5776, -0.1583, -0.3152, -0.1817, -0.0050, 0.0526, 0.0443, -0.2076, 0.0597, -0.0607, -0.1933, -0.3988,
         -0.1718, 0.3720, -0.1121, -0.2228, 0.1687]
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz (linear_token_logprobs' owners): large finite fp32 logits (|x/τ| ≈ "
-                                       "2.5e38, within float32) give NaN on all backends; torch in fp32 gives 0")
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
-def test_known_linear_token_logprobs_large_finite_logits_nan(backend):
-    out = linear_token_logprobs(torch.tensor([[-3e38]]), torch.tensor(_W17)[:, None], torch.tensor([0]),
-                                temperature=0.7, backend=backend)
-    assert float(out[0]) == 0.0, out
+def test_linear_token_logprobs_large_finite_logits_raise(backend):
+    """Found by the fuzz: large finite fp32 logits (|x/τ| ≈ 2.5e38, within float32 but not once scaled to base 2)
+    gave NaN on all backends, where torch in fp32 gives 0: now the library's error (D150)."""
+    with pytest.raises(ValueError, match=r"linear_token_logprobs: the logits of row 0 are not finite"):
+        linear_token_logprobs(torch.tensor([[-3e38]]), torch.tensor(_W17)[:, None], torch.tensor([0]),
+                              temperature=0.7, backend=backend)
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz (linear_token_logprobs' owners): -inf where torch in fp32 and the "
-                                       "float64 reference both give -3.1984e38")
+@pytest.mark.xfail(strict=True, reason="known limit (D150): |logit|/τ above ~1.6e38 overflows the base-2 tiles; -inf "
+                                       "where torch in fp32 and the float64 reference both give -3.1984e38")
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_known_linear_token_logprobs_large_finite_logits_inf(backend):
     h = torch.tensor([[3e38, -0.29343, -2.1788, 0.56843, -1.0845, -1.3986, 0.40335, 0.83803]])
@@ -279,9 +281,9 @@ def test_known_linear_token_logprobs_large_finite_logits_inf(backend):
     assert bool(torch.isfinite(out).all()), out
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz (token_logprobs' owners): on the Triton backend, a logit whose x/τ "
-                                       "overflows to -inf in fp32 gives entropy NaN; torch in fp32 gives 0")
-def test_known_token_logprobs_triton_entropy_nan():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_token_logprobs_entropy_with_overflowing_logit(backend):
+    """Found by the fuzz: on the Triton backend a logit whose x/τ overflows to -inf in fp32 gave entropy NaN."""
     _, entropy = token_logprobs(torch.tensor([[-3e38, -0.29343]]), torch.tensor([0]), temperature=0.7,
-                                return_entropy=True, backend="triton")
+                                return_entropy=True, backend=backend)
     assert float(entropy[0]) == 0.0, entropy
