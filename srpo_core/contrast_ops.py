@@ -236,10 +236,10 @@ def token_contrast(
             raise TypeError(f"{OP}: backend='triton' takes fp32/bf16/fp16 logits, got `logits` {logits.dtype} and "
                             f"`logits_ref` {logits_ref.dtype}; use backend='torch' for float64")
         chosen = "torch"
+    if shift:  # before the scan, as token_logprobs: the first position's id is never scored
+        ids = _chunked.shift_ids(ids, int(ignore_index))
     if check_ids and logits.device.type != "meta" and not torch.compiler.is_compiling():
         _check_ids(ids, logits.shape[-1], ignore_index)
-    if shift:
-        ids = _chunked.shift_ids(ids, int(ignore_index))
     div, logp, logp_ref = torch.ops.srpo_core.token_contrast(
         logits.detach(), logits_ref.detach(), ids, kind, float(temperature), int(ignore_index), chosen
     )

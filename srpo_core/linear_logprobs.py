@@ -418,7 +418,8 @@ def linear_token_logprobs(
             being returned.
         shift: score position ``t`` with ``ids[..., t + 1]`` (next-token prediction from ``hidden [..., T, H]`` and
             the sequence's own ``ids [..., T]``, as cut-cross-entropy's ``shift``); the last position of each
-            sequence gives 0, like an ignored token. Saves the ``[:, :-1]`` slices and their copies.
+            sequence gives 0, like an ignored token. Only the ids are shifted: ``hidden`` is read in place, so the
+            caller needs no ``[:, :-1]`` slice (a copy).
         out_dtype: dtype of the returned log-probs / entropy / lse. Default (None): float32 (float64 for float64
             inputs), whatever the input dtype (D10); e.g. ``torch.bfloat16`` returns what TRL or a plain torch
             model would.

@@ -40,24 +40,27 @@ class PolicyLossOutput(NamedTuple):
 
 
 def aggregation_coef(valid: torch.Tensor, seq: torch.Tensor, n_seq: int, mode: str,
-                     loss_scale_factor: float | None) -> torch.Tensor:
-    """Per-token weight ``coef [N]`` (0 at invalid tokens) with ``L = Σ_t coef_t·ℓ_t`` equal to verl's ``agg_loss``:
+                     loss_scale_factor: float | None, global_batch_size: float | None = None) -> torch.Tensor:
+    """Per-token weight ``coef [N]`` (0 at invalid tokens) with ``L = Σ_t coef_t·ℓ_t`` equal to verl 0.9.1's
+    ``agg_loss`` (``dp_size = 1``), with ``G`` = ``global_batch_size`` or, by default, the number of sequences that
+    have a valid token (verl excludes fully masked ones):
 
     - ``token-mean``: ``1 / #valid`` (all valid tokens of the batch);
-    - ``seq-mean-token-sum``: ``1 / B``;  ``seq-mean-token-mean``: ``1 / (B · n_i)`` (``n_i`` valid tokens of ``i``);
-    - ``seq-mean-token-sum-norm`` (Dr.GRPO): ``1 / loss_scale_factor``, a constant.
+    - ``seq-mean-token-sum``: ``1 / G``;  ``seq-mean-token-mean``: ``1 / (G · n_i)`` (``n_i`` valid tokens of ``i``);
+    - ``seq-mean-token-sum-norm`` (Dr.GRPO): ``1 / (G · loss_scale_factor)``.
 
-    ``B`` counts every sequence, empty ones included (they add 0), as verl and TRL's means over sequences do."""
+    TRL's means over sequences count every row (``.mean()`` over B): pass ``global_batch_size = B`` for them."""
     acc = torch.float64
     vf = valid.to(acc)
     if mode == "token-mean":
         return vf / vf.sum().clamp(min=1)
+    counts = torch.zeros(max(n_seq, 1), dtype=acc, device=valid.device).index_add_(0, seq, vf)
+    g = (counts > 0).sum().clamp(min=1).to(acc) if global_batch_size is None else float(global_batch_size)
     if mode == "seq-mean-token-sum":
-        return vf / max(n_seq, 1)
+        return vf / g
     if mode == "seq-mean-token-mean":
-        counts = torch.zeros(max(n_seq, 1), dtype=acc, device=valid.device).index_add_(0, seq, vf)
-        return vf / (counts[seq].clamp(min=1) * max(n_seq, 1))
-    return vf / loss_scale_factor
+        return vf / (counts[seq].clamp(min=1) * g)
+    return vf / (g * loss_scale_factor)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -152,6 +155,9 @@ def _(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef, valid, in
 def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # the outputs other than the loss get no gradient: no [V, H] zeros for them
     ctx.need = inputs[17:20]
+    # The stored gradients are outputs of this node: non-differentiable, they carry no grad_fn, so holding them on
+    # ctx makes no reference cycle (a forward without backward would otherwise keep its [V, H] gradient alive).
+    ctx.mark_non_differentiable(*output[1:])
     if torch.compiler.is_compiling():
         ctx.save_for_backward(*output[4:])
         ctx.grads = None
@@ -265,6 +271,7 @@ def linear_policy_loss(
     entropy_coeff: float = 0.0,
     loss_agg_mode: str = "token-mean",
     loss_scale_factor: float | None = None,
+    global_batch_size: float | None = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
@@ -286,8 +293,11 @@ def linear_policy_loss(
         beta, kl_kind: KL coefficient and estimator, ``"k1" | "k2" | "k3" | "low_var_kl"``; kl_ratio_correction:
             weight the KL term by the ratio ``r_t`` (TRL's ``use_bias_correction_kl``).
         entropy_coeff: entropy bonus coefficient (subtracted).
-        loss_agg_mode: verl's names, see :func:`aggregation_coef`; ``"seq-mean-token-sum-norm"`` divides by
-            ``loss_scale_factor`` (default ``T`` in the padded layout; required in the packed one).
+        loss_agg_mode: verl's names and arithmetic (verl 0.9.1's ``agg_loss``), see :func:`aggregation_coef`;
+            ``"seq-mean-token-sum-norm"`` also divides by ``loss_scale_factor`` (default ``T`` in the padded layout,
+            verl's default; required in the packed one).
+        global_batch_size: what the sequence means divide by (default: the sequences with a valid token, as verl
+            without a ``global_batch_size``; TRL's sequence means count every row: pass ``B``).
         temperature: ``τ > 0``; return_entropy: also return the per-token entropy.
 
     Returns:
@@ -315,6 +325,7 @@ def linear_policy_loss(
     _number("entropy_coeff", entropy_coeff)
     _number("temperature", temperature, low=0, low_open=True)
     _number("loss_scale_factor", loss_scale_factor, low=0, low_open=True, allow_none=True)
+    _number("global_batch_size", global_batch_size, low=0, low_open=True, allow_none=True)
     if kl_kind not in KL_KINDS:
         raise ValueError(f"{OP}: `kl_kind` must be one of {KL_KINDS}, got {kl_kind!r}")
     if loss_agg_mode not in LOSS_AGG_MODES:
@@ -330,7 +341,7 @@ def linear_policy_loss(
     if loss_agg_mode == "seq-mean-token-sum-norm" and loss_scale_factor is None:
         if t is None:
             raise ValueError(f"{OP}: loss_agg_mode='seq-mean-token-sum-norm' in the packed layout needs "
-                             f"`loss_scale_factor` (the constant normaliser, e.g. B · max response length)")
+                             f"`loss_scale_factor` (the constant normaliser, e.g. the max response length)")
         loss_scale_factor = float(t)
     valid = valid & (ids_f != ignore_index)
     v = weight.shape[0]
@@ -351,7 +362,7 @@ def linear_policy_loss(
             raise TypeError(f"{OP}: backend='triton' takes fp32/bf16/fp16 inputs, got `hidden` {hidden.dtype}; use "
                             f"backend='torch' for float64")
         chosen = "torch"
-    coef = aggregation_coef(valid, seq, b, loss_agg_mode, loss_scale_factor)
+    coef = aggregation_coef(valid, seq, b, loss_agg_mode, loss_scale_factor, global_batch_size)
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
     need_b = bias is not None and grad_on and bias.requires_grad

@@ -96,14 +96,17 @@ def test_srpo_grpo_config_validates_and_settings_live_in_one_place(tmp_path):
     args = SRPOGRPOConfig(**cpu(tmp_path), srpo_corruption_p=0.3)
     with pytest.raises(ValueError, match="do not also pass `srpo_config`"):
         _resolve_srpo_settings(args, SRPOConfig(), None)
-    with pytest.raises(ValueError, match="srpo_options.corruption_p=0.5 disagrees with args.srpo_corruption_p=0.3"):
-        _resolve_srpo_settings(args, None, SRPOTrainerOptions())
+    with pytest.raises(ValueError, match="srpo_options.corruption_p=0.7 disagrees with args.srpo_corruption_p=0.3"):
+        _resolve_srpo_settings(args, None, SRPOTrainerOptions(corruption_p=0.7))
 
     def roles_fn(ids, mask, tok):
         return ids
 
     math, opts = _resolve_srpo_settings(args, None, SRPOTrainerOptions(corruption_p=0.3, roles_fn=roles_fn))
     assert opts.roles_fn is roles_fn and math == SRPOConfig()
+    # fields srpo_options leaves at their defaults come from args: roles_fn alone is enough
+    math, opts = _resolve_srpo_settings(args, None, SRPOTrainerOptions(roles_fn=roles_fn))
+    assert opts.roles_fn is roles_fn and opts.corruption_p == 0.3
     # a plain GRPOConfig keeps the keyword arguments (and their defaults)
     from trl import GRPOConfig
 

@@ -21,6 +21,7 @@ from srpo_core.reference.policy_loss import KL_KINDS
 def naive_coef(lengths, valid_of_seq, mode, factor):
     """Per valid token, verl's ``agg_loss`` weights written out per sequence (independent of ``aggregation_coef``)."""
     b = len(lengths)
+    g = sum(1 for v in valid_of_seq if sum(v) > 0)  # verl: fully masked sequences are not counted
     n_valid = sum(sum(v) for v in valid_of_seq)
     out = []
     for i in range(b):
@@ -31,11 +32,11 @@ def naive_coef(lengths, valid_of_seq, mode, factor):
             if mode == "token-mean":
                 out.append(1.0 / n_valid)
             elif mode == "seq-mean-token-sum":
-                out.append(1.0 / b)
+                out.append(1.0 / g)
             elif mode == "seq-mean-token-mean":
-                out.append(1.0 / (b * n_i))
+                out.append(1.0 / (g * n_i))
             else:
-                out.append(1.0 / factor)
+                out.append(1.0 / (g * factor))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -387,3 +388,33 @@ def test_logits_far_above_the_sampled_token():
     assert bool((gap > 127).any()) and bool((gap < 127).any()), "the case must exercise both paths"
     out, grads, flat = run_op(c, d, torch.float32)
     check(c, d, out, grads, flat)
+
+
+def test_aggregation_divisor_verl_and_trl():
+    """verl 0.9.1's agg_loss divides the sequence means by the sequences that have a valid token; TRL's ``.mean()``
+    counts every row, which ``global_batch_size=B`` gives. Three sequences, the middle one empty."""
+    from srpo_core.policy_loss import aggregation_coef
+
+    valid = torch.tensor([True, True, True, False, True])  # seq 0: 2 tokens, seq 1: none, seq 2: 2 valid of 3
+    seq = torch.tensor([0, 0, 2, 2, 2])
+    verl = aggregation_coef(valid, seq, 3, "seq-mean-token-mean", None)
+    trl = aggregation_coef(valid, seq, 3, "seq-mean-token-mean", None, global_batch_size=3)
+    assert torch.allclose(verl, torch.tensor([1 / 4, 1 / 4, 1 / 4, 0, 1 / 4], dtype=torch.float64))
+    assert torch.allclose(trl, torch.tensor([1 / 6, 1 / 6, 1 / 6, 0, 1 / 6], dtype=torch.float64))
+    norm = aggregation_coef(valid, seq, 3, "seq-mean-token-sum-norm", 4.0)
+    assert torch.allclose(norm, valid.double() / (2 * 4.0))  # verl: seq-mean of token sums, then ÷ the constant
+
+
+def test_forward_without_backward_frees_its_gradients():
+    """The gradients formed in the forward are non-differentiable outputs held by the node: dropping the loss
+    without a backward frees them (no reference cycle through ctx)."""
+    import gc
+    import weakref
+
+    w = torch.randn(50, 8, requires_grad=True)
+    h = torch.randn(4, 8, requires_grad=True)
+    out = linear_policy_loss(h, w, torch.randint(0, 50, (4,)), None, torch.randn(4), cu_seqlens=torch.tensor([0, 4]))
+    node = weakref.ref(out.loss.grad_fn)
+    del out
+    gc.collect()
+    assert node() is None

@@ -569,3 +569,16 @@ def test_float64_redo_reads_only_rows_it_must(monkeypatch):
     assert calls == [1], calls  # only the overflow row
     assert out.div[0] == math.inf and math.isfinite(out.div[1]) and out.div[1] > 1e38
     assert_close(out.div[1], torch.tensor(2e38), atol=0.0, rtol=1e-5)
+
+
+def test_shift_scans_only_the_scored_ids():
+    """With ``shift=True`` position 0's id is never scored: out of range there is not an error (as token_logprobs)."""
+    x, y = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    ids = torch.randint(0, 6, (2, 4))
+    ids[:, 0] = 99
+    out = token_contrast(x, y, ids, kind="kl", shift=True)
+    ref = token_contrast(x[:, :-1], y[:, :-1], ids[:, 1:], kind="kl")
+    assert torch.equal(out.div[:, :-1], ref.div) and torch.equal(out.div[:, -1], torch.zeros(2))
+    ids[0, 2] = 99
+    with pytest.raises(ValueError, match="token_contrast: `ids`"):
+        token_contrast(x, y, ids, kind="kl", shift=True)

@@ -95,3 +95,31 @@ def test_fused_loss_refuses_what_it_does_not_reproduce():
         SRPOGRPOTrainer(model=E2E.build_model(processor.tokenizer), reward_funcs=E2E.rule_reward, args=args,
                         train_dataset=E2E.build_dataset(), processing_class=processor,
                         srpo_options=SRPOTrainerOptions(fused_loss=True))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("ddp", "multi-process training"),
+    ("peft", "a PEFT model"),
+    ("softcap", "final_logit_softcapping=30.0"),
+])
+def test_fused_loss_refuses_what_it_would_get_wrong(case, match):
+    """Settings where the fused path would silently differ from TRL: several processes (the backbone would run
+    outside DDP's forward), a PEFT wrapper, a logit transform after the LM head."""
+    from types import SimpleNamespace
+
+    from srpo_core.adapters import _trl_fused
+
+    model = SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=30.0 if case == "softcap" else None))
+    if case == "peft":
+        model.peft_config = {"default": None}
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(delta=None), loss_type="grpo", importance_sampling_level="token",
+        top_entropy_quantile=1.0, use_vllm=False, model=model,
+        accelerator=SimpleNamespace(num_processes=2 if case == "ddp" else 1))
+    with pytest.raises(ValueError, match=match):
+        _trl_fused.check_supported(trainer)
+    model.config.final_logit_softcapping = None
+    trainer.accelerator.num_processes = 1
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    _trl_fused.check_supported(trainer)  # the same trainer without the setting is accepted

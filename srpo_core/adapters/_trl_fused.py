@@ -29,6 +29,17 @@ _MODEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatia
                "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
+def _head_transform(model) -> str:
+    """A logit transform after the LM head that the fused loss would skip (Gemma-2's soft-capping, Cohere's scale)."""
+    cfg = getattr(model, "config", None)
+    for sub in (cfg, getattr(cfg, "text_config", None)):
+        for name in ("final_logit_softcapping", "logit_scale"):
+            value = getattr(sub, name, None)
+            if value not in (None, 1.0):
+                return f"{name}={value}"
+    return ""
+
+
 def check_supported(trainer) -> None:
     """Raise a ValueError naming the first TRL setting the fused loss does not reproduce."""
     args = trainer.args
@@ -43,6 +54,13 @@ def check_supported(trainer) -> None:
         (trainer.use_vllm and getattr(trainer, "vllm_importance_sampling_correction", False),
          "vllm_importance_sampling_correction"),
         (getattr(trainer, "aux_loss_enabled", False), "a MoE auxiliary loss"),
+        # The fused path runs the backbone itself (model.base_model), outside DistributedDataParallel's forward,
+        # whose reducer would then not all-reduce the gradients: one process only until that is wired and tested.
+        (trainer.accelerator.num_processes > 1, f"multi-process training ({trainer.accelerator.num_processes} "
+                                                "processes: the backbone would run outside DDP's forward)"),
+        (hasattr(trainer.model, "peft_config"), "a PEFT model (its base_model is the adapter wrapper)"),
+        (_head_transform(trainer.model), f"the model's logit transform ({_head_transform(trainer.model)}): the "
+                                         "fused loss takes plain hidden @ lm_headᵀ logits"),
     ]
     for bad, what in problems:
         if bad:
@@ -75,21 +93,23 @@ def compute_loss(trainer, model, inputs) -> torch.Tensor:
     mode = "train" if trainer.model.training else "eval"
     accum = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
     agg = LOSS_TYPES[trainer.loss_type]
-    scale_factor, divide = None, accum
-    if trainer.loss_type == "dr_grpo":
-        scale_factor, divide = completion_ids.size(0) * trainer.max_completion_length * accum, 1.0
-    elif trainer.loss_type == "dapo":
+    # TRL's means over sequences count every row (B), verl's only the non-empty ones: say B (global_batch_size).
+    scale_factor, divide, rows = None, accum, completion_ids.size(0)
+    if trainer.loss_type == "dr_grpo":  # Σ loss / (B · max_completion_length · accum)
+        scale_factor, divide = trainer.max_completion_length * accum, 1.0
+    elif trainer.loss_type == "dapo":  # Σ loss / (TRL's token normaliser): one "sequence" of that many tokens
         scale_factor = float(inputs["num_items_in_batch"].clamp(min=1.0)) / trainer.accelerator.num_processes
         if mode == "train":
             scale_factor = scale_factor * accum / trainer.args.steps_per_generation
-        divide = 1.0
+        divide, rows = 1.0, 1
     beta = trainer.beta
     res = linear_policy_loss(
         hidden, weight, completion_ids, inputs.get("old_per_token_logps"), inputs["advantages"],
         mask=mask.bool(), bias=bias, ref_logp=inputs["ref_per_token_logps"] if beta != 0.0 else None,
         epsilon_low=trainer.epsilon_low, epsilon_high=trainer.epsilon_high, beta=beta, kl_kind="k3",
         kl_ratio_correction=bool(getattr(trainer.args, "use_bias_correction_kl", False)),
-        loss_agg_mode=agg, loss_scale_factor=scale_factor, temperature=trainer.temperature, return_entropy=True)
+        loss_agg_mode=agg, loss_scale_factor=scale_factor, global_batch_size=rows, temperature=trainer.temperature,
+        return_entropy=True)
     loss = res.loss / divide if divide != 1.0 else res.loss
 
     def global_mean(x):

@@ -264,11 +264,15 @@ def _resolve_srpo_settings(args, srpo_config, srpo_options) -> tuple[SRPOConfig,
     if not isinstance(srpo_options, SRPOTrainerOptions):
         raise TypeError(f"SRPOGRPOTrainer: `srpo_options` must be an SRPOTrainerOptions, got "
                         f"{type(srpo_options).__name__}")
+    # A field srpo_options leaves at its default comes from args; one it sets must agree with args.
     for name in args._srpo_values(SRPOTrainerOptions):
-        if getattr(srpo_options, name) != getattr(from_args, name):
-            raise ValueError(f"SRPOGRPOTrainer: srpo_options.{name}={getattr(srpo_options, name)!r} disagrees with "
-                             f"args.srpo_{name}={getattr(from_args, name)!r}; set it in one place")
-    return args.srpo_math_config(), srpo_options
+        mine, theirs = getattr(srpo_options, name), getattr(from_args, name)
+        if mine != getattr(_OPTS, name) and mine != theirs:
+            raise ValueError(f"SRPOGRPOTrainer: srpo_options.{name}={mine!r} disagrees with args.srpo_{name}="
+                             f"{theirs!r}; set it in one place (args)")
+    extra = {f.name: getattr(srpo_options, f.name) for f in dataclasses.fields(SRPOTrainerOptions)
+             if f.name not in args._srpo_values(SRPOTrainerOptions)}
+    return args.srpo_math_config(), dataclasses.replace(from_args, **extra)
 
 
 def srpo_change_metrics(result: RoleAwareAdvantages, roles: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
