@@ -229,7 +229,7 @@ def _report_entries() -> list[dict]:
     for kind, code in KIND_CODES.items():
         for dtype, redo in (("bf16", False), ("fp32", False), ("fp32", True)):
             entries.append({
-                "name": f"token_contrast_fwd[{kind},{dtype}{',redo-f64' if redo else ''}]",
+                "name": f"token_contrast_fwd[{kind},{dtype}{',f64' if redo else ''}]",
                 "fn": token_contrast_fwd_kernel,
                 "signature": {
                     "p_x": f"*{dtype}", "p_y": f"*{dtype}", "p_ids": "*i64",

@@ -34,7 +34,8 @@ SCHEMA_VERSION = 1
 # Size presets: "full" is what the bars are stated at (the linear op at N=1024, H=1024, V=151,936;
 # benchmarks/linear_table.py measures it at N=2048 and other shapes); "quick" finishes in under a minute on 2 CPU
 # cores; "tiny" is for the test that checks the JSON.
-OPS = ("token_logprobs", "token_contrast", "linear_token_logprobs", "role_aware_advantages")  # what --op accepts
+# what --op accepts
+OPS = ("token_logprobs", "token_contrast", "linear_token_logprobs", "role_aware_advantages", "linear_policy_loss")
 SIZES = {
     "full": {"logprob_rows": 4096, "vocab": 151_936, "role_tokens": 1 << 20, "linear": (1024, 1024, 151_936),
              "contrast_rows": 1024},
@@ -370,8 +371,8 @@ def _policy_loss_shape(b, t, h, v, dtype, preset, device) -> list[Case]:
                                       loss_type="bnpo", compiled=True)
         return step(lambda: fn(hidden, weight, ids, mask.long(), adv, old_per_token_logps=old)[0], hidden, weight)
 
-    impls = [("srpo-core", ours), ("naive", naive), ("GEMM floor", gemm), ("linear_token_logprobs + loss",
-                                                                         ours_logprobs)]
+    impls = [("srpo-core", ours), ("naive", naive), ("GEMM floor", gemm),
+             ("our log-probs + loss", ours_logprobs)]
     if preset != "tiny":  # Liger's compile alone takes longer than the whole tiny run
         impls.append(("liger.LigerFusedLinearGRPOLoss", liger))
     return [Case("linear_policy_loss", "fwd+bwd", impl, shape, dname, fn) for impl, fn in impls]

@@ -515,7 +515,7 @@ sys.path.insert(0, sys.argv[1])
 import gpu_report
 from srpo_core.kernels import token_contrast, token_logprobs
 want = {"token_logprobs_fwd[fp32,entropy]", "token_logprobs_bwd[fp32,both]", "token_contrast_fwd[kl,fp32]",
-        "token_contrast_fwd[js,fp32,redo-f64]"}
+        "token_contrast_fwd[js,fp32,f64]"}
 pat = re.compile(r",\s*(tensor<[0-9x]*xi64>|i64)\s+loc\(")
 seen = 0
 for entry in token_logprobs.GPU_REPORT + token_contrast.GPU_REPORT:

@@ -210,6 +210,7 @@ class SRPOGRPOConfig(GRPOConfig):
     srpo_weight_map: str = _field(_MATH.weight_map, "SRPO: 'exp', 'linear' or 'sigmoid'")
     srpo_w_min: float = _field(_MATH.w_min, "SRPO: weight floor of the linear map, in (0, 1]")
     srpo_renorm: str = _field(_MATH.renorm, "SRPO: 'mean' (each response's weights average 1) or 'none'")
+    srpo_role_stats: str = _field(_MATH.role_stats, "SRPO: role statistics over 'all' signals or the 'unclamped' ones")
     srpo_corruption_mode: str = _field(_OPTS.corruption_mode, "SRPO: corrupted image, 'black', 'mean' or 'noise'")
     srpo_corruption_p: float = _field(_OPTS.corruption_p, "SRPO: probability that a visual unit is corrupted")
     srpo_corruption_patch: str = _field(_OPTS.corruption_patch, "SRPO: unit, 'merged' (one visual token) or 'raw'")
