@@ -1,8 +1,10 @@
 """Test-suite set-up: Triton runs through its interpreter on CPU, kernel outputs are poisoned, slow tests are opt-in."""
 
 import importlib
+import importlib.util
 import os
 import pkgutil
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,14 @@ if TEST_DEVICE.type == "cpu" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import srpo_core.kernels as _kernels  # noqa: E402  (after the environment above)
+
+# ``tests/strategies.py`` (the hypothesis strategies) as the module ``srpo_core_test_strategies``: with
+# ``--import-mode=importlib`` tests/ is not on sys.path, so the test modules import it by this name.
+_spec = importlib.util.spec_from_file_location("srpo_core_test_strategies",
+                                               os.path.join(os.path.dirname(__file__), "strategies.py"))
+_strategies = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _strategies
+_spec.loader.exec_module(_strategies)
 
 # Decorate every kernel now, while TRITON_INTERPRET is what the session set: ``@triton.jit`` reads it once, at import,
 # and a test that later monkeypatches it to "0" (to check the no-CUDA error) must not be the first to import a kernel.

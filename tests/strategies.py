@@ -1,8 +1,8 @@
 """Hypothesis strategies shared by the foundation tests (batches of rollouts, configs, dtypes).
 
-Not a test module and not importable by name (pytest runs with ``--import-mode=importlib``, which keeps ``tests/``
-off ``sys.path``): each test file that uses it loads it by path with a six-line ``_load_strategies()`` at its
-top, registering it once in ``sys.modules`` as ``srpo_core_test_strategies``.
+Not a test module and not importable by its file name (pytest runs with ``--import-mode=importlib``, which keeps
+``tests/`` off ``sys.path``): ``conftest.py`` loads it by path and registers it in ``sys.modules`` as
+``srpo_core_test_strategies``, the name the test files import it by.
 
 A :class:`Case` keeps every value as Python floats per trajectory, so one drawn case can be laid out padded or
 packed, in any dtype, with or without garbage at the invalid positions.

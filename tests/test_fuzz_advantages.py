@@ -7,11 +7,9 @@ STYLE's tolerance of the float64 reference."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
-import sys
 
+import srpo_core_test_strategies as S  # tests/strategies.py, registered by conftest.py
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -27,18 +25,6 @@ from srpo_core import (
 )
 from srpo_core.reference import contrast as contrast_ref
 
-
-def _load_strategies():
-    name = "srpo_core_test_strategies"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("strategies.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-S = _load_strategies()
 NAN, INF = math.nan, math.inf
 MUTATIONS = ("none", "none", "garbage", "dtype", "shape", "role_value", "nan", "cu", "noncontig", "meta", "list",
              "advantages", "layout")

@@ -4,12 +4,10 @@ library's own error naming the op and an argument, or returns what a plain Pytho
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
-import sys
 
 import numpy as np
+import srpo_core_test_strategies as S  # tests/strategies.py, registered by conftest.py
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,18 +15,6 @@ from hypothesis import strategies as st
 from srpo_core import ablate_span, corrupt_images, corrupt_pixel_values, roles_from_text, roles_from_token_ids
 from srpo_core.roles import _TAG_CHAR, char_roles
 
-
-def _load_strategies():
-    name = "srpo_core_test_strategies"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("strategies.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-S = _load_strategies()
 NAN, INF = math.nan, math.inf
 PIECES = ["<think>", "</think>", "<perception>", "</perception>", "< /think >", "\\boxed{", "}", "{", "a", "bc", " ",
           "\n", "é", "<answer>", "</caption>", "😀"]

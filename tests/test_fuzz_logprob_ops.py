@@ -7,12 +7,10 @@ Triton-backend cases run in a subprocess (``test_fuzz_subprocess.py``); here ``b
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
-import sys
 
 import pytest
+import srpo_core_test_strategies as S  # tests/strategies.py, registered by conftest.py
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,18 +20,6 @@ from srpo_core.reference import linear_token_logprobs as lin_ref
 from srpo_core.reference import token_contrast as tc_ref
 from srpo_core.reference import token_logprobs as tl_ref
 
-
-def _load_strategies():
-    name = "srpo_core_test_strategies"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("strategies.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-S = _load_strategies()
 NAN, INF = math.nan, math.inf
 IGNORE = -100
 LOGIT_SPECIALS = (-INF, 0.0, 1e4, -1e4, 3e38, -3e38, 1e-30)

@@ -7,31 +7,15 @@ layouts (padded with left/right/middle padding, packed). ``EXAMPLES`` records th
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
-import sys
 
 import pytest
+import srpo_core_test_strategies as S  # tests/strategies.py, registered by conftest.py
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srpo_core import Role, SRPOConfig, role_aware_advantages
-
-
-def _load_strategies():
-    """``tests/strategies.py`` by path: ``--import-mode=importlib`` keeps ``tests/`` off ``sys.path``."""
-    name = "srpo_core_test_strategies"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("strategies.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-S = _load_strategies()
 
 # Hypothesis examples per property under the "ci" profile (60 examples by default; the issue's closing note asks for
 # these counts). Other profiles scale them: HYPOTHESIS_PROFILE=thorough (500) runs ~8x as many, dev (20) a third.

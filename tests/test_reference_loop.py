@@ -8,31 +8,16 @@ tokens, OTHER included (D8); a group of one gets ``A_i = 0`` under both norms (D
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
-import sys
 
 import pytest
+import srpo_core_test_strategies as S  # tests/strategies.py, registered by conftest.py
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srpo_core import SRPOConfig, contrast, grpo_advantages, role_aware_advantages
 
-
-def _load_strategies():
-    """``tests/strategies.py`` by path: ``--import-mode=importlib`` keeps ``tests/`` off ``sys.path``."""
-    name = "srpo_core_test_strategies"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("strategies.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-S = _load_strategies()
 TOL = 1e-6
 # Examples under the "ci" profile (60 by default); other profiles scale them (thorough: ~8x).
 _SCALE = settings.default.max_examples / 60

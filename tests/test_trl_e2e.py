@@ -8,7 +8,6 @@ tag parser), ``Qwen2VLImageProcessor()`` defaults (the PIL backend when torchvis
 
 from __future__ import annotations
 
-import logging
 import math
 import tempfile
 import time
@@ -45,7 +44,9 @@ COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
 
 def build_processor():
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers import PreTrainedTokenizerFast
+
+    from srpo_core.experiment.model import images_only_processor
 
     vocab = {t: i for i, t in enumerate(SPECIAL + TAGS + CHARS)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
@@ -56,17 +57,7 @@ def build_processor():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="<|endoftext|>",
                                         eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE)
 
-    class Processor(Qwen2VLProcessor):
-        # Without torchvision transformers has no video-processor base class to check against; images only here.
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    logging.getLogger("transformers").setLevel(logging.ERROR)  # the "falling back to the PIL backend" notice
-    image_processor = Qwen2VLImageProcessor()
-    return Processor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                     chat_template=CHAT_TEMPLATE)
+    return images_only_processor(tokenizer, CHAT_TEMPLATE)
 
 
 def build_model(tokenizer, seed=0):

@@ -46,7 +46,7 @@ class ModelSize:
 def build_processor():
     """A ``Qwen2VLProcessor`` around a word-level fast tokenizer (whitespace split; tags and special tokens whole)."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate((*SPECIAL, *TAGS, *ROLE_WORDS, *WORDS))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
@@ -56,8 +56,15 @@ def build_processor():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="<|endoftext|>",
                                         eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE)
 
+    return images_only_processor(tokenizer, CHAT_TEMPLATE)
+
+
+def images_only_processor(tokenizer, chat_template: str):
+    """A ``Qwen2VLProcessor`` for images only, built offline around ``tokenizer``. Without torchvision transformers
+    has no video-processor base class to check a ``video_processor`` against, so ``None`` is accepted for it."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+
     class Processor(Qwen2VLProcessor):
-        # Without torchvision transformers has no video-processor base class to check against; images only here.
         def check_argument_for_proper_class(self, argument_name, argument):
             if argument_name == "video_processor" and argument is None:
                 return None
@@ -65,7 +72,7 @@ def build_processor():
 
     logging.getLogger("transformers").setLevel(logging.ERROR)  # the "falling back to the PIL backend" notice
     return Processor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer, video_processor=None,
-                     chat_template=CHAT_TEMPLATE)
+                     chat_template=chat_template)
 
 
 def build_model(tokenizer, size: ModelSize = ModelSize(), seed: int = 0):
