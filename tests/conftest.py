@@ -30,8 +30,10 @@ _spec.loader.exec_module(_strategies)
 
 # Decorate every kernel now, while TRITON_INTERPRET is what the session set: ``@triton.jit`` reads it once, at import,
 # and a test that later monkeypatches it to "0" (to check the no-CUDA error) must not be the first to import a kernel.
-for _mod in pkgutil.iter_modules(_kernels.__path__):
-    importlib.import_module(f"{_kernels.__name__}.{_mod.name}")
+# Without triton (it is an extra: the verl venv has none) there is nothing to decorate and the kernel tests skip.
+if importlib.util.find_spec("triton") is not None:
+    for _mod in pkgutil.iter_modules(_kernels.__path__):
+        importlib.import_module(f"{_kernels.__name__}.{_mod.name}")
 
 settings.register_profile(
     "ci", deadline=None, max_examples=60, derandomize=True,
