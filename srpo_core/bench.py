@@ -139,6 +139,18 @@ def _token_logprob_cases(sizes, dtypes, device) -> list[Case]:
     return cases
 
 
+def _three_gemms(hidden: torch.Tensor, weight: torch.Tensor):
+    """The floor of an LM-head op's fwd+bwd: the GEMMs it cannot avoid (logits, grad_hidden, grad_weight)."""
+    grad = torch.ones(hidden.shape[0], weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+
+    def three():
+        hidden @ weight.T
+        grad @ weight
+        grad.T @ hidden
+
+    return three
+
+
 def _linear_cases(sizes, dtypes, device) -> list[Case]:
     n, h, v = sizes["linear"]
     shape = f"N={n} H={h} V={v}"
@@ -181,14 +193,7 @@ def _linear_cases(sizes, dtypes, device) -> list[Case]:
             hidden, weight, _ = inputs("fwd", dtype)
             if mode == "fwd":
                 return lambda: hidden @ weight.T
-            grad = torch.ones(n, v, dtype=dtype, device=device)
-
-            def three():  # the GEMMs fwd+bwd cannot avoid: logits, grad_hidden, grad_weight
-                hidden @ weight.T
-                grad @ weight
-                grad.T @ hidden
-
-            return three
+            return _three_gemms(hidden, weight)
 
         def trl_chunked(mode):
             from trl.kernels.chunked_logprob import ChunkedLogProbFunction
@@ -354,14 +359,7 @@ def _policy_loss_shape(b, t, h, v, dtype, preset, device) -> list[Case]:
         g = torch.Generator(device="cpu").manual_seed(0)
         hidden, weight = (torch.randn(n, h, generator=g).to(device, dtype), torch.randn(v, h, generator=g).to(
             device, dtype))
-        grad = torch.ones(n, v, dtype=dtype, device=device)
-
-        def three():  # the GEMMs fwd+bwd cannot avoid: logits, grad_hidden, grad_weight
-            hidden @ weight.T
-            grad @ weight
-            grad.T @ hidden
-
-        return three
+        return _three_gemms(hidden, weight)
 
     def liger():
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
