@@ -13,6 +13,7 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what every Triton kernel reads (fp32 math)
 
 
 _TRITON_IMPORTABLE: bool | None = None
@@ -36,12 +37,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def pick_backend(backend: str, device: torch.device, *, op: str, has_triton: bool = True) -> str:
+def pick_backend(backend: str, device: torch.device, *, op: str, has_triton: bool = True,
+                 dtypes: dict[str, torch.dtype] | None = None) -> str:
     """Resolve ``backend="auto" | "triton" | "torch"`` for tensors on ``device``.
 
     ``auto`` takes the Triton kernel for CUDA tensors when one exists for ``op`` and Triton imports, the torch path
     otherwise. ``triton`` insists: it raises unless the kernel can run (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    ``dtypes`` names the inputs the kernel reads (``{"logits": logits.dtype}``): one outside :data:`KERNEL_DTYPES`
+    (float64) sends ``auto`` to the torch path and makes ``triton`` raise, naming the argument.
     """
+    chosen = _pick(backend, device, op=op, has_triton=has_triton)
+    bad = {k: v for k, v in (dtypes or {}).items() if v not in KERNEL_DTYPES}
+    if chosen == "triton" and bad:
+        if backend == "triton":
+            got = " and ".join(f"`{k}` {v}" for k, v in (dtypes or {}).items())
+            raise TypeError(f"{op}: backend='triton' takes fp32/bf16/fp16 inputs, got {got}; use backend='torch' "
+                            f"for float64")
+        chosen = "torch"
+    return chosen
+
+
+def _pick(backend: str, device: torch.device, *, op: str, has_triton: bool) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":

@@ -26,7 +26,6 @@ from srpo_core.reference import token_contrast as ref
 
 OP = "token_contrast"
 KINDS = ref.KINDS
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Rows per chunk of the torch path: chunk · V ≤ CHUNK_ELEMENTS (16 MiB per fp32 temporary).
 CHUNK_ELEMENTS = 1 << 22
 COMPILE_MIN_ELEMENTS = 1 << 22  # smaller inputs run eager chunks: a compile (seconds, once) would not pay off
@@ -229,13 +228,8 @@ def token_contrast(
     if shift and logits.dim() < 2:
         raise ValueError(f"{OP}: `shift=True` needs positions: `logits` [..., T, V] with at least 2 dims, got "
                          f"{describe(logits)}")
-    chosen = _dispatch.pick_backend(backend, logits.device, op=OP)
-    low_precision_only = logits.dtype in KERNEL_DTYPES and logits_ref.dtype in KERNEL_DTYPES
-    if chosen == "triton" and not low_precision_only:
-        if backend == "triton":
-            raise TypeError(f"{OP}: backend='triton' takes fp32/bf16/fp16 logits, got `logits` {logits.dtype} and "
-                            f"`logits_ref` {logits_ref.dtype}; use backend='torch' for float64")
-        chosen = "torch"
+    chosen = _dispatch.pick_backend(backend, logits.device, op=OP,
+                                    dtypes={"logits": logits.dtype, "logits_ref": logits_ref.dtype})
     if shift:  # before the scan, as token_logprobs: the first position's id is never scored
         ids = _chunked.shift_ids(ids, int(ignore_index))
     if check_ids and logits.device.type != "meta" and not torch.compiler.is_compiling():

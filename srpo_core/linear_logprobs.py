@@ -67,9 +67,6 @@ from srpo_core._linear_validate import (
     compute_dtype,
 )
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Backend dispatch of the local (per-shard) passes
 
@@ -449,11 +446,8 @@ def linear_token_logprobs(
     if dtype != hidden.dtype or dtype != weight.dtype or (bias is not None and bias.dtype != dtype):
         hidden, weight = hidden.to(dtype), weight.to(dtype)  # exact upcasts; gradients flow back in each dtype
         bias = bias.to(dtype) if bias is not None else None
-    chosen = _dispatch.pick_backend(backend, hidden.device, op=OP)
-    if chosen == "triton" and (dtype not in KERNEL_DTYPES or hidden.device.type == "meta"):
-        if backend == "triton" and dtype not in KERNEL_DTYPES:
-            raise TypeError(f"{OP}: backend='triton' takes fp32/bf16/fp16 inputs, got `hidden` {dtype}; "
-                            f"use backend='torch' for float64")
+    chosen = _dispatch.pick_backend(backend, hidden.device, op=OP, dtypes={"hidden": dtype})
+    if hidden.device.type == "meta":  # shapes only: the torch path's fake kernels infer them
         chosen = "torch"
     v_global = _global_vocab(process_group, weight.shape[0], vocab_start, hidden.device)
     if check_ids and not torch.compiler.is_compiling():

@@ -40,7 +40,6 @@ from srpo_core import _chunked, _dispatch
 from srpo_core._validate import describe, require_same_device, require_tensor
 
 OP = "token_logprobs"
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHUNK_ELEMENTS = 1 << 21  # eager chunks: rows · V ≤ this (8 MiB per fp32 workspace; two workspaces at most)
 COMPILED_CHUNK_ELEMENTS = 1 << 26  # compiled chunks hold no [rows, V] temporaries; this keeps indices in int32
 COMPILE_MIN_ELEMENTS = 1 << 22  # smaller inputs run the eager chunks: a compile (seconds, once) would not pay off
@@ -630,12 +629,7 @@ def token_logprobs(
     if process_group is not None and (multi or return_lse):
         raise ValueError(f"{OP}: with `process_group` (vocab-parallel logits) `ids` must be [...] (one id per row) and "
                          f"`return_lse` False; got ids {describe(ids)}, return_lse={return_lse}")
-    chosen = _dispatch.pick_backend(backend, logits.device, op=OP)
-    if chosen == "triton" and logits.dtype not in KERNEL_DTYPES:
-        if backend == "triton":
-            raise TypeError(f"{OP}: backend='triton' takes fp32/bf16/fp16 logits, got `logits` {logits.dtype}; use "
-                            f"backend='torch' for float64")
-        chosen = "torch"
+    chosen = _dispatch.pick_backend(backend, logits.device, op=OP, dtypes={"logits": logits.dtype})
     temperature, ignore_index = float(temperature), int(ignore_index)
     on_meta = logits.device.type == "meta"  # shapes are inferred, value checks skipped (the fake kernels run)
     scan_ids = check_ids and not on_meta and not torch.compiler.is_compiling()

@@ -29,7 +29,6 @@ from srpo_core.reference.policy_loss import KL_KINDS
 
 OP = "linear_policy_loss"
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class PolicyLossOutput(NamedTuple):
@@ -356,12 +355,7 @@ def linear_policy_loss(
                 i = int(torch.nonzero(valid & ~torch.isfinite(x))[0, 0])
                 raise ValueError(f"{OP}: `{name}` must be finite at every valid token, got {float(x[i])} at flat "
                                  f"token {i}")
-    chosen = _dispatch.pick_backend(backend, hidden.device, op=OP)
-    if chosen == "triton" and hidden.dtype not in KERNEL_DTYPES:
-        if backend == "triton":
-            raise TypeError(f"{OP}: backend='triton' takes fp32/bf16/fp16 inputs, got `hidden` {hidden.dtype}; use "
-                            f"backend='torch' for float64")
-        chosen = "torch"
+    chosen = _dispatch.pick_backend(backend, hidden.device, op=OP, dtypes={"hidden": hidden.dtype})
     coef = aggregation_coef(valid, seq, b, loss_agg_mode, loss_scale_factor, global_batch_size)
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
