@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from srpo_core.policy_loss import linear_policy_loss
+from srpo_core.ops.policy_loss import linear_policy_loss
 
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
               "dapo": "seq-mean-token-sum-norm"}

@@ -1,8 +1,8 @@
 """Reference clipped policy-gradient token loss from hidden states (plain torch, autograd, float64-friendly).
 
-Materialises the logits ``[N, V]``; this is the math the fused op (``srpo_core.policy_loss``) is tested against.
+Materialises the logits ``[N, V]``; this is the math the fused op (``srpo_core.ops.policy_loss``) is tested against.
 All tensors here are *flat*: one row per token, ``valid: bool [N]`` marks the tokens that enter the loss and
-``coef: [N]`` is each token's aggregation weight (``srpo_core.policy_loss.aggregation_coef`` builds it from the
+``coef: [N]`` is each token's aggregation weight (``srpo_core.ops.policy_loss.aggregation_coef`` builds it from the
 layout and ``loss_agg_mode``), so that
 
     u      = (hidden @ weightᵀ + bias) / τ                               # [N, V]
