@@ -40,7 +40,7 @@ import pytest
 import torch
 
 from srpo_core import _chunked
-from srpo_core.logprobs import token_logprobs
+from srpo_core.ops.token_logprobs import token_logprobs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")

@@ -120,7 +120,7 @@ def logprob_cases(n: int, v: int, dtype: torch.dtype) -> list[tuple]:
             grad = mode != "fwd"
 
             def ours(grad=grad, entropy=entropy):
-                from srpo_core.logprobs import token_logprobs
+                from srpo_core.ops.token_logprobs import token_logprobs
 
                 x, ids = make_inputs(n, v, dtype, requires_grad=grad)
                 call = lambda: token_logprobs(x, ids, return_entropy=entropy, backend="triton")  # noqa: E731

@@ -17,8 +17,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srpo_core import _chunked, _dispatch, logprobs
-from srpo_core.logprobs import token_logprobs
+from srpo_core import _chunked, _dispatch
+from srpo_core.cpu import token_logprobs as cpu_path
+from srpo_core.ops import token_logprobs as ops_path
+from srpo_core.ops.token_logprobs import token_logprobs
 from srpo_core.reference.token_logprobs import token_logprobs as reference
 from srpo_core.testing import assert_close
 
@@ -176,12 +178,12 @@ def test_public_triton_backend_autograd(case, mode):
 @given(case=cases(max_n=8, max_v=90), chunk=st.sampled_from([16, 100, 1 << 21]), mode=st.sampled_from(GRAD_MODES))
 def test_torch_path_matches_float64_reference(case, chunk, mode):
     x, ids, temperature = case
-    old = logprobs.CHUNK_ELEMENTS
-    logprobs.CHUNK_ELEMENTS = chunk  # one row per chunk, several, or everything at once
+    old = cpu_path.CHUNK_ELEMENTS
+    cpu_path.CHUNK_ELEMENTS = chunk  # one row per chunk, several, or everything at once
     try:
         out = run_public(x, ids, temperature=temperature, backend="torch", mode=mode)
     finally:
-        logprobs.CHUNK_ELEMENTS = old
+        cpu_path.CHUNK_ELEMENTS = old
     check_outputs(*out, reference_with_grad(x, ids, temperature=temperature, mode=mode), x.dtype)
 
 
@@ -201,8 +203,8 @@ def test_compiled_chunks_match_reference_and_eager(monkeypatch, dtype):
     """The torch.compile'd chunk functions (several chunks of a sliced 3-D input) against the reference and the eager
     chunks, forward and backward, logp and entropy."""
     monkeypatch.setattr(_chunked, "USE_COMPILE", True)
-    monkeypatch.setattr(logprobs, "COMPILE_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(logprobs, "COMPILED_CHUNK_ELEMENTS", 301 * 4)  # 4 rows per chunk, a partial one last
+    monkeypatch.setattr(cpu_path, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(cpu_path, "COMPILED_CHUNK_ELEMENTS", 301 * 4)  # 4 rows per chunk, a partial one last
     x, ids = compiled_case(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a compile failure would warn and fall back
@@ -218,7 +220,7 @@ def test_compiled_chunks_match_reference_and_eager(monkeypatch, dtype):
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     monkeypatch.setattr(_chunked, "USE_COMPILE", True)
-    monkeypatch.setattr(logprobs, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(cpu_path, "COMPILE_MIN_ELEMENTS", 0)
 
     def broken(self, *args):
         raise RuntimeError("no working C++ compiler (simulated)")
@@ -431,7 +433,7 @@ def test_torch_compile_fullgraph_traces_the_custom_op(monkeypatch, compile_chunk
     """A training step calling token_logprobs compiles with fullgraph=True on CPU (no graph break), and gives the
     eager values and gradients; the op's own compiled chunk functions run inside the compiled step."""
     monkeypatch.setattr(_chunked, "USE_COMPILE", compile_chunks)
-    monkeypatch.setattr(logprobs, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(cpu_path, "COMPILE_MIN_ELEMENTS", 0)
     x = torch.randn(3, 4, 37, requires_grad=True)
     ids = torch.tensor([[0, 36, -100, 5], [1, 2, 3, 4], [9, 9, 9, -100]])
 
@@ -552,7 +554,7 @@ def test_check_ids_false_skips_the_scan_and_gives_nan(monkeypatch):
     def no_scan(*a, **k):
         raise AssertionError("the id scan ran")
 
-    monkeypatch.setattr(logprobs, "_check_ids", no_scan)
+    monkeypatch.setattr(ops_path, "_check_ids", no_scan)
     lp = token_logprobs(x, ids, check_ids=False)
     assert torch.isnan(lp[1]) and lp[2] == 0 and torch.isfinite(lp[0])
     with pytest.raises(TypeError, match="`check_ids` must be a bool"):
@@ -598,7 +600,7 @@ def test_inplace_backward_writes_the_gradient_over_the_logits(monkeypatch, backe
     out-of-place gradient exactly (same arithmetic), so the weight gradient does too."""
     if backend == "torch-compiled":
         monkeypatch.setattr(_chunked, "USE_COMPILE", True)
-        monkeypatch.setattr(logprobs, "COMPILE_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(cpu_path, "COMPILE_MIN_ELEMENTS", 0)
         backend = "torch"
     h, w0, ids = _inplace_case(dtype, layout, device)
     results = []

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from gloo_group import gloo_group
 
-from srpo_core.logprobs import token_logprobs
+from srpo_core.ops.token_logprobs import token_logprobs
 from srpo_core.testing import assert_close
 
 CASES = [(37, torch.float32, 0.7, True), (41, torch.float64, 1.0, True), (29, torch.bfloat16, 1.3, False),

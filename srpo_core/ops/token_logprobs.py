@@ -5,10 +5,11 @@ Backends:
 
 - ``"triton"``: the fused kernels in ``srpo_core.kernels.token_logprobs`` (forward reads each row once; backward reads
   it once more and writes ``grad_logits`` once).
-- ``"torch"``: row chunks. On the CPU, where a C++ compiler works, the chunk functions are ``torch.compile``d
-  (inductor fuses each into one or two passes with no ``[rows, V]`` temporaries); otherwise (or with
-  ``SRPO_NO_COMPILE=1``, or for inputs under ``COMPILE_MIN_ELEMENTS``) eager chunks reuse two ``[rows, V]`` fp32
-  workspaces of at most ``CHUNK_ELEMENTS`` elements each. Either way the peak extra memory is a chunk, not ``[N, V]``.
+- ``"torch"``: row chunks (``srpo_core.cpu.token_logprobs``). On the CPU, where a C++ compiler works, the chunk
+  functions are ``torch.compile``d (inductor fuses each into one or two passes with no ``[rows, V]`` temporaries);
+  otherwise (or with ``SRPO_NO_COMPILE=1``, or for inputs under ``COMPILE_MIN_ELEMENTS``) eager chunks reuse two
+  ``[rows, V]`` fp32 workspaces of at most ``CHUNK_ELEMENTS`` elements each. Either way the peak extra memory is a
+  chunk, not ``[N, V]``.
 - ``"auto"``: Triton for CUDA tensors, torch otherwise.
 
 Every backend saves the same per-row statistics for backward: ``row_max = c = max_v x_v`` and ``row_logsum =
@@ -28,6 +29,7 @@ Vocab-parallel (``process_group`` given): ``logits`` is this rank's shard ``[...
 owner of the sampled id adds its logit; one all-reduce of the max and one of three sums give every rank the
 full-vocabulary result. Backward needs no communication: each rank writes the gradient of its shard from the global
 statistics (the upstream gradients are the same on every rank, as in Megatron's vocab-parallel cross-entropy).
+That path lives in ``srpo_core.ops.token_logprobs_parallel``.
 """
 
 from __future__ import annotations
@@ -38,240 +40,9 @@ import torch
 
 from srpo_core import _chunked, _dispatch
 from srpo_core._validate import describe, require_same_device, require_tensor
+from srpo_core.cpu.token_logprobs import _acc_dtype, _torch_bwd, _torch_fwd
 
 OP = "token_logprobs"
-CHUNK_ELEMENTS = 1 << 21  # eager chunks: rows · V ≤ this (8 MiB per fp32 workspace; two workspaces at most)
-COMPILED_CHUNK_ELEMENTS = 1 << 26  # compiled chunks hold no [rows, V] temporaries; this keeps indices in int32
-COMPILE_MIN_ELEMENTS = 1 << 22  # smaller inputs run the eager chunks: a compile (seconds, once) would not pay off
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _log_floor(dtype: torch.dtype) -> float:
-    """A ``log p`` so small that ``e^{it} = 0`` in ``dtype``: clamping ``log p`` to it keeps ``p · log p`` at 0 for
-    ``p = 0`` (``log p = −inf``) and changes nothing else."""
-    return 2.0 * math.log(torch.finfo(dtype).smallest_normal)
-
-
-# ---------------------------------------------------------------------------------------- compiled chunk functions
-# Pure torch on one chunk x: [r, V] (unit stride over V); inductor fuses each into passes over x without temporaries.
-def _fwd_chunk(x, ids, inv_t, entropy: bool):
-    """→ ``(logp, c, log s[, H])`` per row: ``c = max x``, ``u = (x − c)·inv_t``, ``s = Σ e^u``,
-    ``logp = (x_id − c)·inv_t − log s``, ``H = log s − Σ e^u u / s``."""
-    xa = x.to(inv_t.dtype)
-    m = xa.amax(-1)
-    c = torch.where(m == -math.inf, torch.zeros_like(m), m)
-    u = (xa - c[:, None]) * inv_t
-    e = torch.exp(u)
-    s = e.sum(-1)
-    log_s = torch.log(s)
-    x_id = xa.gather(1, ids[:, None]).squeeze(1)
-    logp = (x_id - c) * inv_t - log_s
-    if not entropy:
-        return logp, c, log_s
-    t = torch.where(xa == -math.inf, torch.zeros_like(u), e * u).sum(-1)
-    return logp, c, log_s, log_s - t / s
-
-
-def _fwd_chunk_lp(x, ids, inv_t):
-    return _fwd_chunk(x, ids, inv_t, False)
-
-
-def _fwd_chunk_ent(x, ids, inv_t):
-    return _fwd_chunk(x, ids, inv_t, True)
-
-
-def _bwd_chunk(out, x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t, entropy: bool):
-    """``out[r, v] = keep_r · [g_l δ_{v,id} − g_p p_v − g_H p_v (log p_v + H)] · inv_t`` (written once; ``g_p =
-    g_l − g_lse``). ``out`` may be ``x`` itself (in-place backward): every element is read before it is written."""
-    lp = (x.to(inv_t.dtype) - c[:, None]) * inv_t - log_s[:, None]
-    p = torch.exp(lp)
-    col = torch.arange(x.shape[1], device=x.device)
-    g = torch.where(col[None, :] == delta_ids[:, None], g_l[:, None], torch.zeros_like(p)) - p * g_p[:, None]
-    if entropy:
-        g = g - torch.where(p > 0, p * (lp + h[:, None]), torch.zeros_like(p)) * g_h[:, None]
-    out.copy_(torch.where(keep[:, None], g * inv_t, torch.zeros_like(g)))
-
-
-def _bwd_chunk_lp(out, x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t):
-    _bwd_chunk(out, x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t, False)
-
-
-def _bwd_chunk_ent(out, x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t):
-    _bwd_chunk(out, x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t, True)
-
-
-def _bwd_chunk_lp_(x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t):  # in place: out is x
-    _bwd_chunk(x, x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t, False)
-
-
-def _bwd_chunk_ent_(x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t):
-    _bwd_chunk(x, x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t, True)
-
-
-_COMPILED = {
-    "fwd": _chunked.Compiled(_fwd_chunk_lp),
-    "fwd_ent": _chunked.Compiled(_fwd_chunk_ent),
-    "bwd": _chunked.Compiled(_bwd_chunk_lp),
-    "bwd_ent": _chunked.Compiled(_bwd_chunk_ent),
-    "bwd_": _chunked.Compiled(_bwd_chunk_lp_),
-    "bwd_ent_": _chunked.Compiled(_bwd_chunk_ent_),
-}
-
-
-# ------------------------------------------------------------------------------------------- eager chunk functions
-# The same math with in-place ops on reused workspaces (a fresh [r, V] temporary per op costs page faults that make
-# eager composition slower than a fused log_softmax).
-def _fwd_chunk_eager(x, ids, inv_t: float, entropy: bool, ws: list[torch.Tensor]):
-    r = x.shape[0]
-    u = ws[0][:r]
-    xa = x
-    if x.dtype != u.dtype:
-        xa = u.copy_(x)
-    m = xa.amax(-1)
-    c = torch.where(m == -math.inf, torch.zeros_like(m), m)
-    torch.sub(xa, c[:, None], out=u)
-    if inv_t != 1.0:
-        u.mul_(inv_t)
-    x_id = x.gather(1, ids[:, None]).squeeze(1).to(u.dtype)
-    logp_shift = (x_id - c) * inv_t
-    if entropy:
-        e = torch.exp(u, out=ws[1][:r])
-        s = e.sum(-1)
-        u.clamp_(min=_log_floor(u.dtype))  # −inf (p = 0) → a finite floor, so that e·u = 0 there
-        t = u.mul_(e).sum(-1)  # torch's cascaded sum (a BLAS dot loses ~1e-4 relative at V = 262,144)
-        log_s = torch.log(s)
-        return logp_shift - log_s, c, log_s, log_s - t / s
-    s = u.exp_().sum(-1)
-    log_s = torch.log(s)
-    return logp_shift - log_s, c, log_s
-
-
-def _bwd_chunk_eager(out, x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t: float, entropy: bool, ws):
-    """As :func:`_bwd_chunk`, on the workspaces; ``out`` may be ``x`` (``x`` is read into ``ws`` first)."""
-    r = x.shape[0]
-    lp = torch.sub(x, c[:, None], out=ws[0][:r])  # promotes bf16/fp16 x to the fp32 workspace
-    if inv_t != 1.0:
-        lp.mul_(inv_t)
-    lp.sub_(log_s[:, None])  # log p
-    if entropy:
-        p = torch.exp(lp, out=ws[1][:r])
-        # w = g_p + g_H (log p + H), with log p floored so that p·w = 0 where p = 0
-        lp.clamp_(min=_log_floor(lp.dtype)).add_(h[:, None]).mul_(g_h[:, None]).add_(g_p[:, None])
-        p.mul_(lp)
-    else:
-        p = lp.exp_().mul_(g_p[:, None])
-    p.mul_(-inv_t)
-    hit = (delta_ids >= 0).nonzero().squeeze(1)  # rows with a δ term (valid, owned ids)
-    if hit.numel():  # in the fp32 workspace: g (1 − p) must round once, not twice
-        p.index_put_((hit, delta_ids[hit]), g_l[hit] * inv_t, accumulate=True)
-    if not bool(keep.all()):
-        p.masked_fill_(~keep[:, None], 0)
-    out.copy_(p)
-
-
-# ------------------------------------------------------------------------------------------------------ torch path
-def _row_info(ids: torch.Tensor, V: int, ignore_index: int):
-    """``ids: [...]`` → flat ``keep`` (not ignored), ``valid`` (kept and in ``[0, V)``) and safe gather indices."""
-    ids1 = ids.reshape(-1).long()
-    keep = ids1 != ignore_index
-    valid = keep & (ids1 >= 0) & (ids1 < V)
-    return keep, valid, torch.where(valid, ids1, torch.zeros_like(ids1))
-
-
-def _torch_fwd(logits, ids, temperature, ignore_index, return_entropy):
-    V = logits.shape[-1]
-    acc = _acc_dtype(logits.dtype)
-    dev = logits.device
-    keep, valid, safe = _row_info(ids, V, ignore_index)
-    N = keep.numel()
-    outs = [torch.empty(N, dtype=acc, device=dev) for _ in range(4 if return_entropy else 3)]
-    if N:
-        inv_t = 1.0 / temperature
-        done = False
-        if _chunked.compile_wanted(dev) and N * V >= COMPILE_MIN_ELEMENTS:
-            fn = _COMPILED["fwd_ent" if return_entropy else "fwd"]
-            inv_t_tensor = torch.tensor(inv_t, dtype=acc)
-            rows = max(1, COMPILED_CHUNK_ELEMENTS // V)
-            try:
-                for n0, chunk in _chunked.row_chunks(logits, rows):
-                    parts = fn(chunk, safe[n0:n0 + chunk.shape[0]], inv_t_tensor)
-                    for out, part in zip(outs, parts, strict=True):
-                        out[n0:n0 + chunk.shape[0]] = part
-                done = True
-            except Exception as err:  # no C++ compiler, an inductor error: eager chunks, same values
-                _chunked.compile_failed(OP, err)
-        if not done:
-            rows = max(1, min(N, CHUNK_ELEMENTS // V))
-            ws = [torch.empty(rows, V, dtype=acc, device=dev) for _ in range(2 if return_entropy else 1)]
-            for n0, chunk in _chunked.row_chunks(logits, rows):
-                parts = _fwd_chunk_eager(chunk, safe[n0:n0 + chunk.shape[0]], inv_t, return_entropy, ws)
-                for out, part in zip(outs, parts, strict=True):
-                    out[n0:n0 + chunk.shape[0]] = part
-    # Each output is a fresh tensor of ids' shape (``where`` over shaped views), never a view of a buffer: a custom
-    # op whose outputs are views makes autograd refuse in-place edits of them ("returns multiple views").
-    shape = ids.shape
-    keep, valid = keep.view(shape), valid.view(shape)
-    logp, c, log_s = (t.view(shape) for t in outs[:3])
-    zero = torch.zeros((), dtype=acc, device=dev)
-    nan = torch.full((), math.nan, dtype=acc, device=dev)
-    logp = torch.where(keep, torch.where(valid, logp, nan), zero)
-    ent = torch.where(keep, outs[3].view(shape), zero) if return_entropy else None
-    return logp, ent, torch.where(keep, c, zero), torch.where(keep, log_s, zero)
-
-
-def _torch_bwd(grad_logp, grad_entropy, grad_lse, logits, ids, row_max, row_logsum, entropy, temperature,
-               ignore_index, inplace: bool = False):
-    """``grad_logits`` (fresh and contiguous), or written over ``logits`` itself when ``inplace`` (the caller
-    checked that its rows collapse without a copy)."""
-    V = logits.shape[-1]
-    acc = _acc_dtype(logits.dtype)
-    dev = logits.device
-    keep, valid, _ = _row_info(ids, V, ignore_index)
-    N = keep.numel()
-    grad = logits if inplace else _chunked.empty_large(logits.shape, dtype=logits.dtype, device=dev)
-    if N == 0 or V == 0:
-        return grad
-    use_ent = grad_entropy is not None
-
-    def flat(t):
-        return torch.zeros(N, dtype=acc, device=dev) if t is None else t.reshape(-1).to(acc).contiguous()
-
-    c, log_s, g_l, g_h = flat(row_max), flat(row_logsum), flat(grad_logp), flat(grad_entropy)
-    h = flat(entropy if use_ent else None)
-    g_l = torch.where(keep, g_l, torch.zeros_like(g_l))
-    g_p = g_l if grad_lse is None else g_l - torch.where(keep, flat(grad_lse), torch.zeros_like(g_l))
-    g_h = torch.where(keep, g_h, torch.zeros_like(g_h))
-    delta_ids = torch.where(valid, ids.reshape(-1).long(), torch.full_like(g_l, -1, dtype=torch.long))
-    inv_t = 1.0 / temperature
-    if _chunked.compile_wanted(dev) and N * V >= COMPILE_MIN_ELEMENTS:
-        fn = _COMPILED[("bwd_ent" if use_ent else "bwd") + ("_" if inplace else "")]
-        inv_t_tensor = torch.tensor(inv_t, dtype=acc)
-        rows = max(1, COMPILED_CHUNK_ELEMENTS // V)
-        written = False
-        try:
-            for n0, (chunk, out) in _chunked.row_chunks_multi((logits, grad), rows):
-                sl = slice(n0, n0 + chunk.shape[0])
-                args = (delta_ids[sl], keep[sl], c[sl], log_s[sl], h[sl], g_l[sl], g_p[sl], g_h[sl], inv_t_tensor)
-                if inplace:
-                    fn(chunk, *args)
-                else:
-                    fn(out, chunk, *args)
-                written = True
-            return grad
-        except Exception as err:
-            if inplace and written:  # rows already hold gradients: the eager chunks would read them as logits
-                raise
-            _chunked.compile_failed(OP, err)
-    rows = max(1, min(N, CHUNK_ELEMENTS // V))
-    ws = [torch.empty(rows, V, dtype=acc, device=dev) for _ in range(2 if use_ent else 1)]
-    for n0, (chunk, out) in _chunked.row_chunks_multi((logits, grad), rows):
-        sl = slice(n0, n0 + chunk.shape[0])
-        _bwd_chunk_eager(out, chunk, delta_ids[sl], keep[sl], c[sl], log_s[sl], h[sl], g_l[sl], g_p[sl], g_h[sl],
-                         inv_t, use_ent, ws)
-    return grad
 
 
 # ------------------------------------------------------------------------------------------------ torch.library ops
@@ -382,73 +153,6 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse, _grad_max, _grad_logsum):
 
 
 _token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ------------------------------------------------------------------------------------------------- vocab-parallel
-class _VocabParallel(torch.autograd.Function):
-    """Sharded logits ``[..., V_local]`` → full-vocabulary ``(logp, entropy or None)``; see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, logits, local_ids, owned, keep, temperature, return_entropy, backend, group):
-        # local_ids: the id's column in this shard where owned, V_local (outside the shard) where not, -1 if ignored
-        _, ent_r, _, c_r, log_s_r = torch.ops.srpo_core.token_logprobs(
-            logits, local_ids, temperature, -1, return_entropy, backend)
-        inv_t = 1.0 / temperature
-        # global max; a shard whose row is all −inf (stored as c_r = 0, log s_r = −inf) takes no part in it
-        c = torch.where(log_s_r == -math.inf, torch.full_like(c_r, -math.inf), c_r)
-        if c.numel():
-            torch.distributed.all_reduce(c, op=torch.distributed.ReduceOp.MAX, group=group)
-        c = torch.where(c == -math.inf, torch.zeros_like(c), c)
-        a = (c_r - c) * inv_t + log_s_r  # log of this shard's mass relative to e^{c/τ}
-        mass = torch.exp(a)
-        zero = torch.zeros_like(a)
-        x_id = logits.gather(-1, torch.where(owned, local_ids, 0).unsqueeze(-1)).squeeze(-1).to(c.dtype)
-        parts = [mass, torch.where(owned, (x_id - c) * inv_t, zero)]  # the owner's sampled logit, shifted
-        if return_entropy:  # H = Σ_r w_r (H_r − log w_r), w_r = e^{a_r}/S  ⇒  H = Σ_r e^{a_r} (H_r − a_r) / S + log S
-            parts.append(torch.where(mass > 0, mass * (ent_r - a), zero))
-        sums = torch.stack(parts)
-        if sums.numel():
-            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=group)
-        log_s = torch.log(sums[0])
-        logp = torch.where(keep, sums[1] - log_s, zero)
-        ent = torch.where(keep, sums[2] / sums[0] + log_s, zero) if return_entropy else None
-        c, log_s = torch.where(keep, c, zero), torch.where(keep, log_s, zero)
-        ctx.save_for_backward(logits, local_ids, c, log_s, None if ent is None else ent.clone())  # ent: editable
-        ctx.args = (temperature, backend)
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        logits, local_ids, c, log_s, ent = ctx.saved_tensors
-        temperature, backend = ctx.args
-        if ent is None:
-            grad_entropy = None
-        grad = torch.ops.srpo_core.token_logprobs_backward(grad_logp, grad_entropy, None, logits, local_ids, c, log_s,
-                                                           ent, temperature, -1, backend)
-        return grad, None, None, None, None, None, None, None
-
-
-def _check_shards(logits, vocab_start, group) -> int:
-    """All-gather every rank's ``(vocab_start, V_local)``; the shards must tile ``[0, V)``. → the global ``V``."""
-    dist = torch.distributed
-    mine = torch.tensor([vocab_start, logits.shape[-1]], dtype=torch.int64)
-    backend = dist.get_backend(group)
-    if backend == "nccl":
-        mine = mine.to(logits.device)
-    world = dist.get_world_size(group)
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=group)
-    shards = sorted((int(t[0]), int(t[1]), r) for r, t in enumerate(gathered))
-    end = 0
-    for start, size, rank in shards:
-        if start != end:
-            raise ValueError(
-                f"{OP}: `vocab_start` must make the ranks' shards tile the vocabulary; the shards (vocab_start, "
-                f"V_local) per rank are {[(int(t[0]), int(t[1])) for t in gathered]}: rank {rank}'s starts at "
-                f"{start}, expected {end}"
-            )
-        end = start + size
-    return end
 
 
 def _validate(logits, ids, temperature, return_entropy, ignore_index, process_group, vocab_start) -> None:
@@ -652,6 +356,8 @@ def token_logprobs(
             logp, ent, lse, _, _ = torch.ops.srpo_core.token_logprobs(logits, ids, temperature, ignore_index,
                                                                       return_entropy, chosen, inplace_backward)
     else:
+        from srpo_core.ops.token_logprobs_parallel import _vocab_parallel  # it imports this module
+
         logp, ent = _vocab_parallel(logits, ids, temperature, return_entropy, ignore_index, process_group,
                                     vocab_start, chosen, scan_ids, on_meta)
         lse = None
@@ -659,26 +365,6 @@ def token_logprobs(
     if out_dtype is not None:
         outs = [t.to(out_dtype) for t in outs]
     return outs[0] if len(outs) == 1 else tuple(outs)
-
-
-def _vocab_parallel(logits, ids, temperature, return_entropy, ignore_index, process_group, vocab_start, chosen,
-                    scan_ids, on_meta):
-    if on_meta:
-        raise ValueError(f"{OP}: vocab-parallel logits (`process_group` given) cannot be meta tensors: the shards are "
-                         f"checked with a collective, which needs real tensors; got {describe(logits)}")
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        raise ValueError(f"{OP}: `process_group` was given but torch.distributed is not initialized")
-    v_local = logits.shape[-1]
-    v_global = _check_shards(logits, vocab_start, process_group)
-    if scan_ids:
-        _check_ids(ids, v_global, ignore_index, what="V_global")
-    keep = (ids != ignore_index).reshape(-1)
-    local = ids.reshape(-1).long() - vocab_start
-    owned = keep & (local >= 0) & (local < v_local)
-    local_ids = torch.where(owned, local, torch.full_like(local, v_local))
-    local_ids = torch.where(keep, local_ids, torch.full_like(local, -1)).view(ids.shape)
-    return _VocabParallel.apply(logits, local_ids, owned.view(ids.shape), keep.view(ids.shape), temperature,
-                                return_entropy, chosen, process_group)
 
 
 __all__ = ["token_logprobs"]
