@@ -24,6 +24,7 @@ import torch
 from srpo_core import bench
 
 ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BARS = [("GEMM floor", "time", 1.15, "fwd+bwd ≤ 1.15× the three GEMMs"), ("naive", "time", 1.0, "faster than naive"),
         ("liger.LigerFusedLinearGRPOLoss", "time", 1 / 3, "≥ 3× faster than Liger"),
         ("naive", "memory", 1 / 8, "peak extra memory ≤ 1/8 of naive")]
@@ -98,6 +99,8 @@ def main(argv=None):
     g.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--vocab", type=int, action="append", help="only these vocabulary sizes of the preset")
+    p.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16 (bf16 pays where the host's GEMMs "
+                   "have a fast bf16 path: AVX-512-BF16 / AMX; the header records the ISA)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_policy_loss"))
     a = p.parse_args(argv)
     preset = "full" if a.full else "quick"
@@ -105,15 +108,18 @@ def main(argv=None):
 
     env = {**bench.environment("cpu"), "liger_kernel": version("liger-kernel")}
     vocab = "".join(f" --vocab {v}" for v in a.vocab or ())
-    report = {"args": f"--{preset} --repeats {a.repeats}{vocab}", "environment": env,
+    dtypes = [DTYPES[d] for d in a.dtypes.split(",")]
+    dt = f" --dtypes {a.dtypes}" if a.dtypes != "fp32" else ""
+    report = {"args": f"--{preset} --repeats {a.repeats}{vocab}{dt}", "environment": env,
               "load_before": os.getloadavg(), "shapes": []}
     for b, t, h, v in bench.POLICY_LOSS_SHAPES[preset]:
         if a.vocab and v not in a.vocab:
             continue
-        rows = measure_shape(b, t, h, v, torch.float32, a.repeats)
-        report["shapes"].append({"shape": f"N={b * t} H={h} V={v}", "dtype": "float32", "rows": rows,
-                                 "bars": bars(rows)})
-        print(render({**report, "load_after": os.getloadavg()}), flush=True)
+        for dtype in dtypes:
+            rows = measure_shape(b, t, h, v, dtype, a.repeats)
+            report["shapes"].append({"shape": f"N={b * t} H={h} V={v}", "dtype": str(dtype).replace("torch.", ""),
+                                     "rows": rows, "bars": bars(rows)})
+            print(render({**report, "load_after": os.getloadavg()}), flush=True)
     report["load_after"] = os.getloadavg()
     Path(a.out + ".json").write_text(json.dumps(report, indent=1))
     Path(a.out + ".md").write_text("## `linear_policy_loss` on CPU (issue 12)\n\n" + render(report) + "\n")

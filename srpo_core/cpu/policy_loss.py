@@ -243,11 +243,11 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
             else:
                 torch.mm(gm, weight, out=gh[n0:n1])
         if need_w:
-            tgt_w = gw_acc if gw_acc is not None else gw
-            if n0 == 0:
-                torch.mm(gm.T, h, out=tgt_w) if gw_acc is None else tgt_w.copy_(torch.mm(gm.T, h))
-            elif gw_acc is not None:
-                gw_acc += torch.mm(gm.T, h)
+            if gw_acc is not None:  # bf16/fp16 over several chunks: each chunk's GEMM lands in gw (the output's own
+                torch.mm(gm.T, h, out=gw)  # buffer, no fresh [V, H] per chunk: its page faults cost more than the
+                gw_acc.copy_(gw) if n0 == 0 else gw_acc.add_(gw)  # GEMM), summed in fp32
+            elif n0 == 0:
+                torch.mm(gm.T, h, out=gw)
             else:
                 gw.addmm_(gm.T, h)
     if gw_acc is not None:

@@ -177,8 +177,14 @@ def _backward(ctx, g_loss, *_):
         gh, gw, gb = ctx.grads
         ctx.grads = []
     need_h, need_w, need_b = ctx.need
-    return (gh.mul_(g_loss.to(gh.dtype)) if need_h else None, gw.mul_(g_loss.to(gw.dtype)) if need_w else None,
-            gb.mul_(g_loss.to(gb.dtype)) if need_b else None) + (None,) * 19
+    # ``loss.backward()`` seeds 1: skip the [V, H] pass then (asked only of a CPU scalar in eager mode: no device sync)
+    one = g_loss.device.type == "cpu" and not torch.compiler.is_compiling() and bool(g_loss == 1)
+
+    def scaled(g):
+        return g if one else g.mul_(g_loss.to(g.dtype))
+
+    return (scaled(gh) if need_h else None, scaled(gw) if need_w else None,
+            scaled(gb) if need_b else None) + (None,) * 19
 
 
 _op.register_autograd(_backward, setup_context=_setup)
