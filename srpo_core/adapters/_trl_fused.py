@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import torch
 
+from srpo_core.adapters._trl_passes import _MM_KEYS as _MODEL_KEYS
 from srpo_core.ops.policy_loss import linear_policy_loss
 
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
               "dapo": "seq-mean-token-sum-norm"}
-_MODEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
-               "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
 def _head_transform(model) -> str:
