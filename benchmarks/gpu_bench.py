@@ -163,7 +163,7 @@ def contrast_cases(n: int, v: int, dtype: torch.dtype) -> list[tuple]:
     cases = []
     for kind in ("kl", "js"):
         def ours(kind=kind):
-            from srpo_core.contrast_ops import token_contrast
+            from srpo_core.ops.token_contrast import token_contrast
 
             x, ids = make_inputs(n, v, dtype, seed=0)
             y, _ = make_inputs(n, v, dtype, seed=1)

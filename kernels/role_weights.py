@@ -19,16 +19,25 @@ Bytes moved per token (the floor is one read of ``s`` and ``roles`` for the stat
 the weights, three writes): launch 1 reads ``s, roles`` once; launch 2 reads them three times from the same
 trajectory-sized window (from L2 after the first pass) and writes ``adv, w, z`` once: DRAM traffic is the floor,
 ``2·(4 + r) + 12`` bytes per token with ``r`` the role id's width. No float atomics: every sum has a fixed order.
+
+**The launcher** (``role_weights_triton``) runs the two launches and folds the partials between them (``_fold``;
+over ``group``: counts and sums first, then the squared deviations about the global mean, then max / −min); launch 2
+reads six floats (each μ as an fp32 pair). Float64 inputs take the reference path (the kernels compute in fp32).
+Returns the reference's :class:`~srpo_core.reference.role_weights.RoleWeights`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import triton
 import triton.language as tl
 
 from srpo_core import _dispatch
 from srpo_core._dispatch import empty
+from srpo_core.config import SRPOConfig
+from srpo_core.reference.role_weights import RoleWeights
+from srpo_core.reference.role_weights import role_weights as role_weights_reference
 
 MAP_CODES = {"exp": 0, "linear": 1, "sigmoid": 2}
 BLOCK = 1024  # tokens per tile: 8 per thread at 4 warps, two 128-bit loads of fp32 signals
@@ -197,6 +206,51 @@ def weights(signals, roles, cu_seqlens, advantages, stats, *, beta_perception, b
     return adv, w, z, base
 
 
+def _fold(part: torch.Tensor, group) -> torch.Tensor:
+    """``[tiles, 2, 6]`` partials ``(n, m, c, M2, min, max)`` → float64 ``[2, 3]`` ``(count, μ, σ)`` per role
+    (population σ; 0 for a constant role)."""
+    p = part.to(torch.float64)
+    n, mean, m2 = p[..., 0], p[..., 1] + p[..., 2], p[..., 3]  # [tiles, 2]
+    first = torch.stack([n.sum(0), (n * mean).sum(0)], dim=1)  # [2, 2]
+    if group is not None:
+        dist.all_reduce(first, group=group)
+    count = first[:, 0]
+    mu = first[:, 1] / count.clamp(min=1.0)
+    sq = (m2 + n * (mean - mu) ** 2).sum(0)
+    extremes = torch.stack([p[..., 5].amax(0), (-p[..., 4]).amax(0)], dim=1)  # [2, 2]: max, −min
+    if group is not None:
+        dist.all_reduce(sq, group=group)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    constant = extremes[:, 0] == -extremes[:, 1]
+    sigma = torch.where(constant | (count == 0), 0.0, torch.sqrt(sq / count.clamp(min=1.0)))
+    return torch.stack([count, torch.where(count > 0, mu, 0.0), sigma], dim=1)
+
+
+def role_weights_triton(advantages: torch.Tensor, signals: torch.Tensor, roles: torch.Tensor,
+                        cu_seqlens: torch.Tensor, config: SRPOConfig, group=None) -> RoleWeights:
+    """``advantages [B]``, ``signals [N]``, ``roles int [N]``, ``cu_seqlens int64 [B+1]`` → ``RoleWeights``."""
+    if torch.float64 in (advantages.dtype, signals.dtype):
+        return role_weights_reference(advantages, signals, roles, cu_seqlens, config, group)
+    s = signals.to(torch.float32).contiguous()
+    r = roles.contiguous()
+    stats = _fold(partial_stats(s, r), group)
+    mu, sigma = stats[:, 1], stats[:, 2]
+    if config.standardize == "batch":
+        inv = torch.where(sigma > 0, 1.0 / (sigma + config.eps), 0.0)
+    else:
+        inv = torch.zeros_like(sigma)
+    hi = mu.to(torch.float32)
+    lo = (mu - hi.to(torch.float64)).to(torch.float32)  # μ = hi + lo to ~48 bits
+    packed = torch.stack([hi[0], lo[0], inv[0].float(), hi[1], lo[1], inv[1].float()])
+    adv, w, z, base = weights(
+        s, r, cu_seqlens.to(torch.int64).contiguous(), advantages.to(torch.float32).contiguous(), packed,
+        beta_perception=config.beta_perception, beta_reasoning=config.beta_reasoning, u_max=config.u_max,
+        w_min=config.w_min, weight_map=config.weight_map, standardize=config.standardize == "batch",
+        renorm=config.renorm == "mean")
+    # The reference reports μ of an empty role as 0 / 1 = 0 and σ = 0; so does this.
+    return RoleWeights(adv, w, z, base, stats)
+
+
 def _report_entries() -> list[dict]:
     stats = {
         "name": "role_stats",
@@ -228,4 +282,5 @@ def _report_entries() -> list[dict]:
 
 GPU_REPORT = _report_entries()
 
-__all__ = ["GPU_REPORT", "MAP_CODES", "partial_stats", "role_stats_kernel", "role_weights_kernel", "weights"]
+__all__ = ["GPU_REPORT", "MAP_CODES", "partial_stats", "role_stats_kernel", "role_weights_kernel",
+           "role_weights_triton", "weights"]

@@ -8,7 +8,6 @@ import math
 import torch
 
 from srpo_core import _dispatch
-from srpo_core._role_weights_fast import role_aware_advantages_fast
 from srpo_core._validate import (
     check_cu_seqlens,
     describe,
@@ -19,9 +18,10 @@ from srpo_core._validate import (
     require_tensor,
 )
 from srpo_core.config import SIGNAL_MAX, Role, SRPOConfig
+from srpo_core.cpu.role_weights import role_aware_advantages_fast
 from srpo_core.layout import cu_seqlens_from_mask, pack, segment_sum, unpack
+from srpo_core.ops.role_weights import role_weights
 from srpo_core.reference import contrast as contrast_ref
-from srpo_core.role_weights import role_weights
 
 OP = "role_aware_advantages"
 
@@ -122,7 +122,7 @@ def role_aware_advantages(
         process_group: when given, the role statistics of step 2 are all-reduced over it, so the weights equal
             those of the whole batch in one process.
         backend: ``"auto"`` (Triton for CUDA tensors once its kernel exists, otherwise the fast torch path of
-            ``srpo_core/_role_weights_fast.py``, compiled on CPU), ``"triton"``, ``"torch"`` (the reference path).
+            ``srpo_core/cpu/role_weights.py``, compiled on CPU), ``"triton"``, ``"torch"`` (the reference path).
         perception_signal / reasoning_signal: precomputed ``s_t`` for that role (same shape), e.g. ``kl`` or ``js``
             from ``token_contrast``; they replace the log-prob contrast of that role, and the corresponding
             ``logp_corrupt`` / ``logp_ablated`` may then be ``None``.
@@ -217,7 +217,7 @@ def role_aware_advantages(
 def _role_weights_triton_exists() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("srpo_core._role_weights_triton") is not None
+    return importlib.util.find_spec("srpo_core.kernels.role_weights") is not None
 
 
 def _signals(config, r, _roles, logp, logp_corrupt, logp_ablated, perception_signal, reasoning_signal, *,

@@ -1,4 +1,4 @@
-"""The fast path of ``role_aware_advantages`` (``backend="auto"`` on CPU, ``srpo_core/_role_weights_fast.py``) against
+"""The fast path of ``role_aware_advantages`` (``backend="auto"`` on CPU, ``srpo_core/cpu/role_weights.py``) against
 the reference (``backend="torch"``): every config variant, both layouts (right-padded, padded with holes and left
 padding, packed with equal and unequal lengths), float32 and float64, eager and compiled, empty batches and
 zero-length trajectories, and the same errors for invalid values."""
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from srpo_core import SRPOConfig, _chunked, role_aware_advantages
-from srpo_core import _role_weights_fast as fast
+from srpo_core.cpu import role_weights as fast
 
 CONFIGS = [
     SRPOConfig(),

@@ -10,8 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srpo_core import _dispatch, contrast_ops
-from srpo_core.contrast_ops import token_contrast
+from srpo_core import _dispatch
+from srpo_core.cpu import token_contrast as cpu_contrast
+from srpo_core.ops import token_contrast as ops_contrast
+from srpo_core.ops.token_contrast import token_contrast
 from srpo_core.reference.token_contrast import token_contrast as reference
 from srpo_core.testing import assert_close
 
@@ -99,12 +101,12 @@ def test_kernel_matches_float64_reference(case, block_v):
 @given(case=cases(max_n=8, max_v=90), chunk=st.sampled_from([16, 100, 1 << 22]))
 def test_torch_path_matches_float64_reference(case, chunk):
     x, y, ids, kind, temperature = case
-    old = contrast_ops.CHUNK_ELEMENTS
-    contrast_ops.CHUNK_ELEMENTS = chunk  # several rows per chunk, one row per chunk, or everything at once
+    old = cpu_contrast.CHUNK_ELEMENTS
+    cpu_contrast.CHUNK_ELEMENTS = chunk  # several rows per chunk, one row per chunk, or everything at once
     try:
         outs = token_contrast(x, y, ids, kind=kind, temperature=temperature, backend="torch")
     finally:
-        contrast_ops.CHUNK_ELEMENTS = old
+        cpu_contrast.CHUNK_ELEMENTS = old
     ref64 = reference(x.double(), y.double(), ids, kind=kind, temperature=temperature)
     ref32 = reference(x.float(), y.float(), ids, kind=kind, temperature=temperature)
     for name, a, e, t in zip(NAMES, outs, ref64, ref32, strict=True):
@@ -330,9 +332,9 @@ def test_compiled_cpu_chunks_match_eager_and_float64(kind, monkeypatch):
     y[2, 11] = -math.inf
     x[3] = -math.inf
     ids = torch.tensor([0, 299, 11, 4, -100, 17])
-    monkeypatch.setattr(contrast_ops, "CHUNK_ELEMENTS", 4 * 300)  # two chunks, the second one shorter
+    monkeypatch.setattr(cpu_contrast, "CHUNK_ELEMENTS", 4 * 300)  # two chunks, the second one shorter
     eager = token_contrast(x, y, ids, kind=kind, temperature=0.8, backend="torch")
-    monkeypatch.setattr(contrast_ops, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(cpu_contrast, "COMPILE_MIN_ELEMENTS", 0)
     compiled = token_contrast(x, y, ids, kind=kind, temperature=0.8, backend="torch")
     assert _chunked._BROKEN is None, _chunked._BROKEN
     ref64 = reference(x.double(), y.double(), ids, kind=kind, temperature=0.8)
@@ -433,7 +435,7 @@ def test_check_ids_false_skips_the_scan_and_compiles_without_graph_break(monkeyp
     ids = torch.tensor([[0, 9, 1], [2, 3, -100]])
     with pytest.raises(ValueError, match=r"ids\[0, 1\] = 9"):
         token_contrast(x, y, ids)
-    monkeypatch.setattr(contrast_ops, "_check_ids", lambda *a: (_ for _ in ()).throw(AssertionError("scanned")))
+    monkeypatch.setattr(ops_contrast, "_check_ids", lambda *a: (_ for _ in ()).throw(AssertionError("scanned")))
     out = token_contrast(x, y, ids, check_ids=False)
     assert torch.isnan(out.div[0, 1]) and out.div[1, 2] == 0 and torch.isfinite(out.div[0, 0])
 
@@ -554,14 +556,14 @@ def test_float64_redo_reads_only_rows_it_must(monkeypatch):
     """Torch path: a genuinely infinite KL row (mass where p' has none, as a top-k-masked reference gives) is final
     in fp32 and is not recomputed; an fp32-overflow row is, and gets the float64 value."""
     calls = []
-    real = contrast_ops.ref.token_contrast
+    real = cpu_contrast.ref.token_contrast
 
     def spy(x, y, ids, **kw):
         if x.dtype == torch.float64:
             calls.append(x.shape[0])
         return real(x, y, ids, **kw)
 
-    monkeypatch.setattr(contrast_ops.ref, "token_contrast", spy)
+    monkeypatch.setattr(cpu_contrast.ref, "token_contrast", spy)
     x = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, -math.inf], [1.0, 2.0, 3.0]])
     # row 1: KL = ½(log ½ − 0) + ½(log ½ + 4e38) ≈ 2e38, though (−1e38 − 3e38) overflows fp32
     y = torch.tensor([[0.0, -math.inf, 2.0], [3e38, -1e38, -math.inf], [1.0, 2.0, 3.0]])

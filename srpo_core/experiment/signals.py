@@ -26,10 +26,10 @@ import torch
 from srpo_core.ablation import ablate_span
 from srpo_core.advantages import contrast
 from srpo_core.config import Role
-from srpo_core.contrast_ops import token_contrast
 from srpo_core.corruption import CLIP_MEAN, CLIP_STD, corrupt_pixel_values
 from srpo_core.experiment.sft import PART_CODES, encode
 from srpo_core.experiment.task import VALUES, Sample, hallucinate, response
+from srpo_core.ops.token_contrast import token_contrast
 from srpo_core.roles import roles_from_token_ids
 
 KINDS = ("k3", "kl", "js", "logratio")

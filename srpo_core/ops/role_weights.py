@@ -41,7 +41,7 @@ def role_weights(which: str, advantages: torch.Tensor, signals: torch.Tensor, ro
     # clamped mask, rather than through role_weights_triton's own fallback, which has no mask.
     kernel = which == "triton" and torch.float64 not in (advantages.dtype, signals.dtype)
     if kernel and not (config.role_stats == "unclamped" and clamped is not None):
-        from srpo_core._role_weights_triton import role_weights_triton
+        from srpo_core.kernels.role_weights import role_weights_triton
 
         res = role_weights_triton(advantages, signals, roles, cu_seqlens, config, group)
         res.clamped = clamped_counts(clamped, roles, group)
