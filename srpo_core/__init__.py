@@ -5,8 +5,8 @@ from srpo_core.advantages import RoleAwareAdvantages, contrast, grpo_advantages,
 from srpo_core.config import Role, SRPOConfig
 from srpo_core.contrast_ops import TokenContrast, token_contrast
 from srpo_core.corruption import corrupt_images, corrupt_pixel_values
-from srpo_core.linear_logprobs import linear_token_logprobs
 from srpo_core.logprobs import token_logprobs
+from srpo_core.ops.linear_token_logprobs import linear_token_logprobs
 from srpo_core.ops.policy_loss import PolicyLossOutput, linear_policy_loss
 from srpo_core.presets import VPPOAdvantages, papo_perception_kl, vppo_advantages
 from srpo_core.roles import roles_from_text, roles_from_token_ids
