@@ -234,7 +234,7 @@ def large_cases() -> dict:
     logits are the transpose of a contiguous ``[V, N]`` buffer, so the vocab stride is N and ``(V − 1)·N`` ≈ 5·10⁹;
     contiguous ``[N, V]``: the row offset ``(N − 1)·V`` is as large."""
     tl_mod, tc_mod, lin_mod, rw_mod = (f"srpo_core.kernels.{m}" for m in
-                                       ("token_logprobs", "token_contrast", "linear_logprobs", "role_weights"))
+                                       ("token_logprobs", "token_contrast", "linear_token_logprobs", "role_weights"))
 
     def logprobs(transposed, bwd):
         def call():
@@ -259,7 +259,7 @@ def large_cases() -> dict:
         return call
 
     def linear():
-        from srpo_core.kernels import linear_logprobs as k
+        from srpo_core.kernels import linear_token_logprobs as k
 
         k.linear_logprobs_fwd(_meta(N_BIG, H_BIG), _meta(V_BIG, H_BIG), None, _ids(N_BIG), inv_tau=1.0,
                               want_entropy=True)

@@ -232,7 +232,7 @@ def _no_grad(call):
 
 
 def _ours_linear(hidden, weight, ids):
-    from srpo_core.linear_logprobs import linear_token_logprobs
+    from srpo_core.ops.linear_token_logprobs import linear_token_logprobs
 
     return linear_token_logprobs(hidden, weight, ids, backend="triton")
 

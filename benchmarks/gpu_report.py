@@ -54,7 +54,7 @@ MODULES = (
     "srpo_core.kernels.token_logprobs",
     "srpo_core.kernels.token_contrast",
     "srpo_core.kernels.role_weights",
-    "srpo_core.kernels.linear_logprobs",
+    "srpo_core.kernels.linear_token_logprobs",
 )
 TARGETS = {"sm_80": 80, "sm_90": 90}
 DEFAULT_NUM_STAGES = 3

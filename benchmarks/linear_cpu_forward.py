@@ -13,8 +13,8 @@ import time
 
 import torch
 
-import srpo_core._linear_cpu as C
-from srpo_core.linear_logprobs import linear_token_logprobs
+import srpo_core.cpu.linear_token_logprobs as C
+from srpo_core.ops.linear_token_logprobs import linear_token_logprobs
 
 
 def naive(hidden, weight, ids):

@@ -60,7 +60,7 @@ def cce(hidden, weight, ids, *, backward=False):
 
 
 def ours(hidden, weight, ids, *, backward=False):
-    from srpo_core.linear_logprobs import linear_token_logprobs
+    from srpo_core.ops.linear_token_logprobs import linear_token_logprobs
 
     with torch.set_grad_enabled(backward):
         h, w = _leaf(hidden, backward), _leaf(weight, backward)

@@ -1,4 +1,5 @@
-"""Triton path of ``linear_policy_loss``: the fused linear log-prob kernels of ``linear_logprobs`` driven for a loss.
+"""Triton path of ``linear_policy_loss``: the fused linear log-prob kernels of ``linear_token_logprobs`` driven
+for a loss.
 
 ``L = Σ_t coef_t·ℓ_t(logp_t, H_t)`` needs, per token, only ``logp_t`` and ``H_t`` (and their upstream gradients
 ``∂L/∂logp_t``, ``∂L/∂H_t``), so the launcher here
@@ -12,12 +13,12 @@
 Every launch runs inside ``device_guard(hidden)``. Unlike the CPU path, which keeps a chunk's full logit rows, this
 recomputes the logits tiles in step 3 (the fourth GEMM of D56): on a GPU the ``[N, V]`` row chunks a 3-GEMM schedule
 needs would be re-read from HBM, and the fused forward never writes them. Int64 offsets, masks and the ``inf·0``
-guards are those of ``linear_logprobs``' kernels, which this module does not modify.
+guards are those of ``linear_token_logprobs``' kernels, which this module does not modify.
 """
 
 from __future__ import annotations
 
-from srpo_core.kernels.linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
+from srpo_core.kernels.linear_token_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
 
 from srpo_core._dispatch import device_guard
 

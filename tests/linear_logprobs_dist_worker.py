@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from gloo_group import gloo_group
 
-from srpo_core.linear_logprobs import linear_token_logprobs
+from srpo_core.ops.linear_token_logprobs import linear_token_logprobs
 
 CASES = [  # (N, H, V, dtype, temperature, bias, entropy)
     (13, 8, 23, torch.float64, 1.0, True, True),

@@ -15,9 +15,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import srpo_core._linear_cpu as C
-import srpo_core.linear_logprobs as L
-from srpo_core.linear_logprobs import linear_token_logprobs
+import srpo_core.cpu.linear_token_logprobs as C
+import srpo_core.ops.linear_token_logprobs as L
+from srpo_core.ops.linear_token_logprobs import linear_token_logprobs
 from srpo_core.reference.linear_token_logprobs import linear_token_logprobs as reference
 from srpo_core.testing import assert_close
 
@@ -182,10 +182,11 @@ needs_interpreter = pytest.mark.skipif(
 
 @pytest.fixture
 def kernel_blocks(monkeypatch):
-    K = pytest.importorskip("srpo_core.kernels.linear_logprobs")
+    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs")
+    T = pytest.importorskip("srpo_core.kernels.linear_token_logprobs_tiles")
     small = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16, "num_warps": 1, "num_stages": 1}
-    monkeypatch.setattr(K, "DEFAULT", dict(small))
-    monkeypatch.setattr(K, "DEFAULT_FP32", dict(small))
+    monkeypatch.setattr(T, "DEFAULT", dict(small))
+    monkeypatch.setattr(T, "DEFAULT_FP32", dict(small))
     monkeypatch.setattr(K, "CHUNK_ELEMENTS", 16 * 64)  # several backward chunks
     monkeypatch.setattr(K, "TARGET_PROGRAMS", 4)  # several forward splits
     return K
@@ -205,7 +206,7 @@ def test_triton_matches_reference(kernel_blocks, n, h, v, dtype, bias, entropy, 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_default_config(dtype):
-    pytest.importorskip("srpo_core.kernels.linear_logprobs")
+    pytest.importorskip("srpo_core.kernels.linear_token_logprobs")
     hidden, weight, b, ids = make(9, 20, 150, dtype, seed=11, bias=True, ignore_every=4)
     check(hidden, weight, b, ids, entropy=True, seed=11, temperature=0.9, backend="triton")
 

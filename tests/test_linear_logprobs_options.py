@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-import srpo_core.linear_logprobs as L
-from srpo_core.linear_logprobs import linear_token_logprobs
+import srpo_core.ops.linear_token_logprobs as L
+from srpo_core.ops.linear_token_logprobs import linear_token_logprobs
 from srpo_core.reference.linear_token_logprobs import linear_token_logprobs as reference
 from srpo_core.testing import assert_close
 
@@ -231,7 +231,7 @@ def test_meta_tensors_infer_shapes(backend):
 
 
 def test_pinned_configs_per_arch_and_dtype():
-    K = pytest.importorskip("srpo_core.kernels.linear_logprobs")
+    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs_tiles")
     assert K.default_config(torch.bfloat16, 9) == K.CONFIGS[(9, "low")]
     assert K.default_config(torch.float16, 8) == K.CONFIGS[(8, "low")]
     assert K.default_config(torch.bfloat16, None) == K.DEFAULT and K.default_config(torch.bfloat16, 7) == K.DEFAULT
@@ -242,7 +242,7 @@ def test_pinned_configs_per_arch_and_dtype():
 def test_autotune_is_opt_in_and_keyed_on_v_h_and_the_n_bucket(monkeypatch):
     """SRPO_AUTOTUNE=1 on a GPU times every candidate once per (kernel, arch, dtype, V, H, bucket of N) and keeps the
     fastest; N moving inside its bucket reuses it; off (or on the interpreter) the pinned config is used, untimed."""
-    K = pytest.importorskip("srpo_core.kernels.linear_logprobs")
+    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs_tiles")
     monkeypatch.setattr(K, "_TUNED", {})
     timed = []
     fastest = K.CANDIDATES["low"][3]
@@ -278,7 +278,7 @@ def test_autotune_is_opt_in_and_keyed_on_v_h_and_the_n_bucket(monkeypatch):
 def test_autotuned_launch_gives_the_same_result(device, monkeypatch):
     """The tuned path launches what it picked: results equal the torch backend's (interpreter, or a GPU)."""
     _skip_unless_runnable("triton", device)
-    K = pytest.importorskip("srpo_core.kernels.linear_logprobs")
+    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs_tiles")
     monkeypatch.setattr(K, "_TUNED", {})
     monkeypatch.setenv("SRPO_AUTOTUNE", "1")
     if device.type == "cpu":

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from srpo_core.linear_logprobs import linear_token_logprobs
+from srpo_core.ops.linear_token_logprobs import linear_token_logprobs
 from srpo_core.reference.linear_token_logprobs import linear_token_logprobs as reference
 from srpo_core.testing import assert_close
 
@@ -102,7 +102,7 @@ def test_backward_kernel_is_safe_for_rows_whose_lse_is_not_theirs(device, dtype,
     """The backward kernel itself (no compaction in front of it): a row with huge logits, ``lse = 0`` and zero
     upstream gradient (what an uncompacted ignored row carries) contributes exactly nothing, never inf·0."""
     _skip_unless_runnable("triton", device)
-    from srpo_core.kernels.linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
+    from srpo_core.kernels.linear_token_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
 
     hidden, weight, bias, ids = _reproducer(device, dtype)
     ids_local = torch.where(ids == -100, torch.full_like(ids, -1), ids)
@@ -287,7 +287,7 @@ def test_every_launch_runs_inside_the_device_guard(device, monkeypatch):
     _skip_unless_runnable("triton", device)
     import contextlib
 
-    from srpo_core.kernels import linear_logprobs as K
+    from srpo_core.kernels import linear_token_logprobs as K
 
     from srpo_core import _dispatch
 
@@ -330,7 +330,7 @@ def test_addmm_fp32_accumulates_without_low_precision_partials(device):
     """``addmm_fp32`` (grad_hidden's accumulation across vocabulary chunks): bf16 operands whose products are exact
     fp32 numbers, summed over 64 chunks, give the exact float64 sum; rounding each chunk's partial to bf16 (the old
     ``acc += mm(bf16, bf16)``) does not."""
-    K = pytest.importorskip("srpo_core.kernels.linear_logprobs")
+    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs")
     g = torch.Generator().manual_seed(9)
     parts = [((torch.randint(-64, 65, (6, 8), generator=g) / 16).to(device, torch.bfloat16),
               (torch.randint(-64, 65, (8, 5), generator=g) / 16).to(device, torch.bfloat16)) for _ in range(64)]

@@ -7,8 +7,8 @@ The math is ``srpo_core.reference.policy_loss`` (``L = Σ_t coef_t·ℓ_t``, ``c
 
 - **torch** (``srpo_core.cpu.policy_loss``): token chunks with full vocabulary rows; logits tile → logsumexp → logp
   → ``∂ℓ/∂logp`` → ``G = ∂L/∂logits`` in place → ``grad_hidden = G @ W``, ``grad_weight += Gᵀ @ h``: three GEMMs.
-- **triton** (``srpo_core.kernels.policy_loss``): the fused ``linear_logprobs`` kernels with this loss's per-token
-  gradients as their upstream gradients.
+- **triton** (``srpo_core.kernels.policy_loss``): the fused ``linear_token_logprobs`` kernels with this loss's
+  per-token gradients as their upstream gradients.
 
 Registered as the custom op ``torch.ops.srpo_core.linear_policy_loss`` (fake kernel + autograd formula), so
 ``torch.compile(fullgraph=True)`` traces a step through it. Its backward returns the gradients stored in the forward

@@ -10,7 +10,8 @@ Math (SPEC "Log-prob ops"), with ``x = hidden @ weightᵀ + bias`` and ``u = f(x
 The public function accepts ``hidden [..., H]`` / ``ids [...]`` (flattened as views), ``shift`` (next-token ids),
 mixed precision and autocast (cast up front, D67 / D69), and returns ``out_dtype`` outputs (fp32 by default). Ignored
 rows are dropped before any work on every backend unless ``check_ids=False`` (D65 / D66). Input checks live in
-``srpo_core/_linear_validate.py``, the torch path in ``srpo_core/_linear_cpu.py``.
+``srpo_core/ops/linear_token_logprobs_checks.py``, the torch path in ``srpo_core/cpu/linear_token_logprobs.py``, the
+vocab-parallel collectives in ``srpo_core/ops/linear_token_logprobs_parallel.py``.
 
 Backends (``backend="auto" | "triton" | "torch"``; auto = Triton for CUDA tensors, torch otherwise):
 
@@ -24,7 +25,7 @@ Backends (``backend="auto" | "triton" | "torch"``; auto = Triton for CUDA tensor
   only ``lse`` (and ``H``) per token, recomputes each tile, turns it into ``G = ∂L/∂logits`` in place and runs
   ``grad_hidden += G @ W_tile`` and ``grad_weight[v0:v1] = Gᵀ @ hidden``.
   Peak extra memory is one tile (plus, for bf16/fp16, a low-precision copy of it): see :func:`tile_sizes`.
-- **triton** (``srpo_core.kernels.linear_logprobs``): a fused forward (``tl.dot`` tiles + online logsumexp, split
+- **triton** (``srpo_core.kernels.linear_token_logprobs``): a fused forward (``tl.dot`` tiles + online logsumexp, split
   over the vocabulary and combined deterministically) and a fused backward tile kernel that writes ``G`` for one
   vocabulary chunk, followed by two cuBLAS GEMMs per chunk (deterministic; no float atomics).
 
@@ -48,7 +49,7 @@ from typing import NamedTuple
 import torch
 
 from srpo_core import _dispatch
-from srpo_core._linear_cpu import (  # noqa: F401  (the torch path; re-exported, callers use L._torch_fwd etc.)
+from srpo_core.cpu.linear_token_logprobs import (  # noqa: F401  (the torch path; re-exported, callers use L._torch_fwd etc.)
     LN2,
     LOG2E,
     LOW_PRECISION,
@@ -57,15 +58,17 @@ from srpo_core._linear_cpu import (  # noqa: F401  (the torch path; re-exported,
     _torch_fwd,
     tile_sizes,
 )
-from srpo_core._linear_validate import (
+from srpo_core.ops.linear_token_logprobs_checks import (
     AUTOCAST_DEVICES,
     OP,
+    _refuse_nan,
     autocast_dtype,
     check_id_values,
     check_options,
     check_tensors,
     compute_dtype,
 )
+from srpo_core.ops.linear_token_logprobs_parallel import _combine_shards, _global_vocab
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Backend dispatch of the local (per-shard) passes
@@ -92,7 +95,7 @@ class _Spec(NamedTuple):
 
 def _local_fwd(spec, hidden, weight, bias, ids_local):
     if spec.backend == "triton":
-        from srpo_core.kernels.linear_logprobs import linear_logprobs_fwd
+        from srpo_core.kernels.linear_token_logprobs import linear_logprobs_fwd
 
         return linear_logprobs_fwd(hidden, weight, bias, ids_local, want_entropy=spec.want_entropy,
                                    **spec.transform())
@@ -102,33 +105,13 @@ def _local_fwd(spec, hidden, weight, bias, ids_local):
 
 def _local_bwd(spec, hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, g_lse, needs):
     if spec.backend == "triton":
-        from srpo_core.kernels.linear_logprobs import linear_logprobs_bwd
+        from srpo_core.kernels.linear_token_logprobs import linear_logprobs_bwd
 
         return linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, needs=needs, g_lse=g_lse,
                                    **spec.transform())
     t = spec.transform()
     return _torch_bwd(hidden, weight, bias, ids_local, t.pop("inv_tau"), lse, ent, g_lp, g_h, needs, g_lse=g_lse,
                       **t)
-
-
-def _combine_shards(lse_r, tgt_r, ent_r, owned, group):
-    """All-reduce per-shard ``(lse_r, target_r, H_r)`` into the whole vocabulary's ``(lse, target, H)``."""
-    import torch.distributed as dist
-
-    m = lse_r.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w_r = torch.exp(lse_r - m_safe)  # this shard's share of Σ exp, relative to the global max
-    parts = [w_r, torch.where(owned, tgt_r - m_safe, torch.zeros_like(tgt_r))]
-    if ent_r is not None:
-        parts.append(torch.where(w_r > 0, w_r * (ent_r + m_safe - lse_r), torch.zeros_like(w_r)))
-    stacked = torch.stack(parts)
-    dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
-    s = stacked[0]
-    lse = m_safe + torch.log(s)
-    tgt = stacked[1] + m_safe
-    ent = (stacked[2] / s + torch.log(s)) if ent_r is not None else None  # Σ_r w_r (H_r + lse − lse_r), rescaled
-    return lse, tgt, ent
 
 
 def _rows(hidden, ids, ignore_index, vocab_start, compact):
@@ -320,51 +303,10 @@ _op.register_autograd(_backward, setup_context=_setup)
 # The public function
 
 
-def _shard_layout(group, v_local: int, vocab_start: int, device: torch.device) -> tuple[list[int], list[int]]:
-    """All-gather every rank's ``(V_local, vocab_start)``, so that all ranks see (and reject) the same layout."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    got = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(got, torch.tensor([v_local, vocab_start], dtype=torch.int64, device=device), group=group)
-    return [int(x[0]) for x in got], [int(x[1]) for x in got]
-
-
-def _global_vocab(process_group, v_local, vocab_start, device):
-    if process_group is None:
-        if vocab_start != 0:
-            raise ValueError(f"{OP}: `vocab_start` must be 0 without a process_group (the weight is the whole "
-                             f"vocabulary), got {vocab_start}")
-        return v_local
-    import torch.distributed as dist
-
-    sizes, starts = _shard_layout(process_group, v_local, vocab_start, device)
-    rank = dist.get_rank(process_group)
-    for r, start in enumerate(starts):  # every rank checks every rank, so all raise together (no hang)
-        expect = sum(sizes[:r])
-        if start != expect:
-            who = "this rank" if r == rank else f"rank {r}"
-            raise ValueError(f"{OP}: `vocab_start` on {who} must be {expect} (the sum of the lower ranks' "
-                             f"shard sizes; shards {sizes}), got {start}")
-    return sum(sizes)
-
-
 def _shifted(ids: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """``ids [..., T]`` → ``[..., T]`` whose position t holds id t+1 and whose last position is ignored."""
     pad = torch.full((*ids.shape[:-1], 1), ignore_index, dtype=ids.dtype, device=ids.device)
     return torch.cat([ids[..., 1:], pad], dim=-1)
-
-
-def _refuse_nan(logp: torch.Tensor) -> None:
-    """A NaN log-prob only comes from logits that are not finite in the compute dtype (``hidden @ weightᵀ``, times
-    ``logit_scale``, over ``τ``, beyond float32's range, or NaN/inf inputs): raise instead of returning it (D150)."""
-    bad = torch.isnan(logp)
-    if bool(bad.any()):
-        i = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(f"{OP}: the logits of row {i} are not finite in {logp.dtype}: `hidden` @ `weight`ᵀ "
-                         f"(× logit_scale) / temperature overflows (|logit| / τ must stay well below 1e38) or "
-                         f"`hidden` / `weight` / `bias` hold NaN or inf there ({int(bad.sum())} such row(s)); "
-                         f"pass check_ids=False to get the NaN instead")
 
 
 def linear_token_logprobs(

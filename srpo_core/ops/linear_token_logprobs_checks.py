@@ -1,5 +1,6 @@
 """Input checks and input preparation of ``linear_token_logprobs``: shapes, devices, dtypes (autocast D67, mixed
-precision D69), options; errors name the op, the argument, what it got and what was expected."""
+precision D69), options, and the NaN check of its output (D150); errors name the op, the argument, what it got and
+what was expected."""
 
 from __future__ import annotations
 
@@ -101,3 +102,15 @@ def check_id_values(ids, ignore_index, v_global, sharded):
         at_s = ", ".join(str(j) for j in at)
         raise ValueError(f"{OP}: `ids` must lie in {where}[0, V) = [0, {v_global}) or equal ignore_index="
                          f"{ignore_index}, got ids[{at_s}] = {int(flat[i])} ({int(bad.sum())} such id(s))")
+
+
+def _refuse_nan(logp: torch.Tensor) -> None:
+    """A NaN log-prob only comes from logits that are not finite in the compute dtype (``hidden @ weightᵀ``, times
+    ``logit_scale``, over ``τ``, beyond float32's range, or NaN/inf inputs): raise instead of returning it (D150)."""
+    bad = torch.isnan(logp)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(f"{OP}: the logits of row {i} are not finite in {logp.dtype}: `hidden` @ `weight`ᵀ "
+                         f"(× logit_scale) / temperature overflows (|logit| / τ must stay well below 1e38) or "
+                         f"`hidden` / `weight` / `bias` hold NaN or inf there ({int(bad.sum())} such row(s)); "
+                         f"pass check_ids=False to get the NaN instead")

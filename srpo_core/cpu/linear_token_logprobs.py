@@ -1,6 +1,6 @@
 """The torch path of ``linear_token_logprobs`` (the default off-GPU): vocabulary-tiled forward and backward passes
-that never hold more than one ``[token_chunk, vocab_tile]`` logits tile; see ``srpo_core.linear_logprobs`` for the
-math and docs/decisions.md D49 / D56 for the tiling and the recomputing backward."""
+that never hold more than one ``[token_chunk, vocab_tile]`` logits tile; see ``srpo_core.ops.linear_token_logprobs``
+for the math and docs/decisions.md D49 / D56 for the tiling and the recomputing backward."""
 
 from __future__ import annotations
 
