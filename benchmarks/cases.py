@@ -1,7 +1,7 @@
 """The case table of `srpo-core bench`: every public op and the anchors it is measured against, at three size presets.
 
-Each case builds its inputs once and returns a closure (``Case.setup``); ``srpo_core.bench.suite`` times it and the
-pytest-benchmark suite (``benchmarks/test_bench_ops.py``) runs the same closures.
+Each case builds its inputs once and returns a closure (``Case.setup``); ``srpo_core.bench.suite`` times it (through
+``srpo_core.bench.measure``) and the pytest-benchmark suite (``benchmarks/test_bench_ops.py``) runs the same closures.
 """
 
 from __future__ import annotations
