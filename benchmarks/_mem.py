@@ -10,14 +10,11 @@ what the call must return (for ``fwdbwd``: the gradients of hidden and weight): 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import psutil  # noqa: E402
-import torch  # noqa: E402
-from linear_methods import METHODS, make_inputs  # noqa: E402
+import psutil
+import torch
+from srpo_core.bench.linear_methods import METHODS, make_inputs
 
 
 def hwm_bytes() -> int:

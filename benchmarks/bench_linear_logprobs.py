@@ -10,14 +10,10 @@ peak memory. With ``--benchmark-disable`` (the project default) every case runs 
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
-from linear_methods import METHODS, gemm, make_inputs, three_gemms  # noqa: E402
+import torch
+from srpo_core.bench.linear_methods import METHODS, gemm, make_inputs, three_gemms
 
 SHAPES = [tuple(int(x) if i < 3 else x for i, x in enumerate(s.split(",")))
           for s in os.environ.get("SRPO_BENCH_SHAPES", "256,256,8000,float32;256,256,8000,bfloat16").split(";")]

@@ -62,7 +62,7 @@ def run(kw: dict, config: SRPOConfig = SRPOConfig(), backend: str = "auto"):  # 
 
 
 def reference_composition(kw: dict, config: SRPOConfig = SRPOConfig()):  # noqa: B008 - frozen dataclass
-    """Pack, contrast, SPEC steps 2-6 (the reference), unpack: what srpo_core/bench.py times as the anchor."""
+    """Pack, contrast, SPEC steps 2-6 (the reference), unpack: what benchmarks/cases.py times as the anchor."""
     mask = kw.get("mask")
     get = (lambda x: x[mask]) if mask is not None else (lambda x: x)
     r, lp = get(kw["roles"]), get(kw["logp"])

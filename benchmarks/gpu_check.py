@@ -112,8 +112,9 @@ def install(log) -> dict:
 
 
 def link_package(site: Path) -> None:
-    """``site/srpo_core``: links to this tree's ``srpo_core/*`` plus ``kernels`` as ``srpo_core/kernels``, the layout
-    pyproject.toml installs (``srpo_core.kernels = kernels/``), with no build step and no setuptools."""
+    """``site/srpo_core``: links to this tree's ``srpo_core/*`` plus ``kernels`` as ``srpo_core/kernels`` and
+    ``benchmarks`` as ``srpo_core/bench``, the layout pyproject.toml installs (``srpo_core.kernels = kernels/``,
+    ``srpo_core.bench = benchmarks/``), with no build step and no setuptools."""
     pkg = site / "srpo_core"
     if pkg.is_symlink() or pkg.is_file():
         pkg.unlink()
@@ -124,6 +125,7 @@ def link_package(site: Path) -> None:
         if entry.name != "__pycache__":
             (pkg / entry.name).symlink_to(entry)
     (pkg / "kernels").symlink_to(ROOT / "kernels")
+    (pkg / "bench").symlink_to(ROOT / "benchmarks")
 
 
 def junit_counts(path: Path) -> dict:

@@ -48,7 +48,7 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from addr_audit import audit_ttir, format_findings  # noqa: E402  (benchmarks/ is the script's folder)
+from srpo_core.bench.addr_audit import audit_ttir, format_findings  # noqa: E402
 
 MODULES = (
     "srpo_core.kernels.token_logprobs",

@@ -24,10 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
-from linear_methods import METHODS, gemm, make_inputs, three_gemms  # noqa: E402
+import torch
+from srpo_core.bench.linear_methods import METHODS, gemm, make_inputs, three_gemms
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [(2048, 1024, 151936, "float32"), (512, 512, 32000, "float32"), (512, 512, 32000, "bfloat16")]

@@ -1,13 +1,14 @@
 """CPU table for ``linear_policy_loss`` (issue 12): fwd+bwd time and peak extra memory of ours, naive torch, the three
 GEMMs, ``linear_token_logprobs`` + the loss in torch, and Liger 0.8.5's ``LigerFusedLinearGRPOLoss``, over the cases
-of ``srpo_core.bench`` (``_policy_loss_shape``), with the methods interleaved round-robin in one process.
+of ``srpo_core.bench.cases`` (``_policy_loss_shape``), with the methods interleaved round-robin in one process.
 
     python benchmarks/policy_loss_table.py --full      # N=1024, H=1024, V ∈ {32000, 151936}, fp32 (issue 12's bars)
     python benchmarks/policy_loss_table.py --quick     # N=256, H=512, V=32000
 
 Times: wall clock per call, median over ``--repeats`` interleaved rounds after one untimed warm-up call per method
-(Liger's torch.compile). Memory: peak RSS above the RSS before one call (``srpo_core.bench._peak_cpu``); ``extra``
-subtracts the gradients the call leaves (``hidden.grad`` and ``weight.grad``), as ``benchmarks/linear_table.py`` does.
+(Liger's torch.compile). Memory: peak RSS above the RSS before one call (``srpo_core.bench.measure._peak_cpu``);
+``extra`` subtracts the gradients the call leaves (``hidden.grad`` and ``weight.grad``), as
+``benchmarks/linear_table.py`` does.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-
-from srpo_core import bench
+from srpo_core.bench.cases import POLICY_LOSS_SHAPES, _policy_loss_shape
+from srpo_core.bench.host import environment
+from srpo_core.bench.measure import _peak_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -31,7 +33,7 @@ BARS = [("GEMM floor", "time", 1.15, "fwd+bwd ≤ 1.15× the three GEMMs"), ("na
 
 
 def measure_shape(b, t, h, v, dtype, repeats):
-    cases = bench._policy_loss_shape(b, t, h, v, dtype, "full", "cpu")
+    cases = _policy_loss_shape(b, t, h, v, dtype, "full", "cpu")
     fns = {c.impl: c.setup() for c in cases}
     for k, fn in fns.items():
         if k.startswith("liger"):
@@ -47,7 +49,7 @@ def measure_shape(b, t, h, v, dtype, repeats):
     for k, fn in fns.items():
         for p in getattr(fn, "params", ()):  # so the RSS before the call holds no gradient of an earlier call
             p.grad = None
-        peak = bench._peak_cpu(fn)
+        peak = _peak_cpu(fn)
         extra = peak - (grad_bytes if k != "GEMM floor" else 0)
         ts = sorted(times[k])
         q = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) > 1 else [ts[0]] * 4
@@ -106,13 +108,13 @@ def main(argv=None):
     preset = "full" if a.full else "quick"
     from importlib.metadata import version
 
-    env = {**bench.environment("cpu"), "liger_kernel": version("liger-kernel")}
+    env = {**environment("cpu"), "liger_kernel": version("liger-kernel")}
     vocab = "".join(f" --vocab {v}" for v in a.vocab or ())
     dtypes = [DTYPES[d] for d in a.dtypes.split(",")]
     dt = f" --dtypes {a.dtypes}" if a.dtypes != "fp32" else ""
     report = {"args": f"--{preset} --repeats {a.repeats}{vocab}{dt}", "environment": env,
               "load_before": os.getloadavg(), "shapes": []}
-    for b, t, h, v in bench.POLICY_LOSS_SHAPES[preset]:
+    for b, t, h, v in POLICY_LOSS_SHAPES[preset]:
         if a.vocab and v not in a.vocab:
             continue
         for dtype in dtypes:

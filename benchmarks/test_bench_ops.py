@@ -1,4 +1,4 @@
-"""The pytest-benchmark view of `srpo-core bench`: the same case table (``srpo_core.bench.build_cases``), one
+"""The pytest-benchmark view of `srpo-core bench`: the same case table (``srpo_core.bench.cases.build_cases``), one
 benchmark per (op, mode, implementation, dtype), grouped by op so pytest-benchmark's table compares ours with the
 anchors side by side.
 
@@ -14,8 +14,7 @@ import os
 
 import pytest
 import torch
-
-from srpo_core.bench import build_cases
+from srpo_core.bench.cases import build_cases
 
 PRESET = os.environ.get("SRPO_BENCH_PRESET", "quick")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

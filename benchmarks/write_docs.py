@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -47,7 +44,7 @@ def bench_section(report: dict, source: str) -> str:
              f"From `{source}`, written by `srpo-core bench --json` ({env.get('wall_s', '?')} s): "
              f"{_env_line(env)}.", "",
              f"Times: median over the rounds, 20th-80th percentile in brackets, ms. Memory: "
-             f"{env.get('memory_method', 'see srpo_core/bench.py')}, MiB.", ""]
+             f"{env.get('memory_method', 'see benchmarks/measure.py')}, MiB.", ""]
     results = report["results"]
     for op in dict.fromkeys(r["op"] for r in results):
         rows = [r for r in results if r["op"] == op]
@@ -84,7 +81,7 @@ def bench_section(report: dict, source: str) -> str:
 
 
 def linear_section(runs: list[tuple[dict, str]]) -> str:
-    from linear_table import render
+    from srpo_core.bench.linear_table import render
 
     parts = ["## `linear_token_logprobs` over shapes (issue 4)", "",
              "One table per run, each with its own machine line: compare ratios within a table, not times across "

@@ -101,17 +101,18 @@ def _docs(args) -> int:
 
 
 def _bench(args) -> int:
-    from srpo_core import bench
+    from srpo_core.bench import report as bench_report
+    from srpo_core.bench import suite
 
-    bench.check_arguments(args.device, args.json, args.plot)  # before a run of minutes, not after it
+    suite.check_arguments(args.device, args.json, args.plot)  # before a run of minutes, not after it
     preset = "tiny" if args.tiny else ("quick" if args.quick else "full")
-    report = bench.run(preset, device=args.device, ops=args.op or None, progress=not args.no_progress)
-    bench.print_report(report)
+    report = suite.run(preset, device=args.device, ops=args.op or None, progress=not args.no_progress)
+    bench_report.print_report(report)
     if args.json:
-        bench.save_json(report, args.json)
+        bench_report.save_json(report, args.json)
         print(f"wrote {args.json}")
     if args.plot:
-        bench.plot(report, args.plot)
+        bench_report.plot(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
 
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     size = bench.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 CPU cores")
     size.add_argument("--tiny", action="store_true", help="toy sizes (for tests)")
-    from srpo_core.bench import OPS
+    from srpo_core.bench.cases import OPS
 
     bench.add_argument("--op", action="append", choices=OPS, metavar="OP",
                        help=f"only this op (repeatable): {', '.join(OPS)}")

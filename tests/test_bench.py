@@ -12,8 +12,9 @@ import subprocess
 import sys
 
 import pytest
+from srpo_core.bench import cases, host, suite
+from srpo_core.bench import report as bench_report
 
-from srpo_core import bench
 from srpo_core.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def tiny_report(tmp_path_factory):
 
 def test_json_schema(tiny_report):
     _, report, _ = tiny_report
-    assert report["schema"] == bench.SCHEMA_VERSION and report["preset"] == "tiny"
+    assert report["schema"] == suite.SCHEMA_VERSION and report["preset"] == "tiny"
     env = report["environment"]
     for key in ("date", "device", "machine", "cpu_count", "torch_threads", "python", "torch", "triton", "trl",
                 "memory_method", "load_average", "load_average_after", "wall_s"):
@@ -74,7 +75,7 @@ def test_ratios_are_the_medians_quotient(tiny_report):
 def test_bars_are_reported_and_marked_not_applicable_off_the_full_sizes(tiny_report):
     _, report, _ = tiny_report
     assert {(b["op"], b["mode"], b["metric"]) for b in report["bars"]} == {
-        (b.op, b.mode, b.metric) for b in bench.CPU_BARS}
+        (b.op, b.mode, b.metric) for b in suite.CPU_BARS}
     for b in report["bars"]:
         assert b["applies"] is False
         assert b["held"] == (b["ratio"] is not None and b["ratio"] <= b["max_ratio"])
@@ -143,10 +144,10 @@ def test_header_records_the_cpu(tiny_report):
     for key in ("cpu_model", "cpu_flags", "torch_cpu_capability"):
         assert key in env, key
     assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert set(env["cpu_flags"]) <= set(bench.ISA_FLAGS)
+    assert set(env["cpu_flags"]) <= set(host.ISA_FLAGS)
     if pathlib.Path("/proc/cpuinfo").exists():
         assert env["cpu_model"] and env["cpu_flags"], env  # Linux: the model name and some SIMD flag are read
-    text = "\n".join(bench.header_lines(report))
+    text = "\n".join(bench_report.header_lines(report))
     assert f"torch CPU capability {env['torch_cpu_capability']}" in text and str(env["cpu_model"]) in text
 
 
@@ -154,7 +155,7 @@ def _render(report, width=80) -> str:
     from rich.console import Console
 
     console = Console(width=width, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
-    bench.print_report(report, console)
+    bench_report.print_report(report, console)
     return console.export_text()
 
 
@@ -179,7 +180,7 @@ def test_report_fits_80_columns_explains_ratios_and_labels_information(tiny_repo
 
 
 def test_ops_list_is_the_cases(tiny_report):
-    assert set(bench.OPS) == {c.op for c in bench.build_cases("tiny", "cpu")}
+    assert set(cases.OPS) == {c.op for c in cases.build_cases("tiny", "cpu")}
 
 
 @pytest.mark.parametrize(
@@ -192,7 +193,7 @@ def test_ops_list_is_the_cases(tiny_report):
     ],
 )
 def test_bench_arguments_are_checked_before_the_run(monkeypatch, capsys, argv, expected):
-    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the run must not start"))
+    monkeypatch.setattr(suite, "run", lambda *a, **k: pytest.fail("the run must not start"))
     assert main(["bench", "--tiny", *argv]) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
@@ -203,7 +204,7 @@ def test_bench_unknown_op_and_missing_matplotlib_and_absent_cuda(monkeypatch, ca
 
     import torch
 
-    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the run must not start"))
+    monkeypatch.setattr(suite, "run", lambda *a, **k: pytest.fail("the run must not start"))
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--tiny", "--op", "nope"])
     assert exc.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err

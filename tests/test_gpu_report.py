@@ -22,11 +22,7 @@ if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").
 
 def registered_kernels() -> set[str]:
     """Names in every existing kernel module's GPU_REPORT (importing under the interpreter is fine for names)."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        modules = importlib.import_module("gpu_report").MODULES
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    modules = importlib.import_module("srpo_core.bench.gpu_report").MODULES
     names = set()
     for modname in modules:
         try:

@@ -210,11 +210,7 @@ def report(tmp_path_factory):
 
 
 def _addr_audit():
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("addr_audit")
-    finally:
-        sys.path.remove(str(BENCH))
+    return importlib.import_module("srpo_core.bench.addr_audit")
 
 
 def test_every_kernel_has_a_gpu_report_entry():
@@ -229,8 +225,9 @@ def test_every_kernel_has_a_gpu_report_entry():
 def test_the_audit_flags_i32_offsets_and_late_widening():
     """Controls: tests/addr_controls.py's two bad kernels are flagged at the right line, the two good ones pass."""
     script = (
-        "import json, sys, torch; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-        "import addr_audit as a, addr_controls as c\n"
+        "import json, sys, torch; sys.path[:0] = [sys.argv[1]]\n"
+        "import addr_controls as c\n"
+        "from srpo_core.bench import addr_audit as a\n"
         "x = torch.empty(64, device='meta'); out = {}\n"
         "for name in ('i32_product_kernel', 'widened_late_kernel', 'int64_kernel'):\n"
         "    launch = a.jit_signature(getattr(c, name), (x, x, 32768), {'BLOCK': 64})\n"
@@ -238,7 +235,7 @@ def test_the_audit_flags_i32_offsets_and_late_widening():
         "launch = a.jit_signature(c.constant_offset_kernel, (x, x), {})\n"
         "out['constant_offset_kernel'] = a.audit_ttir(a.compile_ttir(launch, 80))\n"
         "print(json.dumps(out))\n")
-    proc = _run(["-c", script, str(BENCH), str(ROOT / "tests")], timeout=300)
+    proc = _run(["-c", script, str(ROOT / "tests")], timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     src = (ROOT / "tests" / "addr_controls.py").read_text().splitlines()

@@ -49,7 +49,7 @@ def wheel(tmp_path_factory) -> pathlib.Path:
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("srpo_core", "kernels", "docs"):
+    for name in ("srpo_core", "kernels", "benchmarks", "docs"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     out = tmp / "dist"
     proc = subprocess.run(
@@ -76,6 +76,16 @@ def test_wheel_ships_kernels_only_under_srpo_core(wheel):
     # Every kernel file of the source tree is in the wheel.
     for path in (ROOT / "kernels").glob("*.py"):
         assert f"srpo_core/kernels/{path.name}" in names, path.name
+
+
+def test_wheel_ships_benchmarks_as_srpo_core_bench(wheel):
+    """``benchmarks/`` is the one home of the benchmark code: the wheel carries all of it as ``srpo_core.bench``
+    (what `srpo-core bench` imports), and no top-level ``benchmarks``."""
+    names = zipfile.ZipFile(wheel).namelist()
+    for path in (ROOT / "benchmarks").glob("*.py"):
+        assert f"srpo_core/bench/{path.name}" in names, path.name
+    assert "srpo_core/bench.py" not in names
+    assert not any(n.startswith("benchmarks/") for n in names)
 
 
 def test_installed_wheel_imports_kernels_as_subpackage(wheel, tmp_path):
@@ -156,6 +166,9 @@ def test_wheel_in_a_fresh_venv_runs_from_an_unrelated_directory(wheel, tmp_path)
     assert "triangle-area" in out and "what SRPO changed vs GRPO" in out
     assert "the math (contract)" in run(str(script), "docs", "spec")
     assert "usage: srpo-core" in run(str(script))
+    # `srpo-core bench` imports its cases, timing and report from the installed srpo_core.bench
+    out = run(str(script), "bench", "--tiny", "--op", "role_aware_advantages", "--no-progress")
+    assert "role_aware_advantages" in out and "reference composition" in out
     # the generator prints, and leaves the installed file alone
     shipped = site / "srpo_core" / "examples" / "geometry_demo.jsonl"
     before = shipped.stat().st_mtime_ns
