@@ -14,6 +14,7 @@ import sys
 
 import psutil
 import torch
+
 from srpo_core.bench.linear_methods import METHODS, make_inputs
 
 

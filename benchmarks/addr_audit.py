@@ -239,6 +239,7 @@ def large_cases() -> dict:
     def logprobs(transposed, bwd):
         def call():
             import torch
+
             from srpo_core.kernels import token_logprobs as k
 
             x = _meta(V_BIG, N_BIG).T if transposed else _meta(N_BIG, V_BIG)
@@ -266,6 +267,7 @@ def large_cases() -> dict:
 
     def roles():
         import torch
+
         from srpo_core.kernels import role_weights as k
 
         n = 2**31 + 2**20

@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+
 from srpo_core.bench.linear_methods import METHODS, gemm, make_inputs, three_gemms
 
 SHAPES = [tuple(int(x) if i < 3 else x for i, x in enumerate(s.split(",")))

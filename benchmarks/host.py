@@ -6,6 +6,7 @@ import datetime
 import platform
 
 import torch
+
 from srpo_core.bench.measure import _rss_method_available
 
 # x86 / Arm feature flags that decide which SIMD paths torch, inductor and oneDNN take (the rest of cpuinfo is noise).

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from srpo_core.bench.linear_methods import METHODS, gemm, make_inputs, three_gemms
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+
 from srpo_core.bench.cases import Case
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from srpo_core.bench.cases import POLICY_LOSS_SHAPES, _policy_loss_shape
 from srpo_core.bench.host import environment
 from srpo_core.bench.measure import _peak_cpu

@@ -11,6 +11,7 @@ import dataclasses
 import time
 
 import torch
+
 from srpo_core.bench.cases import OPS, build_cases
 from srpo_core.bench.host import _load, environment
 from srpo_core.bench.measure import measure

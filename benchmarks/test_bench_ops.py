@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+
 from srpo_core.bench.cases import build_cases
 
 PRESET = os.environ.get("SRPO_BENCH_PRESET", "quick")

@@ -26,10 +26,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from srpo_core.kernels.linear_token_logprobs_tiles import _config, default_config
 
 from srpo_core import _dispatch
 from srpo_core._dispatch import empty, interpreting
+from srpo_core.kernels.linear_token_logprobs_tiles import _config, default_config
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

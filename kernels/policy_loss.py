@@ -18,9 +18,8 @@ guards are those of ``linear_token_logprobs``' kernels, which this module does n
 
 from __future__ import annotations
 
-from srpo_core.kernels.linear_token_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
-
 from srpo_core._dispatch import device_guard
+from srpo_core.kernels.linear_token_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
 
 
 def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, want_entropy: bool,

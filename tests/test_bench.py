@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import pytest
+
 from srpo_core.bench import cases, host, suite
 from srpo_core.bench import report as bench_report
-
 from srpo_core.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -27,9 +27,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import srpo_core.kernels as kernels_pkg
 import torch
 
+import srpo_core.kernels as kernels_pkg
 from srpo_core import _dispatch, linear_token_logprobs, role_aware_advantages, token_contrast, token_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]

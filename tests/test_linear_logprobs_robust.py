@@ -287,9 +287,8 @@ def test_every_launch_runs_inside_the_device_guard(device, monkeypatch):
     _skip_unless_runnable("triton", device)
     import contextlib
 
-    from srpo_core.kernels import linear_token_logprobs as K
-
     from srpo_core import _dispatch
+    from srpo_core.kernels import linear_token_logprobs as K
 
     state = {"inside": 0, "guarded": [], "launches": []}
     real_guard = _dispatch.device_guard

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from srpo_core.kernels.role_weights import role_weights_triton
 
 from srpo_core import SRPOConfig, role_aware_advantages
 from srpo_core._dispatch import interpreting
+from srpo_core.kernels.role_weights import role_weights_triton
 from srpo_core.reference.role_weights import RoleWeights
 from srpo_core.reference.role_weights import role_weights as reference
 from srpo_core.testing import assert_close
