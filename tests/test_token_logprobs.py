@@ -780,3 +780,34 @@ def test_inplace_backward_is_ignored_under_torch_compile():
     (grad,) = torch.autograd.grad(loss, w)
     (want,) = torch.autograd.grad(step(h, w, ids), w)
     assert_close(grad, want, atol=1e-5, rtol=1e-5, name="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_one_pass_cpu_forward_redoes_the_rows_it_cannot_shift(dtype, temperature, monkeypatch):
+    """The CPU log-prob forward shifts each row by its sampled logit; rows where that overflows (another logit
+    hundreds of nats above), whose sampled logit is −inf, or that are all −inf, are redone with the row max. Small
+    chunks, so the redo crosses chunk boundaries."""
+    import srpo_core.cpu.token_logprobs as cpu_tl
+
+    monkeypatch.setattr(cpu_tl, "SHIFT_CHUNK_BYTES", 3 * 4 * 50)  # 3 rows of V = 50 per chunk
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(11, 50, generator=g) * 3).to(dtype)
+    ids = torch.randint(0, 50, (11,), generator=g)
+    x[1, (ids[1] + 1) % 50] = x[1, ids[1]] + 300  # e^{300/τ} overflows fp32
+    x[4, ids[4]] = -math.inf  # the sampled token is impossible: logp = −inf
+    x[7] = -math.inf  # an all −inf row
+    x[9, ids[9]] = x[9].float().max().to(dtype) + 60  # far above the rest: their terms underflow, s = 1
+    out = token_logprobs(x, ids, temperature=temperature, backend="torch")
+    ref = torch.log_softmax(x.double() / temperature, -1).gather(1, ids[:, None])[:, 0]
+    finite = torch.isfinite(ref)
+    assert torch.allclose(out[finite].double(), ref[finite], rtol=1e-5, atol=1e-5)
+    o, r = out[~finite].double(), ref[~finite]
+    assert ((o == r) | (torch.isnan(o) & torch.isnan(r))).all(), (o, r)  # −inf stays −inf, NaN stays NaN
+    # the backward through the shifted statistics matches log_softmax's
+    xr = x.detach().float().requires_grad_(True)
+    keep = torch.isfinite(ref) & (torch.arange(11) != 7)
+    token_logprobs(xr, ids, temperature=temperature)[keep].sum().backward()
+    xd = x.detach().double().requires_grad_(True)
+    torch.log_softmax(xd / temperature, -1).gather(1, ids[:, None])[:, 0][keep].sum().backward()
+    assert torch.allclose(xr.grad.double()[keep], xd.grad[keep], rtol=1e-5, atol=1e-6)

@@ -151,6 +151,47 @@ def _bwd_chunk_eager(out, x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t:
     out.copy_(p)
 
 
+# ------------------------------------------------------------------------------- one-pass log-probs (CPU, no entropy)
+SHIFT_CHUNK_BYTES = 1 << 23  # rows per chunk: about 8 MiB of fp32 (few Python steps; the passes after the first
+# read the workspace from cache)
+
+
+def _fwd_lp_shifted(logits, safe, valid, inv_t: float, outs) -> None:
+    """``logp = −log Σ_v e^{(x_v − x_id)·inv_t}``: shifted by the sampled token's own logit instead of the row max, so
+    the logits are read from memory once (the max pass is what makes a log-softmax read them twice) and ``s ≥ 1``.
+    Writes ``outs = [logp, c, log s]`` with ``c = x_id`` (the backward and ``lse = c·inv_t + log s`` hold for any
+    shift). Rows whose sum is not finite (a logit more than ~88/inv_t above the sampled one, ``x_id = ±inf``/NaN) and
+    rows without a valid id are redone with the row max (:func:`_fwd_chunk_eager`)."""
+    V = logits.shape[-1]
+    acc = outs[0].dtype
+    rows = max(1, SHIFT_CHUNK_BYTES // (4 * V))
+    ws = torch.empty(min(rows, valid.numel()), V, dtype=acc, device=logits.device)
+    logp, c_out, log_s_out = outs
+    for n0, chunk in _chunked.row_chunks(logits, rows):
+        r = chunk.shape[0]
+        ids_c = safe[n0:n0 + r]
+        c = chunk.gather(1, ids_c[:, None]).squeeze(1).to(acc)
+        u = ws[:r]
+        if chunk.dtype == acc:
+            torch.sub(chunk, c[:, None], out=u)
+        else:  # bf16/fp16: upcast first (a mixed-dtype sub would round in the input dtype)
+            u.copy_(chunk).sub_(c[:, None])
+        if inv_t != 1.0:
+            u.mul_(inv_t)
+        c_out[n0:n0 + r] = c
+        torch.sum(u.exp_(), -1, out=log_s_out[n0:n0 + r])
+    log_s_out.log_()
+    torch.neg(log_s_out, out=logp)
+    redo = (~(torch.isfinite(log_s_out) & valid)).nonzero().squeeze(1)
+    if redo.numel():
+        flat = logits.reshape(-1, V)  # the rows to redo are few: one gather of them
+        for i0 in range(0, redo.numel(), ws.shape[0]):
+            idx = redo[i0:i0 + ws.shape[0]]
+            parts = _fwd_chunk_eager(flat[idx], safe[idx], inv_t, False, [ws[:idx.numel()]])
+            for out, part in zip(outs, parts, strict=True):
+                out[idx] = part
+
+
 # ------------------------------------------------------------------------------------------------------ torch path
 def _row_info(ids: torch.Tensor, V: int, ignore_index: int):
     """``ids: [...]`` → flat ``keep`` (not ignored), ``valid`` (kept and in ``[0, V)``) and safe gather indices."""
@@ -170,7 +211,10 @@ def _torch_fwd(logits, ids, temperature, ignore_index, return_entropy):
     if N:
         inv_t = 1.0 / temperature
         done = False
-        if _chunked.compile_wanted(dev) and N * V >= COMPILE_MIN_ELEMENTS:
+        if not return_entropy and dev.type == "cpu":  # one pass over the logits (the max pass was the second)
+            _fwd_lp_shifted(logits, safe, valid, inv_t, outs)
+            done = True
+        if not done and _chunked.compile_wanted(dev) and N * V >= COMPILE_MIN_ELEMENTS:
             fn = _COMPILED["fwd_ent" if return_entropy else "fwd"]
             inv_t_tensor = torch.tensor(inv_t, dtype=acc)
             rows = max(1, COMPILED_CHUNK_ELEMENTS // V)

@@ -23,8 +23,10 @@ class _VocabParallel(torch.autograd.Function):
         _, ent_r, _, c_r, log_s_r = torch.ops.srpo_core.token_logprobs(
             logits, local_ids, temperature, -1, return_entropy, backend)
         inv_t = 1.0 / temperature
-        # global max; a shard whose row is all −inf (stored as c_r = 0, log s_r = −inf) takes no part in it
-        c = torch.where(log_s_r == -math.inf, torch.full_like(c_r, -math.inf), c_r)
+        # global shift: the largest shard log-sum-exp (in logit units), so every a_r = lse_r − max lse ≤ 0 whatever
+        # shift c_r each shard used (its max, or its sampled logit on the CPU one-pass path); a shard whose row is
+        # all −inf (c_r = 0, log s_r = −inf) takes no part in it
+        c = torch.where(log_s_r == -math.inf, torch.full_like(c_r, -math.inf), c_r + log_s_r * temperature)
         if c.numel():
             torch.distributed.all_reduce(c, op=torch.distributed.ReduceOp.MAX, group=group)
         c = torch.where(c == -math.inf, torch.zeros_like(c), c)
