@@ -437,3 +437,19 @@ def test_forward_without_backward_frees_its_gradients():
     del out
     gc.collect()
     assert node() is None
+
+
+def test_double_backward_through_a_differentiable_seed():
+    """``autograd.grad(loss · s, w, create_graph=True)`` with ``s = 1`` that requires grad: the gradients stay a
+    function of ``s`` (the backward skips its in-place scale only for a plain seed of 1)."""
+    c = {**BASE, "kl": None, "entropy_coeff": 0.0, "return_entropy": False, "bias": False}
+    d = build(c)
+    w = d["w"].float().requires_grad_(True)
+    hid = d["hid"].float()
+    out = linear_policy_loss(hid, w, d["ids"].clamp(min=0), d["old"].float(), d["adv"].float(),
+                             cu_seqlens=torch.tensor(d["offs"]))
+    s = torch.tensor(1.0, requires_grad=True)
+    (gw,) = torch.autograd.grad(out.loss * s, w, create_graph=True)
+    assert gw.requires_grad
+    (ds,) = torch.autograd.grad((gw * gw).sum(), s)
+    assert torch.allclose(ds, 2 * (gw.detach() ** 2).sum(), rtol=1e-5)

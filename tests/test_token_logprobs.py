@@ -811,3 +811,35 @@ def test_one_pass_cpu_forward_redoes_the_rows_it_cannot_shift(dtype, temperature
     xd = x.detach().double().requires_grad_(True)
     torch.log_softmax(xd / temperature, -1).gather(1, ids[:, None])[:, 0][keep].sum().backward()
     assert torch.allclose(xr.grad.double()[keep], xd.grad[keep], rtol=1e-5, atol=1e-6)
+
+
+def test_one_pass_cpu_forward_redoes_only_the_rows_that_need_it(monkeypatch):
+    """Ignored rows and ordinary rows are not redone (a redo reads the row again); a sampled token far below the
+    row's top is (the backward's log p would cancel there), and its gradient keeps float32 accuracy. The input is a
+    ``[B, T+1, V][:, :-1]`` view, whose rows do not merge: only the redone rows are gathered."""
+    import srpo_core.cpu.token_logprobs as cpu_tl
+
+    redone = []
+    real = cpu_tl._fwd_chunk_eager
+
+    def spy(x, ids, inv_t, entropy, ws):
+        redone.append(x.shape[0])
+        return real(x, ids, inv_t, entropy, ws)
+
+    monkeypatch.setattr(cpu_tl, "_fwd_chunk_eager", spy)
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(3, 9, 4000, generator=g) * 2
+    x = base[:, :-1]
+    ids = torch.randint(0, 4000, (3, 8), generator=g)
+    ids[:, ::3] = -100
+    x[1, 4, (ids[1, 4] + 7) % 4000] = x[1, 4, ids[1, 4]] + 80  # p(sampled) ≈ e^-80: redone with the row max
+    xr = x.detach().clone().requires_grad_(True)
+    out = token_logprobs(xr, ids)
+    assert sum(redone) == 1, redone
+    keep = ids != -100
+    ref64 = torch.log_softmax(x.double(), -1).gather(-1, ids.clamp(min=0)[..., None])[..., 0]
+    assert torch.allclose(out[keep].double(), ref64[keep], rtol=1e-6, atol=1e-5)
+    out[keep].sum().backward()
+    xd = x.detach().double().requires_grad_(True)
+    torch.log_softmax(xd, -1).gather(-1, ids.clamp(min=0)[..., None])[..., 0][keep].sum().backward()
+    assert (xr.grad.double() - xd.grad).abs().max() < 1e-6

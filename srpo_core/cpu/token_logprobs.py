@@ -152,25 +152,27 @@ def _bwd_chunk_eager(out, x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t:
 
 
 # ------------------------------------------------------------------------------- one-pass log-probs (CPU, no entropy)
+SHIFT_MAX_LOG_S = 16.0  # log s above this: the sampled token is ≥ 16 − log V nats below the top; redo with the max
 SHIFT_CHUNK_BYTES = 1 << 23  # rows per chunk: about 8 MiB of fp32 (few Python steps; the passes after the first
 # read the workspace from cache)
 
 
-def _fwd_lp_shifted(logits, safe, valid, inv_t: float, outs) -> None:
+def _fwd_lp_shifted(logits, safe, keep, inv_t: float, outs) -> None:
     """``logp = −log Σ_v e^{(x_v − x_id)·inv_t}``: shifted by the sampled token's own logit instead of the row max, so
     the logits are read from memory once (the max pass is what makes a log-softmax read them twice) and ``s ≥ 1``.
-    Writes ``outs = [logp, c, log s]`` with ``c = x_id`` (the backward and ``lse = c·inv_t + log s`` hold for any
-    shift). Rows whose sum is not finite (a logit more than ~88/inv_t above the sampled one, ``x_id = ±inf``/NaN) and
-    rows without a valid id are redone with the row max (:func:`_fwd_chunk_eager`)."""
+    Writes ``outs = [logp, c, log s]`` with ``c = x_id`` (``lse = c·inv_t + log s`` for any shift). Kept rows are
+    redone with the row max (:func:`_fwd_chunk_eager`) where the sum is not finite (a logit more than ~88/inv_t above
+    the sampled one, ``x_id = ±inf``/NaN) or where ``log s > SHIFT_MAX_LOG_S``: the sampled token is that far below
+    the row's top logits, and the backward's ``(x − c)·inv_t − log s`` would cancel for them (the row max keeps it
+    exact). The caller sends only batches whose kept ids are all valid."""
     V = logits.shape[-1]
     acc = outs[0].dtype
     rows = max(1, SHIFT_CHUNK_BYTES // (4 * V))
-    ws = torch.empty(min(rows, valid.numel()), V, dtype=acc, device=logits.device)
+    ws = torch.empty(min(rows, keep.numel()), V, dtype=acc, device=logits.device)
     logp, c_out, log_s_out = outs
     for n0, chunk in _chunked.row_chunks(logits, rows):
         r = chunk.shape[0]
-        ids_c = safe[n0:n0 + r]
-        c = chunk.gather(1, ids_c[:, None]).squeeze(1).to(acc)
+        c = chunk.gather(1, safe[n0:n0 + r, None]).squeeze(1).to(acc)
         u = ws[:r]
         if chunk.dtype == acc:
             torch.sub(chunk, c[:, None], out=u)
@@ -182,14 +184,14 @@ def _fwd_lp_shifted(logits, safe, valid, inv_t: float, outs) -> None:
         torch.sum(u.exp_(), -1, out=log_s_out[n0:n0 + r])
     log_s_out.log_()
     torch.neg(log_s_out, out=logp)
-    redo = (~(torch.isfinite(log_s_out) & valid)).nonzero().squeeze(1)
-    if redo.numel():
-        flat = logits.reshape(-1, V)  # the rows to redo are few: one gather of them
-        for i0 in range(0, redo.numel(), ws.shape[0]):
-            idx = redo[i0:i0 + ws.shape[0]]
-            parts = _fwd_chunk_eager(flat[idx], safe[idx], inv_t, False, [ws[:idx.numel()]])
-            for out, part in zip(outs, parts, strict=True):
-                out[idx] = part
+    redo = (keep & ~(torch.isfinite(log_s_out) & (log_s_out <= SHIFT_MAX_LOG_S))).nonzero().squeeze(1)
+    lead = logits.shape[:-1]
+    for i0 in range(0, redo.numel(), ws.shape[0]):  # the rows to redo are few: gather only them (no reshape copy)
+        idx = redo[i0:i0 + ws.shape[0]]
+        rows_x = logits[torch.unravel_index(idx, lead)] if len(lead) != 1 else logits[idx]
+        parts = _fwd_chunk_eager(rows_x, safe[idx], inv_t, False, [ws[:idx.numel()]])
+        for out, part in zip(outs, parts, strict=True):
+            out[idx] = part
 
 
 # ------------------------------------------------------------------------------------------------------ torch path
@@ -211,8 +213,10 @@ def _torch_fwd(logits, ids, temperature, ignore_index, return_entropy):
     if N:
         inv_t = 1.0 / temperature
         done = False
-        if not return_entropy and dev.type == "cpu":  # one pass over the logits (the max pass was the second)
-            _fwd_lp_shifted(logits, safe, valid, inv_t, outs)
+        # one pass over the logits (the max pass was the second), where every kept id is in range (not for a
+        # vocab-parallel shard, whose rows mostly sample another shard's token)
+        if not return_entropy and dev.type == "cpu" and bool((valid | ~keep).all()):
+            _fwd_lp_shifted(logits, safe, keep, inv_t, outs)
             done = True
         if not done and _chunked.compile_wanted(dev) and N * V >= COMPILE_MIN_ELEMENTS:
             fn = _COMPILED["fwd_ent" if return_entropy else "fwd"]

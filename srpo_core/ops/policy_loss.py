@@ -178,7 +178,8 @@ def _backward(ctx, g_loss, *_):
         ctx.grads = []
     need_h, need_w, need_b = ctx.need
     # ``loss.backward()`` seeds 1: skip the [V, H] pass then (asked only of a CPU scalar in eager mode: no device sync)
-    one = g_loss.device.type == "cpu" and not torch.compiler.is_compiling() and bool(g_loss == 1)
+    one = (g_loss.device.type == "cpu" and not g_loss.requires_grad and not torch.compiler.is_compiling()
+           and bool(g_loss == 1))  # (a seed that requires grad, create_graph=True, must stay in the graph)
 
     def scaled(g):
         return g if one else g.mul_(g_loss.to(g.dtype))

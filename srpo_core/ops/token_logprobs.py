@@ -12,10 +12,13 @@ Backends:
   chunk, not ``[N, V]``.
 - ``"auto"``: Triton for CUDA tensors, torch otherwise.
 
-Every backend saves the same per-row statistics for backward: ``row_max = c = max_v x_v`` and ``row_logsum =
+Every backend saves per-row statistics for backward: a shift ``row_max = c`` and ``row_logsum =
 log Σ_v e^{(x_v − c)/τ}`` (the log-sum-exp split in two, so that ``log p_v = (x_v − c)/τ − row_logsum`` is exact to a
-few ulps even for logits of ±1e4), plus the entropy when it is an output. Backward recomputes ``p`` from the logits
-and these, once.
+few ulps even for logits of ±1e4), plus the entropy when it is an output. ``c`` is the row max, except on the CPU
+forward without entropy, which shifts by the sampled logit to read the logits once; it falls back to the max for
+rows where that shift would overflow or lose precision (the sampled token far below the row's top), so the
+recomputed ``log p`` keeps the same accuracy. ``c/τ + row_logsum`` is the log-sum-exp on every path. Backward
+recomputes ``p`` from the logits and these, once.
 
 The op is registered as ``torch.ops.srpo_core.token_logprobs`` (forward: ``logp, entropy, lse, row_max,
 row_logsum``) and ``torch.ops.srpo_core.token_logprobs_backward`` (plus ``token_logprobs_backward_``, which writes
