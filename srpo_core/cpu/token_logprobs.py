@@ -152,7 +152,7 @@ def _bwd_chunk_eager(out, x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t:
 
 
 # ------------------------------------------------------------------------------- one-pass log-probs (CPU, no entropy)
-SHIFT_MAX_LOG_S = 16.0  # log s above this: the sampled token is ≥ 16 − log V nats below the top; redo with the max
+SHIFT_MAX_EXTRA = 8.0  # redo a row when log s > log V + this: logp < −(log V + 8), the sampled token far below the top
 SHIFT_CHUNK_BYTES = 1 << 23  # rows per chunk: about 8 MiB of fp32 (few Python steps; the passes after the first
 # read the workspace from cache)
 
@@ -161,10 +161,10 @@ def _fwd_lp_shifted(logits, safe, keep, inv_t: float, outs) -> None:
     """``logp = −log Σ_v e^{(x_v − x_id)·inv_t}``: shifted by the sampled token's own logit instead of the row max, so
     the logits are read from memory once (the max pass is what makes a log-softmax read them twice) and ``s ≥ 1``.
     Writes ``outs = [logp, c, log s]`` with ``c = x_id`` (``lse = c·inv_t + log s`` for any shift). Kept rows are
-    redone with the row max (:func:`_fwd_chunk_eager`) where the sum is not finite (a logit more than ~88/inv_t above
-    the sampled one, ``x_id = ±inf``/NaN) or where ``log s > SHIFT_MAX_LOG_S``: the sampled token is that far below
-    the row's top logits, and the backward's ``(x − c)·inv_t − log s`` would cancel for them (the row max keeps it
-    exact). The caller sends only batches whose kept ids are all valid."""
+    redone with the row max (:func:`_fwd_chunk_eager`) where the sum is not finite (a logit more than ~88/inv_t
+    above the sampled one, ``x_id = ±inf``/NaN) or where ``log s > log V + SHIFT_MAX_EXTRA``: the sampled token is
+    that far below the row's top logits, and the backward's ``(x − c)·inv_t − log s`` would cancel for them (the row
+    max keeps it exact). The caller sends only batches whose kept ids are all valid."""
     V = logits.shape[-1]
     acc = outs[0].dtype
     rows = max(1, SHIFT_CHUNK_BYTES // (4 * V))
@@ -184,7 +184,9 @@ def _fwd_lp_shifted(logits, safe, keep, inv_t: float, outs) -> None:
         torch.sum(u.exp_(), -1, out=log_s_out[n0:n0 + r])
     log_s_out.log_()
     torch.neg(log_s_out, out=logp)
-    redo = (keep & ~(torch.isfinite(log_s_out) & (log_s_out <= SHIFT_MAX_LOG_S))).nonzero().squeeze(1)
+    # log s = −logp ≤ log V + 8: the backward's log p of the top tokens, (x − c)·inv_t − log s, then carries at most
+    # ~(log V + 8) ulps, against ~log V for the max shift
+    redo = (keep & ~(torch.isfinite(log_s_out) & (log_s_out <= math.log(V) + SHIFT_MAX_EXTRA))).nonzero().squeeze(1)
     lead = logits.shape[:-1]
     for i0 in range(0, redo.numel(), ws.shape[0]):  # the rows to redo are few: gather only them (no reshape copy)
         idx = redo[i0:i0 + ws.shape[0]]
