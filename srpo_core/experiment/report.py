@@ -117,8 +117,9 @@ def verdict(result: dict) -> list[str]:
     if verdicts.get(("visual_logratio", "grounded_vs_hallucinated_colour")) == "supported" and \
             signed.get("mean_b", 0) < 0 and any(
             verdicts.get((f"visual_{k}", "grounded_vs_hallucinated_colour")) != "supported" for k in ("k3", "kl")):
-        out.append("k3/KL/JS are magnitudes: a hallucinated word whose cell is blacked out gains probability, which "
-                   "they count like the loss of a grounded word; only the signed `ℓ − ℓ̃` separates the two here.")
+        out.append("A reading, not a measurement: k3/KL/JS are magnitudes, so a hallucinated colour word that "
+                   f"gains probability under corruption (their mean `ℓ − ℓ̃` is {signed['mean_b']:.2f} here) counts "
+                   "like a grounded word that loses it; only the signed `ℓ − ℓ̃` separates the two in these data.")
     summary = result["rl"]["summary"]
     gains = {m: row["accuracy_gain_vs_warm"]["mean"] for m, row in summary.items()
              if row["accuracy_gain_vs_warm"]["mean"] is not None}
@@ -260,10 +261,12 @@ def markdown(result: dict, png_name: str | None = "experiment.png", source: str 
     for claim, name, comp, e, v in signal_rows(result):
         a, b = COMPARISON_WORDS.get(comp, (comp, ""))
         lines.append(f"| {claim} | `{name}` | {a} | {b} | {_num(e['mean_a'])} | {_num(e['mean_b'])} | "
-                     f"{_num(e['diff'])} {_ci(e['diff_ci'])} | {_num(e['d'], 2)} {_ci(e['d_ci'], 2)} | {v} |")
+                     f"{_num(e['diff'])} {_ci(e['diff_ci'])} | {_num(e['d'])} {_ci(e['d_ci'])} | {v} |")
     summary = result["rl"]["summary"]
     lines += ["", "## RL", "",
-              "Held-out greedy metrics after RL (mean [95% t CI] across seeds; one seed gives no interval). "
+              "Held-out greedy metrics after RL (mean [95% t CI] across seeds; one seed gives no interval; with three "
+              "seeds a t interval is wide and can pass the [0, 1] range of a rate, and seeds that agree exactly give "
+              "a zero-width one). "
               "Corrupted image: each 28-px cell blacked with p = 0.5, the same draws for every method. "
               "Step time: median seconds per optimizer step relative to GRPO's in the same seed (the extra "
               "passes' cost; the host was shared, so treat it as indicative).", "",
