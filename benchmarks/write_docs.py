@@ -93,8 +93,10 @@ def linear_section(runs: list[tuple[dict, str]]) -> str:
 
 def readme_block(report: dict) -> str:
     env = report["environment"]
-    cpu = env.get("processor") or env["machine"]
-    lines = [BEGIN, f"Measured on {env['device']} ({cpu}, {env['cpu_count']} cores), "
+    cpu = env.get("cpu_model") or env.get("processor") or env["machine"]
+    isa = (f", torch CPU capability {env['torch_cpu_capability']}" if env.get("torch_cpu_capability") else "")
+    threads = f", {env['torch_threads']} torch threads" if env.get("torch_threads") else ""
+    lines = [BEGIN, f"Measured on {env['device']} ({cpu}, {env['cpu_count']} cores{isa}{threads}), "
              f"torch {env['torch']}, {env['date'][:10]}, `srpo-core bench` ({report['preset']} sizes); "
              f"all numbers in [docs/benchmarks.md](docs/benchmarks.md).", "",
              "| op | mode | dtype | vs | ours / anchor (time) | ours / anchor (memory) |", "|---|---|---|---|---|---|"]
