@@ -237,11 +237,13 @@ def test_layouts_agree(layout):
     check(c, d, out, grads, flat)
 
 
+@pytest.mark.parametrize("h", [16, 2], ids=["one-chunk", "chunks"])  # n·10 B ≤ 8·H B: all tokens in one chunk (D152)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_low_precision(dtype):
+def test_low_precision(dtype, h):
     """bf16/fp16: logits rounded in the input dtype (D48), fp32 accumulation; tolerance relative to torch's own error
-    in that dtype (the reference run on the same low-precision inputs)."""
-    c = {**BASE, "chunk": 3}
+    in that dtype (the reference run on the same low-precision inputs). With H = 2 the tokens take several chunks of
+    3 and grad_weight is summed in fp32 across them; with H = 16 they fit one chunk."""
+    c = {**BASE, "chunk": 3, "h": h}
     d = build(c)
     for x in ("hid", "w", "bias"):  # make the low-precision inputs exact in float64, so the reference sees the same
         d[x] = d[x].to(dtype).double()

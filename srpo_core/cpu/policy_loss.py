@@ -162,6 +162,11 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
     need_ent = want_entropy or cfg.entropy_coeff != 0
     scale = inv_tau * LOG2E
     k_max = token_chunk(n, v)
+    if low and need_w and n * (10 if need_ent else 6) <= 8 * hd:
+        # bf16/fp16: several chunks need an fp32 [V, H] sum of their grad_weight GEMMs (4·H bytes per vocab row, one
+        # pass over it per chunk); one chunk of all n tokens needs tiles of 6 (10 with entropy) bytes per token and
+        # vocab row instead. Up to twice the accumulator's bytes, the single chunk is the faster choice (D152).
+        k_max = n
     multi = k_max < n
     buf = empty((k_max * v,), dtype=acc, device=dev)
     buf_e = empty((k_max * v,), dtype=acc, device=dev) if need_ent else None
