@@ -260,3 +260,41 @@ def roles_from_token_ids(token_ids: torch.Tensor, tokenizer, mask: torch.Tensor 
         roles[b, mask_cpu[b]] = r.roles
         malformed[b] = r.malformed
     return TokenRoles(roles.to(token_ids.device), malformed.to(token_ids.device), int(malformed.sum()))
+
+
+def tag_tokens_from_token_ids(token_ids: torch.Tensor, tokenizer, mask: torch.Tensor | None = None, *,
+                              tags: tuple[str, ...] = PERCEPTION_TAGS) -> torch.Tensor:
+    """``bool [B, T]``: the response tokens made only of ``tags`` text (``<perception>``, ``</perception>``; case and
+    inner whitespace as :func:`roles_from_text` accepts them) and whitespace, e.g. to drop the tags with the span:
+    ``ablate_span(..., tags_mask=…)``. A token that mixes tag text with other text is not marked (it carries content).
+
+    Args: as :func:`roles_from_token_ids`; ``tags``: the tag names to mark.
+    """
+    op = "tag_tokens_from_token_ids"
+    require_tensor(op, "token_ids", token_ids, kind="int", ndim=2)
+    if mask is None:
+        mask = torch.ones_like(token_ids, dtype=torch.bool)
+    require_tensor(op, "mask", mask, ndim=2)
+    require_same_shape(op, "token_ids", token_ids, mask=mask)
+    refuse_meta(op, token_ids=token_ids, mask=mask)
+    _check_tags(op, tags=tags, perception_tags=tags, reasoning_tags=())
+    backend = _backend(tokenizer)
+    mask_cpu = mask.detach().cpu().bool()
+    ids_cpu = token_ids.detach().cpu()
+    out = torch.zeros(token_ids.shape, dtype=torch.bool)
+    pattern = _tag_pattern(tuple(tags))
+    for b in range(token_ids.shape[0]):
+        ids = ids_cpu[b][mask_cpu[b]].tolist()
+        if not ids:
+            continue
+        text, offsets = token_offsets(ids, backend)
+        is_tag = np.zeros(len(text), dtype=bool)
+        for m in pattern.finditer(text):
+            is_tag[m.start():m.end()] = True
+        marks = []
+        for start, end in np.asarray(offsets).reshape(-1, 2).tolist():
+            chars = range(start, end)
+            marks.append(any(is_tag[i] for i in chars) and all(is_tag[i] or text[i].isspace() for i in chars))
+        out[b, mask_cpu[b]] = torch.tensor(marks, dtype=torch.bool)
+    return out.to(token_ids.device)
+

@@ -190,3 +190,31 @@ def test_accepts_transformers_tokenizers_and_processors():
         roles_from_token_ids(ids, object())
     with pytest.raises(TypeError, match="integer"):
         roles_from_token_ids(ids.float(), fast)
+
+
+def test_tag_tokens_added_split_and_mixed():
+    """The perception tag tokens: added tokens, tags split into byte tokens, a token mixing a tag with text (not a
+    tag token), padding outside ``mask`` and other tags (never marked)."""
+    from srpo_core.roles import tag_tokens_from_token_ids
+
+    tok = byte_bpe()
+    ids = tok.encode("<perception>réd</perception><think>so</think>").ids
+    got = tag_tokens_from_token_ids(torch.tensor([ids]), tok)
+    assert got[0].tolist() == [True, False, False, False, False, True] + [False] * (len(ids) - 6)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab["d<"] = len(vocab)
+    bare = Tokenizer(models.BPE(vocab=vocab, merges=[("d", "<")]))
+    bare.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bare.decoder = decoders.ByteLevel()
+    text = "<perception>rd</perception> ok"
+    ids2 = bare.encode(text).ids
+    pieces = [bare.decode([i]) for i in ids2]
+    # "<perception>" as 12 byte tokens, "r", "d<" (content and tag text), "/perception>" as 12, " ", "o", "k"
+    assert pieces[12:14] == ["r", "d<"] and len(pieces) == 12 + 2 + 12 + 3
+    got2 = tag_tokens_from_token_ids(torch.tensor([ids2 + [0, 0]]), bare,
+                                     torch.tensor([[True] * len(ids2) + [False, False]]))[0].tolist()
+    expect = [True] * 12 + [False, False] + [True] * 12 + [False] * 3 + [False, False]
+    assert got2 == expect, list(zip(pieces, got2, strict=False))

@@ -203,6 +203,15 @@ def test_mask_ablation_and_raw_patches_run(processor):
     assert bool(torch.isfinite(last.logp_ablated[reasoning]).all())
 
 
+def test_ablate_tags_option_runs(processor):
+    """``ablate_tags=True``: the perception tags found in the completions leave with the span (finite ℓ°)."""
+    trainer = run(SRPOGRPOTrainer, processor, steps=1,
+                  srpo_options=SRPOTrainerOptions(roles_fn=half_perception_half_reasoning, ablate_tags=True))
+    last = trainer._srpo_last
+    reasoning = (last.roles.roles == Role.REASONING) & last.mask
+    assert math.isfinite(float(trainer.losses[0])) and bool(torch.isfinite(last.logp_ablated[reasoning]).all())
+
+
 def half_perception_half_reasoning(completion_ids, mask, tokenizer):
     """A ``roles_fn``: the first 4 tokens are perception, the rest reasoning (forces both passes to matter)."""
     roles = torch.full_like(completion_ids, int(Role.REASONING))

@@ -40,6 +40,8 @@ class SRPOTrainerOptions:
       ``corruption_patch``: ``"merged"`` (one merged visual token) | ``"raw"`` (one 14×14 patch).
     - ``ablation_mode``: ``"drop"`` (remove the perception span, positions recomputed by the model) | ``"mask"``
       (hide it from attention, original positions passed explicitly).
+    - ``ablate_tags``: also remove the ``<perception>`` / ``</perception>`` tag tokens in the ablated pass (default
+      False: ``ℓ°`` is computed after an empty tag pair; see ``docs/decisions.md`` D116).
     - ``perception_tags`` / ``reasoning_tags``: tag names, as in :func:`srpo_core.roles_from_text`.
     - ``roles_fn``: optional ``(completion_ids [B, T], completion_mask bool [B, T], tokenizer) -> TokenRoles`` replacing
       the tag parser (e.g. a different response format, or a test that forces roles).
@@ -63,6 +65,7 @@ class SRPOTrainerOptions:
     corruption_p: float = 0.5
     corruption_patch: str = "merged"
     ablation_mode: str = "drop"
+    ablate_tags: bool = False
     perception_tags: tuple[str, ...] = PERCEPTION_TAGS
     reasoning_tags: tuple[str, ...] = REASONING_TAGS
     roles_fn: Callable | None = None
@@ -148,6 +151,7 @@ class SRPOGRPOConfig(GRPOConfig):
     srpo_corruption_p: float = _field(_OPTS.corruption_p, "SRPO: probability that a visual unit is corrupted")
     srpo_corruption_patch: str = _field(_OPTS.corruption_patch, "SRPO: unit, 'merged' (one visual token) or 'raw'")
     srpo_ablation_mode: str = _field(_OPTS.ablation_mode, "SRPO: perception span 'drop'ped or 'mask'ed")
+    srpo_ablate_tags: bool = _field(_OPTS.ablate_tags, "SRPO: also remove the perception tags in the ablated pass")
     srpo_perception_tags: list[str] = _field(list(_OPTS.perception_tags), "SRPO: tags of perception spans")
     srpo_reasoning_tags: list[str] = _field(list(_OPTS.reasoning_tags), "SRPO: tags of reasoning spans")
     srpo_seed: int | None = _field(_OPTS.seed, "SRPO: seed of the corruption masks (default: `seed`)")

@@ -12,6 +12,7 @@ import torch
 
 from srpo_core.ablation import ablate_span
 from srpo_core.corruption import CLIP_MEAN, CLIP_STD, corrupt_pixel_values
+from srpo_core.roles import tag_tokens_from_token_ids
 
 # Inputs of TRL's log-prob function that the generation step stores in its output dict.
 _MM_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
@@ -98,7 +99,13 @@ class SRPOPasses:
     def _srpo_ablated_logps(self, out, input_ids, attention_mask, span, width_p, batch_size):
         full_span = torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), span], dim=1)
         pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
-        ab = ablate_span(input_ids, attention_mask, full_span, mode=self.srpo_options.ablation_mode, pad_token_id=pad)
+        tags = None
+        if self.srpo_options.ablate_tags:  # the <perception> tag tokens of the completions go with the span
+            comp = tag_tokens_from_token_ids(input_ids[:, width_p:], self._tokenizer,
+                                             attention_mask[:, width_p:].bool(), tags=self.srpo_options.perception_tags)
+            tags = torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), comp], dim=1)
+        ab = ablate_span(input_ids, attention_mask, full_span, mode=self.srpo_options.ablation_mode, pad_token_id=pad,
+                         tags_mask=tags)
         extra = {k: ab.ablate(out[k]) for k in _PER_POSITION_KEYS if k in out}
         keep = ab.input_ids.shape[1] - width_p
         ctx = contextlib.nullcontext()
