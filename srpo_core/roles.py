@@ -278,6 +278,8 @@ def tag_tokens_from_token_ids(token_ids: torch.Tensor, tokenizer, mask: torch.Te
     require_same_shape(op, "token_ids", token_ids, mask=mask)
     refuse_meta(op, token_ids=token_ids, mask=mask)
     _check_tags(op, tags=tags, perception_tags=tags, reasoning_tags=())
+    if not tags:
+        raise ValueError(f"{op}: `tags` must name at least one tag, got an empty {type(tags).__name__}")
     backend = _backend(tokenizer)
     mask_cpu = mask.detach().cpu().bool()
     ids_cpu = token_ids.detach().cpu()

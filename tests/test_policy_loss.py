@@ -455,3 +455,22 @@ def test_double_backward_through_a_differentiable_seed():
     assert gw.requires_grad
     (ds,) = torch.autograd.grad((gw * gw).sum(), s)
     assert torch.allclose(ds, 2 * (gw.detach() ** 2).sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,seed", [(torch.float16, 65536.0), (torch.bfloat16, 1 / 3)])
+def test_backward_scales_by_the_seed_in_fp32(dtype, seed):
+    """The upstream scale multiplies the low-precision gradients as given: an fp16 65536 (DeepSpeed's initial loss
+    scale) is not cast to inf first, a bf16 1/3 is not rounded to 0.334 first."""
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(20, 32, generator=g) * 0.5).to(dtype).requires_grad_(True)
+    w = (torch.randn(64, 32, generator=g) * 0.2).to(dtype).requires_grad_(True)
+    ids = torch.randint(0, 64, (20,), generator=g)
+    args = (h, w, ids, torch.randn(20, generator=g) * 0.1 - 4, torch.randn(20, generator=g))
+    (g1,) = torch.autograd.grad(linear_policy_loss(*args, cu_seqlens=torch.tensor([0, 20])).loss, w)
+    (gs,) = torch.autograd.grad(linear_policy_loss(*args, cu_seqlens=torch.tensor([0, 20])).loss * seed, w)
+    assert torch.isfinite(gs).all()
+    want = g1.double() * seed
+    rel = torch.finfo(dtype).eps
+    assert ((gs.double() - want).abs() <= rel * want.abs() + 1e-30).all()
+    live = want != 0  # no systematic bias: a rounded 1/3 scales every element by +0.19%
+    assert abs(float(((gs.double() - want)[live] / want[live]).mean())) < 5e-4

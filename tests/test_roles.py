@@ -218,3 +218,10 @@ def test_tag_tokens_added_split_and_mixed():
                                      torch.tensor([[True] * len(ids2) + [False, False]]))[0].tolist()
     expect = [True] * 12 + [False, False] + [True] * 12 + [False] * 3 + [False, False]
     assert got2 == expect, list(zip(pieces, got2, strict=False))
+
+
+def test_tag_tokens_needs_a_tag():
+    from srpo_core.roles import tag_tokens_from_token_ids
+
+    with pytest.raises(ValueError, match="`tags` must name at least one tag"):
+        tag_tokens_from_token_ids(torch.tensor([[1, 2]]), byte_bpe(), tags=())

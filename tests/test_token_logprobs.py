@@ -843,3 +843,14 @@ def test_one_pass_cpu_forward_redoes_only_the_rows_that_need_it(monkeypatch):
     xd = x.detach().double().requires_grad_(True)
     torch.log_softmax(xd, -1).gather(-1, ids.clamp(min=0)[..., None])[..., 0][keep].sum().backward()
     assert (xr.grad.double() - xd.grad).abs().max() < 1e-6
+
+
+def test_one_pass_redo_of_a_single_row():
+    """``logits [V]`` (and the multi-index form ``ids [K]``) whose sampled logit is far below the top: the redo of
+    the one-pass forward gathers the one row."""
+    x = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    x[3] = -100.0
+    ref = torch.log_softmax(x.double(), -1)
+    assert torch.allclose(token_logprobs(x, torch.tensor(3), backend="torch").double(), ref[3], rtol=1e-6)
+    out = token_logprobs(x, torch.tensor([3, 5]), backend="torch").double()
+    assert torch.allclose(out, ref[[3, 5]], rtol=1e-6, atol=1e-6)

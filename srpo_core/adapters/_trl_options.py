@@ -108,6 +108,9 @@ class SRPOTrainerOptions:
         if self.corruption_patch not in ("merged", "raw"):
             raise ValueError(f"SRPOTrainerOptions: `corruption_patch` must be 'merged' or 'raw', got "
                              f"{self.corruption_patch!r}")
+        for name in ("ablate_tags", "fused_loss"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SRPOTrainerOptions: `{name}` must be a bool, got {getattr(self, name)!r}")
         if self.ablation_mode not in ("drop", "mask"):
             raise ValueError(f"SRPOTrainerOptions: `ablation_mode` must be 'drop' or 'mask', got "
                              f"{self.ablation_mode!r}")

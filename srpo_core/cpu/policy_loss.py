@@ -34,6 +34,8 @@ LN2 = 0.6931471805599453
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 TOKEN_CHUNK = int(os.environ.get("SRPO_POLICY_LOSS_TOKEN_CHUNK", 192))
 CHUNK_ELEMENTS = int(os.environ.get("SRPO_POLICY_LOSS_CHUNK_ELEMENTS", 1 << 26))
+# a chunk size set through the environment is the user's cap: then bf16/fp16 never take the one-chunk path (D152)
+USER_CAPS = any(k in os.environ for k in ("SRPO_POLICY_LOSS_TOKEN_CHUNK", "SRPO_POLICY_LOSS_CHUNK_ELEMENTS"))
 N_STATS = 7  # Σ clipped, Σ dual-clipped, Σ ratio, Σ (old − logp), Σ KL, Σ H, number of valid tokens
 
 
@@ -162,7 +164,7 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
     need_ent = want_entropy or cfg.entropy_coeff != 0
     scale = inv_tau * LOG2E
     k_max = token_chunk(n, v)
-    if low and need_w and n * (10 if need_ent else 6) <= 8 * hd:
+    if low and need_w and not USER_CAPS and n * (10 if need_ent else 6) <= 8 * hd:
         # bf16/fp16: several chunks need an fp32 [V, H] sum of their grad_weight GEMMs (4·H bytes per vocab row, one
         # pass over it per chunk); one chunk of all n tokens needs tiles of 6 (10 with entropy) bytes per token and
         # vocab row instead. Up to twice the accumulator's bytes, the single chunk is the faster choice (D152).

@@ -182,7 +182,9 @@ def _backward(ctx, g_loss, *_):
            and bool(g_loss == 1))  # (a seed that requires grad, create_graph=True, must stay in the graph)
 
     def scaled(g):
-        return g if one else g.mul_(g_loss.to(g.dtype))
+        # the seed itself, not rounded to g's dtype: a bf16 1/3 is 0.334, an fp16 65536 (DeepSpeed's initial loss
+        # scale) is inf
+        return g if one else g.mul_(g_loss)
 
     return (scaled(gh) if need_h else None, scaled(gw) if need_w else None,
             scaled(gb) if need_b else None) + (None,) * 19
