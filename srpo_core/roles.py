@@ -214,6 +214,39 @@ def token_offsets(ids: list[int], backend) -> tuple[str, np.ndarray]:
     return "".join(pieces), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
 
 
+def _checked_batch(op: str, token_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The shared argument checks of the ``*_from_token_ids`` functions; returns ``mask`` as bool (all True if None)."""
+    require_tensor(op, "token_ids", token_ids, kind="int", ndim=2)
+    if mask is None:
+        mask = torch.ones_like(token_ids, dtype=torch.bool)
+    require_tensor(op, "mask", mask, ndim=2)
+    require_same_shape(op, "token_ids", token_ids, mask=mask)
+    refuse_meta(op, token_ids=token_ids, mask=mask)
+    return mask.bool()
+
+
+def _row_texts(op: str, token_ids: torch.Tensor, mask: torch.Tensor, tokenizer):
+    """Yield ``(b, row_mask, text, offsets)`` for each row with a token inside ``mask``: its decoded text and each
+    token's character span (:func:`token_offsets`), after checking the ids are in the tokenizer's vocabulary."""
+    backend = _backend(tokenizer)
+    vocab = backend.get_vocab_size(with_added_tokens=True)
+    read = token_ids[mask]
+    bad = (read < 0) | (read >= vocab)
+    if bool(bad.any()):
+        full = torch.zeros_like(mask)
+        full[mask] = bad
+        first = first_true_index(full)
+        raise ValueError(f"{op}: `token_ids` must be in [0, {vocab}) (the tokenizer's vocabulary, added tokens "
+                         f"included) inside `mask`, got {int(bad.sum())} id(s) outside it; first at index {first}: "
+                         f"{int(token_ids[first])}")
+    ids_cpu, mask_cpu = token_ids.detach().cpu(), mask.detach().cpu()
+    for b in range(token_ids.shape[0]):
+        ids = ids_cpu[b][mask_cpu[b]].tolist()
+        if ids:
+            text, offsets = token_offsets(ids, backend)
+            yield b, mask_cpu[b], text, offsets
+
+
 def roles_from_token_ids(token_ids: torch.Tensor, tokenizer, mask: torch.Tensor | None = None, *,
                          perception_tags: tuple[str, ...] = PERCEPTION_TAGS,
                          reasoning_tags: tuple[str, ...] = REASONING_TAGS) -> TokenRoles:
@@ -229,35 +262,13 @@ def roles_from_token_ids(token_ids: torch.Tensor, tokenizer, mask: torch.Tensor 
         :class:`TokenRoles`: ``roles int64 [B, T]`` (0 outside ``mask``), ``malformed bool [B]`` and their count.
     """
     op = "roles_from_token_ids"
-    require_tensor(op, "token_ids", token_ids, kind="int", ndim=2)
-    if mask is None:
-        mask = torch.ones_like(token_ids, dtype=torch.bool)
-    require_tensor(op, "mask", mask, ndim=2)
-    require_same_shape(op, "token_ids", token_ids, mask=mask)
-    refuse_meta(op, token_ids=token_ids, mask=mask)
-    mask = mask.bool()
+    mask = _checked_batch(op, token_ids, mask)
     _check_tags(op, perception_tags=perception_tags, reasoning_tags=reasoning_tags)
-    backend = _backend(tokenizer)
-    vocab = backend.get_vocab_size(with_added_tokens=True)
-    read = token_ids[mask]
-    bad = (read < 0) | (read >= vocab)
-    if bool(bad.any()):
-        full = torch.zeros_like(mask)
-        full[mask] = bad
-        first = first_true_index(full)
-        raise ValueError(f"{op}: `token_ids` must be in [0, {vocab}) (the tokenizer's vocabulary, added tokens "
-                         f"included) inside `mask`, got {int(bad.sum())} id(s) outside it; first at index {first}: "
-                         f"{int(token_ids[first])}")
-    ids_cpu, mask_cpu = token_ids.detach().cpu(), mask.detach().cpu()
     roles = torch.zeros(token_ids.shape, dtype=torch.int64)
     malformed = torch.zeros(token_ids.shape[0], dtype=torch.bool)
-    for b in range(token_ids.shape[0]):
-        ids = ids_cpu[b][mask_cpu[b]].tolist()
-        if not ids:
-            continue
-        text, offsets = token_offsets(ids, backend)
+    for b, row, text, offsets in _row_texts(op, token_ids, mask, tokenizer):
         r = roles_from_text(text, offsets, perception_tags=perception_tags, reasoning_tags=reasoning_tags)
-        roles[b, mask_cpu[b]] = r.roles
+        roles[b, row] = r.roles
         malformed[b] = r.malformed
     return TokenRoles(roles.to(token_ids.device), malformed.to(token_ids.device), int(malformed.sum()))
 
@@ -271,25 +282,13 @@ def tag_tokens_from_token_ids(token_ids: torch.Tensor, tokenizer, mask: torch.Te
     Args: as :func:`roles_from_token_ids`; ``tags``: the tag names to mark.
     """
     op = "tag_tokens_from_token_ids"
-    require_tensor(op, "token_ids", token_ids, kind="int", ndim=2)
-    if mask is None:
-        mask = torch.ones_like(token_ids, dtype=torch.bool)
-    require_tensor(op, "mask", mask, ndim=2)
-    require_same_shape(op, "token_ids", token_ids, mask=mask)
-    refuse_meta(op, token_ids=token_ids, mask=mask)
+    mask = _checked_batch(op, token_ids, mask)
     _check_tags(op, tags=tags, perception_tags=tags, reasoning_tags=())
     if not tags:
         raise ValueError(f"{op}: `tags` must name at least one tag, got an empty {type(tags).__name__}")
-    backend = _backend(tokenizer)
-    mask_cpu = mask.detach().cpu().bool()
-    ids_cpu = token_ids.detach().cpu()
     out = torch.zeros(token_ids.shape, dtype=torch.bool)
     pattern = _tag_pattern(tuple(tags))
-    for b in range(token_ids.shape[0]):
-        ids = ids_cpu[b][mask_cpu[b]].tolist()
-        if not ids:
-            continue
-        text, offsets = token_offsets(ids, backend)
+    for b, row, text, offsets in _row_texts(op, token_ids, mask, tokenizer):
         is_tag = np.zeros(len(text), dtype=bool)
         for m in pattern.finditer(text):
             is_tag[m.start():m.end()] = True
@@ -297,6 +296,6 @@ def tag_tokens_from_token_ids(token_ids: torch.Tensor, tokenizer, mask: torch.Te
         for start, end in np.asarray(offsets).reshape(-1, 2).tolist():
             chars = range(start, end)
             marks.append(any(is_tag[i] for i in chars) and all(is_tag[i] or text[i].isspace() for i in chars))
-        out[b, mask_cpu[b]] = torch.tensor(marks, dtype=torch.bool)
+        out[b, row] = torch.tensor(marks, dtype=torch.bool)
     return out.to(token_ids.device)
 

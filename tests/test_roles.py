@@ -225,3 +225,11 @@ def test_tag_tokens_needs_a_tag():
 
     with pytest.raises(ValueError, match="`tags` must name at least one tag"):
         tag_tokens_from_token_ids(torch.tensor([[1, 2]]), byte_bpe(), tags=())
+
+
+def test_tag_tokens_checks_ids_like_roles():
+    from srpo_core.roles import tag_tokens_from_token_ids
+
+    tok = byte_bpe()
+    with pytest.raises(ValueError, match="tag_tokens_from_token_ids: `token_ids` must be in"):
+        tag_tokens_from_token_ids(torch.tensor([[1, 10**6]]), tok)
