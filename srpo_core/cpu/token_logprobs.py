@@ -190,10 +190,7 @@ def _fwd_lp_shifted(logits, safe, keep, inv_t: float, outs) -> None:
     lead = logits.shape[:-1]
     for i0 in range(0, redo.numel(), ws.shape[0]):  # the rows to redo are few: gather only them (no reshape copy)
         idx = redo[i0:i0 + ws.shape[0]]
-        if len(lead) == 0:  # logits [V]: one row
-            rows_x = logits.reshape(1, V)[idx]
-        else:
-            rows_x = logits[torch.unravel_index(idx, lead)] if len(lead) > 1 else logits[idx]
+        rows_x = logits[torch.unravel_index(idx, lead)] if lead else logits.reshape(1, V)[idx]  # [V]: one row
         parts = _fwd_chunk_eager(rows_x, safe[idx], inv_t, False, [ws[:idx.numel()]])
         for out, part in zip(outs, parts, strict=True):
             out[idx] = part
