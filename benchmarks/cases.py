@@ -265,10 +265,10 @@ POLICY_LOSS_SHAPES = {"full": [(4, 256, 1024, 32_000), (4, 256, 1024, 151_936)],
 def _policy_loss_cases(preset, dtypes, device) -> list[Case]:
     """fwd+bwd of a GRPO step's loss (PPO-clip, token-mean, per-sequence advantages so that Liger can take them) from
     hidden states: ours, naive torch, the three GEMMs, our log-prob op + the loss in torch, Liger's fused GRPO loss."""
-    return [c for s in POLICY_LOSS_SHAPES[preset] for d in dtypes for c in _policy_loss_shape(*s, d, preset, device)]
+    return [c for s in POLICY_LOSS_SHAPES[preset] for d in dtypes for c in policy_loss_shape(*s, d, preset, device)]
 
 
-def _policy_loss_shape(b, t, h, v, dtype, preset, device) -> list[Case]:
+def policy_loss_shape(b, t, h, v, dtype, preset, device) -> list[Case]:
     from srpo_core.reference.policy_loss import token_loss
 
     shape, dname, n = f"N={b * t} H={h} V={v}", str(dtype).removeprefix("torch."), b * t
@@ -295,12 +295,12 @@ def _policy_loss_shape(b, t, h, v, dtype, preset, device) -> list[Case]:
                             epsilon_high=0.28, clip_ratio_c=None, beta=0.0, kl_kind="k3", entropy_coeff=0.0)
         return (ell * mask).sum() / mask.sum()
 
-    def ours():
+    def ours(backend="auto"):
         from srpo_core import linear_policy_loss
 
         hidden, weight, ids, old, adv, mask = inputs()
-        return step(lambda: linear_policy_loss(hidden, weight, ids, old, adv, mask=mask, epsilon_high=0.28).loss,
-                    hidden, weight)
+        return step(lambda: linear_policy_loss(hidden, weight, ids, old, adv, mask=mask, epsilon_high=0.28,
+                                               backend=backend).loss, hidden, weight)
 
     def naive():
         hidden, weight, ids, old, adv, mask = inputs()
@@ -330,6 +330,8 @@ def _policy_loss_shape(b, t, h, v, dtype, preset, device) -> list[Case]:
 
     impls = [("srpo-core", ours), ("naive", naive), ("GEMM floor", gemm),
              ("our log-probs + loss", ours_logprobs)]
+    if device == "cuda":  # auto is the Triton path there; the torch path: the same schedule, torch elementwise ops
+        impls.insert(1, ("srpo-core (torch path)", lambda: ours("torch")))
     if preset != "tiny":  # Liger's compile alone takes longer than the whole tiny run
         impls.append(("liger.LigerFusedLinearGRPOLoss", liger))
     return [Case("linear_policy_loss", "fwd+bwd", impl, shape, dname, fn) for impl, fn in impls]

@@ -226,6 +226,17 @@ def linear_cases(n: int, h: int, v: int, dtype: torch.dtype) -> list[tuple]:
     return cases
 
 
+def policy_loss_cases(n: int, h: int, v: int, dtype: torch.dtype) -> list[tuple]:
+    """fwd+bwd of a GRPO loss from hidden states (``srpo_core.bench.cases``' policy-loss rows, on CUDA): ours (Triton),
+    ours (torch path), naive torch, the three GEMMs alone, our log-probs + the loss, Liger's fused GRPO loss."""
+    from srpo_core.bench.cases import policy_loss_shape
+
+    t = min(n, 1024)
+    floor, flops = 3 * (n * h + v * h) * (torch.finfo(dtype).bits // 8), 6 * n * v * h
+    return [(c.op, c.mode, c.impl, c.setup, floor, flops)
+            for c in policy_loss_shape(n // t, t, h, v, dtype, "full", "cuda")]
+
+
 def _no_grad(call):
     with torch.no_grad():
         return call()
@@ -356,7 +367,8 @@ def main(argv=None) -> int:
     peaks = device_peaks(env["gpu"])
     copy_bw = copy_bandwidth(args.copy_mib)
     cases = logprob_cases(args.rows, args.vocab, dtype) + contrast_cases(args.rows, args.vocab, dtype) \
-        + linear_cases(args.linear_rows, args.hidden, args.vocab, dtype) + role_cases(args.role_tokens)
+        + linear_cases(args.linear_rows, args.hidden, args.vocab, dtype) \
+        + policy_loss_cases(args.linear_rows, args.hidden, args.vocab, dtype) + role_cases(args.role_tokens)
     results = []
 
     def dump(final: bool) -> None:  # after every row, so a run stopped at its time limit keeps what it timed

@@ -1,6 +1,6 @@
 """CPU table for ``linear_policy_loss`` (issue 12): fwd+bwd time and peak extra memory of ours, naive torch, the three
 GEMMs, ``linear_token_logprobs`` + the loss in torch, and Liger 0.8.5's ``LigerFusedLinearGRPOLoss``, over the cases
-of ``srpo_core.bench.cases`` (``_policy_loss_shape``), with the methods interleaved round-robin in one process.
+of ``srpo_core.bench.cases`` (``policy_loss_shape``), with the methods interleaved round-robin in one process.
 
     python benchmarks/policy_loss_table.py --full      # N=1024, H=1024, V ∈ {32000, 151936}, fp32 (issue 12's bars)
     python benchmarks/policy_loss_table.py --quick     # N=256, H=512, V=32000
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from srpo_core.bench.cases import POLICY_LOSS_SHAPES, _policy_loss_shape
+from srpo_core.bench.cases import POLICY_LOSS_SHAPES, policy_loss_shape
 from srpo_core.bench.host import environment
 from srpo_core.bench.measure import _peak_cpu
 
@@ -34,7 +34,7 @@ BARS = [("GEMM floor", "time", 1.15, "fwd+bwd ≤ 1.15× the three GEMMs"), ("na
 
 
 def measure_shape(b, t, h, v, dtype, repeats):
-    cases = _policy_loss_shape(b, t, h, v, dtype, "full", "cpu")
+    cases = policy_loss_shape(b, t, h, v, dtype, "full", "cpu")
     fns = {c.impl: c.setup() for c in cases}
     for k, fn in fns.items():
         if k.startswith("liger"):

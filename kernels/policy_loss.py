@@ -1,42 +1,89 @@
-"""Triton path of ``linear_policy_loss``: the fused linear log-prob kernels of ``linear_token_logprobs`` driven
-for a loss.
+"""Triton path of ``linear_policy_loss``: the three-GEMM schedule, with library GEMMs and ``token_logprobs``' fused
+row kernels.
 
-``L = Σ_t coef_t·ℓ_t(logp_t, H_t)`` needs, per token, only ``logp_t`` and ``H_t`` (and their upstream gradients
-``∂L/∂logp_t``, ``∂L/∂H_t``), so the launcher here
+``L = Σ_t coef_t·ℓ_t(logp_t, H_t)`` needs, per token, only ``logp_t`` and ``H_t``, so ``∂L/∂logits`` of a token is
+known as soon as its row is. Per chunk of ``k`` tokens the launcher here
 
-1. runs ``linear_logprobs_fwd`` (fused ``h @ Wᵀ`` tiles + online logsumexp: ``lse``, the sampled logit, ``H``),
-2. hands ``logp`` and ``H`` to ``token_fn`` — the caller's loss math (kernels hold no policy), which returns
-   ``(∂L/∂logp, ∂L/∂H | None)`` as ``[N]`` fp32 vectors,
-3. runs ``linear_logprobs_bwd`` with those as the upstream gradients (``G = ∂L/∂logits`` tile by tile, then
-   ``grad_hidden += G @ W_chunk`` and ``grad_weight[chunk] = Gᵀ @ h`` as library GEMMs).
+1. writes the logits tile ``x = h @ Wᵀ + b`` (``[k, V]``, the input dtype, a library GEMM: GEMM 1),
+2. runs ``token_logprobs_fwd_kernel`` on it (one read: ``logp``, ``H``, the row max and log-sum),
+3. hands ``logp`` and ``H`` to ``token_fn`` — the caller's loss math (kernels hold no policy), which returns
+   ``(∂L/∂logp, ∂L/∂H | None)`` for those rows,
+4. runs ``token_logprobs_bwd_kernel`` in place: the tile becomes ``G = ∂L/∂logits`` (one read, one write),
+5. ``grad_hidden[chunk] = G @ W`` (GEMM 2) and ``grad_weight += Gᵀ @ h`` (GEMM 3), ``grad_bias += Σ_t G``.
 
-Every launch runs inside ``device_guard(hidden)``. Unlike the CPU path, which keeps a chunk's full logit rows, this
-recomputes the logits tiles in step 3 (the fourth GEMM of D56): on a GPU the ``[N, V]`` row chunks a 3-GEMM schedule
-needs would be re-read from HBM, and the fused forward never writes them. Int64 offsets, masks and the ``inf·0``
-guards are those of ``linear_token_logprobs``' kernels, which this module does not modify.
+So forward + backward is the three GEMMs plus three passes over a ``[k, V]`` tile in HBM; nothing is recomputed.
+The chunk size is the caller's (``chunk``). bf16/fp16 over several chunks sum their ``grad_weight`` GEMMs in an
+fp32 ``[V, H]`` buffer, as the CPU path does. Every launch runs inside ``device_guard(hidden)``. Int64 offsets, masks
+and the ``inf·0`` guards are those of ``token_logprobs``' kernels, which this module does not modify.
 """
 
 from __future__ import annotations
 
-from srpo_core._dispatch import device_guard
-from srpo_core.kernels.linear_token_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
+import torch
+
+from srpo_core._dispatch import device_guard, empty
+from srpo_core.kernels.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
+
+LOW_PRECISION_BYTES = 2
+NO_ID = -1  # the caller compacts: every id is in [0, V), so the kernels' ignore_index matches none
 
 
 def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, want_entropy: bool,
-                        needs: tuple[bool, bool, bool]):
-    """``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``ids [N]`` (each in ``[0, V)``) →
-    ``(logp [N], H [N] | None, grads (gh fp32 | None, gw | None, gb fp32 | None), token_fn's extra output)``.
+                        needs: tuple[bool, bool, bool], chunk: int):
+    """``hidden [n, H]``, ``weight [V, H]``, ``bias [V] | None`` (one dtype: fp32/bf16/fp16), ``ids [n]`` (each in
+    ``[0, V)``) → ``(logp [n] fp32, H [n] fp32 | None, (grad_hidden fp32 | None, grad_weight | None,
+    grad_bias fp32 | None))``, gradients of the loss whose per-token derivatives ``token_fn`` gives.
 
-    ``token_fn(logp, H) -> (d_logp [N], d_H [N] | None, extra)``."""
+    ``token_fn(rows: slice, logp [k], H [k] | None) -> (∂L/∂logp [k], ∂L/∂H [k] | None)``; the caller accumulates
+    its loss and metrics there, chunk by chunk."""
     assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1]
-    assert ids.shape == hidden.shape[:1]
+    assert ids.shape == hidden.shape[:1] and chunk >= 1
+    n, hd = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    f32 = torch.float32
+    need_h, need_w, need_b = needs
+    k_max = min(n, chunk)
+    low = hidden.element_size() == LOW_PRECISION_BYTES
     with device_guard(hidden):
-        lse, tgt, ent = linear_logprobs_fwd(hidden, weight, bias, ids, inv_tau=inv_tau, want_entropy=want_entropy)
-        logp = tgt - lse
-        d_logp, d_h, extra = token_fn(logp, ent)
-        if any(needs):
-            grads = linear_logprobs_bwd(hidden, weight, bias, ids, lse, ent, d_logp.float(),
-                                        None if d_h is None else d_h.float(), inv_tau=inv_tau, needs=needs)
-        else:
-            grads = (None, None, None)
-    return logp, ent, grads, extra
+        tile = empty((k_max * v,), dtype=hidden.dtype, device=dev)
+        logp = empty((n,), dtype=f32, device=dev)
+        ent = empty((n,), dtype=f32, device=dev) if want_entropy else None
+        gh = empty((n, hd), dtype=f32, device=dev) if need_h else None
+        gw = empty(tuple(weight.shape), dtype=weight.dtype, device=dev) if need_w else None
+        gw_acc = empty((v, hd), dtype=f32, device=dev) if (need_w and low and k_max < n) else None
+        gb = bias.new_zeros(v, dtype=f32) if need_b else None
+        for n0 in range(0, n, k_max):
+            rows = slice(n0, min(n, n0 + k_max))
+            h = hidden[rows]
+            k = h.shape[0]
+            x = tile[: k * v].view(k, v)
+            if bias is None:
+                torch.mm(h, weight.T, out=x)
+            else:
+                torch.addmm(bias, h, weight.T, out=x)
+            lp, h_t, row_max, row_logsum = token_logprobs_fwd(x, ids[rows], temperature=1.0 / inv_tau,
+                                                              ignore_index=NO_ID, return_entropy=want_entropy)
+            logp[rows] = lp
+            if want_entropy:
+                ent[rows] = h_t
+            d_logp, d_ent = token_fn(rows, lp, h_t)
+            if not any(needs):
+                continue
+            g = token_logprobs_bwd(d_logp, d_ent, x, ids[rows], row_max, row_logsum, h_t, temperature=1.0 / inv_tau,
+                                   ignore_index=NO_ID, inplace=True)
+            if need_b:
+                gb += g.sum(0, dtype=f32)
+            if need_h:
+                gh[rows] = g @ weight
+            if need_w:
+                if gw_acc is not None:  # the chunk's GEMM lands in gw's buffer, summed in fp32
+                    torch.mm(g.T, h, out=gw)
+                    gw_acc.copy_(gw) if n0 == 0 else gw_acc.add_(gw)
+                elif n0 == 0:
+                    torch.mm(g.T, h, out=gw)
+                else:
+                    gw.addmm_(g.T, h)
+        if gw_acc is not None:
+            gw.copy_(gw_acc)
+    return logp, ent, (gh, gw, gb)

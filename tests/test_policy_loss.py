@@ -8,10 +8,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import srpo_core.cpu.policy_loss as cpu_pl
+import srpo_core.ops.policy_loss as ops_pl
 from srpo_core import linear_policy_loss
 from srpo_core.ops.policy_loss import LOSS_AGG_MODES
 from srpo_core.reference import policy_loss as ref
@@ -161,8 +162,9 @@ def run_op(c, d, dtype, device="cpu", backend="torch", chunk=None):
     kw = kwargs_of(c)
     if c["mode"] == "seq-mean-token-sum-norm" and c["layout"] == "packed":
         kw["loss_scale_factor"] = d["factor"]
-    old_chunk = cpu_pl.TOKEN_CHUNK
+    old_chunk, old_tile = cpu_pl.TOKEN_CHUNK, ops_pl.TRITON_TILE_BYTES
     cpu_pl.TOKEN_CHUNK = chunk or c["chunk"]
+    ops_pl.TRITON_TILE_BYTES = (chunk or c["chunk"]) * c["v"] * w.element_size()  # the Triton path's chunk too
     try:
         out = linear_policy_loss(hid, w, ids, place(d["old"].to(dtype)), adv, bias=bias, ref_logp=rl,
                                  loss_agg_mode=c["mode"], return_entropy=c["return_entropy"], backend=backend,
@@ -170,7 +172,7 @@ def run_op(c, d, dtype, device="cpu", backend="torch", chunk=None):
         params = [x for x in (hid, w, bias) if x is not None]
         grads = torch.autograd.grad(out.loss, params) if out.loss.requires_grad else None
     finally:
-        cpu_pl.TOKEN_CHUNK = old_chunk
+        cpu_pl.TOKEN_CHUNK, ops_pl.TRITON_TILE_BYTES = old_chunk, old_tile
     flat = (lambda x: x.reshape(-1, *x.shape[2:])[extra["mask"].reshape(-1)]) if c["layout"] == "padded" else (
         lambda x: x)
     del n
@@ -323,12 +325,55 @@ def test_empty_batch_and_no_valid_token():
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_triton_path(device, layout):
-    """The Triton path (the linear_logprobs kernels driven by this loss) against the reference."""
+    """The Triton path (library GEMMs + token_logprobs' row kernels, chunks of 4 tokens) against the reference."""
     c = {**BASE, "layout": layout, "lengths": [5, 0, 4], "v": 70}
     d = build(c)
     out, grads, flat = run_op(c, d, torch.float32, device=device, backend="triton")
     grads = [g.cpu() for g in grads]
-    check(c, d, out, grads, lambda x: flat(x).cpu())
+    check(c, d, out, grads, flat=lambda x: flat(x).cpu())
+
+
+@settings(max_examples=12, deadline=None)
+@given(batches())
+def test_triton_parity_fp32(c):
+    """The Triton path over the same hypothesis batches as the torch path (chunks of 1, 2 or all tokens)."""
+    d = build(c)
+    out, grads, flat = run_op(c, d, torch.float32, backend="triton")
+    check(c, d, out, grads, flat)
+
+
+@pytest.mark.parametrize("chunk", [3, 256], ids=["chunks", "one-chunk"])
+def test_triton_low_precision(chunk):
+    """bf16 on the Triton path: logits tiles in bf16, fp32 accumulation, grad_weight of several chunks summed in fp32;
+    tolerance relative to torch's own bf16 error (the reference on the same bf16 inputs)."""
+    dtype = torch.bfloat16
+    c = {**BASE, "chunk": chunk}
+    d = build(c)
+    for x in ("hid", "w", "bias"):
+        d[x] = d[x].to(dtype).double()
+    out, grads, _ = run_op(c, d, dtype, backend="triton")
+    L64, _, _, _, g64, _ = reference(c, d, torch.float64)
+    Llo, _, _, _, glo, _ = reference(c, d, dtype)
+    close("loss", out.loss, L64, Llo, 1e-2)
+    for name, x, r64, rlo in zip(["gh", "gw", "gb"], [grads[0][d["keep"]]] + grads[1:], g64, glo, strict=True):
+        close(name, x, r64, rlo, 2e-2)
+    assert grads[1].dtype == dtype
+
+
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_triton_requires_grad_subsets(frozen):
+    c = {**BASE, "layout": "packed"}
+    d = build(c)
+    w = d["w"].float().requires_grad_(frozen != "weight")
+    h = d["hid"].float().requires_grad_(frozen != "hidden")
+    out = linear_policy_loss(h, w, d["ids"], d["old"].float(), d["adv"].float(), bias=d["bias"].float(),
+                             ref_logp=d["ref_lp"].float(), cu_seqlens=torch.tensor(d["offs"]), backend="triton",
+                             **kwargs_of(c))
+    _, grads_all, _ = run_op({**c, "return_entropy": False}, d, torch.float32)
+    out.loss.backward()
+    live, ref_grad = (h, grads_all[0]) if frozen == "weight" else (w, grads_all[1])
+    torch.testing.assert_close(live.grad, ref_grad, rtol=1e-5, atol=1e-7)
+    assert (w if frozen == "weight" else h).grad is None
 
 
 def test_torch_compile_traces_the_op():

@@ -7,8 +7,8 @@ The math is ``srpo_core.reference.policy_loss`` (``L = Σ_t coef_t·ℓ_t``, ``c
 
 - **torch** (``srpo_core.cpu.policy_loss``): token chunks with full vocabulary rows; logits tile → logsumexp → logp
   → ``∂ℓ/∂logp`` → ``G = ∂L/∂logits`` in place → ``grad_hidden = G @ W``, ``grad_weight += Gᵀ @ h``: three GEMMs.
-- **triton** (``srpo_core.kernels.policy_loss``): the fused ``linear_token_logprobs`` kernels with this loss's
-  per-token gradients as their upstream gradients.
+- **triton** (``srpo_core.kernels.policy_loss``): the same three-GEMM schedule with library GEMMs and
+  ``token_logprobs``' fused row kernels (one read of the tile forward, one read and write backward), in ~1 GiB tiles.
 
 Registered as the custom op ``torch.ops.srpo_core.linear_policy_loss`` (fake kernel + autograd formula), so
 ``torch.compile(fullgraph=True)`` traces a step through it. Its backward returns the gradients stored in the forward
@@ -66,6 +66,16 @@ def aggregation_coef(valid: torch.Tensor, seq: torch.Tensor, n_seq: int, mode: s
 # the flat op: rows with ``valid`` False are dropped before any backend runs
 
 
+TRITON_TILE_BYTES = 1 << 30  # the Triton path's [k, V] logits tile: k = 1 GiB / (V · itemsize) tokens (D154)
+
+
+def triton_chunk(n: int, v: int, itemsize: int) -> int:
+    """Tokens per chunk of the Triton path: as many as a ``TRITON_TILE_BYTES`` tile holds, a multiple of 128 when
+    over 128 (the GEMMs' tile), at least 1."""
+    k = max(1, TRITON_TILE_BYTES // max(1, v * itemsize))
+    return min(n, k if k < 128 else k - k % 128)
+
+
 def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_entropy, cfg, needs, backend):
     n = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -93,14 +103,22 @@ def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_e
     elif backend == "triton":
         from srpo_core.kernels.policy_loss import policy_loss_fwd_bwd
 
-        def token_fn(logp, ent):
-            ell, d_lp, st = token_grads(logp, logp if old_k is None else old_k, adv_k, ref_k, ent, cfg)
-            d_h = -cfg.entropy_coeff * coef_k if cfg.entropy_coeff != 0 else None
-            return d_lp * coef_k, d_h, ((ell * coef_k).sum(), st.sum(1))
+        loss = torch.zeros((), dtype=acc, device=dev)
+        stats = torch.zeros(N_STATS, dtype=acc, device=dev)
+        stats[-1] = h_k.shape[0]
+        d_h = -cfg.entropy_coeff * coef_k if cfg.entropy_coeff != 0 else None
 
-        lp_k, ent_k, (gh, gw, gb), (loss, st) = policy_loss_fwd_bwd(
-            h_k, weight, bias, ids_k, token_fn, inv_tau=inv_tau, want_entropy=need_ent, needs=needs)
-        stats = torch.cat([st, st.new_tensor([h_k.shape[0]])])
+        def token_fn(rows, logp, ent):
+            c = coef_k[rows]
+            ell, d_lp, st = token_grads(logp, logp if old_k is None else old_k[rows], adv_k[rows],
+                                        None if ref_k is None else ref_k[rows], ent, cfg)
+            loss.add_((ell * c).sum())
+            stats[:-1] += st.sum(1)
+            return d_lp * c, None if d_h is None else d_h[rows]
+
+        lp_k, ent_k, (gh, gw, gb) = policy_loss_fwd_bwd(
+            h_k, weight, bias, ids_k, token_fn, inv_tau=inv_tau, want_entropy=need_ent, needs=needs,
+            chunk=triton_chunk(h_k.shape[0], weight.shape[0], weight.element_size()))
     else:
         loss, lp_k, ent_k, stats, gh, gw, gb = fused_fwd_bwd(h_k, weight, bias, ids_k, old_k, adv_k, ref_k, coef_k,
                                                              inv_tau=inv_tau, want_entropy=want_entropy, cfg=cfg,
