@@ -782,15 +782,22 @@ def test_inplace_backward_is_ignored_under_torch_compile():
     assert_close(grad, want, atol=1e-5, rtol=1e-5, name="grad")
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_one_pass_cpu_forward_redoes_the_rows_it_cannot_shift(dtype, temperature, monkeypatch):
+def test_one_pass_cpu_forward_redoes_the_rows_it_cannot_shift(dtype, temperature, compiled, monkeypatch):
     """The CPU log-prob forward shifts each row by its sampled logit; rows where that overflows (another logit
     hundreds of nats above), whose sampled logit is −inf, or that are all −inf, are redone with the row max. Small
-    chunks, so the redo crosses chunk boundaries."""
+    chunks, so the redo crosses chunk boundaries; eager (three passes over a workspace) and compiled (one inductor
+    kernel per chunk)."""
     import srpo_core.cpu.token_logprobs as cpu_tl
 
     monkeypatch.setattr(cpu_tl, "SHIFT_CHUNK_BYTES", 3 * 4 * 50)  # 3 rows of V = 50 per chunk
+    if compiled:
+        monkeypatch.setattr(_chunked, "USE_COMPILE", True)
+        monkeypatch.setattr(cpu_tl, "COMPILE_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(cpu_tl, "COMPILED_CHUNK_ELEMENTS", 3 * 50)
+        warnings.simplefilter("error", RuntimeWarning)  # a compile failure would warn and fall back
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(11, 50, generator=g) * 3).to(dtype)
     ids = torch.randint(0, 50, (11,), generator=g)
@@ -811,6 +818,7 @@ def test_one_pass_cpu_forward_redoes_the_rows_it_cannot_shift(dtype, temperature
     xd = x.detach().double().requires_grad_(True)
     torch.log_softmax(xd / temperature, -1).gather(1, ids[:, None])[:, 0][keep].sum().backward()
     assert torch.allclose(xr.grad.double()[keep], xd.grad[keep], rtol=1e-5, atol=1e-6)
+    assert _chunked._BROKEN is None
 
 
 def test_one_pass_cpu_forward_redoes_only_the_rows_that_need_it(monkeypatch):

@@ -90,7 +90,16 @@ def _bwd_chunk_ent_(x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t):
     _bwd_chunk(x, x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t, True)
 
 
+def _fwd_chunk_shifted(x, ids, inv_t):
+    """→ ``(c, s)`` per row with ``c = x_id``, ``s = Σ_v e^{(x_v − c)·inv_t}`` (see :func:`_fwd_lp_shifted`): one
+    read of ``x``."""
+    xa = x.to(inv_t.dtype)
+    c = xa.gather(1, ids[:, None])
+    return c.squeeze(1), torch.exp((xa - c) * inv_t).sum(-1)
+
+
 _COMPILED = {
+    "fwd_shifted": _chunked.Compiled(_fwd_chunk_shifted),
     "fwd": _chunked.Compiled(_fwd_chunk_lp),
     "fwd_ent": _chunked.Compiled(_fwd_chunk_ent),
     "bwd": _chunked.Compiled(_bwd_chunk_lp),
@@ -157,31 +166,43 @@ SHIFT_CHUNK_BYTES = 1 << 23  # rows per chunk: about 8 MiB of fp32 (few Python s
 # read the workspace from cache)
 
 
-def _fwd_lp_shifted(logits, safe, keep, inv_t: float, outs) -> None:
+def _fwd_lp_shifted(logits, safe, keep, inv_t: float, outs, compiled: bool) -> None:
     """``logp = −log Σ_v e^{(x_v − x_id)·inv_t}``: shifted by the sampled token's own logit instead of the row max, so
     the logits are read from memory once (the max pass is what makes a log-softmax read them twice) and ``s ≥ 1``.
     Writes ``outs = [logp, c, log s]`` with ``c = x_id`` (``lse = c·inv_t + log s`` for any shift). Kept rows are
     redone with the row max (:func:`_fwd_chunk_eager`) where the sum is not finite (a logit more than ~88/inv_t
     above the sampled one, ``x_id = ±inf``/NaN) or where ``log s > log V + SHIFT_MAX_EXTRA``: the sampled token is
     that far below the row's top logits, and the backward's ``(x − c)·inv_t − log s`` would cancel for them (the row
-    max keeps it exact). The caller sends only batches whose kept ids are all valid."""
+    max keeps it exact). The caller sends only batches whose kept ids are all valid. ``compiled``: the chunks run
+    as one inductor kernel each (:func:`_fwd_chunk_shifted`), else as three eager passes over a cached workspace."""
     V = logits.shape[-1]
     acc = outs[0].dtype
     rows = max(1, SHIFT_CHUNK_BYTES // (4 * V))
     ws = torch.empty(min(rows, keep.numel()), V, dtype=acc, device=logits.device)
     logp, c_out, log_s_out = outs
-    for n0, chunk in _chunked.row_chunks(logits, rows):
-        r = chunk.shape[0]
-        c = chunk.gather(1, safe[n0:n0 + r, None]).squeeze(1).to(acc)
-        u = ws[:r]
-        if chunk.dtype == acc:
-            torch.sub(chunk, c[:, None], out=u)
-        else:  # bf16/fp16: upcast first (a mixed-dtype sub would round in the input dtype)
-            u.copy_(chunk).sub_(c[:, None])
-        if inv_t != 1.0:
-            u.mul_(inv_t)
-        c_out[n0:n0 + r] = c
-        torch.sum(u.exp_(), -1, out=log_s_out[n0:n0 + r])
+    if compiled:  # one fused pass per chunk: the read of x at exp throughput, no workspace traffic
+        inv_t_tensor = torch.tensor(inv_t, dtype=acc)
+        try:
+            for n0, chunk in _chunked.row_chunks(logits, max(1, COMPILED_CHUNK_ELEMENTS // V)):
+                r = chunk.shape[0]
+                c_out[n0:n0 + r], log_s_out[n0:n0 + r] = _COMPILED["fwd_shifted"](chunk, safe[n0:n0 + r],
+                                                                                  inv_t_tensor)
+        except Exception as err:  # no C++ compiler, an inductor error: the eager chunks below, same values
+            _chunked.compile_failed(OP, err)
+            compiled = False
+    if not compiled:
+        for n0, chunk in _chunked.row_chunks(logits, rows):
+            r = chunk.shape[0]
+            c = chunk.gather(1, safe[n0:n0 + r, None]).squeeze(1).to(acc)
+            u = ws[:r]
+            if chunk.dtype == acc:
+                torch.sub(chunk, c[:, None], out=u)
+            else:  # bf16/fp16: upcast first (a mixed-dtype sub would round in the input dtype)
+                u.copy_(chunk).sub_(c[:, None])
+            if inv_t != 1.0:
+                u.mul_(inv_t)
+            c_out[n0:n0 + r] = c
+            torch.sum(u.exp_(), -1, out=log_s_out[n0:n0 + r])
     log_s_out.log_()
     torch.neg(log_s_out, out=logp)
     # log s = −logp ≤ log V + 8: the backward's log p of the top tokens, (x − c)·inv_t − log s, then carries at most
@@ -217,10 +238,11 @@ def _torch_fwd(logits, ids, temperature, ignore_index, return_entropy):
         done = False
         # one pass over the logits (the max pass was the second), where every kept id is in range (not for a
         # vocab-parallel shard, whose rows mostly sample another shard's token)
+        compiled = _chunked.compile_wanted(dev) and N * V >= COMPILE_MIN_ELEMENTS
         if not return_entropy and dev.type == "cpu" and bool((valid | ~keep).all()):
-            _fwd_lp_shifted(logits, safe, keep, inv_t, outs)
+            _fwd_lp_shifted(logits, safe, keep, inv_t, outs, compiled)
             done = True
-        if not done and _chunked.compile_wanted(dev) and N * V >= COMPILE_MIN_ELEMENTS:
+        if not done and compiled:
             fn = _COMPILED["fwd_ent" if return_entropy else "fwd"]
             inv_t_tensor = torch.tensor(inv_t, dtype=acc)
             rows = max(1, COMPILED_CHUNK_ELEMENTS // V)
