@@ -285,17 +285,19 @@ def test_v1_trainer_path_reaches_the_same_estimator(verl_mods):
 
 
 @needs_verl
-def test_entry_point_refuses_the_v1_trainer_with_the_fix(verl_mods):
+def test_entry_point_picks_the_task_runner_by_use_v1(verl_mods):
     _, _, _, OmegaConf = verl_mods  # noqa: N806
     import os
 
     import verl
+    from verl.trainer import main_ppo, main_ppo_v0
 
     default = OmegaConf.load(os.path.join(os.path.dirname(verl.__file__), "trainer", "config", "ppo_trainer.yaml"))
-    assert default.trainer.use_v1 is True  # verl 0.9.1's default, which the entry point must not run silently
-    with pytest.raises(SystemExit, match="add trainer.use_v1=False"):
-        adapter.check_entry_config(OmegaConf.create({"trainer": {"use_v1": True}}))
-    adapter.check_entry_config(OmegaConf.create({"trainer": {"use_v1": False}}))
+    assert default.trainer.use_v1 is True  # verl 0.9.1's default
+    assert adapter.task_runner_name(default) == "SRPOTaskRunnerV1Remote"
+    assert adapter.task_runner_name(OmegaConf.create({"trainer": {"use_v1": False}})) == "SRPOTaskRunnerRemote"
+    assert issubclass(adapter.SRPOTaskRunnerV1, main_ppo.TaskRunnerV1.__ray_actor_class__)
+    assert issubclass(adapter.SRPOTaskRunner, main_ppo_v0.TaskRunner.__ray_actor_class__)
 
 
 class BigramVLM:
@@ -411,3 +413,131 @@ def test_trainer_old_log_prob_adds_the_contrast_passes(verl_mods):
     out = ray_trainer.compute_advantage(batch, "srpo", config=trainer.config.algorithm)
     assert out.batch["advantages"].shape == (bs, R)
     assert bool(torch.isfinite(out.batch["advantages"]).all())
+
+
+# --------------------------------------------------------------------------- part 3: the v1 trainer, on a real TQ
+@pytest.fixture(scope="module")
+def transfer_queue(verl_mods):
+    """A local Ray (logical CPUs only; the TQ controller and storage are actors) and a real TransferQueue."""
+    import os
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    import transfer_queue as tq
+
+    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        tq.init({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}})
+        yield tq
+        tq.close()
+    finally:
+        ray.shutdown()
+
+
+class TQBigramWorkerGroup(BigramWorkerGroup):
+    """The bigram worker behind verl's real ``tqbridge``: ``KVBatchMeta`` in, samples read from and log-probs written
+    to the TransferQueue, as the v1 engine workers do."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        from verl.utils.transferqueue_utils import tqbridge
+
+        self.compute_log_prob = tqbridge()(super().compute_log_prob)
+
+
+def _v1_samples(bs, n, V, g):  # noqa: N803
+    """Samples as verl's v1 agent loop stores them (no padding, ``{uid}_{session}_{index}`` keys)."""
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    prompt_lens, resp_lens = [3, 4, 2, 4], [7, 5, 6, 1]
+    roles = [[2, 1, 1, 2, 0, 2, 2], [1, 1, 2, 2, 2], [0, 2, 2, 2, 1, 2], [2]]
+    rows, keys = [], []
+    for i in range(bs):
+        uid = str(uuid.UUID(int=i // n))
+        prompt = torch.randint(1, V, (prompt_lens[i],), generator=g)
+        resp = torch.randint(1, V, (resp_lens[i],), generator=g)
+        ids = torch.cat([prompt, resp])
+        rows.append({"prompts": prompt, "responses": resp, "input_ids": ids,
+                     "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(len(ids)),
+                     "response_mask": torch.ones_like(resp), "loss_mask": torch.ones_like(resp),
+                     "srpo_roles": torch.tensor(roles[i]), "rm_scores": torch.zeros(resp_lens[i]),
+                     "multi_modal_inputs": _qwen_inputs(seed=i // n), "uid": uid})
+        rows[-1]["rm_scores"][-1] = [1.0, 0.0, 0.5, 1.0][i]
+        keys.append(f"{uid}_{i % n}_0")
+    return keys, rows, list_of_dict_to_tensordict(rows)
+
+
+@needs_verl
+def test_v1_trainer_adds_the_contrast_passes_through_the_transfer_queue(verl_mods, transfer_queue):
+    """verl's own v1 ``_compute_old_log_prob`` and ``_compute_advantage`` (``PPOTrainerSync``), on samples in a
+    real TransferQueue, with the bigram worker behind ``tqbridge``: every SRPO log-prob checked by hand, and the
+    advantages equal to the legacy path's on the same numbers."""
+    DataProto, _, ray_trainer, OmegaConf = verl_mods  # noqa: N806
+    tq = transfer_queue
+    from transfer_queue import KVBatchMeta
+    from verl.trainer.ppo.v1 import PPOTrainerSync
+
+    trainer_cls = adapter.srpo_v1_trainer_class(PPOTrainerSync)
+    assert issubclass(trainer_cls, PPOTrainerSync) and adapter.srpo_v1_trainer_class(PPOTrainerSync) is trainer_cls
+
+    V, n, bs = 13, 2, 4  # noqa: N806
+    keys, rows, td = _v1_samples(bs, n, V, torch.Generator().manual_seed(0))
+    tags = [{"seq_len": len(r["input_ids"])} for r in rows]
+    tq.kv_batch_put(keys=keys, partition_id="train", fields=td, tags=tags)
+    batch = KVBatchMeta(keys=keys, tags=tags, partition_id="train")
+
+    model = BigramVLM(V)
+    trainer = object.__new__(trainer_cls)
+    trainer.config = OmegaConf.create({
+        "algorithm": {"adv_estimator": "srpo", "srpo": {"seed": 3, "corrupt_p": 0.9}, "use_kl_in_reward": False,
+                      "gamma": 1.0, "lam": 1.0, "norm_adv_by_std_in_grpo": True},
+        "actor_rollout_ref": {"actor": {"loss_agg_mode": "token-mean", "loss_scale_factor": None},
+                              "rollout": {"temperature": 1.0, "calculate_log_probs": False, "n": n}}})
+    trainer.actor_rollout_wg = TQBigramWorkerGroup(model)
+    trainer.tokenizer = None
+    trainer.global_steps = 1
+    metrics = {}
+    batch = trainer._compute_old_log_prob(batch, metrics=metrics)
+    assert len(trainer.actor_rollout_wg.seen_pixel_means) == 3  # clean, corrupted, ablated passes
+    assert tq.kv_list(adapter.V1_CONTRAST_PARTITION).get(adapter.V1_CONTRAST_PARTITION, {}) == {}  # cleared
+    clean_m, corrupt_m, ablated_m = trainer.actor_rollout_wg.seen_pixel_means
+    assert clean_m == ablated_m
+    assert all(a != b for a, b in zip(clean_m, corrupt_m, strict=True))
+    assert corrupt_m[0] == corrupt_m[1] and corrupt_m[2] == corrupt_m[3]  # one corrupted image per prompt
+
+    got = tq.kv_batch_get(keys=keys, partition_id="train").select(
+        "old_log_probs", "srpo_logp_corrupt", "srpo_logp_ablated", "srpo_roles", "response_mask").to_padded_tensor()
+    for i, r in enumerate(rows):
+        seq, resp, roles = r["prompts"].tolist(), r["responses"].tolist(), r["srpo_roles"]
+        full = seq + resp
+        for j, tok in enumerate(resp):
+            prev = full[len(seq) + j - 1]
+            assert float(got["old_log_probs"][i, j]) == pytest.approx(model.logp(prev, tok, clean_m[i]), abs=1e-5)
+            assert float(got["srpo_logp_corrupt"][i, j]) == pytest.approx(model.logp(prev, tok, corrupt_m[i]),
+                                                                          abs=1e-5)
+            if roles[j] != Role.PERCEPTION:
+                k = len(seq) + j - 1
+                while k >= len(seq) and roles[k - len(seq)] == Role.PERCEPTION:
+                    k -= 1
+                assert float(got["srpo_logp_ablated"][i, j]) == pytest.approx(
+                    model.logp(full[k], tok, clean_m[i]), abs=1e-5), (i, j)
+            else:
+                assert float(got["srpo_logp_ablated"][i, j]) == 0.0
+
+    # verl's v1 advantage step: the srpo_* fields reach the estimator; the result is the legacy path's.
+    metrics = {}
+    batch = trainer._compute_advantage(batch, metrics=metrics)
+    assert "srpo/perception/mu" in metrics
+    adv = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages"]).to_padded_tensor()
+    scores = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["rm_scores"]).to_padded_tensor()
+    legacy = DataProto.from_dict(
+        tensors={"response_mask": got["response_mask"], "old_log_probs": got["old_log_probs"],
+                 "srpo_logp_corrupt": got["srpo_logp_corrupt"], "srpo_logp_ablated": got["srpo_logp_ablated"],
+                 "srpo_roles": got["srpo_roles"], "token_level_rewards": scores["rm_scores"]},
+        non_tensors={"uid": np.array([r["uid"] for r in rows], dtype=object)})
+    want = ray_trainer.compute_advantage(legacy, "srpo", num_repeat=n, config=trainer.config.algorithm)
+    torch.testing.assert_close(adv["advantages"], want.batch["advantages"])
+    grpo = ray_trainer.compute_advantage(legacy, "grpo", num_repeat=n)
+    assert not torch.allclose(adv["advantages"], grpo.batch["advantages"])  # SRPO, not GRPO, ran
+    assert adapter._V1_STEP.get() is None
+    tq.kv_clear(keys=keys, partition_id="train")

@@ -15,12 +15,14 @@ Pieces, from the smallest to the whole run:
 - ``SRPORayPPOTrainer``: a ``RayPPOTrainer`` whose ``_compute_old_log_prob`` also runs the corrupted-image pass and the
   perception-ablated pass through verl's *own* ``_compute_old_log_prob`` (same workers, temperature, padding-free
   path), adding ``srpo_logp_corrupt``, ``srpo_logp_ablated`` and ``srpo_roles`` to the batch.
-- ``SRPOTaskRunner`` and :func:`main`: ``python -m srpo_core.adapters.verl <hydra overrides>`` is verl's
-  ``main_ppo`` (legacy ``RayPPOTrainer`` path, ``trainer.use_v1=False``) with the two patches applied inside the
-  TaskRunner actor, where the trainer lives. verl 0.9.1 defaults to ``trainer.use_v1=true``, whose trainer computes
-  old log-probs through its TransferQueue and fetches a fixed field list for the advantage step, so the contrast
-  passes do not reach it yet: the entry point refuses ``use_v1=true`` with that message instead of silently
-  switching paths.
+- ``srpo_v1_trainer_class(base)``: the same passes for verl 0.9's v1 trainer (``trainer.use_v1=true``, the
+  default), whose samples live in the TransferQueue: after verl's ``_compute_old_log_prob`` the corrupted and the
+  ablated copies of the batch are written to a partition of their own, scored by the same ``compute_log_prob`` call,
+  and the results stored as ``srpo_*`` fields of the samples; ``_compute_advantage`` reads them back and hands them to
+  the patched ``compute_advantage`` for the duration of verl's own advantage step.
+- ``SRPOTaskRunner``/``SRPOTaskRunnerV1`` and :func:`main`: ``python -m srpo_core.adapters.verl <hydra overrides>`` is
+  verl's ``main_ppo`` with the patches applied inside the TaskRunner actor, where the trainer lives: the v1 runner
+  (``trainer.use_v1=true``, verl's default) or the legacy ``RayPPOTrainer`` one (``trainer.use_v1=false``).
 
 The Ray workers need nothing from srpo-core: the extra passes are ordinary ``compute_log_prob`` calls on batches
 the driver prepared (corrupted ``pixel_values`` in ``multi_modal_inputs``, the perception span removed from the
@@ -30,9 +32,11 @@ first access.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 from typing import Any
 
+import numpy as np
 import torch
 
 from srpo_core.adapters._common import (
@@ -66,6 +70,8 @@ __all__ = [
     "main",
     "options_from_config",
     "srpo_token_advantages",
+    "srpo_v1_trainer_class",
+    "task_runner_name",
 ]
 
 
@@ -120,6 +126,9 @@ def compute_advantage(data, adv_estimator, gamma: float = 1.0, lam: float = 1.0,
     if name not in ESTIMATORS:
         return original(data, adv_estimator, gamma=gamma, lam=lam, num_repeat=num_repeat,
                         norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo, config=config)
+    v1_step = _V1_STEP.get()
+    if v1_step is not None:  # inside the v1 trainer's advantage step: the srpo_* fields it does not fetch
+        v1_step.attach(data)
     data = original(data, "grpo", gamma=gamma, lam=lam, num_repeat=num_repeat,
                     norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo, config=config)
     batch = data.batch
@@ -139,6 +148,8 @@ def compute_advantage(data, adv_estimator, gamma: float = 1.0, lam: float = 1.0,
     batch["advantages"] = advantages
     batch["returns"] = advantages
     data.meta_info[KEY_METRICS] = stats
+    if v1_step is not None:
+        v1_step.stats = stats
     return data
 
 
@@ -194,19 +205,6 @@ def _wrap(original):
     wrapped.__srpo_original__ = original
     wrapped.__doc__ = compute_advantage.__doc__
     return wrapped
-
-
-V1_REFUSAL = ("srpo_core.adapters.verl runs SRPO on verl's legacy trainer (RayPPOTrainer): add trainer.use_v1=False. "
-              "verl 0.9's default v1 trainer computes old log-probs through its TransferQueue and fetches a fixed "
-              "list of fields for the advantage step, so the corrupted-image and ablated passes SRPO needs do not "
-              "reach it (adv_estimator=srpo would fail there for lack of srpo_* keys).")
-
-
-def check_entry_config(config) -> None:
-    """Refuse a config the entry point cannot run as asked (today: ``trainer.use_v1=true``) with the fix."""
-    trainer = config.get("trainer", {}) if hasattr(config, "get") else {}
-    if bool(trainer.get("use_v1", False)):
-        raise SystemExit(f"error: {V1_REFUSAL}")
 
 
 # --------------------------------------------------------------------------- the trainer and the task runner
@@ -314,12 +312,216 @@ def _build_task_runner_class():
     return SRPOTaskRunner, ray.remote(SRPOTaskRunner)
 
 
+# --------------------------------------------------------------------------- verl 0.9's v1 trainer
+# The corrupted and ablated copies of a batch are written under keys of their own in this TransferQueue partition
+# (the replay buffer samples only "train"), scored, and cleared.
+V1_CONTRAST_PARTITION = "srpo_contrast"
+# Per-token fields of the no-padding sample layout the v1 agent loop stores: over the whole sequence (last dim) and
+# over the response. The ablated copy drops the response's perception tokens from each.
+_V1_SEQUENCE_FIELDS = ("input_ids", "attention_mask", "position_ids")
+_V1_RESPONSE_FIELDS = ("responses", "response_mask", "loss_mask", "rollout_log_probs")
+
+
+class _V1AdvantageStep:
+    """The ``srpo_*`` fields (padded ``[bs, response_length]``, rows in the batch's key order) that the v1 advantage
+    step does not fetch, handed to :func:`compute_advantage` while verl's ``_compute_advantage`` runs."""
+
+    def __init__(self, fields: dict[str, torch.Tensor]):
+        self.fields = fields
+        self.stats: dict[str, float] = {}
+
+    def attach(self, data) -> None:
+        for key, value in self.fields.items():
+            if key in data.batch.keys():
+                continue
+            if value.shape[0] != len(data) or value.shape[1] != data.batch["response_mask"].shape[1]:
+                raise ValueError(f"srpo: {key} is {tuple(value.shape)} but the advantage batch's response_mask is "
+                                 f"{tuple(data.batch['response_mask'].shape)}")
+            data.batch[key] = value
+
+
+_V1_STEP: contextvars.ContextVar[_V1AdvantageStep | None] = contextvars.ContextVar("srpo_v1_step", default=None)
+
+
+def _nested(rows: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+
+
+def v1_corrupted_fields(data, options: AdapterOptions, step: int = 0):
+    """v1 samples (a TransferQueue ``TensorDict``) with each ``multi_modal_inputs``' ``pixel_values`` corrupted, one
+    mask per ``uid`` (the legacy path's :func:`corrupted_batch` on the v1 layout)."""
+    from tensordict import NonTensorStack
+    from verl.utils import tensordict_utils as tu
+
+    if "multi_modal_inputs" not in data.keys():
+        raise KeyError("srpo: the samples have no multi_modal_inputs to corrupt (text-only data?)")
+    mm = np.empty(len(data), dtype=object)
+    mm[:] = list(tu.get(data, "multi_modal_inputs"))
+    groups = group_ids(tu.get(data, "uid"))
+    out = data.clone(False)
+    corrupted = corrupt_multi_modal_inputs(mm, groups, mode=options.corrupt_mode, p=options.corrupt_p,
+                                           seed=options.seed * 100_003 + step)
+    out["multi_modal_inputs"] = NonTensorStack(*corrupted.tolist())
+    return out
+
+
+def v1_ablated_fields(data, kept: list[torch.Tensor]):
+    """v1 samples with each response's perception tokens removed; ``kept[i]`` is bool over response ``i``. The other
+    tokens keep their ``position_ids`` (the legacy path's hidden-span semantics, in the no-padding layout)."""
+    out = data.clone(False)
+    prompt_lens = data["prompts"].offsets().diff().tolist()
+    for key in _V1_SEQUENCE_FIELDS + _V1_RESPONSE_FIELDS:
+        if key not in data.keys():
+            continue
+        rows = list(data[key].unbind())
+        for i, row in enumerate(rows):
+            keep = kept[i]
+            if key in _V1_SEQUENCE_FIELDS:
+                keep = torch.cat([torch.ones(prompt_lens[i], dtype=torch.bool), keep])
+            rows[i] = row[..., keep]
+        out[key] = _nested(rows)
+    return out
+
+
+def _v1_log_probs(self, batch, fields) -> list[torch.Tensor]:
+    """Score samples through the actor's ``compute_log_prob`` (as verl's old-log-prob step does); per-response rows."""
+    import transfer_queue as tq
+    from transfer_queue import KVBatchMeta
+    from verl.workers.utils.padding import response_from_nested
+
+    keys = [f"{k}#srpo" for k in batch.keys]
+    tq.kv_batch_put(keys=keys, partition_id=V1_CONTRAST_PARTITION, fields=fields, tags=batch.tags)
+    try:
+        extra = {**batch.extra_info, "calculate_entropy": False, "compute_loss": False,
+                 "temperature": self.config.actor_rollout_ref.rollout.temperature}
+        meta = KVBatchMeta(keys=keys, tags=batch.tags, partition_id=V1_CONTRAST_PARTITION, extra_info=extra)
+        output = self.actor_rollout_wg.compute_log_prob(meta)
+        assert len(output) == len(batch)
+        got = tq.kv_batch_get(keys=keys, partition_id=V1_CONTRAST_PARTITION,
+                              select_fields=["log_probs", "response_mask"])
+        return list(response_from_nested(got["log_probs"], got["response_mask"]).unbind())
+    finally:
+        tq.kv_clear(keys=keys, partition_id=V1_CONTRAST_PARTITION)
+
+
+def _v1_compute_old_log_prob_with_srpo(self, batch, metrics, base):
+    batch = base(self, batch, metrics)
+    name = _estimator_name(self.config.algorithm.adv_estimator)
+    if name not in ESTIMATORS:
+        return batch
+    import transfer_queue as tq
+    from tensordict import TensorDict
+
+    options = options_from_config(self.config.algorithm)
+    step = int(getattr(self, "global_steps", 0) or 0)
+    data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id)
+    out = {KEY_LOGP_CORRUPT: _nested(_v1_log_probs(self, batch, v1_corrupted_fields(data, options, step)))}
+    if name == "srpo":
+        if KEY_ROLES in data.keys():
+            roles = list(data[KEY_ROLES].unbind())
+        else:
+            from srpo_core.roles import roles_from_token_ids
+
+            padded = data.select("responses", "response_mask").to_padded_tensor()
+            found = roles_from_token_ids(padded["responses"], self.tokenizer, padded["response_mask"].bool()).roles
+            lens = data["response_mask"].offsets().diff().tolist()
+            roles = [found[i, :n] for i, n in enumerate(lens)]
+        out[KEY_ROLES] = _nested(roles)
+        masks = [m.bool() for m in data["response_mask"].unbind()]
+        kept = [m & (r != Role.PERCEPTION) for m, r in zip(masks, roles, strict=True)]
+        if options.ablate and any(bool((m & ~k).any()) for m, k in zip(masks, kept, strict=True)):
+            compact = _v1_log_probs(self, batch, v1_ablated_fields(data, kept))
+            old = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["old_log_probs"])
+            ablated = []
+            for c, k, o in zip(compact, kept, old["old_log_probs"].unbind(), strict=True):
+                row = torch.zeros_like(o)
+                row[k] = c.to(o.dtype)[: int(k.sum())]
+                ablated.append(row)
+            out[KEY_LOGP_ABLATED] = _nested(ablated)
+        elif options.ablate:
+            old = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["old_log_probs"])
+            out[KEY_LOGP_ABLATED] = old["old_log_probs"].clone()
+    tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(out, batch_size=len(batch)))
+    return batch
+
+
+def _v1_compute_advantage_with_srpo(self, batch, metrics, base):
+    name = _estimator_name(self.config.algorithm.adv_estimator)
+    if name not in ESTIMATORS:
+        return base(self, batch, metrics)
+    import transfer_queue as tq
+
+    later = [k for k in batch.keys if not str(k).endswith("_0")]
+    if later:
+        raise NotImplementedError(
+            f"adv_estimator={name} on the v1 trainer: {len(later)} samples are not their session's first agent-loop "
+            f"output (key {later[0]!r}); sessions with several outputs are not supported (verl's GRPO scores only "
+            f"the last of them, SRPO's grouping does not)")
+    wanted = [KEY_LOGP_CORRUPT, KEY_LOGP_ABLATED, KEY_ROLES]
+    fields = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=wanted)
+    padded = fields.to_padded_tensor()
+    step = _V1AdvantageStep({k: padded[k] for k in wanted if k in padded.keys()})
+    token = _V1_STEP.set(step)
+    try:
+        batch = base(self, batch, metrics)
+    finally:
+        _V1_STEP.reset(token)
+    metrics.update(step.stats)
+    return batch
+
+
+_V1_CLASSES: dict[type, type] = {}
+
+
+def srpo_v1_trainer_class(base: type) -> type:
+    """A subclass of a v1 ``PPOTrainer`` (sync, colocate/separate async) with SRPO's passes (cached per base)."""
+    if base not in _V1_CLASSES:
+        def _compute_old_log_prob(self, batch, metrics):
+            return _v1_compute_old_log_prob_with_srpo(self, batch, metrics, base._compute_old_log_prob)
+
+        def _compute_advantage(self, batch, metrics):
+            return _v1_compute_advantage_with_srpo(self, batch, metrics, base._compute_advantage)
+
+        _V1_CLASSES[base] = type(f"SRPO{base.__name__}", (base,), {
+            "__doc__": f"``{base.__name__}`` with SRPO's contrast passes (see srpo_core.adapters.verl).",
+            "_compute_old_log_prob": _compute_old_log_prob, "_compute_advantage": _compute_advantage})
+    return _V1_CLASSES[base]
+
+
+def _build_v1_task_runner_class():
+    import ray
+    from verl.trainer import main_ppo
+
+    base = main_ppo.TaskRunnerV1
+    base = getattr(base, "__ray_actor_class__", base)
+
+    class SRPOTaskRunnerV1(base):
+        """verl's v1 TaskRunner, with ``install()`` and the SRPO subclass of the configured v1 trainer."""
+
+        def run(self, config):
+            install()
+            from verl.trainer.ppo import v1
+
+            verl_get = getattr(v1.get_trainer_cls, "__srpo_original__", v1.get_trainer_cls)
+
+            def get_trainer_cls(name):
+                return srpo_v1_trainer_class(verl_get(name))
+
+            get_trainer_cls.__srpo_original__ = verl_get
+            v1.get_trainer_cls = get_trainer_cls
+            return super().run(config)
+
+    SRPOTaskRunnerV1.__name__ = SRPOTaskRunnerV1.__qualname__ = "SRPOTaskRunnerV1"
+    return SRPOTaskRunnerV1, ray.remote(SRPOTaskRunnerV1)
+
+
 _LAZY: dict[str, Any] = {}
 
 
 def __getattr__(name: str):
-    """``SRPORayPPOTrainer``, ``SRPOTaskRunner`` (plain class) and ``SRPOTaskRunnerRemote`` (the Ray actor class) are
-    built on first access, so importing this module never imports verl."""
+    """``SRPORayPPOTrainer``, ``SRPOTaskRunner``/``SRPOTaskRunnerV1`` (plain classes) and ``SRPOTaskRunnerRemote``/
+    ``SRPOTaskRunnerV1Remote`` (the Ray actor classes) are built on first access, so importing this module never
+    imports verl."""
     if name == "SRPORayPPOTrainer":
         if name not in _LAZY:
             _LAZY[name] = _build_trainer_class()
@@ -328,12 +530,23 @@ def __getattr__(name: str):
         if name not in _LAZY:
             _LAZY["SRPOTaskRunner"], _LAZY["SRPOTaskRunnerRemote"] = _build_task_runner_class()
         return _LAZY[name]
+    if name in ("SRPOTaskRunnerV1", "SRPOTaskRunnerV1Remote"):
+        if name not in _LAZY:
+            _LAZY["SRPOTaskRunnerV1"], _LAZY["SRPOTaskRunnerV1Remote"] = _build_v1_task_runner_class()
+        return _LAZY[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def task_runner_name(config) -> str:
+    """The task runner the entry point starts for ``config``: ``SRPOTaskRunnerV1Remote`` unless
+    ``trainer.use_v1=false`` (verl 0.9's default is true)."""
+    trainer = config.get("trainer", {}) if hasattr(config, "get") else {}
+    return "SRPOTaskRunnerV1Remote" if bool(trainer.get("use_v1", True)) else "SRPOTaskRunnerRemote"
+
+
 def main() -> None:
-    """``python -m srpo_core.adapters.verl algorithm.adv_estimator=srpo trainer.use_v1=False ...`` (verl's Hydra
-    config ``ppo_trainer``; SRPO options under ``+algorithm.srpo.<key>=...``)."""
+    """``python -m srpo_core.adapters.verl algorithm.adv_estimator=srpo ...`` (verl's Hydra config ``ppo_trainer``;
+    SRPO options under ``+algorithm.srpo.<key>=...``; ``trainer.use_v1=false`` for the legacy trainer)."""
     import os
 
     import hydra
@@ -343,12 +556,11 @@ def main() -> None:
 
     @hydra.main(config_path=config_dir, config_name="ppo_trainer", version_base=None)
     def _main(config):
-        check_entry_config(config)
         from verl.trainer.main_ppo import run_ppo
         from verl.utils.device import auto_set_device
 
         auto_set_device(config)
-        run_ppo(config, task_runner_class=__getattr__("SRPOTaskRunnerRemote"))
+        run_ppo(config, task_runner_class=__getattr__(task_runner_name(config)))
 
     _main()
 
