@@ -231,10 +231,8 @@ def policy_loss_cases(n: int, h: int, v: int, dtype: torch.dtype) -> list[tuple]
     ours (torch path), naive torch, the three GEMMs alone, our log-probs + the loss, Liger's fused GRPO loss."""
     from srpo_core.bench.cases import policy_loss_shape
 
-    t = min(n, 1024)
     floor, flops = 3 * (n * h + v * h) * (torch.finfo(dtype).bits // 8), 6 * n * v * h
-    return [(c.op, c.mode, c.impl, c.setup, floor, flops)
-            for c in policy_loss_shape(n // t, t, h, v, dtype, "full", "cuda")]
+    return [(c.op, c.mode, c.impl, c.setup, floor, flops) for c in policy_loss_shape(1, n, h, v, dtype, "full", "cuda")]
 
 
 def _no_grad(call):

@@ -12,6 +12,8 @@ known as soon as its row is. Per chunk of ``k`` tokens the launcher here
 5. ``grad_hidden[chunk] = G @ W`` (GEMM 2) and ``grad_weight += Gᵀ @ h`` (GEMM 3), ``grad_bias += Σ_t G``.
 
 So forward + backward is the three GEMMs plus three passes over a ``[k, V]`` tile in HBM; nothing is recomputed.
+The GEMMs are torch's, so in fp32 they follow torch's matmul precision setting (TF32 where the user allows it, as
+``F.linear`` does), unlike the fused linear kernels, which pin IEEE fp32.
 The chunk size is the caller's (``chunk``). bf16/fp16 over several chunks sum their ``grad_weight`` GEMMs in an
 fp32 ``[V, H]`` buffer, as the CPU path does. Every launch runs inside ``device_guard(hidden)``. Int64 offsets, masks
 and the ``inf·0`` guards are those of ``token_logprobs``' kernels, which this module does not modify.
@@ -75,7 +77,10 @@ def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, 
             if need_b:
                 gb += g.sum(0, dtype=f32)
             if need_h:
-                gh[rows] = g @ weight
+                if low:
+                    gh[rows] = torch.mm(g, weight)
+                else:
+                    torch.mm(g, weight, out=gh[rows])
             if need_w:
                 if gw_acc is not None:  # the chunk's GEMM lands in gw's buffer, summed in fp32
                     torch.mm(g.T, h, out=gw)

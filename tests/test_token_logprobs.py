@@ -796,7 +796,7 @@ def test_one_pass_cpu_forward_redoes_the_rows_it_cannot_shift(dtype, temperature
     if compiled:
         monkeypatch.setattr(_chunked, "USE_COMPILE", True)
         monkeypatch.setattr(cpu_tl, "COMPILE_MIN_ELEMENTS", 0)
-        monkeypatch.setattr(cpu_tl, "COMPILED_CHUNK_ELEMENTS", 3 * 50)
+        monkeypatch.setattr(cpu_tl, "COMPILED_CHUNK_ELEMENTS", 2 * 50)  # chunks of 2 rows, a one-row tail
         warnings.simplefilter("error", RuntimeWarning)  # a compile failure would warn and fall back
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(11, 50, generator=g) * 3).to(dtype)

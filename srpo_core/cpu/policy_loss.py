@@ -121,7 +121,7 @@ def _logits_tile(h, weight, bias, scale, out, low_buf):
             torch.mm(h, weight.T, out=low_buf)
         else:
             torch.addmm(bias, h, weight.T, out=low_buf)
-        torch.mul(low_buf, scale, out=out)
+        out.copy_(low_buf).mul_(scale)  # upcast first: a bf16 × scale would round the logits a second time
     elif bias is None:
         torch.addmm(out, h, weight.T, beta=0, alpha=scale, out=out)
     else:

@@ -185,8 +185,9 @@ def _fwd_lp_shifted(logits, safe, keep, inv_t: float, outs, compiled: bool) -> N
         try:
             for n0, chunk in _chunked.row_chunks(logits, max(1, COMPILED_CHUNK_ELEMENTS // V)):
                 r = chunk.shape[0]
-                c_out[n0:n0 + r], log_s_out[n0:n0 + r] = _COMPILED["fwd_shifted"](chunk, safe[n0:n0 + r],
-                                                                                  inv_t_tensor)
+                # a one-row chunk (the tail) runs the same function eagerly: dynamic shapes still specialise on 1
+                fn = _fwd_chunk_shifted if r == 1 else _COMPILED["fwd_shifted"]
+                c_out[n0:n0 + r], log_s_out[n0:n0 + r] = fn(chunk, safe[n0:n0 + r], inv_t_tensor)
         except Exception as err:  # no C++ compiler, an inductor error: the eager chunks below, same values
             _chunked.compile_failed(OP, err)
             compiled = False

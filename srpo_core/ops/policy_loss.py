@@ -17,6 +17,7 @@ times the upstream scalar gradient; ``logp``, ``entropy`` and the metrics are re
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -25,6 +26,7 @@ import torch
 from srpo_core import _dispatch
 from srpo_core._validate import check_cu_seqlens, describe, require_tensor
 from srpo_core.cpu.policy_loss import N_STATS, LossConfig, fused_fwd_bwd, token_grads
+from srpo_core.ops.linear_token_logprobs_checks import AUTOCAST_DEVICES, autocast_dtype
 from srpo_core.reference.policy_loss import KL_KINDS
 
 OP = "linear_policy_loss"
@@ -148,8 +150,14 @@ def _op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, i
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """→ ``(loss, logp, entropy or [0], stats [N_STATS], grad_hidden or [0], grad_weight or [0], grad_bias or [0])``."""
     cfg = LossConfig(epsilon_low, epsilon_high, clip_ratio_c, beta, kl_kind, entropy_coeff, kl_ratio_correction)
-    loss, logp, ent, stats, gh, gw, gb = _flat(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef, valid,
-                                               inv_tau, want_entropy, cfg, (need_h, need_w, need_b), backend)
+    dev = hidden.device.type
+    # the public function has cast the inputs as F.linear would; every GEMM in here keeps the dtypes chosen there
+    off = dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev)
+    with torch.autocast(device_type=dev, enabled=False) if off else contextlib.nullcontext():
+        loss, logp, ent, stats, gh, gw, gb = _flat(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef,
+                                                   valid, inv_tau, want_entropy, cfg, (need_h, need_w, need_b),
+                                                   backend)
+
     def e():  # a fresh empty tensor per absent output (custom-op outputs must not alias each other)
         return hidden.new_empty(0)
 
@@ -326,9 +334,17 @@ def linear_policy_loss(
             without a ``global_batch_size``; TRL's sequence means count every row: pass ``B``).
         temperature: ``τ > 0``; return_entropy: also return the per-token entropy.
 
+    Under ``torch.autocast`` the op follows ``F.linear``: floating inputs other than float64 are cast to the autocast
+    dtype (the gradients reach the original parameters through the casts) and the logits are computed in it.
+
     Returns:
         :class:`PolicyLossOutput` ``(loss, logp, entropy, metrics)``.
     """
+    if isinstance(hidden, torch.Tensor):
+        cast = autocast_dtype(hidden.device)
+        if cast is not None:  # like F.linear under autocast: floating inputs other than float64, to its dtype
+            hidden, weight, bias = (x.to(cast) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                                    and x.dtype != torch.float64 else x for x in (hidden, weight, bias))
     require_tensor(OP, "hidden", hidden, kind="float", ndim=(2, 3))
     require_tensor(OP, "weight", weight, kind="float", ndim=2)
     if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
