@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.srpo-installed
 VERL_VENV ?= .venv-verl
+OPENRLHF_VENV ?= .venv-openrlhf
 
-.PHONY: demo test test-verl lint bench bench-docs gpu-report gpu-bench gpu-check clean
+.PHONY: demo test test-verl test-openrlhf lint bench bench-docs gpu-report gpu-bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,23 @@ $(VERL_VENV)/.srpo-installed: pyproject.toml
 
 test-verl: $(VERL_VENV)/.srpo-installed
 	$(VERL_VENV)/bin/pytest tests/test_adapter_verl.py -p no:cacheprovider
+
+# The OpenRLHF adapter against the real OpenRLHF 0.11.2 (docs/adapters.md). openrlhf and vllm go in with --no-deps:
+# openrlhf pins flash-attn==2.8.3 (CUDA only; the tests use tests/openrlhf_shim in its place) and vllm pins a CUDA
+# torch; openrlhf.trainer.ray imports vllm at module level. deepspeed is a source archive that needs torch to build.
+# The rest: what the experience maker and train_ppo_ray import, at the versions tested. Not in .ci/run (minutes).
+OPENRLHF_DEPS := ray==2.55.0 transformers==5.15.0 peft==0.21.2 torchdata==0.11.0 einops==0.8.2 sympy==1.14.0 \
+	pylatexenc==2.11 aiohttp==3.14.5 pillow==13.0.0 numpy setuptools
+$(OPENRLHF_VENV)/.srpo-installed: pyproject.toml
+	test -x $(OPENRLHF_VENV)/bin/python || $(PYTHON) -m venv $(OPENRLHF_VENV)
+	$(OPENRLHF_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OPENRLHF_VENV)/bin/python -m pip install -q -c .ci/constraints.txt -e ".[test]" $(OPENRLHF_DEPS)
+	$(OPENRLHF_VENV)/bin/python -m pip install -q -c .ci/constraints.txt --no-build-isolation deepspeed==0.19.6
+	$(OPENRLHF_VENV)/bin/python -m pip install -q -c .ci/constraints.txt --no-deps openrlhf==0.11.2 vllm==0.29.0
+	touch $@
+
+test-openrlhf: $(OPENRLHF_VENV)/.srpo-installed
+	$(OPENRLHF_VENV)/bin/pytest tests/test_adapter_openrlhf_real.py tests/test_adapter_openrlhf.py -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/srpo-core bench
@@ -57,4 +75,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) $(VERL_VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VERL_VENV) $(OPENRLHF_VENV) build dist *.egg-info .pytest_cache .hypothesis

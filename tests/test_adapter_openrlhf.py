@@ -1,4 +1,6 @@
-"""OpenRLHF adapter, tested without OpenRLHF: ``openrlhf==0.11.2`` does not install on a CPU machine. It pins
+"""OpenRLHF adapter, tested without OpenRLHF (the main suite; tests/test_adapter_openrlhf_real.py runs the real
+0.11.2 in ``make test-openrlhf``, with flash-attn stood in for at import). A plain ``pip install openrlhf==0.11.2``
+fails on a CPU machine: it pins
 ``flash-attn==2.8.3``, which the index has only as a source archive whose ``setup.py`` imports torch (with build
 isolation: ``No module named 'torch'``) and, without isolation, even with ``FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE``,
 parses ``torch.version.cuda`` (``InvalidVersion: None`` on a CPU torch). Forced to build without its extension
