@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from srpo_core._dispatch import device_guard, empty
+from srpo_core.cpu.policy_loss import add_grad_weight
 from srpo_core.kernels.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
 
 LOW_PRECISION_BYTES = 2
@@ -82,13 +83,7 @@ def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, 
                 else:
                     torch.mm(g, weight, out=gh[rows])
             if need_w:
-                if gw_acc is not None:  # the chunk's GEMM lands in gw's buffer, summed in fp32
-                    torch.mm(g.T, h, out=gw)
-                    gw_acc.copy_(gw) if n0 == 0 else gw_acc.add_(gw)
-                elif n0 == 0:
-                    torch.mm(g.T, h, out=gw)
-                else:
-                    gw.addmm_(g.T, h)
+                add_grad_weight(gw, gw_acc, g, h, first=n0 == 0)
         if gw_acc is not None:
             gw.copy_(gw_acc)
     return logp, ent, (gh, gw, gb)

@@ -113,6 +113,19 @@ def token_grads(logp, old, adv, ref, ent, cfg: LossConfig):
     return loss, d_logp, stats
 
 
+def add_grad_weight(gw, gw_acc, g, h, *, first: bool) -> None:
+    """``grad_weight += gᵀ @ h`` for one chunk (``first``: ``=``). With ``gw_acc`` (bf16/fp16 over several chunks) the
+    chunk's GEMM lands in ``gw`` (the output's own buffer: a fresh ``[V, H]`` per chunk costs more in page faults than
+    the GEMM) and is summed into the fp32 ``gw_acc``; the caller copies ``gw_acc`` into ``gw`` after the last chunk."""
+    if gw_acc is not None:
+        torch.mm(g.T, h, out=gw)
+        gw_acc.copy_(gw) if first else gw_acc.add_(gw)
+    elif first:
+        torch.mm(g.T, h, out=gw)
+    else:
+        gw.addmm_(g.T, h)
+
+
 def _logits_tile(h, weight, bias, scale, out, low_buf):
     """``out = (h @ Wᵀ + b)·scale`` in the accumulation dtype. bf16/fp16: the logits are computed (and rounded) in the
     input dtype first, as the model's own LM head computes them (D48)."""
@@ -250,13 +263,7 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
             else:
                 torch.mm(gm, weight, out=gh[n0:n1])
         if need_w:
-            if gw_acc is not None:  # bf16/fp16 over several chunks: each chunk's GEMM lands in gw (the output's own
-                torch.mm(gm.T, h, out=gw)  # buffer, no fresh [V, H] per chunk: its page faults cost more than the
-                gw_acc.copy_(gw) if n0 == 0 else gw_acc.add_(gw)  # GEMM), summed in fp32
-            elif n0 == 0:
-                torch.mm(gm.T, h, out=gw)
-            else:
-                gw.addmm_(gm.T, h)
+            add_grad_weight(gw, gw_acc, gm, h, first=n0 == 0)
     if gw_acc is not None:
         gw.copy_(gw_acc)
     return loss, logp, ent, stats, gh, gw, gb
