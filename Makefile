@@ -34,7 +34,7 @@ test-verl: $(VERL_VENV)/.srpo-installed
 # The OpenRLHF adapter against the real OpenRLHF 0.11.2 (docs/adapters.md). openrlhf and vllm go in with --no-deps:
 # openrlhf pins flash-attn==2.8.3 (CUDA only; the tests use tests/openrlhf_shim in its place) and vllm pins a CUDA
 # torch; openrlhf.trainer.ray imports vllm at module level. deepspeed is a source archive that needs torch to build.
-# The rest: what the experience maker and train_ppo_ray import, at the versions tested. Not in .ci/run (minutes).
+# The rest: what the experience maker and train_ppo_ray import, at the versions tested. .ci/run's third step (~7 min).
 OPENRLHF_DEPS := ray==2.55.0 transformers==5.15.0 peft==0.21.2 torchdata==0.11.0 einops==0.8.2 sympy==1.14.0 \
 	pylatexenc==2.11 aiohttp==3.14.5 pillow==13.0.0 numpy setuptools
 $(OPENRLHF_VENV)/.srpo-installed: pyproject.toml

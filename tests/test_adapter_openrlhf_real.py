@@ -229,6 +229,7 @@ def test_other_estimators_are_left_alone(ray_cluster, patched):
     r = rewards.reshape(-1, N)
     want = (r - r.mean(-1, keepdim=True)).reshape(-1)[idx, None] * torch.cat([e.action_mask for e in exps])
     torch.testing.assert_close(torch.cat([e.advantages for e in exps]), want)
+    assert not any(hasattr(e, "srpo_logp_corrupt") for e in exps), "no corrupted pass for another estimator"
 
 
 def test_ray_workers_run_the_patch_as_their_setup_hook(ray_cluster):

@@ -541,3 +541,26 @@ def test_v1_trainer_adds_the_contrast_passes_through_the_transfer_queue(verl_mod
     assert not torch.allclose(adv["advantages"], grpo.batch["advantages"])  # SRPO, not GRPO, ran
     assert adapter._V1_STEP.get() is None
     tq.kv_clear(keys=keys, partition_id="train")
+
+
+def test_v1_refuses_settings_whose_contrast_would_be_wrong():
+    """Before any pass runs: later agent-loop outputs of a session, rollout-correction bypass mode (old log-probs from
+    the engine), and separate-async sub-steps after the first (old log-probs from restored π_old weights)."""
+    from types import SimpleNamespace
+
+    from srpo_core.adapters.verl import _v1_refuse_unsupported
+
+    def trainer(bypass=False, cls_name="PPOTrainerSync", trigger=0):
+        cfg = SimpleNamespace(algorithm={"rollout_correction": {"bypass_mode": bypass}})
+        return type(cls_name, (), {"config": cfg, "local_trigger_step": trigger})()
+
+    ok = SimpleNamespace(keys=["a_0", "b_0"])
+    _v1_refuse_unsupported(trainer(), ok, "srpo")
+    _v1_refuse_unsupported(trainer(trigger=2), ok, "srpo")  # sync trainer: the contrast uses the same weights
+    _v1_refuse_unsupported(trainer(cls_name="PPOTrainerSeparateAsync"), ok, "srpo")
+    with pytest.raises(NotImplementedError, match="several outputs"):
+        _v1_refuse_unsupported(trainer(), SimpleNamespace(keys=["a_0", "a_1"]), "srpo")
+    with pytest.raises(NotImplementedError, match="bypass_mode"):
+        _v1_refuse_unsupported(trainer(bypass=True), ok, "srpo")
+    with pytest.raises(NotImplementedError, match="parameter_sync_step"):
+        _v1_refuse_unsupported(trainer(cls_name="PPOTrainerSeparateAsync", trigger=1), ok, "vppo")

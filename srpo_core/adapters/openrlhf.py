@@ -121,8 +121,8 @@ def install(method: str | None = None, options: AdapterOptions | None = None) ->
 
     def make_experience(self, samples_list):
         samples_list = original_make(self, samples_list)
-        if not any(s.mm_train_inputs for s in samples_list):
-            return samples_list
+        if self.advantage_estimator != "group_norm" or not any(s.mm_train_inputs for s in samples_list):
+            return samples_list  # another estimator, or no image: no corrupted pass (it would not be used)
         for s, lp in zip(samples_list, _corrupt_pass(self, samples_list, options), strict=True):
             setattr(s, KEY_LOGP_CORRUPT, lp)
             if method == "srpo":

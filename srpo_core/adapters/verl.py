@@ -357,6 +357,9 @@ def v1_corrupted_fields(data, options: AdapterOptions, step: int = 0):
         raise KeyError("srpo: the samples have no multi_modal_inputs to corrupt (text-only data?)")
     mm = np.empty(len(data), dtype=object)
     mm[:] = list(tu.get(data, "multi_modal_inputs"))
+    if not any(isinstance(x, dict) and "pixel_values" in x for x in mm):
+        raise ValueError("srpo: no sample in the batch has pixel_values to corrupt (text-only or video-only data: "
+                         "the visual contrast would be 0 everywhere)")
     groups = group_ids(tu.get(data, "uid"))
     out = data.clone(False)
     corrupted = corrupt_multi_modal_inputs(mm, groups, mode=options.corrupt_mode, p=options.corrupt_p,
@@ -404,9 +407,53 @@ def _v1_log_probs(self, batch, fields) -> list[torch.Tensor]:
         tq.kv_clear(keys=keys, partition_id=V1_CONTRAST_PARTITION)
 
 
+def _v1_refuse_unsupported(self, batch, name):
+    """Settings under which the v1 contrast passes would be wrong, refused before any pass runs."""
+    later = [k for k in batch.keys if not str(k).endswith("_0")]
+    if later:
+        raise NotImplementedError(
+            f"adv_estimator={name} on the v1 trainer: {len(later)} samples are not their session's first agent-loop "
+            f"output (key {later[0]!r}); sessions with several outputs are not supported (verl's GRPO scores only "
+            f"the last of them, SRPO's grouping does not)")
+    corr = self.config.algorithm.get("rollout_correction", None)
+    if corr and corr.get("bypass_mode", False):
+        raise NotImplementedError(
+            f"adv_estimator={name} on the v1 trainer with algorithm.rollout_correction.bypass_mode=true: the old "
+            f"log-probs are then the rollout engine's, and the contrast passes (scored by the actor) would measure "
+            f"engine drift as well; turn bypass_mode off")
+    separate = any(c.__name__ == "PPOTrainerSeparateAsync" for c in type(self).__mro__)
+    if separate and int(getattr(self, "local_trigger_step", 0) or 0) >= 1:
+        raise NotImplementedError(
+            f"adv_estimator={name} on the separate-async v1 trainer with parameter_sync_step > 1: its old log-probs "
+            f"come from restored π_old weights, and the contrast passes would run on the current ones; use "
+            f"parameter_sync_step=1")
+
+
+def _v1_roles(data, tags, tokenizer) -> list[torch.Tensor]:
+    """Per-response roles: the samples' own ``srpo_roles``, else found from the response tokens; verl's padding
+    rows (``is_padding``, a 1-token response copied from another sample) get OTHER."""
+    lens = data["response_mask"].offsets().diff().tolist()
+    if KEY_ROLES in data.keys():
+        roles = list(data[KEY_ROLES].unbind())
+    else:
+        from srpo_core.roles import roles_from_token_ids
+
+        padded = data.select("responses", "response_mask").to_padded_tensor()
+        found = roles_from_token_ids(padded["responses"], tokenizer, padded["response_mask"].bool()).roles
+        roles = [found[i, :n] for i, n in enumerate(lens)]
+    for i, (r, n) in enumerate(zip(roles, lens, strict=True)):
+        if (tags[i] or {}).get("is_padding", False):
+            roles[i] = torch.full((n,), int(Role.OTHER), dtype=r.dtype)
+        elif r.shape[-1] != n:
+            raise ValueError(f"srpo: sample {i}'s {KEY_ROLES} has {r.shape[-1]} entries for a response of {n} tokens")
+    return roles
+
+
 def _v1_compute_old_log_prob_with_srpo(self, batch, metrics, base):
-    batch = base(self, batch, metrics)
     name = _estimator_name(self.config.algorithm.adv_estimator)
+    if name in ESTIMATORS:
+        _v1_refuse_unsupported(self, batch, name)
+    batch = base(self, batch, metrics)
     if name not in ESTIMATORS:
         return batch
     import transfer_queue as tq
@@ -417,25 +464,21 @@ def _v1_compute_old_log_prob_with_srpo(self, batch, metrics, base):
     data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id)
     out = {KEY_LOGP_CORRUPT: _nested(_v1_log_probs(self, batch, v1_corrupted_fields(data, options, step)))}
     if name == "srpo":
-        if KEY_ROLES in data.keys():
-            roles = list(data[KEY_ROLES].unbind())
-        else:
-            from srpo_core.roles import roles_from_token_ids
-
-            padded = data.select("responses", "response_mask").to_padded_tensor()
-            found = roles_from_token_ids(padded["responses"], self.tokenizer, padded["response_mask"].bool()).roles
-            lens = data["response_mask"].offsets().diff().tolist()
-            roles = [found[i, :n] for i, n in enumerate(lens)]
+        roles = _v1_roles(data, batch.tags, self.tokenizer)
         out[KEY_ROLES] = _nested(roles)
         masks = [m.bool() for m in data["response_mask"].unbind()]
-        kept = [m & (r != Role.PERCEPTION) for m, r in zip(masks, roles, strict=True)]
+        # only the perception tokens the policy wrote leave the context; masked tokens (tool output) stay
+        kept = [~(m & (r == Role.PERCEPTION)) for m, r in zip(masks, roles, strict=True)]
         if options.ablate and any(bool((m & ~k).any()) for m, k in zip(masks, kept, strict=True)):
             compact = _v1_log_probs(self, batch, v1_ablated_fields(data, kept))
             old = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["old_log_probs"])
             ablated = []
             for c, k, o in zip(compact, kept, old["old_log_probs"].unbind(), strict=True):
                 row = torch.zeros_like(o)
-                row[k] = c.to(o.dtype)[: int(k.sum())]
+                if c.shape[-1] != int(k.sum()):
+                    raise RuntimeError(f"srpo: the ablated pass returned {c.shape[-1]} log-probs for a response of "
+                                       f"{int(k.sum())} kept tokens")
+                row[k] = c.to(o.dtype)
                 ablated.append(row)
             out[KEY_LOGP_ABLATED] = _nested(ablated)
         elif options.ablate:
@@ -451,12 +494,7 @@ def _v1_compute_advantage_with_srpo(self, batch, metrics, base):
         return base(self, batch, metrics)
     import transfer_queue as tq
 
-    later = [k for k in batch.keys if not str(k).endswith("_0")]
-    if later:
-        raise NotImplementedError(
-            f"adv_estimator={name} on the v1 trainer: {len(later)} samples are not their session's first agent-loop "
-            f"output (key {later[0]!r}); sessions with several outputs are not supported (verl's GRPO scores only "
-            f"the last of them, SRPO's grouping does not)")
+    _v1_refuse_unsupported(self, batch, name)
     wanted = [KEY_LOGP_CORRUPT, KEY_LOGP_ABLATED, KEY_ROLES]
     fields = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=wanted)
     padded = fields.to_padded_tensor()
