@@ -66,6 +66,7 @@ gpu-bench: $(STAMP)
 # Everything a lent GPU validates, in one command with one summary line (docs/kernels.md, "GPU check"). No $(STAMP):
 # the GPU machine has no package index, so this runs on whatever python has torch (.venv here, python3 there) and
 # installs .whl/ (benchmarks/gpu_wheels.sh) offline. Without CUDA it runs the interpreter part and says so.
+# `make gpu-check GPU_CHECK_ARGS=--rehearse` (CI): the device's run, rehearsed here on a bare venv like the GPU image.
 GPU_PYTHON ?= $(shell test -x $(BIN)/python && echo $(BIN)/python || echo $(PYTHON))
 gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

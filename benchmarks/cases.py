@@ -274,13 +274,14 @@ def policy_loss_shape(b, t, h, v, dtype, preset, device) -> list[Case]:
     shape, dname, n = f"N={b * t} H={h} V={v}", str(dtype).removeprefix("torch."), b * t
 
     def inputs():
-        g = torch.Generator(device="cpu").manual_seed(0)
-        hidden = torch.randn(b, t, h, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
-        weight = (torch.randn(v, h, generator=g) / math.sqrt(h)).to(device=device, dtype=dtype).requires_grad_(True)
-        ids = torch.randint(0, v, (b, t), generator=g).to(device)
-        old = (-torch.rand(b, t, generator=g) * 8).to(device)
-        return hidden, weight, ids, old, torch.randn(b, generator=g).to(device), torch.ones(b, t, dtype=torch.bool,
-                                                                                           device=device)
+        # drawn where they are used: a [151,936, 2,048] CPU randn per row would cost the GPU check seconds each
+        g = torch.Generator(device=device).manual_seed(0)
+        hidden = torch.randn(b, t, h, generator=g, device=device).to(dtype).requires_grad_(True)
+        weight = (torch.randn(v, h, generator=g, device=device) / math.sqrt(h)).to(dtype).requires_grad_(True)
+        ids = torch.randint(0, v, (b, t), generator=g, device=device)
+        old = -torch.rand(b, t, generator=g, device=device) * 8
+        return hidden, weight, ids, old, torch.randn(b, generator=g, device=device), torch.ones(
+            b, t, dtype=torch.bool, device=device)
 
     def step(loss_fn, hidden, weight):
         def run():

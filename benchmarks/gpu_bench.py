@@ -20,9 +20,13 @@ row is an "error" row, which ``make gpu-check`` counts as a failure):
   ``linear_cross_entropy(impl="cce", reduction="none")``, naive (``hidden @ Wᵀ`` then log-softmax);
 - ``role_aware_advantages`` (``backend="triton"`` vs ``"torch"``).
 
+srpo-core's own rows run first; ``--seconds S`` starts no row after S seconds (``make gpu-check`` gives the bench what
+is left of its budget), so a run cut short is a partial result with our rows in it, not a failure.
+
 Usage: ``python benchmarks/gpu_bench.py [--rows 4096] [--vocab 151936] [--dtype bf16] [--linear-rows 8192]
-[--hidden 2048] [--json FILE] [--markdown FILE]``. Exits with status 2 and a message on a machine without CUDA:
-nothing is timed, no number is invented.
+[--hidden 2048] [--seconds S] [--smoke] [--json FILE] [--markdown FILE]``. Exits with status 2 and a message on a
+machine without CUDA (nothing is timed, no number is invented), unless ``--smoke``: tiny shapes, each case built and
+called once on the CPU through Triton's interpreter, no timing (the check's rehearsal).
 """
 
 from __future__ import annotations
@@ -34,11 +38,14 @@ import importlib.util
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 NO_CUDA_STATUS = 2
+# where the cases put their tensors: "cuda", except in ``--smoke`` (the check's rehearsal runs every case once on the CPU)
+DEVICE = "cuda"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Datasheet peaks (dense, no sparsity): memory bytes/s and FLOP/s per operand dtype (fp32 = plain FP32 cores; the
 # fp32 linear kernels use IEEE dots, not TF32). Matched by substring of torch.cuda.get_device_name(), first hit wins.
@@ -82,7 +89,7 @@ def copy_bandwidth(mib: int) -> float:
     """Bytes per second of a device-to-device copy (bytes read + bytes written over the median time)."""
     from triton.testing import do_bench
 
-    src = torch.empty(mib * 2**20, dtype=torch.uint8, device="cuda")
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), quantiles=[0.5])
     ms = ms[0] if isinstance(ms, (list, tuple)) else ms
@@ -90,9 +97,9 @@ def copy_bandwidth(mib: int) -> float:
 
 
 def make_inputs(n: int, v: int, dtype: torch.dtype, *, seed: int = 0, requires_grad: bool = False):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = (torch.randn(n, v, generator=g, device="cuda") * 2).to(dtype).requires_grad_(requires_grad)
-    ids = torch.randint(0, v, (n,), generator=g, device="cuda")
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = (torch.randn(n, v, generator=g, device=DEVICE) * 2).to(dtype).requires_grad_(requires_grad)
+    ids = torch.randint(0, v, (n,), generator=g, device=DEVICE)
     return x, ids
 
 
@@ -194,10 +201,10 @@ def linear_cases(n: int, h: int, v: int, dtype: torch.dtype) -> list[tuple]:
     cases = []
 
     def inputs(grad):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        hidden = torch.randn(n, h, generator=g, device="cuda").to(dtype).requires_grad_(grad)
-        weight = (torch.randn(v, h, generator=g, device="cuda") * h ** -0.5).to(dtype).requires_grad_(grad)
-        return hidden, weight, torch.randint(0, v, (n,), generator=g, device="cuda")
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        hidden = torch.randn(n, h, generator=g, device=DEVICE).to(dtype).requires_grad_(grad)
+        weight = (torch.randn(v, h, generator=g, device=DEVICE) * h ** -0.5).to(dtype).requires_grad_(grad)
+        return hidden, weight, torch.randint(0, v, (n,), generator=g, device=DEVICE)
 
     def wrap(make_call, grad):
         hidden, weight, ids = inputs(grad)
@@ -232,7 +239,7 @@ def policy_loss_cases(n: int, h: int, v: int, dtype: torch.dtype) -> list[tuple]
     from srpo_core.bench.cases import policy_loss_shape
 
     floor, flops = 3 * (n * h + v * h) * (torch.finfo(dtype).bits // 8), 6 * n * v * h
-    return [(c.op, c.mode, c.impl, c.setup, floor, flops) for c in policy_loss_shape(1, n, h, v, dtype, "full", "cuda")]
+    return [(c.op, c.mode, c.impl, c.setup, floor, flops) for c in policy_loss_shape(1, n, h, v, dtype, "full", DEVICE)]
 
 
 def _no_grad(call):
@@ -270,11 +277,11 @@ def role_cases(tokens: int) -> list[tuple]:
     b = max(1, tokens // t)
 
     def inputs():
-        g = torch.Generator(device="cuda").manual_seed(0)
-        lp, lc, la = (-(torch.rand(b * t, generator=g, device="cuda") * 4) for _ in range(3))
-        roles = torch.randint(0, 3, (b * t,), generator=g, device="cuda")
-        adv = torch.randn(b, generator=g, device="cuda")
-        cu = torch.arange(0, b * t + 1, t, device="cuda")
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        lp, lc, la = (-(torch.rand(b * t, generator=g, device=DEVICE) * 4) for _ in range(3))
+        roles = torch.randint(0, 3, (b * t,), generator=g, device=DEVICE)
+        adv = torch.randn(b, generator=g, device=DEVICE)
+        cu = torch.arange(0, b * t + 1, t, device=DEVICE)
         return adv, lp, lc, la, roles, cu
 
     def run(backend):
@@ -329,7 +336,7 @@ def markdown(env: dict, copy_bw: float, peaks: dict | None, results: list[dict])
     for r in results:
         head = f"| {r['op']} | {r['mode']} | {r['impl']} | {r['shape']} | {r['dtype']} |"
         if "median_ms" not in r:
-            why = r.get("skipped") or f"ERROR {r.get('error')}"
+            why = "ran (not timed)" if "ran" in r else r.get("skipped") or f"ERROR {r.get('error')}"
             lines.append(f"{head} {why.replace('|', '/')[:120]} | | | | | | |")
             continue
         bw = f"{100 * r['bw_fraction_of_peak']:.0f}" if "bw_fraction_of_peak" in r else ""
@@ -338,6 +345,24 @@ def markdown(env: dict, copy_bw: float, peaks: dict | None, results: list[dict])
         lines.append(f"{head} {r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f}) | {r['x_floor']:.2f} | "
                      f"{r['effective_gbps']:.0f} | {bw} | {tf} | {tfp} | {r['peak_extra_bytes'] / 2**20:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def smoke_environment() -> dict:
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "gpu": "none (--smoke: every case run once on the CPU, nothing timed)", "python": platform.python_version(),
+            "platform": platform.platform(), "torch": torch.__version__, "triton": version("triton"),
+            "trl": version("trl"), "srpo_core": version("srpo_core")}
+
+
+def run_once(setup) -> dict:
+    """``--smoke``: build the case and call it once (forward and backward where the case has one); no timing."""
+    setup()()
+    return {"ran": True}
+
+
+def ours_first(cases: list[tuple]) -> list[tuple]:
+    """srpo-core's own rows before every anchor row (a run stopped at its deadline has timed ours first)."""
+    return sorted(cases, key=lambda c: not c[2].startswith(OURS))
 
 
 def main(argv=None) -> int:
@@ -350,24 +375,35 @@ def main(argv=None) -> int:
     parser.add_argument("--role-tokens", type=int, default=1 << 20)
     parser.add_argument("--copy-mib", type=int, default=1024)
     parser.add_argument("--only", help="only ops whose name contains this")
+    parser.add_argument("--seconds", type=float, help="start no row after this many seconds: the run ends early, "
+                        "exit 0, with `complete: false` in the JSON (a partial result, not a failure)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, every case run once on the CPU through "
+                        "Triton's interpreter, nothing timed (the GPU check's rehearsal)")
     parser.add_argument("--json", metavar="FILE", help="write results and environment as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the table as markdown")
     args = parser.parse_args(argv)
+    t0 = time.monotonic()
 
-    if not torch.cuda.is_available():
+    global DEVICE
+    if args.smoke:
+        DEVICE = "cpu"
+        args.rows, args.vocab, args.linear_rows, args.hidden, args.role_tokens = 8, 70, 8, 16, 2048
+    elif not torch.cuda.is_available():
         print(f"gpu_bench.py: no CUDA device here (torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
               "these timings need a GPU. Nothing was timed. For a static view of what a GPU would get, run "
               "`python benchmarks/gpu_report.py`; for CPU timings, `srpo-core bench`.", file=sys.stderr)
         return NO_CUDA_STATUS
 
     dtype = DTYPES[args.dtype]
-    env = environment()
-    peaks = device_peaks(env["gpu"])
-    copy_bw = copy_bandwidth(args.copy_mib)
-    cases = logprob_cases(args.rows, args.vocab, dtype) + contrast_cases(args.rows, args.vocab, dtype) \
-        + linear_cases(args.linear_rows, args.hidden, args.vocab, dtype) \
-        + policy_loss_cases(args.linear_rows, args.hidden, args.vocab, dtype) + role_cases(args.role_tokens)
+    env = smoke_environment() if args.smoke else environment()
+    peaks = None if args.smoke else device_peaks(env["gpu"])
+    copy_bw = 0.0 if args.smoke else copy_bandwidth(args.copy_mib)
+    cases = ours_first(logprob_cases(args.rows, args.vocab, dtype) + contrast_cases(args.rows, args.vocab, dtype)
+                       + linear_cases(args.linear_rows, args.hidden, args.vocab, dtype)
+                       + policy_loss_cases(args.linear_rows, args.hidden, args.vocab, dtype)
+                       + role_cases(args.role_tokens))
     results = []
+    stopped = False
 
     def dump(final: bool) -> None:  # after every row, so a run stopped at its time limit keeps what it timed
         if args.json:
@@ -380,26 +416,32 @@ def main(argv=None) -> int:
     for op, mode, impl, setup, floor, flops in cases:
         if args.only and args.only not in op:
             continue
-        n = args.linear_rows if op.startswith("linear") else args.rows
-        shape = f"N={n} H={args.hidden} V={args.vocab}" if op.startswith("linear") else \
+        if args.seconds is not None and time.monotonic() - t0 > args.seconds:
+            stopped = True
+            print(f"gpu_bench.py: {args.seconds:.0f} s deadline reached: stopping with {len(results)} rows "
+                  f"(srpo-core's rows come first); a partial result", flush=True)
+            break
+        n = args.linear_rows if op.startswith(("linear", "policy")) else args.rows
+        shape = f"N={n} H={args.hidden} V={args.vocab}" if op.startswith(("linear", "policy")) else \
             (f"{args.role_tokens} tokens" if op.startswith("role") else f"N={n} V={args.vocab}")
         row = {"op": op, "mode": mode, "impl": impl, "shape": shape,
                "dtype": "fp32" if op.startswith("role") else args.dtype}
         try:
-            row.update(measure(setup, floor, flops, copy_bw, peaks, row["dtype"]))
+            row.update(run_once(setup) if args.smoke else measure(setup, floor, flops, copy_bw, peaks, row["dtype"]))
         except torch.cuda.OutOfMemoryError as e:
             row["skipped"] = f"out of memory: {str(e).splitlines()[0]}"
         except Exception as e:  # an anchor that does not run here is skipped; srpo-core's own failure is an error
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             row["error" if impl.startswith(OURS) else "skipped"] = msg
-        torch.cuda.empty_cache()
+        if not args.smoke:
+            torch.cuda.empty_cache()
         results.append(row)
-        print(f"{op} {mode} {impl}: " + (f"{row['median_ms']:.3f} ms" if "median_ms" in row else
-                                         row.get("skipped") or f"ERROR {row['error']}"), flush=True)
+        print(f"{op} {mode} {impl}: " + (f"{row['median_ms']:.3f} ms" if "median_ms" in row else "ran" if "ran" in row
+                                         else row.get("skipped") or f"ERROR {row['error']}"), flush=True)
         dump(False)
 
     print(markdown(env, copy_bw, peaks, results))
-    dump(True)
+    dump(not stopped)
     for f in (args.json, args.markdown):
         if f:
             print(f"wrote {f}")

@@ -35,11 +35,16 @@ if importlib.util.find_spec("triton") is not None:
     for _mod in pkgutil.iter_modules(_kernels.__path__):
         importlib.import_module(f"{_kernels.__name__}.{_mod.name}")
 
+# Every test that launches a Triton kernel must be one the GPU check runs (it takes `device`), or it fails.
+from srpo_core.bench.kernel_launch_audit import _kernel_launch_audit  # noqa: E402, F401  (an autouse fixture)
+
 settings.register_profile(
     "ci", deadline=None, max_examples=60, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile("dev", deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow])
+# `make gpu-check GPU_CHECK_ARGS=--rehearse` (CI): every parity test runs, at a few examples each
+settings.register_profile("smoke", deadline=None, max_examples=3, derandomize=True, suppress_health_check=list(HealthCheck))
 settings.register_profile("thorough", deadline=None, max_examples=500, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

@@ -15,12 +15,12 @@ INF = math.inf
 BACKENDS = ["auto", "torch", "triton"]
 
 
-def outlier_batch(dtype=torch.float32):
+def outlier_batch(dtype=torch.float32, device="cpu"):
     """Two responses of reasoning tokens; response 0's first token has ℓ = −inf (a ``null`` in a rollouts file):
     logratio(ℓ, ℓ°) = −c. The other signals are moderate: 0.5, 1.0, ... ."""
     logp = torch.tensor([[-INF, -1.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0]], dtype=dtype)
     logp_ablated = torch.tensor([[-2.0, -1.5, -2.0, -1.2], [-3.0, -1.1, -2.5, -1.0]], dtype=dtype)
-    return {
+    batch = {
         "advantages": torch.tensor([1.0, -1.0], dtype=dtype),
         "logp": logp,
         "logp_corrupt": torch.zeros_like(logp),
@@ -28,12 +28,13 @@ def outlier_batch(dtype=torch.float32):
         "roles": torch.full((2, 4), int(Role.REASONING)),
         "mask": torch.ones(2, 4, dtype=torch.bool),
     }
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("role_stats", ["all", "unclamped"])
-def test_clamped_signals_are_counted(backend, role_stats):
-    out = role_aware_advantages(**outlier_batch(), config=SRPOConfig(role_stats=role_stats), backend=backend)
+def test_clamped_signals_are_counted(backend, role_stats, device):
+    out = role_aware_advantages(**outlier_batch(device=device), config=SRPOConfig(role_stats=role_stats), backend=backend)
     assert out.stats["reasoning/clamped"] == 1 and out.stats["perception/clamped"] == 0
     assert out.stats["reasoning/count"] == 8
     assert out.signals[0, 0] != 0
@@ -56,8 +57,8 @@ def test_unclamped_statistics_by_hand(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unclamped_stops_the_outlier_flattening_the_other_weights(backend):
-    kw = outlier_batch()
+def test_unclamped_stops_the_outlier_flattening_the_other_weights(backend, device):
+    kw = outlier_batch(device=device)
     spec = role_aware_advantages(**kw, backend=backend)
     robust = role_aware_advantages(**kw, config=SRPOConfig(role_stats="unclamped"), backend=backend)
     # Response 1 has no clamped signal: its spread of weights is what the outlier compresses under "all".
@@ -67,12 +68,12 @@ def test_unclamped_stops_the_outlier_flattening_the_other_weights(backend):
     # Both keep SPEC's contract: finite weights > 0, sign of A_i, mean weight 1 per response.
     for out in (spec, robust):
         assert bool(torch.isfinite(out.weights).all()) and bool((out.weights > 0).all())
-        assert torch.allclose(out.weights.mean(1), torch.ones(2), rtol=1e-5)
-        assert torch.equal(torch.sign(out.advantages), torch.tensor([[1.0] * 4, [-1.0] * 4]))
+        assert torch.allclose(out.weights.mean(1).cpu(), torch.ones(2), rtol=1e-5)
+        assert torch.equal(torch.sign(out.advantages).cpu(), torch.tensor([[1.0] * 4, [-1.0] * 4]))
 
 
 @pytest.mark.parametrize("role_stats", ["all", "unclamped"])
-def test_backends_agree(role_stats):
+def test_backends_agree(role_stats, device):
     g = torch.Generator().manual_seed(3)
     logp = -torch.rand(4, 9, generator=g) * 30
     logp[0, 2] = -INF
@@ -86,6 +87,7 @@ def test_backends_agree(role_stats):
         "mask": torch.ones(4, 9, dtype=torch.bool),
     }
     kw["roles"][0, 2], kw["roles"][2, 5] = int(Role.PERCEPTION), int(Role.REASONING)
+    kw = {k: v.to(device) for k, v in kw.items()}
     config = SRPOConfig(role_stats=role_stats, clamp=5.0, k3_max=3.0)
     ref = role_aware_advantages(**kw, config=config, backend="torch")
     for backend in ("auto", "triton"):

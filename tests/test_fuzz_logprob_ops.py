@@ -218,18 +218,18 @@ def test_fuzz_token_contrast(call):
 # -- what the fuzz found in these ops: regression tests for the fixed cases; the one strict xfail left is a known
 # limit of linear_token_logprobs (D150), and the KNOWN_OVERFLOW exclusion in _check stays for it --------------------
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_token_contrast_kl_extreme_logits(backend):
+def test_token_contrast_kl_extreme_logits(backend, device):
     """Issue 14 finding 4: KL of fp32 logits with ±3e38 and -inf was NaN; the float64 reference is +inf."""
-    x, y = torch.tensor([[3e38, -3e38, -INF, 0.0]]), torch.tensor([[-3e38, 3e38, 0.0, -INF]])
-    out = token_contrast(x, y, torch.tensor([0]), kind="kl", backend=backend)
+    x, y = torch.tensor([[3e38, -3e38, -INF, 0.0]], device=device), torch.tensor([[-3e38, 3e38, 0.0, -INF]], device=device)
+    out = token_contrast(x, y, torch.tensor([0], device=device), kind="kl", backend=backend)
     assert float(out.div[0]) == INF, out
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_token_contrast_temperature_overflow(backend):
+def test_token_contrast_temperature_overflow(backend, device):
     """Found by the fuzz: logits_ref 3e38 / temperature 0.7 overflows float32; logp_ref was NaN (float64: 0)."""
-    out = token_contrast(torch.tensor([[-INF]]), torch.tensor([[3e38]]), torch.tensor([0]), kind="kl",
-                         temperature=0.7, backend=backend)
+    out = token_contrast(torch.tensor([[-INF]], device=device), torch.tensor([[3e38]], device=device),
+                         torch.tensor([0], device=device), kind="kl", temperature=0.7, backend=backend)
     assert float(out.logp_ref[0]) == 0.0, out
 
 
@@ -247,29 +247,29 @@ _W17 = [-0.5776, -0.1583, -0.3152, -0.1817, -0.0050, 0.0526, 0.0443, -0.2076, 0.
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
-def test_linear_token_logprobs_large_finite_logits_raise(backend):
+def test_linear_token_logprobs_large_finite_logits_raise(backend, device):
     """Found by the fuzz: large finite fp32 logits (|x/τ| ≈ 2.5e38, within float32 but not once scaled to base 2)
     gave NaN on all backends, where torch in fp32 gives 0: now the library's error (D150)."""
     with pytest.raises(ValueError, match=r"linear_token_logprobs: the logits of row 0 are not finite"):
-        linear_token_logprobs(torch.tensor([[-3e38]]), torch.tensor(_W17)[:, None], torch.tensor([0]),
-                              temperature=0.7, backend=backend)
+        linear_token_logprobs(torch.tensor([[-3e38]], device=device), torch.tensor(_W17, device=device)[:, None],
+                              torch.tensor([0], device=device), temperature=0.7, backend=backend)
 
 
 @pytest.mark.xfail(strict=True, reason="known limit (D150): |logit|/τ above ~1.6e38 overflows the base-2 tiles; -inf "
                                        "where torch in fp32 and the float64 reference both give -3.1984e38")
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
-def test_known_linear_token_logprobs_large_finite_logits_inf(backend):
-    h = torch.tensor([[3e38, -0.29343, -2.1788, 0.56843, -1.0845, -1.3986, 0.40335, 0.83803]])
+def test_known_linear_token_logprobs_large_finite_logits_inf(backend, device):
+    h = torch.tensor([[3e38, -0.29343, -2.1788, 0.56843, -1.0845, -1.3986, 0.40335, 0.83803]], device=device)
     w = torch.tensor([[-0.5776, -0.0933, -0.2652, 0.2499, -0.2210, -0.3189, -0.1558, -0.2166],
                       [0.0597, 0.1834, -0.3305, 0.3287, -0.3719, -0.1784, 0.1300, -0.2382],
-                      [0.1687, 0.2617, 0.0386, -0.1875, -0.1808, 0.0216, -0.4366, 0.2603]])
-    out = linear_token_logprobs(h, w, torch.tensor([0]), temperature=0.7, backend=backend)
+                      [0.1687, 0.2617, 0.0386, -0.1875, -0.1808, 0.0216, -0.4366, 0.2603]], device=device)
+    out = linear_token_logprobs(h, w, torch.tensor([0], device=device), temperature=0.7, backend=backend)
     assert bool(torch.isfinite(out).all()), out
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_token_logprobs_entropy_with_overflowing_logit(backend):
+def test_token_logprobs_entropy_with_overflowing_logit(backend, device):
     """Found by the fuzz: on the Triton backend a logit whose x/τ overflows to -inf in fp32 gave entropy NaN."""
-    _, entropy = token_logprobs(torch.tensor([[-3e38, -0.29343]]), torch.tensor([0]), temperature=0.7,
-                                return_entropy=True, backend=backend)
+    _, entropy = token_logprobs(torch.tensor([[-3e38, -0.29343]], device=device), torch.tensor([0], device=device),
+                                temperature=0.7, return_entropy=True, backend=backend)
     assert float(entropy[0]) == 0.0, entropy
