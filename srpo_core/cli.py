@@ -9,6 +9,7 @@ import os
 import pathlib
 import sys
 
+from srpo_core._validate import brief
 from srpo_core.config import SRPOConfig
 
 
@@ -21,12 +22,12 @@ def _config(pairs: list[str]) -> SRPOConfig:
         key, sep, raw = pair.partition("=")
         key = key.strip()
         if not sep or key not in names:
-            raise ValueError(f"--set takes FIELD=VALUE with FIELD one of {', '.join(names)}; got {pair!r}")
+            raise ValueError(f"--set takes FIELD=VALUE with FIELD one of {', '.join(names)}; got {brief(pair)}")
         if isinstance(getattr(defaults, key), float):
             try:
                 values[key] = float(raw)
             except ValueError:
-                raise ValueError(f"--set {pair}: `{key}` takes a number, got {raw!r}") from None
+                raise ValueError(f"--set {pair}: `{key}` takes a number, got {brief(raw)}") from None
         else:
             values[key] = raw.strip()
     return SRPOConfig(**values)
@@ -38,7 +39,7 @@ def _count(text: str) -> int:
     except ValueError:
         n = -1
     if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {brief(text)}")
     return n
 
 
@@ -95,7 +96,7 @@ def _docs(args) -> int:
         return 0
     name = args.page.removesuffix(".md")
     if name not in pages:
-        raise ValueError(f"no page {args.page!r}; the pages are {', '.join(pages)}")
+        raise ValueError(f"no page {brief(args.page)}; the pages are {', '.join(pages)}")
     sys.stdout.write((root / f"{name}.md").read_text(encoding="utf-8"))
     return 0
 
