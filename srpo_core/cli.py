@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "srpo-core is faster (smaller). The bars are srpo-core's CPU targets; they are judged at "
                            "the full sizes only (the default), and shown for information with --quick / --tiny.")
     size = bench.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 CPU cores")
+    size.add_argument("--quick", action="store_true",
+                      help="a smoke run at small sizes (minutes on 2 CPU cores); the README's numbers: full sizes")
     size.add_argument("--tiny", action="store_true", help="toy sizes (for tests)")
     from srpo_core.bench.cases import OPS
 
