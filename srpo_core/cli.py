@@ -86,13 +86,50 @@ def docs_dir() -> pathlib.Path:
     raise ValueError(f"no documentation found next to {package} (looked in srpo_core/docs and ../docs)")
 
 
+def docs_index(root: pathlib.Path) -> list[tuple[str, list[tuple[str, str]]]]:
+    """``docs/index.md`` read as ``[(section, [(page, one-line description), ...]), ...]``, in its order; pages on
+    disk that it does not list come last, under "Not in the index", so none is hidden."""
+    import re
+
+    sections: list[tuple[str, list[tuple[str, str]]]] = []
+    entry = re.compile(r"^- \[([\w-]+)\]\([\w-]+\.md\): (.*)$")
+    for line in (root / "index.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            sections.append((line[3:].strip(), []))
+        elif (m := entry.match(line)) and sections:
+            sections[-1][1].append((m.group(1), m.group(2).strip()))
+        elif line.startswith("  ") and sections and sections[-1][1]:  # a description's continuation line
+            page, text = sections[-1][1][-1]
+            sections[-1][1][-1] = (page, f"{text} {line.strip()}")
+    listed = {page for _, pages in sections for page, _ in pages} | {"index"}
+    rest = sorted(p.stem for p in root.glob("*.md") if p.stem not in listed)
+    if rest:
+        sections.append(("Not in the index", [(page, "") for page in rest]))
+    return sections
+
+
 def _docs(args) -> int:
+    import shutil
+    import textwrap
+
     root = docs_dir()
     pages = sorted(p.stem for p in root.glob("*.md"))
     if args.page is None:
-        print(f"documentation pages (in {root}); `srpo-core docs PAGE` prints one:")
-        for name in pages:
-            print(f"  {name}")
+        sections = docs_index(root)
+        width = min(shutil.get_terminal_size((80, 24)).columns, 100)
+        print(f"srpo-core documentation: `srpo-core docs PAGE` prints a page (the files: {root})")
+        for title, entries in sections:
+            print(f"\n{title}")
+            name_w = max(len(page) for page, _ in entries) + 2
+            for page, text in entries:
+                lead = f"  {page.ljust(name_w)}"
+                if not text:
+                    print(f"  {page}")
+                elif width - len(lead) >= 30:
+                    print(textwrap.fill(text, width, initial_indent=lead, subsequent_indent=" " * len(lead)))
+                else:  # a narrow terminal: the description under the name
+                    print(f"  {page}")
+                    print(textwrap.fill(text, max(width, 20), initial_indent="    ", subsequent_indent="    "))
         return 0
     name = args.page.removesuffix(".md")
     if name not in pages:
