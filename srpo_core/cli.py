@@ -93,7 +93,8 @@ def docs_index(root: pathlib.Path) -> list[tuple[str, list[tuple[str, str]]]]:
 
     sections: list[tuple[str, list[tuple[str, str]]]] = []
     entry = re.compile(r"^- \[([\w-]+)\]\([\w-]+\.md\): (.*)$")
-    for line in (root / "index.md").read_text(encoding="utf-8").splitlines():
+    index = root / "index.md"
+    for line in (index.read_text(encoding="utf-8") if index.is_file() else "").splitlines():
         if line.startswith("## "):
             sections.append((line[3:].strip(), []))
         elif (m := entry.match(line)) and sections:

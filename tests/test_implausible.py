@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from srpo_core import role_aware_advantages, vppo_advantages
-from srpo_core._validate import _WARNED, ImplausibleInputWarning, logprob_tolerance
+from srpo_core import ImplausibleInputWarning, role_aware_advantages, vppo_advantages
+from srpo_core._validate import _WARNED, logprob_tolerance
 
 
 @pytest.fixture(autouse=True)
