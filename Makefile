@@ -1,21 +1,31 @@
-# The README's two commands: `make demo` and `make test`. Both build .venv on first use.
+# The README's two commands: `make demo` and `make test`. Both build .venv on first use, in two steps: the demo's
+# own needs (torch, numpy, rich, srpo-core), then for `make test` the test, triton, trl and bench extras on top.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+DEMO_STAMP := $(VENV)/.srpo-demo-installed
 STAMP := $(VENV)/.srpo-installed
 VERL_VENV ?= .venv-verl
 OPENRLHF_VENV ?= .venv-openrlhf
+# pip's own progress (one line per package and a bar per download), not -q: a first run must show what it is doing.
+PIP_SHOW := --progress-bar on
 
 .PHONY: demo test test-verl test-openrlhf lint bench bench-docs gpu-report gpu-bench gpu-check clean
 
-$(STAMP): pyproject.toml
+$(DEMO_STAMP): pyproject.toml
+	@echo "== [1/2] $(VENV): torch 2.13.0 (CPU), numpy, rich and srpo-core, what \`make demo\` needs =="
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch first and pinned: this machine holds a CPU build of 2.13.0; an open range would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[test,triton,trl,bench]"
-	touch $(STAMP)
+	# torch pinned: this machine holds a CPU build of 2.13.0; an open range would pull a multi-GB CUDA build.
+	# --no-compile: no .pyc for torch's ~2,300 modules up front (Python writes those it imports on first use).
+	$(BIN)/python -m pip install $(PIP_SHOW) --no-compile -c .ci/constraints.txt torch==2.13.0 -e .
+	touch $@
 
-demo: $(STAMP)
+$(STAMP): $(DEMO_STAMP)
+	@echo "== [2/2] $(VENV): the test, triton, trl and bench extras, what \`make test\` needs on top =="
+	$(BIN)/python -m pip install $(PIP_SHOW) --no-compile -c .ci/constraints.txt -e ".[test,triton,trl,bench]"
+	touch $@
+
+demo: $(DEMO_STAMP)
 	$(BIN)/srpo-core demo
 
 test: $(STAMP)

@@ -13,8 +13,9 @@ from collections.abc import Callable
 import torch
 
 # Size presets: "full" is what the bars are stated at (the linear op at N=1024, H=1024, V=151,936;
-# benchmarks/linear_table.py measures it at N=2048 and other shapes); "quick" finishes in under a minute on 2 CPU
-# cores; "tiny" is for the test that checks the JSON.
+# benchmarks/linear_table.py measures it at N=2048 and other shapes); "quick" is a smoke run of every case at small
+# sizes (4.4 min with one thread on 2 busy cores; role_tokens below the fast path's compile threshold, so
+# role_aware_advantages runs eager there); "tiny" is for the test that checks the JSON.
 # what --op accepts
 OPS = ("token_logprobs", "token_contrast", "linear_token_logprobs", "role_aware_advantages", "linear_policy_loss")
 SIZES = {

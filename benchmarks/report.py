@@ -5,12 +5,26 @@ from __future__ import annotations
 import json
 
 
-def _fmt_time(s: float) -> str:
-    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.3f} s"
+def _num(x: float) -> str:
+    """At most 4 significant digits and no exponent from 1e-3 up: the unit is in the column's header (D193)."""
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.4g}"
 
 
-def _fmt_bytes(b: int | None) -> str:
-    return "—" if b is None else f"{b / 2**20:.1f} MiB"
+# Units live in the headers, numbers in the cells: a narrow terminal or a pipe can no longer cut "894.14 ms" to
+# "894.14 …". A table that does not fit the width is printed as one folded line per row instead (nothing cut).
+COLUMNS = ("mode", "implementation", "median\nms", "peak mem\nMiB", "ours/it\ntime", "ours/it\nmem")
+
+
+def _cells(r: dict, ours: dict) -> tuple[str, ...]:
+    if r["status"] != "ok":
+        return (r["mode"], r["impl"], r["status"], "", "", "")
+    o = ours.get((r["op"], r["mode"], r["shape"], r["dtype"]))
+    t_ratio = m_ratio = ""
+    if o is not None and r["impl"] != "srpo-core":
+        t_ratio = f"{o['median_s'] / r['median_s']:.3g}"
+        m_ratio = f"{o['peak_bytes'] / r['peak_bytes']:.3g}" if r["peak_bytes"] else "—"
+    mem = "—" if r["peak_bytes"] is None else _num(r["peak_bytes"] / 2**20)
+    return (r["mode"], r["impl"], _num(r["median_s"] * 1e3), mem, t_ratio, m_ratio)
 
 
 RATIO_NOTE = ("ours/it: srpo-core's median time (peak memory) divided by this row's; below 1, srpo-core is faster "
@@ -35,6 +49,7 @@ def header_lines(report: dict) -> list[str]:
 def print_report(report: dict, console=None) -> None:
     from rich import box
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     console = console or Console()
@@ -46,22 +61,27 @@ def print_report(report: dict, console=None) -> None:
     groups = dict.fromkeys((r["op"], r["dtype"]) for r in report["results"])
     for op, dtype in groups:
         rows = [r for r in report["results"] if (r["op"], r["dtype"]) == (op, dtype)]
-        table = Table(title=f"{op} · {dtype} · {rows[0]['shape']}", title_justify="left", box=box.SIMPLE_HEAD,
-                      pad_edge=False)
-        for col in ("mode", "implementation", "median", "peak mem", "ours/it\ntime", "ours/it\nmem"):
+        cells = [_cells(r, ours) for r in rows]
+        title = f"{op} · {dtype} · {rows[0]['shape']}"
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in COLUMNS:
             table.add_column(col, justify="left" if col in ("mode", "implementation") else "right", no_wrap=True)
-        for r in rows:
+        for r, c in zip(rows, cells, strict=True):
             if r["status"] != "ok":
-                table.add_row(r["mode"], r["impl"], f"[dim]{r['status']}[/]", "", "", "")
-                continue
-            o = ours.get((r["op"], r["mode"], r["shape"], r["dtype"]))
-            t_ratio = m_ratio = ""
-            if o is not None and r["impl"] != "srpo-core":
-                t_ratio = f"{o['median_s'] / r['median_s']:.3f}"
-                m_ratio = f"{o['peak_bytes'] / r['peak_bytes']:.3f}" if r["peak_bytes"] else "—"
-            name = f"[bold]{r['impl']}[/]" if r["impl"] == "srpo-core" else r["impl"]
-            table.add_row(r["mode"], name, _fmt_time(r["median_s"]), _fmt_bytes(r["peak_bytes"]), t_ratio, m_ratio)
-        console.print(table)
+                table.add_row(c[0], c[1], f"[dim]{c[2]}[/]", "", "", "")
+            elif r["impl"] == "srpo-core":
+                table.add_row(c[0], f"[bold]{c[1]}[/]", *c[2:])
+            else:
+                table.add_row(*c)
+        if Measurement.get(console, console.options.update_width(1 << 16), table).maximum <= console.width:
+            console.print(table)
+            continue
+        console.print(title, style="italic", overflow="fold", highlight=False)
+        for r, c in zip(rows, cells, strict=True):
+            ratios = f" · ours/it time {c[4]}, mem {c[5]}" if c[4] else ""
+            what = f"median {c[2]} ms · peak mem {c[3]} MiB{ratios}" if r["status"] == "ok" else c[2]
+            console.print(f"  {c[0]} {c[1]}: {what}", overflow="fold", highlight=False)
+        console.print()
     skipped = [r for r in report["results"] if r["status"] != "ok"]
     for r in skipped:
         console.print(f"[dim]{r['op']} {r['mode']} {r['impl']}: {r['status']} ({r['reason']})[/]", overflow="fold")

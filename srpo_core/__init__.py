@@ -1,5 +1,6 @@
 """srpo-core: role-aware token-level advantages (SRPO) for RL on vision-language models."""
 
+from srpo_core._validate import ImplausibleInputWarning
 from srpo_core.ablation import AblatedBatch, ablate_span
 from srpo_core.advantages import RoleAwareAdvantages, contrast, grpo_advantages, role_aware_advantages
 from srpo_core.config import Role, SRPOConfig
@@ -12,6 +13,7 @@ from srpo_core.presets import VPPOAdvantages, papo_perception_kl, vppo_advantage
 from srpo_core.roles import roles_from_text, roles_from_token_ids
 
 __all__ = [
+    "ImplausibleInputWarning",
     "PolicyLossOutput",
     "linear_policy_loss",
     "linear_token_logprobs",

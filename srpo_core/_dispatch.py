@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from srpo_core._validate import brief
+
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what every Triton kernel reads (fp32 math)
 
@@ -59,7 +61,7 @@ def pick_backend(backend: str, device: torch.device, *, op: str, has_triton: boo
 
 def _pick(backend: str, device: torch.device, *, op: str, has_triton: bool) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"{op}: `backend` must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"{op}: `backend` must be one of {BACKENDS}, got {brief(backend)}")
     if backend == "torch":
         return "torch"
     on_device = device.type == "cuda" or (device.type == "cpu" and interpreting())

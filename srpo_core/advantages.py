@@ -9,13 +9,17 @@ import torch
 
 from srpo_core import _dispatch
 from srpo_core._validate import (
+    _WARNED,
+    brief,
     check_cu_seqlens,
     describe,
     first_true_index,
+    largest_at,
     refuse_meta,
     require_same_device,
     require_same_shape,
     require_tensor,
+    warn_positive_logprobs,
 )
 from srpo_core.config import SIGNAL_MAX, Role, SRPOConfig
 from srpo_core.cpu.role_weights import role_aware_advantages_fast
@@ -64,14 +68,14 @@ def contrast(logp: torch.Tensor, logp_other: torch.Tensor, kind: str = "k3", *, 
     require_same_device(op, "logp", logp, logp_other=logp_other)
     if kind in ("kl", "js"):
         raise ValueError(
-            f"{op}: `kind`={kind!r} needs the two full logit rows, not log-probs; use srpo_core.token_contrast"
+            f"{op}: `kind`={brief(kind)} needs the two full logit rows, not log-probs; use srpo_core.token_contrast"
             " (it returns the divergence and both sampled-token log-probs)"
         )
     if kind not in ("logratio", "k3"):
-        raise ValueError(f"{op}: `kind` must be 'logratio' or 'k3', got {kind!r}")
+        raise ValueError(f"{op}: `kind` must be 'logratio' or 'k3', got {brief(kind)}")
     for name, value in (("clamp", clamp), ("k3_max", k3_max)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= SIGNAL_MAX:
-            raise ValueError(f"{op}: `{name}` must be a finite number in (0, {SIGNAL_MAX:g}], got {value!r}")
+            raise ValueError(f"{op}: `{name}` must be a finite number in (0, {SIGNAL_MAX:g}], got {brief(value)}")
     refuse_meta(op, logp=logp, logp_other=logp_other)
     for name, x in (("logp", logp), ("logp_other", logp_other)):
         _reject_bad_values(op, name, x, torch.ones_like(x, dtype=torch.bool), "")
@@ -174,6 +178,8 @@ def role_aware_advantages(
         raise ValueError(f"{OP}: `advantages` must be finite, got {int(bad.sum())} non-finite value(s), "
                          f"first at index {first_true_index(bad)[0]}")
 
+    checks = _LogprobChecks(logp, logp_corrupt, logp_ablated, roles, mask if padded else None, perception_signal,
+                            reasoning_signal)
     compute_dtype = torch.float64 if any(
         x is not None and x.dtype == torch.float64 for x in (advantages, logp, *per_token.values())
     ) else torch.float32
@@ -187,7 +193,7 @@ def role_aware_advantages(
             dtype=compute_dtype)
         if fast is not None:
             token_adv, weights, z, baseline, rows = fast
-            return RoleAwareAdvantages(token_adv, weights, z, baseline, _stats_dict(rows))
+            return RoleAwareAdvantages(token_adv, weights, z, baseline, _stats_dict(rows, checks))
 
     # The reference path (backend="torch"): everything below works on the packed layout.
     def packed(x):
@@ -207,7 +213,7 @@ def role_aware_advantages(
     which = _dispatch.pick_backend(backend, logp.device, op=OP, has_triton=_role_weights_triton_exists())
     res = role_weights(which, advantages.to(compute_dtype), signals, r, cu, config, process_group, clamped)
 
-    stats = _stats(res, r, cu)
+    stats = _stats(res, r, cu, checks)
     if padded:
         return RoleAwareAdvantages(unpack(res.advantages, mask), unpack(res.weights, mask), unpack(res.z, mask),
                                    res.baseline, stats)
@@ -243,7 +249,7 @@ def _signals(config, r, _roles, logp, logp_corrupt, logp_ablated, perception_sig
             continue
         if kind in ("kl", "js"):
             raise ValueError(
-                f"{OP}: config.{label}_contrast={kind!r} needs the full logit rows: compute it with "
+                f"{OP}: config.{label}_contrast={brief(kind)} needs the full logit rows: compute it with "
                 f"srpo_core.token_contrast(...) and pass it as `{given_name}`"
             )
         if other is None:
@@ -273,7 +279,36 @@ def _reject_nan(name, x_packed, sel, roles_unpacked, mask, role, where, finite: 
     raise ValueError(f"{OP}: `{name}` has {int(bad.sum())} {what} value(s){where}; first at index {first}")
 
 
-def _stats(res, r: torch.Tensor, cu: torch.Tensor) -> dict[str, float]:
+class _LogprobChecks:
+    """The log-prob inputs at the positions where they are read (``logp`` at perception and reasoning tokens,
+    ``logp_corrupt`` at perception, ``logp_ablated`` at reasoning, each unless a precomputed signal replaces it), and
+    their largest values there as one device tensor, read with the statistics (no extra host sync; D191)."""
+
+    def __init__(self, logp, logp_corrupt, logp_ablated, roles, mask, perception_signal, reasoning_signal):
+        self.checked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.largest: torch.Tensor | None = None
+        wanted = {
+            "logp": (logp, (perception_signal is None, reasoning_signal is None)),
+            "logp_corrupt": (logp_corrupt, (perception_signal is None, False)),
+            "logp_ablated": (logp_ablated, (False, reasoning_signal is None)),
+        }
+        wanted = {k: v for k, v in wanted.items() if v[0] is not None and any(v[1]) and (OP, k) not in _WARNED}
+        if not wanted:
+            return
+        sel = {}
+        for role, i in ((Role.PERCEPTION, 0), (Role.REASONING, 1)):
+            if any(v[1][i] for v in wanted.values()):
+                sel[i] = roles == role if mask is None else mask & (roles == role)
+        for name, (x, (p, r)) in wanted.items():
+            self.checked[name] = (x, sel[0] | sel[1] if p and r else sel[0] if p else sel[1])
+        self.largest = torch.stack([largest_at(x, s) for x, s in self.checked.values()])
+
+    def warn(self, largest: list[float]) -> None:
+        warn_positive_logprobs(OP, self.checked, dict(zip(self.checked, largest, strict=True)),
+                               "at the role positions where it is read")
+
+
+def _stats(res, r: torch.Tensor, cu: torch.Tensor, checks: _LogprobChecks | None = None) -> dict[str, float]:
     """Logging statistics, gathered to the host in one transfer."""
     rows = []
     for k, role in enumerate((Role.PERCEPTION, Role.REASONING)):
@@ -287,16 +322,21 @@ def _stats(res, r: torch.Tensor, cu: torch.Tensor) -> dict[str, float]:
         rows.append(torch.stack([res.role_stats[k, 0], res.role_stats[k, 1], res.role_stats[k, 2],
                                  torch.where(cnt > 0, w_min, torch.nan), w_mean.to(torch.float64),
                                  torch.where(cnt > 0, w_max, torch.nan), res.clamped[k]]))
-    return _stats_dict(torch.stack(rows))
+    return _stats_dict(torch.stack(rows), checks)
 
 
 STAT_KEYS = ("count", "mu", "sigma", "w_min", "w_mean", "w_max", "clamped")
 
 
-def _stats_dict(rows: torch.Tensor) -> dict[str, float]:
+def _stats_dict(rows: torch.Tensor, checks: _LogprobChecks | None = None) -> dict[str, float]:
     """``rows: float64 [2, 7]``, per role ``(count, mu, sigma, w_min, w_mean, w_max, clamped)`` → the logging
-    dict."""
-    values = rows.tolist()
+    dict; ``checks``' largest log-probs come to the host in the same transfer (and may warn)."""
+    if checks is not None and checks.largest is not None:
+        flat = torch.cat([rows.reshape(-1), checks.largest.to(rows.device)]).tolist()
+        checks.warn(flat[rows.numel():])
+        values = [flat[:7], flat[7:14]]
+    else:
+        values = rows.tolist()
     keys = STAT_KEYS
     stats = {f"{role}/{k}": v
              for role, vals in zip(("perception", "reasoning"), values, strict=True)
@@ -328,13 +368,13 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm: str
     require_same_device(op, "rewards", rewards, group_ids=group_ids)
     refuse_meta(op, rewards=rewards, group_ids=group_ids)
     if norm not in ("std", "none"):
-        raise ValueError(f"{op}: `norm` must be 'std' or 'none', got {norm!r}")
+        raise ValueError(f"{op}: `norm` must be 'std' or 'none', got {brief(norm)}")
     if scale not in ("group", "batch"):
-        raise ValueError(f"{op}: `scale` must be 'group' or 'batch', got {scale!r}")
+        raise ValueError(f"{op}: `scale` must be 'group' or 'batch', got {brief(scale)}")
     if nan_rewards not in ("raise", "zero"):
-        raise ValueError(f"{op}: `nan_rewards` must be 'raise' or 'zero', got {nan_rewards!r}")
+        raise ValueError(f"{op}: `nan_rewards` must be 'raise' or 'zero', got {brief(nan_rewards)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
-        raise ValueError(f"{op}: `eps` must be a finite positive number, got {eps!r}")
+        raise ValueError(f"{op}: `eps` must be a finite positive number, got {brief(eps)}")
     bad = torch.isinf(rewards) if nan_rewards == "zero" else ~torch.isfinite(rewards)
     if bool(bad.any()):
         what = "must not be ±inf" if nan_rewards == "zero" else "must be finite (or pass nan_rewards='zero')"

@@ -9,6 +9,7 @@ import os
 import pathlib
 import sys
 
+from srpo_core._validate import brief
 from srpo_core.config import SRPOConfig
 
 
@@ -21,12 +22,12 @@ def _config(pairs: list[str]) -> SRPOConfig:
         key, sep, raw = pair.partition("=")
         key = key.strip()
         if not sep or key not in names:
-            raise ValueError(f"--set takes FIELD=VALUE with FIELD one of {', '.join(names)}; got {pair!r}")
+            raise ValueError(f"--set takes FIELD=VALUE with FIELD one of {', '.join(names)}; got {brief(pair)}")
         if isinstance(getattr(defaults, key), float):
             try:
                 values[key] = float(raw)
             except ValueError:
-                raise ValueError(f"--set {pair}: `{key}` takes a number, got {raw!r}") from None
+                raise ValueError(f"--set {pair}: `{key}` takes a number, got {brief(raw)}") from None
         else:
             values[key] = raw.strip()
     return SRPOConfig(**values)
@@ -38,7 +39,7 @@ def _count(text: str) -> int:
     except ValueError:
         n = -1
     if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {brief(text)}")
     return n
 
 
@@ -85,17 +86,55 @@ def docs_dir() -> pathlib.Path:
     raise ValueError(f"no documentation found next to {package} (looked in srpo_core/docs and ../docs)")
 
 
+def docs_index(root: pathlib.Path) -> list[tuple[str, list[tuple[str, str]]]]:
+    """``docs/index.md`` read as ``[(section, [(page, one-line description), ...]), ...]``, in its order; pages on
+    disk that it does not list come last, under "Not in the index", so none is hidden."""
+    import re
+
+    sections: list[tuple[str, list[tuple[str, str]]]] = []
+    entry = re.compile(r"^- \[([\w-]+)\]\([\w-]+\.md\): (.*)$")
+    index = root / "index.md"
+    for line in (index.read_text(encoding="utf-8") if index.is_file() else "").splitlines():
+        if line.startswith("## "):
+            sections.append((line[3:].strip(), []))
+        elif (m := entry.match(line)) and sections:
+            sections[-1][1].append((m.group(1), m.group(2).strip()))
+        elif line.startswith("  ") and sections and sections[-1][1]:  # a description's continuation line
+            page, text = sections[-1][1][-1]
+            sections[-1][1][-1] = (page, f"{text} {line.strip()}")
+    listed = {page for _, pages in sections for page, _ in pages} | {"index"}
+    rest = sorted(p.stem for p in root.glob("*.md") if p.stem not in listed)
+    if rest:
+        sections.append(("Not in the index", [(page, "") for page in rest]))
+    return sections
+
+
 def _docs(args) -> int:
+    import shutil
+    import textwrap
+
     root = docs_dir()
     pages = sorted(p.stem for p in root.glob("*.md"))
     if args.page is None:
-        print(f"documentation pages (in {root}); `srpo-core docs PAGE` prints one:")
-        for name in pages:
-            print(f"  {name}")
+        sections = docs_index(root)
+        width = min(shutil.get_terminal_size((80, 24)).columns, 100)
+        print(f"srpo-core documentation: `srpo-core docs PAGE` prints a page (the files: {root})")
+        for title, entries in sections:
+            print(f"\n{title}")
+            name_w = max(len(page) for page, _ in entries) + 2
+            for page, text in entries:
+                lead = f"  {page.ljust(name_w)}"
+                if not text:
+                    print(f"  {page}")
+                elif width - len(lead) >= 30:
+                    print(textwrap.fill(text, width, initial_indent=lead, subsequent_indent=" " * len(lead)))
+                else:  # a narrow terminal: the description under the name
+                    print(f"  {page}")
+                    print(textwrap.fill(text, max(width, 20), initial_indent="    ", subsequent_indent="    "))
         return 0
     name = args.page.removesuffix(".md")
     if name not in pages:
-        raise ValueError(f"no page {args.page!r}; the pages are {', '.join(pages)}")
+        raise ValueError(f"no page {brief(args.page)}; the pages are {', '.join(pages)}")
     sys.stdout.write((root / f"{name}.md").read_text(encoding="utf-8"))
     return 0
 
@@ -187,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "srpo-core is faster (smaller). The bars are srpo-core's CPU targets; they are judged at "
                            "the full sizes only (the default), and shown for information with --quick / --tiny.")
     size = bench.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 CPU cores")
+    size.add_argument("--quick", action="store_true",
+                      help="a smoke run at small sizes (minutes on 2 CPU cores); the README's numbers: full sizes")
     size.add_argument("--tiny", action="store_true", help="toy sizes (for tests)")
     from srpo_core.bench.cases import OPS
 

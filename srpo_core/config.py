@@ -6,6 +6,8 @@ import dataclasses
 import enum
 import math
 
+from srpo_core._validate import brief
+
 
 class Role(enum.IntEnum):
     """Token roles: ``roles`` tensors hold these integers; any other value is an error."""
@@ -16,7 +18,7 @@ class Role(enum.IntEnum):
 
     @classmethod
     def _missing_(cls, value):
-        raise ValueError(f"Role: `value` must be 0 (OTHER), 1 (PERCEPTION) or 2 (REASONING), got {value!r}")
+        raise ValueError(f"Role: `value` must be 0 (OTHER), 1 (PERCEPTION) or 2 (REASONING), got {brief(value)}")
 
 
 CONTRAST_KINDS = ("logratio", "k3", "kl", "js")
@@ -71,16 +73,16 @@ class SRPOConfig:
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
             if value not in allowed:
-                raise ValueError(f"SRPOConfig: `{name}` must be one of {allowed}, got {value!r}")
+                raise ValueError(f"SRPOConfig: `{name}` must be one of {allowed}, got {brief(value)}")
 
         def number(name: str, *, positive: bool = False, nonnegative: bool = False) -> None:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"SRPOConfig: `{name}` must be a finite number, got {value!r}")
+                raise ValueError(f"SRPOConfig: `{name}` must be a finite number, got {brief(value)}")
             if positive and not value > 0:
-                raise ValueError(f"SRPOConfig: `{name}` must be > 0, got {value!r}")
+                raise ValueError(f"SRPOConfig: `{name}` must be > 0, got {brief(value)}")
             if nonnegative and not value >= 0:
-                raise ValueError(f"SRPOConfig: `{name}` must be >= 0, got {value!r}")
+                raise ValueError(f"SRPOConfig: `{name}` must be >= 0, got {brief(value)}")
 
         choice("perception_contrast", CONTRAST_KINDS)
         choice("reasoning_contrast", CONTRAST_KINDS)
@@ -96,7 +98,7 @@ class SRPOConfig:
         number("beta_reasoning", nonnegative=True)
         number("w_min", positive=True)
         if self.w_min > 1:
-            raise ValueError(f"SRPOConfig: `w_min` must be in (0, 1], got {self.w_min!r} (a floor above 1 would "
+            raise ValueError(f"SRPOConfig: `w_min` must be in (0, 1], got {brief(self.w_min)} (a floor above 1 would "
                              "raise every role token above OTHER tokens even at beta = 0)")
 
         def at_most(name: str, bound: float, why: str) -> None:
@@ -109,16 +111,16 @@ class SRPOConfig:
         at_most("beta_perception", BETA_MAX, "a float32 strength")
         at_most("beta_reasoning", BETA_MAX, "a float32 strength")
         if self.eps < EPS_MIN:
-            raise ValueError(f"SRPOConfig: `eps` must be >= {EPS_MIN:g}, got {self.eps!r} (1 / (sigma + eps) must "
+            raise ValueError(f"SRPOConfig: `eps` must be >= {EPS_MIN:g}, got {brief(self.eps)} (1 / (sigma + eps) must "
                              "be a finite float32)")
         if self.w_min < W_MIN_MIN:
-            raise ValueError(f"SRPOConfig: `w_min` must be >= {W_MIN_MIN:g}, got {self.w_min!r} (a smaller floor "
+            raise ValueError(f"SRPOConfig: `w_min` must be >= {W_MIN_MIN:g}, got {brief(self.w_min)} (a smaller floor "
                              "rounds to 0 in float32 after renormalisation)")
         for name in ("beta_perception", "beta_reasoning"):
             if getattr(self, name) * self.u_max > EXPONENT_MAX:
                 raise ValueError(
                     f"SRPOConfig: `{name}` · `u_max` must be <= {EXPONENT_MAX:g}, got {getattr(self, name)!r} · "
-                    f"{self.u_max!r} (a weight ratio of e^40 within a trajectory is the most float32 keeps finite "
+                    f"{brief(self.u_max)} (a weight ratio of e^40 within a trajectory is the most float32 keeps finite "
                     "and > 0 after renormalisation)")
 
     def beta(self, role: Role) -> float:

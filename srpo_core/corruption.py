@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from srpo_core._validate import describe, refuse_meta, require_tensor
+from srpo_core._validate import brief, describe, refuse_meta, require_tensor
 
 # OpenAI CLIP statistics: the defaults of Qwen2VLImageProcessor (and Qwen2.5-VL's).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -27,9 +27,9 @@ MODES = ("black", "mean", "noise")
 
 def _check_common(op: str, mode: str, p: float) -> None:
     if mode not in MODES:
-        raise ValueError(f"{op}: `mode` must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"{op}: `mode` must be one of {MODES}, got {brief(mode)}")
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"{op}: `p` must be a probability in [0, 1], got {p!r}")
+        raise ValueError(f"{op}: `p` must be a probability in [0, 1], got {brief(p)}")
 
 
 def corrupt_pixel_values(
@@ -69,7 +69,7 @@ def corrupt_pixel_values(
     op = "corrupt_pixel_values"
     _check_common(op, mode, p)
     if patch not in ("merged", "raw"):
-        raise ValueError(f"{op}: `patch` must be 'merged' or 'raw', got {patch!r}")
+        raise ValueError(f"{op}: `patch` must be 'merged' or 'raw', got {brief(patch)}")
     require_tensor(op, "pixel_values", pixel_values, kind="float", ndim=2)
     require_tensor(op, "image_grid_thw", image_grid_thw, kind="int", ndim=2)
     if image_grid_thw.shape[-1] != 3:
@@ -77,7 +77,7 @@ def corrupt_pixel_values(
     for name, value in (("temporal_patch_size", temporal_patch_size), ("patch_size", patch_size),
                         ("merge_size", merge_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{op}: `{name}` must be a positive int, got {value!r}")
+            raise ValueError(f"{op}: `{name}` must be a positive int, got {brief(value)}")
     mean_t = _channel_stats(op, "image_mean", image_mean, positive=False)
     std_t = _channel_stats(op, "image_std", image_std, positive=True)
     channels = mean_t.numel()
@@ -91,7 +91,7 @@ def corrupt_pixel_values(
                          f"{patch_size} = {row} columns, got {describe(pixel_values)}")
     grids = image_grid_thw.detach().cpu().to(torch.int64)
     if bool((grids < 0).any()):
-        raise ValueError(f"{op}: `image_grid_thw` must hold non-negative (t, h, w), got {grids.tolist()}")
+        raise ValueError(f"{op}: `image_grid_thw` must hold non-negative (t, h, w), got {describe(grids.tolist())}")
     rows_per_image = grids.prod(-1)
     if int(rows_per_image.sum()) != pixel_values.shape[0]:
         raise ValueError(f"{op}: `image_grid_thw` describes Σ t·h·w = {int(rows_per_image.sum())} rows, but "
@@ -152,7 +152,8 @@ def _channel_stats(op: str, name: str, value, *, positive: bool) -> torch.Tensor
     """Per-channel statistics → ``float64 [C]``: a non-empty sequence of finite numbers (> 0 for ``image_std``)."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) == 0 or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise ValueError(f"{op}: `{name}` must be a non-empty sequence of numbers (one per channel), got {value!r}")
+        raise ValueError(f"{op}: `{name}` must be a non-empty sequence of numbers (one per channel), "
+                         f"got {brief(value)}")
     t = torch.tensor([float(v) for v in value], dtype=torch.float64)
     if not bool(torch.isfinite(t).all()) or (positive and not bool((t > 0).all())):
         want = "finite and > 0" if positive else "finite"
@@ -185,7 +186,7 @@ def corrupt_images(images, *, p: float = 0.5, patch_size: int = 14, mode: str = 
     op = "corrupt_images"
     _check_common(op, mode, p)
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"{op}: `patch_size` must be a positive int, got {patch_size!r}")
+        raise ValueError(f"{op}: `patch_size` must be a positive int, got {brief(patch_size)}")
     single = not isinstance(images, (list, tuple))
     items = [images] if single else list(images)
     outs, masks, shared = [], [], None

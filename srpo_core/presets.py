@@ -23,13 +23,17 @@ import torch
 
 from srpo_core import _dispatch
 from srpo_core._validate import (
+    _WARNED,
+    brief,
     check_cu_seqlens,
     describe,
     first_true_index,
+    largest_at,
     refuse_meta,
     require_same_device,
     require_same_shape,
     require_tensor,
+    warn_positive_logprobs,
 )
 from srpo_core.layout import cu_seqlens_from_mask, pack, segment_ids, segment_sum, unpack
 from srpo_core.reference import contrast as contrast_ref
@@ -69,7 +73,7 @@ def _number(op: str, name: str, value, *, low: float, high: float, low_open: boo
         raise TypeError(f"{op}: `{name}` must be a finite number, got {describe(value)}")
     if value > high or value < low or (low_open and value == low):
         bracket = "(" if low_open else "["
-        raise ValueError(f"{op}: `{name}` must lie in {bracket}{low}, {high}], got {value!r}")
+        raise ValueError(f"{op}: `{name}` must lie in {bracket}{low}, {high}], got {brief(value)}")
     return float(value)
 
 
@@ -217,10 +221,18 @@ def vppo_advantages(
     keep = top_k_mask(dep, cu, _top_k_counts(lengths, top_k))
 
     total = max(n, 1)
+    # Log-probs above 0 (D191): their largest values come to the host with the statistics (no extra sync).
+    checked = {name: (x, mask) for name, x in (("logp", logp), ("logp_corrupt", logp_corrupt))
+               if (op, name) not in _WARNED}
+    largest = [largest_at(x, sel).to(dtype) for x, sel in checked.values()]
     stats_t = torch.stack([
         alpha.amin() if num_traj else inf, alpha.amax() if num_traj else -inf, beta_max.to(dtype),
-        dep.sum() / total, keep.sum().to(dtype) / total,
+        dep.sum() / total, keep.sum().to(dtype) / total, *largest,
     ]).tolist()
+    if checked:
+        warn_positive_logprobs(op, checked, dict(zip(checked, stats_t[5:], strict=True)),
+                               "at the response positions")
+        stats_t = stats_t[:5]
     stats = dict(zip(("vppo/alpha_min", "vppo/alpha_max", "vppo/beta_max", "vppo/dependency_mean",
                       "vppo/mask_fraction"), stats_t, strict=True))
     if padded:

@@ -25,6 +25,7 @@ import pathlib
 
 import torch
 
+from srpo_core._validate import brief
 from srpo_core.roles import roles_from_text
 
 LOGP_FIELDS = ("logp", "logp_corrupt", "logp_ablated")
@@ -75,7 +76,7 @@ def _check_numbers(rec: dict, field: str, n: int, where: str, *, allow_null: boo
             continue
         if not _is_number(v) or math.isnan(v) or v == math.inf or (not allow_null and not math.isfinite(v)):
             what = "a number or null (for -inf)" if allow_null else "a finite number"
-            _fail(where, field, f"[{k}] must be {what}, got {v!r}")
+            _fail(where, field, f"[{k}] must be {what}, got {brief(v)}")
 
 
 def _check_record(rec, where: str) -> dict:
@@ -84,7 +85,7 @@ def _check_record(rec, where: str) -> dict:
     if "prompt_id" not in rec:
         _fail(where, "prompt_id", "is missing (responses with the same prompt_id form a group)")
     if not isinstance(rec["prompt_id"], (str, int)) or isinstance(rec["prompt_id"], bool):
-        _fail(where, "prompt_id", f"must be a string or an integer, got {rec['prompt_id']!r}")
+        _fail(where, "prompt_id", f"must be a string or an integer, got {brief(rec['prompt_id'])}")
     tokens = rec.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         _fail(where, "tokens", "must be a list of strings" + (" (it is missing)" if tokens is None else ""))
@@ -107,11 +108,11 @@ def _check_record(rec, where: str) -> dict:
             _fail(where, "roles", f"must be a list of {n} integers (one per token), got {got}")
         for k, r in enumerate(roles):
             if isinstance(r, bool) or r not in (0, 1, 2):
-                _fail(where, "roles", f"[{k}] must be 0 (OTHER), 1 (PERCEPTION) or 2 (REASONING), got {r!r}")
+                _fail(where, "roles", f"[{k}] must be 0 (OTHER), 1 (PERCEPTION) or 2 (REASONING), got {brief(r)}")
     for field in ("reward", "advantage"):
         v = rec.get(field)
         if v is not None and (not _is_number(v) or not math.isfinite(v)):
-            _fail(where, field, f"must be a finite number, got {v!r}")
+            _fail(where, field, f"must be a finite number, got {brief(v)}")
     if rec.get("reward") is None and rec.get("advantage") is None:
         _fail(where, "reward", "is missing (give `reward`, or `advantage` on every line)")
     return rec

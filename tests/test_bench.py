@@ -159,13 +159,46 @@ def _render(report, width=80) -> str:
     return console.export_text()
 
 
-def test_report_fits_80_columns_explains_ratios_and_labels_information(tiny_report):
+def _with_times(report: dict, seconds: float, peak_bytes: int) -> dict:
+    """The same report with every measured time and peak set: the layout must not depend on what was measured."""
+    results = [{**r, "median_s": seconds, "peak_bytes": peak_bytes} if r["status"] == "ok" else r
+               for r in report["results"]]
+    return {**report, "results": results}
+
+
+@pytest.mark.parametrize("width", [80, 60, 40, 120])
+@pytest.mark.parametrize(("seconds", "peak_bytes"), [(None, None), (3e-7, 0), (4321.5, 7 * 2**40), (0.89414, 3 << 20)],
+                         ids=["measured", "tiny", "huge", "ms"])
+def test_report_never_cuts_headers_units_or_names(tiny_report, width, seconds, peak_bytes):
+    """Whatever was measured and however wide the terminal (a pipe is 80): nothing cut, every unit shown."""
+    _, report, _ = tiny_report
+    if seconds is not None:
+        report = _with_times(report, seconds, peak_bytes)
+    text = _render(report, width)
+    assert max(len(line) for line in text.splitlines()) <= width
+    assert "…" not in text  # rich's mark for a cut cell
+    flat = " ".join(text.split())
+    assert "ms" in flat and "MiB" in flat and "ours/it" in flat
+    for r in report["results"]:
+        assert r["impl"] in flat and r["mode"] in flat, (r["impl"], r["mode"])
+
+
+def test_piped_report_is_80_columns_and_whole(tiny_report):
+    import io
+
+    from rich.console import Console
+
+    _, report, _ = tiny_report
+    out = io.StringIO()  # not a terminal: rich's default width, 80
+    bench_report.print_report(_with_times(report, 0.89414, 3 << 20), Console(file=out))
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    assert "894.1" in text and "median" in text and "ms" in text  # was "894.14 …"
+
+
+def test_report_explains_ratios_and_labels_information(tiny_report):
     _, report, _ = tiny_report
     text = _render(report)
-    assert max(len(line) for line in text.splitlines()) <= 80
-    assert "…" not in text  # nothing cut: headers and implementation names whole
-    for impl in {r["impl"] for r in report["results"] if r["status"] == "ok"}:
-        assert impl in text, impl
     assert "ours/it: srpo-core's median time (peak memory) divided by this row's" in " ".join(text.split())
     bars = text[text.index("bars: "):]
     assert "for information only" in bars and " info " in bars

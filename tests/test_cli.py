@@ -306,11 +306,34 @@ def test_docs_lists_and_prints_pages(capsys):
     from srpo_core.cli import docs_dir
 
     code, out, _ = run(["docs"], capsys)
-    assert code == 0 and all(f"  {name}\n" in out for name in ("rollouts", "trl", "adapters", "math", "spec"))
+    lines = out.splitlines()
+    for name in ("quickstart", "rollouts", "trl", "adapters", "math", "spec"):
+        assert any(line.startswith(f"  {name}  ") for line in lines), name  # the name, then its description
     code, out, _ = run(["docs", "rollouts"], capsys)
     assert code == 0 and out == (docs_dir() / "rollouts.md").read_text(encoding="utf-8")
     code, _, err = run(["docs", "nope"], capsys)
     assert code == 2 and "no page 'nope'" in err
+
+
+def test_docs_index_lists_every_page_once_guides_first_records_last(capsys, monkeypatch):
+    """One index (docs/index.md): a line per page with a description; guides first, benchmark records last."""
+    from srpo_core.cli import docs_dir, docs_index
+
+    root = docs_dir()
+    sections = docs_index(root)
+    titles = [title for title, _ in sections]
+    assert titles[0] == "Guides" and titles[-1].startswith("Benchmark records"), titles
+    listed = [page for _, entries in sections for page, _ in entries]
+    assert sorted(listed) == sorted(p.stem for p in root.glob("*.md") if p.stem != "index")  # each page once
+    assert all(text for _, entries in sections for _, text in entries)  # every page described
+    assert listed[0] == "quickstart"
+    records = dict(sections)[titles[-1]]
+    dumps = {p for p in listed if p.startswith(("bench_", "benchmarks_"))}
+    assert {page for page, _ in records} == dumps  # the raw records together, after the guides and reference
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run(["docs"], capsys)
+    assert code == 0 and max(len(line) for line in out.splitlines()[1:]) <= 80
+    assert out.index("quickstart") < out.index("trl") < out.index("spec") < out.index("bench_token_logprobs_avx2")
 
 
 def test_user_facing_docs_speak_of_the_product():
@@ -319,13 +342,15 @@ def test_user_facing_docs_speak_of_the_product():
 
     from srpo_core.cli import docs_dir
 
-    pages = [docs_dir() / f"{n}.md" for n in ("trl", "adapters", "rollouts", "math", "spec")]
+    pages = [docs_dir() / f"{n}.md" for n in ("trl", "adapters", "rollouts", "math", "spec", "quickstart", "index")]
     pages.append(docs_dir().parent / "README.md")
     for page in pages:
         text = page.read_text(encoding="utf-8")
         assert not re.search(r"\bissue[ -]?\d|\bD\d{1,3}\b", text), (page.name, re.findall(r".{30}\bD\d+\b.{10}", text))
     assert "(spec.md)" in (docs_dir() / "math.md").read_text(encoding="utf-8")
-    assert "../shared" not in (docs_dir() / "math.md").read_text(encoding="utf-8")
+    for name in ("math", "decisions"):  # the SPEC they cite is the one in the repository
+        text = (docs_dir() / f"{name}.md").read_text(encoding="utf-8")
+        assert "../shared" not in text and "(spec.md)" in text, name
 
 
 def test_make_example_honours_help_and_never_rewrites_by_default(tmp_path, capsys):

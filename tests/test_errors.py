@@ -429,3 +429,50 @@ def test_all_zero_length_padded():
     out = call(kw)
     assert bool((out.weights == 0).all()) and bool((out.advantages == 0).all())
     assert out.baseline.tolist() == [0.0, 0.0, 0.0]
+
+
+# Bounded messages (issue 25): an input is described by type, shape, dtype and a few values, never printed whole.
+BIG = [[-0.5] * 512 for _ in range(64)]  # the issue's reproducer: a Python list of 64×512 numbers as `logp`
+MAX_MESSAGE = 400
+
+
+def _message(fn) -> str:
+    with pytest.raises((TypeError, ValueError)) as info:
+        fn()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("entry", [
+    pytest.param(lambda: call(padded(b=64, t=512), logp=BIG), id="role_aware_advantages-logp"),
+    pytest.param(lambda: contrast(BIG, torch.zeros(64, 512)), id="contrast-logp"),
+    pytest.param(lambda: grpo_advantages(BIG[0], torch.zeros(512, dtype=torch.long)), id="grpo_advantages-rewards"),
+])
+def test_list_input_message_is_bounded(entry):
+    message = _message(entry)
+    assert len(message) <= MAX_MESSAGE, f"{len(message)} characters: {message[:300]}..."
+    assert "must be a torch.Tensor" in message and "list" in message
+    assert "64×512" in message or "512" in message  # the shape, not the values
+
+
+def test_reproducer_names_argument_and_shape():
+    message = _message(lambda: call(padded(b=64, t=512), logp=BIG))
+    assert len(message) <= MAX_MESSAGE
+    for fragment in ("role_aware_advantages", "`logp`", "must be a torch.Tensor", "nested list (64×512 of float)",
+                     "-0.5", "torch.as_tensor"):
+        assert fragment in message, (fragment, message)
+
+
+@pytest.mark.parametrize("field", ["beta_perception", "weight_map"])
+def test_config_value_message_is_bounded(field):
+    message = _message(lambda: SRPOConfig(**{field: BIG}))
+    assert len(message) <= MAX_MESSAGE and f"`{field}`" in message and "64×512" in message
+
+
+def test_long_string_option_is_bounded():
+    message = _message(lambda: grpo_advantages(torch.zeros(2), torch.zeros(2, dtype=torch.long), norm="x" * 10_000))
+    assert len(message) <= MAX_MESSAGE and "`norm`" in message and "'std' or 'none'" in message
+
+
+def test_short_values_still_shown_exactly():
+    message = _message(lambda: SRPOConfig(weight_map="blur"))
+    assert "got 'blur'" in message

@@ -112,7 +112,8 @@ def test_editable_install_has_no_top_level_kernels(tmp_path):
 def test_wheel_carries_data_docs_and_py_typed(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for want in ("srpo_core/py.typed", "srpo_core/examples/geometry_demo.jsonl", "srpo_core/docs/spec.md",
-                 "srpo_core/docs/rollouts.md", "srpo_core/docs/trl.md"):
+                 "srpo_core/docs/rollouts.md", "srpo_core/docs/trl.md", "srpo_core/docs/index.md",
+                 "srpo_core/docs/quickstart.md"):
         assert want in names, want
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]

@@ -332,3 +332,7 @@ def test_the_offline_recipe_in_docs_trl_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert "'loss'" in last and "'srpo/perception/adv_share'" in last and "'srpo/w_std'" in last, last
+    # save_strategy="steps": the checkpoint holds the processor too (its video_processor=None once crashed the save)
+    checkpoint = tmp_path / "srpo-tiny" / "checkpoint-2"
+    for name in ("model.safetensors", "processor_config.json", "tokenizer.json", "trainer_state.json"):
+        assert (checkpoint / name).is_file(), (name, sorted(p.name for p in tmp_path.rglob("*")))

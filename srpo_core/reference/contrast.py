@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from srpo_core._validate import brief
+
 
 def clamped_difference(a: torch.Tensor, b: torch.Tensor, clamp: float) -> torch.Tensor:
     """``clamp(a − b, −c, c)``, with ``a == b`` (both ``−inf`` included) giving exactly 0."""
@@ -32,7 +34,7 @@ def contrast(logp: torch.Tensor, logp_other: torch.Tensor, kind: str, clamp: flo
         return logratio(logp, logp_other, clamp)
     if kind == "k3":
         return k3(logp, logp_other, clamp, k3_max)
-    raise ValueError(f"contrast kind {kind!r} is not a log-prob contrast (kl and js need the logit rows)")
+    raise ValueError(f"contrast kind {brief(kind)} is not a log-prob contrast (kl and js need the logit rows)")
 
 
 def at_bound(logp: torch.Tensor, logp_other: torch.Tensor, kind: str, clamp: float = 20.0,

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from srpo_core._validate import brief
+
 KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
 
 
@@ -38,7 +40,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.T
     if kind == "low_var_kl":
         d = torch.clamp(d, -20.0, 20.0)
         return torch.clamp(torch.exp(d) - d - 1, -10.0, 10.0)
-    raise ValueError(f"kl_penalty: `kind` must be one of {KL_KINDS}, got {kind!r}")
+    raise ValueError(f"kl_penalty: `kind` must be one of {KL_KINDS}, got {brief(kind)}")
 
 
 def pg_terms(logp, old_logp, adv, *, epsilon_low: float, epsilon_high: float, clip_ratio_c: float | None):

@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from srpo_core._validate import brief
+
 KINDS = ("kl", "js")
 LN2 = math.log(2.0)
 
@@ -63,7 +65,7 @@ def token_contrast(
     No input checks beyond what torch does: this is the math, the public ``srpo_core.token_contrast`` validates.
     """
     if kind not in KINDS:
-        raise ValueError(f"token_contrast: `kind` must be one of {KINDS}, got {kind!r}")
+        raise ValueError(f"token_contrast: `kind` must be one of {KINDS}, got {brief(kind)}")
     # shift by the row max before dividing by τ (log_softmax does not care): logits of ±3e38 with τ = 1e-6 would
     # overflow x/τ to ±inf and leave a row with no distribution. A row with +inf, NaN or only −inf stays NaN.
     x = (logits - logits.amax(-1, keepdim=True)) / temperature
