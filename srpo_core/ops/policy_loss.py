@@ -78,21 +78,37 @@ def triton_chunk(n: int, v: int, itemsize: int) -> int:
     return min(n, k if k < 128 else k - k % 128)
 
 
-def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_entropy, cfg, needs, backend):
+def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_entropy, cfg, needs, backend,
+          check_ids=True):
     n = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     dev = hidden.device
-    compact = not bool(valid.all())
-    rows = torch.nonzero(valid)[:, 0] if compact else None
+    live = None
+    if check_ids:  # drop the rows that are not valid tokens (a host read: how many there are)
+        compact = not bool(valid.all())
+        rows = torch.nonzero(valid)[:, 0] if compact else None
 
-    def take(x, dtype=None):
-        if x is None:
-            return None
-        x = x[rows] if compact else x
-        return x.to(dtype) if dtype is not None else x
+        def take(x, dtype=None):
+            if x is None:
+                return None
+            x = x[rows] if compact else x
+            return x.to(dtype) if dtype is not None else x
 
-    h_k, ids_k = take(hidden), take(ids)
-    old_k, adv_k, ref_k, coef_k = take(old, acc), take(adv, acc), take(ref, acc), take(coef, acc)
+        h_k, ids_k = take(hidden), take(ids)
+        old_k, adv_k, ref_k, coef_k = take(old, acc), take(adv, acc), take(ref, acc), take(coef, acc)
+    else:  # sync-free: every row is computed; the others' inputs are zeroed (finite) and their terms masked out
+        compact, rows, live = False, None, valid
+        ok = valid & (ids >= 0) & (ids < weight.shape[0])
+        zero = torch.zeros((), dtype=acc, device=dev)
+
+        def keep(x):
+            return None if x is None else torch.where(valid, x.to(acc), zero)
+
+        h_k = torch.where(valid[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=dev))
+        ids_k = torch.where(ok, ids, torch.zeros((), dtype=ids.dtype, device=dev))
+        old_k, ref_k, coef_k = keep(old), keep(ref), coef.to(acc)
+        # an id outside [0, V) at a valid token: NaN loss and gradients instead of the error a check would raise
+        adv_k = torch.where(valid & ~ok, torch.full((), float("nan"), dtype=acc, device=dev), keep(adv))
     need_ent = want_entropy or cfg.entropy_coeff != 0
     if h_k.shape[0] == 0:
         loss = torch.zeros((), dtype=acc, device=dev)
@@ -107,13 +123,17 @@ def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_e
 
         loss = torch.zeros((), dtype=acc, device=dev)
         stats = torch.zeros(N_STATS, dtype=acc, device=dev)
-        stats[-1] = h_k.shape[0]
+        stats[-1] = h_k.shape[0] if live is None else live.sum()
         d_h = -cfg.entropy_coeff * coef_k if cfg.entropy_coeff != 0 else None
 
         def token_fn(rows, logp, ent):
             c = coef_k[rows]
             ell, d_lp, st = token_grads(logp, logp if old_k is None else old_k[rows], adv_k[rows],
                                         None if ref_k is None else ref_k[rows], ent, cfg)
+            if live is not None:  # as in fused_fwd_bwd: a masked row's terms may overflow, so where, not · 0
+                lv = live[rows]
+                ell, d_lp, st = (torch.where(lv, ell, 0.0), torch.where(lv, d_lp, 0.0),
+                                 torch.where(lv[None, :], st, 0.0))
             loss.add_((ell * c).sum())
             stats[:-1] += st.sum(1)
             return d_lp * c, None if d_h is None else d_h[rows]
@@ -124,7 +144,7 @@ def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_e
     else:
         loss, lp_k, ent_k, stats, gh, gw, gb = fused_fwd_bwd(h_k, weight, bias, ids_k, old_k, adv_k, ref_k, coef_k,
                                                              inv_tau=inv_tau, want_entropy=want_entropy, cfg=cfg,
-                                                             needs=needs)
+                                                             needs=needs, valid=live)
 
     def full(x, width=None):
         if not compact:
@@ -134,6 +154,9 @@ def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_e
 
     logp = full(lp_k)
     ent = full(ent_k) if (want_entropy and ent_k is not None) else None
+    if live is not None:  # 0 at the rows that are not valid tokens, as the compacted path leaves them
+        logp = torch.where(live, logp, 0.0)
+        ent = None if ent is None else torch.where(live, ent, 0.0)
     if gh is not None:
         gh = full(gh, hidden.shape[1]).to(hidden.dtype)
     if gb is not None:
@@ -146,7 +169,7 @@ def _op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, i
         old_logp: torch.Tensor | None, advantages: torch.Tensor, ref_logp: torch.Tensor | None, coef: torch.Tensor,
         valid: torch.Tensor, inv_tau: float, epsilon_low: float, epsilon_high: float, clip_ratio_c: float | None,
         beta: float, kl_kind: str, entropy_coeff: float, want_entropy: bool, need_h: bool, need_w: bool,
-        need_b: bool, backend: str, kl_ratio_correction: bool
+        need_b: bool, backend: str, kl_ratio_correction: bool, check_ids: bool
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """→ ``(loss, logp, entropy or [0], stats [N_STATS], grad_hidden or [0], grad_weight or [0], grad_bias or [0])``."""
     cfg = LossConfig(epsilon_low, epsilon_high, clip_ratio_c, beta, kl_kind, entropy_coeff, kl_ratio_correction)
@@ -156,7 +179,7 @@ def _op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, i
     with torch.autocast(device_type=dev, enabled=False) if off else contextlib.nullcontext():
         loss, logp, ent, stats, gh, gw, gb = _flat(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef,
                                                    valid, inv_tau, want_entropy, cfg, (need_h, need_w, need_b),
-                                                   backend)
+                                                   backend, check_ids)
 
     def e():  # a fresh empty tensor per absent output (custom-op outputs must not alias each other)
         return hidden.new_empty(0)
@@ -167,7 +190,8 @@ def _op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, i
 
 @_op.register_fake
 def _(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef, valid, inv_tau, epsilon_low, epsilon_high,
-      clip_ratio_c, beta, kl_kind, entropy_coeff, want_entropy, need_h, need_w, need_b, backend, kl_ratio_correction):
+      clip_ratio_c, beta, kl_kind, entropy_coeff, want_entropy, need_h, need_w, need_b, backend, kl_ratio_correction,
+      check_ids):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     n = hidden.shape[0]
     return (hidden.new_empty((), dtype=acc), hidden.new_empty(n, dtype=acc),
@@ -180,6 +204,7 @@ def _(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef, valid, in
 def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # the outputs other than the loss get no gradient: no [V, H] zeros for them
     ctx.need = inputs[17:20]
+    ctx.check_ids = inputs[22]
     # The stored gradients are outputs of this node: non-differentiable, they carry no grad_fn, so holding them on
     # ctx makes no reference cycle (a forward without backward would otherwise keep its [V, H] gradient alive).
     ctx.mark_non_differentiable(*output[1:])
@@ -203,9 +228,10 @@ def _backward(ctx, g_loss, *_):
         gh, gw, gb = ctx.grads
         ctx.grads = []
     need_h, need_w, need_b = ctx.need
-    # ``loss.backward()`` seeds 1: skip the [V, H] pass then (asked only of a CPU scalar in eager mode: no device sync)
-    one = (g_loss.device.type == "cpu" and not g_loss.requires_grad and not torch.compiler.is_compiling()
-           and bool(g_loss == 1))  # (a seed that requires grad, create_graph=True, must stay in the graph)
+    # ``loss.backward()`` seeds 1: skip the [V, H] pass then (asked only of a CPU scalar in eager mode: no device sync;
+    # not asked at all with check_ids=False, which reads no value on the host)
+    one = (ctx.check_ids and g_loss.device.type == "cpu" and not g_loss.requires_grad
+           and not torch.compiler.is_compiling() and bool(g_loss == 1))  # (a seed that requires grad, create_graph=True, must stay in the graph)
 
     def scaled(g):
         # the seed itself, not rounded to g's dtype: a bf16 1/3 is 0.334, an fp16 65536 (DeepSpeed's initial loss
@@ -213,7 +239,7 @@ def _backward(ctx, g_loss, *_):
         return g if one else g.mul_(g_loss)
 
     return (scaled(gh) if need_h else None, scaled(gw) if need_w else None,
-            scaled(gb) if need_b else None) + (None,) * 19
+            scaled(gb) if need_b else None) + (None,) * 20
 
 
 _op.register_autograd(_backward, setup_context=_setup)
@@ -232,7 +258,7 @@ def _number(name, x, *, low=None, low_open=False, allow_none=False):
         raise ValueError(f"{OP}: `{name}` must be {'>' if low_open else '>='} {low}, got {x!r}")
 
 
-def _layout(hidden, ids, old_logp, advantages, ref_logp, mask, cu_seqlens):
+def _layout(hidden, ids, old_logp, advantages, ref_logp, mask, cu_seqlens, check_ids=True):
     """→ flat ``(hidden [N, H], ids, old, adv, ref [N], valid [N], seq [N], B, T or None, out_shape)``."""
     if (mask is None) == (cu_seqlens is None):
         raise ValueError(f"{OP}: give exactly one of `mask` (padded layout, hidden [B, T, H]) and `cu_seqlens` "
@@ -251,7 +277,7 @@ def _layout(hidden, ids, old_logp, advantages, ref_logp, mask, cu_seqlens):
         if hidden.dim() != 2:
             raise ValueError(f"{OP}: with `cu_seqlens`, `hidden` must be [N, H], got {describe(hidden)}")
         n = hidden.shape[0]
-        if not torch.compiler.is_compiling():
+        if check_ids and not torch.compiler.is_compiling():
             check_cu_seqlens(OP, cu_seqlens, n)
         else:
             require_tensor(OP, "cu_seqlens", cu_seqlens, kind="int", ndim=1)
@@ -310,6 +336,7 @@ def linear_policy_loss(
     return_entropy: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
+    check_ids: bool = True,
 ) -> PolicyLossOutput:
     """Clipped policy-gradient loss ``L = agg_t(pg_t + β·KL_t − entropy_coeff·H_t)`` of ``softmax((h·Wᵀ + b)/τ)``.
 
@@ -333,6 +360,13 @@ def linear_policy_loss(
         global_batch_size: what the sequence means divide by (default: the sequences with a valid token, as verl
             without a ``global_batch_size``; TRL's sequence means count every row: pass ``B``).
         temperature: ``τ > 0``; return_entropy: also return the per-token entropy.
+        check_ids: check the values of the inputs (the default): ``ids`` in ``[0, V)`` at valid tokens, ``old_logp``,
+            ``advantages``, ``ref_logp`` finite there, ``cu_seqlens`` a valid partition of ``N``, and drop the rows
+            that are not valid tokens before any work. Each reads values on the host (a device sync). ``False``, as in
+            the log-prob ops, reads no value on the host in the forward or the backward (the step can be captured in
+            a CUDA graph): nothing of the above is checked, every row is computed (the others with zeroed inputs, and
+            masked out), an id outside ``[0, V)`` at a valid token gives a NaN loss and NaN gradients, a non-finite
+            input at a valid token gives non-finite results, and a bad ``cu_seqlens`` an unspecified result.
 
     Under ``torch.autocast`` the op follows ``F.linear``: floating inputs other than float64 are cast to the autocast
     dtype (the gradients reach the original parameters through the casts) and the logits are computed in it.
@@ -372,14 +406,15 @@ def linear_policy_loss(
         raise ValueError(f"{OP}: `kl_kind` must be one of {KL_KINDS}, got {kl_kind!r}")
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"{OP}: `loss_agg_mode` must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"{OP}: `return_entropy` must be a bool, got {describe(return_entropy)}")
+    for name, flag in (("return_entropy", return_entropy), ("check_ids", check_ids)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{OP}: `{name}` must be a bool, got {describe(flag)}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{OP}: `ignore_index` must be an int, got {describe(ignore_index)}")
     if beta != 0 and ref_logp is None:
         raise ValueError(f"{OP}: `beta` = {beta} needs `ref_logp` (the reference policy's log-probs)")
     flat, ids_f, old, adv, ref, valid, seq, b, t, tok = _layout(hidden, ids, old_logp, advantages, ref_logp, mask,
-                                                                cu_seqlens)
+                                                                cu_seqlens, check_ids)
     if loss_agg_mode == "seq-mean-token-sum-norm" and loss_scale_factor is None:
         if t is None:
             raise ValueError(f"{OP}: loss_agg_mode='seq-mean-token-sum-norm' in the packed layout needs "
@@ -387,7 +422,7 @@ def linear_policy_loss(
         loss_scale_factor = float(t)
     valid = valid & (ids_f != ignore_index)
     v = weight.shape[0]
-    if not torch.compiler.is_compiling() and valid.any():
+    if check_ids and not torch.compiler.is_compiling() and valid.any():
         bad = valid & ((ids_f < 0) | (ids_f >= v))
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0, 0])
@@ -407,7 +442,7 @@ def linear_policy_loss(
                                      float(epsilon_low), float(epsilon_high),
                                      None if clip_ratio_c is None else float(clip_ratio_c), float(beta), kl_kind,
                                      float(entropy_coeff), return_entropy, need_h, need_w, need_b, chosen,
-                                     bool(kl_ratio_correction))
+                                     bool(kl_ratio_correction), check_ids)
     s = stats.detach()
     n = s[6].clamp(min=1)
     metrics = {"clip_fraction": s[0] / n, "dual_clip_fraction": s[1] / n, "ratio_mean": s[2] / n,
