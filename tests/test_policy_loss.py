@@ -5,11 +5,14 @@ path (interpreter on CPU, the ``device`` fixture); torch.compile tracing; errors
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
 import srpo_core.cpu.policy_loss as cpu_pl
 import srpo_core.ops.policy_loss as ops_pl
@@ -158,8 +161,9 @@ def run_op(c, d, dtype, device="cpu", backend="torch", chunk=None, check_ids=Tru
         hid = place(d["hid"].to(dtype)).requires_grad_(True)
         extra = {"mask": mask.to(device)}
     ids = place(d["ids"]) if c["layout"] == "packed" else place(d["ids"], fill=-7)
-    adv = d["adv"] if c["per_token"] else d["seq_adv"]
-    adv = place(adv.to(dtype)) if c["per_token"] else adv.to(device, dtype)
+    # packed with N == B: an [N] advantage reads as per token (D105), so a per-sequence one is passed expanded
+    per_token = c["per_token"] or (c["layout"] == "packed" and n == b)
+    adv = place(d["adv"].to(dtype)) if per_token else d["seq_adv"].to(device, dtype)
     rl = None if d["ref_lp"] is None else place(d["ref_lp"].to(dtype))
     kw = kwargs_of(c)
     if c["mode"] == "seq-mean-token-sum-norm" and c["layout"] == "packed":
@@ -684,60 +688,83 @@ def test_fp16_scaling_keeps_large_gradients_finite(device):
             assert float((x - t).norm() / t.norm()) < 5e-3, be
 
 
-class HostReads:
-    """Counts the calls that read tensor values on the host (a device sync on CUDA): ``bool``/``int``/``float``/
-    ``index`` of a tensor, ``item``, ``tolist``, ``cpu``, ``numpy``, ``nonzero``, ``argwhere``, ``masked_select``,
-    ``unique``, ``repeat_interleave`` without ``output_size``, and indexing with a bool mask (a data-dependent
-    shape), made from any Python code but Triton's own (its interpreter emulates the GPU on the host).
+class HostReads(TorchFunctionMode):
+    """Counts the calls that read tensor values on the host (a device sync on CUDA) while ``phase`` is set: ``bool``/
+    ``int``/``float``/``index`` of a tensor, ``item``, ``tolist``, ``cpu``, ``numpy``, ``nonzero``, ``argwhere``,
+    ``masked_select``, ``unique``, ``index_put`` with a bool mask, ``repeat_interleave`` without ``output_size``,
+    from any Python code but Triton's own (its interpreter emulates the GPU on the host); and, as a
+    ``TorchFunctionMode``, indexing with a bool mask (a data-dependent shape) outside custom ops.
 
-    It patches the ``torch.Tensor`` methods and ``torch`` functions rather than entering a ``TorchFunctionMode``:
-    such a mode does not see the calls made inside a ``torch.library`` custom op's implementation, nor in the
-    autograd backward (checked on torch 2.13: ``bool(valid.all())`` in the op and the backward's ``bool(g == 1)``
-    went uncounted)."""
+    The reads are counted by patching the ``torch.Tensor`` methods and ``torch`` functions: a ``TorchFunctionMode``
+    does not see the calls made inside a ``torch.library`` custom op's implementation, nor in the autograd backward
+    (checked on torch 2.13: ``bool(valid.all())`` in the op and the backward's ``bool(g == 1)`` went uncounted).
+    ``__getitem__``/``__setitem__`` are left to the mode: a Python ``__getitem__`` set on the class, even once
+    removed, leaves tensors passing ``PySequence_Check`` (``torch.tensor([t0, t1])`` of 0-d tensors then fails)."""
 
     METHODS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "numpy", "nonzero",
-               "argwhere", "masked_select", "unique", "__getitem__", "__setitem__", "index_put_", "index_put",
-               "repeat_interleave")
+               "argwhere", "masked_select", "unique", "index_put_", "index_put", "repeat_interleave")
     FUNCTIONS = ("nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "repeat_interleave")
 
-    def __init__(self, monkeypatch):
-        import os
-        import sys
-
+    def __init__(self):
+        super().__init__()
         try:
             import triton
 
-            skip = os.path.dirname(triton.__file__)
+            self.skip = os.path.dirname(triton.__file__)
         except ImportError:
-            skip = None
-        self.phase, self.calls = None, []
+            self.skip = None
+        self.phase, self.calls, self.saved = None, [], []
 
+    @staticmethod
+    def _counts(name, args, kwargs):
         def masked(x):
             items = x if isinstance(x, (tuple, list)) else (x,)
             return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in items)
 
-        def counts(name, args, kwargs):
-            if name in ("__getitem__", "__setitem__", "index_put_", "index_put"):
-                return len(args) > 1 and masked(args[1])
-            if name == "repeat_interleave":
-                reps = args[1] if len(args) > 1 else kwargs.get("repeats")
-                return isinstance(reps, torch.Tensor) and reps.numel() > 1 and kwargs.get("output_size") is None
-            return True
+        if name in ("__getitem__", "__setitem__", "index_put_", "index_put"):
+            return len(args) > 1 and masked(args[1])
+        if name == "repeat_interleave":
+            reps = args[1] if len(args) > 1 else kwargs.get("repeats")
+            return isinstance(reps, torch.Tensor) and reps.numel() > 1 and kwargs.get("output_size") is None
+        return True
 
+    def _record(self, name, args, kwargs, depth):
+        if self.phase is not None and self._counts(name, args, kwargs):
+            f = sys._getframe(depth)
+            if self.skip is None or not f.f_code.co_filename.startswith(self.skip):
+                self.calls.append((self.phase, name, f"{f.f_code.co_filename}:{f.f_lineno} in {f.f_code.co_name}"))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in ("__getitem__", "__setitem__"):
+            self._record(name, args, kwargs, 2)
+        return func(*args, **kwargs)
+
+    def __enter__(self):
         def wrap(orig, name):
             def counted(*args, **kwargs):
-                if self.phase is not None and counts(name, args, kwargs):
-                    f = sys._getframe(1)
-                    if skip is None or not f.f_code.co_filename.startswith(skip):
-                        self.calls.append((self.phase, name, f"{f.f_code.co_filename}:{f.f_lineno}"))
+                self._record(name, args, kwargs, 2)
                 return orig(*args, **kwargs)
 
             return counted
 
-        for name in self.METHODS:
-            monkeypatch.setattr(torch.Tensor, name, wrap(getattr(torch.Tensor, name), name))
-        for name in self.FUNCTIONS:
-            monkeypatch.setattr(torch, name, wrap(getattr(torch, name), name))
+        for owner, names in ((torch.Tensor, self.METHODS), (torch, self.FUNCTIONS)):
+            for name in names:
+                self.saved.append((owner, name, owner.__dict__.get(name, None), name in owner.__dict__))
+                setattr(owner, name, wrap(getattr(owner, name), name))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            for owner, name, orig, own in reversed(self.saved):
+                if own:
+                    setattr(owner, name, orig)
+                else:  # inherited from the C base: remove the override (a setattr would leave a generic slot)
+                    delattr(owner, name)
+            self.saved.clear()
 
     def set(self, phase):
         self.phase = phase
@@ -749,7 +776,7 @@ class HostReads:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_check_ids_false_reads_nothing_on_the_host(device, backend, layout, dtype, monkeypatch):
+def test_check_ids_false_reads_nothing_on_the_host(device, backend, layout, dtype):
     """Issue 22: ``check_ids=False`` makes no host read in the forward or the backward, on both layouts and both
     paths (with NaN hidden states and out-of-range ids at the masked positions of the padded layout), and gives the
     default path's results; the default path's reads are counted (the counter works)."""
@@ -758,13 +785,14 @@ def test_check_ids_false_reads_nothing_on_the_host(device, backend, layout, dtyp
     if dtype == torch.float16:
         for x in ("hid", "w", "bias"):
             d[x] = d[x].half().double()
-    reads = HostReads(monkeypatch)
-    out_c, grads_c, flat = run_op(c, d, dtype, device=device, backend=backend, phase=reads.set)
-    assert reads.of("forward"), "the counter must see the default path's checks"
+    with HostReads() as reads:
+        out_c, grads_c, flat = run_op(c, d, dtype, device=device, backend=backend, phase=reads.set)
+    assert any(where.endswith(" in _flat") for *_, where in reads.of("forward")), \
+        "the counter must see the default path's reads inside the custom op (its compaction)"
     if device.type == "cpu":  # the backward's seed test reads a CPU scalar (never a CUDA one)
         assert reads.of("backward"), "the counter must see calls in the backward"
-    reads.calls.clear()
-    out, grads, _ = run_op(c, d, dtype, device=device, backend=backend, check_ids=False, phase=reads.set)
+    with HostReads() as reads:
+        out, grads, _ = run_op(c, d, dtype, device=device, backend=backend, check_ids=False, phase=reads.set)
     assert reads.calls == [], reads.calls
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-5}
     for x, y in zip([out.loss, flat(out.logp), flat(out.entropy), *grads],
