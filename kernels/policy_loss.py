@@ -15,10 +15,11 @@ So forward + backward is the three GEMMs plus three passes over a ``[k, V]`` til
 The GEMMs are torch's, so in fp32 they follow torch's matmul precision setting (TF32 where the user allows it, as
 ``F.linear`` does), unlike the fused linear kernels, which pin IEEE fp32.
 The chunk size is the caller's (``chunk``). bf16/fp16 over several chunks sum their ``grad_weight`` GEMMs in an
-fp32 ``[V, H]`` buffer, as the CPU path does. fp16 scales each chunk's upstream gradients by a power of two ``S`` (so the
-tile holds ``S·G``, clear of fp16's subnormals) and GEMM 3's ``h`` by ``R``, and unscales both GEMMs' results in fp32
-(``srpo_core.cpu.policy_loss.fp16_scales``, computed on the device). Every launch runs inside ``device_guard(hidden)``. Int64 offsets, masks
-and the ``inf·0`` guards are those of ``token_logprobs``' kernels, which this module does not modify.
+fp32 ``[V, H]`` buffer, as the CPU path does. fp16 scales each chunk's upstream gradients by a power of two ``S`` (so
+the tile holds ``S·G``, clear of fp16's subnormals) and GEMM 3's ``h`` by ``R``, and unscales both GEMMs' results in
+fp32 (``srpo_core.cpu.policy_loss.fp16_scales``, computed on the device). Every launch runs inside
+``device_guard(hidden)``. Int64 offsets, masks and the ``inf·0`` guards are those of ``token_logprobs``' kernels,
+which this module does not modify.
 """
 
 from __future__ import annotations

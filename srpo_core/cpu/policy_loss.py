@@ -208,10 +208,11 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
                   cfg: LossConfig, needs: tuple[bool, bool, bool], valid=None):
     """All rows valid (the caller compacts), or, with ``valid [n]`` bool (the sync-free path), the rows where it
     is False are computed and masked out: their inputs must be finite (the caller zeroes them) and they add nothing
-    to the loss, the stats or the gradients; no step reads a value on the host then. ``hidden [n, H]``, ``weight [V, H]``, ``bias [V] | None``,
-    ``ids/old/adv/coef [n]``, ``old [n] | None`` (None: on-policy), ``ref [n] | None`` →
-    ``(loss [], logp [n], entropy [n] | None, stats [N_STATS], grad_hidden [n, H] | None, grad_weight | None,
-    grad_bias | None)``; gradients of ``loss`` (acc dtype, grad_weight in weight's dtype)."""
+    to the loss, the stats or the gradients; no step reads a value on the host then. ``hidden [n, H]``,
+    ``weight [V, H]``, ``bias [V] | None``, ``ids/old/adv/coef [n]``, ``old [n] | None`` (None: on-policy),
+    ``ref [n] | None`` → ``(loss [], logp [n], entropy [n] | None, stats [N_STATS], grad_hidden [n, H] | None,
+    grad_weight | None, grad_bias | None)``; gradients of ``loss`` (acc dtype, grad_weight in weight's dtype).
+    fp16: each chunk's ``G`` is written as ``S·G`` and GEMM 3 reads ``R·h`` (``fp16_scales``), unscaled in fp32."""
     n, hd = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -264,7 +265,8 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
             _shifted_tile(h, weight, bias, scale, m, u)
         tgt, e, s, ex = _exp_rows(u, idc, buf_e[: k * v].view(k, v) if need_ent else None)
         bad = ~torch.isfinite(s)
-        if not low and valid is None and bool(bad.any()):  # a logit > 127 bits above the sampled one: redo those rows with their max
+        # a logit > 127 bits above the sampled one: redo those rows with their max
+        if not low and valid is None and bool(bad.any()):
             rows = torch.nonzero(bad)[:, 0]
             ur = torch.empty(rows.numel(), v, dtype=acc, device=dev)
             _logits_tile(h[rows], weight, bias, scale, ur, None)

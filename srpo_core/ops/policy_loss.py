@@ -230,8 +230,9 @@ def _backward(ctx, g_loss, *_):
     need_h, need_w, need_b = ctx.need
     # ``loss.backward()`` seeds 1: skip the [V, H] pass then (asked only of a CPU scalar in eager mode: no device sync;
     # not asked at all with check_ids=False, which reads no value on the host)
+    # (a seed that requires grad, create_graph=True, must stay in the graph)
     one = (ctx.check_ids and g_loss.device.type == "cpu" and not g_loss.requires_grad
-           and not torch.compiler.is_compiling() and bool(g_loss == 1))  # (a seed that requires grad, create_graph=True, must stay in the graph)
+           and not torch.compiler.is_compiling() and bool(g_loss == 1))
 
     def scaled(g):
         # the seed itself, not rounded to g's dtype: a bf16 1/3 is 0.334, an fp16 65536 (DeepSpeed's initial loss
