@@ -352,11 +352,11 @@ def test_triton_parity_fp32(device, c):
     check(c, d, out, [g.cpu() for g in grads], lambda x: flat(x).cpu())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("chunk", [3, 256], ids=["chunks", "one-chunk"])
-def test_triton_low_precision(device, chunk):
-    """bf16 on the Triton path: logits tiles in bf16, fp32 accumulation, grad_weight of several chunks summed in fp32;
-    tolerance relative to torch's own bf16 error (the reference on the same bf16 inputs)."""
-    dtype = torch.bfloat16
+def test_triton_low_precision(device, chunk, dtype):
+    """bf16/fp16 on the Triton path: logits tiles in the input dtype, fp32 accumulation, grad_weight of several chunks
+    summed in fp32; tolerance relative to torch's own error in that dtype (the reference on the same inputs)."""
     c = {**BASE, "chunk": chunk}
     d = build(c)
     for x in ("hid", "w", "bias"):
@@ -637,12 +637,19 @@ def _fp16_case(device):
     return h, w, ids, old, adv, kw
 
 
+@pytest.mark.parametrize("chunk, entropy", [(None, 0.0), (16, 0.01)], ids=["one-chunk", "chunks-entropy"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fp16_gradients_as_accurate_as_bf16(device, backend):
+def test_fp16_gradients_as_accurate_as_bf16(device, backend, chunk, entropy, monkeypatch):
     """Issue 22: fp16's ``G`` used to be written into the fp16 tile as is and underflowed (grad_hidden 11× bf16's
     error here, 11% of grad_weight exactly 0); with the power-of-two scaling both gradients are within 2× bf16's
-    relative error (norm-wise, against float64)."""
+    relative error (norm-wise, against float64), in one chunk and in chunks of 16 tokens (grad_weight summed in fp32)
+    with an entropy bonus."""
     h, w, ids, old, adv, kw = _fp16_case(device)
+    kw["entropy_coeff"] = entropy
+    if chunk is not None:
+        monkeypatch.setattr(cpu_pl, "TOKEN_CHUNK", chunk)
+        monkeypatch.setattr(cpu_pl, "USER_CAPS", True)  # as a chunk size set through the environment (D152)
+        monkeypatch.setattr(ops_pl, "TRITON_TILE_BYTES", chunk * w.shape[0] * 2)
 
     def grads(dtype, be):
         hh = h.to(device, dtype).clone().requires_grad_(True)
