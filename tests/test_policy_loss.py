@@ -812,19 +812,23 @@ def test_check_ids_false_reads_nothing_on_the_host(device, backend, layout, dtyp
 
 
 def test_check_ids_false_runs_under_cuda_sync_debug_mode(device):
-    """On CUDA, the sync-free step under ``torch.cuda.set_sync_debug_mode("error")`` (a synchronising call raises);
-    elsewhere the same call without it."""
-    c = {**BASE, "layout": "packed", "chunk": 3}
+    """On CUDA, the sync-free forward and backward (not the test's own copies of the inputs to the device) run under
+    ``torch.cuda.set_sync_debug_mode("error")``, where a synchronising call raises; elsewhere the same call without
+    it."""
+    c = {**BASE, "layout": "padded", "chunk": 3}
     d = build(c)
     backend = "triton" if device.type == "cuda" else "torch"
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        prev = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
+    cuda = device.type == "cuda"
+    prev = torch.cuda.get_sync_debug_mode() if cuda else None
+
+    def phase(name):
+        if cuda:
+            torch.cuda.set_sync_debug_mode("error" if name is not None else prev)
+
     try:
-        out, grads, flat = run_op(c, d, torch.float32, device=device, backend=backend, check_ids=False)
+        out, grads, flat = run_op(c, d, torch.float32, device=device, backend=backend, check_ids=False, phase=phase)
     finally:
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.set_sync_debug_mode(prev)
     check(c, d, out, [g.cpu() for g in grads], lambda x: flat(x).cpu())
 
