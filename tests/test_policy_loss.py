@@ -388,7 +388,8 @@ def test_triton_requires_grad_subsets(device, frozen):
     assert (w if frozen == "weight" else h).grad is None
 
 
-def test_torch_compile_traces_the_op():
+@pytest.mark.parametrize("check_ids", [True, False])
+def test_torch_compile_traces_the_op(check_ids):
     c = {**BASE, "chunk": 256}
     d = build(c)
     _, grads_eager, _ = run_op(c, d, torch.float32)
@@ -408,7 +409,8 @@ def test_torch_compile_traces_the_op():
 
     def step(h, w, bias):
         out = linear_policy_loss(h, w, pad(d["ids"], -100), pad(d["old"].float()), pad(d["adv"].float()),
-                                 mask=mask, bias=bias, ref_logp=pad(d["ref_lp"].float()), **kwargs_of(c))
+                                 mask=mask, bias=bias, ref_logp=pad(d["ref_lp"].float()), check_ids=check_ids,
+                                 **kwargs_of(c))
         return out.loss
 
     torch.compile(step, backend="aot_eager", fullgraph=True)(h, w, bias).backward()
