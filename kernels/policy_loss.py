@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from srpo_core._dispatch import device_guard, empty
-from srpo_core.cpu.policy_loss import add_grad_weight, fp16_scales
+from srpo_core.cpu.policy_loss import add_grad_weight, fp16_scales, fp16_store
 from srpo_core.kernels.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
 
 LOW_PRECISION_BYTES = 2
@@ -38,7 +38,8 @@ def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, 
                         needs: tuple[bool, bool, bool], chunk: int):
     """``hidden [n, H]``, ``weight [V, H]``, ``bias [V] | None`` (one dtype: fp32/bf16/fp16), ``ids [n]`` (each in
     ``[0, V)``) → ``(logp [n] fp32, H [n] fp32 | None, (grad_hidden fp32 | None, grad_weight | None,
-    grad_bias fp32 | None))``, gradients of the loss whose per-token derivatives ``token_fn`` gives.
+    grad_bias fp32 | None, gw_inv | None))`` (fp16: ``grad_weight`` scaled, ``gw_inv`` times it the gradient),
+    gradients of the loss whose per-token derivatives ``token_fn`` gives.
 
     ``token_fn(rows: slice, logp [k], H [k] | None) -> (∂L/∂logp [k], ∂L/∂H [k] | None)``; the caller accumulates
     its loss and metrics there, chunk by chunk."""
@@ -59,6 +60,7 @@ def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, 
         gh = empty((n, hd), dtype=f32, device=dev) if need_h else None
         gw = empty(tuple(weight.shape), dtype=weight.dtype, device=dev) if need_w else None
         gw_acc = empty((v, hd), dtype=f32, device=dev) if (need_w and low and k_max < n) else None
+        inv_w = None
         gb = bias.new_zeros(v, dtype=f32) if need_b else None
         w_absmax = weight.abs().amax().float() if scaled else None
         for n0 in range(0, n, k_max):
@@ -97,6 +99,10 @@ def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, 
                     torch.mm(g, weight, out=gh[rows])
             if need_w:
                 add_grad_weight(gw, gw_acc, g, h, first=n0 == 0, inv=inv_w)
+        gw_inv = inv_w if (scaled and need_w) else None  # one fp16 chunk: gw holds (S·R)·grad
         if gw_acc is not None:
-            gw.copy_(gw_acc)
-    return logp, ent, (gh, gw, gb)
+            if scaled:
+                gw, gw_inv = fp16_store(gw_acc, out=gw)
+            else:
+                gw.copy_(gw_acc)
+    return logp, ent, (gh, gw, gb, gw_inv)

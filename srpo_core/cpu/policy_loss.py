@@ -118,7 +118,8 @@ def add_grad_weight(gw, gw_acc, g, h, *, first: bool, inv=None) -> None:
     chunk's GEMM lands in ``gw`` (the output's own buffer: a fresh ``[V, H]`` per chunk costs more in page faults than
     the GEMM) and is summed into the fp32 ``gw_acc``; the caller copies ``gw_acc`` into ``gw`` after the last chunk.
     ``inv`` (fp16, a 0-dim fp32 power of two): ``g`` or ``h`` came scaled (``fp16_scales``), the GEMM's result is
-    multiplied by ``inv`` in fp32 (into ``gw_acc``) or, for a single chunk, in ``gw`` itself (its final rounding)."""
+    multiplied by ``inv`` in fp32 into ``gw_acc``; a single chunk's ``gw`` stays scaled (``inv`` is its stored scale,
+    applied with the upstream seed in the backward: see ``fp16_store``)."""
     if gw_acc is not None:
         torch.mm(g.T, h, out=gw)
         if inv is not None:  # fp32 (gw_acc's dtype) is the computation dtype: torch.mul(gw, inv, out=) rounds in fp16
@@ -127,8 +128,6 @@ def add_grad_weight(gw, gw_acc, g, h, *, first: bool, inv=None) -> None:
             gw_acc.copy_(gw) if first else gw_acc.add_(gw)
     elif first:
         torch.mm(g.T, h, out=gw)
-        if inv is not None:
-            gw.mul_(inv)
     else:
         gw.addmm_(g.T, h)
 
@@ -143,6 +142,21 @@ FP16_TARGET = 2.0 ** 14
 def _pow2_at_most(x):
     """The largest power of two ≤ ``x`` (a tensor), its exponent clamped to [-60, 60]; NaN stays NaN."""
     return torch.exp2(torch.floor(torch.log2(x)).clamp(-60.0, 60.0))
+
+
+def fp16_store(x, out=None):
+    """An fp32 gradient ``x`` → ``(x·Q in fp16, 1/Q)``, ``Q`` a power of two (0-dim fp32, on the device) that puts
+    ``max|x·Q|`` in ``(2^13, 2^14]``: the stored fp16 gradient keeps fp16's full relative precision wherever the
+    value is within 2^24 of the largest, and the backward multiplies it by ``seed/Q`` in fp32 with one rounding, so
+    a loss scale (GradScaler's seed) recovers what a seed of 1 would round into fp16's subnormals."""
+    if x.numel() == 0:
+        q = torch.ones((), dtype=torch.float32, device=x.device)
+    else:
+        q = _pow2_at_most(FP16_TARGET / x.abs().amax().float().clamp(min=torch.finfo(torch.float32).tiny))
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+    torch.mul(x, q, out=out)  # computed in x's dtype (fp32), one rounding to fp16
+    return out, 1.0 / q
 
 
 def fp16_scales(g_logp, g_ent, ent, inv_tau: float, w_absmax, h):
@@ -211,8 +225,9 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
     to the loss, the stats or the gradients; no step reads a value on the host then. ``hidden [n, H]``,
     ``weight [V, H]``, ``bias [V] | None``, ``ids/old/adv/coef [n]``, ``old [n] | None`` (None: on-policy),
     ``ref [n] | None`` → ``(loss [], logp [n], entropy [n] | None, stats [N_STATS], grad_hidden [n, H] | None,
-    grad_weight | None, grad_bias | None)``; gradients of ``loss`` (acc dtype, grad_weight in weight's dtype).
-    fp16: each chunk's ``G`` is written as ``S·G`` and GEMM 3 reads ``R·h`` (``fp16_scales``), unscaled in fp32."""
+    grad_weight | None, grad_bias | None, gw_inv | None)``; gradients of ``loss`` (acc dtype, grad_weight in
+    weight's dtype). fp16: each chunk's ``G`` is written as ``S·G`` and GEMM 3 reads ``R·h`` (``fp16_scales``),
+    unscaled in fp32; ``grad_weight`` is returned scaled, ``gw_inv`` (0-dim) times it is the gradient."""
     n, hd = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -247,6 +262,7 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
     loss = torch.zeros((), dtype=acc, device=dev)
     stats = torch.zeros(N_STATS, dtype=acc, device=dev)
     stats[-1] = n if valid is None else valid.sum()
+    inv_w = None
     for n0 in range(0, n, k_max):
         n1 = min(n, n0 + k_max)
         k = n1 - n0
@@ -324,6 +340,10 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
                 torch.mm(gm, weight, out=gh[n0:n1])
         if need_w:
             add_grad_weight(gw, gw_acc, gm, h if not scaled else h * r16, first=n0 == 0, inv=inv_w)
+    gw_inv = inv_w if (scaled and need_w) else None  # one fp16 chunk: gw holds (S·R)·grad
     if gw_acc is not None:
-        gw.copy_(gw_acc)
-    return loss, logp, ent, stats, gh, gw, gb
+        if scaled:
+            gw, gw_inv = fp16_store(gw_acc, out=gw)
+        else:
+            gw.copy_(gw_acc)
+    return loss, logp, ent, stats, gh, gw, gb, gw_inv

@@ -12,7 +12,8 @@ The math is ``srpo_core.reference.policy_loss`` (``L = Σ_t coef_t·ℓ_t``, ``c
 
 Registered as the custom op ``torch.ops.srpo_core.linear_policy_loss`` (fake kernel + autograd formula), so
 ``torch.compile(fullgraph=True)`` traces a step through it. Its backward returns the gradients stored in the forward
-times the upstream scalar gradient; ``logp``, ``entropy`` and the metrics are returned detached.
+times the upstream scalar gradient (fp16: and times the power of two each is stored with, in fp32, D171); ``logp``,
+``entropy`` and the metrics are returned detached.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from srpo_core import _dispatch
 from srpo_core._validate import check_cu_seqlens, describe, require_tensor
-from srpo_core.cpu.policy_loss import N_STATS, LossConfig, fused_fwd_bwd, token_grads
+from srpo_core.cpu.policy_loss import N_STATS, LossConfig, fp16_store, fused_fwd_bwd, token_grads
 from srpo_core.ops.linear_token_logprobs_checks import AUTOCAST_DEVICES, autocast_dtype
 from srpo_core.reference.policy_loss import KL_KINDS
 
@@ -118,6 +119,7 @@ def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_e
         gh = torch.zeros(0, hidden.shape[1], dtype=acc, device=dev) if needs[0] else None
         gw = torch.zeros_like(weight) if needs[1] else None
         gb = torch.zeros_like(bias, dtype=acc) if needs[2] else None
+        gw_inv = None
     elif backend == "triton":
         from srpo_core.kernels.policy_loss import policy_loss_fwd_bwd
 
@@ -138,13 +140,13 @@ def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_e
             stats[:-1] += st.sum(1)
             return d_lp * c, None if d_h is None else d_h[rows]
 
-        lp_k, ent_k, (gh, gw, gb) = policy_loss_fwd_bwd(
+        lp_k, ent_k, (gh, gw, gb, gw_inv) = policy_loss_fwd_bwd(
             h_k, weight, bias, ids_k, token_fn, inv_tau=inv_tau, want_entropy=need_ent, needs=needs,
             chunk=triton_chunk(h_k.shape[0], weight.shape[0], weight.element_size()))
     else:
-        loss, lp_k, ent_k, stats, gh, gw, gb = fused_fwd_bwd(h_k, weight, bias, ids_k, old_k, adv_k, ref_k, coef_k,
-                                                             inv_tau=inv_tau, want_entropy=want_entropy, cfg=cfg,
-                                                             needs=needs, valid=live)
+        loss, lp_k, ent_k, stats, gh, gw, gb, gw_inv = fused_fwd_bwd(
+            h_k, weight, bias, ids_k, old_k, adv_k, ref_k, coef_k, inv_tau=inv_tau, want_entropy=want_entropy,
+            cfg=cfg, needs=needs, valid=live)
 
     def full(x, width=None):
         if not compact:
@@ -157,11 +159,16 @@ def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_e
     if live is not None:  # 0 at the rows that are not valid tokens, as the compacted path leaves them
         logp = torch.where(live, logp, 0.0)
         ent = None if ent is None else torch.where(live, ent, 0.0)
+    # fp16 gradients are stored times a power of two each (fp16_store), ``inv [3]`` holding its inverse (1 elsewhere)
+    one = torch.ones((), dtype=torch.float32, device=dev)
+    inv = [one, one if gw_inv is None else gw_inv, one]
+    fp16 = hidden.dtype == torch.float16
     if gh is not None:
-        gh = full(gh, hidden.shape[1]).to(hidden.dtype)
+        gh = full(gh, hidden.shape[1])
+        gh, inv[0] = fp16_store(gh) if fp16 else (gh.to(hidden.dtype), one)
     if gb is not None:
-        gb = gb.to(bias.dtype)
-    return loss, logp, ent, stats, gh, gw, gb
+        gb, inv[2] = fp16_store(gb) if fp16 else (gb.to(bias.dtype), one)
+    return loss, logp, ent, stats, gh, gw, gb, torch.stack(inv)
 
 
 @torch.library.custom_op("srpo_core::linear_policy_loss", mutates_args=())
@@ -170,14 +177,16 @@ def _op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, i
         valid: torch.Tensor, inv_tau: float, epsilon_low: float, epsilon_high: float, clip_ratio_c: float | None,
         beta: float, kl_kind: str, entropy_coeff: float, want_entropy: bool, need_h: bool, need_w: bool,
         need_b: bool, backend: str, kl_ratio_correction: bool, check_ids: bool
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ ``(loss, logp, entropy or [0], stats [N_STATS], grad_hidden or [0], grad_weight or [0], grad_bias or [0])``."""
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                   torch.Tensor]:
+    """→ ``(loss, logp, entropy or [0], stats [N_STATS], grad_hidden or [0], grad_weight or [0], grad_bias or [0],
+    inv [3])``: each stored gradient times ``inv[i]`` (fp32; a power of two for fp16, else 1) is the gradient."""
     cfg = LossConfig(epsilon_low, epsilon_high, clip_ratio_c, beta, kl_kind, entropy_coeff, kl_ratio_correction)
     dev = hidden.device.type
     # the public function has cast the inputs as F.linear would; every GEMM in here keeps the dtypes chosen there
     off = dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev)
     with torch.autocast(device_type=dev, enabled=False) if off else contextlib.nullcontext():
-        loss, logp, ent, stats, gh, gw, gb = _flat(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef,
+        loss, logp, ent, stats, gh, gw, gb, inv = _flat(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef,
                                                    valid, inv_tau, want_entropy, cfg, (need_h, need_w, need_b),
                                                    backend, check_ids)
 
@@ -185,7 +194,7 @@ def _op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, i
         return hidden.new_empty(0)
 
     return (loss, logp, ent if ent is not None else logp.new_empty(0), stats, gh if gh is not None else e(),
-            gw if gw is not None else e(), gb if gb is not None else e())
+            gw if gw is not None else e(), gb if gb is not None else e(), inv)
 
 
 @_op.register_fake
@@ -198,13 +207,15 @@ def _(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef, valid, in
             hidden.new_empty(n if want_entropy else 0, dtype=acc), hidden.new_empty(N_STATS, dtype=acc),
             torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else hidden.new_empty(0),
-            torch.empty_like(bias) if (need_b and bias is not None) else hidden.new_empty(0))
+            torch.empty_like(bias) if (need_b and bias is not None) else hidden.new_empty(0),
+            hidden.new_empty(3, dtype=torch.float32))
 
 
 def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # the outputs other than the loss get no gradient: no [V, H] zeros for them
     ctx.need = inputs[17:20]
     ctx.check_ids = inputs[22]
+    ctx.fp16 = inputs[0].dtype == torch.float16  # the stored gradients carry the scales output[7] (fp16_store)
     # The stored gradients are outputs of this node: non-differentiable, they carry no grad_fn, so holding them on
     # ctx makes no reference cycle (a forward without backward would otherwise keep its [V, H] gradient alive).
     ctx.mark_non_differentiable(*output[1:])
@@ -220,27 +231,29 @@ def _backward(ctx, g_loss, *_):
     copy of a tensor still referenced elsewhere doubles the peak by a ``[V, H]`` gradient. In eager mode the
     gradients are handed over once; a second backward through the same graph (``retain_graph=True``) raises."""
     if ctx.grads is None:
-        gh, gw, gb = ctx.saved_tensors
+        gh, gw, gb, inv = ctx.saved_tensors
     else:
         if not ctx.grads:
             raise RuntimeError("linear_policy_loss: backward ran twice through the same graph; its gradients are "
                                "computed in the forward and handed over once (retain_graph is not supported)")
-        gh, gw, gb = ctx.grads
+        gh, gw, gb, inv = ctx.grads
         ctx.grads = []
     need_h, need_w, need_b = ctx.need
     # ``loss.backward()`` seeds 1: skip the [V, H] pass then (asked only of a CPU scalar in eager mode: no device sync;
     # not asked at all with check_ids=False, which reads no value on the host)
     # (a seed that requires grad, create_graph=True, must stay in the graph)
-    one = (ctx.check_ids and g_loss.device.type == "cpu" and not g_loss.requires_grad
+    one = (not ctx.fp16 and ctx.check_ids and g_loss.device.type == "cpu" and not g_loss.requires_grad
            and not torch.compiler.is_compiling() and bool(g_loss == 1))
 
-    def scaled(g):
+    def scaled(g, i):
         # the seed itself, not rounded to g's dtype: a bf16 1/3 is 0.334, an fp16 65536 (DeepSpeed's initial loss
-        # scale) is inf
-        return g if one else g.mul_(g_loss)
+        # scale) is inf; fp16: seed × the stored gradient's scale, in fp32, then one rounding to fp16
+        if one:
+            return g
+        return g.mul_(g_loss * inv[i]) if ctx.fp16 else g.mul_(g_loss)
 
-    return (scaled(gh) if need_h else None, scaled(gw) if need_w else None,
-            scaled(gb) if need_b else None) + (None,) * 20
+    return (scaled(gh, 0) if need_h else None, scaled(gw, 1) if need_w else None,
+            scaled(gb, 2) if need_b else None) + (None,) * 20
 
 
 _op.register_autograd(_backward, setup_context=_setup)
