@@ -15,8 +15,11 @@ So forward + backward is the three GEMMs plus three passes over a ``[k, V]`` til
 The GEMMs are torch's, so in fp32 they follow torch's matmul precision setting (TF32 where the user allows it, as
 ``F.linear`` does), unlike the fused linear kernels, which pin IEEE fp32.
 The chunk size is the caller's (``chunk``). bf16/fp16 over several chunks sum their ``grad_weight`` GEMMs in an
-fp32 ``[V, H]`` buffer, as the CPU path does. Every launch runs inside ``device_guard(hidden)``. Int64 offsets, masks
-and the ``inf·0`` guards are those of ``token_logprobs``' kernels, which this module does not modify.
+fp32 ``[V, H]`` buffer, as the CPU path does. fp16 scales each chunk's upstream gradients by a power of two ``S`` (so
+the tile holds ``S·G``, clear of fp16's subnormals) and GEMM 3's ``h`` by ``R``, and unscales both GEMMs' results in
+fp32 (``srpo_core.cpu.policy_loss.fp16_scales``, computed on the device). Every launch runs inside
+``device_guard(hidden)``. Int64 offsets, masks and the ``inf·0`` guards are those of ``token_logprobs``' kernels,
+which this module does not modify.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from srpo_core._dispatch import device_guard, empty
-from srpo_core.cpu.policy_loss import add_grad_weight
+from srpo_core.cpu.policy_loss import add_grad_weight, fp16_scales, fp16_store
 from srpo_core.kernels.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
 
 LOW_PRECISION_BYTES = 2
@@ -35,7 +38,8 @@ def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, 
                         needs: tuple[bool, bool, bool], chunk: int):
     """``hidden [n, H]``, ``weight [V, H]``, ``bias [V] | None`` (one dtype: fp32/bf16/fp16), ``ids [n]`` (each in
     ``[0, V)``) → ``(logp [n] fp32, H [n] fp32 | None, (grad_hidden fp32 | None, grad_weight | None,
-    grad_bias fp32 | None))``, gradients of the loss whose per-token derivatives ``token_fn`` gives.
+    grad_bias fp32 | None, gw_inv | None))`` (fp16: ``grad_weight`` scaled, ``gw_inv`` times it the gradient),
+    gradients of the loss whose per-token derivatives ``token_fn`` gives.
 
     ``token_fn(rows: slice, logp [k], H [k] | None) -> (∂L/∂logp [k], ∂L/∂H [k] | None)``; the caller accumulates
     its loss and metrics there, chunk by chunk."""
@@ -48,6 +52,7 @@ def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, 
     need_h, need_w, need_b = needs
     k_max = min(n, chunk)
     low = hidden.element_size() == LOW_PRECISION_BYTES
+    scaled = hidden.dtype == torch.float16 and any(needs)
     with device_guard(hidden):
         tile = empty((k_max * v,), dtype=hidden.dtype, device=dev)
         logp = empty((n,), dtype=f32, device=dev)
@@ -55,7 +60,9 @@ def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, 
         gh = empty((n, hd), dtype=f32, device=dev) if need_h else None
         gw = empty(tuple(weight.shape), dtype=weight.dtype, device=dev) if need_w else None
         gw_acc = empty((v, hd), dtype=f32, device=dev) if (need_w and low and k_max < n) else None
+        inv_w = None
         gb = bias.new_zeros(v, dtype=f32) if need_b else None
+        w_absmax = weight.abs().amax().float() if scaled else None
         for n0 in range(0, n, k_max):
             rows = slice(n0, min(n, n0 + k_max))
             h = hidden[rows]
@@ -73,17 +80,29 @@ def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, 
             d_logp, d_ent = token_fn(rows, lp, h_t)
             if not any(needs):
                 continue
+            inv_s = inv_w = None
+            if scaled:  # the kernel is linear in the upstream gradients: it writes S·G
+                s16, r16 = fp16_scales(d_logp, d_ent, h_t, inv_tau, w_absmax, h)
+                d_logp, d_ent = d_logp * s16, None if d_ent is None else d_ent * s16
+                inv_s, inv_w = 1.0 / s16, 1.0 / (s16 * r16)
+                h = h * r16
             g = token_logprobs_bwd(d_logp, d_ent, x, ids[rows], row_max, row_logsum, h_t, temperature=1.0 / inv_tau,
                                    ignore_index=NO_ID, inplace=True)
             if need_b:
-                gb += g.sum(0, dtype=f32)
+                gb += g.sum(0, dtype=f32) if inv_s is None else g.sum(0, dtype=f32).mul_(inv_s)
             if need_h:
                 if low:
                     gh[rows] = torch.mm(g, weight)
+                    if inv_s is not None:
+                        gh[rows].mul_(inv_s)
                 else:
                     torch.mm(g, weight, out=gh[rows])
             if need_w:
-                add_grad_weight(gw, gw_acc, g, h, first=n0 == 0)
+                add_grad_weight(gw, gw_acc, g, h, first=n0 == 0, inv=inv_w)
+        gw_inv = inv_w if (scaled and need_w) else None  # one fp16 chunk: gw holds (S·R)·grad
         if gw_acc is not None:
-            gw.copy_(gw_acc)
-    return logp, ent, (gh, gw, gb)
+            if scaled:
+                gw, gw_inv = fp16_store(gw_acc, out=gw)
+            else:
+                gw.copy_(gw_acc)
+    return logp, ent, (gh, gw, gb, gw_inv)

@@ -5,11 +5,14 @@ path (interpreter on CPU, the ``device`` fixture); torch.compile tracing; errors
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
 import srpo_core.cpu.policy_loss as cpu_pl
 import srpo_core.ops.policy_loss as ops_pl
@@ -132,8 +135,10 @@ def reference(c, d, dtype):
     return loss.detach(), lp.detach(), ent.detach(), m, grads, scales
 
 
-def run_op(c, d, dtype, device="cpu", backend="torch", chunk=None):
-    """The op in the drawn layout, with garbage (NaN, bad ids) at every position that is not a valid token."""
+def run_op(c, d, dtype, device="cpu", backend="torch", chunk=None, check_ids=True, phase=None):
+    """The op in the drawn layout, with garbage (NaN, bad ids) at every position that is not a valid token.
+    ``phase(name)`` is called with "forward" before the op, "backward" before its backward and None after."""
+    phase = phase or (lambda name: None)
     lengths, t, n = c["lengths"], d["t"], d["hid"].shape[0]
     b = len(lengths)
     w = d["w"].to(device, dtype).requires_grad_(True)
@@ -156,8 +161,9 @@ def run_op(c, d, dtype, device="cpu", backend="torch", chunk=None):
         hid = place(d["hid"].to(dtype)).requires_grad_(True)
         extra = {"mask": mask.to(device)}
     ids = place(d["ids"]) if c["layout"] == "packed" else place(d["ids"], fill=-7)
-    adv = d["adv"] if c["per_token"] else d["seq_adv"]
-    adv = place(adv.to(dtype)) if c["per_token"] else adv.to(device, dtype)
+    # packed with N == B: an [N] advantage reads as per token (D105), so a per-sequence one is passed expanded
+    per_token = c["per_token"] or (c["layout"] == "packed" and n == b)
+    adv = place(d["adv"].to(dtype)) if per_token else d["seq_adv"].to(device, dtype)
     rl = None if d["ref_lp"] is None else place(d["ref_lp"].to(dtype))
     kw = kwargs_of(c)
     if c["mode"] == "seq-mean-token-sum-norm" and c["layout"] == "packed":
@@ -165,12 +171,16 @@ def run_op(c, d, dtype, device="cpu", backend="torch", chunk=None):
     old_chunk, old_tile = cpu_pl.TOKEN_CHUNK, ops_pl.TRITON_TILE_BYTES
     cpu_pl.TOKEN_CHUNK = chunk or c["chunk"]
     ops_pl.TRITON_TILE_BYTES = (chunk or c["chunk"]) * c["v"] * w.element_size()  # the Triton path's chunk too
+    old = place(d["old"].to(dtype))
     try:
-        out = linear_policy_loss(hid, w, ids, place(d["old"].to(dtype)), adv, bias=bias, ref_logp=rl,
-                                 loss_agg_mode=c["mode"], return_entropy=c["return_entropy"], backend=backend,
-                                 **extra, **kw)
+        phase("forward")
+        out = linear_policy_loss(hid, w, ids, old, adv, bias=bias, ref_logp=rl, loss_agg_mode=c["mode"],
+                                 return_entropy=c["return_entropy"], backend=backend, check_ids=check_ids, **extra,
+                                 **kw)
         params = [x for x in (hid, w, bias) if x is not None]
+        phase("backward")
         grads = torch.autograd.grad(out.loss, params) if out.loss.requires_grad else None
+        phase(None)
     finally:
         cpu_pl.TOKEN_CHUNK, ops_pl.TRITON_TILE_BYTES = old_chunk, old_tile
     flat = (lambda x: x.reshape(-1, *x.shape[2:])[extra["mask"].reshape(-1)]) if c["layout"] == "padded" else (
@@ -333,25 +343,26 @@ def test_triton_path(device, layout):
     check(c, d, out, grads, flat=lambda x: flat(x).cpu())
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batches())
-def test_triton_parity_fp32(c):
+def test_triton_parity_fp32(device, c):
     """The Triton path over the same hypothesis batches as the torch path (chunks of 1, 2 or all tokens)."""
     d = build(c)
-    out, grads, flat = run_op(c, d, torch.float32, backend="triton")
-    check(c, d, out, grads, flat)
+    out, grads, flat = run_op(c, d, torch.float32, device=device, backend="triton")
+    check(c, d, out, [g.cpu() for g in grads], lambda x: flat(x).cpu())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("chunk", [3, 256], ids=["chunks", "one-chunk"])
-def test_triton_low_precision(chunk):
-    """bf16 on the Triton path: logits tiles in bf16, fp32 accumulation, grad_weight of several chunks summed in fp32;
-    tolerance relative to torch's own bf16 error (the reference on the same bf16 inputs)."""
-    dtype = torch.bfloat16
+def test_triton_low_precision(device, chunk, dtype):
+    """bf16/fp16 on the Triton path: logits tiles in the input dtype, fp32 accumulation, grad_weight of several chunks
+    summed in fp32; tolerance relative to torch's own error in that dtype (the reference on the same inputs)."""
     c = {**BASE, "chunk": chunk}
     d = build(c)
     for x in ("hid", "w", "bias"):
         d[x] = d[x].to(dtype).double()
-    out, grads, _ = run_op(c, d, dtype, backend="triton")
+    out, grads, _ = run_op(c, d, dtype, device=device, backend="triton")
+    grads = [g.cpu() for g in grads]
     L64, _, _, _, g64, _ = reference(c, d, torch.float64)
     Llo, _, _, _, glo, _ = reference(c, d, dtype)
     close("loss", out.loss, L64, Llo, 1e-2)
@@ -361,22 +372,24 @@ def test_triton_low_precision(chunk):
 
 
 @pytest.mark.parametrize("frozen", ["weight", "hidden"])
-def test_triton_requires_grad_subsets(frozen):
+def test_triton_requires_grad_subsets(device, frozen):
     c = {**BASE, "layout": "packed"}
     d = build(c)
-    w = d["w"].float().requires_grad_(frozen != "weight")
-    h = d["hid"].float().requires_grad_(frozen != "hidden")
-    out = linear_policy_loss(h, w, d["ids"], d["old"].float(), d["adv"].float(), bias=d["bias"].float(),
-                             ref_logp=d["ref_lp"].float(), cu_seqlens=torch.tensor(d["offs"]), backend="triton",
-                             **kwargs_of(c))
+    w = d["w"].float().to(device).requires_grad_(frozen != "weight")
+    h = d["hid"].float().to(device).requires_grad_(frozen != "hidden")
+    on = {k: d[k].to(device) for k in ("ids", "old", "adv", "bias", "ref_lp")}
+    out = linear_policy_loss(h, w, on["ids"], on["old"].float(), on["adv"].float(), bias=on["bias"].float(),
+                             ref_logp=on["ref_lp"].float(), cu_seqlens=torch.tensor(d["offs"], device=device),
+                             backend="triton", **kwargs_of(c))
     _, grads_all, _ = run_op({**c, "return_entropy": False}, d, torch.float32)
     out.loss.backward()
     live, ref_grad = (h, grads_all[0]) if frozen == "weight" else (w, grads_all[1])
-    torch.testing.assert_close(live.grad, ref_grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(live.grad.cpu(), ref_grad, rtol=1e-5, atol=1e-7)
     assert (w if frozen == "weight" else h).grad is None
 
 
-def test_torch_compile_traces_the_op():
+@pytest.mark.parametrize("check_ids", [True, False])
+def test_torch_compile_traces_the_op(check_ids):
     c = {**BASE, "chunk": 256}
     d = build(c)
     _, grads_eager, _ = run_op(c, d, torch.float32)
@@ -396,7 +409,8 @@ def test_torch_compile_traces_the_op():
 
     def step(h, w, bias):
         out = linear_policy_loss(h, w, pad(d["ids"], -100), pad(d["old"].float()), pad(d["adv"].float()),
-                                 mask=mask, bias=bias, ref_logp=pad(d["ref_lp"].float()), **kwargs_of(c))
+                                 mask=mask, bias=bias, ref_logp=pad(d["ref_lp"].float()), check_ids=check_ids,
+                                 **kwargs_of(c))
         return out.loss
 
     torch.compile(step, backend="aot_eager", fullgraph=True)(h, w, bias).backward()
@@ -516,8 +530,12 @@ def test_backward_scales_by_the_seed_in_fp32(dtype, seed):
     assert torch.isfinite(gs).all()
     want = g1.double() * seed
     rel = torch.finfo(dtype).eps
-    assert ((gs.double() - want).abs() <= rel * want.abs() + 1e-30).all()
-    live = want != 0  # no systematic bias: a rounded 1/3 scales every element by +0.19%
+    # fp16 stores its gradients times a power of two (D171): where g1 fell into fp16's subnormals, gs keeps the bits
+    # g1 lost there (half a subnormal spacing, 2^-25, times the seed)
+    sub = seed * 2.0 ** -25 if dtype == torch.float16 else 0.0
+    assert ((gs.double() - want).abs() <= rel * want.abs() + sub + 1e-30).all()
+    live = g1.double().abs() >= torch.finfo(dtype).tiny  # no systematic bias: a rounded 1/3 scales every element by
+    # +0.19% (over g1's normal values: its subnormal ones carry their own rounding)
     assert abs(float(((gs.double() - want)[live] / want[live]).mean())) < 5e-4
 
 
@@ -605,3 +623,304 @@ def test_triton_path_without_gradients():
     torch.testing.assert_close(tri.logp, tor.logp, rtol=1e-5, atol=1e-6)
     for k in tor.metrics:
         torch.testing.assert_close(tri.metrics[k], tor.metrics[k], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- issue 22: fp16, host reads
+def _fp16_case(device):
+    """Token-mean's coefficient at N = 16,384 (``1/16384``, here as ``seq-mean-token-sum`` over 16,384 sequences) on
+    64 tokens, V = 3000: ``coef·p`` of most vocabulary entries is below fp16's smallest subnormal (6e-8). The inputs
+    are bf16 values inside fp16's normal range, exact in both dtypes, so the float64 reference sees the same."""
+    g = torch.Generator().manual_seed(7)
+    n, v, hd = 64, 3000, 32
+    h = torch.randn(n, hd, generator=g, dtype=torch.float64).bfloat16().double()
+    w = (torch.randn(v, hd, generator=g, dtype=torch.float64) / hd ** 0.5).bfloat16().double()
+    ids = torch.randint(0, v, (n,), generator=g)
+    adv = torch.randn(n, generator=g).double()
+    old = (torch.log_softmax(h @ w.T, -1).gather(1, ids[:, None])[:, 0]
+           + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)).float().double()
+    kw = {"cu_seqlens": torch.tensor([0, n], device=device), "loss_agg_mode": "seq-mean-token-sum",
+          "global_batch_size": 16384.0}
+    return h, w, ids, old, adv, kw
+
+
+@pytest.mark.parametrize("chunk, entropy", [(None, 0.0), (16, 0.01)], ids=["one-chunk", "chunks-entropy"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_gradients_as_accurate_as_bf16(device, backend, chunk, entropy, monkeypatch):
+    """Issue 22: fp16's ``G`` used to be written into the fp16 tile as is and underflowed (grad_hidden 11× bf16's
+    error here, 11% of grad_weight exactly 0); with the power-of-two scaling both gradients are within 2× bf16's
+    relative error (norm-wise, against float64), in one chunk and in chunks of 16 tokens (grad_weight summed in fp32)
+    with an entropy bonus."""
+    h, w, ids, old, adv, kw = _fp16_case(device)
+    kw["entropy_coeff"] = entropy
+    if chunk is not None:
+        monkeypatch.setattr(cpu_pl, "TOKEN_CHUNK", chunk)
+        monkeypatch.setattr(cpu_pl, "USER_CAPS", True)  # as a chunk size set through the environment (D152)
+        monkeypatch.setattr(ops_pl, "TRITON_TILE_BYTES", chunk * w.shape[0] * 2)
+
+    def grads(dtype, be):
+        hh = h.to(device, dtype).clone().requires_grad_(True)
+        ww = w.to(device, dtype).clone().requires_grad_(True)
+        lo = torch.float64 if dtype == torch.float64 else torch.float32
+        out = linear_policy_loss(hh, ww, ids.to(device), old.to(device, lo), adv.to(device, lo), backend=be, **kw)
+        out.loss.backward()
+        return hh.grad.double().cpu(), ww.grad.double().cpu()
+
+    truth = grads(torch.float64, "torch")
+    err = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        got = grads(dtype, backend)
+        err[dtype] = [float((x - t).norm() / t.norm()) for x, t in zip(got, truth, strict=True)]
+        assert all(torch.isfinite(x).all() for x in got)
+    for i, name in enumerate(("grad_hidden", "grad_weight")):
+        assert err[torch.float16][i] <= 2 * err[torch.bfloat16][i], (name, err)
+
+
+def test_fp16_scaling_keeps_large_gradients_finite(device):
+    """The other side of the scaling: an aggregation weight that puts the largest gradient entry at 2e4 (fp16's
+    largest finite value is 65504), where the scale must go below 1; nothing overflows and both paths stay within
+    fp16's accuracy of the float64 gradients."""
+    g = torch.Generator().manual_seed(3)
+    n, v, hd = 40, 5, 8
+    h, w = torch.randn(n, hd, generator=g).half(), torch.randn(v, hd, generator=g).half()
+    ids = torch.randint(0, v, (n,), generator=g)
+    adv = torch.randn(n, generator=g) * 100
+
+    def grads(dtype, be, dev, gbs):
+        hh, ww = h.to(dev, dtype).clone().requires_grad_(True), w.to(dev, dtype).clone().requires_grad_(True)
+        lo = torch.float64 if dtype == torch.float64 else torch.float32
+        linear_policy_loss(hh, ww, ids.to(dev), None, adv.to(dev, lo), cu_seqlens=torch.tensor([0, n], device=dev),
+                           loss_agg_mode="seq-mean-token-sum", global_batch_size=gbs, backend=be).loss.backward()
+        return hh.grad.double().cpu(), ww.grad.double().cpu()
+
+    gbs = max(float(x.abs().max()) for x in grads(torch.float64, "torch", "cpu", 1.0)) / 2e4
+    truth = grads(torch.float64, "torch", "cpu", gbs)
+    assert 1.9e4 < max(float(x.abs().max()) for x in truth) < 2.1e4
+    for be in ("torch", "triton"):
+        for x, t in zip(grads(torch.float16, be, device, gbs), truth, strict=True):
+            assert torch.isfinite(x).all(), be
+            assert float((x - t).norm() / t.norm()) < 5e-3, be
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the calls that read tensor values on the host (a device sync on CUDA) while ``phase`` is set: ``bool``/
+    ``int``/``float``/``index`` of a tensor, ``item``, ``tolist``, ``cpu``, ``numpy``, ``nonzero``, ``argwhere``,
+    ``masked_select``, ``unique``, ``index_put`` with a bool mask, ``repeat_interleave`` without ``output_size``,
+    from any Python code but Triton's own (its interpreter emulates the GPU on the host); and, as a
+    ``TorchFunctionMode``, indexing with a bool mask (a data-dependent shape) outside custom ops.
+
+    The reads are counted by patching the ``torch.Tensor`` methods and ``torch`` functions: a ``TorchFunctionMode``
+    does not see the calls made inside a ``torch.library`` custom op's implementation, nor in the autograd backward
+    (checked on torch 2.13: ``bool(valid.all())`` in the op and the backward's ``bool(g == 1)`` went uncounted).
+    ``__getitem__``/``__setitem__`` are left to the mode: a Python ``__getitem__`` set on the class, even once
+    removed, leaves tensors passing ``PySequence_Check`` (``torch.tensor([t0, t1])`` of 0-d tensors then fails)."""
+
+    METHODS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "numpy", "nonzero",
+               "argwhere", "masked_select", "unique", "index_put_", "index_put", "repeat_interleave")
+    FUNCTIONS = ("nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "repeat_interleave")
+
+    def __init__(self):
+        super().__init__()
+        try:
+            import triton
+
+            self.skip = os.path.dirname(triton.__file__)
+        except ImportError:
+            self.skip = None
+        self.phase, self.calls, self.saved = None, [], []
+
+    @staticmethod
+    def _counts(name, args, kwargs):
+        def masked(x):
+            items = x if isinstance(x, (tuple, list)) else (x,)
+            return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in items)
+
+        if name in ("__getitem__", "__setitem__", "index_put_", "index_put"):
+            return len(args) > 1 and masked(args[1])
+        if name == "repeat_interleave":
+            reps = args[1] if len(args) > 1 else kwargs.get("repeats")
+            return isinstance(reps, torch.Tensor) and reps.numel() > 1 and kwargs.get("output_size") is None
+        return True
+
+    def _record(self, name, args, kwargs, depth):
+        if self.phase is not None and self._counts(name, args, kwargs):
+            f = sys._getframe(depth)
+            if self.skip is None or not f.f_code.co_filename.startswith(self.skip):
+                self.calls.append((self.phase, name, f"{f.f_code.co_filename}:{f.f_lineno} in {f.f_code.co_name}"))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in ("__getitem__", "__setitem__"):
+            self._record(name, args, kwargs, 2)
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        def wrap(orig, name):
+            def counted(*args, **kwargs):
+                self._record(name, args, kwargs, 2)
+                return orig(*args, **kwargs)
+
+            return counted
+
+        for owner, names in ((torch.Tensor, self.METHODS), (torch, self.FUNCTIONS)):
+            for name in names:
+                self.saved.append((owner, name, owner.__dict__.get(name, None), name in owner.__dict__))
+                setattr(owner, name, wrap(getattr(owner, name), name))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            for owner, name, orig, own in reversed(self.saved):
+                if own:
+                    setattr(owner, name, orig)
+                else:  # inherited from the C base: remove the override (a setattr would leave a generic slot)
+                    delattr(owner, name)
+            self.saved.clear()
+
+    def set(self, phase):
+        self.phase = phase
+
+    def of(self, phase):
+        return [c for c in self.calls if c[0] == phase]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_check_ids_false_reads_nothing_on_the_host(device, backend, layout, dtype):
+    """Issue 22: ``check_ids=False`` makes no host read in the forward or the backward, on both layouts and both
+    paths (with NaN hidden states and out-of-range ids at the masked positions of the padded layout), and gives the
+    default path's results; the default path's reads are counted (the counter works)."""
+    c = {**BASE, "layout": layout, "lengths": [5, 0, 4, 3], "chunk": 3}
+    d = build(c)
+    if dtype == torch.float16:
+        for x in ("hid", "w", "bias"):
+            d[x] = d[x].half().double()
+    with HostReads() as reads:
+        out_c, grads_c, flat = run_op(c, d, dtype, device=device, backend=backend, phase=reads.set)
+    assert any(where.endswith(" in _flat") for *_, where in reads.of("forward")), \
+        "the counter must see the default path's reads inside the custom op (its compaction)"
+    if device.type == "cpu" and dtype != torch.float16:  # the backward's seed-of-1 test reads a CPU scalar (never a
+        assert reads.of("backward"), "the counter must see calls in the backward"  # CUDA one; fp16 never: D171)
+    with HostReads() as reads:
+        out, grads, _ = run_op(c, d, dtype, device=device, backend=backend, check_ids=False, phase=reads.set)
+    assert reads.calls == [], reads.calls
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-5}
+    for x, y in zip([out.loss, flat(out.logp), flat(out.entropy), *grads],
+                    [out_c.loss, flat(out_c.logp), flat(out_c.entropy), *grads_c], strict=True):
+        torch.testing.assert_close(x, y, **tol)
+    for key in out_c.metrics:
+        torch.testing.assert_close(out.metrics[key], out_c.metrics[key], rtol=1e-5, atol=1e-6)
+    if dtype == torch.float32:  # (fp16: the default path's results, compared above, are test_low_precision's)
+        check(c, d, out, [g.cpu() for g in grads], lambda x: flat(x).cpu())
+
+
+def test_check_ids_false_runs_under_cuda_sync_debug_mode(device):
+    """On CUDA, the sync-free forward and backward (not the test's own copies of the inputs to the device) run under
+    ``torch.cuda.set_sync_debug_mode("error")``, where a synchronising call raises; elsewhere the same call without
+    it."""
+    c = {**BASE, "layout": "padded", "chunk": 3}
+    d = build(c)
+    backend = "triton" if device.type == "cuda" else "torch"
+    cuda = device.type == "cuda"
+    prev = torch.cuda.get_sync_debug_mode() if cuda else None
+
+    def phase(name):
+        if cuda:
+            torch.cuda.set_sync_debug_mode("error" if name is not None else prev)
+
+    try:
+        out, grads, flat = run_op(c, d, torch.float32, device=device, backend=backend, check_ids=False, phase=phase)
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode(prev)
+    check(c, d, out, [g.cpu() for g in grads], lambda x: flat(x).cpu())
+
+
+def test_check_ids_false_gives_nan_for_an_out_of_range_id():
+    """Without the check an id outside [0, V) at a valid token is not an error: the loss and gradients are NaN."""
+    h, w = torch.randn(4, 3, requires_grad=True), torch.randn(11, 3, requires_grad=True)
+    out = linear_policy_loss(h, w, torch.tensor([0, 11, 2, 3]), None, torch.ones(4), cu_seqlens=torch.tensor([0, 4]),
+                             check_ids=False)
+    out.loss.backward()
+    assert torch.isnan(out.loss) and torch.isnan(w.grad).all()
+    with pytest.raises(TypeError, match="`check_ids` must be a bool"):
+        linear_policy_loss(h, w, torch.tensor([0, 1, 2, 3]), None, torch.ones(4), cu_seqlens=torch.tensor([0, 4]),
+                           check_ids=1)
+
+
+def test_triton_bf16_parity_with_the_torch_path_over_chunks(device):
+    """bf16 on the Triton path in chunks of 4 tokens (4 chunks) against the torch path on the same device: both
+    within 2× of each other's error against float64, and close elementwise."""
+    c = {**BASE, "lengths": [5, 0, 4, 3, 4], "chunk": 4, "layout": "packed"}
+    d = build(c)
+    for x in ("hid", "w", "bias"):
+        d[x] = d[x].bfloat16().double()
+    assert int(d["keep"].sum()) > 2 * c["chunk"], "the case must take several chunks"
+    tri, g_tri, _ = run_op(c, d, torch.bfloat16, device=device, backend="triton")
+    tor, g_tor, _ = run_op(c, d, torch.bfloat16, device=device, backend="torch")
+    _, _, _, _, g64, _ = reference(c, d, torch.float64)
+    k = d["keep"]
+    for name, a, b, t in zip(("gh", "gw", "gb"), g_tri, g_tor, g64, strict=True):
+        a, b = a.double().cpu(), b.double().cpu()
+        if name == "gh":
+            a, b = a[k], b[k]
+        e_a, e_b = float((a - t).norm() / t.norm()), float((b - t).norm() / t.norm())
+        assert e_a <= 2 * e_b + 1e-3 and e_b <= 2 * e_a + 1e-3, (name, e_a, e_b)
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(t.abs().max()))
+    torch.testing.assert_close(tri.loss, tor.loss, rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(tri.logp, tor.logp, rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend, n, v", [("triton", 8192, 8192), ("torch", 16384, 32000)])
+def test_fp16_at_the_issue_shapes_on_cuda(device, backend, n, v):
+    """Issue 22's reproducer shapes (H = 64, token-mean, ids uniform, old_logp ≈ −ln V): fp16 within 2× bf16's error
+    against float64. CUDA only (``make gpu-check``): on the CPU the fp16 GEMMs and the interpreter take minutes (the
+    CPU numbers are in docs/policy_loss.md)."""
+    if device.type != "cuda":
+        pytest.skip("issue-sized fp16 check: needs SRPO_TEST_DEVICE=cuda (the CPU measurement is in the docs)")
+    g = torch.Generator().manual_seed(0)
+    hd = 64
+    h = torch.randn(n, hd, generator=g, dtype=torch.float64).bfloat16().double().to(device)
+    w = (torch.randn(v, hd, generator=g, dtype=torch.float64) / hd ** 0.5).bfloat16().double().to(device)
+    ids = torch.randint(0, v, (n,), generator=g).to(device)
+    adv = torch.randn(n, generator=g).to(device)
+    old = (-math.log(v) + 0.1 * torch.randn(n, generator=g)).to(device)
+    cu = torch.tensor([0, n], device=device)
+
+    def grads(dtype, be):
+        hh, ww = h.to(dtype).clone().requires_grad_(True), w.to(dtype).clone().requires_grad_(True)
+        lo = torch.float64 if dtype == torch.float64 else torch.float32
+        linear_policy_loss(hh, ww, ids, old.to(lo), adv.to(lo), cu_seqlens=cu, backend=be).loss.backward()
+        return hh.grad.double(), ww.grad.double()
+
+    truth = grads(torch.float64, "torch")
+    err = {dt: [float((x - t).norm() / t.norm()) for x, t in zip(grads(dt, backend), truth, strict=True)]
+           for dt in (torch.float16, torch.bfloat16)}
+    assert all(a <= 2 * b for a, b in zip(err[torch.float16], err[torch.bfloat16], strict=True)), err
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_loss_scale_recovers_subnormal_gradients(device, backend):
+    """A GradScaler seed (2^16) on fp16 gradients that a seed of 1 rounds into fp16's subnormals (grad_hidden mostly
+    below 6.1e-5 here): the stored gradients carry a power-of-two scale applied with the seed (D171), so
+    ``grad / seed`` is as accurate as fp16's normal range allows, several times better than with a seed of 1."""
+    h, w, ids, old, adv, kw = _fp16_case(device)
+
+    def grads(dtype, seed):
+        hh = h.to(device, dtype).clone().requires_grad_(True)
+        ww = w.to(device, dtype).clone().requires_grad_(True)
+        lo = torch.float64 if dtype == torch.float64 else torch.float32
+        out = linear_policy_loss(hh, ww, ids.to(device), old.to(device, lo), adv.to(device, lo),
+                                 backend="torch" if dtype == torch.float64 else backend, **kw)
+        (out.loss * seed).backward()
+        return [x.double().cpu() / seed for x in (hh.grad, ww.grad)]
+
+    truth = grads(torch.float64, 1.0)
+    assert float((truth[0].abs() < 6.1e-5).double().mean()) > 0.9, "grad_hidden must lie in fp16's subnormals"
+    err = {seed: [float((x - t).norm() / t.norm()) for x, t in zip(grads(torch.float16, seed), truth, strict=True)]
+           for seed in (1.0, 65536.0)}
+    assert err[65536.0][0] <= err[1.0][0] / 3, err
+    assert err[65536.0][1] <= err[1.0][1], err

@@ -113,17 +113,73 @@ def token_grads(logp, old, adv, ref, ent, cfg: LossConfig):
     return loss, d_logp, stats
 
 
-def add_grad_weight(gw, gw_acc, g, h, *, first: bool) -> None:
+def add_grad_weight(gw, gw_acc, g, h, *, first: bool, inv=None) -> None:
     """``grad_weight += gᵀ @ h`` for one chunk (``first``: ``=``). With ``gw_acc`` (bf16/fp16 over several chunks) the
     chunk's GEMM lands in ``gw`` (the output's own buffer: a fresh ``[V, H]`` per chunk costs more in page faults than
-    the GEMM) and is summed into the fp32 ``gw_acc``; the caller copies ``gw_acc`` into ``gw`` after the last chunk."""
+    the GEMM) and is summed into the fp32 ``gw_acc``; the caller copies ``gw_acc`` into ``gw`` after the last chunk.
+    ``inv`` (fp16, a 0-dim fp32 power of two): ``g`` or ``h`` came scaled (``fp16_scales``), the GEMM's result is
+    multiplied by ``inv`` in fp32 into ``gw_acc``; a single chunk's ``gw`` stays scaled (``inv`` is its stored scale,
+    applied with the upstream seed in the backward: see ``fp16_store``)."""
     if gw_acc is not None:
         torch.mm(g.T, h, out=gw)
-        gw_acc.copy_(gw) if first else gw_acc.add_(gw)
+        if inv is not None:  # fp32 (gw_acc's dtype) is the computation dtype: torch.mul(gw, inv, out=) rounds in fp16
+            (gw_acc.zero_() if first else gw_acc).addcmul_(gw, inv)
+        else:
+            gw_acc.copy_(gw) if first else gw_acc.add_(gw)
     elif first:
         torch.mm(g.T, h, out=gw)
     else:
         gw.addmm_(g.T, h)
+
+
+# fp16 has 5 exponent bits: G = coef·(δ − p)·∂ℓ/τ falls below its smallest subnormal (6e-8) at token-mean coefficients
+# and p ≈ 1/V. Each chunk's tile is written as S·G and GEMM 3 reads h·R (S, R powers of two, so both scalings and
+# their inverses are exact), the GEMMs' results are unscaled in fp32. FP16_TARGET bounds every scaled tile entry and
+# GEMM output (fp16's largest finite value is 65504 ≈ 2^16: a 4× margin).
+FP16_TARGET = 2.0 ** 14
+
+
+def _pow2_at_most(x):
+    """The largest power of two ≤ ``x`` (a tensor), its exponent clamped to [-60, 60]; NaN stays NaN."""
+    return torch.exp2(torch.floor(torch.log2(x)).clamp(-60.0, 60.0))
+
+
+def fp16_store(x, out=None):
+    """An fp32 gradient ``x`` → ``(x·Q in fp16, 1/Q)``, ``Q`` a power of two (0-dim fp32, on the device) that puts
+    ``max|x·Q|`` in ``(2^13, 2^14]``: the stored fp16 gradient keeps fp16's full relative precision wherever the
+    value is within 2^24 of the largest, and the backward multiplies it by ``seed/Q`` in fp32 with one rounding, so
+    a loss scale (GradScaler's seed) recovers what a seed of 1 would round into fp16's subnormals."""
+    if x.numel() == 0:
+        q = torch.ones((), dtype=torch.float32, device=x.device)
+    else:
+        q = _pow2_at_most(FP16_TARGET / x.abs().amax().float().clamp(min=torch.finfo(torch.float32).tiny))
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+    torch.mul(x, q, out=out)  # computed in x's dtype (fp32), one rounding to fp16
+    return out, 1.0 / q
+
+
+def fp16_scales(g_logp, g_ent, ent, inv_tau: float, w_absmax, h):
+    """``(S, R)``, 0-dim fp32 powers of two computed on the device (no host read), for one chunk of the fp16 path.
+
+    ``G[t, v] = (g_l δ − g_l p_v − g_H p_v (log p_v + H_t))/τ`` (``g_l = ∂L/∂logp_t``, ``g_H = ∂L/∂H_t``) has
+    ``max_v |G[t]| ≤ a_t = (|g_l| + |g_H|(1/e + H_t))/τ`` and ``Σ_v |G[t]| ≤ b_t = (2|g_l| + 2|g_H| H_t)/τ``, so
+    ``S = pow2(TARGET / max(max_t a_t, max|W|·max_t b_t))`` keeps the tile and ``S·G @ W`` below TARGET, and
+    ``R = pow2(TARGET / (S·max|h|·Σ_t a_t))`` (at most 1) keeps ``(S·G)ᵀ (R·h)`` below it: the largest entries land
+    near TARGET, far above fp16's subnormals, whatever the coefficients' scale."""
+    f32 = torch.float32
+    g = g_logp.abs().to(f32)
+    a, b = g, 2 * g
+    if g_ent is not None:
+        ge, hh = g_ent.abs().to(f32), ent.to(f32).clamp(min=0)
+        a = a + ge * (0.36787944117144233 + hh)
+        b = b + 2 * ge * hh
+    a, b = a * inv_tau, b * inv_tau
+    tiny = torch.finfo(f32).tiny
+    s = _pow2_at_most(FP16_TARGET / torch.maximum(a.amax(), b.amax() * w_absmax).clamp(min=tiny))
+    gemm3 = s * a.sum() * h.abs().amax().to(f32)
+    r = _pow2_at_most(FP16_TARGET / gemm3.clamp(min=tiny)).clamp(max=1.0)
+    return s, r
 
 
 def _logits_tile(h, weight, bias, scale, out, low_buf):
@@ -163,17 +219,23 @@ def _exp_rows(x, ids, e_buf):
 
 
 def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: float, want_entropy: bool,
-                  cfg: LossConfig, needs: tuple[bool, bool, bool]):
-    """All rows valid (the caller compacts). ``hidden [n, H]``, ``weight [V, H]``, ``bias [V] | None``,
-    ``ids/old/adv/coef [n]``, ``old [n] | None`` (None: on-policy), ``ref [n] | None`` →
-    ``(loss [], logp [n], entropy [n] | None, stats [N_STATS], grad_hidden [n, H] | None, grad_weight | None,
-    grad_bias | None)``; gradients of ``loss`` (acc dtype, grad_weight in weight's dtype)."""
+                  cfg: LossConfig, needs: tuple[bool, bool, bool], valid=None):
+    """All rows valid (the caller compacts), or, with ``valid [n]`` bool (the sync-free path), the rows where it
+    is False are computed and masked out: their inputs must be finite (the caller zeroes them) and they add nothing
+    to the loss, the stats or the gradients; no step reads a value on the host then. ``hidden [n, H]``,
+    ``weight [V, H]``, ``bias [V] | None``, ``ids/old/adv/coef [n]``, ``old [n] | None`` (None: on-policy),
+    ``ref [n] | None`` → ``(loss [], logp [n], entropy [n] | None, stats [N_STATS], grad_hidden [n, H] | None,
+    grad_weight | None, grad_bias | None, gw_inv | None)``; gradients of ``loss`` (acc dtype, grad_weight in
+    weight's dtype). fp16: each chunk's ``G`` is written as ``S·G`` and GEMM 3 reads ``R·h`` (``fp16_scales``),
+    unscaled in fp32; ``grad_weight`` is returned scaled, ``gw_inv`` (0-dim) times it is the gradient."""
     n, hd = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     low = hidden.dtype in LOW_PRECISION
     need_h, need_w, need_b = needs
+    scaled = hidden.dtype == torch.float16 and any(needs)  # G written as S·G (fp16_scales)
+    w_absmax = weight.abs().amax().float() if scaled else None
     need_ent = want_entropy or cfg.entropy_coeff != 0
     scale = inv_tau * LOG2E
     k_max = token_chunk(n, v)
@@ -199,7 +261,8 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
     ent = empty((n,), dtype=acc, device=dev) if need_ent else None
     loss = torch.zeros((), dtype=acc, device=dev)
     stats = torch.zeros(N_STATS, dtype=acc, device=dev)
-    stats[-1] = n
+    stats[-1] = n if valid is None else valid.sum()
+    inv_w = None
     for n0 in range(0, n, k_max):
         n1 = min(n, n0 + k_max)
         k = n1 - n0
@@ -207,8 +270,8 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
         idc = ids[n0:n1]
         u = buf[: k * v].view(k, v)
         low_t = buf_low[: k * v].view(k, v) if low else None
-        if low:  # logits rounded in the input dtype first (D48), then an explicit row max
-            _logits_tile(h, weight, bias, scale, u, low_t)
+        if low or valid is not None:  # bf16/fp16: logits rounded in the input dtype first (D48), then an explicit
+            _logits_tile(h, weight, bias, scale, u, low_t)  # row max (sync-free: no overflow check, below)
             m = u.amax(1)
             u.sub_(m[:, None])  # x = u₂ − m ≤ 0
         else:  # shift by the sampled token's own logit, subtracted by the GEMM itself: no max pass, no sub pass
@@ -218,7 +281,8 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
             _shifted_tile(h, weight, bias, scale, m, u)
         tgt, e, s, ex = _exp_rows(u, idc, buf_e[: k * v].view(k, v) if need_ent else None)
         bad = ~torch.isfinite(s)
-        if not low and bool(bad.any()):  # a logit > 127 bits above the sampled one: redo those rows with their max
+        # a logit > 127 bits above the sampled one: redo those rows with their max
+        if not low and valid is None and bool(bad.any()):
             rows = torch.nonzero(bad)[:, 0]
             ur = torch.empty(rows.numel(), v, dtype=acc, device=dev)
             _logits_tile(h[rows], weight, bias, scale, ur, None)
@@ -240,14 +304,18 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
         c_t = coef[n0:n1]
         old_c = lp if old is None else old[n0:n1]  # None: on-policy, π_old = π (detached)
         ell, d_lp, st = token_grads(lp, old_c, adv[n0:n1], None if ref is None else ref[n0:n1], h_t, cfg)
+        if valid is not None:  # a masked row's terms may overflow (e.g. k3 of its zeroed ref_logp): where, not · 0
+            live = valid[n0:n1]
+            ell, d_lp, st = (torch.where(live, ell, 0.0), torch.where(live, d_lp, 0.0),
+                             torch.where(live[None, :], st, 0.0))
         loss += (ell * c_t).sum()
         stats[:-1] += st.sum(1)
         if not (need_h or need_w or need_b):
             continue
         d_lp = d_lp * c_t
         c_one = d_lp * inv_tau
-        if cfg.entropy_coeff != 0:  # G = e/s·(a + b·x): ∂H/∂u_v = −p_v(ln p_v + H), ln p_v = ln2·(x_v − log₂ s)
-            d_h = -cfg.entropy_coeff * c_t
+        d_h = -cfg.entropy_coeff * c_t if cfg.entropy_coeff != 0 else None
+        if d_h is not None:  # G = e/s·(a + b·x): ∂H/∂u_v = −p_v(ln p_v + H), ln p_v = ln2·(x_v − log₂ s)
             a = (-d_lp - d_h * h_t + d_h * LN2 * log2s) * inv_tau / s
             b = -d_h * LN2 * inv_tau / s
             g = u.mul_(b[:, None]).add_(a[:, None]).mul_(e)
@@ -256,14 +324,26 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
         g.index_put_((torch.arange(k, device=dev), idc), c_one, accumulate=True)
         if need_b:
             gb += g.sum(0)
-        gm = low_t.copy_(g) if low else g
+        inv_s = inv_w = None
+        if scaled:  # fp16: S·G in the tile, h·R into GEMM 3, both GEMMs' results unscaled in fp32
+            s16, r16 = fp16_scales(d_lp, d_h, h_t, inv_tau, w_absmax, h)
+            gm = torch.mul(g, s16, out=low_t)  # fp32 product, one rounding to fp16
+            inv_s, inv_w = 1.0 / s16, 1.0 / (s16 * r16)
+        else:
+            gm = low_t.copy_(g) if low else g
         if need_h:
             if low:
                 gh[n0:n1] = torch.mm(gm, weight)
+                if inv_s is not None:
+                    gh[n0:n1].mul_(inv_s)
             else:
                 torch.mm(gm, weight, out=gh[n0:n1])
         if need_w:
-            add_grad_weight(gw, gw_acc, gm, h, first=n0 == 0)
+            add_grad_weight(gw, gw_acc, gm, h if not scaled else h * r16, first=n0 == 0, inv=inv_w)
+    gw_inv = inv_w if (scaled and need_w) else None  # one fp16 chunk: gw holds (S·R)·grad
     if gw_acc is not None:
-        gw.copy_(gw_acc)
-    return loss, logp, ent, stats, gh, gw, gb
+        if scaled:
+            gw, gw_inv = fp16_store(gw_acc, out=gw)
+        else:
+            gw.copy_(gw_acc)
+    return loss, logp, ent, stats, gh, gw, gb, gw_inv

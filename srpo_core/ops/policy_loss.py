@@ -12,7 +12,8 @@ The math is ``srpo_core.reference.policy_loss`` (``L = Σ_t coef_t·ℓ_t``, ``c
 
 Registered as the custom op ``torch.ops.srpo_core.linear_policy_loss`` (fake kernel + autograd formula), so
 ``torch.compile(fullgraph=True)`` traces a step through it. Its backward returns the gradients stored in the forward
-times the upstream scalar gradient; ``logp``, ``entropy`` and the metrics are returned detached.
+times the upstream scalar gradient (fp16: and times the power of two each is stored with, in fp32, D171); ``logp``,
+``entropy`` and the metrics are returned detached.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from srpo_core import _dispatch
 from srpo_core._validate import check_cu_seqlens, describe, require_tensor
-from srpo_core.cpu.policy_loss import N_STATS, LossConfig, fused_fwd_bwd, token_grads
+from srpo_core.cpu.policy_loss import N_STATS, LossConfig, fp16_store, fused_fwd_bwd, token_grads
 from srpo_core.ops.linear_token_logprobs_checks import AUTOCAST_DEVICES, autocast_dtype
 from srpo_core.reference.policy_loss import KL_KINDS
 
@@ -78,21 +79,37 @@ def triton_chunk(n: int, v: int, itemsize: int) -> int:
     return min(n, k if k < 128 else k - k % 128)
 
 
-def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_entropy, cfg, needs, backend):
+def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_entropy, cfg, needs, backend,
+          check_ids=True):
     n = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     dev = hidden.device
-    compact = not bool(valid.all())
-    rows = torch.nonzero(valid)[:, 0] if compact else None
+    live = None
+    if check_ids:  # drop the rows that are not valid tokens (a host read: how many there are)
+        compact = not bool(valid.all())
+        rows = torch.nonzero(valid)[:, 0] if compact else None
 
-    def take(x, dtype=None):
-        if x is None:
-            return None
-        x = x[rows] if compact else x
-        return x.to(dtype) if dtype is not None else x
+        def take(x, dtype=None):
+            if x is None:
+                return None
+            x = x[rows] if compact else x
+            return x.to(dtype) if dtype is not None else x
 
-    h_k, ids_k = take(hidden), take(ids)
-    old_k, adv_k, ref_k, coef_k = take(old, acc), take(adv, acc), take(ref, acc), take(coef, acc)
+        h_k, ids_k = take(hidden), take(ids)
+        old_k, adv_k, ref_k, coef_k = take(old, acc), take(adv, acc), take(ref, acc), take(coef, acc)
+    else:  # sync-free: every row is computed; the others' inputs are zeroed (finite) and their terms masked out
+        compact, rows, live = False, None, valid
+        ok = valid & (ids >= 0) & (ids < weight.shape[0])
+        zero = torch.zeros((), dtype=acc, device=dev)
+
+        def keep(x):
+            return None if x is None else torch.where(valid, x.to(acc), zero)
+
+        h_k = torch.where(valid[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=dev))
+        ids_k = torch.where(ok, ids, torch.zeros((), dtype=ids.dtype, device=dev))
+        old_k, ref_k, coef_k = keep(old), keep(ref), coef.to(acc)
+        # an id outside [0, V) at a valid token: NaN loss and gradients instead of the error a check would raise
+        adv_k = torch.where(valid & ~ok, torch.full((), float("nan"), dtype=acc, device=dev), keep(adv))
     need_ent = want_entropy or cfg.entropy_coeff != 0
     if h_k.shape[0] == 0:
         loss = torch.zeros((), dtype=acc, device=dev)
@@ -102,29 +119,34 @@ def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_e
         gh = torch.zeros(0, hidden.shape[1], dtype=acc, device=dev) if needs[0] else None
         gw = torch.zeros_like(weight) if needs[1] else None
         gb = torch.zeros_like(bias, dtype=acc) if needs[2] else None
+        gw_inv = None
     elif backend == "triton":
         from srpo_core.kernels.policy_loss import policy_loss_fwd_bwd
 
         loss = torch.zeros((), dtype=acc, device=dev)
         stats = torch.zeros(N_STATS, dtype=acc, device=dev)
-        stats[-1] = h_k.shape[0]
+        stats[-1] = h_k.shape[0] if live is None else live.sum()
         d_h = -cfg.entropy_coeff * coef_k if cfg.entropy_coeff != 0 else None
 
         def token_fn(rows, logp, ent):
             c = coef_k[rows]
             ell, d_lp, st = token_grads(logp, logp if old_k is None else old_k[rows], adv_k[rows],
                                         None if ref_k is None else ref_k[rows], ent, cfg)
+            if live is not None:  # as in fused_fwd_bwd: a masked row's terms may overflow, so where, not · 0
+                lv = live[rows]
+                ell, d_lp, st = (torch.where(lv, ell, 0.0), torch.where(lv, d_lp, 0.0),
+                                 torch.where(lv[None, :], st, 0.0))
             loss.add_((ell * c).sum())
             stats[:-1] += st.sum(1)
             return d_lp * c, None if d_h is None else d_h[rows]
 
-        lp_k, ent_k, (gh, gw, gb) = policy_loss_fwd_bwd(
+        lp_k, ent_k, (gh, gw, gb, gw_inv) = policy_loss_fwd_bwd(
             h_k, weight, bias, ids_k, token_fn, inv_tau=inv_tau, want_entropy=need_ent, needs=needs,
             chunk=triton_chunk(h_k.shape[0], weight.shape[0], weight.element_size()))
     else:
-        loss, lp_k, ent_k, stats, gh, gw, gb = fused_fwd_bwd(h_k, weight, bias, ids_k, old_k, adv_k, ref_k, coef_k,
-                                                             inv_tau=inv_tau, want_entropy=want_entropy, cfg=cfg,
-                                                             needs=needs)
+        loss, lp_k, ent_k, stats, gh, gw, gb, gw_inv = fused_fwd_bwd(
+            h_k, weight, bias, ids_k, old_k, adv_k, ref_k, coef_k, inv_tau=inv_tau, want_entropy=want_entropy,
+            cfg=cfg, needs=needs, valid=live)
 
     def full(x, width=None):
         if not compact:
@@ -134,11 +156,19 @@ def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_e
 
     logp = full(lp_k)
     ent = full(ent_k) if (want_entropy and ent_k is not None) else None
+    if live is not None:  # 0 at the rows that are not valid tokens, as the compacted path leaves them
+        logp = torch.where(live, logp, 0.0)
+        ent = None if ent is None else torch.where(live, ent, 0.0)
+    # fp16 gradients are stored times a power of two each (fp16_store), ``inv [3]`` holding its inverse (1 elsewhere)
+    one = torch.ones((), dtype=torch.float32, device=dev)
+    inv = [one, one if gw_inv is None else gw_inv, one]
+    fp16 = hidden.dtype == torch.float16
     if gh is not None:
-        gh = full(gh, hidden.shape[1]).to(hidden.dtype)
+        gh = full(gh, hidden.shape[1])
+        gh, inv[0] = fp16_store(gh) if fp16 else (gh.to(hidden.dtype), one)
     if gb is not None:
-        gb = gb.to(bias.dtype)
-    return loss, logp, ent, stats, gh, gw, gb
+        gb, inv[2] = fp16_store(gb) if fp16 else (gb.to(bias.dtype), one)
+    return loss, logp, ent, stats, gh, gw, gb, torch.stack(inv)
 
 
 @torch.library.custom_op("srpo_core::linear_policy_loss", mutates_args=())
@@ -146,40 +176,46 @@ def _op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, i
         old_logp: torch.Tensor | None, advantages: torch.Tensor, ref_logp: torch.Tensor | None, coef: torch.Tensor,
         valid: torch.Tensor, inv_tau: float, epsilon_low: float, epsilon_high: float, clip_ratio_c: float | None,
         beta: float, kl_kind: str, entropy_coeff: float, want_entropy: bool, need_h: bool, need_w: bool,
-        need_b: bool, backend: str, kl_ratio_correction: bool
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ ``(loss, logp, entropy or [0], stats [N_STATS], grad_hidden or [0], grad_weight or [0], grad_bias or [0])``."""
+        need_b: bool, backend: str, kl_ratio_correction: bool, check_ids: bool
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                   torch.Tensor]:
+    """→ ``(loss, logp, entropy or [0], stats [N_STATS], grad_hidden or [0], grad_weight or [0], grad_bias or [0],
+    inv [3])``: each stored gradient times ``inv[i]`` (fp32; a power of two for fp16, else 1) is the gradient."""
     cfg = LossConfig(epsilon_low, epsilon_high, clip_ratio_c, beta, kl_kind, entropy_coeff, kl_ratio_correction)
     dev = hidden.device.type
     # the public function has cast the inputs as F.linear would; every GEMM in here keeps the dtypes chosen there
     off = dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev)
     with torch.autocast(device_type=dev, enabled=False) if off else contextlib.nullcontext():
-        loss, logp, ent, stats, gh, gw, gb = _flat(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef,
+        loss, logp, ent, stats, gh, gw, gb, inv = _flat(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef,
                                                    valid, inv_tau, want_entropy, cfg, (need_h, need_w, need_b),
-                                                   backend)
+                                                   backend, check_ids)
 
     def e():  # a fresh empty tensor per absent output (custom-op outputs must not alias each other)
         return hidden.new_empty(0)
 
     return (loss, logp, ent if ent is not None else logp.new_empty(0), stats, gh if gh is not None else e(),
-            gw if gw is not None else e(), gb if gb is not None else e())
+            gw if gw is not None else e(), gb if gb is not None else e(), inv)
 
 
 @_op.register_fake
 def _(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef, valid, inv_tau, epsilon_low, epsilon_high,
-      clip_ratio_c, beta, kl_kind, entropy_coeff, want_entropy, need_h, need_w, need_b, backend, kl_ratio_correction):
+      clip_ratio_c, beta, kl_kind, entropy_coeff, want_entropy, need_h, need_w, need_b, backend, kl_ratio_correction,
+      check_ids):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     n = hidden.shape[0]
     return (hidden.new_empty((), dtype=acc), hidden.new_empty(n, dtype=acc),
             hidden.new_empty(n if want_entropy else 0, dtype=acc), hidden.new_empty(N_STATS, dtype=acc),
             torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else hidden.new_empty(0),
-            torch.empty_like(bias) if (need_b and bias is not None) else hidden.new_empty(0))
+            torch.empty_like(bias) if (need_b and bias is not None) else hidden.new_empty(0),
+            hidden.new_empty(3, dtype=torch.float32))
 
 
 def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # the outputs other than the loss get no gradient: no [V, H] zeros for them
     ctx.need = inputs[17:20]
+    ctx.check_ids = inputs[22]
+    ctx.fp16 = inputs[0].dtype == torch.float16  # the stored gradients carry the scales output[7] (fp16_store)
     # The stored gradients are outputs of this node: non-differentiable, they carry no grad_fn, so holding them on
     # ctx makes no reference cycle (a forward without backward would otherwise keep its [V, H] gradient alive).
     ctx.mark_non_differentiable(*output[1:])
@@ -195,25 +231,29 @@ def _backward(ctx, g_loss, *_):
     copy of a tensor still referenced elsewhere doubles the peak by a ``[V, H]`` gradient. In eager mode the
     gradients are handed over once; a second backward through the same graph (``retain_graph=True``) raises."""
     if ctx.grads is None:
-        gh, gw, gb = ctx.saved_tensors
+        gh, gw, gb, inv = ctx.saved_tensors
     else:
         if not ctx.grads:
             raise RuntimeError("linear_policy_loss: backward ran twice through the same graph; its gradients are "
                                "computed in the forward and handed over once (retain_graph is not supported)")
-        gh, gw, gb = ctx.grads
+        gh, gw, gb, inv = ctx.grads
         ctx.grads = []
     need_h, need_w, need_b = ctx.need
-    # ``loss.backward()`` seeds 1: skip the [V, H] pass then (asked only of a CPU scalar in eager mode: no device sync)
-    one = (g_loss.device.type == "cpu" and not g_loss.requires_grad and not torch.compiler.is_compiling()
-           and bool(g_loss == 1))  # (a seed that requires grad, create_graph=True, must stay in the graph)
+    # ``loss.backward()`` seeds 1: skip the [V, H] pass then (asked only of a CPU scalar in eager mode: no device sync;
+    # not asked at all with check_ids=False, which reads no value on the host)
+    # (a seed that requires grad, create_graph=True, must stay in the graph)
+    one = (not ctx.fp16 and ctx.check_ids and g_loss.device.type == "cpu" and not g_loss.requires_grad
+           and not torch.compiler.is_compiling() and bool(g_loss == 1))
 
-    def scaled(g):
+    def scaled(g, i):
         # the seed itself, not rounded to g's dtype: a bf16 1/3 is 0.334, an fp16 65536 (DeepSpeed's initial loss
-        # scale) is inf
-        return g if one else g.mul_(g_loss)
+        # scale) is inf; fp16: seed × the stored gradient's scale, in fp32, then one rounding to fp16
+        if one:
+            return g
+        return g.mul_(g_loss * inv[i]) if ctx.fp16 else g.mul_(g_loss)
 
-    return (scaled(gh) if need_h else None, scaled(gw) if need_w else None,
-            scaled(gb) if need_b else None) + (None,) * 19
+    return (scaled(gh, 0) if need_h else None, scaled(gw, 1) if need_w else None,
+            scaled(gb, 2) if need_b else None) + (None,) * 20
 
 
 _op.register_autograd(_backward, setup_context=_setup)
@@ -232,7 +272,7 @@ def _number(name, x, *, low=None, low_open=False, allow_none=False):
         raise ValueError(f"{OP}: `{name}` must be {'>' if low_open else '>='} {low}, got {x!r}")
 
 
-def _layout(hidden, ids, old_logp, advantages, ref_logp, mask, cu_seqlens):
+def _layout(hidden, ids, old_logp, advantages, ref_logp, mask, cu_seqlens, check_ids=True):
     """→ flat ``(hidden [N, H], ids, old, adv, ref [N], valid [N], seq [N], B, T or None, out_shape)``."""
     if (mask is None) == (cu_seqlens is None):
         raise ValueError(f"{OP}: give exactly one of `mask` (padded layout, hidden [B, T, H]) and `cu_seqlens` "
@@ -251,7 +291,7 @@ def _layout(hidden, ids, old_logp, advantages, ref_logp, mask, cu_seqlens):
         if hidden.dim() != 2:
             raise ValueError(f"{OP}: with `cu_seqlens`, `hidden` must be [N, H], got {describe(hidden)}")
         n = hidden.shape[0]
-        if not torch.compiler.is_compiling():
+        if check_ids and not torch.compiler.is_compiling():
             check_cu_seqlens(OP, cu_seqlens, n)
         else:
             require_tensor(OP, "cu_seqlens", cu_seqlens, kind="int", ndim=1)
@@ -310,6 +350,7 @@ def linear_policy_loss(
     return_entropy: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
+    check_ids: bool = True,
 ) -> PolicyLossOutput:
     """Clipped policy-gradient loss ``L = agg_t(pg_t + β·KL_t − entropy_coeff·H_t)`` of ``softmax((h·Wᵀ + b)/τ)``.
 
@@ -333,6 +374,13 @@ def linear_policy_loss(
         global_batch_size: what the sequence means divide by (default: the sequences with a valid token, as verl
             without a ``global_batch_size``; TRL's sequence means count every row: pass ``B``).
         temperature: ``τ > 0``; return_entropy: also return the per-token entropy.
+        check_ids: check the values of the inputs (the default): ``ids`` in ``[0, V)`` at valid tokens, ``old_logp``,
+            ``advantages``, ``ref_logp`` finite there, ``cu_seqlens`` a valid partition of ``N``, and drop the rows
+            that are not valid tokens before any work. Each reads values on the host (a device sync). ``False``, as in
+            the log-prob ops, reads no value on the host in the forward or the backward (the step can be captured in
+            a CUDA graph): nothing of the above is checked, every row is computed (the others with zeroed inputs, and
+            masked out), an id outside ``[0, V)`` at a valid token gives a NaN loss and NaN gradients, a non-finite
+            input at a valid token gives non-finite results, and a bad ``cu_seqlens`` an unspecified result.
 
     Under ``torch.autocast`` the op follows ``F.linear``: floating inputs other than float64 are cast to the autocast
     dtype (the gradients reach the original parameters through the casts) and the logits are computed in it.
@@ -372,14 +420,15 @@ def linear_policy_loss(
         raise ValueError(f"{OP}: `kl_kind` must be one of {KL_KINDS}, got {kl_kind!r}")
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"{OP}: `loss_agg_mode` must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"{OP}: `return_entropy` must be a bool, got {describe(return_entropy)}")
+    for name, flag in (("return_entropy", return_entropy), ("check_ids", check_ids)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{OP}: `{name}` must be a bool, got {describe(flag)}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{OP}: `ignore_index` must be an int, got {describe(ignore_index)}")
     if beta != 0 and ref_logp is None:
         raise ValueError(f"{OP}: `beta` = {beta} needs `ref_logp` (the reference policy's log-probs)")
     flat, ids_f, old, adv, ref, valid, seq, b, t, tok = _layout(hidden, ids, old_logp, advantages, ref_logp, mask,
-                                                                cu_seqlens)
+                                                                cu_seqlens, check_ids)
     if loss_agg_mode == "seq-mean-token-sum-norm" and loss_scale_factor is None:
         if t is None:
             raise ValueError(f"{OP}: loss_agg_mode='seq-mean-token-sum-norm' in the packed layout needs "
@@ -387,7 +436,7 @@ def linear_policy_loss(
         loss_scale_factor = float(t)
     valid = valid & (ids_f != ignore_index)
     v = weight.shape[0]
-    if not torch.compiler.is_compiling() and valid.any():
+    if check_ids and not torch.compiler.is_compiling() and valid.any():
         bad = valid & ((ids_f < 0) | (ids_f >= v))
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0, 0])
@@ -407,7 +456,7 @@ def linear_policy_loss(
                                      float(epsilon_low), float(epsilon_high),
                                      None if clip_ratio_c is None else float(clip_ratio_c), float(beta), kl_kind,
                                      float(entropy_coeff), return_entropy, need_h, need_w, need_b, chosen,
-                                     bool(kl_ratio_correction))
+                                     bool(kl_ratio_correction), check_ids)
     s = stats.detach()
     n = s[6].clamp(min=1)
     metrics = {"clip_fraction": s[0] / n, "dual_clip_fraction": s[1] / n, "ratio_mean": s[2] / n,
