@@ -29,6 +29,7 @@ import triton.language as tl
 
 from srpo_core import _dispatch
 from srpo_core._dispatch import empty, interpreting
+from srpo_core.kernels._rounding import round_to
 from srpo_core.kernels.linear_token_logprobs_tiles import _config, default_config
 
 LOG2E = 1.4426950408889634
@@ -52,12 +53,8 @@ def _dot_t(b_x, b_y, b_acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _round_like(b_x, p_like, EMULATE_BF16: tl.constexpr):
     # fp32 b_x rounded (to nearest even) to the element type of p_like and back; a no-op for fp32. The interpreter
-    # truncates fp32 → bf16 casts (Triton 3.9), so there (EMULATE_BF16) the rounding is done on the bits.
-    if EMULATE_BF16:
-        bits = b_x.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    return b_x.to(p_like.dtype.element_ty).to(tl.float32)
+    # truncates fp32 → bf16 casts (Triton 3.6, 3.9), so there (EMULATE_BF16) the rounding is done on the bits.
+    return round_to(b_x, p_like, EMULATE_BF16).to(tl.float32)
 
 
 @triton.jit
@@ -225,7 +222,7 @@ def linear_logprobs_bwd_kernel(
     b_g += tl.where(o_v[None, :] == b_ids[:, None], b_c[:, None], 0.0)
     if SOFTCAP:  # ∂u/∂x = logit_scale·(1 − t²)/τ; logit_scale/τ is in the coefficients
         b_g = b_g * (1.0 - b_tc * b_tc)
-    tl.store(p_g + o_n[:, None] * stride_gn + o_c[None, :], b_g.to(p_g.dtype.element_ty),
+    tl.store(p_g + o_n[:, None] * stride_gn + o_c[None, :], round_to(b_g, p_g, UPCAST),  # one rounding
              mask=m_n[:, None] & m_v[None, :])
 
 

@@ -22,7 +22,7 @@ from srpo_core.cpu import token_logprobs as cpu_path
 from srpo_core.ops import token_logprobs as ops_path
 from srpo_core.ops.token_logprobs import token_logprobs
 from srpo_core.reference.token_logprobs import token_logprobs as reference
-from srpo_core.testing import assert_close
+from srpo_core.testing import assert_close, assert_close_vs_torch
 
 # The interpreter evaluates −inf − (−inf) and 0 · inf in masked lanes with numpy, which warns; the kernel discards them.
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -171,6 +171,35 @@ def test_public_triton_backend_autograd(case, mode):
     x, ids, temperature = case
     out = run_public(x, ids, temperature=temperature, backend="triton", mode=mode)
     check_outputs(*out, reference_with_grad(x, ids, temperature=temperature, mode=mode), x.dtype)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@pytest.mark.parametrize("mode", GRAD_MODES)
+def test_bf16_trl_forward_and_backward_case(backend, mode, device):
+    """TRL's ``test_forward_and_backward`` case (issue 22): bf16 logits of ±20, V = 2,053, τ = 0.7, a non-contiguous
+    ``logits[:, :-1]`` view. Values and the logits gradient against float64, within twice torch's own bf16 error
+    (``log_softmax`` of ``x/τ`` in bf16, TRL's reference). The interpreter truncated the kernel's fp32 → bf16 store
+    (up to one ulp off where torch is half of one): the kernel now rounds to nearest there too."""
+    B, T, V, tau = 2, 6, 2053, 0.7
+    g = torch.Generator().manual_seed(22)
+    base = (torch.rand(B, T + 1, V, generator=g, dtype=torch.float64) * 40 - 20).to(torch.bfloat16)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    g1, g2 = upstream((B, T), seed=22)
+
+    x = base.to(device).requires_grad_(True)
+    logp, ent = token_logprobs(x[:, :-1], ids.to(device), temperature=tau, return_entropy=True, backend=backend)
+    (grad,) = torch.autograd.grad(loss_of(logp, ent, g1.to(device), g2.to(device), mode), x)
+
+    xt = base.clone().requires_grad_(True)  # torch's own bf16 computation (TRL's reference), on the CPU
+    lsm = (xt[:, :-1] / tau).log_softmax(-1)
+    t_lp, t_ent = lsm.gather(-1, ids[..., None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
+    (t_grad,) = torch.autograd.grad(loss_of(t_lp, t_ent, g1, g2, mode), xt)
+
+    r_lp, r_ent, r_grad = reference_with_grad(base[:, :-1], ids, temperature=tau, mode=mode, seed=22)
+    assert_close(logp.cpu(), r_lp, atol=ATOL, rtol=RTOL, name="logp")
+    assert_close(ent.cpu(), r_ent, atol=ATOL, rtol=RTOL, name="entropy")
+    assert grad.dtype == torch.bfloat16 and torch.equal(grad[:, -1].cpu(), torch.zeros(B, V, dtype=torch.bfloat16))
+    assert_close_vs_torch(grad[:, :-1].cpu(), r_grad, t_grad[:, :-1], atol=ATOL, name=f"{backend} {mode} grad")
 
 
 # ------------------------------------------------------------------------------------------------- torch path
