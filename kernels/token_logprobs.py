@@ -87,7 +87,8 @@ def token_logprobs_fwd_kernel(
     m = -float("inf")  # running max of x
     s = 0.0
     t = 0.0
-    for v0 in range(0, v_end, BLOCK_V):
+    v0 = 0  # a while loop, not range(): Triton 3.6's interpreter rejects a tensor bound (D178)
+    while v0 < v_end:
         o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
         m_v = o_v < V
         b_x = tl.load(p_x + o_v, mask=m_v, other=-float("inf")).to(tl.float32)  # [BLOCK_V]
@@ -106,6 +107,7 @@ def token_logprobs_fwd_kernel(
             t = tl.where(a > 0.0, a * (t - d * s), 0.0) + tl.sum(b_t, 0)
         s = s * a + tl.sum(b_e, 0)
         m = m_new
+        v0 += BLOCK_V
 
     c = tl.where(m == -float("inf"), 0.0, m)
     log_s = tl.log(s)
@@ -174,7 +176,8 @@ def token_logprobs_bwd_kernel(
     if HAS_GRAD_ENT:
         g_h = tl.where(keep, tl.load(p_gent + i_n), 0.0)
         h = tl.load(p_ent + i_n)
-    for v0 in range(0, V, BLOCK_V):  # every row is written, an ignored one with zeros (its loads are skipped)
+    v0 = 0  # a while loop, not range(): Triton 3.6's interpreter rejects a tensor bound (D178)
+    while v0 < V:  # every row is written, an ignored one with zeros (its loads are skipped)
         o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
         m_v = o_v < V
         # ignored rows and masked lanes load −inf: (−inf − c)/τ − log s = −inf, e^{−inf} = 0 (no unshifted exp)
@@ -186,6 +189,7 @@ def token_logprobs_bwd_kernel(
             b_g -= tl.where(b_p > 0.0, b_p * (b_lp + h), 0.0) * g_h
         # fp32 up to here; one rounding (to nearest even) to grad_logits' dtype at the store
         tl.store(p_gx + o_v, round_to(b_g * inv_temperature, p_gx, EMULATE_BF16), mask=m_v)
+        v0 += BLOCK_V
 
 
 def token_logprobs_fwd(
