@@ -319,7 +319,8 @@ def linear_logprobs_fwd(hidden, weight, bias, ids_local, *, inv_tau: float, want
             )
         return lse, tgt, ent
 
-    lse, tgt, ent = launch(_config("fwd", hidden, V, launch, config))
+    flags = {"WANT_ENTROPY": want_entropy, "HAS_BIAS": bias is not None, "SOFTCAP": bool(softcap)}
+    lse, tgt, ent = launch(_config("fwd", hidden, weight, V, launch, config, flags))
     # combine the splits in a fixed order (base 2): lse = M + log₂ Σ 2^(lse_s − M); H = Σ w_s (H_s + lse − lse_s)
     m = lse.max(0).values
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -374,7 +375,8 @@ def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
 
-    cfg = _config("bwd", hidden, V, launch, config)
+    flags = {"HAS_ENTROPY_GRAD": g_h is not None, "HAS_BIAS": bias is not None, "SOFTCAP": bool(softcap)}
+    cfg = _config("bwd", hidden, weight, V, launch, config, flags)
     step = chunk_of(cfg)
     gh = torch.zeros(N, H, dtype=torch.float32, device=dev) if need_h else None
     gw = empty(tuple(weight.shape), dtype=weight.dtype, device=dev) if need_w else None
