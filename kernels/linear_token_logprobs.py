@@ -29,6 +29,7 @@ import triton.language as tl
 
 from srpo_core import _dispatch
 from srpo_core._dispatch import empty, interpreting
+from srpo_core.kernels._rounding import round_to
 from srpo_core.kernels.linear_token_logprobs_tiles import _config, default_config
 
 LOG2E = 1.4426950408889634
@@ -52,12 +53,71 @@ def _dot_t(b_x, b_y, b_acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _round_like(b_x, p_like, EMULATE_BF16: tl.constexpr):
     # fp32 b_x rounded (to nearest even) to the element type of p_like and back; a no-op for fp32. The interpreter
-    # truncates fp32 → bf16 casts (Triton 3.9), so there (EMULATE_BF16) the rounding is done on the bits.
-    if EMULATE_BF16:
-        bits = b_x.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    return b_x.to(p_like.dtype.element_ty).to(tl.float32)
+    # truncates fp32 → bf16 casts (Triton 3.6, 3.9), so there (EMULATE_BF16) the rounding is done on the bits.
+    return round_to(b_x, p_like, EMULATE_BF16).to(tl.float32)
+
+
+@triton.jit
+def _h_step(p_h, p_w, o_n, m_n, o_v, m_v, h0, H, stride_hn, stride_hh, stride_wv, stride_wh, b_acc,
+            IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_H: tl.constexpr):
+    # b_acc + h[o_n, h0:h0+BLOCK_H] @ w[o_v, h0:h0+BLOCK_H]ᵀ
+    o_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
+    m_h = o_h < H
+    b_h = tl.load(p_h + o_n[:, None] * stride_hn + o_h[None, :] * stride_hh,
+                  mask=m_n[:, None] & m_h[None, :], other=0.0)  # [BLOCK_N, BLOCK_H]
+    b_w = tl.load(p_w + o_v[:, None] * stride_wv + o_h[None, :] * stride_wh,
+                  mask=m_v[:, None] & m_h[None, :], other=0.0)  # [BLOCK_V, BLOCK_H]
+    return _dot_t(b_h, b_w, b_acc, IEEE, UPCAST)
+
+
+@triton.jit
+def _logits_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_hh, stride_wv, stride_wh,
+                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    # x = h[o_n] @ w[o_v]ᵀ + b[o_v], fp32 accumulation, rounded to the inputs' dtype (D48), [BLOCK_N, BLOCK_V]
+    b_acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    if INTERPRET:  # Triton 3.6's interpreter rejects range() with a tensor bound (D178)
+        h0 = 0
+        while h0 < H:
+            b_acc = _h_step(p_h, p_w, o_n, m_n, o_v, m_v, h0, H, stride_hn, stride_hh, stride_wv, stride_wh, b_acc,
+                            IEEE, UPCAST, BLOCK_H)
+            h0 += BLOCK_H
+    else:  # compiled: an scf.for, which the software pipeliner stages (num_stages); it leaves while loops alone
+        for h0 in range(0, H, BLOCK_H):
+            b_acc = _h_step(p_h, p_w, o_n, m_n, o_v, m_v, h0, H, stride_hn, stride_hh, stride_wv, stride_wh, b_acc,
+                            IEEE, UPCAST, BLOCK_H)
+    if HAS_BIAS:
+        b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    return _round_like(b_acc, p_h, UPCAST)
+
+
+@triton.jit
+def _fwd_tile(p_h, p_w, p_b, b_ids, o_n, m_n, i_v, V, H, stride_hn, stride_hh, stride_wv, stride_wh, scale, cap_pre,
+              cap, b_m, b_s, b_t, b_tgt, HAS_BIAS: tl.constexpr, WANT_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr,
+              IEEE: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    # one vocabulary tile i_v folded into the running (max, Σ 2^·, Σ 2^··, target) of the rows o_n
+    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
+    m_v = o_v < V
+    b_acc = _logits_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_hh, stride_wv, stride_wh,
+                         HAS_BIAS, IEEE, UPCAST, INTERPRET, BLOCK_N, BLOCK_V, BLOCK_H)
+    if SOFTCAP:
+        b_acc = cap * _tanh(b_acc * cap_pre)
+    b_u = tl.where(m_v[None, :], b_acc * scale, -float("inf"))  # [BLOCK_N, BLOCK_V], base 2
+    b_tgt += tl.sum(tl.where(o_v[None, :] == b_ids[:, None], b_u, 0.0), 1)
+    # every exp2 takes a shifted argument ≤ 0 and no lane computes inf·0 or inf − inf (masked lanes included):
+    # a row whose tile is all −inf shifts by 0, and the rescale of an empty running sum is skipped
+    b_m_new = tl.maximum(b_m, tl.max(b_u, 1))
+    b_shift = tl.where(b_m_new == -float("inf"), 0.0, b_m_new)
+    b_d = tl.where(b_s > 0, b_m - b_shift, 0.0)  # b_s > 0 ⇒ b_m finite
+    b_alpha = tl.where(b_s > 0, tl.exp2(b_d), 0.0)
+    b_x = b_u - b_shift[:, None]  # ≤ 0, −inf where p = 0
+    b_p = tl.exp2(b_x)
+    if WANT_ENTROPY:
+        b_t = b_alpha * (b_t + b_d * b_s)
+        b_t += tl.sum(b_p * tl.where(b_p > 0, b_x, 0.0), 1)
+    b_s = b_s * b_alpha + tl.sum(b_p, 1)
+    return b_m_new, b_s, b_t, b_tgt
 
 
 @triton.jit
@@ -94,6 +154,7 @@ def linear_logprobs_fwd_kernel(
     SOFTCAP: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots (no TF32)
     UPCAST: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong (Triton 3.9), so dot in fp32 there
+    INTERPRET: tl.constexpr,  # interpreter: while loops (Triton 3.6 rejects range() with a tensor bound)
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -111,38 +172,20 @@ def linear_logprobs_fwd_kernel(
     n_tiles = tl.cdiv(V, BLOCK_V)
     t_lo = i_s * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
-    for i_v in range(t_lo, t_hi):
-        o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
-        m_v = o_v < V
-        b_acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            o_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
-            m_h = o_h < H
-            b_h = tl.load(p_h + o_n[:, None] * stride_hn + o_h[None, :] * stride_hh,
-                          mask=m_n[:, None] & m_h[None, :], other=0.0)  # [BLOCK_N, BLOCK_H]
-            b_w = tl.load(p_w + o_v[:, None] * stride_wv + o_h[None, :] * stride_wh,
-                          mask=m_v[:, None] & m_h[None, :], other=0.0)  # [BLOCK_V, BLOCK_H]
-            b_acc = _dot_t(b_h, b_w, b_acc, IEEE, UPCAST)
-        if HAS_BIAS:
-            b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
-        b_acc = _round_like(b_acc, p_h, UPCAST)  # logits rounded to the inputs' dtype (D48; fp32: no-op)
-        if SOFTCAP:
-            b_acc = cap * _tanh(b_acc * cap_pre)
-        b_u = tl.where(m_v[None, :], b_acc * scale, -float("inf"))  # [BLOCK_N, BLOCK_V], base 2
-        b_tgt += tl.sum(tl.where(o_v[None, :] == b_ids[:, None], b_u, 0.0), 1)
-        # every exp2 takes a shifted argument ≤ 0 and no lane computes inf·0 or inf − inf (masked lanes included):
-        # a row whose tile is all −inf shifts by 0, and the rescale of an empty running sum is skipped
-        b_m_new = tl.maximum(b_m, tl.max(b_u, 1))
-        b_shift = tl.where(b_m_new == -float("inf"), 0.0, b_m_new)
-        b_d = tl.where(b_s > 0, b_m - b_shift, 0.0)  # b_s > 0 ⇒ b_m finite
-        b_alpha = tl.where(b_s > 0, tl.exp2(b_d), 0.0)
-        b_x = b_u - b_shift[:, None]  # ≤ 0, −inf where p = 0
-        b_p = tl.exp2(b_x)
-        if WANT_ENTROPY:
-            b_t = b_alpha * (b_t + b_d * b_s)
-            b_t += tl.sum(b_p * tl.where(b_p > 0, b_x, 0.0), 1)
-        b_s = b_s * b_alpha + tl.sum(b_p, 1)
-        b_m = b_m_new
+    if INTERPRET:  # Triton 3.6's interpreter rejects range() with a tensor bound (D178)
+        i_v = t_lo
+        while i_v < t_hi:
+            b_m, b_s, b_t, b_tgt = _fwd_tile(p_h, p_w, p_b, b_ids, o_n, m_n, i_v, V, H, stride_hn, stride_hh,
+                                             stride_wv, stride_wh, scale, cap_pre, cap, b_m, b_s, b_t, b_tgt,
+                                             HAS_BIAS, WANT_ENTROPY, SOFTCAP, IEEE, UPCAST, INTERPRET, BLOCK_N,
+                                             BLOCK_V, BLOCK_H)
+            i_v += 1
+    else:  # compiled: the same code as before the interpreter needed a while loop (nested scf.for)
+        for i_v in range(t_lo, t_hi):
+            b_m, b_s, b_t, b_tgt = _fwd_tile(p_h, p_w, p_b, b_ids, o_n, m_n, i_v, V, H, stride_hn, stride_hh,
+                                             stride_wv, stride_wh, scale, cap_pre, cap, b_m, b_s, b_t, b_tgt,
+                                             HAS_BIAS, WANT_ENTROPY, SOFTCAP, IEEE, UPCAST, INTERPRET, BLOCK_N,
+                                             BLOCK_V, BLOCK_H)
     b_ls = tl.log2(b_s)
     o_out = i_s * N + o_n
     tl.store(p_lse + o_out, b_m + b_ls, mask=m_n)
@@ -181,6 +224,7 @@ def linear_logprobs_bwd_kernel(
     SOFTCAP: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -193,18 +237,8 @@ def linear_logprobs_bwd_kernel(
     o_c = i_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)  # column in the chunk
     o_v = v_lo + o_c  # row of W
     m_v = (o_c < V_chunk) & (o_v < V)
-    b_acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        o_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
-        m_h = o_h < H
-        b_h = tl.load(p_h + o_n[:, None] * stride_hn + o_h[None, :] * stride_hh,
-                      mask=m_n[:, None] & m_h[None, :], other=0.0)
-        b_w = tl.load(p_w + o_v[:, None] * stride_wv + o_h[None, :] * stride_wh,
-                      mask=m_v[:, None] & m_h[None, :], other=0.0)
-        b_acc = _dot_t(b_h, b_w, b_acc, IEEE, UPCAST)
-    if HAS_BIAS:
-        b_acc += tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
-    b_acc = _round_like(b_acc, p_h, UPCAST)  # as the forward rounds them (D48)
+    b_acc = _logits_tile(p_h, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_hh, stride_wv, stride_wh,
+                         HAS_BIAS, IEEE, UPCAST, INTERPRET, BLOCK_N, BLOCK_V, BLOCK_H)  # as the forward's (D48)
     if SOFTCAP:
         b_tc = _tanh(b_acc * cap_pre)
         b_acc = cap * b_tc
@@ -225,7 +259,7 @@ def linear_logprobs_bwd_kernel(
     b_g += tl.where(o_v[None, :] == b_ids[:, None], b_c[:, None], 0.0)
     if SOFTCAP:  # ∂u/∂x = logit_scale·(1 − t²)/τ; logit_scale/τ is in the coefficients
         b_g = b_g * (1.0 - b_tc * b_tc)
-    tl.store(p_g + o_n[:, None] * stride_gn + o_c[None, :], b_g.to(p_g.dtype.element_ty),
+    tl.store(p_g + o_n[:, None] * stride_gn + o_c[None, :], round_to(b_g, p_g, UPCAST),  # one rounding
              mask=m_n[:, None] & m_v[None, :])
 
 
@@ -279,13 +313,14 @@ def linear_logprobs_fwd(hidden, weight, bias, ids_local, *, inv_tau: float, want
                 N, V, H, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 scale, cap_pre, cap, tiles_per_split,
                 WANT_ENTROPY=want_entropy, SOFTCAP=bool(softcap), IEEE=hidden.dtype == torch.float32,
-                UPCAST=_upcast(hidden),
+                UPCAST=_upcast(hidden), INTERPRET=interpreting(),
                 BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
         return lse, tgt, ent
 
-    lse, tgt, ent = launch(_config("fwd", hidden, V, launch, config))
+    flags = {"WANT_ENTROPY": want_entropy, "HAS_BIAS": bias is not None, "SOFTCAP": bool(softcap)}
+    lse, tgt, ent = launch(_config("fwd", hidden, weight, V, launch, config, flags))
     # combine the splits in a fixed order (base 2): lse = M + log₂ Σ 2^(lse_s − M); H = Σ w_s (H_s + lse − lse_s)
     m = lse.max(0).values
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -335,12 +370,13 @@ def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *,
                 N, V, H, v_lo, vc, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 gv.stride(0), scale, cap_pre, cap,
                 HAS_ENTROPY_GRAD=g_h is not None, SOFTCAP=bool(softcap), IEEE=hidden.dtype == torch.float32,
-                UPCAST=_upcast(hidden),
+                UPCAST=_upcast(hidden), INTERPRET=interpreting(),
                 BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
 
-    cfg = _config("bwd", hidden, V, launch, config)
+    flags = {"HAS_ENTROPY_GRAD": g_h is not None, "HAS_BIAS": bias is not None, "SOFTCAP": bool(softcap)}
+    cfg = _config("bwd", hidden, weight, V, launch, config, flags)
     step = chunk_of(cfg)
     gh = torch.zeros(N, H, dtype=torch.float32, device=dev) if need_h else None
     gw = empty(tuple(weight.shape), dtype=weight.dtype, device=dev) if need_w else None
@@ -369,6 +405,7 @@ def _report_entries() -> list[dict]:
         tname, label = tname.split(",")[0], tname.split(",")[-1]  # "sm8x" / "sm9x": the bf16 configs of that arch
         common = {"p_h": f"*{tname}", "p_w": f"*{tname}", "p_b": "constexpr", "p_ids": "*i64"}
         consts = {"p_b": None, "HAS_BIAS": False, "SOFTCAP": False, "IEEE": dtype == torch.float32, "UPCAST": False,
+                  "INTERPRET": False,
                   "stride_hh": 1, "stride_wh": 1,
                   "BLOCK_N": cfg["BLOCK_N"], "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"]}
         entries.append({
@@ -379,7 +416,7 @@ def _report_entries() -> list[dict]:
                           "stride_wh": "constexpr", "scale": "fp32", "cap_pre": "fp32", "cap": "fp32",
                           "tiles_per_split": "i32", "HAS_BIAS": "constexpr", "WANT_ENTROPY": "constexpr",
                           "SOFTCAP": "constexpr", "IEEE": "constexpr",
-                          "UPCAST": "constexpr",
+                          "UPCAST": "constexpr", "INTERPRET": "constexpr",
                           "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr"},
             "constexprs": {**consts, "WANT_ENTROPY": True},
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
@@ -395,7 +432,7 @@ def _report_entries() -> list[dict]:
                           "stride_wv": "i32:16", "stride_wh": "constexpr", "stride_gn": "i32:16", "scale": "fp32",
                           "cap_pre": "fp32", "cap": "fp32", "HAS_BIAS": "constexpr", "HAS_ENTROPY_GRAD": "constexpr",
                           "SOFTCAP": "constexpr", "IEEE": "constexpr",
-                          "UPCAST": "constexpr",
+                          "UPCAST": "constexpr", "INTERPRET": "constexpr",
                           "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr"},
             "constexprs": {**consts, "HAS_ENTROPY_GRAD": True},
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],

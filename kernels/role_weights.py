@@ -142,13 +142,15 @@ def role_weights_kernel(
     # (a) the shared baseline
     zsum = tl.zeros([BLOCK], dtype=tl.float32)
     nrole = tl.zeros([BLOCK], dtype=tl.float32)
-    for off in range(start, end, BLOCK):
+    off = start  # a while loop, not range(): Triton 3.6's interpreter rejects a tensor bound (D178)
+    while off < end:
         idx = off + tl.arange(0, BLOCK)
         ok = idx < end
         r = tl.load(p_roles + idx, mask=ok, other=0)
         s = tl.load(p_s + idx, mask=ok & (r != 0), other=0.0)
         zsum += _z(s, r, mu1, lo1, inv1, mu2, lo2, inv2, STANDARDIZE)
         nrole += ((r == 1) | (r == 2)).to(tl.float32)
+        off += BLOCK
     n_role = tl.sum(nrole, axis=0)
     base = tl.where(n_role > 0, tl.sum(zsum, axis=0) / tl.maximum(n_role, 1.0), 0.0)
     tl.store(p_base + b, base)
@@ -156,17 +158,20 @@ def role_weights_kernel(
     scale = 1.0
     if RENORM:
         wsum = tl.zeros([BLOCK], dtype=tl.float32)
-        for off in range(start, end, BLOCK):
+        off = start
+        while off < end:
             idx = off + tl.arange(0, BLOCK)
             ok = idx < end
             r = tl.load(p_roles + idx, mask=ok, other=0)
             s = tl.load(p_s + idx, mask=ok & (r != 0), other=0.0)
             w = _weight(_z(s, r, mu1, lo1, inv1, mu2, lo2, inv2, STANDARDIZE), r, base, beta1, beta2, u_max, w_min, MAP)
             wsum += tl.where(ok, w, 0.0)
+            off += BLOCK
         total = tl.sum(wsum, axis=0)
         scale = (end - start).to(tl.float32) / tl.maximum(total, 1.1754943508222875e-38)
     # (c) the writes
-    for off in range(start, end, BLOCK):
+    off = start
+    while off < end:
         idx = off + tl.arange(0, BLOCK)
         ok = idx < end
         r = tl.load(p_roles + idx, mask=ok, other=0)
@@ -176,6 +181,7 @@ def role_weights_kernel(
         tl.store(p_z + idx, z, mask=ok)
         tl.store(p_w + idx, w, mask=ok)
         tl.store(p_adv + idx, w * a, mask=ok)
+        off += BLOCK
 
 
 def partial_stats(signals: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,8 @@ def token_contrast_fwd_kernel(
     s_y = zero
     t = zero  # Σ e^{u} (u − u')   (kl only)
     genuine = i_n * 0  # 1 once some x_v > −inf meets x'_v = −inf: KL = +inf exactly, in any precision (kl only)
-    for v0 in range(0, v_end, BLOCK_V):
+    v0 = 0  # a while loop, not range(): Triton 3.6's interpreter rejects a tensor bound (D178)
+    while v0 < v_end:
         o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
         m_v = o_v < V
         b_x = tl.load(p_x + o_v * stride_xv, mask=m_v, other=NEG_INF).to(ACC)
@@ -124,6 +125,7 @@ def token_contrast_fwd_kernel(
         s_y = s_y * a_y + tl.sum(tl.exp(b_uy), 0)
         m_x = m_x_new
         m_y = m_y_new
+        v0 += BLOCK_V
 
     c_x = tl.where(m_x == NEG_INF, 0.0, m_x)
     c_y = tl.where(m_y == NEG_INF, 0.0, m_y)
@@ -135,7 +137,8 @@ def token_contrast_fwd_kernel(
             div = tl.where(genuine > 0, float("inf"), tl.where(tl.abs(div) < float("inf"), div, float("nan")))
     else:
         acc = zero
-        for v0 in range(0, v_end, BLOCK_V):  # second read of both rows
+        v0 = 0
+        while v0 < v_end:  # second read of both rows
             o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             m_v = o_v < V
             b_x = tl.load(p_x + o_v * stride_xv, mask=m_v, other=NEG_INF).to(ACC)
@@ -150,6 +153,7 @@ def token_contrast_fwd_kernel(
             # a NaN row (all −inf, +inf entries) keeps its NaN through the first term's condition
             b_j = tl.where((b_lp != b_lp) | (b_lq != b_lq), float("nan"), b_j)
             acc += tl.sum(b_j, 0)
+            v0 += BLOCK_V
         div = 0.5 * acc
         div = tl.where(div > 0.6931471805599453, 0.6931471805599453, div)
         if not REDO:

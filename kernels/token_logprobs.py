@@ -39,6 +39,7 @@ import triton.language as tl
 from srpo_core import _dispatch
 from srpo_core._chunked import collapse_rows
 from srpo_core._dispatch import empty
+from srpo_core.kernels._rounding import emulate_bf16, round_to
 
 # Pinned default config (no autotuning). The loop body holds BLOCK_V / (32 · num_warps) elements per thread; the block
 # is sized so that each thread issues four 128-bit loads per iteration (enough bytes in flight to stream a row):
@@ -86,7 +87,8 @@ def token_logprobs_fwd_kernel(
     m = -float("inf")  # running max of x
     s = 0.0
     t = 0.0
-    for v0 in range(0, v_end, BLOCK_V):
+    v0 = 0  # a while loop, not range(): Triton 3.6's interpreter rejects a tensor bound (D178)
+    while v0 < v_end:
         o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
         m_v = o_v < V
         b_x = tl.load(p_x + o_v, mask=m_v, other=-float("inf")).to(tl.float32)  # [BLOCK_V]
@@ -105,6 +107,7 @@ def token_logprobs_fwd_kernel(
             t = tl.where(a > 0.0, a * (t - d * s), 0.0) + tl.sum(b_t, 0)
         s = s * a + tl.sum(b_e, 0)
         m = m_new
+        v0 += BLOCK_V
 
     c = tl.where(m == -float("inf"), 0.0, m)
     log_s = tl.log(s)
@@ -122,6 +125,7 @@ def token_logprobs_fwd_kernel(
     "HAS_GRAD_LOGP": lambda a: a["p_glogp"] is not None,
     "HAS_GRAD_ENT": lambda a: a["p_gent"] is not None,
     "HAS_GRAD_LSE": lambda a: a["p_glse"] is not None,
+    "EMULATE_BF16": lambda a: emulate_bf16(a["p_gx"].dtype),  # interpreter only: its fp32 → bf16 cast truncates
 })
 @triton.jit
 def token_logprobs_bwd_kernel(
@@ -146,6 +150,7 @@ def token_logprobs_bwd_kernel(
     HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENT: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # grad_x_v = [g_l δ_{v,id} − g_p p_v − g_H p_v (log p_v + H)] / τ, g_p = g_l − g_lse, log p_v = (x_v − c)/τ − log s
@@ -171,7 +176,8 @@ def token_logprobs_bwd_kernel(
     if HAS_GRAD_ENT:
         g_h = tl.where(keep, tl.load(p_gent + i_n), 0.0)
         h = tl.load(p_ent + i_n)
-    for v0 in range(0, V, BLOCK_V):  # every row is written, an ignored one with zeros (its loads are skipped)
+    v0 = 0  # a while loop, not range(): Triton 3.6's interpreter rejects a tensor bound (D178)
+    while v0 < V:  # every row is written, an ignored one with zeros (its loads are skipped)
         o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
         m_v = o_v < V
         # ignored rows and masked lanes load −inf: (−inf − c)/τ − log s = −inf, e^{−inf} = 0 (no unshifted exp)
@@ -181,7 +187,9 @@ def token_logprobs_bwd_kernel(
         b_g = tl.where(o_v == i_id, g_l, 0.0) - b_p * g_p
         if HAS_GRAD_ENT:
             b_g -= tl.where(b_p > 0.0, b_p * (b_lp + h), 0.0) * g_h
-        tl.store(p_gx + o_v, (b_g * inv_temperature).to(p_gx.dtype.element_ty), mask=m_v)
+        # fp32 up to here; one rounding (to nearest even) to grad_logits' dtype at the store
+        tl.store(p_gx + o_v, round_to(b_g * inv_temperature, p_gx, EMULATE_BF16), mask=m_v)
+        v0 += BLOCK_V
 
 
 def token_logprobs_fwd(
@@ -301,9 +309,10 @@ def _report_entries() -> list[dict]:
                               "p_ent": "*fp32" if ent else "constexpr", "p_glogp": "*fp32",
                               "p_gent": "*fp32" if ent else "constexpr", "p_glse": "constexpr", "p_gx": f"*{dtype}",
                               **common, "stride_gb": "i32:16", "stride_gt": "i32:16", "HAS_GRAD_LOGP": "constexpr",
-                              "HAS_GRAD_ENT": "constexpr", "HAS_GRAD_LSE": "constexpr", "BLOCK_V": "constexpr"},
+                              "HAS_GRAD_ENT": "constexpr", "HAS_GRAD_LSE": "constexpr", "EMULATE_BF16": "constexpr",
+                              "BLOCK_V": "constexpr"},
                 "constexprs": {"stride_ids": 1, "HAS_GRAD_LOGP": True, "HAS_GRAD_ENT": ent, "HAS_GRAD_LSE": False,
-                               "p_glse": None, "BLOCK_V": cfg["BLOCK_V"],
+                               "EMULATE_BF16": False, "p_glse": None, "BLOCK_V": cfg["BLOCK_V"],
                                **({} if ent else {"p_ent": None, "p_gent": None})},
                 "num_warps": cfg["num_warps"],
                 "bytes": "2·N·V·s = floor (row read once, grad written once)",

@@ -131,7 +131,9 @@ def role_aware_advantages(
             from ``token_contrast``; they replace the log-prob contrast of that role, and the corresponding
             ``logp_corrupt`` / ``logp_ablated`` may then be ``None``.
 
-    Per-token outputs come in the layout of the input, in float32 (float64 if any input is float64).
+    Per-token outputs come in the layout of the input, in float32 (float64 if any input is float64). Every tensor
+    output is **detached**: the advantages are constants of the policy-gradient loss (as in every trainer), so no
+    gradient flows through them into ``logp`` or the other inputs, even when those require grad.
     """
     if not isinstance(config, SRPOConfig):
         raise TypeError(f"{OP}: `config` must be an SRPOConfig, got {describe(config)}")
@@ -151,6 +153,12 @@ def role_aware_advantages(
     require_same_device(OP, "logp", logp, advantages=advantages, roles=roles, mask=mask, cu_seqlens=cu_seqlens,
                         **per_token)
     refuse_meta(OP, advantages=advantages, logp=logp, roles=roles, mask=mask, cu_seqlens=cu_seqlens, **per_token)
+    # Advantages are constants of the policy-gradient loss (issue 22, D175): no graph through them, whatever inputs
+    # require grad, so no output has a grad_fn and a loss on them sends nothing into logp or the signals.
+    advantages, logp = advantages.detach(), logp.detach()
+    per_token = {name: None if x is None else x.detach() for name, x in per_token.items()}
+    logp_corrupt, logp_ablated = per_token["logp_corrupt"], per_token["logp_ablated"]
+    perception_signal, reasoning_signal = per_token["perception_signal"], per_token["reasoning_signal"]
 
     padded = logp.dim() == 2
     if padded:
@@ -359,7 +367,8 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm: str
     or whose rewards are all equal, gives ``A_i = 0``. ``norm="none"`` gives ``R_i − mean_g R`` (Dr.GRPO).
     ``nan_rewards="raise"`` (default): a NaN reward is an error; ``"zero"`` (TRL's handling of a completion no reward
     function could score): a NaN reward gets ``A_i = 0`` and is left out of its group's mean and std (and of the
-    batch std). ``±inf`` is always an error. Returns float32 (float64 for float64 rewards).
+    batch std). ``±inf`` is always an error. Returns float32 (float64 for float64 rewards), detached (advantages are
+    constants of the policy-gradient loss).
     """
     op = "grpo_advantages"
     require_tensor(op, "rewards", rewards, kind="float", ndim=1)
@@ -381,7 +390,7 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm: str
         raise ValueError(f"{op}: `rewards` {what}, got {int(bad.sum())} such value(s), "
                          f"first at index {first_true_index(bad)[0]} ({float(rewards[bad][0])})")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    r = rewards.to(torch.float64)  # group statistics in float64, result cast back
+    r = rewards.detach().to(torch.float64)  # group statistics in float64, result cast back
     scored = ~torch.isnan(r)
     r = torch.where(scored, r, 0.0)
     _, g = torch.unique(group_ids, return_inverse=True)

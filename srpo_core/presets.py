@@ -168,7 +168,8 @@ def vppo_advantages(
         backend: ``"auto"`` | ``"torch"`` (no Triton kernel: the op is a handful of segment reductions).
 
     The scale is computed over the batch given (VPPO uses the mini-batch on one device); pass the whole batch.
-    Returns :class:`VPPOAdvantages`, which unpacks as ``(advantages, loss_mask)``.
+    Returns :class:`VPPOAdvantages`, which unpacks as ``(advantages, loss_mask)``; every tensor in it is detached
+    (advantages are constants of the policy-gradient loss; nothing flows back into ``logp`` or ``logp_corrupt``).
     """
     op = "vppo_advantages"
     require_tensor(op, "advantages", advantages, kind="float", ndim=1)
@@ -178,6 +179,7 @@ def vppo_advantages(
     require_same_device(op, "logp", logp, advantages=advantages, logp_corrupt=logp_corrupt, mask=mask,
                         cu_seqlens=cu_seqlens)
     refuse_meta(op, advantages=advantages, logp=logp, logp_corrupt=logp_corrupt, mask=mask, cu_seqlens=cu_seqlens)
+    advantages, logp, logp_corrupt = advantages.detach(), logp.detach(), logp_corrupt.detach()  # constants (D175)
     beta_min = _number(op, "beta_min", beta_min, low=0.0, high=1.0)
     top_k = _number(op, "top_k", top_k, low=0.0, high=1.0, low_open=True)
     clamp = _number(op, "clamp", clamp, low=0.0, high=math.inf, low_open=True)

@@ -25,7 +25,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def make(n, h, v, dtype, *, seed, bias, scale=1.0, ignore_every=0):
+def make(n, h, v, dtype, *, seed, bias, scale=1.0, ignore_every=0, device="cpu"):
+    """Random inputs made on the CPU (the same values on every device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g, dtype=torch.float64).to(dtype)
     weight = (torch.randn(v, h, generator=g, dtype=torch.float64) * scale).to(dtype)
@@ -33,7 +34,7 @@ def make(n, h, v, dtype, *, seed, bias, scale=1.0, ignore_every=0):
     ids = torch.randint(0, v, (n,), generator=g)
     if ignore_every:
         ids[::ignore_every] = -100
-    return hidden, weight, b, ids
+    return hidden.to(device), weight.to(device), None if b is None else b.to(device), ids.to(device)
 
 
 def run(fn, hidden, weight, bias, ids, *, entropy, seed, **kw):
@@ -44,9 +45,9 @@ def run(fn, hidden, weight, bias, ids, *, entropy, seed, **kw):
     out = fn(h, w, ids, bias=b, return_entropy=entropy, **kw)
     lp, ent = out if entropy else (out, None)
     g = torch.Generator().manual_seed(seed + 7)
-    loss = (lp.double() * torch.randn(lp.shape, generator=g, dtype=torch.float64)).sum()
+    loss = (lp.double() * torch.randn(lp.shape, generator=g, dtype=torch.float64).to(lp.device)).sum()
     if entropy:
-        loss = loss + (ent.double() * torch.randn(ent.shape, generator=g, dtype=torch.float64)).sum()
+        loss = loss + (ent.double() * torch.randn(ent.shape, generator=g, dtype=torch.float64).to(ent.device)).sum()
     if loss.requires_grad:
         loss.backward()
     res = {"logp": lp, "grad_hidden": h.grad, "grad_weight": w.grad}
@@ -103,17 +104,19 @@ def small_tiles(monkeypatch):
 # torch path
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(0, 40), h=st.integers(1, 24), v=st.integers(1, 300),
        dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
        bias=st.booleans(), entropy=st.booleans(), temperature=st.sampled_from([1.0, 0.6, 2.5]),
        ignore_every=st.sampled_from([0, 0, 2, 3]), tiles=st.sampled_from([(7, 35), (64, 256), (1024, 1 << 21)]),
        scale=st.sampled_from([0.1, 1.0, 4.0]), seed=st.integers(0, 2 ** 16))
-def test_torch_path_matches_reference(n, h, v, dtype, bias, entropy, temperature, ignore_every, tiles, scale, seed):
+def test_torch_path_matches_reference(n, h, v, dtype, bias, entropy, temperature, ignore_every, tiles, scale, seed,
+                                      device):
     old = C.VOCAB_TILE, C.TILE_ELEMENTS
     C.VOCAB_TILE, C.TILE_ELEMENTS = tiles
     try:
-        hidden, weight, b, ids = make(n, h, v, dtype, seed=seed, bias=bias, scale=scale, ignore_every=ignore_every)
+        hidden, weight, b, ids = make(n, h, v, dtype, seed=seed, bias=bias, scale=scale, ignore_every=ignore_every,
+                                      device=device)
         check(hidden, weight, b, ids, entropy=entropy, seed=seed, temperature=temperature, backend="torch")
     finally:
         C.VOCAB_TILE, C.TILE_ELEMENTS = old
@@ -121,21 +124,21 @@ def test_torch_path_matches_reference(n, h, v, dtype, bias, entropy, temperature
 
 @pytest.mark.parametrize("n", [0, 1], ids=["N=0", "N=1"])
 @pytest.mark.parametrize("entropy", [False, True], ids=["logp", "logp+entropy"])
-def test_tiny_batches(n, entropy, small_tiles):
-    hidden, weight, b, ids = make(n, 5, 17, torch.float64, seed=n, bias=True)
+def test_tiny_batches(n, entropy, small_tiles, device):
+    hidden, weight, b, ids = make(n, 5, 17, torch.float64, seed=n, bias=True, device=device)
     check(hidden, weight, b, ids, entropy=entropy, seed=n, backend="torch")
 
 
-def test_all_ignored_gives_zeros_and_zero_grads(small_tiles):
-    hidden, weight, b, ids = make(6, 5, 17, torch.float32, seed=3, bias=True)
+def test_all_ignored_gives_zeros_and_zero_grads(small_tiles, device):
+    hidden, weight, b, ids = make(6, 5, 17, torch.float32, seed=3, bias=True, device=device)
     ids[:] = -100
     res = run(linear_token_logprobs, hidden, weight, b, ids, entropy=True, seed=3)
     for name, x in res.items():
         assert x is not None and not x.abs().any(), name
 
 
-def test_gradcheck_float64(small_tiles):
-    hidden, weight, b, ids = make(5, 3, 11, torch.float64, seed=1, bias=True, ignore_every=4)
+def test_gradcheck_float64(small_tiles, device):
+    hidden, weight, b, ids = make(5, 3, 11, torch.float64, seed=1, bias=True, ignore_every=4, device=device)
     hidden.requires_grad_()
     weight.requires_grad_()
     b.requires_grad_()
@@ -148,10 +151,10 @@ def test_gradcheck_float64(small_tiles):
 
 
 @pytest.mark.parametrize("where", ["later tile", "first tile"], ids=["jump-later", "jump-first"])
-def test_overflow_fallback_and_extreme_logits(where, small_tiles):
+def test_overflow_fallback_and_extreme_logits(where, small_tiles, device):
     """A logit far above the running logsumexp of earlier tiles (the fast path's 2^x would overflow) is redone with an
     explicit max; -inf logits (bias) count as probability 0."""
-    hidden, weight, b, ids = make(4, 3, 30, torch.float64, seed=5, bias=True)
+    hidden, weight, b, ids = make(4, 3, 30, torch.float64, seed=5, bias=True, device=device)
     col = 25 if where == "later tile" else 2
     b[col] = 400.0
     b[11] = -float("inf")
@@ -198,22 +201,23 @@ def kernel_blocks(monkeypatch):
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), bias=st.booleans(),
        entropy=st.booleans(), temperature=st.sampled_from([1.0, 0.7]), ignore_every=st.sampled_from([0, 3]),
        seed=st.integers(0, 2 ** 16))
-def test_triton_matches_reference(kernel_blocks, n, h, v, dtype, bias, entropy, temperature, ignore_every, seed):
-    hidden, weight, b, ids = make(n, h, v, dtype, seed=seed, bias=bias, ignore_every=ignore_every)
+def test_triton_matches_reference(kernel_blocks, n, h, v, dtype, bias, entropy, temperature, ignore_every, seed,
+                                  device):
+    hidden, weight, b, ids = make(n, h, v, dtype, seed=seed, bias=bias, ignore_every=ignore_every, device=device)
     check(hidden, weight, b, ids, entropy=entropy, seed=seed, temperature=temperature, backend="triton")
 
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_default_config(dtype):
+def test_triton_default_config(dtype, device):
     pytest.importorskip("srpo_core.kernels.linear_token_logprobs")
-    hidden, weight, b, ids = make(9, 20, 150, dtype, seed=11, bias=True, ignore_every=4)
+    hidden, weight, b, ids = make(9, 20, 150, dtype, seed=11, bias=True, ignore_every=4, device=device)
     check(hidden, weight, b, ids, entropy=True, seed=11, temperature=0.9, backend="triton")
 
 
 @needs_interpreter
-def test_triton_n0(kernel_blocks):
-    hidden, weight, b, ids = make(0, 4, 9, torch.float32, seed=0, bias=False)
+def test_triton_n0(kernel_blocks, device):
+    hidden, weight, b, ids = make(0, 4, 9, torch.float32, seed=0, bias=False, device=device)
     check(hidden, weight, b, ids, entropy=True, seed=0, backend="triton")
 
 

@@ -247,7 +247,7 @@ def test_autotune_is_opt_in_and_keyed_on_v_h_and_the_n_bucket(monkeypatch):
     timed = []
     fastest = K.CANDIDATES["low"][3]
 
-    def fake_bench(fn):
+    def fake_bench(fn, x):
         cfg = fn()
         timed.append(cfg)
         return 1.0 if cfg == fastest else 2.0
@@ -258,21 +258,23 @@ def test_autotune_is_opt_in_and_keyed_on_v_h_and_the_n_bucket(monkeypatch):
     def hidden(n):
         return torch.empty(n, 64, dtype=torch.bfloat16)
 
+    W, F = torch.empty(5000, 64, dtype=torch.bfloat16), {"WANT_ENTROPY": False, "HAS_BIAS": False, "SOFTCAP": False}
+
     monkeypatch.delenv("SRPO_AUTOTUNE", raising=False)
-    assert K._config("fwd", hidden(1000), 5000, lambda c: c, None) == K.CONFIGS[(9, "low")] and not timed
+    assert K._config("fwd", hidden(1000), W, 5000, lambda c: c, None, F) == K.CONFIGS[(9, "low")] and not timed
     monkeypatch.setenv("SRPO_AUTOTUNE", "1")
-    assert K._config("fwd", hidden(1000), 5000, lambda c: c, None) == fastest
+    assert K._config("fwd", hidden(1000), W, 5000, lambda c: c, None, F) == fastest
     assert len(timed) == len(K.CANDIDATES["low"])
-    assert K._config("fwd", hidden(1017), 5000, lambda c: c, None) == fastest  # same bucket: no timing
+    assert K._config("fwd", hidden(1017), W, 5000, lambda c: c, None, F) == fastest  # same bucket: no timing
     assert len(timed) == len(K.CANDIDATES["low"])
-    K._config("fwd", hidden(1025), 5000, lambda c: c, None)  # next bucket
-    K._config("fwd", hidden(1000), 5001, lambda c: c, None)  # another V
-    K._config("bwd", hidden(1000), 5000, lambda c: c, None)  # the other kernel
+    K._config("fwd", hidden(1025), W, 5000, lambda c: c, None, F)  # next bucket
+    K._config("fwd", hidden(1000), W, 5001, lambda c: c, None, F)  # another V
+    K._config("bwd", hidden(1000), W, 5000, lambda c: c, None, F)  # the other kernel
     assert len(timed) == 4 * len(K.CANDIDATES["low"])
-    assert K._config("fwd", hidden(1000), 5000, lambda c: c, {"BLOCK_N": 16})["BLOCK_N"] == 16  # explicit wins
+    assert K._config("fwd", hidden(1000), W, 5000, lambda c: c, {"BLOCK_N": 16}, F)["BLOCK_N"] == 16  # explicit wins
     monkeypatch.setattr(K, "_arch", lambda x: None)  # interpreter: never timed
     if os.environ.get("TRITON_INTERPRET") == "1":
-        assert K._config("fwd", hidden(7), 9, lambda c: c, None) == K.DEFAULT
+        assert K._config("fwd", hidden(7), W, 9, lambda c: c, None, F) == K.DEFAULT
 
 
 def test_autotuned_launch_gives_the_same_result(device, monkeypatch):
@@ -283,7 +285,7 @@ def test_autotuned_launch_gives_the_same_result(device, monkeypatch):
     monkeypatch.setenv("SRPO_AUTOTUNE", "1")
     if device.type == "cpu":
         monkeypatch.setattr(K, "_arch", lambda x: 8)
-        monkeypatch.setattr(K, "_bench", lambda fn: (fn(), float(len(K._TUNED)))[1])
+        monkeypatch.setattr(K, "_bench", lambda fn, x: (fn(), float(len(K._TUNED)))[1])
     hidden, weight, bias, ids = _data(device, torch.bfloat16)
 
     got, want = _grads(lambda h, w, b: linear_token_logprobs(h, w, ids, bias=b, backend="triton"),
@@ -291,3 +293,78 @@ def test_autotuned_launch_gives_the_same_result(device, monkeypatch):
         _grads(lambda h, w, b: linear_token_logprobs(h, w, ids, bias=b, backend="torch"), (hidden, weight, bias))
     _close(got, want, torch.bfloat16, ["logp", "grad_hidden", "grad_weight", "grad_bias"])
     assert len(K._TUNED) == 2  # one forward and one backward entry
+
+
+def test_autotune_key_holds_every_flag_that_changes_the_kernel(monkeypatch):
+    """Issue 22: the tuning key omitted WANT_ENTROPY, HAS_BIAS, SOFTCAP (a timing of one variant was reused for
+    another). The key differs per flag and per operand strides, each variant is timed once, and the launchers pass
+    their flags (the fused ops' forward and backward, with and without each option)."""
+    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs_tiles")
+    h, w = torch.empty(100, 64, dtype=torch.bfloat16), torch.empty(500, 64, dtype=torch.bfloat16)
+    base = {"WANT_ENTROPY": False, "HAS_BIAS": False, "SOFTCAP": False}
+    keys = {K.tuning_key("fwd", h, w, 500, base)}
+    for flag in base:
+        keys.add(K.tuning_key("fwd", h, w, 500, {**base, flag: True}))
+    keys.add(K.tuning_key("bwd", h, w, 500, {"HAS_ENTROPY_GRAD": True, "HAS_BIAS": False, "SOFTCAP": False}))
+    keys.add(K.tuning_key("bwd", h, w, 500, {"HAS_ENTROPY_GRAD": False, "HAS_BIAS": False, "SOFTCAP": False}))
+    keys.add(K.tuning_key("fwd", torch.empty(64, 100, dtype=torch.bfloat16).t(), w, 500, base))  # column-major
+    assert len(keys) == 7
+    assert K.tuning_key("fwd", h, w, 500, base) == K.tuning_key("fwd", torch.empty(120, 64, dtype=torch.bfloat16),
+                                                                 w, 500, dict(reversed(list(base.items()))))
+
+    monkeypatch.setattr(K, "_TUNED", {})
+    monkeypatch.setenv("SRPO_AUTOTUNE", "1")
+    monkeypatch.setattr(K, "_arch", lambda x: 9)
+    timed = []
+    monkeypatch.setattr(K, "_bench", lambda fn, x: timed.append(1) or 1.0)
+    for flags in ({**base, "WANT_ENTROPY": True}, base, {**base, "SOFTCAP": True}, base):
+        K._config("fwd", h, w, 500, lambda c: c, None, flags)
+    assert len(timed) == 3 * len(K.CANDIDATES["low"])  # three variants, the repeat is cached
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return  # the launcher half below runs the kernels (interpreter; a GPU run keeps the key half)
+    import srpo_core.kernels.linear_token_logprobs as LK
+
+    seen = []
+    real = LK._config
+    monkeypatch.setattr(LK, "_config", lambda kind, *a: seen.append((kind, a[-1])) or real(kind, *a))
+    monkeypatch.delenv("SRPO_AUTOTUNE")
+    monkeypatch.setattr(K, "_arch", lambda x: None)
+    hid, wt, b = torch.randn(4, 8), torch.randn(11, 8), torch.randn(11)
+    ids = torch.tensor([0, 3, 10, 5])
+    LK.linear_logprobs_fwd(hid, wt, b, ids, inv_tau=1.0, want_entropy=True, softcap=30.0)
+    LK.linear_logprobs_fwd(hid, wt, None, ids, inv_tau=1.0, want_entropy=False)
+    lse, _, ent = LK.linear_logprobs_fwd(hid, wt, b, ids, inv_tau=1.0, want_entropy=True)
+    LK.linear_logprobs_bwd(hid, wt, b, ids, lse, ent, torch.ones(4), torch.ones(4), inv_tau=1.0,
+                           needs=(True, True, True))
+    assert seen == [("fwd", {"WANT_ENTROPY": True, "HAS_BIAS": True, "SOFTCAP": True}),
+                    ("fwd", {"WANT_ENTROPY": False, "HAS_BIAS": False, "SOFTCAP": False}),
+                    ("fwd", {"WANT_ENTROPY": True, "HAS_BIAS": True, "SOFTCAP": False}),
+                    ("bwd", {"HAS_ENTROPY_GRAD": True, "HAS_BIAS": True, "SOFTCAP": False})]
+
+
+def test_autotune_times_inside_the_device_guard(monkeypatch):
+    """Issue 22: ``do_bench`` ran outside ``device_guard``, so on ``cuda:1`` tensors its events and flushes went to
+    the current device. The timing now runs inside ``device_guard`` of the tensor being tuned."""
+    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs_tiles")
+    import contextlib
+
+    import triton.testing
+
+    state = {"inside": None, "calls": []}
+
+    @contextlib.contextmanager
+    def guard(x):
+        state["inside"] = x
+        yield
+        state["inside"] = None
+
+    def do_bench(fn, **kw):
+        state["calls"].append(state["inside"])
+        return 1.0
+
+    monkeypatch.setattr(K, "device_guard", guard)
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    x = torch.empty(3, 4)
+    assert K._bench(lambda: None, x) == 1.0
+    assert len(state["calls"]) == 1 and state["calls"][0] is x

@@ -245,6 +245,20 @@ def test_vppo_rejects_bad_arguments(kwargs, err, match):
         vppo_advantages(torch.ones(1), x, x, **kw)
 
 
+def test_vppo_outputs_are_detached_constants():
+    """Issue 22: advantages are constants of the policy-gradient loss; nothing flows back into the log-probs."""
+    g = torch.Generator().manual_seed(3)
+    logp = (-torch.rand(3, 6, generator=g) * 3).requires_grad_(True)
+    logp_c = (logp.detach() - torch.rand(3, 6, generator=g)).requires_grad_(True)
+    adv = torch.randn(3, generator=g).requires_grad_(True)
+    out = vppo_advantages(adv, logp, logp_c, mask=torch.ones(3, 6, dtype=torch.bool))
+    for name in ("advantages", "alpha", "dependency"):
+        assert getattr(out, name).grad_fn is None and not getattr(out, name).requires_grad, name
+    (out.advantages * torch.exp(logp)).sum().backward()
+    assert torch.equal(logp.grad, out.advantages * torch.exp(logp.detach()))
+    assert logp_c.grad is None and adv.grad is None
+
+
 def test_vppo_rejects_nan_at_valid_positions_only():
     x = torch.tensor([[-1.0, float("nan")]])
     with pytest.raises(ValueError, match=r"`logp_corrupt` has 1 NaN.*\(0, 1\)"):

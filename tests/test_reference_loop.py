@@ -218,6 +218,41 @@ def test_grpo_identical_rewards_give_zero(value, n, dtype):
     assert bool((got == 0).all()), got
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_advantages_are_detached_constants(backend, layout):
+    """Issue 22's reproducer: with ``logp.requires_grad`` (and every other float input too), no output has a
+    grad_fn, and a PPO-style ``(advantages * ratio).sum()`` sends into ``logp`` exactly the gradient of the ratio
+    alone (``A·ratio``), nothing through the advantages (it sent a gradient of norm 4.19 into logp)."""
+    g = torch.Generator().manual_seed(22)
+    B, T = 3, 7
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mask[:, 0] = True
+    roles = torch.randint(0, 3, (B, T), generator=g)
+    base = -torch.rand(B, T, generator=g) * 4
+    logp = base.clone().requires_grad_(True)
+    inputs = [(base - torch.rand(B, T, generator=g)).requires_grad_(True) for _ in range(2)]
+    adv = torch.randn(B, generator=g).requires_grad_(True)
+    old = (base - 0.1 * torch.randn(B, T, generator=g)).detach()
+    kw = {"mask": mask}
+    lp_in, others, roles_in, old_in = logp, inputs, roles, old
+    if layout == "packed":
+        kw = {"cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(1).cumsum(0)])}
+        lp_in, others, roles_in, old_in = logp[mask], [x[mask] for x in inputs], roles[mask], old[mask]
+    out = role_aware_advantages(adv, lp_in, *others, roles_in, backend=backend,
+                                config=SRPOConfig(beta_perception=0.5, beta_reasoning=0.5), **kw)
+    for name in ("advantages", "weights", "signals", "baseline"):
+        t = getattr(out, name)
+        assert t.grad_fn is None and not t.requires_grad, f"{name} carries a graph"
+    (out.advantages * torch.exp(lp_in - old_in)).sum().backward()
+    want = base.clone().requires_grad_(True)  # the same loss with the advantages as constants
+    (out.advantages.detach() * torch.exp((want if layout == "padded" else want[mask]) - old_in)).sum().backward()
+    assert torch.equal(logp.grad, want.grad)
+    assert adv.grad is None and all(x.grad is None for x in inputs)
+    g_adv = grpo_advantages(torch.randn(6, generator=g).requires_grad_(True), torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert g_adv.grad_fn is None and not g_adv.requires_grad
+
+
 # -- contrast ------------------------------------------------------------------------------------------------------
 @settings(max_examples=examples(150))
 @given(pairs=st.lists(st.tuples(S.logp_values(extreme=True), S.logp_values(extreme=True)), max_size=40),

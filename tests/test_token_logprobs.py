@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from srpo_core import _chunked, _dispatch
@@ -22,7 +22,7 @@ from srpo_core.cpu import token_logprobs as cpu_path
 from srpo_core.ops import token_logprobs as ops_path
 from srpo_core.ops.token_logprobs import token_logprobs
 from srpo_core.reference.token_logprobs import token_logprobs as reference
-from srpo_core.testing import assert_close
+from srpo_core.testing import assert_close, assert_close_vs_torch
 
 # The interpreter evaluates −inf − (−inf) and 0 · inf in masked lanes with numpy, which warns; the kernel discards them.
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -54,16 +54,18 @@ def upstream(shape, seed):
 
 def loss_of(logp, ent, g1, g2, mode):
     dt = logp.dtype
+    g1, g2 = g1.to(logp.device, dt), g2.to(logp.device, dt)
     if mode == "logp":
-        return (logp * g1.to(dt)).sum()
+        return (logp * g1).sum()
     if mode == "entropy":
-        return (ent * g2.to(dt)).sum()
-    return (logp * g1.to(dt)).sum() + (ent * g2.to(dt)).sum()
+        return (ent * g2).sum()
+    return (logp * g1).sum() + (ent * g2).sum()
 
 
 def reference_with_grad(x, ids, *, temperature, ignore_index=-100, mode="both", seed=0):
-    """float64 reference on the (exactly upcast) values: ``(logp, entropy, grad of the mode's loss)``."""
-    x64 = x.detach().double().requires_grad_(True)
+    """float64 reference on the (exactly upcast) values, on the CPU: ``(logp, entropy, grad of the mode's loss)``."""
+    x64 = x.detach().cpu().double().requires_grad_(True)
+    ids = ids.cpu()
     # an ignored row is never read: garbage there (NaN) must not leak into the reference's gradient either
     clean = torch.where((ids == ignore_index)[..., None], torch.zeros_like(x64), x64)
     lp, ent = reference(clean, ids, temperature=temperature, return_entropy=True, ignore_index=ignore_index)
@@ -109,7 +111,8 @@ def _same_strides(x):
 
 @st.composite
 def cases(draw, max_n=5, max_v=70):
-    """Logits with awkward sizes, extreme scales, −inf entries, ignored rows and several memory layouts."""
+    """Logits with awkward sizes, extreme scales, −inf entries, ignored rows and several memory layouts (CPU tensors:
+    a test moves them to its ``device``)."""
     n = draw(st.sampled_from([0] + [1, 2, 3, 4] * 2 + list(range(5, max_n + 1))))
     v = draw(st.integers(1, max_v) | st.sampled_from([1, 2, 15, 16, 17, 31, 32, 33, 47, 64, max_v]))
     dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
@@ -137,23 +140,33 @@ def cases(draw, max_n=5, max_v=70):
     elif layout == "4d-copy":  # [2, 2, n, V] cut out of [2, 3, n+1, V]: three row strides, the launcher copies
         x, ids = x[:, :2, :-1], ids[:, :2, :-1]
     temperature = draw(st.sampled_from([1.0, 0.7, 1.9]))
-    return x.to(DEVICE), ids.to(DEVICE), temperature
+    return x, ids, temperature
+
+
+def on(device, x, ids):
+    """``x`` and ``ids`` on ``device``, ``x`` keeping its strides (a sliced or column-major layout stays one)."""
+    if x.device == device:
+        return x, ids
+    out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
+    out.copy_(x)
+    return out, ids.to(device)
 
 
 # ------------------------------------------------------------------------------------------- Triton kernels
 @needs_interpreter
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=cases(), block_v=st.sampled_from([16, 16, 32, None]), mode=st.sampled_from(GRAD_MODES))
-def test_kernel_matches_float64_reference(case, block_v, mode):
+def test_kernel_matches_float64_reference(case, block_v, mode, device):
     """Forward and backward kernels (launched directly, to force small blocks) against the float64 reference."""
     from srpo_core.kernels.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
 
     x, ids, temperature = case
     token_logprobs(x, ids, temperature=temperature, backend="torch")  # the public checks pass
+    x, ids = on(device, x, ids)
     logp, ent, row_max, row_logsum = token_logprobs_fwd(x, ids, temperature=temperature, ignore_index=-100,
                                                         return_entropy=True, block_v=block_v)
-    g1, g2 = upstream(logp.shape, 0)
-    grad = token_logprobs_bwd(g1.float() if mode != "entropy" else None, g2.float() if mode != "logp" else None,
+    g1, g2 = (g.float().to(device) for g in upstream(logp.shape, 0))
+    grad = token_logprobs_bwd(g1 if mode != "entropy" else None, g2 if mode != "logp" else None,
                               x, ids, row_max, row_logsum, ent, temperature=temperature, ignore_index=-100,
                               block_v=block_v)
     ref = reference_with_grad(x, ids, temperature=temperature, mode=mode)
@@ -164,13 +177,43 @@ def test_kernel_matches_float64_reference(case, block_v, mode):
 
 
 @needs_interpreter
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=cases(max_n=4, max_v=40), mode=st.sampled_from(GRAD_MODES))
-def test_public_triton_backend_autograd(case, mode):
+def test_public_triton_backend_autograd(case, mode, device):
     """backend="triton" through the custom op's autograd formula (default block)."""
     x, ids, temperature = case
+    x, ids = on(device, x, ids)
     out = run_public(x, ids, temperature=temperature, backend="triton", mode=mode)
     check_outputs(*out, reference_with_grad(x, ids, temperature=temperature, mode=mode), x.dtype)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@pytest.mark.parametrize("mode", GRAD_MODES)
+def test_bf16_trl_forward_and_backward_case(backend, mode, device):
+    """TRL's ``test_forward_and_backward`` case (issue 22): bf16 logits of ±20, V = 2,053, τ = 0.7, a non-contiguous
+    ``logits[:, :-1]`` view. Values and the logits gradient against float64, within twice torch's own bf16 error
+    (``log_softmax`` of ``x/τ`` in bf16, TRL's reference). The interpreter truncated the kernel's fp32 → bf16 store
+    (up to one ulp off where torch is half of one): the kernel now rounds to nearest there too."""
+    B, T, V, tau = 2, 6, 2053, 0.7
+    g = torch.Generator().manual_seed(22)
+    base = (torch.rand(B, T + 1, V, generator=g, dtype=torch.float64) * 40 - 20).to(torch.bfloat16)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    g1, g2 = upstream((B, T), seed=22)
+
+    x = base.to(device).requires_grad_(True)
+    logp, ent = token_logprobs(x[:, :-1], ids.to(device), temperature=tau, return_entropy=True, backend=backend)
+    (grad,) = torch.autograd.grad(loss_of(logp, ent, g1.to(device), g2.to(device), mode), x)
+
+    xt = base.clone().requires_grad_(True)  # torch's own bf16 computation (TRL's reference), on the CPU
+    lsm = (xt[:, :-1] / tau).log_softmax(-1)
+    t_lp, t_ent = lsm.gather(-1, ids[..., None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
+    (t_grad,) = torch.autograd.grad(loss_of(t_lp, t_ent, g1, g2, mode), xt)
+
+    r_lp, r_ent, r_grad = reference_with_grad(base[:, :-1], ids, temperature=tau, mode=mode, seed=22)
+    assert_close(logp.cpu(), r_lp, atol=ATOL, rtol=RTOL, name="logp")
+    assert_close(ent.cpu(), r_ent, atol=ATOL, rtol=RTOL, name="entropy")
+    assert grad.dtype == torch.bfloat16 and torch.equal(grad[:, -1].cpu(), torch.zeros(B, V, dtype=torch.bfloat16))
+    assert_close_vs_torch(grad[:, :-1].cpu(), r_grad, t_grad[:, :-1], atol=ATOL, name=f"{backend} {mode} grad")
 
 
 # ------------------------------------------------------------------------------------------------- torch path
