@@ -169,7 +169,9 @@ def slow_rows(hidden, hidden_ref, weight, bias, ids_local, inv_tau, rows, kind, 
             outs.append(js_terms(x - lx[:, None], y - ly[:, None]).sum(-1))
             continue
         lse_x, lse_y = torch.logsumexp(x, -1), torch.logsumexp(y, -1)
-        broken = ~torch.isfinite(lse_x) | ~torch.isfinite(lse_y) | torch.isnan(x).any(-1) | torch.isnan(y).any(-1)
+        # a condition without a distribution (all −inf, a +inf or NaN logit): its values are NaN, the divergence too
+        bx = ~torch.isfinite(lse_x) | torch.isnan(x).any(-1)
+        by = ~torch.isfinite(lse_y) | torch.isnan(y).any(-1)
         logp, logq = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
         idl = ids_local[r]
         sel = (idl >= 0) & (idl < v)
@@ -181,7 +183,8 @@ def slow_rows(hidden, hidden_ref, weight, bias, ids_local, inv_tau, rows, kind, 
         else:
             t = torch.zeros_like(lse_x)
         nan = torch.full_like(lse_x, math.nan)
-        outs.append(torch.stack([torch.where(broken, nan, z) for z in (lse_x, lse_y, t, tx, ty)]))
+        outs.append(torch.stack([torch.where(bad, nan, z) for z, bad in (
+            (lse_x, bx), (lse_y, by), (t, bx | by), (tx, bx), (ty, by))]))
     return torch.cat(outs, -1) if outs else None
 
 
