@@ -52,7 +52,10 @@ def make(n, h, v, dtype, *, seed=0, bias=True, ignore=0.3, scale=1.0, related="n
 def check(outs, hid, ref, w, ids, *, kind, temperature=1.0, bias=None, tag=""):
     """``|ours − ref64| ≤ 2·|reference in the inputs' dtype − ref64| + atol``, NaN/inf parity with ref64."""
     dtype = hid.dtype
-    up = (lambda x: None if x is None else x.double().cpu())
+
+    def up(x):
+        return None if x is None else x.double().cpu()
+
     ref64 = reference(up(hid), up(ref), up(w), ids.cpu(), kind=kind, temperature=temperature, bias=up(bias))
     same = reference(hid.cpu(), ref.cpu(), w.cpu(), ids.cpu(), kind=kind, temperature=temperature,
                      bias=None if bias is None else bias.cpu())
@@ -261,7 +264,8 @@ def test_meta_tensors_infer_shapes():
     (dict(hidden_ref=torch.zeros(4, 8, dtype=torch.float64)), r"`hidden_ref` must have the shape, dtype and device"),
     (dict(hidden_ref=[[0.0] * 8] * 4), r"`hidden_ref` must be a tensor"),
     (dict(weight=torch.zeros(10, 5)), r"linear_token_contrast: `weight` must be \[V, H\] with H = 8"),
-    (dict(ids=torch.tensor([0, 1, 10, 2])), r"linear_token_contrast: `ids` must lie in \[0, V\) = \[0, 10\).*ids\[2\] = 10"),
+    (dict(ids=torch.tensor([0, 1, 10, 2])),
+     r"linear_token_contrast: `ids` must lie in \[0, V\) = \[0, 10\).*ids\[2\] = 10"),
     (dict(ids=torch.zeros(3, dtype=torch.int64)), r"linear_token_contrast: `ids` must have shape \[4\]"),
     (dict(kind="k3"), r"linear_token_contrast: `kind` must be one of \('kl', 'js'\), got 'k3'"),
     (dict(temperature=0.0), r"linear_token_contrast: `temperature` must be a positive finite float, got 0.0"),
@@ -276,3 +280,27 @@ def test_errors_name_the_argument(bad, match):
     pos = [args.pop(k) for k in ("hidden", "hidden_ref", "weight", "ids")]
     with pytest.raises((ValueError, TypeError), match=match):
         linear_token_contrast(*pos, **args)
+
+
+@pytest.mark.parametrize("world", [2, 3], ids=["2 ranks", "3 ranks"])
+def test_vocab_parallel_process_group_matches_unsharded(world, tmp_path):
+    """The process-group path for real: gloo ranks, uneven shards, kl and js, empty and fully ignored batches."""
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed gloo")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = pathlib.Path(__file__).with_name("linear_contrast_dist_worker.py")
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(worker), str(port), str(world)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
+    assert f"linear-contrast-dist: OK {world}" in proc.stdout

@@ -35,8 +35,13 @@ from srpo_core._validate import describe
 from srpo_core.cpu import linear_token_contrast as cpu
 from srpo_core.cpu.linear_token_logprobs import _acc_dtype
 from srpo_core.ops.linear_token_logprobs import _rows
-from srpo_core.ops.linear_token_logprobs_checks import autocast_dtype, check_id_values, check_options, \
-    check_tensors, compute_dtype
+from srpo_core.ops.linear_token_logprobs_checks import (
+    autocast_dtype,
+    check_id_values,
+    check_options,
+    check_tensors,
+    compute_dtype,
+)
 from srpo_core.ops.linear_token_logprobs_parallel import _combine_shards, _global_vocab
 from srpo_core.ops.token_contrast import KINDS, TokenContrast
 
