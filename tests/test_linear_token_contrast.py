@@ -97,8 +97,10 @@ def test_torch_path_matches_float64_reference(c):
 
 @given(c=cases())
 def test_torch_path_small_tiles_match_float64_reference(c):
-    """Several vocabulary tiles and token chunks per call: the online KL sum across tiles and the rebasing."""
+    """Several vocabulary tiles and token chunks per call (the online KL sum across tiles and the rebasing), several
+    row chunks for js."""
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "JS_CHUNK_ELEMENTS", 50)
         mp.setattr(cpu_logprobs, "VOCAB_TILE", 4)
         mp.setattr(cpu_logprobs, "TILE_ELEMENTS", 16)
         mp.setattr(cpu_logprobs, "FORWARD_TILE_SCALE", 1)

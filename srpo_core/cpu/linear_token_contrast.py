@@ -37,6 +37,8 @@ from srpo_core.reference.token_contrast import js_terms, kl_terms
 
 # The slow path materialises at most SLOW_CHUNK_ELEMENTS float64 logits per condition at a time.
 SLOW_CHUNK_ELEMENTS = 1 << 20
+# Unsharded js: row chunks of at most JS_CHUNK_ELEMENTS logits per condition (32 MiB in fp32), D214.
+JS_CHUNK_ELEMENTS = 1 << 23
 
 
 class _Walk:
@@ -223,6 +225,30 @@ def js_local(hidden, hidden_ref, weight, bias, inv_tau, lse_x, lse_y):
     return js
 
 
+def js_rows(hidden, hidden_ref, weight, bias, ids, temperature, ignore_index):
+    """Unsharded ``js`` (D214): row chunks of both conditions' logits over the whole vocabulary (at most
+    ``JS_CHUNK_ELEMENTS`` per condition), each handed to ``token_contrast``'s torch path (compiled on the CPU for
+    large chunks, float64 redo of non-finite rows). One GEMM per condition and chunk, against the two of the
+    vocabulary-tiled two-pass walk. ``ids`` are global; returns ``(div, logp, logp_ref)`` ``[N]``."""
+    from srpo_core.cpu.token_contrast import _torch_path
+
+    n, v = hidden.shape[0], weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    outs = [torch.zeros(n, dtype=acc, device=hidden.device) for _ in range(3)]
+    step = max(1, JS_CHUNK_ELEMENTS // max(v, 1))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        xs = []
+        for h in (hidden, hidden_ref):  # in the compute dtype, as the reference (and a plain model) computes them
+            x = torch.mm(h[r0:r1], weight.T)
+            xs.append(x.add_(bias) if bias is not None else x)
+        for out, part in zip(outs, _torch_path(xs[0], xs[1], ids[r0:r1], "js", temperature, ignore_index),
+                             strict=True):
+            out[r0:r1] = part
+        del xs
+    return tuple(outs)
+
+
 def combine_stats(lse_x, lse_y, t, tgt_x, tgt_y, owned, allmax, allsum):
     """The whole vocabulary's ``(lse, lse', kl, tgt, tgt')`` from per-part statistics (natural units; parts are
     vocabulary shards or the Triton kernel's vocabulary splits). ``allmax`` / ``allsum`` reduce a tensor over the
@@ -243,4 +269,5 @@ def combine_stats(lse_x, lse_y, t, tgt_x, tgt_y, owned, allmax, allsum):
     return m[0] + ls_x, m[1] + ls_y, kl, sums[2] + m[0], sums[3] + m[1]
 
 
-__all__ = ["SLOW_CHUNK_ELEMENTS", "combine_stats", "js_local", "local_stats", "slow_rows"]
+__all__ = ["JS_CHUNK_ELEMENTS", "SLOW_CHUNK_ELEMENTS", "combine_stats", "js_local", "js_rows", "local_stats",
+           "slow_rows"]

@@ -91,6 +91,8 @@ def _contrast(hidden, hidden_ref, weight, bias, ids, kind, inv_tau, ignore_index
     owned = (ids_local >= 0) & (ids_local < weight.shape[0])
     if h_k.shape[0] == 0 and group is None:
         div = lp = lq = torch.zeros(0, dtype=acc, device=dev)
+    elif kind == "js" and group is None and backend == "torch":  # row chunks, one GEMM per condition (D214)
+        div, lp, lq = cpu.js_rows(h_k, h_ref_k, weight, bias, ids_local, 1.0 / inv_tau, -1)
     else:
         lse_x, lse_y, t, tgt_x, tgt_y = _local_stats(backend, h_k, h_ref_k, weight, bias, ids_local, inv_tau, kind)
         if group is None:
