@@ -10,9 +10,11 @@ after every tile to ``c = log₂ Σ 2^u₂`` (the running log-sum-exp), ``s = 1`
   log-sum-exp, so ``a − b`` carries no large constant when ``x' ≈ x + const``), ``t = Σ 2^a (a − b)`` is kept
   alongside; rebasing ``c += log₂ s``, ``c' += log₂ s'`` turns it into ``t/s + log₂ s' − log₂ s``, and after the
   last tile ``KL = ln 2 · t``.
-- ``js``, two passes: pass 1 is the same walk without ``t`` (the two log-sum-exps); pass 2 recomputes each tile
-  shifted by them, so it holds ``log₂ p`` and ``log₂ p'``, and sums ``½ p (log₂ p − log₂ m) + ½ p' (log₂ p' − log₂ m)``
-  with ``log₂ m = log₂(p + p') − 1``.
+- ``js`` over a vocabulary shard (vocab-parallel), two passes: pass 1 is the same walk without ``t`` (the two
+  log-sum-exps, combined over the shards); pass 2 recomputes each tile shifted by them, so it holds ``log₂ p`` and
+  ``log₂ p'``, and sums ``½ p (log₂ p − log₂ m) + ½ p' (log₂ p' − log₂ m)`` with ``log₂ m = log₂(p + p') − 1``.
+- ``js`` unsharded (:func:`js_rows`, D214): row chunks of both logit sets over the whole vocabulary (at most
+  ``JS_CHUNK_ELEMENTS`` each), each through ``token_contrast``'s torch path: one GEMM per condition, not two.
 
 The first tile of each row is shifted by its own maximum (one extra pass over that tile only), so no later tile can
 underflow the whole row. A row whose tile sums are not finite (a logit more than ~127 bits above the running
@@ -23,7 +25,8 @@ distribution). Everything is per vocabulary shard: :func:`local_stats` returns e
 target, target')`` of this shard, which ``srpo_core/ops/linear_token_contrast.py`` combines over a process group.
 
 Peak extra memory of the ``kl`` pass: three fp32 tiles (``a``, ``b``, ``2^a``; plus one low-precision tile for
-bf16/fp16 inputs) and O(N) per-row state; ``js`` pass 2 holds four.
+bf16/fp16 inputs) and O(N) per-row state; sharded ``js`` pass 2 holds four; unsharded ``js`` two logit chunks of
+``JS_CHUNK_ELEMENTS`` and ``token_contrast``'s chunk temporaries.
 """
 
 from __future__ import annotations

@@ -8,10 +8,12 @@ materialising either ``[N, V]`` logit set.
 
 Backends (``"auto" | "triton" | "torch"``; auto = Triton for CUDA tensors, torch otherwise):
 
-- **torch** (``srpo_core/cpu/linear_token_contrast.py``): vocabulary-tiled like ``linear_token_logprobs``'s forward
-  (same tile sizes and tile GEMM); ``kl`` in one pass per tile pair (an online ``Σ p (log p − log p')``), ``js`` in
-  two; rows that the fp32 fast path cannot finish (``−inf`` logits, a logit far above the running log-sum-exp,
-  NaN/inf inputs) are recomputed from their materialised logits in float64, in row chunks.
+- **torch** (``srpo_core/cpu/linear_token_contrast.py``): ``kl`` vocabulary-tiled like ``linear_token_logprobs``'s
+  forward (same tile sizes and tile GEMM), one pass per tile pair (an online ``Σ p (log p − log p')``); rows that the
+  fp32 fast path cannot finish (``−inf`` logits, a logit far above the running log-sum-exp, NaN/inf inputs) are
+  recomputed from their materialised logits in float64, in row chunks (D212). ``js`` (which needs both normalisers
+  before any term) in row chunks of both logit sets, at most 8 M logits each, through ``token_contrast``'s torch
+  path (D214); sharded, it takes the tiled two-pass walk instead.
 - **triton** (``srpo_core.kernels.linear_token_contrast``): one program per block of rows walks the vocabulary in
   ``tl.dot`` tiles of both conditions with fp32 accumulation and the same online sums (``js``: a second walk).
 
@@ -180,8 +182,8 @@ def linear_token_contrast(
             shard ``[V_local, H]`` covering global ids ``[vocab_start, vocab_start + V_local)``. Same dtype as
             ``hidden``, or mixed precision (bf16/fp16 with fp32: computed in fp32 on the exactly upcast inputs).
         ids: ``[...]`` integer sampled tokens (global ids), each in ``[0, V)`` or equal to ``ignore_index``.
-        kind: ``"kl"`` (``KL(p ‖ p')``, one pass over the vocabulary) or ``"js"`` (Jensen–Shannon, in
-            ``[0, ln 2]``, two passes: twice the GEMMs).
+        kind: ``"kl"`` (``KL(p ‖ p')``) or ``"js"`` (Jensen–Shannon, in ``[0, ln 2]``; on the Triton and the
+            vocab-parallel paths two passes over the vocabulary, i.e. twice the GEMMs).
         temperature: ``τ > 0``, applied to both conditions.
         bias: optional ``[V]`` (the shard's part when sharded), shared by both conditions.
         ignore_index: positions with this id give 0 in all three outputs; their rows are skipped before any work.
