@@ -31,7 +31,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 TARGET_PROGRAMS = 1024  # enough (row block, split) programs to fill ~132 SMs several times over
 DEFAULT = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 64, "num_warps": 8, "num_stages": 2}
-DEFAULT_FP32 = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2}
+DEFAULT_FP32 = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2}
 
 
 def default_config(dtype: torch.dtype) -> dict:
