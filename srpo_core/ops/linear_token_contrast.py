@@ -191,7 +191,8 @@ def linear_token_contrast(
         process_group: a ``torch.distributed`` group over which the vocabulary is sharded (None: not sharded).
         vocab_start: first global vocabulary id of this rank's shard.
         check_ids: scan ``ids`` for values outside ``[0, V)`` and raise, and raise on a NaN result (logits not
-            finite in the compute dtype) instead of returning it; ``False`` skips both (one host sync fewer each).
+            finite in the compute dtype) instead of returning it; ``False`` skips both (one host sync fewer each;
+            an out-of-range id then gives an unspecified value in its row, no error).
 
     Returns:
         ``TokenContrast(div, logp, logp_ref)`` (``srpo_core.token_contrast``'s), each of ``ids``' shape, float32
