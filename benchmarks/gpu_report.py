@@ -55,6 +55,7 @@ MODULES = (
     "srpo_core.kernels.token_contrast",
     "srpo_core.kernels.role_weights",
     "srpo_core.kernels.linear_token_logprobs",
+    "srpo_core.kernels.linear_token_contrast",
 )
 TARGETS = {"sm_80": 80, "sm_90": 90}
 DEFAULT_NUM_STAGES = 3

@@ -5,6 +5,7 @@ from srpo_core.ablation import AblatedBatch, ablate_span
 from srpo_core.advantages import RoleAwareAdvantages, contrast, grpo_advantages, role_aware_advantages
 from srpo_core.config import Role, SRPOConfig
 from srpo_core.corruption import corrupt_images, corrupt_pixel_values
+from srpo_core.ops.linear_token_contrast import linear_token_contrast
 from srpo_core.ops.linear_token_logprobs import linear_token_logprobs
 from srpo_core.ops.policy_loss import PolicyLossOutput, linear_policy_loss
 from srpo_core.ops.token_contrast import TokenContrast, token_contrast
@@ -22,6 +23,7 @@ __all__ = [
     "papo_perception_kl",
     "vppo_advantages",
     "TokenContrast",
+    "linear_token_contrast",
     "token_contrast",
     "AblatedBatch",
     "ablate_span",

@@ -30,7 +30,14 @@ import pytest
 import torch
 
 import srpo_core.kernels as kernels_pkg
-from srpo_core import _dispatch, linear_token_logprobs, role_aware_advantages, token_contrast, token_logprobs
+from srpo_core import (
+    _dispatch,
+    linear_token_contrast,
+    linear_token_logprobs,
+    role_aware_advantages,
+    token_contrast,
+    token_logprobs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -106,6 +113,13 @@ def _case_token_contrast(g):
         token_contrast(x, y, ids, kind=kind, backend="triton")
 
 
+def _case_linear_token_contrast(g):
+    h, r = (torch.randn(6, 16, generator=g).to(DEVICE) for _ in range(2))
+    w = (torch.randn(40, 16, generator=g) * 0.25).to(DEVICE)
+    for kind in ("kl", "js"):
+        linear_token_contrast(h, r, w, _ids(6, 40, g), kind=kind, backend="triton")
+
+
 def _case_role_aware_advantages(g):
     n = 12
     lp, lc, la = (-torch.rand(n, generator=g).to(DEVICE) for _ in range(3))
@@ -116,7 +130,8 @@ def _case_role_aware_advantages(g):
 
 
 CASES = {"token_logprobs": _case_token_logprobs, "linear_token_logprobs": _case_linear_token_logprobs,
-         "token_contrast": _case_token_contrast, "role_aware_advantages": _case_role_aware_advantages}
+         "token_contrast": _case_token_contrast, "linear_token_contrast": _case_linear_token_contrast,
+         "role_aware_advantages": _case_role_aware_advantages}
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, op: str = OP
+                  ) -> torch.dtype:
     """The dtype the op runs in: the common dtype, or fp32 for a mix of bf16/fp16 with fp32 (D69); other mixes
     (float64 with anything else, bf16 with fp16) are refused."""
     tensors = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
@@ -34,11 +35,14 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             LOW_PRECISION):
         return torch.float32
     name, x = next((n, t) for n, t in tensors if t.dtype != hidden.dtype)
-    raise TypeError(f"{OP}: `{name}` must have the dtype of `hidden` ({hidden.dtype}), or one of them be float32 "
+    raise TypeError(f"{op}: `{name}` must have the dtype of `hidden` ({hidden.dtype}), or one of them be float32 "
                     f"and the others bf16/fp16 (mixed precision, computed in float32), got {describe(x)}")
 
 
-def check_tensors(hidden, weight, ids, bias, shift):
+def check_tensors(hidden, weight, ids, bias, shift, *, op=OP):
+    """Shapes, dtypes kinds and devices; ``op`` names the calling op in the errors (``linear_token_contrast`` shares
+    these checks)."""
+    OP = op  # noqa: N806  (the messages below name the calling op)
     require_tensor(OP, "hidden", hidden, kind="float")
     require_tensor(OP, "weight", weight, kind="float", ndim=2)
     require_tensor(OP, "ids", ids, kind="int")
@@ -65,7 +69,8 @@ def check_tensors(hidden, weight, ids, bias, shift):
                              f"`weight`), got {describe(bias)}")
 
 
-def _positive_finite(name, x, *, allow_none=False):
+def _positive_finite(name, x, *, allow_none=False, op=OP):
+    OP = op  # noqa: N806
     if allow_none and x is None:
         return
     if isinstance(x, bool) or not isinstance(x, (int, float)):
@@ -75,10 +80,11 @@ def _positive_finite(name, x, *, allow_none=False):
         raise ValueError(f"{OP}: `{name}` must be a positive finite float, got {x!r}")
 
 
-def check_options(*, temperature, ignore_index, vocab_start, flags, out_dtype, logit_scale, softcap):
-    _positive_finite("temperature", temperature)
-    _positive_finite("logit_scale", logit_scale)
-    _positive_finite("softcap", softcap, allow_none=True)
+def check_options(*, temperature, ignore_index, vocab_start, flags, out_dtype, logit_scale, softcap, op=OP):
+    OP = op  # noqa: N806
+    _positive_finite("temperature", temperature, op=op)
+    _positive_finite("logit_scale", logit_scale, op=op)
+    _positive_finite("softcap", softcap, allow_none=True, op=op)
     for name, x in (("ignore_index", ignore_index), ("vocab_start", vocab_start)):
         if isinstance(x, bool) or not isinstance(x, int):
             raise TypeError(f"{OP}: `{name}` must be an int, got {describe(x)}")
@@ -89,8 +95,9 @@ def check_options(*, temperature, ignore_index, vocab_start, flags, out_dtype, l
         raise TypeError(f"{OP}: `out_dtype` must be None or one of {OUT_DTYPES}, got {describe(out_dtype)}")
 
 
-def check_id_values(ids, ignore_index, v_global, sharded):
+def check_id_values(ids, ignore_index, v_global, sharded, *, op=OP):
     """The eager range check (a host sync; skipped with ``check_ids=False``, under torch.compile and on meta)."""
+    OP = op  # noqa: N806
     if not ids.numel() or ids.device.type == "meta":
         return
     flat = ids.reshape(-1)

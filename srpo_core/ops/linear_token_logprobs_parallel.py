@@ -40,7 +40,8 @@ def _shard_layout(group, v_local: int, vocab_start: int, device: torch.device) -
     return [int(x[0]) for x in got], [int(x[1]) for x in got]
 
 
-def _global_vocab(process_group, v_local, vocab_start, device):
+def _global_vocab(process_group, v_local, vocab_start, device, *, op=OP):
+    OP = op  # noqa: N806  (the messages below name the calling op)
     if process_group is None:
         if vocab_start != 0:
             raise ValueError(f"{OP}: `vocab_start` must be 0 without a process_group (the weight is the whole "
