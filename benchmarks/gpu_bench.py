@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 NO_CUDA_STATUS = 2
-# where the cases put their tensors: "cuda", except in ``--smoke`` (the check's rehearsal runs every case once on the CPU)
+# where the cases put their tensors: "cuda", except in ``--smoke`` (the rehearsal runs every case once on the CPU)
 DEVICE = "cuda"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Datasheet peaks (dense, no sparsity): memory bytes/s and FLOP/s per operand dtype (fp32 = plain FP32 cores; the

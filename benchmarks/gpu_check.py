@@ -53,7 +53,7 @@ SITE = Path("/tmp/srpo-gpu-site")
 REHEARSAL = ROOT / "build" / "gpu-rehearse"
 PHASES = ("static", "parity", "large", "bench")
 KERNEL_TEST_FILES = ("test_token_logprobs.py", "test_linear_logprobs.py", "test_token_contrast.py",
-                     "test_role_weights_kernel.py", "test_policy_loss.py")
+                     "test_role_weights_kernel.py", "test_policy_loss.py", "test_linear_token_contrast.py")
 TAKES_DEVICE = re.compile(r"def test_\w+\([^)]*\bdevice\b")
 DTYPE_TAGS = {"fp32": ("fp32", "float32"), "bf16": ("bf16", "bfloat16"), "fp16": ("fp16", "float16", "half")}
 # The whole check on one H100 must finish in 8 minutes. Seconds each step may take at most (docs/kernels.md gives the
@@ -61,7 +61,7 @@ DTYPE_TAGS = {"fp32": ("fp32", "float32"), "bf16": ("bf16", "bfloat16"), "fp16":
 BUDGET = 440.0
 CAPS = {"prewarm": 90.0, "static": 120.0, "parity": 210.0, "large": 90.0}
 # static: compile every kernel family at once first (Triton caches each compile; the tests then hit the cache)
-PREWARM = ("token_logprobs", "token_contrast", "role_", "linear_logprobs")
+PREWARM = ("token_logprobs", "token_contrast", "role_", "linear_logprobs", "linear_contrast")
 # The GPU image's packages this check needs (docs/kernels.md): linked from this venv, or (IMAGE_PINS) installed from
 # PyPI at the image's version where this venv has another or none.
 IMAGE_DISTS = ("torch", "numpy", "rich", "pytest", "hypothesis", "pip", "transformers", "accelerate")
@@ -302,8 +302,11 @@ def main(argv=None) -> int:
                "ok": ok, "out": str(args.out)}
     (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
     what = "rows ran (not timed)" if mode == "rehearsal" else "rows timed"
-    bench_txt = ("bench skipped (no CUDA)" if mode == "cpu" else "bench not run") if rows is None else f"bench {rows['timed']} {what}, " \
-        f"{rows['skipped']} skipped, {rows['failed']} failed{'' if rows['complete'] else ' (partial: stopped at the deadline)'}"
+    if rows is None:
+        bench_txt = "bench skipped (no CUDA)" if mode == "cpu" else "bench not run"
+    else:
+        partial = "" if rows["complete"] else " (partial: stopped at the deadline)"
+        bench_txt = f"bench {rows['timed']} {what}, {rows['skipped']} skipped, {rows['failed']} failed{partial}"
     broken_txt = f"; phases that did not finish cleanly: {broken}" if broken else ""
     print(f"gpu-check: {'PASS' if ok else 'FAIL'}: {device}: tests {passed} passed, {failed} failed, {skipped} skipped "
           f"(fp32 {dt['fp32']}, bf16 {dt['bf16']}, fp16 {dt['fp16']}); {bench_txt}{broken_txt}; "

@@ -44,7 +44,8 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow])
 # `make gpu-check GPU_CHECK_ARGS=--rehearse` (CI): every parity test runs, at a few examples each
-settings.register_profile("smoke", deadline=None, max_examples=3, derandomize=True, suppress_health_check=list(HealthCheck))
+settings.register_profile("smoke", deadline=None, max_examples=3, derandomize=True,
+                          suppress_health_check=list(HealthCheck))
 settings.register_profile("thorough", deadline=None, max_examples=500, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

@@ -34,7 +34,8 @@ def outlier_batch(dtype=torch.float32, device="cpu"):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("role_stats", ["all", "unclamped"])
 def test_clamped_signals_are_counted(backend, role_stats, device):
-    out = role_aware_advantages(**outlier_batch(device=device), config=SRPOConfig(role_stats=role_stats), backend=backend)
+    out = role_aware_advantages(**outlier_batch(device=device), config=SRPOConfig(role_stats=role_stats),
+                                backend=backend)
     assert out.stats["reasoning/clamped"] == 1 and out.stats["perception/clamped"] == 0
     assert out.stats["reasoning/count"] == 8
     assert out.signals[0, 0] != 0

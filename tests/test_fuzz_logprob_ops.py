@@ -220,7 +220,8 @@ def test_fuzz_token_contrast(call):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_token_contrast_kl_extreme_logits(backend, device):
     """Issue 14 finding 4: KL of fp32 logits with ±3e38 and -inf was NaN; the float64 reference is +inf."""
-    x, y = torch.tensor([[3e38, -3e38, -INF, 0.0]], device=device), torch.tensor([[-3e38, 3e38, 0.0, -INF]], device=device)
+    x = torch.tensor([[3e38, -3e38, -INF, 0.0]], device=device)
+    y = torch.tensor([[-3e38, 3e38, 0.0, -INF]], device=device)
     out = token_contrast(x, y, torch.tensor([0], device=device), kind="kl", backend=backend)
     assert float(out.div[0]) == INF, out
 

@@ -542,38 +542,39 @@ def test_backward_scales_by_the_seed_in_fp32(dtype, seed):
 # ------------------------------------------------------------------- bf16 logits, autocast, grad_weight accumulator
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_bf16_logp_is_log_softmax_of_the_bf16_logits(backend, temperature):
+def test_bf16_logp_is_log_softmax_of_the_bf16_logits(backend, temperature, device):
     """bf16 inputs: the logits are rounded to bf16 once (as the LM head computes them), then scaled by 1/τ in fp32:
     logp equals log_softmax(bf16 logits / τ) in float64 to fp32 accuracy, with logits of std ≈ 10 (where a second
     rounding of x/τ to bf16 moves logp by ~0.1 nats)."""
     g = torch.Generator().manual_seed(5)
     n, h, v = 12, 16, 300
-    hid = torch.randn(n, h, generator=g).bfloat16()
-    w = (torch.randn(v, h, generator=g) * 10 / math.sqrt(h)).bfloat16()
-    ids = torch.randint(0, v, (n,), generator=g)
-    out = linear_policy_loss(hid, w, ids, None, torch.ones(n), cu_seqlens=torch.tensor([0, n]),
-                             temperature=temperature, backend=backend)
-    logits = (hid @ w.T).double()  # bf16 GEMM, rounded to bf16 once
+    hid = torch.randn(n, h, generator=g).bfloat16().to(device)
+    w = (torch.randn(v, h, generator=g) * 10 / math.sqrt(h)).bfloat16().to(device)
+    ids = torch.randint(0, v, (n,), generator=g).to(device)
+    out = linear_policy_loss(hid, w, ids, None, torch.ones(n, device=device),
+                             cu_seqlens=torch.tensor([0, n], device=device), temperature=temperature, backend=backend)
+    logits = (hid @ w.T).double()  # bf16 GEMM on the same device, rounded to bf16 once
     want = torch.log_softmax(logits / temperature, -1).gather(1, ids[:, None])[:, 0]
     assert (out.logp.double() - want).abs().max() < 2e-5
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_autocast_follows_f_linear(backend):
+def test_autocast_follows_f_linear(backend, device):
     """fp32 parameters under torch.autocast(bf16): the op computes as F.linear would (inputs cast to bf16), and the
     gradients reach the fp32 parameters through the casts: the same as calling it on explicitly cast inputs."""
     c = {**BASE, "layout": "packed", "bias": False, "chunk": 3}
     d = build(c)
-    kw = {"cu_seqlens": torch.tensor(d["offs"]), "ref_logp": d["ref_lp"].float(), **kwargs_of(c)}
-    args = (d["ids"], d["old"].float(), d["adv"].float())
+    kw = {"cu_seqlens": torch.tensor(d["offs"], device=device), "ref_logp": d["ref_lp"].float().to(device),
+          **kwargs_of(c)}
+    args = (d["ids"].to(device), d["old"].float().to(device), d["adv"].float().to(device))
 
     def grads(cast):
-        h = d["hid"].float().requires_grad_(True)
-        w = d["w"].float().requires_grad_(True)
+        h = d["hid"].float().to(device).requires_grad_(True)
+        w = d["w"].float().to(device).requires_grad_(True)
         if cast:
             out = linear_policy_loss(h.bfloat16(), w.bfloat16(), *args, backend=backend, **kw)
         else:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 out = linear_policy_loss(h, w, *args, backend=backend, **kw)
         out.loss.backward()
         return out.loss.detach(), h.grad, w.grad
@@ -585,7 +586,7 @@ def test_autocast_follows_f_linear(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_bf16_grad_weight_is_summed_in_fp32_across_chunks(backend, monkeypatch):
+def test_bf16_grad_weight_is_summed_in_fp32_across_chunks(backend, monkeypatch, device):
     """128 chunks of 4 tokens: grad_weight summed in fp32 stays as accurate as one chunk of all 512 (a bf16 running
     sum rounds once per chunk: about 2.4× the error here)."""
     g = torch.Generator().manual_seed(1)
@@ -593,12 +594,14 @@ def test_bf16_grad_weight_is_summed_in_fp32_across_chunks(backend, monkeypatch):
     h0, w0 = torch.randn(n, h, generator=g).bfloat16(), (torch.randn(v, h, generator=g) * 0.5).bfloat16()
     ids = torch.randint(0, v, (n,), generator=g)
     adv = torch.randn(n, generator=g).abs() + 0.5
+    h0, w0, ids, adv = (t.to(device) for t in (h0, w0, ids, adv))
 
     def grad_weight(dtype, chunk):
         monkeypatch.setattr(cpu_pl, "TOKEN_CHUNK", chunk)
         monkeypatch.setattr(ops_pl, "TRITON_TILE_BYTES", chunk * v * 2)
         w = w0.to(dtype).clone().requires_grad_(True)  # a fresh leaf: w0 itself would accumulate
-        out = linear_policy_loss(h0.to(dtype), w, ids, None, adv.to(dtype), cu_seqlens=torch.tensor([0, n]),
+        out = linear_policy_loss(h0.to(dtype), w, ids, None, adv.to(dtype),
+                                 cu_seqlens=torch.tensor([0, n], device=device),
                                  backend="torch" if dtype == torch.float64 else backend)
         out.loss.backward()
         return w.grad.double()
@@ -608,13 +611,14 @@ def test_bf16_grad_weight_is_summed_in_fp32_across_chunks(backend, monkeypatch):
     assert err[4] <= 1.5 * err[n], err
 
 
-def test_triton_path_without_gradients():
+def test_triton_path_without_gradients(device):
     """No parameter needs a gradient (no_grad): the Triton path still gives the loss, logp and metrics."""
     c = {**BASE, "layout": "packed"}
     d = build(c)
-    kw = {"cu_seqlens": torch.tensor(d["offs"]), "ref_logp": d["ref_lp"].float(), "bias": d["bias"].float(),
-          "return_entropy": True, **kwargs_of(c)}
-    args = (d["hid"].float(), d["w"].float(), d["ids"], d["old"].float(), d["adv"].float())
+    kw = {"cu_seqlens": torch.tensor(d["offs"], device=device), "ref_logp": d["ref_lp"].float().to(device),
+          "bias": d["bias"].float().to(device), "return_entropy": True, **kwargs_of(c)}
+    args = tuple(t.to(device) for t in (d["hid"].float(), d["w"].float(), d["ids"], d["old"].float(),
+                                        d["adv"].float()))
     with torch.no_grad():
         tri = linear_policy_loss(*args, backend="triton", **kw)
         tor = linear_policy_loss(*args, backend="torch", **kw)

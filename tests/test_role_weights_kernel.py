@@ -5,6 +5,7 @@ determinism, and property 10 across two gloo ranks."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 import socket
@@ -58,9 +59,13 @@ def compare(adv, s, r, cu, config, device):
         assert_close(a.cpu().double(), getattr(want, name), atol=1e-5, rtol=1e-5, name=name)
     count = want.role_stats[:, 0]
     assert torch.equal(got.role_stats[:, 0].cpu(), count)
+    # μ and σ reduce up to n fp32 signals: the kernel's rounding grows with the signals' magnitude (|s| up to ~150
+    # here) and a tree reduction's depth, not with μ itself (μ can be near 0 while |s| is large)
+    s_max = max(1.0, float(s.abs().max()) if s.numel() else 0.0)
+    eps_sum = torch.finfo(torch.float32).eps * s_max * math.ceil(math.log2(s.numel() + 1))
     for k_ in range(2):
         if count[k_] > 0:
-            assert_close(got.role_stats[k_, 1:].cpu(), want.role_stats[k_, 1:], atol=1e-6, rtol=1e-6,
+            assert_close(got.role_stats[k_, 1:].cpu(), want.role_stats[k_, 1:], atol=1e-6 + eps_sum, rtol=1e-6,
                          name="mu, sigma")
     return got
 

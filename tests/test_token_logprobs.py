@@ -332,9 +332,9 @@ EDGE_CASES = [
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
 @pytest.mark.parametrize(("row", "id_", "expected"), EDGE_CASES)
-def test_edge_cases(row, id_, expected, backend):
-    x = torch.tensor([row], dtype=torch.float32, device=DEVICE)
-    ids = torch.tensor([id_], device=DEVICE)
+def test_edge_cases(row, id_, expected, backend, device):
+    x = torch.tensor([row], dtype=torch.float32, device=device)
+    ids = torch.tensor([id_], device=device)
     if backend == "triton":
         from srpo_core.kernels.token_logprobs import token_logprobs_fwd
 
@@ -355,16 +355,16 @@ def test_edge_cases(row, id_, expected, backend):
 
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
-def test_ignored_rows_give_zero_and_zero_grad_and_n0(backend):
-    x = torch.randn(4, 23, device=DEVICE)
+def test_ignored_rows_give_zero_and_zero_grad_and_n0(backend, device):
+    x = torch.randn(4, 23, device=device)
     x[1] = math.nan  # an ignored row is never read into a result
-    ids = torch.tensor([3, -100, 0, -100], device=DEVICE)
+    ids = torch.tensor([3, -100, 0, -100], device=device)
     out = run_public(x, ids, temperature=1.0, backend=backend, mode="both")
     for t in out[:2]:
-        assert torch.equal(t[[1, 3]], torch.zeros(2, device=DEVICE))
+        assert torch.equal(t[[1, 3]], torch.zeros(2, device=device))
         assert torch.isfinite(t).all()
-    assert torch.equal(out[2][[1, 3]], torch.zeros(2, 23, device=DEVICE)) and torch.isfinite(out[2]).all()
-    x0 = torch.randn(0, 23, device=DEVICE, requires_grad=True)
+    assert torch.equal(out[2][[1, 3]], torch.zeros(2, 23, device=device)) and torch.isfinite(out[2]).all()
+    x0 = torch.randn(0, 23, device=device, requires_grad=True)
     lp, ent = token_logprobs(x0, ids[:0], return_entropy=True, backend=backend)
     assert lp.shape == ent.shape == (0,) and lp.dtype == torch.float32
     (lp.sum() + ent.sum()).backward()
