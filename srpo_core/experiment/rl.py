@@ -127,10 +127,16 @@ def run_method(method: str, warm_model, processor, train: list[Sample], test: li
                budget: RLBudget, eval_seed: int = 12345, sample_k: int = 4) -> dict:
     """One RL run from a copy of ``warm_model``; returns the held-out metrics, the logged means and step times."""
     model = copy.deepcopy(warm_model)
+    if budget.beta:  # TRL loads its reference model from the config's path: the warm start, saved once per run
+        ref_dir = tempfile.mkdtemp(prefix="srpo-exp-ref-")
+        with contextlib.redirect_stderr(io.StringIO()):  # the save's progress bar
+            warm_model.save_pretrained(ref_dir)
+        model.config._name_or_path = ref_dir
     model.train()
     args = _args(processor, budget, seed)
     # TRL prints every log row when its progress bar is off: keep the study's own progress bars readable
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         warnings.simplefilter("ignore")
         trainer = trainer_for(method, model, processor, dataset(train), args)
         timer = _step_timer()
