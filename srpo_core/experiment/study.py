@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from srpo_core.ablation import DEFAULT_ABLATION_MODE
 from srpo_core.experiment import rl, signals
 from srpo_core.experiment.evaluate import evaluate
 from srpo_core.experiment.model import ModelSize, build_model, build_processor
@@ -192,6 +193,7 @@ def run(cfg: StudyConfig = QUICK, *, progress: bool = True, note: str = "") -> d
                                                        for r in runs if r["method"] == m])
         summary[m]["sampled_gain_vs_warm"] = sampled_gain(sft["eval"], [r for r in runs if r["method"] == m])
     return {"config": _jsonable(dataclasses.asdict(cfg)), "environment": environment(cfg), "note": note,
+            "default_ablation_mode": DEFAULT_ABLATION_MODE,
             "warm_start": sft, "signals": validity, "rl": {"runs": runs, "summary": summary},
             "phase_seconds": phases, "wall_seconds": time.perf_counter() - t0,
             "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
