@@ -1,12 +1,13 @@
 """The three reasoning-contrast modes (issue 23) on a hand-built copy model, where ``ℓ − ℓ°`` is known exactly.
 
-The copy model reads the value tokens between ``<p>`` and ``</p>`` and, after a query token ``Q_k``, copies the span's ``k``-th
-value with probability .97 (.01 on each other value); when no ``k``-th value is visible it is uniform over the four
-values (.25). Every other row depends only on the class of its own token (``<p>`` and the four values share one class, so
-the token after a removed span reads the same row), not on the context or the position. So, with the span hidden (``mask``) or removed (``drop``), ``ℓ − ℓ°`` is exactly
-``log(.97/.25)`` on copied tokens and 0 elsewhere; with another response's span (``counterfactual``) it is 0 where the
-donor's ``k``-th value is the same and ``log(.97/.01)`` where it differs. The check goes through the whole path a
-trainer uses: :func:`ablate_span`, a forward, the log-prob of token ``j`` from row ``j − 1``, ``AblatedBatch.gather``.
+The copy model reads the value tokens between ``<p>`` and ``</p>`` and, after a query token ``Q_k``, copies the
+span's ``k``-th value with probability .97 (.01 on each other value); when no ``k``-th value is visible it is uniform
+over the four values (.25). Every other row depends only on the class of its own token (``<p>`` and the four values
+share one class, so the token after a removed span reads the same row), not on the context or the position. So, with
+the span hidden (``mask``) or removed (``drop``), ``ℓ − ℓ°`` is exactly ``log(.97/.25)`` on copied tokens and 0
+elsewhere; with another response's span (``counterfactual``) it is 0 where the donor's ``k``-th value is the same and
+``log(.97/.01)`` where it differs. The check goes through the whole path a trainer uses: :func:`ablate_span`, a
+forward, the log-prob of token ``j`` from row ``j − 1``, ``AblatedBatch.gather``.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def make_batch(seed: int, b: int = 6, groups: int = 3):
     """Left-padded prompt | right-padded completion rows: ``<p> v… </p>`` then fillers and queries each followed by the
     value they copy. Returns ids, attention mask, span mask, the k of each copied token (−1 elsewhere), groups."""
     rng = random.Random(seed)
-    rows, spans, ks = [], [], []
+    rows = []
     for _ in range(b):
         prompt = [rng.choice(FILLERS) for _ in range(rng.randint(1, 4))]
         values = [rng.choice(VALUES) for _ in range(rng.randint(1, 4))]

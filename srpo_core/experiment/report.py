@@ -118,7 +118,7 @@ def verdict(result: dict) -> list[str]:
     if ds:
         best = max(ds, key=ds.get)
         default = result.get("default_ablation_mode", "mask")
-        out.append(f"Reasoning contrast modes (Cohen's d, fact-using vs other reasoning tokens): "
+        out.append("Reasoning contrast modes (Cohen's d, fact-using vs other reasoning tokens): "
                    + ", ".join(f"{m} {d:+.2f}" for m, d in ds.items()) + f". The largest here is `{best}`; the "
                    f"library's default is `{default}` (a toy-scale finding, docs/decisions.md D181).")
     if verdicts.get(("reasoning_drop_logratio", "fact_vs_nonfact")) == "contradicted":

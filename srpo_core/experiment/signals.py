@@ -184,7 +184,8 @@ def analyse(sig: dict, *, n_boot: int = 1000, seed: int = 0) -> dict:
                                                                 n_boot=n_boot, seed=seed),
         }
     direct = sig["direct"].astype(bool)
-    names = [f"reasoning_{m}_{k}" for m in REASONING_MODES for k in REASONING_KINDS] + ["reasoning_drop_no_tags_logratio"]
+    names = [f"reasoning_{m}_{k}" for m in REASONING_MODES for k in REASONING_KINDS]
+    names.append("reasoning_drop_no_tags_logratio")
     for name in names:
         v = sig[name].astype(float)
         out[name] = {

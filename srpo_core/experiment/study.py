@@ -1,7 +1,9 @@
 """The whole study, phase by phase (a progress bar each): data, warm start, signal validity, RL runs, summary.
 
-``run(QUICK)`` is one seed of GRPO and SRPO; ``run(FULL)`` every method over three seeds (issue 23's study v2). Every random draw comes from the seeds in :class:`StudyConfig`, so a run is reproducible up
-to floating-point non-determinism of multi-threaded CPU kernels (``torch.set_num_threads`` is fixed by the config).
+``run(QUICK)`` is one seed of GRPO and SRPO; ``run(FULL)`` every method over three seeds (issue 23's study v2).
+Every random draw comes from the seeds in :class:`StudyConfig`, so a run is reproducible up to floating-point
+non-determinism of multi-threaded CPU kernels (``torch.set_num_threads`` is fixed by the config) and to the CPU's
+instruction set (the same seeds give different warm starts on AVX-512 and AVX2 hosts, issue 23).
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ def environment(cfg: StudyConfig) -> dict:
     except OSError:
         pass
     isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else ""
-    return {"cpu": cpu, "isa": isa, "node": platform.node(), "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"cpu": cpu, "isa": isa, "node": platform.node(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl.__version__, "machine": platform.machine(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
 
