@@ -271,7 +271,7 @@ def test_entropy_and_papo_terms_reach_the_loss(processor):
             return super()._compute_loss(model, inputs)
 
     samples = generate(2, 0)
-    budget = rl.RLBudget(steps=1, prompts=2, generations=2, max_completion_length=10, lr=0.0)
+    budget = rl.RLBudget(steps=1, prompts=2, generations=2, max_completion_length=10, lr=0.0, beta=0.0)
     args = rl._args(processor, budget, seed=0)
     model = build_model(processor.tokenizer, ModelSize(), seed=0)
     with warnings.catch_warnings():
