@@ -17,6 +17,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from srpo_core.ablation import (
     ABLATION_MODES,
@@ -207,3 +209,41 @@ def test_mode_errors():
         ablate_span(ids, attn, span, mode="counterfactual", donor=torch.tensor([1]))
     with pytest.raises(ValueError, match="ablation_mode"):
         check_ablation_mode("x: `ablation_mode`", "Mask")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 5), st.booleans())
+def test_counterfactual_rows_are_prefix_donor_span_suffix(seed, b, split):
+    """Any batch and donors: each rebuilt row is its tokens before the span, the donor's span run, its tokens after
+    the span; values gathered back are the row's own at every position that gets one."""
+    g = torch.Generator().manual_seed(seed)
+    p, c = 3, 8
+    ids = torch.randint(1, V, (b, p + c), generator=g)
+    pos = torch.arange(p + c)
+    prompt_len = torch.randint(1, p + 1, (b,), generator=g)
+    comp_len = torch.randint(0, c + 1, (b,), generator=g)
+    attn = ((pos >= p - prompt_len[:, None]) & (pos < p + comp_len[:, None])).long()
+    span = (torch.rand(b, p + c, generator=g) < (0.5 if split else 0.3)) & (pos >= p) & attn.bool()
+    if not split:  # one contiguous run: the hull of the draws
+        lo = torch.where(span, pos, p + c).amin(1, keepdim=True)
+        hi = torch.where(span, pos, -1).amax(1, keepdim=True)
+        span = (pos >= lo) & (pos <= hi)
+    donor = torch.randint(-1, b, (b,), generator=g)
+    ab = ablate_span(ids, attn, span, mode="counterfactual", donor=donor, pad_token_id=0)
+    for i in range(b):
+        valid = attn[i].bool()
+        end = int(torch.nonzero(valid).max()) + 1 if bool(valid.any()) else 0
+        if not bool(span[i].any()) or int(donor[i]) < 0:
+            want = ids[i, :end]
+        else:
+            s, e = int(torch.nonzero(span[i]).min()), int(torch.nonzero(span[i]).max()) + 1
+            d = int(donor[i])
+            hull = (ids[d, int(torch.nonzero(span[d]).min()):int(torch.nonzero(span[d]).max()) + 1]
+                    if bool(span[d].any()) else ids[d, :0])
+            want = torch.cat([ids[i, :s], hull, ids[i, e:end]])
+        assert torch.equal(ab.input_ids[i, :len(want)], want), (i, ab.input_ids[i], want)
+        assert bool((ab.attention_mask[i, len(want):] == 0).all())
+    x = torch.randn(ids.shape)
+    back = ab.gather(ab.ablate(x), fill=float("nan"))
+    assert torch.equal(back[ab.valid], x[ab.valid]) and bool(back[~ab.valid].isnan().all())
+    assert not bool(ab.valid[span].any())
