@@ -18,8 +18,9 @@ as every worker's ``worker_process_setup_hook`` (OpenRLHF's ``train`` then reuse
 
 Limits, stated rather than hidden: the ablated pass (reasoning contrast) is not wired for OpenRLHF — its reasoning
 tokens carry no signal and are scored like OTHER tokens (``ablation_mode`` is validated against
-:data:`srpo_core.ablation.ABLATION_MODES` like every adapter's, and runs nothing here; D183); and the KL must be a loss term (``--algo.kl.use_loss``, the
-GRPO recipe), since a KL folded into the reward makes the advantage vary along the response, which is refused.
+:data:`srpo_core.ablation.ABLATION_MODES` like every adapter's, and runs nothing here; D183); and the KL must be a
+loss term (``--algo.kl.use_loss``, the GRPO recipe), since a KL folded into the reward makes the advantage vary along
+the response, which is refused.
 Importing this module imports no OpenRLHF, Ray or DeepSpeed.
 """
 
