@@ -3,9 +3,12 @@
 :func:`ablate_span` removes the tokens of ``span_mask`` (the perception span of each response) from a batch and
 returns an index map that gathers the ablated pass's per-token values back onto the original positions.
 
-Three modes (:data:`ABLATION_MODES`, the one list every adapter validates against; :data:`DEFAULT_ABLATION_MODE`):
+Three modes (:data:`ABLATION_MODES`, the one list every adapter validates against). :data:`DEFAULT_ABLATION_MODE`,
+the TRL trainer's and the study's default, is ``"counterfactual"``, chosen from the study's signal table (a toy-scale
+finding, ``docs/decisions.md`` D181); the padding-free adapters (verl, EasyR1) run ``"mask"``, which is also
+:func:`ablate_span`'s own default since it needs no donor.
 
-- ``"mask"`` (default) keeps the sequence and zeroes the span's ``attention_mask``: later tokens cannot attend to it,
+- ``"mask"`` keeps the sequence and zeroes the span's ``attention_mask``: later tokens cannot attend to it,
   and keep their original positions *provided the model is given them*: ``position_ids`` holds the original 1-D
   positions (``cumsum(attention_mask) − 1``). Models that derive positions from the attention mask (Qwen-VL's
   ``get_rope_index``) must get positions computed from the *original* mask, or they shift like ``drop``.
@@ -47,7 +50,7 @@ from srpo_core._validate import (
 
 OP = "ablate_span"
 ABLATION_MODES = ("mask", "drop", "counterfactual")
-DEFAULT_ABLATION_MODE = "mask"  # chosen from the study's signal table (docs/decisions.md D181)
+DEFAULT_ABLATION_MODE = "counterfactual"  # chosen from the study's signal table (docs/decisions.md D181)
 DONOR_SOURCES = ("group", "other")
 
 
@@ -167,7 +170,7 @@ class AblatedBatch:
 
 
 def ablate_span(input_ids: torch.Tensor, attention_mask: torch.Tensor, span_mask: torch.Tensor, *,
-                mode: str = DEFAULT_ABLATION_MODE, pad_token_id: int = 0, tags_mask: torch.Tensor | None = None,
+                mode: str = "mask", pad_token_id: int = 0, tags_mask: torch.Tensor | None = None,
                 donor: torch.Tensor | None = None) -> AblatedBatch:
     """Hide the ``span_mask`` tokens from attention (``mask``), remove them (``drop``), or replace them by another
     row's span (``counterfactual``).

@@ -196,7 +196,7 @@ def test_counterfactual_without_donor_gives_no_value_from_the_span_on():
 
 def test_mode_errors():
     ids, attn, span, _, _ = make_batch(1, b=2)
-    assert DEFAULT_ABLATION_MODE == "mask" and set(ABLATION_MODES) == {"mask", "drop", "counterfactual"}
+    assert DEFAULT_ABLATION_MODE == "counterfactual" and set(ABLATION_MODES) == {"mask", "drop", "counterfactual"}
     with pytest.raises(ValueError, match="mode"):
         ablate_span(ids, attn, span, mode="shuffle")
     with pytest.raises(ValueError, match="donor"):

@@ -183,13 +183,16 @@ def span_reader(processor):
 
 
 def test_default_reasoning_contrast_is_higher_on_fact_tokens(span_reader, processor):
-    """Issue 23's bar: the default reasoning contrast ℓ − ℓ° is higher on reasoning tokens that use a perceived fact
-    than on the others (CI of the difference above 0), and leaves the others where they were (|mean| < 0.1 nats;
-    `drop` moves them by several nats). An off-by-one in the realignment breaks both."""
-    sig = signals.token_signals(span_reader, processor, generate(16, 2, uniform=True), seed=0)
-    effect = signals.analyse(sig, n_boot=400, seed=0)[f"reasoning_{DEFAULT_ABLATION_MODE}_logratio"]
-    fact = effect["fact_vs_nonfact"]
-    assert fact["diff_ci"][0] > 0 and abs(fact["mean_b"]) < 0.1, fact
+    """Issue 23's bar: the default reasoning contrast ℓ − ℓ° (and `mask`, the padding-free adapters' mode) is higher
+    on reasoning tokens that use a perceived fact than on the others (CI of the difference above 0), and leaves the
+    others where they were (|mean| < 0.1 nats; `drop` moves them by several nats). An off-by-one in the realignment
+    breaks both."""
+    sig = signals.token_signals(span_reader, processor, generate(32, 2, uniform=True), seed=0)
+    effects = signals.analyse(sig, n_boot=400, seed=0)
+    for mode in (DEFAULT_ABLATION_MODE, "mask"):
+        fact = effects[f"reasoning_{mode}_logratio"]["fact_vs_nonfact"]
+        assert fact["diff_ci"][0] > 0 and abs(fact["mean_b"]) < 0.1, (mode, fact)
+    assert effects["reasoning_drop_logratio"]["fact_vs_nonfact"]["mean_b"] > 1.0
 
 
 def test_bootstrap_effect_recovers_a_known_difference():

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from srpo_core._validate import describe
-from srpo_core.ablation import DEFAULT_ABLATION_MODE, check_ablation_mode, follows_hidden
+from srpo_core.ablation import check_ablation_mode, follows_hidden
 from srpo_core.config import Role, SRPOConfig
 
 ESTIMATORS = ("srpo", "vppo")
@@ -36,9 +36,10 @@ class AdapterOptions:
     - ``seed``: base seed of the corruption masks (one generator per prompt group, so a group shares its mask).
     - ``ablate``: run the ablated pass (reasoning contrast); when False the reasoning tokens keep weight 1 before
       renormalisation (their signal is absent, like OTHER tokens).
-    - ``ablation_mode``: one of :data:`srpo_core.ablation.ABLATION_MODES` (default ``"mask"``); each adapter says
-      which it runs (:func:`require_ablation_mode`): the padding-free verl and EasyR1 passes hide the span
-      (``"mask"``), and refuse the others rather than run a different contrast than asked for.
+    - ``ablation_mode``: one of :data:`srpo_core.ablation.ABLATION_MODES`, default ``"mask"``: the padding-free verl
+      and EasyR1 passes hide the span (``"mask"``) and refuse the others (:func:`require_ablation_mode`) rather than
+      run a different contrast than asked for (the TRL trainer, which runs all three, defaults to
+      ``"counterfactual"``).
     - ``vppo_beta_min``, ``vppo_top_k``: the VPPO preset's knobs.
     - every other key is a field of :class:`SRPOConfig`.
     """
@@ -48,7 +49,7 @@ class AdapterOptions:
     corrupt_p: float = 0.5
     seed: int = 0
     ablate: bool = True
-    ablation_mode: str = DEFAULT_ABLATION_MODE
+    ablation_mode: str = "mask"
     vppo_beta_min: float = 0.9
     vppo_top_k: float = 0.4
 

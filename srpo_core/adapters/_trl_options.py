@@ -39,10 +39,11 @@ class SRPOTrainerOptions:
 
     - ``corruption_mode``: ``"black"`` | ``"mean"`` | ``"noise"``; ``corruption_p``: probability per unit;
       ``corruption_patch``: ``"merged"`` (one merged visual token) | ``"raw"`` (one 14×14 patch).
-    - ``ablation_mode``: one of :data:`srpo_core.ablation.ABLATION_MODES`: ``"mask"`` (default: hide the perception
-      span from attention, original positions passed explicitly, M-RoPE included) | ``"drop"`` (remove it, positions
-      recomputed by the model) | ``"counterfactual"`` (replace it by another response's span, see
-      ``counterfactual_source``). See ``docs/decisions.md`` D180-D182.
+    - ``ablation_mode``: one of :data:`srpo_core.ablation.ABLATION_MODES`: ``"counterfactual"`` (default: the
+      perception span replaced by another response's, see ``counterfactual_source``; later tokens realigned by their
+      offset from the span's end) | ``"mask"`` (hide it from attention, original positions passed explicitly, M-RoPE
+      included; the token right after it gets no ``ℓ°``) | ``"drop"`` (remove it, positions recomputed by the model).
+      See ``docs/decisions.md`` D180-D182.
     - ``counterfactual_source``: ``"group"`` (another response of the same prompt, default) | ``"other"`` (a
       response of another prompt); :func:`srpo_core.ablation.counterfactual_donors`.
     - ``ablate_tags``: also remove the ``<perception>`` / ``</perception>`` tag tokens in the ablated pass (default
@@ -160,8 +161,8 @@ class SRPOGRPOConfig(GRPOConfig):
     srpo_corruption_mode: str = _field(_OPTS.corruption_mode, "SRPO: corrupted image, 'black', 'mean' or 'noise'")
     srpo_corruption_p: float = _field(_OPTS.corruption_p, "SRPO: probability that a visual unit is corrupted")
     srpo_corruption_patch: str = _field(_OPTS.corruption_patch, "SRPO: unit, 'merged' (one visual token) or 'raw'")
-    srpo_ablation_mode: str = _field(_OPTS.ablation_mode, "SRPO: perception span 'mask'ed (positions kept), "
-                                     "'drop'ped, or replaced by another response's ('counterfactual')")
+    srpo_ablation_mode: str = _field(_OPTS.ablation_mode, "SRPO: perception span replaced by another response's "
+                                     "('counterfactual'), 'mask'ed (positions kept) or 'drop'ped")
     srpo_counterfactual_source: str = _field(_OPTS.counterfactual_source, "SRPO: counterfactual span from the same "
                                              "prompt's 'group' or an 'other' prompt")
     srpo_ablate_tags: bool = _field(_OPTS.ablate_tags, "SRPO: also remove the perception tags in the ablated pass")

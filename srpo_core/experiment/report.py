@@ -117,10 +117,11 @@ def verdict(result: dict) -> list[str]:
     ds = {m: d for m, d in ds.items() if d is not None and d == d}
     if ds:
         best = max(ds, key=ds.get)
-        default = result.get("default_ablation_mode", "mask")
+        used = result.get("srpo_ablation_mode", "mask")  # runs before the key existed used `mask`
         out.append("Reasoning contrast modes (Cohen's d, fact-using vs other reasoning tokens): "
-                   + ", ".join(f"{m} {d:+.2f}" for m, d in ds.items()) + f". The largest here is `{best}`; the "
-                   f"library's default is `{default}` (a toy-scale finding, docs/decisions.md D181).")
+                   + ", ".join(f"{m} {d:+.2f}" for m, d in ds.items()) + f". The largest here is `{best}`. "
+                   f"The `srpo` method of this run used `{used}`; each other mode runs as `srpo_<mode>`. The trainer's "
+                   f"default mode is chosen from this table (a toy-scale finding, docs/decisions.md D181).")
     if verdicts.get(("reasoning_drop_logratio", "fact_vs_nonfact")) == "contradicted":
         shift = {m: sig[f"reasoning_{m}_logratio"]["fact_vs_nonfact"]["mean_b"] for m in MODES
                  if f"reasoning_{m}_logratio" in sig}

@@ -196,7 +196,7 @@ def run(cfg: StudyConfig = QUICK, *, progress: bool = True, note: str = "") -> d
                                                        for r in runs if r["method"] == m])
         summary[m]["sampled_gain_vs_warm"] = sampled_gain(sft["eval"], [r for r in runs if r["method"] == m])
     return {"config": _jsonable(dataclasses.asdict(cfg)), "environment": environment(cfg), "note": note,
-            "default_ablation_mode": DEFAULT_ABLATION_MODE,
+            "srpo_ablation_mode": DEFAULT_ABLATION_MODE,  # the mode the "srpo" method ran with
             "warm_start": sft, "signals": validity, "rl": {"runs": runs, "summary": summary},
             "phase_seconds": phases, "wall_seconds": time.perf_counter() - t0,
             "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
