@@ -70,16 +70,14 @@ def follows_hidden(hidden: torch.Tensor, valid: torch.Tensor | None = None) -> t
     """
     hidden = hidden.bool()
     valid = torch.ones_like(hidden) if valid is None else valid.bool()
-    out = torch.zeros_like(hidden)
     if hidden.shape[1] == 0:
-        return out
-    # the state "the last valid-or-hidden token seen was hidden" carried along each row
-    prev_hidden = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-    for j in range(hidden.shape[1]):
-        h, v = hidden[:, j], valid[:, j]
-        out[:, j] = v & ~h & prev_hidden
-        prev_hidden = torch.where(h, True, torch.where(v, False, prev_hidden))
-    return out
+        return torch.zeros_like(hidden)
+    # for each position, the last earlier position that is hidden or valid (skipping the rest), and whether it is hidden
+    pos = torch.arange(hidden.shape[1], device=hidden.device).expand_as(hidden)
+    marked = torch.where(hidden | valid, pos, -1)
+    prev = torch.cummax(torch.cat([marked.new_full((hidden.shape[0], 1), -1), marked[:, :-1]], dim=1), dim=1).values
+    prev_hidden = hidden.gather(1, prev.clamp(min=0)) & (prev >= 0)
+    return valid & ~hidden & prev_hidden
 
 
 def counterfactual_donors(group_ids: torch.Tensor, source: str = "group") -> torch.Tensor:
@@ -256,7 +254,7 @@ def ablate_span(input_ids: torch.Tensor, attention_mask: torch.Tensor, span_mask
 
 def _counterfactual(input_ids, attention_mask, span_mask, donor, pad_token_id) -> AblatedBatch:
     """Each row with its span run ``[s, e)`` replaced by its donor's run ``[s', e')``; later tokens keep their offset
-    from the span's end. Built on the host with Python loops over rows (B is a batch of responses)."""
+    from the span's end. One small loop over rows (B is a batch of responses), tensor ops within a row."""
     B, L = input_ids.shape
     valid = attention_mask.bool()
     has = span_mask.any(dim=1).tolist()
@@ -264,30 +262,34 @@ def _counterfactual(input_ids, attention_mask, span_mask, donor, pad_token_id) -
     first = torch.where(span_mask, pos, L).amin(dim=1).tolist() if L else [0] * B
     last = torch.where(span_mask, pos, -1).amax(dim=1).tolist() if L else [-1] * B
     end_valid = torch.where(valid, pos + 1, 0).amax(dim=1).tolist() if L else [0] * B
-    rows, index = [], torch.full((B, L), -1, dtype=torch.int64, device=input_ids.device)
+    index = torch.full((B, L), -1, dtype=torch.int64, device=input_ids.device)
+    rows = []  # per row: the (source row, source column) of each position of the rebuilt row, [n, 2]
+
+    def piece(r, lo, hi):
+        cols = torch.arange(lo, hi, dtype=torch.int64, device=input_ids.device)
+        return torch.stack([torch.full_like(cols, r), cols], dim=1)
+
     for b in range(B):
         d = int(donor[b])
         if not has[b]:  # nothing to replace: the row as it is
-            src = [(b, j) for j in range(end_valid[b])]
-            index[b, :end_valid[b]] = torch.arange(end_valid[b])
+            src = piece(b, 0, end_valid[b])
+            index[b, :end_valid[b]] = pos[:end_valid[b]]
         elif d < 0:  # no donor: the row unchanged, no value from the span on
-            src = [(b, j) for j in range(end_valid[b])]
-            index[b, :first[b]] = torch.arange(first[b])
+            src = piece(b, 0, end_valid[b])
+            index[b, :first[b]] = pos[:first[b]]
         else:
             s, e = first[b], last[b] + 1
             ds, de = (first[d], last[d] + 1) if has[d] else (0, 0)
-            src = [(b, j) for j in range(s)] + [(d, j) for j in range(ds, de)]
-            shift = len(src) - e
-            src += [(b, j) for j in range(e, end_valid[b])]
-            index[b, :s] = torch.arange(s)
-            index[b, e:end_valid[b]] = torch.arange(e, end_valid[b]) + shift
+            shift = s + (de - ds) - e
+            src = torch.cat([piece(b, 0, s), piece(d, ds, de), piece(b, e, end_valid[b])])
+            index[b, :s] = pos[:s]
+            index[b, e:end_valid[b]] = pos[e:end_valid[b]] + shift
         rows.append(src)
     index = torch.where(span_mask, -1, index)
     new_len = max((len(r) for r in rows), default=L)
     source = torch.full((B, new_len, 2), -1, dtype=torch.int64, device=input_ids.device)
     for b, src in enumerate(rows):
-        if src:
-            source[b, :len(src)] = torch.tensor(src, dtype=torch.int64)
+        source[b, :len(src)] = src
     row, col = source[..., 0].clamp(min=0), source[..., 1].clamp(min=0)
     pad = source[..., 1] < 0
     new_ids = input_ids[row, col].masked_fill(pad, pad_token_id)

@@ -129,7 +129,7 @@ def expected_delta(ids, span, kk, mode, donor=None):
                 want[b, j] = 0.0 if other[k] == own[k] else math.log(P_COPY / P_OTHER)
     want[span] = float("nan")
     if mode == "mask":
-        want[follows_hidden(span)] = float("nan")  # D180: read from a hidden row
+        want[ids == CLOSE] = float("nan")  # the token right after the span is read from a hidden row (D180)
     return want
 
 
