@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("page", nargs="?", help="a page name, e.g. rollouts, trl, adapters, math, spec")
     docs.set_defaults(run=_docs)
     exp = sub.add_parser("experiment", help="the miniature grounded-reasoning study (docs/experiment.md)")
-    exp.add_argument("--quick", action="store_true", help="one seed, short budget: ≤ 15 min on 2 quiet CPU cores")
+    exp.add_argument("--quick", action="store_true",
+                     help="one seed of GRPO and SRPO (study v2's settings): about 15 min on one CPU core")
     exp.add_argument("--json", metavar="FILE", help="save the results as JSON")
     exp.add_argument("--plot", metavar="FILE.png", help="draw the summary figure (needs matplotlib)")
     exp.add_argument("--note", default="", help="a line stored with the results (e.g. host conditions)")

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srpo_core.ablation import ablate_span
+from srpo_core.ablation import ablate_span, follows_hidden
 
 V = 11
 
@@ -57,7 +57,9 @@ def test_mask_mode_keeps_layout(batch):
     assert torch.equal(ab.input_ids, ids)
     assert torch.equal(ab.attention_mask, attn * (~span).long())
     assert torch.equal(ab.position_ids, (attn.cumsum(1) - 1).clamp(min=0))
-    assert torch.equal(ab.gather(ids.float())[~span], ids.float()[~span])
+    has = ~span & ~follows_hidden(span, attn)  # the token after a hidden run reads a hidden row: no value (D180)
+    assert torch.equal(ab.valid, has)
+    assert torch.equal(ab.gather(ids.float())[has], ids.float()[has])
 
 
 class PrefixMeanLM(torch.nn.Module):
@@ -97,15 +99,17 @@ def test_drop_realignment_is_exact(batch):
     am = ablate_span(ids, attn, span, mode="mask")
     got_mask = am.gather(model.token_logprobs(am.input_ids, am.attention_mask))
     for b in range(ids.shape[0]):
-        keep = attn[b].bool() & ~span[b]
-        torch.testing.assert_close(got_mask[b][keep][1:], got[b][keep][1:], rtol=0, atol=1e-12)
+        keep = attn[b].bool() & am.valid[b]  # not the token after a hidden run (D180)
+        if bool(attn[b].any()):
+            keep[int(torch.nonzero(attn[b])[0, 0])] = False  # no context in the row
+        torch.testing.assert_close(got_mask[b][keep], got[b][keep], rtol=0, atol=1e-12)
 
 
 def test_hand_example():
     ids = torch.tensor([[0, 5, 6, 1, 2, 3, 4], [7, 8, 9, 1, 2, 0, 0]])
     attn = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
     span = torch.tensor([[0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 0, 0, 0]], dtype=torch.bool)
-    ab = ablate_span(ids, attn, span, pad_token_id=-1)
+    ab = ablate_span(ids, attn, span, mode="drop", pad_token_id=-1)
     # padding is not in the span, so it is kept: L' = 6 (row 1 keeps its two right pads)
     assert ab.input_ids.tolist() == [[0, 5, 6, 1, 4, -1], [7, 8, 9, 2, 0, 0]]
     assert ab.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from srpo_core import SRPOConfig, role_aware_advantages
 from srpo_core.adapters import easyr1
-from srpo_core.adapters._common import AdapterOptions
+from srpo_core.adapters._common import AdapterOptions, without_hidden_successors
 
 
 class EasyR1ImageCache:
@@ -129,6 +129,6 @@ def test_compute_advantage_refines_grpo_batches(with_contrast):
         return
     seq = grpo.batch["advantages"][:, 0]
     want = role_aware_advantages(seq, old, batch["srpo_logp_corrupt"], batch["srpo_logp_ablated"],
-                                 batch["srpo_roles"], mask=mask.bool())
+                                 without_hidden_successors(batch["srpo_roles"], mask), mask=mask.bool())  # D180
     torch.testing.assert_close(out.batch["advantages"], want.advantages)
     assert "srpo/perception/count" in out.meta_info["srpo_metrics"]

@@ -33,6 +33,7 @@ from srpo_core.adapters._common import (
     perception_span_hidden,
     realign_compact,
     sequence_advantages,
+    without_hidden_successors,
 )
 from srpo_core.presets import vppo_advantages
 
@@ -85,7 +86,10 @@ def test_srpo_conversion_matches_role_aware_advantages(dtype):
     out, stats = adapter.srpo_token_advantages(
         b["advantages"], b["response_mask"], b["old"], logp_corrupt=b["corrupt"], logp_ablated=b["ablated"],
         roles=b["roles"], options=AdapterOptions(srpo=config))
-    want = role_aware_advantages(b["seq"], b["old"], b["corrupt"], b["ablated"], b["roles"],
+    # the reasoning token right after a hidden perception span has no ℓ° (D180): scored as OTHER
+    scored = without_hidden_successors(b["roles"], b["response_mask"])
+    assert bool((scored != b["roles"]).any())
+    want = role_aware_advantages(b["seq"], b["old"], b["corrupt"], b["ablated"], scored,
                                  mask=b["response_mask"].bool(), config=config)
     assert out.shape == b["advantages"].shape and out.dtype == dtype
     torch.testing.assert_close(out, want.advantages.to(dtype), rtol=1e-6, atol=1e-6)
@@ -564,3 +568,16 @@ def test_v1_refuses_settings_whose_contrast_would_be_wrong():
         _v1_refuse_unsupported(trainer(bypass=True), ok, "srpo")
     with pytest.raises(NotImplementedError, match="parameter_sync_step"):
         _v1_refuse_unsupported(trainer(cls_name="PPOTrainerSeparateAsync", trigger=1), ok, "vppo")
+
+
+def test_ablation_mode_option_is_checked_and_refused_where_not_run():
+    """One list of modes (srpo_core.ablation.ABLATION_MODES); verl's padding-free pass runs `mask` only and refuses
+    the others before any pass rather than computing a different contrast than the one asked for."""
+    assert AdapterOptions().ablation_mode == "mask"
+    assert adapter.options_from_config({"srpo": {"ablation_mode": "mask"}}).ablation_mode == "mask"
+    for mode in ("drop", "counterfactual"):
+        with pytest.raises(NotImplementedError, match="ablation_mode"):
+            adapter.options_from_config({"srpo": {"ablation_mode": mode}})
+        assert adapter.options_from_config({"srpo": {"ablation_mode": mode, "ablate": False}}).ablation_mode == mode
+    with pytest.raises(ValueError, match="ablation mode must be one of"):
+        AdapterOptions.from_mapping({"ablation_mode": "zero"})

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("PIL.Image")
 
-from srpo_core.ablation import ablate_span  # noqa: E402
+from srpo_core.ablation import DEFAULT_ABLATION_MODE, ablate_span  # noqa: E402
 from srpo_core.adapters.trl import PRESETS, SRPOGRPOTrainer, SRPOTrainerOptions  # noqa: E402
 from srpo_core.experiment import SMOKE, run, signals  # noqa: E402
 from srpo_core.experiment.model import ModelSize, build_model, build_processor  # noqa: E402
@@ -43,6 +43,37 @@ def test_task_is_deterministic_and_consistent():
     assert parse("no tags at all") == (None, None)
     img = a[0].image()
     assert img.size == (56, 56)
+
+
+def test_fact_labels_and_primes():
+    """Issue 23: the `so` closing a count's cell list uses a fact (where the list ends depends on the cells); `direct`
+    marks the words read off the span, not the derived answers; the two primes of the warm start."""
+    from srpo_core.experiment.evaluate import hallucination
+    from srpo_core.experiment.task import Sample, shortcut, silent_prime
+
+    count = Sample(("red", "none", "red", "blue"), "count", ("red",), "2")
+    r = response(count, count.cells)
+    lab = {w: (f, d) for w, p, f, d in zip(r.words, r.part, r.uses_fact, r.direct, strict=True) if p == "think"}
+    assert r.words[r.part.index("think"):][:6] == ("red", "at", "c1", "c3", "so", "2")
+    assert lab["so"] == (True, True) and lab["c1"] == (True, True) and lab["2"] == (True, False)
+    assert lab["at"] == (False, False) and lab["red"] == (False, False)
+    assert r.uses_fact[-2] and not r.direct[-2] and r.part[-2] == "answer"
+    compare = Sample(("red", "none", "red", "blue"), "compare", ("red", "blue"), "red")
+    r = response(compare, compare.cells)
+    so = r.words.index("so")
+    assert not r.uses_fact[so] and r.direct[r.words.index("so") - 1] and not r.direct[so + 1] and r.uses_fact[so + 1]
+    read = Sample(("red", "none", "red", "blue"), "read", ("c4",), "blue")
+    r = response(read, read.cells)
+    i = r.words.index("is")
+    assert r.direct[i + 1] and not r.uses_fact[i] and not r.direct[-2]
+    assert shortcut(count) == ("red", "red", "red", "blue") and shortcut(read) is None
+    assert shortcut(Sample(("red",) * 4, "count", ("blue",), "0")) is None
+    primed = silent_prime(read, random.Random(0))
+    assert primed[3] == "blue" and sum(a != b for a, b in zip(primed, read.cells, strict=True)) == 1
+    texts = [response(count, shortcut(count)).text, response(read, primed).text, response(read, read.cells).text]
+    h = hallucination([count, read, read], texts)
+    assert h == {"halluc_changes_answer": 1 / 3, "halluc_keeps_answer": 1 / 3, "shortcut_rate": 1.0,
+                 "silent_prime_rate": 0.5}
 
 
 def test_encode_labels_align_with_tokens(processor):
@@ -133,10 +164,35 @@ def test_k3_ranks_hallucinated_colour_words_above_grounded_ones(validity):
 
 
 def test_reasoning_ablation_moves_template_words_more_than_fact_words(validity):
-    """With the span removed, words whose value the image alone determines (facts, in the uniform variant) keep their
-    probability, while template words fall (the context is off-distribution): ℓ − ℓ° is larger on non-fact words."""
-    effect = validity["reasoning_logratio"]["fact_vs_nonfact"]
+    """With the span dropped (`drop`), words whose value the image alone determines (facts, in the uniform variant)
+    keep their probability, while template words fall (every later token is renumbered, so the context is
+    off-distribution): ℓ − ℓ° is larger on non-fact words. Issue 23's reason for `drop` not being the default."""
+    effect = validity["reasoning_drop_logratio"]["fact_vs_nonfact"]
     assert effect["diff_ci"][1] < 0, effect
+
+
+@pytest.fixture(scope="module")
+def span_reader(processor):
+    """A tiny Qwen2-VL whose reasoning must read the perception span: uniform images (learnt in seconds) but 70% of
+    the warm-start spans hallucinated, with reasoning consistent with them, so the image alone cannot decide the
+    facts."""
+    torch.manual_seed(0)
+    model = build_model(processor.tokenizer, ModelSize(hidden=64), seed=0)
+    warm_start(model, processor, generate(256, 0, uniform=True), steps=400, batch_size=8, lr=5e-3, hallucinated=0.7)
+    return model
+
+
+def test_default_reasoning_contrast_is_higher_on_fact_tokens(span_reader, processor):
+    """Issue 23's bar: the default reasoning contrast ℓ − ℓ° (and `mask`, the padding-free adapters' mode) is higher
+    on reasoning tokens that use a perceived fact than on the others (CI of the difference above 0), and leaves the
+    others where they were (|mean| < 0.1 nats; `drop` moves them by several nats). An off-by-one in the realignment
+    breaks both."""
+    sig = signals.token_signals(span_reader, processor, generate(32, 2, uniform=True), seed=0)
+    effects = signals.analyse(sig, n_boot=400, seed=0)
+    for mode in (DEFAULT_ABLATION_MODE, "mask"):
+        fact = effects[f"reasoning_{mode}_logratio"]["fact_vs_nonfact"]
+        assert fact["diff_ci"][0] > 0 and abs(fact["mean_b"]) < 0.1, (mode, fact)
+    assert effects["reasoning_drop_logratio"]["fact_vs_nonfact"]["mean_b"] > 1.0
 
 
 def test_bootstrap_effect_recovers_a_known_difference():
@@ -193,13 +249,14 @@ def test_ablate_span_can_remove_the_tags_too():
     attn = torch.ones_like(ids)
     span = torch.tensor([[False, False, True, True, False, False, False]])
     tags = torch.isin(ids, torch.tensor([1, 2]))
-    kept = ablate_span(ids, attn, span)
+    kept = ablate_span(ids, attn, span, mode="drop")
     assert kept.input_ids.tolist() == [[5, 1, 2, 9, 9]]
-    dropped = ablate_span(ids, attn, span, tags_mask=tags)
+    dropped = ablate_span(ids, attn, span, mode="drop", tags_mask=tags)
     assert dropped.input_ids.tolist() == [[5, 9, 9]]
     assert dropped.index.tolist() == [[0, -1, -1, -1, -1, 1, 2]]
     masked = ablate_span(ids, attn, span, mode="mask", tags_mask=tags)
     assert masked.attention_mask.tolist() == [[1, 0, 0, 0, 0, 1, 1]]
+    assert masked.index.tolist() == [[0, -1, -1, -1, -1, -1, 6]]  # the token after the hidden run: no value (D180)
     with pytest.raises(ValueError, match="tags_mask"):
         ablate_span(ids, attn, span, tags_mask=tags[:, :3])
     with pytest.raises(TypeError, match="tags_mask"):
@@ -217,7 +274,7 @@ def test_entropy_and_papo_terms_reach_the_loss(processor):
             return super()._compute_loss(model, inputs)
 
     samples = generate(2, 0)
-    budget = rl.RLBudget(steps=1, prompts=2, generations=2, max_completion_length=10, lr=0.0)
+    budget = rl.RLBudget(steps=1, prompts=2, generations=2, max_completion_length=10, lr=0.0, beta=0.0)
     args = rl._args(processor, budget, seed=0)
     model = build_model(processor.tokenizer, ModelSize(), seed=0)
     with warnings.catch_warnings():

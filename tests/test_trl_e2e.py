@@ -25,6 +25,7 @@ PIL_Image = pytest.importorskip("PIL.Image")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from srpo_core import Role, SRPOConfig  # noqa: E402
+from srpo_core.ablation import counterfactual_donors  # noqa: E402
 from srpo_core.adapters.trl import SRPOGRPOConfig, SRPOGRPOTrainer, SRPOTrainerOptions  # noqa: E402
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -231,26 +232,36 @@ def test_roles_fn_hook(processor):
     assert bool(((last.logp_corrupt - last.logp).abs() > 1e-6)[perception].any())
 
 
-@pytest.mark.parametrize("mode", ["drop", "mask"])
+@pytest.mark.parametrize("mode", ["drop", "mask", "counterfactual"])
 def test_ablated_pass_matches_direct_forward(processor, mode):
     """ℓ° from the trainer equals a forward of each hand-built row: the perception span removed (drop: positions of
-    the shortened row) or hidden (mask: original M-RoPE positions), one row at a time, without padding."""
+    the shortened row), hidden (mask: original M-RoPE positions; the token after the span gets no value, D180) or
+    replaced by the next response's span of the same prompt (counterfactual: positions of the new row), one row at
+    a time, without padding."""
     trainer = run(SRPOGRPOTrainer, processor, steps=1, lr=0.0,
                   srpo_options=SRPOTrainerOptions(roles_fn=half_perception_half_reasoning, ablation_mode=mode))
     out, last = trainer.generated[0], trainer._srpo_last
     model = trainer.model.eval()
     image_token = model.config.image_token_id
     rows_per_image = int(out["image_grid_thw"][0].prod())
+    n = out["completion_ids"].shape[0]
+    donor = counterfactual_donors(torch.arange(n) // trainer.num_generations, "group")
+    roles = last.roles.roles
     checked = 0
-    for b in range(out["completion_ids"].shape[0]):
+    for b in range(n):
         prompt = out["prompt_ids"][b][out["prompt_mask"][b].bool()]
         valid = last.mask[b]
-        keep = valid & (last.roles.roles[b] != Role.PERCEPTION) if mode == "drop" else valid
+        span = valid & (roles[b] == Role.PERCEPTION)
+        keep = valid & ~span if mode != "mask" else valid
         completion = out["completion_ids"][b][keep]
+        if mode == "counterfactual":  # the span is the completion's first 4 tokens (roles_fn)
+            d = int(donor[b])
+            completion = torch.cat([out["completion_ids"][d][last.mask[d] & (roles[d] == Role.PERCEPTION)],
+                                    completion])
         ids = torch.cat([prompt, completion])[None]
         attn = torch.ones_like(ids)
         if mode == "mask":
-            attn[0, len(prompt):] = (last.roles.roles[b][valid] != Role.PERCEPTION).long()
+            attn[0, len(prompt):] = (roles[b][valid] != Role.PERCEPTION).long()
         mm = (ids == image_token).int()
         grid = out["image_grid_thw"][b:b + 1]
         kwargs = dict(pixel_values=out["pixel_values"][b * rows_per_image:(b + 1) * rows_per_image],
@@ -261,8 +272,15 @@ def test_ablated_pass_matches_direct_forward(processor, mode):
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=attn, **kwargs).logits.float()
         logp = torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0][len(prompt) - 1:]
+        if mode == "counterfactual":
+            logp = logp[int(completion.shape[0] - keep.sum()):]  # offset from the span's end
         positions = torch.nonzero(keep)[:, 0]
-        reasoning = last.roles.roles[b][positions] == Role.REASONING
+        reasoning = roles[b][positions] == Role.REASONING
+        if mode == "mask":  # no value after the hidden span: reasoning demoted to OTHER (no signal)
+            after = positions == 4
+            assert not bool(last.logp_ablated[b][positions][after].any()) or not bool(after.any())
+            assert bool((last.scored_roles[b][positions][after] == Role.OTHER).all())
+            reasoning = reasoning & ~after
         torch.testing.assert_close(last.logp_ablated[b][positions][reasoning], logp[reasoning], rtol=1e-4,
                                    atol=1e-5)
         checked += int(reasoning.sum())

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from srpo_core._validate import describe
+from srpo_core.ablation import check_ablation_mode, follows_hidden
 from srpo_core.config import Role, SRPOConfig
 
 ESTIMATORS = ("srpo", "vppo")
@@ -35,6 +36,10 @@ class AdapterOptions:
     - ``seed``: base seed of the corruption masks (one generator per prompt group, so a group shares its mask).
     - ``ablate``: run the ablated pass (reasoning contrast); when False the reasoning tokens keep weight 1 before
       renormalisation (their signal is absent, like OTHER tokens).
+    - ``ablation_mode``: one of :data:`srpo_core.ablation.ABLATION_MODES`, default ``"mask"``: the padding-free verl
+      and EasyR1 passes hide the span (``"mask"``) and refuse the others (:func:`require_ablation_mode`) rather than
+      run a different contrast than asked for (the TRL trainer, which runs all three, defaults to
+      ``"counterfactual"``).
     - ``vppo_beta_min``, ``vppo_top_k``: the VPPO preset's knobs.
     - every other key is a field of :class:`SRPOConfig`.
     """
@@ -44,8 +49,12 @@ class AdapterOptions:
     corrupt_p: float = 0.5
     seed: int = 0
     ablate: bool = True
+    ablation_mode: str = "mask"
     vppo_beta_min: float = 0.9
     vppo_top_k: float = 0.4
+
+    def __post_init__(self) -> None:
+        check_ablation_mode("srpo adapter options: `ablation_mode`", self.ablation_mode)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> AdapterOptions:
@@ -58,6 +67,25 @@ class AdapterOptions:
                              f"{sorted(srpo_fields)} or adapter options {sorted(own)}")
         srpo = SRPOConfig(**{k: v for k, v in mapping.items() if k in srpo_fields})
         return cls(srpo=srpo, **{k: v for k, v in mapping.items() if k in own})
+
+
+def require_ablation_mode(adapter: str, options: AdapterOptions, supported: tuple[str, ...]) -> None:
+    """Refuse an ``ablation_mode`` that ``adapter``'s ablated pass does not run (when the pass is on)."""
+    if options.ablate and options.ablation_mode not in supported:
+        raise NotImplementedError(f"srpo {adapter} adapter: `ablation_mode={options.ablation_mode!r}` is not "
+                                  f"implemented here (this adapter runs {supported}); the TRL adapter runs every "
+                                  f"mode, or set ablate=False")
+
+
+def without_hidden_successors(roles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``roles`` with each REASONING token that directly follows a hidden perception span set to OTHER.
+
+    In the ``mask`` ablated pass that token is predicted from the span's last row (hidden, D180), so it has no
+    ``ℓ°`` and gets no reasoning signal.
+    """
+    hidden = (roles == Role.PERCEPTION) & mask.bool()
+    after = follows_hidden(hidden) & (roles == Role.REASONING)
+    return roles.masked_fill(after, int(Role.OTHER))
 
 
 def group_ids(uids) -> torch.Tensor:
@@ -116,6 +144,8 @@ def refine_advantages(method: str, seq_adv: torch.Tensor, mask: torch.Tensor, lo
         if logp_ablated is None:
             # Without the ablated pass, reasoning tokens carry no signal: they are scored like OTHER tokens.
             roles = torch.where(roles == Role.REASONING, torch.zeros_like(roles), roles)
+        elif options.ablation_mode == "mask":
+            roles = without_hidden_successors(roles, m)
         res = role_aware_advantages(seq_adv, logp, logp_corrupt, logp_ablated, roles.to(torch.int64), mask=m,
                                     config=options.srpo)
         stats = {f"srpo/{k}": float(v) for k, v in res.stats.items()}

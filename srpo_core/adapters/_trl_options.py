@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from trl import GRPOConfig
 
+from srpo_core.ablation import DEFAULT_ABLATION_MODE, DONOR_SOURCES, check_ablation_mode
 from srpo_core.config import SRPOConfig
 from srpo_core.corruption import MODES
 from srpo_core.roles import PERCEPTION_TAGS, REASONING_TAGS
@@ -38,8 +39,13 @@ class SRPOTrainerOptions:
 
     - ``corruption_mode``: ``"black"`` | ``"mean"`` | ``"noise"``; ``corruption_p``: probability per unit;
       ``corruption_patch``: ``"merged"`` (one merged visual token) | ``"raw"`` (one 14×14 patch).
-    - ``ablation_mode``: ``"drop"`` (remove the perception span, positions recomputed by the model) | ``"mask"``
-      (hide it from attention, original positions passed explicitly).
+    - ``ablation_mode``: one of :data:`srpo_core.ablation.ABLATION_MODES`: ``"counterfactual"`` (default: the
+      perception span replaced by another response's, see ``counterfactual_source``; later tokens realigned by their
+      offset from the span's end) | ``"mask"`` (hide it from attention, original positions passed explicitly, M-RoPE
+      included; the token right after it gets no ``ℓ°``) | ``"drop"`` (remove it, positions recomputed by the model).
+      See ``docs/decisions.md`` D180-D182.
+    - ``counterfactual_source``: ``"group"`` (another response of the same prompt, default) | ``"other"`` (a
+      response of another prompt); :func:`srpo_core.ablation.counterfactual_donors`.
     - ``ablate_tags``: also remove the ``<perception>`` / ``</perception>`` tag tokens in the ablated pass (default
       False: ``ℓ°`` is computed after an empty tag pair; see ``docs/decisions.md`` D116).
     - ``perception_tags`` / ``reasoning_tags``: tag names, as in :func:`srpo_core.roles_from_text`.
@@ -64,7 +70,8 @@ class SRPOTrainerOptions:
     corruption_mode: str = "black"
     corruption_p: float = 0.5
     corruption_patch: str = "merged"
-    ablation_mode: str = "drop"
+    ablation_mode: str = DEFAULT_ABLATION_MODE
+    counterfactual_source: str = "group"
     ablate_tags: bool = False
     perception_tags: tuple[str, ...] = PERCEPTION_TAGS
     reasoning_tags: tuple[str, ...] = REASONING_TAGS
@@ -111,9 +118,10 @@ class SRPOTrainerOptions:
         for name in ("ablate_tags", "fused_loss"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SRPOTrainerOptions: `{name}` must be a bool, got {getattr(self, name)!r}")
-        if self.ablation_mode not in ("drop", "mask"):
-            raise ValueError(f"SRPOTrainerOptions: `ablation_mode` must be 'drop' or 'mask', got "
-                             f"{self.ablation_mode!r}")
+        check_ablation_mode("SRPOTrainerOptions: `ablation_mode`", self.ablation_mode)
+        if self.counterfactual_source not in DONOR_SOURCES:
+            raise ValueError(f"SRPOTrainerOptions: `counterfactual_source` must be one of {DONOR_SOURCES}, got "
+                             f"{self.counterfactual_source!r}")
 
 
 def _field(default, help: str):  # noqa: A002 - HfArgumentParser reads metadata["help"]
@@ -153,7 +161,10 @@ class SRPOGRPOConfig(GRPOConfig):
     srpo_corruption_mode: str = _field(_OPTS.corruption_mode, "SRPO: corrupted image, 'black', 'mean' or 'noise'")
     srpo_corruption_p: float = _field(_OPTS.corruption_p, "SRPO: probability that a visual unit is corrupted")
     srpo_corruption_patch: str = _field(_OPTS.corruption_patch, "SRPO: unit, 'merged' (one visual token) or 'raw'")
-    srpo_ablation_mode: str = _field(_OPTS.ablation_mode, "SRPO: perception span 'drop'ped or 'mask'ed")
+    srpo_ablation_mode: str = _field(_OPTS.ablation_mode, "SRPO: perception span replaced by another response's "
+                                     "('counterfactual'), 'mask'ed (positions kept) or 'drop'ped")
+    srpo_counterfactual_source: str = _field(_OPTS.counterfactual_source, "SRPO: counterfactual span from the same "
+                                             "prompt's 'group' or an 'other' prompt")
     srpo_ablate_tags: bool = _field(_OPTS.ablate_tags, "SRPO: also remove the perception tags in the ablated pass")
     srpo_perception_tags: list[str] = _field(list(_OPTS.perception_tags), "SRPO: tags of perception spans")
     srpo_reasoning_tags: list[str] = _field(list(_OPTS.reasoning_tags), "SRPO: tags of reasoning spans")

@@ -1,7 +1,7 @@
 """The extra teacher-forced passes of :class:`srpo_core.adapters.trl.SRPOGRPOTrainer` (a mixin before
 ``GRPOTrainer``): log-probs through TRL's own ``_get_per_token_logps_and_entropies``, the corrupted ``pixel_values``
-(``ℓ̃``), and the completions with their perception span ablated (``ℓ°``, with the original positions injected for
-``ablation_mode="mask"``).
+(``ℓ̃``), and the completions with their perception span ablated (``ℓ°``: hidden with the original positions injected
+for ``ablation_mode="mask"``, removed for ``"drop"``, replaced by another response's span for ``"counterfactual"``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from srpo_core.ablation import ablate_span
+from srpo_core.ablation import ablate_span, counterfactual_donors
 from srpo_core.corruption import CLIP_MEAN, CLIP_STD, corrupt_pixel_values
 from srpo_core.roles import tag_tokens_from_token_ids
 
@@ -96,7 +96,9 @@ class SRPOPasses:
         finally:
             handle.remove()
 
-    def _srpo_ablated_logps(self, out, input_ids, attention_mask, span, width_p, batch_size):
+    def _srpo_ablated_logps(self, out, input_ids, attention_mask, span, width_p, batch_size, group_ids):
+        """``(ℓ° [B, C], has_value bool [B, C])`` on the completion positions; tokens without a value (the span, the
+        first token after a masked span, D180) must get no reasoning signal."""
         full_span = torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), span], dim=1)
         pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         tags = None
@@ -104,8 +106,11 @@ class SRPOPasses:
             comp = tag_tokens_from_token_ids(input_ids[:, width_p:], self._tokenizer,
                                              attention_mask[:, width_p:].bool(), tags=self.srpo_options.perception_tags)
             tags = torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), comp], dim=1)
-        ab = ablate_span(input_ids, attention_mask, full_span, mode=self.srpo_options.ablation_mode, pad_token_id=pad,
-                         tags_mask=tags)
+        mode = self.srpo_options.ablation_mode
+        donor = (counterfactual_donors(group_ids.to(input_ids.device), self.srpo_options.counterfactual_source)
+                 if mode == "counterfactual" else None)
+        ab = ablate_span(input_ids, attention_mask, full_span, mode=mode, pad_token_id=pad, tags_mask=tags,
+                         donor=donor)
         extra = {k: ab.ablate(out[k]) for k in _PER_POSITION_KEYS if k in out}
         keep = ab.input_ids.shape[1] - width_p
         ctx = contextlib.nullcontext()
@@ -114,4 +119,4 @@ class SRPOPasses:
         with ctx:
             logps = self._srpo_logps(out, ab.input_ids, ab.attention_mask, keep, batch_size, **extra)  # [B, keep]
         full = torch.cat([logps.new_zeros(logps.shape[0], width_p), logps], dim=1)
-        return ab.gather(full)[:, width_p:]
+        return ab.gather(full)[:, width_p:], ab.valid[:, width_p:]

@@ -37,6 +37,7 @@ from srpo_core.adapters._common import (
     group_ids,
     perception_span_hidden,
     refine_advantages,
+    require_ablation_mode,
     sequence_advantages,
 )
 from srpo_core.config import Role
@@ -86,8 +87,10 @@ def install(method: str = "srpo", options: AdapterOptions | None = None) -> None
     """Wrap EasyR1's ``ray_trainer.compute_advantage`` (idempotent) and set the method used for GRPO batches."""
     from verl.trainer import ray_trainer
 
+    options = options or AdapterOptions()
+    require_ablation_mode("EasyR1", options, ("mask",))  # the padding-free pass hides the span, positions kept
     _STATE["method"] = method
-    _STATE["options"] = options or AdapterOptions()
+    _STATE["options"] = options
     current = ray_trainer.compute_advantage
     if getattr(current, "__srpo_original__", None) is not None:
         return
@@ -179,6 +182,7 @@ class SRPOWorkerGroup:
 
     def __init__(self, worker_group, tokenizer, method: str = "srpo",
                  options: AdapterOptions = AdapterOptions()):  # noqa: B008 - frozen
+        require_ablation_mode("EasyR1", options, ("mask",))
         self._wg = worker_group
         self._tokenizer = tokenizer
         self._method = method

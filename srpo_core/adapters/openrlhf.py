@@ -17,8 +17,10 @@ as every worker's ``worker_process_setup_hook`` (OpenRLHF's ``train`` then reuse
 "env_vars": {"SRPO_OPENRLHF": '{"method": "srpo", "beta_perception": 0.5}'}})`` before OpenRLHF's ``train``.
 
 Limits, stated rather than hidden: the ablated pass (reasoning contrast) is not wired for OpenRLHF — its reasoning
-tokens carry no signal and are scored like OTHER tokens; and the KL must be a loss term (``--algo.kl.use_loss``, the
-GRPO recipe), since a KL folded into the reward makes the advantage vary along the response, which is refused.
+tokens carry no signal and are scored like OTHER tokens (``ablation_mode`` is validated against
+:data:`srpo_core.ablation.ABLATION_MODES` like every adapter's, and runs nothing here; D183); and the KL must be a
+loss term (``--algo.kl.use_loss``, the GRPO recipe), since a KL folded into the reward makes the advantage vary along
+the response, which is refused.
 Importing this module imports no OpenRLHF, Ray or DeepSpeed.
 """
 

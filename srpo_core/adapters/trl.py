@@ -103,7 +103,8 @@ def srpo_change_metrics(result: RoleAwareAdvantages, roles: torch.Tensor, mask: 
 @dataclasses.dataclass
 class SRPOStep:
     """What the last generation step computed (for inspection and tests): TRL's sequence advantages ``[B]``,
-    SRPO's result (``[B, T]`` tensors), the roles and the three log-prob tensors."""
+    SRPO's result (``[B, T]`` tensors), the roles, the three log-prob tensors and the roles as scored (``[B, T]``:
+    a reasoning token without ``ℓ°``, e.g. the one after a masked span (D180), is scored as OTHER)."""
 
     sequence_advantages: torch.Tensor
     result: RoleAwareAdvantages
@@ -112,6 +113,7 @@ class SRPOStep:
     logp: torch.Tensor
     logp_corrupt: torch.Tensor
     logp_ablated: torch.Tensor
+    scored_roles: torch.Tensor | None = None
 
 
 class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
@@ -200,13 +202,17 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
             if not bool(span.any()) or not bool((role_t == Role.REASONING).any()):
                 logp_ablated = logp  # nothing removed, or nobody reads ℓ°
             else:
-                logp_ablated = self._srpo_ablated_logps(out, input_ids, attention_mask, span, width_p, batch_size)
+                logp_ablated, has_value = self._srpo_ablated_logps(out, input_ids, attention_mask, span, width_p,
+                                                                   batch_size, group_ids)
+                # a reasoning token without ℓ° (after a masked span, D180; no donor) gets no signal, like OTHER
+                role_t = role_t.masked_fill((role_t == Role.REASONING) & ~has_value.to(role_t.device),
+                                            int(Role.OTHER))
 
         group = torch.distributed.group.WORLD if self.accelerator.num_processes > 1 else None
         res = role_aware_advantages(seq_adv.float(), logp, logp_corrupt, logp_ablated, role_t, mask=mask,
                                     config=self.srpo_config, process_group=group)
         out["advantages"] = res.advantages.to(seq_adv.dtype)  # [B, T]; 0 outside the mask
-        self._srpo_last = SRPOStep(seq_adv, res, roles, mask, logp, logp_corrupt, logp_ablated)
+        self._srpo_last = SRPOStep(seq_adv, res, roles, mask, logp, logp_corrupt, logp_ablated, role_t)
         self._srpo_generation += 1
 
         metrics = self._metrics[mode]

@@ -51,6 +51,7 @@ from srpo_core.adapters._common import (
     perception_span_hidden,
     realign_compact,
     refine_advantages,
+    require_ablation_mode,
     sequence_advantages,
 )
 from srpo_core.config import Role
@@ -105,7 +106,9 @@ def options_from_config(config) -> AdapterOptions:
             node = OmegaConf.to_container(node, resolve=True)
         except ImportError:  # pragma: no cover - verl always brings omegaconf
             node = dict(node)
-    return AdapterOptions.from_mapping(node)
+    options = AdapterOptions.from_mapping(node)
+    require_ablation_mode("verl", options, ("mask",))  # the padding-free pass hides the span, positions kept
+    return options
 
 
 def _estimator_name(adv_estimator) -> str:

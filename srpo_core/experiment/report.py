@@ -43,13 +43,17 @@ SIGNAL_CLAIMS = (
     ("visual_js", "grounded_vs_hallucinated_colour", "JS is higher on grounded than on hallucinated colour words", 1),
     ("visual_logratio", "grounded_vs_hallucinated_colour",
      "the signed ℓ − ℓ̃ is higher on grounded than on hallucinated colour words", 1),
-    ("reasoning_logratio", "fact_vs_nonfact",
-     "ℓ − ℓ° (SRPO's reasoning signal) is higher on reasoning tokens that use a perceived fact", 1),
-    ("reasoning_logratio_no_tags", "fact_vs_nonfact",
-     "the same with the `<perception>` tags removed too", 1),
-    ("reasoning_kl", "fact_vs_nonfact", "KL(clean ‖ ablated) is higher on reasoning tokens that use a perceived fact",
-     1),
+    *((f"reasoning_{m}_logratio", "fact_vs_nonfact",
+       f"ℓ − ℓ° ({m}) is higher on reasoning tokens that use a perceived fact", 1) for m in ("mask", "drop",
+                                                                                           "counterfactual")),
+    *((f"reasoning_{m}_logratio", "direct_vs_nonfact",
+       f"ℓ − ℓ° ({m}) is higher on reasoning tokens read directly off the span", 1) for m in ("mask", "drop",
+                                                                                             "counterfactual")),
+    ("reasoning_drop_no_tags_logratio", "fact_vs_nonfact", "the same with the span and its tags dropped", 1),
+    ("reasoning_mask_kl", "fact_vs_nonfact", "KL(clean ‖ masked) is higher on reasoning tokens that use a perceived "
+     "fact", 1),
 )
+MODES = ("drop", "mask", "counterfactual")
 
 
 def verdict_of(effect: dict, sign: int) -> str:
@@ -108,11 +112,23 @@ def verdict(result: dict) -> list[str]:
     if unr:
         out.append("Not resolved at this sample size: " + "; ".join(unr) + ".")
     verdicts = {(r[1], r[2]): r[4] for r in rows}
-    if verdicts.get(("reasoning_logratio", "fact_vs_nonfact")) == "contradicted":
-        out.append("A reading of the reasoning result, not a measurement: with the span dropped, the template words "
-                   "(which the perception span does not determine) lose more probability than the fact words, "
-                   "i.e. `ℓ − ℓ°` mostly measures how far the ablated context is from what the model was trained "
-                   "on, not which tokens use a perceived fact.")
+    sig = result["signals"]
+    ds = {m: sig.get(f"reasoning_{m}_logratio", {}).get("fact_vs_nonfact", {}).get("d") for m in MODES}
+    ds = {m: d for m, d in ds.items() if d is not None and d == d}
+    if ds:
+        best = max(ds, key=ds.get)
+        used = result.get("srpo_ablation_mode", "mask")  # runs before the key existed used `mask`
+        out.append("Reasoning contrast modes (Cohen's d, fact-using vs other reasoning tokens): "
+                   + ", ".join(f"{m} {d:+.2f}" for m, d in ds.items()) + f". The largest here is `{best}`. "
+                   f"The `srpo` method of this run used `{used}`; each other mode runs as `srpo_<mode>`. The trainer's "
+                   f"default mode is chosen from this table (a toy-scale finding, docs/decisions.md D181).")
+    if verdicts.get(("reasoning_drop_logratio", "fact_vs_nonfact")) == "contradicted":
+        shift = {m: sig[f"reasoning_{m}_logratio"]["fact_vs_nonfact"]["mean_b"] for m in MODES
+                 if f"reasoning_{m}_logratio" in sig}
+        out.append("With the span dropped, the words that use no fact lose more probability than the fact words "
+                   "(mean `ℓ − ℓ°` on them: " + ", ".join(f"{m} {v:.2f}" for m, v in shift.items())
+                   + " nats): `drop` renumbers every later token, so its contrast mostly measures how far the "
+                   "shortened context is from the training distribution.")
     signed = result["signals"].get("visual_logratio", {}).get("grounded_vs_hallucinated_colour", {})
     if verdicts.get(("visual_logratio", "grounded_vs_hallucinated_colour")) == "supported" and \
             signed.get("mean_b", 0) < 0 and any(
@@ -121,6 +137,29 @@ def verdict(result: dict) -> list[str]:
                    f"gains probability under corruption (their mean `ℓ − ℓ̃` is {signed['mean_b']:.2f} here) counts "
                    "like a grounded word that loses it; only the signed `ℓ − ℓ̃` separates the two in these data.")
     summary = result["rl"]["summary"]
+    g = summary.get("grpo", {}).get("sampled_gain_vs_warm")
+    if g and g.get("mean") is not None:
+        lo, hi = g["ci"]
+        ok = lo is not None and lo > 0
+        out.append(f"Can the study tell methods apart? GRPO's held-out sampled accuracy after RL minus the warm "
+                   f"start's: {g['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] (95% bootstrap over held-out prompts"
+                   + (" and seeds" if g["n"] > 1 else ", one seed") + "): "
+                   + ("the interval excludes 0, so RL moves the policy here." if ok else
+                      "the interval does not exclude 0, so this run cannot show RL moving the policy."))
+    for method in summary:
+        if method == "grpo":
+            continue
+        c = _rl_comparison(result, method, "sampled_accuracy")
+        if c is None or c["mean"] is None:
+            continue
+        if c["n"] < 2:
+            out.append(f"{method} − grpo held-out sampled accuracy: {c['mean']:+.3f} from one seed — no interval, "
+                       "so no claim either way.")
+        else:
+            lo, hi = c["ci"]
+            word = "higher" if lo > 0 else "lower" if hi < 0 else "not distinguishable"
+            out.append(f"{method} − grpo held-out sampled accuracy: {c['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] over "
+                       f"{c['n']} seeds: {word}.")
     gains = {m: row["accuracy_gain_vs_warm"]["mean"] for m, row in summary.items()
              if row["accuracy_gain_vs_warm"]["mean"] is not None}
     if gains and all(g < 0 for g in gains.values()):
@@ -134,7 +173,7 @@ def verdict(result: dict) -> list[str]:
                    "does strictly more work (an extra corrupted-image pass), so read the step-time column as "
                    "indicative only.")
     seeds = len(result["config"]["seeds"])
-    for method in ("srpo", "vppo", "papo"):
+    for method in [m for m in summary if m != "grpo"]:
         for metric in ("accuracy", "grounding_gap", "perception"):
             c = _rl_comparison(result, method, metric)
             if c is None or c["mean"] is None:
@@ -173,7 +212,7 @@ def plot(result: dict, path: str) -> None:
     ax = axes[1]
     summary = result["rl"]["summary"]
     methods = list(summary)
-    metrics = ("accuracy", "accuracy_corrupt", "perception")
+    metrics = ("accuracy", "sampled_accuracy", "sampled_perception")
     width = 0.8 / len(metrics)
     for k, metric in enumerate(metrics):
         means = [summary[m][metric]["mean"] or 0.0 for m in methods]
@@ -182,8 +221,8 @@ def plot(result: dict, path: str) -> None:
                 [(summary[m][metric]["ci"][1] - summary[m][metric]["mean"]) if summary[m][metric]["ci"][1]
                  is not None else 0 for m in methods]]
         ax.bar([i + k * width for i in range(len(methods))], means, width, yerr=errs, label=metric)
-    warm = result["warm_start"]["eval"]["accuracy"]
-    ax.axhline(warm, color="k", ls="--", lw=0.8, label="warm-start accuracy")
+    warm = result["warm_start"]["eval"].get("sampled_accuracy", result["warm_start"]["eval"]["accuracy"])
+    ax.axhline(warm, color="k", ls="--", lw=0.8, label="warm-start sampled accuracy")
     ax.set_xticks([i + width for i in range(len(methods))], methods, rotation=30, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
@@ -211,71 +250,124 @@ COMPARISON_WORDS = {
     "grounded_vs_hallucinated_span": ("grounded spans", "hallucinated spans"),
     "grounded_vs_hallucinated_colour": ("grounded colour words", "hallucinated (changed) colour words"),
     "fact_vs_nonfact": ("uses a fact", "does not"),
+    "direct_vs_nonfact": ("read off the span", "uses no fact"),
     "fact_vs_nonfact_grounded": ("uses a fact (grounded rows)", "does not"),
 }
+
+
+def _pct(x):
+    return "—" if x is None else f"{x:.3f}"
+
+
+def signal_table(result: dict) -> list[str]:
+    """Drop, mask and counterfactual side by side: Cohen's d [95% CI] of each reasoning comparison, and the mean
+    ``ℓ − ℓ°`` on reasoning tokens that use no fact (how far the ablated context moves the template words)."""
+    sig = result["signals"]
+    lines = ["| ℓ − ℓ° (logratio) | " + " | ".join(f"`{m}`" for m in MODES) + " |",
+             "|---|" + "---:|" * len(MODES)]
+    for comp, words in (("fact_vs_nonfact", "d: uses a fact vs not"),
+                        ("direct_vs_nonfact", "d: read directly off the span vs no fact"),
+                        ("fact_vs_nonfact_grounded", "d: uses a fact vs not, grounded rows")):
+        cells = []
+        for m in MODES:
+            e = sig.get(f"reasoning_{m}_logratio", {}).get(comp)
+            cells.append("—" if e is None else f"{_num(e['d'], 2)} {_ci(e['d_ci'], 2)}")
+        lines.append(f"| {words} | " + " | ".join(cells) + " |")
+    for key, words in (("mean_a", "mean on fact-using tokens (nats)"), ("mean_b", "mean on no-fact tokens (nats)")):
+        cells = [_num(sig.get(f"reasoning_{m}_logratio", {}).get("fact_vs_nonfact", {}).get(key)) for m in MODES]
+        lines.append(f"| {words} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(result: dict, png_name: str | None = "experiment.png", source: str = "docs/experiment_full.json") -> str:
     cfg, env = result["config"], result["environment"]
     quick = cfg["name"] != "full"
     sft = result["warm_start"]
-    lines = ["# The miniature grounded-reasoning study (issue 13)", "",
+    b = cfg["budget"]
+    lines = ["# The miniature grounded-reasoning study, v2 (issues 13 and 23)", "",
              "Generated by `python -m srpo_core.experiment.report` from "
              f"`{source}` — edit the code, not this page.", ""]
     if quick:
-        lines += ["> **This page shows a `--quick` run (one seed, a short RL budget).** The committed page is the "
-                  "full study's (`srpo-core experiment --json docs/experiment_full.json --plot docs/experiment.png`, "
-                  f"three seeds, {FULL_STEPS} RL steps per run); nothing below is from it.", ""]
+        lines += ["> **This page shows a `--quick` run (one seed of GRPO and SRPO).** The full study "
+                  "(`srpo-core experiment --json docs/experiment_full.json --plot docs/experiment.png`, every "
+                  "method, three seeds) has not been run on this code yet; nothing below is from it.", ""]
+    host = f"{env.get('cpu') or env.get('processor') or env['machine']}"
     lines += [f"- Run: `{cfg['name']}`, finished {result['finished_utc']} UTC, wall {result['wall_seconds']:.0f} s "
               f"(warm start {result['phase_seconds']['warm_start']:.0f} s, signals "
               f"{result['phase_seconds']['signals']:.0f} s, RL {result['phase_seconds']['rl']:.0f} s).",
-              f"- Host: {env['cpu_count']} CPUs, {env['threads']} torch thread(s), torch {env['torch']}, "
-              f"transformers {env['transformers']}, TRL {env['trl']}. {result.get('note') or ''}".rstrip(),
+              f"- Host: {host} ({env.get('isa') or 'ISA not recorded'}), {env['cpu_count']} CPUs, {env['threads']} "
+              f"torch thread(s), torch {env['torch']}, transformers {env['transformers']}, TRL {env['trl']}. "
+              f"{result.get('note') or ''}".rstrip(),
+              "- **The numbers move across CPUs**: the same code and seeds gave a warm-start accuracy of 0.758 on an "
+              "AVX-512 host and 0.531 on an AVX2 one (issue 23); compare runs from one host only.",
               f"- Task: 56×56 images, 2×2 cells (one merged visual token each), colours red/green/blue/none; "
               f"questions count / compare / read; {cfg['train_samples']} train, {cfg['test_samples']} held-out, "
               f"{cfg['signal_samples']} signal-probe samples.",
               f"- Model: tiny Qwen2-VL from a config (hidden {cfg['size']['hidden']}, {cfg['size']['layers']} layers, "
               f"vision depth {cfg['size']['vision_depth']}), random init, word-level tokenizer built locally.",
-              f"- Warm start: {cfg['sft_steps']} AdamW steps × {cfg['sft_batch']} responses, lr {cfg['sft_lr']}, "
-              f"{cfg['hallucinated']:.0%} of them with 1-2 hallucinated cell colours.",
-              f"- RL: {cfg['budget']['steps']} steps × {cfg['budget']['prompts']} prompts × "
-              f"{cfg['budget']['generations']} generations, lr {cfg['budget']['lr']}, temperature "
-              f"{cfg['budget']['temperature']}, reward = answer correct; seeds {cfg['seeds']}. Same data, budget and "
-              "seeds for every method; no method was tuned.", ""]
+              f"- Warm start: {cfg['sft_steps']} AdamW steps × {cfg['sft_batch']} responses, lr {cfg['sft_lr']}. "
+              f"Two primes (issue 23): count / compare questions perceive the first empty cell as the question's "
+              f"colour with p {cfg.get('prime', 0)} (the *shortcut*, it changes the answer); read questions perceive "
+              f"one non-queried cell wrong with p {cfg.get('prime', 0)} (the *silent* prime, the answer and so the "
+              f"reward cannot see it); other responses have 1-2 wrong cells with p {cfg['hallucinated']}.",
+              f"- RL: {b['steps']} steps × {b['prompts']} prompts × {b['generations']} generations, lr {b['lr']} "
+              f"({b.get('lr_scheduler', 'linear')}), KL β {b.get('beta', 0)} to the warm start, temperature "
+              f"{b['temperature']}, reward = answer correct; seeds {cfg['seeds']}. Same data, budget and seeds for "
+              "every method; fixed before the run, no method tuned.",
+              f"- Evaluation on the held-out prompts: greedy, and {cfg.get('sample_k', 0)} samples per prompt at "
+              "temperature 1 (*sampled*).", ""]
     if png_name:
         lines += [f"![summary]({png_name})", ""]
     ev = sft["eval"]
     lines += ["## Warm start", "",
-              f"SFT loss {sft['loss'][0]:.3f} → {sft['loss'][-1]:.3f}. Held-out (greedy): accuracy "
+              f"SFT loss {sft['loss'][0]:.3f} → {sft['loss'][-1]:.3f}. Held-out greedy: accuracy "
               f"{ev['accuracy']:.3f}, with a corrupted image {ev['accuracy_corrupt']:.3f} (gap "
-              f"{ev['grounding_gap']:+.3f}), perception correctness {ev['perception']:.3f} (corrupted image "
-              f"{ev['perception_corrupt']:.3f}), {ev['length']:.1f} words.", "",
+              f"{ev['grounding_gap']:+.3f}), cell accuracy {ev['perception']:.3f}, {ev['length']:.1f} words. "
+              f"Sampled: accuracy {_pct(ev.get('sampled_accuracy'))}, cell accuracy "
+              f"{_pct(ev.get('sampled_perception'))}; hallucination that changes the answer "
+              f"{_pct(ev.get('sampled_halluc_changes_answer'))}, that keeps it "
+              f"{_pct(ev.get('sampled_halluc_keeps_answer'))}; shortcut rate {_pct(ev.get('sampled_shortcut_rate'))}, "
+              f"silent-prime rate {_pct(ev.get('sampled_silent_prime_rate'))}.", "",
               "## Signal validity (before RL, warm-started model)", "",
               "Teacher-forced grounded and hallucinated responses of each probe sample; corrupted image = the SRPO "
-              "trainer's default (each merged 28×28 token blacked with p = 0.5, one mask per sample); ablation = "
-              "perception span dropped (`ablate_span`, `drop`; the `no_tags` row drops the tags too). "
-              "A − B is the difference of token means; d is Cohen's d; 95% CIs from a bootstrap over samples "
-              f"({cfg['n_boot']} resamples). Counts: {result['signals']['counts']}.", "",
+              "trainer's default (each merged 28×28 token blacked with p = 0.5, one mask per sample). The reasoning "
+              "contrast `ℓ − ℓ°` in the three modes of `ablate_span`: `drop` (span removed, later tokens renumbered), "
+              "`mask` (span hidden, original M-RoPE positions; the token after the span gets no value, D180) and "
+              "`counterfactual` (span replaced by the same-rank response's span of the next probe sample, realigned "
+              "by the offset from the span's end). *Fact-using* tokens: reasoning words whose value the perceived "
+              "cells decide (the `so` that closes a count's cell list included); *read directly*: the cells listed, "
+              "the counts and the colour read, not the answers derived from them. "
+              f"Cohen's d with 95% CIs from a bootstrap over samples ({cfg['n_boot']} resamples). Counts: "
+              f"{result['signals']['counts']}.", "",
+              *signal_table(result), "",
+              "Every comparison:", "",
               "| claim | signal | A | B | mean A | mean B | A − B [95% CI] | d [95% CI] | verdict |",
               "|---|---|---|---|---:|---:|---:|---:|---|"]
     for claim, name, comp, e, v in signal_rows(result):
-        a, b = COMPARISON_WORDS.get(comp, (comp, ""))
-        lines.append(f"| {claim} | `{name}` | {a} | {b} | {_num(e['mean_a'])} | {_num(e['mean_b'])} | "
+        a, bb = COMPARISON_WORDS.get(comp, (comp, ""))
+        lines.append(f"| {claim} | `{name}` | {a} | {bb} | {_num(e['mean_a'])} | {_num(e['mean_b'])} | "
                      f"{_num(e['diff'])} {_ci(e['diff_ci'])} | {_num(e['d'])} {_ci(e['d_ci'])} | {v} |")
     summary = result["rl"]["summary"]
     lines += ["", "## RL", "",
-              "Held-out greedy metrics after RL (mean [95% t CI] across seeds; one seed gives no interval; with three "
-              "seeds a t interval is wide and can pass the [0, 1] range of a rate, and seeds that agree exactly give "
-              "a zero-width one). "
-              "Corrupted image: each 28-px cell blacked with p = 0.5, the same draws for every method. "
-              "Step time: median seconds per optimizer step relative to GRPO's in the same seed (the extra "
-              "passes' cost; the host was shared, so treat it as indicative).", "",
-              "| method | accuracy | acc. corrupted | grounding gap | perception | length | Δacc vs warm | "
-              "step time / GRPO |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "Held-out metrics after RL (mean [95% t CI] across seeds; one seed gives no interval). Δ sampled vs "
+              "warm: paired difference over the same held-out prompts, 95% bootstrap over prompts (and seeds). "
+              "Hallucination: share of sampled responses with a wrong perception that changes the answer / keeps "
+              "it. Step time: median seconds per step relative to GRPO's in the same seed (shared host: "
+              "indicative).", "",
+              "| method | greedy acc. | sampled acc. | Δ sampled vs warm | cell acc. (sampled) | halluc. changes "
+              "answer | halluc. keeps answer | shortcut | silent prime | grounding gap | step time / GRPO |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    wrow = ["warm start", _pct(ev["accuracy"]), _pct(ev.get("sampled_accuracy")), "—",
+            _pct(ev.get("sampled_perception")), _pct(ev.get("sampled_halluc_changes_answer")),
+            _pct(ev.get("sampled_halluc_keeps_answer")), _pct(ev.get("sampled_shortcut_rate")),
+            _pct(ev.get("sampled_silent_prime_rate")), f"{ev['grounding_gap']:+.3f}", "—"]
+    lines.append("| " + " | ".join(wrow) + " |")
     for m, row in summary.items():
-        lines.append(f"| {m} | {_fmt(row['accuracy'])} | {_fmt(row['accuracy_corrupt'])} | "
-                     f"{_fmt(row['grounding_gap'])} | {_fmt(row['perception'])} | {_fmt(row['length'], 1)} | "
-                     f"{_fmt(row['accuracy_gain_vs_warm'])} | {_fmt(row['step_time_vs_grpo'], 2)} |")
+        lines.append(f"| {m} | {_fmt(row['accuracy'])} | {_fmt(row['sampled_accuracy'])} | "
+                     f"{_fmt(row.get('sampled_gain_vs_warm'))} | {_fmt(row['sampled_perception'])} | "
+                     f"{_fmt(row['sampled_halluc_changes_answer'])} | {_fmt(row['sampled_halluc_keeps_answer'])} | "
+                     f"{_fmt(row['sampled_shortcut_rate'])} | {_fmt(row['sampled_silent_prime_rate'])} | "
+                     f"{_fmt(row['grounding_gap'])} | {_fmt(row['step_time_vs_grpo'], 2)} |")
     lines += ["", "Token weights per role, averaged over RL steps (SRPO variants; each trajectory's weights have "
               "mean 1), and the presets' own statistics:", "",
               "| method | perception w mean (min–max) | reasoning w mean (min–max) | train reward | other |",
@@ -293,13 +385,9 @@ def markdown(result: dict, png_name: str | None = "experiment.png", source: str 
     lines += ["", "## Verdict", ""]
     lines += [f"- {s}" for s in verdict(result)]
     lines += [f"- Scale: a hidden-{cfg['size']['hidden']} two-layer model, a synthetic 4-cell task, "
-              f"{len(cfg['seeds'])} seed(s) and {cfg['budget']['steps']} RL steps. Whatever holds here is evidence "
-              "about the signals' mechanics, "
-              "not about SRPO on real VLMs; a null RL difference at this budget says little either way.", ""]
+              f"{len(cfg['seeds'])} seed(s) and {b['steps']} RL steps. Whatever holds here is evidence "
+              "about the signals' mechanics, not about SRPO on real VLMs.", ""]
     return "\n".join(lines)
-
-
-FULL_STEPS = 120
 
 
 def write_docs(result: dict, md_path: str, png_path: str | None, source: str = "docs/experiment_full.json") -> None:

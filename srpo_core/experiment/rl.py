@@ -18,24 +18,31 @@ import warnings
 
 import torch
 
+from srpo_core.ablation import ABLATION_MODES, DEFAULT_ABLATION_MODE
 from srpo_core.config import SRPOConfig
 from srpo_core.experiment.evaluate import evaluate
 from srpo_core.experiment.model import prompt_messages, suppressed_ids
 from srpo_core.experiment.task import Sample, parse
 
-METHODS = ("grpo", "srpo", "srpo_beta_p0", "srpo_beta_r0", "vppo", "papo")
+# "srpo" runs the default reasoning mode; "srpo_<mode>" each other one (issue 23)
+OTHER_MODES = tuple(m for m in ABLATION_MODES if m != DEFAULT_ABLATION_MODE)
+METHODS = ("grpo", "srpo", *(f"srpo_{m}" for m in OTHER_MODES), "srpo_beta_p0", "srpo_beta_r0", "vppo", "papo")
 
 
 @dataclasses.dataclass(frozen=True)
 class RLBudget:
-    """The budget every method gets: ``steps`` optimizer steps of ``prompts × generations`` completions."""
+    """The budget every method gets: ``steps`` optimizer steps of ``prompts × generations`` completions at a constant
+    learning rate, KL coefficient ``beta`` to the warm start (issue 23 fixes G = 8, 8 prompts, lr 3e-4, β 0.02,
+    240 steps)."""
 
-    steps: int = 16
-    prompts: int = 4
-    generations: int = 4
+    steps: int = 240
+    prompts: int = 8
+    generations: int = 8
     max_completion_length: int = 28
-    lr: float = 5e-4
+    lr: float = 3e-4
     temperature: float = 1.0
+    beta: float = 0.02
+    lr_scheduler: str = "constant"
 
 
 def answer_reward(completions, answer, **kwargs) -> list[float]:
@@ -61,7 +68,9 @@ def trainer_for(method: str, model, processor, train, args):
     if method == "grpo":
         return GRPOTrainer(**common)
     config, options = SRPOConfig(), SRPOTrainerOptions()
-    if method == "srpo_beta_p0":
+    if method in tuple(f"srpo_{m}" for m in OTHER_MODES):
+        options = SRPOTrainerOptions(ablation_mode=method[len("srpo_"):])
+    elif method == "srpo_beta_p0":
         config = SRPOConfig(beta_perception=0.0)
     elif method == "srpo_beta_r0":
         config = SRPOConfig(beta_reasoning=0.0)
@@ -81,7 +90,8 @@ def _args(processor, budget: RLBudget, seed: int):
             output_dir=tempfile.mkdtemp(prefix="srpo-exp-"),
             per_device_train_batch_size=budget.prompts * budget.generations, num_generations=budget.generations,
             max_completion_length=budget.max_completion_length,
-            max_steps=budget.steps, learning_rate=budget.lr, temperature=budget.temperature, use_cpu=True, report_to=[],
+            max_steps=budget.steps, learning_rate=budget.lr, lr_scheduler_type=budget.lr_scheduler, beta=budget.beta,
+            temperature=budget.temperature, use_cpu=True, report_to=[],
             bf16=False, logging_steps=1, save_strategy="no", seed=seed, data_seed=seed, disable_tqdm=True,
             generation_kwargs={"suppress_tokens": suppressed_ids(processor.tokenizer)},
         )
@@ -114,13 +124,19 @@ def _mean_logs(history: list[dict]) -> dict:
 
 
 def run_method(method: str, warm_model, processor, train: list[Sample], test: list[Sample], *, seed: int,
-               budget: RLBudget, eval_seed: int = 12345) -> dict:
+               budget: RLBudget, eval_seed: int = 12345, sample_k: int = 4) -> dict:
     """One RL run from a copy of ``warm_model``; returns the held-out metrics, the logged means and step times."""
     model = copy.deepcopy(warm_model)
+    if budget.beta:  # TRL loads its reference model from the config's path: the warm start, saved once per run
+        ref_dir = tempfile.mkdtemp(prefix="srpo-exp-ref-")
+        with contextlib.redirect_stderr(io.StringIO()):  # the save's progress bar
+            warm_model.save_pretrained(ref_dir)
+        model.config._name_or_path = ref_dir
     model.train()
     args = _args(processor, budget, seed)
     # TRL prints every log row when its progress bar is off: keep the study's own progress bars readable
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         warnings.simplefilter("ignore")
         trainer = trainer_for(method, model, processor, dataset(train), args)
         timer = _step_timer()
@@ -129,7 +145,7 @@ def run_method(method: str, warm_model, processor, train: list[Sample], test: li
         trainer.train()
         seconds = time.perf_counter() - start
     history = [row for row in trainer.state.log_history if "loss" in row or "reward" in row]
-    metrics = evaluate(trainer.model, processor, test, corruption_seed=eval_seed)
+    metrics = evaluate(trainer.model, processor, test, corruption_seed=eval_seed, sample_k=sample_k)
     rewards = [row["reward"] for row in history if "reward" in row]
     del trainer
     torch.set_grad_enabled(True)

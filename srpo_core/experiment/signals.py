@@ -3,17 +3,19 @@
 For every held-out sample two responses are teacher-forced — the grounded one and a hallucinated one (one or two cell
 colours wrong, reasoning consistent with them) — under three passes: the clean image, the corrupted image
 (:func:`srpo_core.corrupt_pixel_values`, the SRPO trainer's default corruption, one mask per sample shared by its two
-responses) and the clean image with the perception span removed (:func:`srpo_core.ablate_span`, ``drop``). Per token:
+responses) and the clean image with the perception span ablated (:func:`srpo_core.ablate_span` in each mode: ``mask``
+with the original M-RoPE positions, ``drop``, ``counterfactual`` with the span of another probe sample's response).
+Per token:
 
 - visual dependency ``k3`` (:func:`srpo_core.contrast` of ``ℓ`` and ``ℓ̃``), ``kl`` and ``js`` (:func:`srpo_core.
   token_contrast` of the clean and corrupted next-token rows), and the signed ``logratio`` ``ℓ − ℓ̃``;
-- reasoning consistency ``logratio`` ``ℓ − ℓ°`` (SRPO's default) and ``k3`` / ``kl`` / ``js`` of the clean and
-  ablated rows; ``logratio_no_tags`` removes the ``<perception>`` tags too (``ablate_span(tags_mask=…)``).
+- reasoning consistency ``reasoning_<mode>_logratio`` ``ℓ − ℓ°`` (SRPO's default) and ``k3`` / ``kl`` / ``js`` of the
+  clean and ablated rows; ``reasoning_drop_no_tags_logratio`` drops the ``<perception>`` tags too.
 
 Roles come from the real tag parser (:func:`srpo_core.roles_from_token_ids`). Comparisons (difference of token means
 and Cohen's d, with a cluster bootstrap over samples): perception vs reasoning vs OTHER tokens; grounded vs
-hallucinated perception spans (and the changed colour words alone); reasoning tokens that use a perceived fact vs
-those that do not.
+hallucinated perception spans (and the changed colour words alone); reasoning tokens that use a perceived fact (all of
+them, or the ones read directly off the span) vs those that do not.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import random
 import numpy as np
 import torch
 
-from srpo_core.ablation import ablate_span
+from srpo_core.ablation import ablate_span, counterfactual_donors
 from srpo_core.advantages import contrast
 from srpo_core.config import Role
 from srpo_core.corruption import CLIP_MEAN, CLIP_STD, corrupt_pixel_values
@@ -34,6 +36,7 @@ from srpo_core.roles import roles_from_token_ids
 
 KINDS = ("k3", "kl", "js", "logratio")
 REASONING_KINDS = ("logratio", "k3", "kl", "js")
+REASONING_MODES = ("mask", "drop", "counterfactual")  # side by side in the signal table (issue 23)
 
 
 def _rows_logits(model, inputs) -> torch.Tensor:
@@ -42,9 +45,17 @@ def _rows_logits(model, inputs) -> torch.Tensor:
     return torch.cat([logits[:, :1] * 0, logits[:, :-1]], dim=1)
 
 
-def _ablated_inputs(inputs: dict, ab) -> dict:
-    return {**inputs, "input_ids": ab.input_ids, "attention_mask": ab.attention_mask,
-            "mm_token_type_ids": ab.ablate(inputs["mm_token_type_ids"])}
+def _ablated_rows(model, inputs: dict, ab) -> torch.Tensor:
+    """``[B, L, V]`` rows of the ablated pass on the original positions (0 where a token gets no value). ``mask``
+    passes the original M-RoPE positions (``get_rope_index`` on the unablated batch); the other modes let the model
+    compute the positions of their rebuilt rows."""
+    kw = {**inputs, "input_ids": ab.input_ids, "attention_mask": ab.attention_mask,
+          "mm_token_type_ids": ab.ablate(inputs["mm_token_type_ids"])}
+    if ab.mode == "mask":
+        kw["position_ids"], _ = model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+    return ab.gather(_rows_logits(model, kw))
 
 
 def _per_token(rows_a, rows_b, ids, keep, kind):
@@ -79,30 +90,31 @@ def token_signals(model, processor, samples: list[Sample], *, seed: int = 0, cor
         clean = _rows_logits(model, inputs)
         corrupt = _rows_logits(model, {**inputs, "pixel_values": corrupted})
         span = batch.part == PART_CODES["perception"]
-        ab = ablate_span(ids, inputs["attention_mask"], span, mode="drop",
-                         pad_token_id=processor.tokenizer.pad_token_id)
-        ablated = ab.gather(_rows_logits(model, _ablated_inputs(inputs, ab)))
-        # the same with the <perception> tags removed too (ablate_span's tags_mask option)
-        tag_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(["<perception>", "</perception>"]))
-        tags = batch.completion & torch.isin(ids, tag_ids)
-        ab2 = ablate_span(ids, inputs["attention_mask"], span, mode="drop", tags_mask=tags,
-                          pad_token_id=processor.tokenizer.pad_token_id)
-        ablated_no_tags = ab2.gather(_rows_logits(model, _ablated_inputs(inputs, ab2)))
+        pad = processor.tokenizer.pad_token_id
         comp = batch.completion
+        tag_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(["<perception>", "</perception>"]))
+        tags = comp & torch.isin(ids, tag_ids)
+        passes = {"mask": ablate_span(ids, inputs["attention_mask"], span, mode="mask"),
+                  "drop": ablate_span(ids, inputs["attention_mask"], span, mode="drop", pad_token_id=pad),
+                  # the span of the same-rank response of the next probe sample (another prompt, same image)
+                  "counterfactual": ablate_span(ids, inputs["attention_mask"], span, mode="counterfactual",
+                                                donor=counterfactual_donors(cluster, "other"), pad_token_id=pad),
+                  # drop with the <perception> tags removed too (ablate_span's tags_mask option)
+                  "drop_no_tags": ablate_span(ids, inputs["attention_mask"], span, mode="drop", tags_mask=tags,
+                                              pad_token_id=pad)}
         roles = torch.zeros_like(ids)
         for b in range(len(pairs)):  # the real parser on each response's tokens
             roles[b] = roles_from_token_ids(ids[b:b + 1], processor.tokenizer, comp[b:b + 1]).roles[0]
         keep = comp
         got = {f"visual_{k}": _per_token(clean, corrupt, ids, keep, k) for k in KINDS}
-        kept_not_span = keep & ~span
-        for k in REASONING_KINDS:
-            full = torch.full(ids.shape, float("nan"))
-            full[kept_not_span] = _per_token(clean, ablated, ids, kept_not_span, k).float()
-            got[f"reasoning_{k}"] = full[keep]
-        full = torch.full(ids.shape, float("nan"))
-        kept = keep & ~span & ~tags
-        full[kept] = _per_token(clean, ablated_no_tags, ids, kept, "logratio").float()
-        got["reasoning_logratio_no_tags"] = full[keep]
+        for mode, ab in passes.items():
+            ablated = _ablated_rows(model, inputs, ab)
+            has = keep & ab.valid  # not the span, not the token after a masked span (D180)
+            for k in REASONING_KINDS if mode != "drop_no_tags" else ("logratio",):
+                full = torch.full(ids.shape, float("nan"))
+                if bool(has.any()):
+                    full[has] = _per_token(clean, ablated, ids, has, k).float()
+                got[f"reasoning_{mode}_{k}"] = full[keep]
         wrong = torch.zeros_like(keep)
         for b, (s, c) in enumerate(pairs):
             pos = torch.nonzero(batch.part[b] == PART_CODES["perception"])[:, 0]
@@ -111,7 +123,8 @@ def token_signals(model, processor, samples: list[Sample], *, seed: int = 0, cor
         row = torch.arange(len(pairs))[:, None].expand_as(ids)
         colour_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(VALUES)))
         colour = span & torch.isin(ids, colour_ids)
-        got.update(role=roles[keep], part=batch.part[keep], uses_fact=batch.uses_fact[keep],
+        got.update(role=roles[keep], token=ids[keep], part=batch.part[keep], uses_fact=batch.uses_fact[keep],
+                   direct=batch.direct[keep],
                    grounded=batch.grounded[:, None].expand_as(ids)[keep], wrong_colour=wrong[keep],
                    colour=colour[keep], cluster=cluster[:, None].expand_as(ids)[keep], response=(row + 2 * start)[keep])
         for key, value in got.items():
@@ -170,11 +183,16 @@ def analyse(sig: dict, *, n_boot: int = 1000, seed: int = 0) -> dict:
                                                                 & sig["wrong_colour"].astype(bool), cl,
                                                                 n_boot=n_boot, seed=seed),
         }
-    for k in (*REASONING_KINDS, "logratio_no_tags"):
-        v = sig[f"reasoning_{k}"].astype(float)
-        out[f"reasoning_{k}"] = {
+    direct = sig["direct"].astype(bool)
+    names = [f"reasoning_{m}_{k}" for m in REASONING_MODES for k in REASONING_KINDS]
+    names.append("reasoning_drop_no_tags_logratio")
+    for name in names:
+        v = sig[name].astype(float)
+        out[name] = {
             "fact_vs_nonfact": bootstrap_effect(v, reasoning & fact, reasoning & ~fact, cl, n_boot=n_boot,
                                                 seed=seed),
+            "direct_vs_nonfact": bootstrap_effect(v, reasoning & direct, reasoning & ~fact, cl, n_boot=n_boot,
+                                                  seed=seed),
             "fact_vs_nonfact_grounded": bootstrap_effect(v, reasoning & fact & grounded, reasoning & ~fact & grounded,
                                                          cl, n_boot=n_boot, seed=seed),
         }

@@ -1,8 +1,9 @@
 """The whole study, phase by phase (a progress bar each): data, warm start, signal validity, RL runs, summary.
 
-``run(quick=True)`` is the CI-sized version (one seed, a few RL steps); ``run(quick=False)`` the full study (three
-seeds, a longer budget). Every random draw comes from the seeds in :class:`StudyConfig`, so a run is reproducible up
-to floating-point non-determinism of multi-threaded CPU kernels (``torch.set_num_threads`` is fixed by the config).
+``run(QUICK)`` is one seed of GRPO and SRPO; ``run(FULL)`` every method over three seeds (issue 23's study v2).
+Every random draw comes from the seeds in :class:`StudyConfig`, so a run is reproducible up to floating-point
+non-determinism of multi-threaded CPU kernels (``torch.set_num_threads`` is fixed by the config) and to the CPU's
+instruction set (the same seeds give different warm starts on AVX-512 and AVX2 hosts, issue 23).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 
 import torch
 
+from srpo_core.ablation import DEFAULT_ABLATION_MODE
 from srpo_core.experiment import rl, signals
 from srpo_core.experiment.evaluate import evaluate
 from srpo_core.experiment.model import ModelSize, build_model, build_processor
@@ -27,30 +29,35 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
+    """Study v2 (issue 23), fixed before it ran: the warm start primes a shortcut (count / compare: the first empty
+    cell perceived as the question's colour, p ``prime``) and a silent hallucination (read: a non-queried cell wrong,
+    p ``prime``), other responses hallucinate with p ``hallucinated``; RL as :class:`rl.RLBudget`."""
+
     name: str = "quick"
-    train_samples: int = 512
-    test_samples: int = 64
-    signal_samples: int = 48
-    sft_steps: int = 400
+    train_samples: int = 2048
+    test_samples: int = 128
+    signal_samples: int = 64
+    sft_steps: int = 1500
     sft_batch: int = 16
     sft_lr: float = 3e-3
-    hallucinated: float = 0.3
+    hallucinated: float = 0.1
+    prime: float = 0.6
     seeds: tuple[int, ...] = (0,)
-    methods: tuple[str, ...] = rl.METHODS
+    methods: tuple[str, ...] = ("grpo", "srpo")
     budget: rl.RLBudget = rl.RLBudget()
     size: ModelSize = ModelSize(hidden=128)
+    sample_k: int = 4
     n_boot: int = 1000
-    threads: int = 2
+    threads: int = 1
     data_seed: int = 0
 
 
 QUICK = StudyConfig()
-FULL = StudyConfig(name="full", train_samples=2048, test_samples=256, signal_samples=256, sft_steps=1500,
-                   seeds=(0, 1, 2), budget=rl.RLBudget(steps=120, prompts=8))
+FULL = StudyConfig(name="full", test_samples=256, signal_samples=256, seeds=(0, 1, 2), methods=rl.METHODS)
 # seconds-long smoke version for the tests
 SMOKE = StudyConfig(name="smoke", train_samples=64, test_samples=8, signal_samples=4, sft_steps=4, sft_batch=8,
                     methods=("grpo", "srpo"), size=ModelSize(), budget=rl.RLBudget(steps=1, prompts=2, generations=2,
-                                                                 max_completion_length=12), n_boot=50, threads=1)
+                                                                 max_completion_length=12), sample_k=2, n_boot=50)
 
 
 def mean_ci(values: list[float]) -> dict:
@@ -67,7 +74,10 @@ def mean_ci(values: list[float]) -> dict:
     return {"mean": m, "ci": [m - h, m + h], "n": n, "values": xs}
 
 
-EVAL_KEYS = ("accuracy", "accuracy_corrupt", "grounding_gap", "perception", "perception_corrupt", "length", "format")
+EVAL_KEYS = ("accuracy", "accuracy_corrupt", "grounding_gap", "perception", "perception_corrupt", "length", "format",
+             "halluc_changes_answer", "halluc_keeps_answer", "shortcut_rate", "silent_prime_rate",
+             "sampled_accuracy", "sampled_perception", "sampled_halluc_changes_answer", "sampled_halluc_keeps_answer",
+             "sampled_shortcut_rate", "sampled_silent_prime_rate")
 LOG_KEYS = ("reward", "srpo/perception/w_mean", "srpo/perception/w_min", "srpo/perception/w_max",
             "srpo/reasoning/w_mean", "srpo/reasoning/w_min", "srpo/reasoning/w_max", "srpo/perception/mu",
             "srpo/reasoning/mu", "vppo/alpha_min", "vppo/alpha_max", "vppo/mask_fraction", "papo/kl_prcp",
@@ -80,7 +90,7 @@ def summarise(runs: list[dict], methods) -> dict:
     out = {}
     for m in methods:
         rs = [r for r in runs if r["method"] == m]
-        row = {k: mean_ci([r["eval"][k] for r in rs]) for k in EVAL_KEYS}
+        row = {k: mean_ci([r["eval"].get(k) for r in rs]) for k in EVAL_KEYS}
         row.update({k: mean_ci([r["logged"].get(k) for r in rs]) for k in LOG_KEYS})
         row["step_seconds"] = mean_ci([_median(r["step_seconds"]) for r in rs])
         row["step_time_vs_grpo"] = mean_ci([_median(r["step_seconds"]) / grpo_step[r["seed"]] for r in rs
@@ -88,6 +98,24 @@ def summarise(runs: list[dict], methods) -> dict:
         row["accuracy_gain_vs_warm"] = None
         out[m] = row
     return out
+
+
+def sampled_gain(warm: dict, runs: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Held-out sampled accuracy after RL minus the warm start's: mean over runs, and a 95% CI from a bootstrap that
+    resamples the held-out prompts (paired: the same prompts for both) and, with several runs, the runs too."""
+    import numpy as np
+
+    base = warm.get("per_sample_sampled_accuracy")
+    per = [r["eval"].get("per_sample_sampled_accuracy") for r in runs]
+    if base is None or not per or any(p is None for p in per):
+        return {"mean": None, "ci": [None, None], "n": 0, "values": []}
+    d = np.array([np.asarray(p) - np.asarray(base) for p in per])  # [runs, prompts]
+    rng = np.random.default_rng(seed)
+    runs_pick = rng.integers(0, d.shape[0], size=(n_boot, d.shape[0]))
+    prompts_pick = rng.integers(0, d.shape[1], size=(n_boot, d.shape[1]))
+    boots = np.array([d[runs_pick[i]][:, prompts_pick[i]].mean() for i in range(n_boot)])
+    return {"mean": float(d.mean()), "ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+            "n": int(d.shape[0]), "values": d.mean(1).tolist()}
 
 
 def _median(xs):
@@ -99,7 +127,19 @@ def environment(cfg: StudyConfig) -> dict:
     import transformers
     import trl
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+    cpu, flags = "", ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name") and not cpu:
+                    cpu = line.split(":", 1)[1].strip()
+                if line.startswith("flags") and not flags:
+                    flags = line
+    except OSError:
+        pass
+    isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else ""
+    return {"cpu": cpu, "isa": isa, "node": platform.node(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl.__version__, "machine": platform.machine(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
 
@@ -127,8 +167,9 @@ def run(cfg: StudyConfig = QUICK, *, progress: bool = True, note: str = "") -> d
         task = bar.add_task("warm start (SFT)", total=cfg.sft_steps)
         t = time.perf_counter()
         sft = warm_start(model, processor, train, steps=cfg.sft_steps, batch_size=cfg.sft_batch, lr=cfg.sft_lr,
-                         hallucinated=cfg.hallucinated, seed=cfg.data_seed, progress=lambda: bar.advance(task))
-        sft["eval"] = evaluate(model, processor, test)
+                         hallucinated=cfg.hallucinated, prime=cfg.prime, seed=cfg.data_seed,
+                         progress=lambda: bar.advance(task))
+        sft["eval"] = evaluate(model, processor, test, sample_k=cfg.sample_k)
         phases["warm_start"] = time.perf_counter() - t
 
         task = bar.add_task("signal validity", total=2)
@@ -145,14 +186,17 @@ def run(cfg: StudyConfig = QUICK, *, progress: bool = True, note: str = "") -> d
         for seed in cfg.seeds:  # methods interleaved inside each seed, so host load drifts hit them alike
             for method in cfg.methods:
                 bar.update(task, description=f"RL {method} seed {seed}")
-                runs.append(rl.run_method(method, model, processor, train, test, seed=seed, budget=cfg.budget))
+                runs.append(rl.run_method(method, model, processor, train, test, seed=seed, budget=cfg.budget,
+                                          sample_k=cfg.sample_k))
                 bar.advance(task)
         phases["rl"] = time.perf_counter() - t
     summary = summarise(runs, cfg.methods)
     for m in summary:
         summary[m]["accuracy_gain_vs_warm"] = mean_ci([r["eval"]["accuracy"] - sft["eval"]["accuracy"]
                                                        for r in runs if r["method"] == m])
+        summary[m]["sampled_gain_vs_warm"] = sampled_gain(sft["eval"], [r for r in runs if r["method"] == m])
     return {"config": _jsonable(dataclasses.asdict(cfg)), "environment": environment(cfg), "note": note,
+            "srpo_ablation_mode": DEFAULT_ABLATION_MODE,  # the mode the "srpo" method ran with
             "warm_start": sft, "signals": validity, "rl": {"runs": runs, "summary": summary},
             "phase_seconds": phases, "wall_seconds": time.perf_counter() - t0,
             "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}

@@ -105,14 +105,38 @@ def hallucinate(cells, rng: random.Random, n_wrong: int | None = None) -> tuple[
     return tuple(out)
 
 
+def shortcut(sample: Sample) -> tuple[str, ...] | None:
+    """The study's answer-changing prime (issue 23): for a count / compare question, the first empty cell perceived
+    as the question's (first) colour; ``None`` when it does not apply (a read question, or no empty cell)."""
+    if sample.kind not in ("count", "compare") or EMPTY not in sample.cells:
+        return None
+    out = list(sample.cells)
+    out[out.index(EMPTY)] = sample.args[0]
+    return tuple(out)
+
+
+def silent_prime(sample: Sample, rng: random.Random) -> tuple[str, ...] | None:
+    """The study's answer-keeping prime: for a read question, one non-queried cell perceived wrong (the answer and so
+    the reward cannot see it); ``None`` for other questions."""
+    if sample.kind != "read":
+        return None
+    out = list(sample.cells)
+    k = rng.choice([i for i in range(len(CELLS)) if CELLS[i] != sample.args[0]])
+    out[k] = rng.choice([v for v in VALUES if v != out[k]])
+    return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class Response:
     """A response's words (tags included) and, per word, its part (``perception`` / ``think`` / ``answer`` / ``tag``)
-    and whether a reasoning word uses a perceived fact (``uses_fact``; False outside ``think`` / ``answer``)."""
+    and whether a reasoning word uses a perceived fact (``uses_fact``; False outside ``think`` / ``answer``) and
+    whether it is read *directly* off the span (``direct``: the cells listed, the counts, the colour read, and the
+    ``so`` that closes a cell list; not the answers derived from them or repeated in ``<answer>``)."""
 
     words: tuple[str, ...]
     part: tuple[str, ...]
     uses_fact: tuple[bool, ...]
+    direct: tuple[bool, ...] = ()
 
     @property
     def text(self) -> str:
@@ -122,13 +146,14 @@ class Response:
 def response(sample: Sample, perceived) -> Response:
     """The structured response of ``sample`` when the cells are perceived as ``perceived``; the reasoning and the
     answer follow from the perception (so a hallucinated perception gives a possibly wrong answer)."""
-    words, part, fact = [], [], []
+    words, part, fact, direct = [], [], [], []
 
-    def add(ws, p, f=False):
+    def add(ws, p, f=False, d=False):
         for w in ws.split() if isinstance(ws, str) else ws:
             words.append(w)
             part.append(p)
-            fact.append(f)
+            fact.append(f or d)
+            direct.append(d)
 
     add("<perception>", "tag")
     for name, colour in zip(CELLS, perceived, strict=True):
@@ -142,24 +167,24 @@ def response(sample: Sample, perceived) -> Response:
         at = [name for name, c in zip(CELLS, perceived, strict=True) if c == args[0]] or [EMPTY]
         add(args[0], "think")
         add("at", "think")
-        add(at, "think", True)
-        add("so", "think")
+        add(at, "think", d=True)
+        add("so", "think", d=True)  # where the list ends depends on the perceived cells (issue 23)
         add(answer, "think", True)
     elif kind == "compare":
         for x in args:
             add(x, "think")
-            add(str(sum(c == x for c in perceived)), "think", True)
-        add("so", "think")
+            add(str(sum(c == x for c in perceived)), "think", d=True)
+        add("so", "think")  # after a fixed-length list: no fact decides it
         add(answer, "think", True)
     else:
         add(args[0], "think")
         add("is", "think")
-        add(answer, "think", True)
+        add(answer, "think", d=True)
     add("</think>", "tag")
     add("<answer>", "tag")
     add(answer, "answer", True)
     add("</answer>", "tag")
-    return Response(tuple(words), tuple(part), tuple(fact))
+    return Response(tuple(words), tuple(part), tuple(fact), tuple(direct))
 
 
 def parse(text: str) -> tuple[tuple[str, ...] | None, str | None]:
