@@ -28,8 +28,9 @@ $(STAMP): $(DEMO_STAMP)
 demo: $(DEMO_STAMP)
 	$(BIN)/srpo-core demo
 
+# one xdist worker per core (tests/conftest.py gives each worker its share of torch's threads)
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto
 
 # The verl adapter against the real verl, in a venv of its own (verl and trl pin conflicting transformers).
 $(VERL_VENV)/.srpo-installed: pyproject.toml

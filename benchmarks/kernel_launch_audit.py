@@ -5,12 +5,17 @@ Launches are counted where every kernel call ends, whatever wrapper (``triton.au
 ``torch.library.wrap_triton``) it went through: ``JITFunction.run`` (compiled) and ``InterpretedFunction.run``
 (``TRITON_INTERPRET=1``), warm-up compiles excluded. Launches in a subprocess a test spawns are not seen: such tests
 are about the processes, not the kernels, and the kernels they drive are tested in-process too.
+
+One exception, set by a harness for its own child process only: ``SRPO_LAUNCH_AUDIT=off``. tests/test_fuzz_subprocess.py
+runs the fuzz suites with the Triton backend forced (``SRPO_FUZZ_BACKEND=triton``) on the interpreter, where an
+out-of-bounds read can kill the process; that is a crash harness for the interpreter, not a parity selection.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import pytest
 
@@ -50,7 +55,7 @@ def _kernel_launch_audit(request):
     before = LAUNCHES[0]
     yield
     launched = LAUNCHES[0] - before
-    if launched and not gpu_selected(request.node):
+    if launched and not gpu_selected(request.node) and os.environ.get("SRPO_LAUNCH_AUDIT") != "off":
         pytest.fail(
             f"{request.node.nodeid} launched {launched} Triton kernel(s) but `make gpu-check` would not run it on the "
             "GPU: take the `device` fixture and put the tensors on it (benchmarks/pytest_device_only.py)",

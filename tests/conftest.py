@@ -38,6 +38,10 @@ if importlib.util.find_spec("triton") is not None:
 # Every test that launches a Triton kernel must be one the GPU check runs (it takes `device`), or it fails.
 from srpo_core.bench.kernel_launch_audit import _kernel_launch_audit  # noqa: E402, F401  (an autouse fixture)
 
+# Under pytest-xdist (`make test` runs `-n auto`) each worker takes its share of the cores for torch's threads.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 settings.register_profile(
     "ci", deadline=None, max_examples=60, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

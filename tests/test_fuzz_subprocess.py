@@ -39,7 +39,8 @@ def test_fuzz_triton_backends_in_a_subprocess(target):
     profile = os.environ.get("HYPOTHESIS_PROFILE", "ci")
     proc = _child(["-m", "pytest", target, "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts="],
                   {"SRPO_FUZZ_BACKEND": "triton", "SRPO_FUZZ_SCALE": SCALE.get(profile, "0.2"),
-                   "OMP_NUM_THREADS": "1"}, timeout=1800)
+                   "OMP_NUM_THREADS": "1", "SRPO_LAUNCH_AUDIT": "off"},  # a crash harness, not a parity selection
+                  timeout=1800)
     _verdict(proc, f"{target} with backend='triton'")
 
 

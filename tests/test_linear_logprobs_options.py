@@ -295,7 +295,7 @@ def test_autotuned_launch_gives_the_same_result(device, monkeypatch):
     assert len(K._TUNED) == 2  # one forward and one backward entry
 
 
-def test_autotune_key_holds_every_flag_that_changes_the_kernel(monkeypatch):
+def test_autotune_key_holds_every_flag_that_changes_the_kernel(monkeypatch, device):
     """Issue 22: the tuning key omitted WANT_ENTROPY, HAS_BIAS, SOFTCAP (a timing of one variant was reused for
     another). The key differs per flag and per operand strides, each variant is timed once, and the launchers pass
     their flags (the fused ops' forward and backward, with and without each option)."""

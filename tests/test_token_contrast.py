@@ -127,9 +127,9 @@ def test_torch_path_matches_float64_reference(case, chunk):
         assert_close(a, e, atol=ATOL + 2 * err, rtol=RTOL, name=name)
 
 
-def rows(*pairs, dtype=torch.float32):
-    x = torch.tensor([p[0] for p in pairs], dtype=dtype, device=DEVICE)
-    y = torch.tensor([p[1] for p in pairs], dtype=dtype, device=DEVICE)
+def rows(*pairs, dtype=torch.float32, device=DEVICE):
+    x = torch.tensor([p[0] for p in pairs], dtype=dtype, device=device)
+    y = torch.tensor([p[1] for p in pairs], dtype=dtype, device=device)
     return x, y
 
 
@@ -156,9 +156,9 @@ EDGE_CASES = [
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
 @pytest.mark.parametrize(("pair", "id_", "kind", "expected"), EDGE_CASES)
-def test_edge_cases(pair, id_, kind, expected, backend):
-    x, y = rows(pair)
-    ids = torch.tensor([id_], device=DEVICE)
+def test_edge_cases(pair, id_, kind, expected, backend, device):
+    x, y = rows(pair, device=device)
+    ids = torch.tensor([id_], device=device)
     if backend == "triton":
         outs = run_kernel(x, y, ids, kind=kind, block_v=16)
     else:
@@ -174,15 +174,15 @@ def test_edge_cases(pair, id_, kind, expected, backend):
 
 @needs_interpreter
 @pytest.mark.parametrize("kind", ["kl", "js"])
-def test_ignored_rows_and_n0(kind):
-    x = torch.randn(4, 23, device=DEVICE)
-    y = torch.randn(4, 23, device=DEVICE)
+def test_ignored_rows_and_n0(kind, device):
+    x = torch.randn(4, 23, device=device)
+    y = torch.randn(4, 23, device=device)
     x[1] = math.nan  # an ignored row is never read into a result
-    ids = torch.tensor([3, -100, 0, -100], device=DEVICE)
+    ids = torch.tensor([3, -100, 0, -100], device=device)
     for backend in ("triton", "torch"):
         d, lp, lq = token_contrast(x, y, ids, kind=kind, backend=backend)
-        assert torch.equal(d[[1, 3]], torch.zeros(2, device=DEVICE)), backend
-        assert torch.equal(lp[[1, 3]], torch.zeros(2, device=DEVICE)) and torch.equal(lq[[1, 3]], lp[[1, 3]])
+        assert torch.equal(d[[1, 3]], torch.zeros(2, device=device)), backend
+        assert torch.equal(lp[[1, 3]], torch.zeros(2, device=device)) and torch.equal(lq[[1, 3]], lp[[1, 3]])
         assert torch.isfinite(d).all() and (d[[0, 2]] > 0).all()
         empty = token_contrast(x[:0], y[:0], ids[:0], kind=kind, backend=backend)
         assert all(t.shape == (0,) and t.dtype == torch.float32 for t in empty)
@@ -292,13 +292,13 @@ def test_custom_op_opcheck():
 @needs_interpreter
 @pytest.mark.parametrize("kind", ["kl", "js"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_kernel_default_block_several_blocks(kind, dtype):
+def test_kernel_default_block_several_blocks(kind, dtype, device):
     """The launcher's default config (BLOCK_V = 4096) over three full blocks and a ragged tail, V = 3·4096 + 77."""
     g = torch.Generator().manual_seed(0)
     v = 3 * 4096 + 77
-    x = (torch.randn(3, v, generator=g) * 6).to(dtype).to(DEVICE)
-    y = (x.float() + torch.randn(3, v, generator=g)).to(dtype).to(DEVICE)
-    ids = torch.tensor([5, v - 1, 4096], device=DEVICE)
+    x = (torch.randn(3, v, generator=g) * 6).to(dtype).to(device)
+    y = (x.float() + torch.randn(3, v, generator=g)).to(dtype).to(device)
+    ids = torch.tensor([5, v - 1, 4096], device=device)
     outs = token_contrast(x, y, ids, kind=kind, temperature=0.8, backend="triton")
     check(outs, reference(x.double(), y.double(), ids, kind=kind, temperature=0.8))
 
@@ -306,25 +306,25 @@ def test_kernel_default_block_several_blocks(kind, dtype):
 @pytest.mark.slow
 @needs_interpreter
 @pytest.mark.parametrize("kind", ["kl", "js"])
-def test_kernel_qwen2vl_vocab(kind):
+def test_kernel_qwen2vl_vocab(kind, device):
     """A real vocabulary size (Qwen2-VL, V = 151,936), bf16, with −inf entries and a large shift between the rows."""
     g = torch.Generator().manual_seed(1)
     v = 151_936
     x = torch.randn(8, v, generator=g) * 4
     y = x + 0.5 * torch.randn(8, v, generator=g) + 100.0
     x[:, 1000:1010] = -math.inf
-    x, y = x.to(torch.bfloat16).to(DEVICE), y.to(torch.bfloat16).to(DEVICE)
-    ids = torch.randint(0, v, (8,), generator=g).to(DEVICE)
+    x, y = x.to(torch.bfloat16).to(device), y.to(torch.bfloat16).to(device)
+    ids = torch.randint(0, v, (8,), generator=g).to(device)
     ids[3] = -100
     outs = token_contrast(x, y, ids, kind=kind, backend="triton")
     check(outs, reference(x.double(), y.double(), ids, kind=kind))
 
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
-def test_out_of_range_id_past_the_check_gives_nan(backend):
+def test_out_of_range_id_past_the_check_gives_nan(backend, device):
     """What torch.compile sees (the eager range check is skipped there): NaN in that row, never a read out of bounds."""
-    x, y = torch.randn(3, 6, device=DEVICE), torch.randn(3, 6, device=DEVICE)
-    ids = torch.tensor([0, 6, -7], device=DEVICE)
+    x, y = torch.randn(3, 6, device=device), torch.randn(3, 6, device=device)
+    ids = torch.tensor([0, 6, -7], device=device)
     outs = torch.ops.srpo_core.token_contrast(x, y, ids, "kl", 1.0, -100, backend)
     for t in outs:
         assert torch.isfinite(t[0]) and torch.isnan(t[1:]).all()
