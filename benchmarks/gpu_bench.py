@@ -36,6 +36,7 @@ import datetime
 import importlib
 import importlib.util
 import json
+import os
 import platform
 import sys
 import time
@@ -347,6 +348,13 @@ def markdown(env: dict, copy_bw: float, peaks: dict | None, results: list[dict])
     return "\n".join(lines) + "\n"
 
 
+def _write_atomically(path: str, text: str) -> None:
+    """A process killed mid-write (the check's timeout) leaves the previous complete file, never half of one."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def smoke_environment() -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "gpu": "none (--smoke: every case run once on the CPU, nothing timed)", "python": platform.python_version(),
@@ -407,11 +415,11 @@ def main(argv=None) -> int:
 
     def dump(final: bool) -> None:  # after every row, so a run stopped at its time limit keeps what it timed
         if args.json:
-            Path(args.json).write_text(json.dumps({"environment": env, "copy_bandwidth_Bps": copy_bw, "peaks": peaks,
-                                                   "args": vars(args), "complete": final, "results": results},
-                                                  indent=1))
+            _write_atomically(args.json, json.dumps({"environment": env, "copy_bandwidth_Bps": copy_bw, "peaks": peaks,
+                                                     "args": vars(args), "complete": final, "results": results},
+                                                    indent=1))
         if args.markdown:
-            Path(args.markdown).write_text(markdown(env, copy_bw, peaks, results))
+            _write_atomically(args.markdown, markdown(env, copy_bw, peaks, results))
 
     for op, mode, impl, setup, floor, flops in cases:
         if args.only and args.only not in op:

@@ -40,6 +40,7 @@ import dataclasses
 import torch
 
 from srpo_core._validate import (
+    brief,
     describe,
     first_true_index,
     refuse_meta,
@@ -57,7 +58,7 @@ DONOR_SOURCES = ("group", "other")
 def check_ablation_mode(where: str, mode) -> str:
     """``mode`` if it is one of :data:`ABLATION_MODES`, else a ValueError naming ``where``."""
     if mode not in ABLATION_MODES:
-        raise ValueError(f"{where}: the ablation mode must be one of {ABLATION_MODES}, got {mode!r}")
+        raise ValueError(f"{where}: the ablation mode must be one of {ABLATION_MODES}, got {brief(mode)}")
     return mode
 
 
@@ -90,7 +91,7 @@ def counterfactual_donors(group_ids: torch.Tensor, source: str = "group") -> tor
     """
     require_tensor("counterfactual_donors", "group_ids", group_ids, kind="int", ndim=1)
     if source not in DONOR_SOURCES:
-        raise ValueError(f"counterfactual_donors: `source` must be one of {DONOR_SOURCES}, got {source!r}")
+        raise ValueError(f"counterfactual_donors: `source` must be one of {DONOR_SOURCES}, got {brief(source)}")
     g = group_ids.tolist()
     members: dict[int, list[int]] = {}
     for i, x in enumerate(g):
@@ -200,10 +201,10 @@ def ablate_span(input_ids: torch.Tensor, attention_mask: torch.Tensor, span_mask
     require_same_shape(OP, "input_ids", input_ids, attention_mask=attention_mask, span_mask=span_mask)
     require_same_device(OP, "input_ids", input_ids, attention_mask=attention_mask, span_mask=span_mask)
     if mode not in ABLATION_MODES:
-        raise ValueError(f"{OP}: `mode` must be one of {ABLATION_MODES}, got {mode!r}")
+        raise ValueError(f"{OP}: `mode` must be one of {ABLATION_MODES}, got {brief(mode)}")
     if (donor is None) != (mode != "counterfactual"):
         raise ValueError(f"{OP}: `donor` is required with mode='counterfactual' and only then, got "
-                         f"{describe(donor)} with mode={mode!r}")
+                         f"{describe(donor)} with mode={brief(mode)}")
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
         raise TypeError(f"{OP}: `pad_token_id` must be an int, got {describe(pad_token_id)}")
     info = torch.iinfo(input_ids.dtype)
@@ -231,8 +232,9 @@ def ablate_span(input_ids: torch.Tensor, attention_mask: torch.Tensor, span_mask
         if donor.shape[0] != input_ids.shape[0]:
             raise ValueError(f"{OP}: `donor` must be [B] with B = {input_ids.shape[0]}, got {describe(donor)}")
         if bool(((donor < -1) | (donor >= input_ids.shape[0])).any()):
+            bad = (donor < -1) | (donor >= input_ids.shape[0])
             raise ValueError(f"{OP}: `donor` must hold row indices in [-1, {input_ids.shape[0] - 1}], got "
-                             f"{donor.tolist()}")
+                             f"{int(donor[bad][0])} at {first_true_index(bad)}")
         return _counterfactual(input_ids, attention_mask, span_mask, donor.to(input_ids.device), pad_token_id)
     keep = ~span_mask
     index = torch.where(keep, torch.cumsum(keep.to(torch.int64), dim=1) - 1, -1)

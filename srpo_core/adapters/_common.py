@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from srpo_core._validate import describe
+from srpo_core._validate import brief, describe
 from srpo_core.ablation import check_ablation_mode, follows_hidden
 from srpo_core.config import Role, SRPOConfig
 
@@ -72,7 +72,7 @@ class AdapterOptions:
 def require_ablation_mode(adapter: str, options: AdapterOptions, supported: tuple[str, ...]) -> None:
     """Refuse an ``ablation_mode`` that ``adapter``'s ablated pass does not run (when the pass is on)."""
     if options.ablate and options.ablation_mode not in supported:
-        raise NotImplementedError(f"srpo {adapter} adapter: `ablation_mode={options.ablation_mode!r}` is not "
+        raise NotImplementedError(f"srpo {adapter} adapter: `ablation_mode={brief(options.ablation_mode)}` is not "
                                   f"implemented here (this adapter runs {supported}); the TRL adapter runs every "
                                   f"mode, or set ablate=False")
 
@@ -154,7 +154,7 @@ def refine_advantages(method: str, seq_adv: torch.Tensor, mask: torch.Tensor, lo
         out = vppo_advantages(seq_adv, logp, logp_corrupt, mask=m, beta_min=options.vppo_beta_min,
                               top_k=options.vppo_top_k)
         return torch.where(out.loss_mask, out.advantages, 0.0), dict(out.stats)
-    raise ValueError(f"unknown srpo-core estimator {method!r}; expected one of {ESTIMATORS}")
+    raise ValueError(f"unknown srpo-core estimator {brief(method)}; expected one of {ESTIMATORS}")
 
 
 def corrupt_multi_modal_inputs(multi_modal_inputs, groups: torch.Tensor, *, mode: str = "black", p: float = 0.5,
