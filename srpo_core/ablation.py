@@ -81,31 +81,50 @@ def follows_hidden(hidden: torch.Tensor, valid: torch.Tensor | None = None) -> t
     return valid & ~hidden & prev_hidden
 
 
-def counterfactual_donors(group_ids: torch.Tensor, source: str = "group") -> torch.Tensor:
+def counterfactual_donors(group_ids: torch.Tensor, source: str = "group", *, input_ids: torch.Tensor | None = None,
+                          span_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``int64 [B]``: for each row, the row whose span replaces its own in ``counterfactual`` mode (``−1``: none).
 
     - ``"group"``: the next response of the same prompt (cyclically, in batch order); a group of one has no donor.
     - ``"other"``: the response of the same rank in the next prompt group (cyclically over groups, in order of first
       appearance; rank taken modulo that group's size); a batch of one group has no donor.
+    With ``input_ids`` and ``span_mask`` (``[B, L]``), a candidate whose span holds the same tokens as the row's own is
+    passed over for the next one, and a row that only such candidates could serve gets ``−1``: an identical span
+    would make ``ℓ° = ℓ``, a signal of exactly 0 that says nothing (as responses of one prompt converge, more of
+    them perceive the same facts), where ``−1`` leaves the row's reasoning tokens without a signal.
     Deterministic, so a step is reproducible and no random stream is consumed.
     """
     require_tensor("counterfactual_donors", "group_ids", group_ids, kind="int", ndim=1)
     if source not in DONOR_SOURCES:
         raise ValueError(f"counterfactual_donors: `source` must be one of {DONOR_SOURCES}, got {brief(source)}")
     g = group_ids.tolist()
+    if (input_ids is None) != (span_mask is None):
+        raise ValueError("counterfactual_donors: give `input_ids` and `span_mask` together, or neither")
+    if input_ids is not None:
+        require_same_shape("counterfactual_donors", "input_ids", input_ids, span_mask=span_mask)
+        if input_ids.shape[0] != len(g):
+            raise ValueError(f"counterfactual_donors: `input_ids` must have B = {len(g)} rows, got "
+                             f"{describe(input_ids)}")
+        spans = [tuple(row[m].tolist()) for row, m in zip(input_ids, span_mask.bool(), strict=True)]
+    else:
+        spans = [None] * len(g)
     members: dict[int, list[int]] = {}
     for i, x in enumerate(g):
         members.setdefault(x, []).append(i)
     order = list(members)
+
+    def first_different(i: int, candidates: list[int]) -> int:
+        return next((c for c in candidates if c != i and (spans[i] is None or spans[c] != spans[i])), -1)
+
     donor = [-1] * len(g)
     for k, x in enumerate(order):
         rows = members[x]
         for r, i in enumerate(rows):
             if source == "group":
-                donor[i] = rows[(r + 1) % len(rows)] if len(rows) > 1 else -1
+                donor[i] = first_different(i, rows[r + 1:] + rows[:r])
             elif len(order) > 1:
                 other = members[order[(k + 1) % len(order)]]
-                donor[i] = other[r % len(other)]
+                donor[i] = first_different(i, other[r % len(other):] + other[:r % len(other)])
     return torch.tensor(donor, dtype=torch.int64, device=group_ids.device)
 
 

@@ -247,3 +247,17 @@ def test_counterfactual_rows_are_prefix_donor_span_suffix(seed, b, split):
     back = ab.gather(ab.ablate(x), fill=float("nan"))
     assert torch.equal(back[ab.valid], x[ab.valid]) and bool(back[~ab.valid].isnan().all())
     assert not bool(ab.valid[span].any())
+
+
+def test_counterfactual_donors_pass_over_identical_spans():
+    """A donor whose span holds the row's own tokens would give ℓ° = ℓ (a signal of 0 that says nothing): the next
+    candidate with another span is taken, and a row only such candidates could serve gets no donor (−1)."""
+    g = torch.tensor([0, 0, 0, 1, 1, 2])
+    ids = torch.tensor([[7, 1, 2, 9], [7, 1, 2, 9], [7, 3, 4, 9], [7, 5, 5, 9], [7, 5, 5, 9], [7, 1, 2, 9]])
+    span = torch.tensor([[0, 1, 1, 0]] * 6, dtype=torch.bool)
+    assert counterfactual_donors(g, "group").tolist() == [1, 2, 0, 4, 3, -1]  # without spans: the next member
+    assert counterfactual_donors(g, "group", input_ids=ids, span_mask=span).tolist() == [2, 2, 0, -1, -1, -1]
+    # "other": rank-matched member of the next group, passing over one with the same span (row 5 → group 0)
+    assert counterfactual_donors(g, "other", input_ids=ids, span_mask=span).tolist() == [3, 4, 3, 5, 5, 2]
+    with pytest.raises(ValueError, match="together"):
+        counterfactual_donors(g, "group", input_ids=ids)

@@ -245,8 +245,12 @@ def test_ablated_pass_matches_direct_forward(processor, mode):
     image_token = model.config.image_token_id
     rows_per_image = int(out["image_grid_thw"][0].prod())
     n = out["completion_ids"].shape[0]
-    donor = counterfactual_donors(torch.arange(n) // trainer.num_generations, "group")
     roles = last.roles.roles
+    full_ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+    full_span = torch.cat([torch.zeros_like(out["prompt_ids"], dtype=torch.bool),
+                           last.mask & (roles == Role.PERCEPTION)], dim=1)
+    donor = counterfactual_donors(torch.arange(n) // trainer.num_generations, "group", input_ids=full_ids,
+                                  span_mask=full_span)  # as the trainer picks them: identical spans are passed over
     checked = 0
     for b in range(n):
         prompt = out["prompt_ids"][b][out["prompt_mask"][b].bool()]
@@ -256,6 +260,9 @@ def test_ablated_pass_matches_direct_forward(processor, mode):
         completion = out["completion_ids"][b][keep]
         if mode == "counterfactual":  # the span is the completion's first 4 tokens (roles_fn)
             d = int(donor[b])
+            if d < 0:  # no donor with another span: no value on this row's reasoning tokens
+                assert not bool((last.scored_roles[b] == Role.REASONING).any())
+                continue
             completion = torch.cat([out["completion_ids"][d][last.mask[d] & (roles[d] == Role.PERCEPTION)],
                                     completion])
         ids = torch.cat([prompt, completion])[None]

@@ -107,7 +107,8 @@ class SRPOPasses:
                                              attention_mask[:, width_p:].bool(), tags=self.srpo_options.perception_tags)
             tags = torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), comp], dim=1)
         mode = self.srpo_options.ablation_mode
-        donor = (counterfactual_donors(group_ids.to(input_ids.device), self.srpo_options.counterfactual_source)
+        donor = (counterfactual_donors(group_ids.to(input_ids.device), self.srpo_options.counterfactual_source,
+                                       input_ids=input_ids, span_mask=full_span)  # identical spans: no donor
                  if mode == "counterfactual" else None)
         ab = ablate_span(input_ids, attention_mask, full_span, mode=mode, pad_token_id=pad, tags_mask=tags,
                          donor=donor)
