@@ -217,3 +217,40 @@ def to_batch(records: list[dict]) -> Rollouts:
         reasoning_signal=signals["reasoning_signal"],
         malformed=malformed,
     )
+
+
+def to_records(tokens: list[list[str]], mask: torch.Tensor, roles: torch.Tensor, logp: torch.Tensor,
+               logp_corrupt: torch.Tensor, logp_ablated: torch.Tensor, advantages: torch.Tensor,
+               prompt_ids: list, response_ids: list | None = None) -> list[dict]:
+    """Rollouts in this module's schema, one record per response, from a trainer's padded batch: ``mask: bool [B, T]``
+    (the response tokens), ``roles``, ``logp``, ``logp_corrupt``, ``logp_ablated``: ``[B, T]``; ``advantages: [B]``
+    (the sequence advantage); ``tokens[b]``: the text of each masked token of row ``b``. ``−inf`` is written as
+    ``null``; ``srpo-core explain`` reads the result (:func:`write_jsonl`)."""
+    m = mask.bool().cpu()
+    cols = {name: t.detach().float().cpu() for name, t in
+            (("logp", logp), ("logp_corrupt", logp_corrupt), ("logp_ablated", logp_ablated))}
+    r, adv = roles.cpu(), advantages.detach().double().cpu().tolist()
+    records = []
+    for b in range(m.shape[0]):
+        n = int(m[b].sum())
+        if len(tokens[b]) != n:
+            raise ValueError(f"to_records: row {b} has {n} masked tokens but {len(tokens[b])} token texts")
+        rec = {"prompt_id": prompt_ids[b], "tokens": list(tokens[b]), "roles": r[b][m[b]].tolist(),
+               "advantage": adv[b]}
+        for name, t in cols.items():
+            rec[name] = [None if v == -math.inf else v for v in t[b][m[b]].tolist()]
+        if response_ids is not None:
+            rec["response_id"] = response_ids[b]
+        records.append(rec)
+    return records
+
+
+def write_jsonl(path, records: list[dict]) -> pathlib.Path:
+    """Write ``records`` one per line (``allow_nan=False``: a NaN or ``+inf`` is an error here, never a file that
+    :func:`load` refuses later); the folder is created. Returns the path."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, allow_nan=False) + "\n")
+    return path

@@ -9,6 +9,8 @@ tag parser), ``Qwen2VLImageProcessor()`` defaults (the PIL backend when torchvis
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -24,7 +26,7 @@ PIL_Image = pytest.importorskip("PIL.Image")
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from srpo_core import Role, SRPOConfig  # noqa: E402
+from srpo_core import Role, SRPOConfig, role_aware_advantages  # noqa: E402
 from srpo_core.ablation import counterfactual_donors  # noqa: E402
 from srpo_core.adapters.trl import SRPOGRPOConfig, SRPOGRPOTrainer, SRPOTrainerOptions  # noqa: E402
 
@@ -292,6 +294,30 @@ def test_ablated_pass_matches_direct_forward(processor, mode):
                                    atol=1e-5)
         checked += int(reasoning.sum())
     assert checked > 0
+
+
+def test_explain_every_writes_what_srpo_core_explain_reads(processor, tmp_path):
+    """`explain_every=1`: each generation step's rollouts go to JSONL in the rollouts schema; read back (as
+    `srpo-core explain` does) and scored with the same config, they give the trainer's own weights."""
+    from srpo_core.rollouts import load, to_batch
+
+    trainer = run(SRPOGRPOTrainer, processor, steps=2, lr=0.0, srpo_options=SRPOTrainerOptions(
+        roles_fn=half_perception_half_reasoning, explain_every=1, explain_dir=str(tmp_path)))
+    files = sorted(tmp_path.glob("step-*-rank0.jsonl"))
+    assert len(files) == 2, files
+    last = trainer._srpo_last
+    batch = to_batch(load(files[-1]))
+    assert batch.cu_seqlens.tolist()[-1] == int(last.mask.sum())
+    assert batch.tokens[0] and all(isinstance(t, str) for t in batch.tokens[0])
+    torch.testing.assert_close(batch.roles, last.scored_roles[last.mask].to(batch.roles.dtype))
+    again = role_aware_advantages(batch.advantages.float(), batch.logp, batch.logp_corrupt, batch.logp_ablated,
+                                  batch.roles, cu_seqlens=batch.cu_seqlens, config=trainer.srpo_config)
+    torch.testing.assert_close(again.weights, last.result.weights[last.mask], rtol=1e-6, atol=1e-6)
+    shown = subprocess.run([sys.executable, "-m", "srpo_core.cli", "explain", str(files[-1])], capture_output=True,
+                           text=True, timeout=300)
+    assert shown.returncode == 0 and "r0-0" in shown.stdout, shown.stdout[-2000:] + shown.stderr[-2000:]
+    with pytest.raises(ValueError, match="explain_every"):
+        SRPOTrainerOptions(explain_every=-1)
 
 
 def test_refuses_liger_kernel(processor):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from trl import GRPOConfig
 
+from srpo_core._validate import brief
 from srpo_core.ablation import DEFAULT_ABLATION_MODE, DONOR_SOURCES, check_ablation_mode
 from srpo_core.config import SRPOConfig
 from srpo_core.corruption import MODES
@@ -64,6 +65,10 @@ class SRPOTrainerOptions:
     - ``entropy_penalty_coef``: adds ``coef · (−mean ℓ)`` over the response tokens to the loss (VPPO's entropy
       penalty; PAPO's "original" half of the Double Entropy Loss); ``papo_aug_entropy_coef``: adds
       ``coef · (−mean ℓ̃)`` (PAPO's "augmented" half; ``ℓ̃`` is computed without gradient, as PAPO's default).
+    - ``explain_every``: every k-th generation step (the first included; 0 = never) write the rollouts SRPO weighted
+      as the JSONL that ``srpo-core explain`` reads (tokens, roles as scored, the three log-probs, TRL's sequence
+      advantage): ``explain_dir`` (default ``<output_dir>/srpo_rollouts``), ``step-<global step>-rank<r>.jsonl``,
+      one file per process and step.
     - :meth:`preset` gives each method its source's defaults (``docs/decisions.md`` D112-D114).
     """
 
@@ -85,6 +90,8 @@ class SRPOTrainerOptions:
     vppo_beta_min: float = 0.9
     vppo_top_k: float = 0.4
     fused_loss: bool = False
+    explain_every: int = 0
+    explain_dir: str | None = None
 
     @classmethod
     def preset(cls, method: str, **overrides) -> SRPOTrainerOptions:
@@ -119,6 +126,12 @@ class SRPOTrainerOptions:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SRPOTrainerOptions: `{name}` must be a bool, got {getattr(self, name)!r}")
         check_ablation_mode("SRPOTrainerOptions: `ablation_mode`", self.ablation_mode)
+        if isinstance(self.explain_every, bool) or not isinstance(self.explain_every, int) or self.explain_every < 0:
+            raise ValueError(f"SRPOTrainerOptions: `explain_every` must be an int >= 0 (0: never), got "
+                             f"{brief(self.explain_every)}")
+        if self.explain_dir is not None and not isinstance(self.explain_dir, str):
+            raise TypeError(f"SRPOTrainerOptions: `explain_dir` must be a path string or None, got "
+                            f"{brief(self.explain_dir)}")
         if self.counterfactual_source not in DONOR_SOURCES:
             raise ValueError(f"SRPOTrainerOptions: `counterfactual_source` must be one of {DONOR_SOURCES}, got "
                              f"{self.counterfactual_source!r}")
@@ -181,6 +194,10 @@ class SRPOGRPOConfig(GRPOConfig):
     srpo_vppo_top_k: float = _field(_OPTS.vppo_top_k, "SRPO: VPPO's share of tokens kept (method='vppo')")
     srpo_fused_loss: bool = _field(_OPTS.fused_loss, "SRPO: compute the loss with srpo_core.linear_policy_loss "
                                    "from the last hidden state (never the full logits)")
+    srpo_explain_every: int = _field(_OPTS.explain_every, "SRPO: write the weighted rollouts every k generation steps "
+                                     "as JSONL for `srpo-core explain` (0: never)")
+    srpo_explain_dir: str | None = _field(_OPTS.explain_dir, "SRPO: where those files go (default: "
+                                          "<output_dir>/srpo_rollouts)")
 
     def __post_init__(self):
         super().__post_init__()

@@ -214,6 +214,8 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
         out["advantages"] = res.advantages.to(seq_adv.dtype)  # [B, T]; 0 outside the mask
         self._srpo_last = SRPOStep(seq_adv, res, roles, mask, logp, logp_corrupt, logp_ablated, role_t)
         self._srpo_generation += 1
+        if opts.explain_every and (self._srpo_generation - 1) % opts.explain_every == 0:
+            self._srpo_write_rollouts(completion_ids, group_ids)
 
         metrics = self._metrics[mode]
         for key, value in res.stats.items():
@@ -224,6 +226,21 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
                 metrics[f"srpo/{key}"].append(value)
         metrics["srpo/malformed_frac"].append(roles.num_malformed / max(len(seq_adv), 1))
         return out
+
+    def _srpo_write_rollouts(self, completion_ids: torch.Tensor, group_ids: torch.Tensor):
+        """The last step's rollouts as ``srpo-core explain`` reads them (``explain_every``); returns the path."""
+        from srpo_core.rollouts import to_records, write_jsonl
+
+        last, opts = self._srpo_last, self.srpo_options
+        tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+        tokens = [tok.batch_decode([[int(i)] for i in row[m]]) for row, m in zip(completion_ids, last.mask.bool(),
+                                                                                   strict=True)]
+        rank = self.accelerator.process_index
+        records = to_records(tokens, last.mask, last.scored_roles, last.logp, last.logp_corrupt, last.logp_ablated,
+                             last.sequence_advantages, group_ids.tolist(),
+                             [f"r{rank}-{i}" for i in range(len(tokens))])
+        folder = opts.explain_dir or os.path.join(self.args.output_dir, "srpo_rollouts")
+        return write_jsonl(os.path.join(folder, f"step-{self.state.global_step:06d}-rank{rank}.jsonl"), records)
 
     def _preset_step(self, out, mode, seq_adv, roles, mask, logp, logp_corrupt):
         """VPPO's or PAPO's step (no ablated pass): VPPO's token advantages, or PAPO's ℓ̃ kept for the loss."""
