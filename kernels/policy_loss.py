@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from srpo_core._dispatch import device_guard, empty
-from srpo_core.cpu.policy_loss import add_grad_weight, fp16_scales, fp16_store
+from srpo_core.cpu.policy_loss import add_grad_weight, fp16_scales, fp16_store, mul_fp32
 from srpo_core.kernels.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
 
 LOW_PRECISION_BYTES = 2
@@ -85,7 +85,7 @@ def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, 
                 s16, r16 = fp16_scales(d_logp, d_ent, h_t, inv_tau, w_absmax, h)
                 d_logp, d_ent = d_logp * s16, None if d_ent is None else d_ent * s16
                 inv_s, inv_w = 1.0 / s16, 1.0 / (s16 * r16)
-                h = h * r16
+                h = mul_fp32(h, r16)  # in fp32: CUDA rounds a 0-dim device factor to fp16 first
             g = token_logprobs_bwd(d_logp, d_ent, x, ids[rows], row_max, row_logsum, h_t, temperature=1.0 / inv_tau,
                                    ignore_index=NO_ID, inplace=True)
             if need_b:

@@ -113,6 +113,32 @@ def token_grads(logp, old, adv, ref, ent, cfg: LossConfig):
     return loss, d_logp, stats
 
 
+SCALE_BLOCK = 1 << 22  # elements per fp32 block of ``mul_fp32_`` (16 MiB)
+
+
+def mul_fp32_(x, f):
+    """``x *= f`` in place, the product computed in fp32 with one rounding to ``x``'s dtype; ``f`` a 0-dim or
+    ``[x.shape[-1]]`` fp32 tensor (on ``x``'s device). ``x.mul_(f)`` would not do for bf16/fp16 on CUDA: there only a
+    CPU scalar is read in the computation dtype, a 0-dim *device* tensor is cast to ``x``'s dtype first (an fp32
+    ``2^-30`` is 0 in fp16, ``1/3`` is 0.334 in bf16). bf16/fp16 go through fp32 copies of at most ``SCALE_BLOCK``
+    elements (rows of a contiguous ``x``); no value is read on the host."""
+    if x.dtype not in LOW_PRECISION:
+        return x.mul_(f)
+    if x.numel() == 0:
+        return x
+    rows = x.view(-1, x.shape[-1])
+    for blk in rows.split(max(1, SCALE_BLOCK // rows.shape[1])):
+        blk.copy_(blk.float().mul_(f))
+    return x
+
+
+def mul_fp32(x, f):
+    """``x·f`` (a new tensor in ``x``'s dtype) computed in fp32 with one rounding, as ``mul_fp32_``."""
+    if x.dtype not in LOW_PRECISION:
+        return x * f
+    return x.float().mul_(f).to(x.dtype)
+
+
 def add_grad_weight(gw, gw_acc, g, h, *, first: bool, inv=None) -> None:
     """``grad_weight += gᵀ @ h`` for one chunk (``first``: ``=``). With ``gw_acc`` (bf16/fp16 over several chunks) the
     chunk's GEMM lands in ``gw`` (the output's own buffer: a fresh ``[V, H]`` per chunk costs more in page faults than
@@ -339,7 +365,7 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
             else:
                 torch.mm(gm, weight, out=gh[n0:n1])
         if need_w:
-            add_grad_weight(gw, gw_acc, gm, h if not scaled else h * r16, first=n0 == 0, inv=inv_w)
+            add_grad_weight(gw, gw_acc, gm, h if not scaled else mul_fp32(h, r16), first=n0 == 0, inv=inv_w)
     gw_inv = inv_w if (scaled and need_w) else None  # one fp16 chunk: gw holds (S·R)·grad
     if gw_acc is not None:
         if scaled:

@@ -26,7 +26,7 @@ import torch
 
 from srpo_core import _dispatch
 from srpo_core._validate import check_cu_seqlens, describe, require_tensor
-from srpo_core.cpu.policy_loss import N_STATS, LossConfig, fp16_store, fused_fwd_bwd, token_grads
+from srpo_core.cpu.policy_loss import N_STATS, LossConfig, fp16_store, fused_fwd_bwd, mul_fp32_, token_grads
 from srpo_core.ops.linear_token_logprobs_checks import AUTOCAST_DEVICES, autocast_dtype
 from srpo_core.reference.policy_loss import KL_KINDS
 
@@ -247,10 +247,11 @@ def _backward(ctx, g_loss, *_):
 
     def scaled(g, i):
         # the seed itself, not rounded to g's dtype: a bf16 1/3 is 0.334, an fp16 65536 (DeepSpeed's initial loss
-        # scale) is inf; fp16: seed × the stored gradient's scale, in fp32, then one rounding to fp16
+        # scale) is inf; fp16: seed × the stored gradient's scale, in fp32, then one rounding to fp16. mul_fp32_, not
+        # g.mul_: CUDA casts a 0-dim device factor to g's dtype before multiplying
         if one:
             return g
-        return g.mul_(g_loss * inv[i]) if ctx.fp16 else g.mul_(g_loss)
+        return mul_fp32_(g, g_loss * inv[i] if ctx.fp16 else g_loss)
 
     return (scaled(gh, 0) if need_h else None, scaled(gw, 1) if need_w else None,
             scaled(gb, 2) if need_b else None) + (None,) * 20
