@@ -133,10 +133,10 @@ def mul_fp32_(x, f):
 
 
 def mul_fp32(x, f):
-    """``x·f`` (a new tensor in ``x``'s dtype) computed in fp32 with one rounding, as ``mul_fp32_``."""
+    """``x·f`` (a new contiguous tensor in ``x``'s dtype) computed in fp32 with one rounding, as ``mul_fp32_``."""
     if x.dtype not in LOW_PRECISION:
         return x * f
-    return x.float().mul_(f).to(x.dtype)
+    return mul_fp32_(x.contiguous() if not x.is_contiguous() else x.clone(), f)
 
 
 def add_grad_weight(gw, gw_acc, g, h, *, first: bool, inv=None) -> None:
