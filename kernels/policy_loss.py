@@ -16,7 +16,8 @@ The GEMMs are torch's, so in fp32 they follow torch's matmul precision setting (
 ``F.linear`` does), unlike the fused linear kernels, which pin IEEE fp32.
 The chunk size is the caller's (``chunk``). bf16/fp16 over several chunks sum their ``grad_weight`` GEMMs in an
 fp32 ``[V, H]`` buffer, as the CPU path does. fp16 scales each chunk's upstream gradients by a power of two ``S`` (so
-the tile holds ``S·G``, clear of fp16's subnormals) and GEMM 3's ``h`` by ``R``, and unscales both GEMMs' results in
+the tile holds ``S·G``, clear of fp16's subnormals) and GEMM 3's ``h`` by ``R`` (one per hidden column), and unscales
+both GEMMs' results in
 fp32 (``srpo_core.cpu.policy_loss.fp16_scales``, computed on the device). Every launch runs inside
 ``device_guard(hidden)``. Int64 offsets, masks and the ``inf·0`` guards are those of ``token_logprobs``' kernels,
 which this module does not modify.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from srpo_core._dispatch import device_guard, empty
-from srpo_core.cpu.policy_loss import add_grad_weight, fp16_scales, fp16_store
+from srpo_core.cpu.policy_loss import add_grad_weight, fp16_scales, fp16_store, mul_fp32
 from srpo_core.kernels.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
 
 LOW_PRECISION_BYTES = 2
@@ -38,7 +39,8 @@ def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, 
                         needs: tuple[bool, bool, bool], chunk: int):
     """``hidden [n, H]``, ``weight [V, H]``, ``bias [V] | None`` (one dtype: fp32/bf16/fp16), ``ids [n]`` (each in
     ``[0, V)``) → ``(logp [n] fp32, H [n] fp32 | None, (grad_hidden fp32 | None, grad_weight | None,
-    grad_bias fp32 | None, gw_inv | None))`` (fp16: ``grad_weight`` scaled, ``gw_inv`` times it the gradient),
+    grad_bias fp32 | None, gw_inv | None))`` (fp16: ``grad_weight`` scaled, ``gw_inv``, 0-dim or one factor per
+    column ``[H]``, times it the gradient),
     gradients of the loss whose per-token derivatives ``token_fn`` gives.
 
     ``token_fn(rows: slice, logp [k], H [k] | None) -> (∂L/∂logp [k], ∂L/∂H [k] | None)``; the caller accumulates
@@ -85,7 +87,7 @@ def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, 
                 s16, r16 = fp16_scales(d_logp, d_ent, h_t, inv_tau, w_absmax, h)
                 d_logp, d_ent = d_logp * s16, None if d_ent is None else d_ent * s16
                 inv_s, inv_w = 1.0 / s16, 1.0 / (s16 * r16)
-                h = h * r16
+                h = mul_fp32(h, r16)  # in fp32: CUDA rounds a 0-dim device factor to fp16 first
             g = token_logprobs_bwd(d_logp, d_ent, x, ids[rows], row_max, row_logsum, h_t, temperature=1.0 / inv_tau,
                                    ignore_index=NO_ID, inplace=True)
             if need_b:
@@ -99,7 +101,7 @@ def policy_loss_fwd_bwd(hidden, weight, bias, ids, token_fn, *, inv_tau: float, 
                     torch.mm(g, weight, out=gh[rows])
             if need_w:
                 add_grad_weight(gw, gw_acc, g, h, first=n0 == 0, inv=inv_w)
-        gw_inv = inv_w if (scaled and need_w) else None  # one fp16 chunk: gw holds (S·R)·grad
+        gw_inv = inv_w if (scaled and need_w) else None  # one fp16 chunk: gw[:, j] holds (S·R_j)·grad[:, j]
         if gw_acc is not None:
             if scaled:
                 gw, gw_inv = fp16_store(gw_acc, out=gw)

@@ -113,13 +113,39 @@ def token_grads(logp, old, adv, ref, ent, cfg: LossConfig):
     return loss, d_logp, stats
 
 
+SCALE_BLOCK = 1 << 22  # elements per fp32 block of ``mul_fp32_`` (16 MiB)
+
+
+def mul_fp32_(x, f):
+    """``x *= f`` in place, the product computed in fp32 with one rounding to ``x``'s dtype; ``f`` a 0-dim or
+    ``[x.shape[-1]]`` fp32 tensor (on ``x``'s device). ``x.mul_(f)`` would not do for bf16/fp16 on CUDA: there only a
+    CPU scalar is read in the computation dtype, a 0-dim *device* tensor is cast to ``x``'s dtype first (an fp32
+    ``2^-30`` is 0 in fp16, ``1/3`` is 0.334 in bf16). bf16/fp16 go through fp32 copies of at most ``SCALE_BLOCK``
+    elements (rows of a contiguous ``x``); no value is read on the host."""
+    if x.dtype not in LOW_PRECISION:
+        return x.mul_(f)
+    if x.numel() == 0:
+        return x
+    rows = x.view(-1, x.shape[-1])
+    for blk in rows.split(max(1, SCALE_BLOCK // rows.shape[1])):
+        blk.copy_(blk.float().mul_(f))
+    return x
+
+
+def mul_fp32(x, f):
+    """``x·f`` (a new contiguous tensor in ``x``'s dtype) computed in fp32 with one rounding, as ``mul_fp32_``."""
+    if x.dtype not in LOW_PRECISION:
+        return x * f
+    return mul_fp32_(x.contiguous() if not x.is_contiguous() else x.clone(), f)
+
+
 def add_grad_weight(gw, gw_acc, g, h, *, first: bool, inv=None) -> None:
     """``grad_weight += gᵀ @ h`` for one chunk (``first``: ``=``). With ``gw_acc`` (bf16/fp16 over several chunks) the
     chunk's GEMM lands in ``gw`` (the output's own buffer: a fresh ``[V, H]`` per chunk costs more in page faults than
     the GEMM) and is summed into the fp32 ``gw_acc``; the caller copies ``gw_acc`` into ``gw`` after the last chunk.
-    ``inv`` (fp16, a 0-dim fp32 power of two): ``g`` or ``h`` came scaled (``fp16_scales``), the GEMM's result is
-    multiplied by ``inv`` in fp32 into ``gw_acc``; a single chunk's ``gw`` stays scaled (``inv`` is its stored scale,
-    applied with the upstream seed in the backward: see ``fp16_store``)."""
+    ``inv`` (fp16, fp32 powers of two, 0-dim or one per column ``[H]``): ``g`` or ``h`` came scaled
+    (``fp16_scales``), the GEMM's result is multiplied by ``inv`` in fp32 into ``gw_acc``; a single chunk's ``gw``
+    stays scaled (``inv`` is its stored scale, applied with the upstream seed in the backward: see ``fp16_store``)."""
     if gw_acc is not None:
         torch.mm(g.T, h, out=gw)
         if inv is not None:  # fp32 (gw_acc's dtype) is the computation dtype: torch.mul(gw, inv, out=) rounds in fp16
@@ -160,13 +186,16 @@ def fp16_store(x, out=None):
 
 
 def fp16_scales(g_logp, g_ent, ent, inv_tau: float, w_absmax, h):
-    """``(S, R)``, 0-dim fp32 powers of two computed on the device (no host read), for one chunk of the fp16 path.
+    """``(S, R)``, fp32 powers of two computed on the device (no host read) for one chunk of the fp16 path: ``S``
+    0-dim, ``R [H]`` one per hidden column.
 
     ``G[t, v] = (g_l δ − g_l p_v − g_H p_v (log p_v + H_t))/τ`` (``g_l = ∂L/∂logp_t``, ``g_H = ∂L/∂H_t``) has
     ``max_v |G[t]| ≤ a_t = (|g_l| + |g_H|(1/e + H_t))/τ`` and ``Σ_v |G[t]| ≤ b_t = (2|g_l| + 2|g_H| H_t)/τ``, so
     ``S = pow2(TARGET / max(max_t a_t, max|W|·max_t b_t))`` keeps the tile and ``S·G @ W`` below TARGET, and
-    ``R = pow2(TARGET / (S·max|h|·Σ_t a_t))`` (at most 1) keeps ``(S·G)ᵀ (R·h)`` below it: the largest entries land
-    near TARGET, far above fp16's subnormals, whatever the coefficients' scale."""
+    ``R_j = pow2(TARGET / (S·max_t|h_tj|·Σ_t a_t))`` (at most 1) keeps column ``j`` of ``(S·G)ᵀ (h·R)`` below it: the
+    largest entries land near TARGET, far above fp16's subnormals, whatever the coefficients' scale, and a hidden
+    column with outliers lowers its own ``R_j`` only (one ``R`` for all columns pushed the others into the
+    subnormals, D206)."""
     f32 = torch.float32
     g = g_logp.abs().to(f32)
     a, b = g, 2 * g
@@ -177,7 +206,7 @@ def fp16_scales(g_logp, g_ent, ent, inv_tau: float, w_absmax, h):
     a, b = a * inv_tau, b * inv_tau
     tiny = torch.finfo(f32).tiny
     s = _pow2_at_most(FP16_TARGET / torch.maximum(a.amax(), b.amax() * w_absmax).clamp(min=tiny))
-    gemm3 = s * a.sum() * h.abs().amax().to(f32)
+    gemm3 = s * a.sum() * h.abs().amax(0).to(f32)
     r = _pow2_at_most(FP16_TARGET / gemm3.clamp(min=tiny)).clamp(max=1.0)
     return s, r
 
@@ -227,7 +256,8 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
     ``ref [n] | None`` → ``(loss [], logp [n], entropy [n] | None, stats [N_STATS], grad_hidden [n, H] | None,
     grad_weight | None, grad_bias | None, gw_inv | None)``; gradients of ``loss`` (acc dtype, grad_weight in
     weight's dtype). fp16: each chunk's ``G`` is written as ``S·G`` and GEMM 3 reads ``R·h`` (``fp16_scales``),
-    unscaled in fp32; ``grad_weight`` is returned scaled, ``gw_inv`` (0-dim) times it is the gradient."""
+    unscaled in fp32; ``grad_weight`` is returned scaled, ``gw_inv`` (0-dim, or ``[H]``: one factor per column)
+    times it is the gradient."""
     n, hd = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -339,8 +369,8 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
             else:
                 torch.mm(gm, weight, out=gh[n0:n1])
         if need_w:
-            add_grad_weight(gw, gw_acc, gm, h if not scaled else h * r16, first=n0 == 0, inv=inv_w)
-    gw_inv = inv_w if (scaled and need_w) else None  # one fp16 chunk: gw holds (S·R)·grad
+            add_grad_weight(gw, gw_acc, gm, h if not scaled else mul_fp32(h, r16), first=n0 == 0, inv=inv_w)
+    gw_inv = inv_w if (scaled and need_w) else None  # one fp16 chunk: gw[:, j] holds (S·R_j)·grad[:, j]
     if gw_acc is not None:
         if scaled:
             gw, gw_inv = fp16_store(gw_acc, out=gw)

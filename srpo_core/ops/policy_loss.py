@@ -26,7 +26,7 @@ import torch
 
 from srpo_core import _dispatch
 from srpo_core._validate import check_cu_seqlens, describe, require_tensor
-from srpo_core.cpu.policy_loss import N_STATS, LossConfig, fp16_store, fused_fwd_bwd, token_grads
+from srpo_core.cpu.policy_loss import N_STATS, LossConfig, fp16_store, fused_fwd_bwd, mul_fp32_, token_grads
 from srpo_core.ops.linear_token_logprobs_checks import AUTOCAST_DEVICES, autocast_dtype
 from srpo_core.reference.policy_loss import KL_KINDS
 
@@ -159,16 +159,19 @@ def _flat(hidden, weight, bias, ids, old, adv, ref, coef, valid, inv_tau, want_e
     if live is not None:  # 0 at the rows that are not valid tokens, as the compacted path leaves them
         logp = torch.where(live, logp, 0.0)
         ent = None if ent is None else torch.where(live, ent, 0.0)
-    # fp16 gradients are stored times a power of two each (fp16_store), ``inv [3]`` holding its inverse (1 elsewhere)
+    # fp16 gradients are stored times powers of two (fp16_store; grad_weight's per column from one chunk), ``inv``
+    # ``[2 + H]`` holding the inverses (grad_hidden's, grad_bias's, grad_weight's per column; 1 elsewhere)
     one = torch.ones((), dtype=torch.float32, device=dev)
-    inv = [one, one if gw_inv is None else gw_inv, one]
+    inv = [one, one]
+    inv_w = torch.ones(hidden.shape[1], dtype=torch.float32, device=dev) if gw_inv is None else (
+        gw_inv.expand(hidden.shape[1]))
     fp16 = hidden.dtype == torch.float16
     if gh is not None:
         gh = full(gh, hidden.shape[1])
         gh, inv[0] = fp16_store(gh) if fp16 else (gh.to(hidden.dtype), one)
     if gb is not None:
-        gb, inv[2] = fp16_store(gb) if fp16 else (gb.to(bias.dtype), one)
-    return loss, logp, ent, stats, gh, gw, gb, torch.stack(inv)
+        gb, inv[1] = fp16_store(gb) if fp16 else (gb.to(bias.dtype), one)
+    return loss, logp, ent, stats, gh, gw, gb, torch.cat([torch.stack(inv), inv_w])
 
 
 @torch.library.custom_op("srpo_core::linear_policy_loss", mutates_args=())
@@ -180,7 +183,8 @@ def _op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, i
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                    torch.Tensor]:
     """→ ``(loss, logp, entropy or [0], stats [N_STATS], grad_hidden or [0], grad_weight or [0], grad_bias or [0],
-    inv [3])``: each stored gradient times ``inv[i]`` (fp32; a power of two for fp16, else 1) is the gradient."""
+    inv [2 + H])``: the stored grad_hidden times ``inv[0]``, grad_bias times ``inv[1]`` and grad_weight times
+    ``inv[2:]`` (per column) are the gradients (fp32; powers of two for fp16, else 1)."""
     cfg = LossConfig(epsilon_low, epsilon_high, clip_ratio_c, beta, kl_kind, entropy_coeff, kl_ratio_correction)
     dev = hidden.device.type
     # the public function has cast the inputs as F.linear would; every GEMM in here keeps the dtypes chosen there
@@ -208,7 +212,7 @@ def _(hidden, weight, bias, ids, old_logp, advantages, ref_logp, coef, valid, in
             torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else hidden.new_empty(0),
             torch.empty_like(bias) if (need_b and bias is not None) else hidden.new_empty(0),
-            hidden.new_empty(3, dtype=torch.float32))
+            hidden.new_empty(2 + hidden.shape[1], dtype=torch.float32))
 
 
 def _setup(ctx, inputs, output):
@@ -245,15 +249,16 @@ def _backward(ctx, g_loss, *_):
     one = (not ctx.fp16 and ctx.check_ids and g_loss.device.type == "cpu" and not g_loss.requires_grad
            and not torch.compiler.is_compiling() and bool(g_loss == 1))
 
-    def scaled(g, i):
+    def scaled(g, inv_g):
         # the seed itself, not rounded to g's dtype: a bf16 1/3 is 0.334, an fp16 65536 (DeepSpeed's initial loss
-        # scale) is inf; fp16: seed × the stored gradient's scale, in fp32, then one rounding to fp16
+        # scale) is inf; fp16: seed × the stored gradient's scale, in fp32, then one rounding to fp16. mul_fp32_, not
+        # g.mul_: CUDA casts a 0-dim device factor to g's dtype before multiplying
         if one:
             return g
-        return g.mul_(g_loss * inv[i]) if ctx.fp16 else g.mul_(g_loss)
+        return mul_fp32_(g, g_loss * inv_g if ctx.fp16 else g_loss)
 
-    return (scaled(gh, 0) if need_h else None, scaled(gw, 1) if need_w else None,
-            scaled(gb, 2) if need_b else None) + (None,) * 20
+    return (scaled(gh, inv[0]) if need_h else None, scaled(gw, inv[2:]) if need_w else None,
+            scaled(gb, inv[1]) if need_b else None) + (None,) * 20
 
 
 _op.register_autograd(_backward, setup_context=_setup)
