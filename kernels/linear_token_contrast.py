@@ -1,5 +1,6 @@
 """Fused ``linear_token_contrast`` forward: both conditions' logits tiles ``x = hidden @ Wᵀ + b`` and ``x' =
-hidden_ref @ Wᵀ + b`` by ``tl.dot`` (fp32 accumulation), folded into online sums; never ``[N, V]`` in memory.
+hidden_ref @ Wᵀ + b`` by ``tl.dot`` (fp32 accumulation, rounded once to the inputs' dtype as ``F.linear`` rounds them,
+D48), folded into online sums; never ``[N, V]`` in memory.
 
 Grid ``(row blocks, vocabulary splits)``: each program walks ``tiles_per_split`` vocabulary tiles of ``BLOCK_V`` for
 ``BLOCK_N`` rows, the ``H`` loop in ``BLOCK_H`` steps loading each weight tile once for both conditions. In base-2
@@ -26,6 +27,7 @@ import triton.language as tl
 
 from srpo_core import _dispatch
 from srpo_core._dispatch import empty, interpreting
+from srpo_core.kernels._rounding import emulate_bf16, round_to
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -65,9 +67,10 @@ def _h_step(p_h, p_r, p_w, o_n, m_n, o_v, m_v, h0, H, stride_hn, stride_rn, stri
 
 @triton.jit
 def _logits_tiles(p_h, p_r, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_rn, stride_wv, HAS_BIAS: tl.constexpr,
-                  IEEE: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    # both conditions' x = h[o_n] @ w[o_v]ᵀ + b[o_v], fp32 accumulation, [BLOCK_N, BLOCK_V] each
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    # both conditions' x = h[o_n] @ w[o_v]ᵀ + b[o_v], fp32 accumulation, then rounded once to the inputs' dtype (as
+    # F.linear rounds a model's logits, D48) and back to fp32, [BLOCK_N, BLOCK_V] each
     acc_x = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     acc_y = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     if INTERPRET:  # Triton 3.6's interpreter rejects range() with a tensor bound (D178)
@@ -84,20 +87,21 @@ def _logits_tiles(p_h, p_r, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_r
         b_b = tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)
         acc_x += b_b[None, :]
         acc_y += b_b[None, :]
-    return acc_x, acc_y
+    # a no-op for fp32; the interpreter truncates fp32 → bf16 casts, so there (EMULATE_BF16) it rounds on the bits
+    return (round_to(acc_x, p_h, EMULATE_BF16).to(tl.float32), round_to(acc_y, p_h, EMULATE_BF16).to(tl.float32))
 
 
 @triton.jit
 def _fold_tile(p_h, p_r, p_w, p_b, ids, o_n, m_n, v0, v_hi, H, stride_hn, stride_rn, stride_wv, scale, L_x, L_y,
                c_x, c_y, s_x, s_y, t, tx, ty, HAS_BIAS: tl.constexpr, MODE: tl.constexpr, WANT_T: tl.constexpr,
-               IEEE: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+               IEEE: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr, EMULATE_BF16: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     # the vocabulary tile [v0, v0 + BLOCK_V) folded into the rows' running sums
     NEG_INF = -float("inf")
     o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
     m_v = o_v < v_hi
     acc_x, acc_y = _logits_tiles(p_h, p_r, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_rn, stride_wv, HAS_BIAS,
-                                 IEEE, UPCAST, INTERPRET, BLOCK_N, BLOCK_V, BLOCK_H)
+                                 IEEE, UPCAST, INTERPRET, EMULATE_BF16, BLOCK_N, BLOCK_V, BLOCK_H)
     u_x = tl.where(m_v[None, :], acc_x * scale, NEG_INF)  # [BLOCK_N, BLOCK_V], base 2
     u_y = tl.where(m_v[None, :], acc_y * scale, NEG_INF)
     hit = o_v[None, :] == ids[:, None]
@@ -161,6 +165,7 @@ def linear_contrast_fwd_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     INTERPRET: tl.constexpr,  # interpreter: while loops (Triton 3.6 rejects range() with a tensor bound, D178)
+    EMULATE_BF16: tl.constexpr,  # interpreter and bf16: round the logits on the bits (kernels/_rounding.py)
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -192,15 +197,15 @@ def linear_contrast_fwd_kernel(
         while v0 < v_hi:
             c_x, c_y, s_x, s_y, t, tx, ty = _fold_tile(
                 p_h, p_r, p_w, p_b, ids, o_n, m_n, v0, v_hi, H, stride_hn, stride_rn, stride_wv, scale, L_x, L_y,
-                c_x, c_y, s_x, s_y, t, tx, ty, HAS_BIAS, MODE, WANT_T, IEEE, UPCAST, INTERPRET, BLOCK_N, BLOCK_V,
-                BLOCK_H)
+                c_x, c_y, s_x, s_y, t, tx, ty, HAS_BIAS, MODE, WANT_T, IEEE, UPCAST, INTERPRET, EMULATE_BF16,
+                BLOCK_N, BLOCK_V, BLOCK_H)
             v0 += BLOCK_V
     else:  # compiled: nested scf.for loops, the inner one software-pipelined (num_stages)
         for v0 in range(v_lo, v_hi, BLOCK_V):
             c_x, c_y, s_x, s_y, t, tx, ty = _fold_tile(
                 p_h, p_r, p_w, p_b, ids, o_n, m_n, v0, v_hi, H, stride_hn, stride_rn, stride_wv, scale, L_x, L_y,
-                c_x, c_y, s_x, s_y, t, tx, ty, HAS_BIAS, MODE, WANT_T, IEEE, UPCAST, INTERPRET, BLOCK_N, BLOCK_V,
-                BLOCK_H)
+                c_x, c_y, s_x, s_y, t, tx, ty, HAS_BIAS, MODE, WANT_T, IEEE, UPCAST, INTERPRET, EMULATE_BF16,
+                BLOCK_N, BLOCK_V, BLOCK_H)
     o_out = i_s * N + o_n
     if MODE == 0:
         k_x = tl.where(c_x == NEG_INF, 0.0, c_x)
@@ -241,7 +246,7 @@ def _launch(hidden, hidden_ref, weight, bias, ids_local, inv_tau, mode, want_t, 
             hidden, hidden_ref, weight, bias, ids_c, *outs, N, V, H, hidden.stride(0), hidden_ref.stride(0),
             weight.stride(0), inv_tau * LOG2E, tiles_per_split, MODE=mode, WANT_T=want_t,
             IEEE=hidden.dtype == torch.float32, UPCAST=interpreting() and hidden.dtype != torch.float32,
-            INTERPRET=interpreting(),
+            INTERPRET=interpreting(), EMULATE_BF16=emulate_bf16(hidden.dtype),
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -306,10 +311,11 @@ def _report_entries() -> list[dict]:
                               "stride_hn": "i32:16", "stride_rn": "i32:16", "stride_wv": "i32:16", "scale": "fp32",
                               "tiles_per_split": "i32", "HAS_BIAS": "constexpr", "MODE": "constexpr",
                               "WANT_T": "constexpr", "IEEE": "constexpr", "UPCAST": "constexpr",
-                              "INTERPRET": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
-                              "BLOCK_H": "constexpr"},
+                              "INTERPRET": "constexpr", "EMULATE_BF16": "constexpr", "BLOCK_N": "constexpr",
+                              "BLOCK_V": "constexpr", "BLOCK_H": "constexpr"},
                 "constexprs": {"p_b": None, "HAS_BIAS": False, "MODE": mode, "WANT_T": want_t,
                                "IEEE": dtype == torch.float32, "UPCAST": False, "INTERPRET": False,
+                               "EMULATE_BF16": False,
                                "BLOCK_N": cfg["BLOCK_N"], "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"]},
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
                 "bytes": "V·H·s·cdiv(N, BLOCK_N) (weight per row block) + 2·N·H·s·cdiv(V, BLOCK_V·tiles_per_split); "
