@@ -228,6 +228,7 @@ def _launch(hidden, hidden_ref, weight, bias, ids_local, inv_tau, mode, want_t, 
     assert hidden.dim() == 2 and hidden.shape == hidden_ref.shape and weight.shape[1] == hidden.shape[1]
     assert hidden.dtype == hidden_ref.dtype == weight.dtype and ids_local.shape == hidden.shape[:1]
     hidden, hidden_ref, weight = (x if x.stride(-1) == 1 else x.contiguous() for x in (hidden, hidden_ref, weight))
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it with unit stride
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device

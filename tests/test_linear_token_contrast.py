@@ -247,6 +247,20 @@ def test_nan_input_raises_naming_the_row_or_returns_nan(kind):
     assert torch.isfinite(outs.div[[0, 1, 2, 4]]).all()
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_strided_bias_reads_as_its_values(kind, backend, device):
+    """A bias view with stride 2 (``randn(2V)[::2]``) gives the float64 reference's values: the kernel reads the bias
+    with unit stride, so the launcher hands it a contiguous copy (it read the wrong entries)."""
+    dev = device if backend == "triton" else torch.device("cpu")
+    hid, ref, w, _, ids = make(5, 16, 40, torch.float32, seed=22, device=dev)
+    full = torch.randn(80, generator=torch.Generator().manual_seed(23)) * 3
+    bias = full.to(dev)[::2]
+    assert bias.stride() == (2,)
+    outs = linear_token_contrast(hid, ref, w, ids, kind=kind, bias=bias, backend=backend)
+    check(outs, hid, ref, w, ids, kind=kind, bias=bias.contiguous())
+
+
 @pytest.mark.parametrize("kind", ["kl", "js"])
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_shards_combine_to_the_whole_vocabulary(kind, world):
