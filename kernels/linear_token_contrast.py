@@ -235,13 +235,15 @@ def _launch(hidden, hidden_ref, weight, bias, ids_local, inv_tau, mode, want_t, 
     cfg = {**default_config(hidden.dtype), **(config or {})}
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-    n_splits = splits if splits is not None else max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, n_blocks)))
+    n_splits = splits if splits is not None else max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, max(n_blocks, 1))))
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)
     outs = [empty((n_splits, N), dtype=torch.float32, device=dev) for _ in range(5)]
     if mode == 1:
         outs[0], outs[1] = lse[0].float().contiguous(), lse[1].float().contiguous()  # read, same for every split
     ids_c = ids_local.contiguous()
+    if N == 0:  # no rows (a vocab-parallel rank whose batch is empty or all ignored): nothing to launch
+        return outs, torch.zeros((n_splits, 0), dtype=torch.bool, device=dev)
     with _dispatch.device_guard(hidden):
         linear_contrast_fwd_kernel[(n_blocks, n_splits)](
             hidden, hidden_ref, weight, bias, ids_c, *outs, N, V, H, hidden.stride(0), hidden_ref.stride(0),

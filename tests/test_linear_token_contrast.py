@@ -197,6 +197,23 @@ def test_low_precision_logits_are_rounded_once(dtype, kind, backend, device):
         assert_close(a, e, atol=atol, name=name)
 
 
+@needs_triton
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_triton_launchers_take_no_rows(kind, device):
+    """N = 0 (a vocab-parallel rank whose batch is empty or all ignored reaches the launchers with no rows): empty
+    results, no launch (the split count divided by the number of row blocks)."""
+    from srpo_core.kernels.linear_token_contrast import linear_contrast_js, linear_contrast_stats
+
+    _, _, w, b, _ = make(1, 16, 40, torch.float32, seed=24, device=device)
+    h = torch.zeros(0, 16, device=device)
+    ids = torch.zeros(0, dtype=torch.int64, device=device)
+    stats = linear_contrast_stats(h, h, w, b, ids, inv_tau=1.0, kind=kind)
+    assert (stats[2] is None) == (kind == "js")
+    assert all(x.shape == (0,) and x.dtype == torch.float32 for x in stats if x is not None)
+    js = linear_contrast_js(h, h, w, b, stats[0], stats[1], inv_tau=1.0)
+    assert js.shape == (0,) and js.dtype == torch.float32
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("kind", ["kl", "js"])
 def test_slow_path_rows_match_float64_reference(kind, backend, device):
