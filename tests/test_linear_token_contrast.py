@@ -378,6 +378,15 @@ def test_errors_name_the_argument(bad, match):
         linear_token_contrast(*pos, **args)
 
 
+@pytest.mark.parametrize("kind", ["k" * 100_000, [["kl"] * 512] * 64], ids=["long string", "nested list"])
+def test_kind_error_describes_the_value_without_echoing_it(kind):
+    """D190: a long or bulky ``kind`` is described (type, size, a short preview), never printed whole."""
+    with pytest.raises(ValueError, match=r"linear_token_contrast: `kind` must be one of \('kl', 'js'\), got ") as e:
+        linear_token_contrast(torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(10, 8), torch.tensor([0, 1, -100, 2]),
+                              kind=kind)
+    assert len(str(e.value)) < 400, str(e.value)[:400]
+
+
 @pytest.mark.parametrize("world", [2, 3], ids=["2 ranks", "3 ranks"])
 def test_vocab_parallel_process_group_matches_unsharded(world, tmp_path):
     """The process-group path for real: gloo ranks, uneven shards, kl and js, empty and fully ignored batches."""
