@@ -1,5 +1,6 @@
 """Fused ``linear_token_contrast`` forward: both conditions' logits tiles ``x = hidden @ Wᵀ + b`` and ``x' =
-hidden_ref @ Wᵀ + b`` by ``tl.dot`` (fp32 accumulation), folded into online sums; never ``[N, V]`` in memory.
+hidden_ref @ Wᵀ + b`` by ``tl.dot`` (fp32 accumulation, rounded once to the inputs' dtype as ``F.linear`` rounds them,
+D48), folded into online sums; never ``[N, V]`` in memory.
 
 Grid ``(row blocks, vocabulary splits)``: each program walks ``tiles_per_split`` vocabulary tiles of ``BLOCK_V`` for
 ``BLOCK_N`` rows, the ``H`` loop in ``BLOCK_H`` steps loading each weight tile once for both conditions. In base-2
@@ -26,6 +27,7 @@ import triton.language as tl
 
 from srpo_core import _dispatch
 from srpo_core._dispatch import empty, interpreting
+from srpo_core.kernels._rounding import emulate_bf16, round_to
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -51,13 +53,98 @@ def _dot_t(b_x, b_y, b_acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(b_x, tl.trans(b_y), b_acc)
 
 
+@triton.jit
+def _h_step(p_h, p_r, p_w, o_n, m_n, o_v, m_v, h0, H, stride_hn, stride_rn, stride_wv, acc_x, acc_y,
+            IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_H: tl.constexpr):
+    # acc_x + h[o_n, h0:h0+BLOCK_H] @ w[o_v, …]ᵀ, acc_y the same for hidden_ref: each weight tile loaded once for both
+    o_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
+    m_h = o_h < H
+    b_w = tl.load(p_w + o_v[:, None] * stride_wv + o_h[None, :], mask=m_v[:, None] & m_h[None, :], other=0.0)
+    b_h = tl.load(p_h + o_n[:, None] * stride_hn + o_h[None, :], mask=m_n[:, None] & m_h[None, :], other=0.0)
+    b_r = tl.load(p_r + o_n[:, None] * stride_rn + o_h[None, :], mask=m_n[:, None] & m_h[None, :], other=0.0)
+    return _dot_t(b_h, b_w, acc_x, IEEE, UPCAST), _dot_t(b_r, b_w, acc_y, IEEE, UPCAST)
+
+
+@triton.jit
+def _logits_tiles(p_h, p_r, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_rn, stride_wv, HAS_BIAS: tl.constexpr,
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    # both conditions' x = h[o_n] @ w[o_v]ᵀ + b[o_v], fp32 accumulation, then rounded once to the inputs' dtype (as
+    # F.linear rounds a model's logits, D48) and back to fp32, [BLOCK_N, BLOCK_V] each
+    acc_x = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    acc_y = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    if INTERPRET:  # Triton 3.6's interpreter rejects range() with a tensor bound (D178)
+        h0 = 0
+        while h0 < H:
+            acc_x, acc_y = _h_step(p_h, p_r, p_w, o_n, m_n, o_v, m_v, h0, H, stride_hn, stride_rn, stride_wv, acc_x,
+                                   acc_y, IEEE, UPCAST, BLOCK_H)
+            h0 += BLOCK_H
+    else:  # compiled: an scf.for, which the software pipeliner stages (num_stages); it leaves while loops alone
+        for h0 in range(0, H, BLOCK_H):
+            acc_x, acc_y = _h_step(p_h, p_r, p_w, o_n, m_n, o_v, m_v, h0, H, stride_hn, stride_rn, stride_wv, acc_x,
+                                   acc_y, IEEE, UPCAST, BLOCK_H)
+    if HAS_BIAS:
+        b_b = tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)
+        acc_x += b_b[None, :]
+        acc_y += b_b[None, :]
+    # a no-op for fp32; the interpreter truncates fp32 → bf16 casts, so there (EMULATE_BF16) it rounds on the bits
+    return (round_to(acc_x, p_h, EMULATE_BF16).to(tl.float32), round_to(acc_y, p_h, EMULATE_BF16).to(tl.float32))
+
+
+@triton.jit
+def _fold_tile(p_h, p_r, p_w, p_b, ids, o_n, m_n, v0, v_hi, H, stride_hn, stride_rn, stride_wv, scale, L_x, L_y,
+               c_x, c_y, s_x, s_y, t, tx, ty, HAS_BIAS: tl.constexpr, MODE: tl.constexpr, WANT_T: tl.constexpr,
+               IEEE: tl.constexpr, UPCAST: tl.constexpr, INTERPRET: tl.constexpr, EMULATE_BF16: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    # the vocabulary tile [v0, v0 + BLOCK_V) folded into the rows' running sums
+    NEG_INF = -float("inf")
+    o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
+    m_v = o_v < v_hi
+    acc_x, acc_y = _logits_tiles(p_h, p_r, p_w, p_b, o_n, m_n, o_v, m_v, H, stride_hn, stride_rn, stride_wv, HAS_BIAS,
+                                 IEEE, UPCAST, INTERPRET, EMULATE_BF16, BLOCK_N, BLOCK_V, BLOCK_H)
+    u_x = tl.where(m_v[None, :], acc_x * scale, NEG_INF)  # [BLOCK_N, BLOCK_V], base 2
+    u_y = tl.where(m_v[None, :], acc_y * scale, NEG_INF)
+    hit = o_v[None, :] == ids[:, None]
+    tx += tl.sum(tl.where(hit, u_x, 0.0), 1)
+    ty += tl.sum(tl.where(hit, u_y, 0.0), 1)
+    if MODE == 0:
+        n_x = tl.maximum(c_x, tl.max(u_x, 1))
+        n_y = tl.maximum(c_y, tl.max(u_y, 1))
+        k_x = tl.where(n_x == NEG_INF, 0.0, n_x)  # the shift: 0 while the row has no mass yet
+        k_y = tl.where(n_y == NEG_INF, 0.0, n_y)
+        o_x = tl.where(c_x == NEG_INF, 0.0, c_x)
+        o_y = tl.where(c_y == NEG_INF, 0.0, c_y)
+        a_x = tl.where(c_x == NEG_INF, 0.0, tl.exp2(o_x - k_x))  # 2^(−Δ); nothing accumulated yet: 0
+        a_y = tl.where(c_y == NEG_INF, 0.0, tl.exp2(o_y - k_y))
+        b_a = u_x - k_x[:, None]  # ≤ 0 (−inf on masked lanes)
+        b_b2 = u_y - k_y[:, None]
+        b_e = tl.exp2(b_a)
+        if WANT_T:
+            b_t = tl.where(b_e > 0.0, b_e * (b_a - b_b2), 0.0)  # p_v = 0 terms: 0, never 0·inf
+            d = (k_y - o_y) - (k_x - o_x)  # Δ' − Δ
+            t = tl.where(a_x > 0.0, a_x * (t + d * s_x), 0.0) + tl.sum(b_t, 1)
+        s_x = s_x * a_x + tl.sum(b_e, 1)
+        s_y = s_y * a_y + tl.sum(tl.exp2(b_b2), 1)
+        c_x = n_x
+        c_y = n_y
+    else:
+        b_lp = u_x - L_x[:, None]  # log₂ p
+        b_lq = u_y - L_y[:, None]
+        b_p = tl.exp2(b_lp)
+        b_q = tl.exp2(b_lq)
+        b_lm = tl.log2(b_p + b_q) - 1.0  # log₂ m
+        b_j = tl.where(b_p > 0.0, b_p * (b_lp - b_lm), 0.0) + tl.where(b_q > 0.0, b_q * (b_lq - b_lm), 0.0)
+        t += tl.sum(b_j, 1)
+    return c_x, c_y, s_x, s_y, t, tx, ty
+
+
 @triton.heuristics({"HAS_BIAS": lambda a: a["p_b"] is not None})
 @triton.jit
 def linear_contrast_fwd_kernel(
     p_h,  # hidden      [N, H]
     p_r,  # hidden_ref  [N, H] (its own row stride)
     p_w,  # weight      [V, H]
-    p_b,  # bias        [V] or None
+    p_b,  # bias        [V] (contiguous) or None
     p_ids,  # [N] shard-local ids (−1: none)
     p_lse_x,  # [S, N] fp32 (MODE 1: the whole vocabulary's lse of x, natural units, read)
     p_lse_y,  # [S, N] fp32 (MODE 1: read, as p_lse_x)
@@ -77,6 +164,8 @@ def linear_contrast_fwd_kernel(
     WANT_T: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    INTERPRET: tl.constexpr,  # interpreter: while loops (Triton 3.6 rejects range() with a tensor bound, D178)
+    EMULATE_BF16: tl.constexpr,  # interpreter and bf16: round the logits on the bits (kernels/_rounding.py)
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -96,61 +185,27 @@ def linear_contrast_fwd_kernel(
     t = zero
     tx = zero
     ty = zero
+    L_x = zero
+    L_y = zero
     if MODE == 1:
         L_x = tl.load(p_lse_x + o_n, mask=m_n, other=0.0) * 1.4426950408889634
         L_y = tl.load(p_lse_y + o_n, mask=m_n, other=0.0) * 1.4426950408889634
     v_lo = i_s * tiles_per_split * BLOCK_V
     v_hi = tl.minimum(v_lo + tiles_per_split * BLOCK_V, V)
-    for v0 in range(v_lo, v_hi, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # [BLOCK_V]
-        m_v = o_v < v_hi
-        acc_x = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-        acc_y = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            o_h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
-            m_h = o_h < H
-            b_w = tl.load(p_w + o_v[:, None] * stride_wv + o_h[None, :], mask=m_v[:, None] & m_h[None, :], other=0.0)
-            b_h = tl.load(p_h + o_n[:, None] * stride_hn + o_h[None, :], mask=m_n[:, None] & m_h[None, :], other=0.0)
-            b_r = tl.load(p_r + o_n[:, None] * stride_rn + o_h[None, :], mask=m_n[:, None] & m_h[None, :], other=0.0)
-            acc_x = _dot_t(b_h, b_w, acc_x, IEEE, UPCAST)
-            acc_y = _dot_t(b_r, b_w, acc_y, IEEE, UPCAST)
-        if HAS_BIAS:
-            b_b = tl.load(p_b + o_v, mask=m_v, other=0.0).to(tl.float32)
-            acc_x += b_b[None, :]
-            acc_y += b_b[None, :]
-        u_x = tl.where(m_v[None, :], acc_x * scale, NEG_INF)  # [BLOCK_N, BLOCK_V], base 2
-        u_y = tl.where(m_v[None, :], acc_y * scale, NEG_INF)
-        hit = o_v[None, :] == ids[:, None]
-        tx += tl.sum(tl.where(hit, u_x, 0.0), 1)
-        ty += tl.sum(tl.where(hit, u_y, 0.0), 1)
-        if MODE == 0:
-            n_x = tl.maximum(c_x, tl.max(u_x, 1))
-            n_y = tl.maximum(c_y, tl.max(u_y, 1))
-            k_x = tl.where(n_x == NEG_INF, 0.0, n_x)  # the shift: 0 while the row has no mass yet
-            k_y = tl.where(n_y == NEG_INF, 0.0, n_y)
-            o_x = tl.where(c_x == NEG_INF, 0.0, c_x)
-            o_y = tl.where(c_y == NEG_INF, 0.0, c_y)
-            a_x = tl.where(c_x == NEG_INF, 0.0, tl.exp2(o_x - k_x))  # 2^(−Δ); nothing accumulated yet: 0
-            a_y = tl.where(c_y == NEG_INF, 0.0, tl.exp2(o_y - k_y))
-            b_a = u_x - k_x[:, None]  # ≤ 0 (−inf on masked lanes)
-            b_b2 = u_y - k_y[:, None]
-            b_e = tl.exp2(b_a)
-            if WANT_T:
-                b_t = tl.where(b_e > 0.0, b_e * (b_a - b_b2), 0.0)  # p_v = 0 terms: 0, never 0·inf
-                d = (k_y - o_y) - (k_x - o_x)  # Δ' − Δ
-                t = tl.where(a_x > 0.0, a_x * (t + d * s_x), 0.0) + tl.sum(b_t, 1)
-            s_x = s_x * a_x + tl.sum(b_e, 1)
-            s_y = s_y * a_y + tl.sum(tl.exp2(b_b2), 1)
-            c_x = n_x
-            c_y = n_y
-        else:
-            b_lp = u_x - L_x[:, None]  # log₂ p
-            b_lq = u_y - L_y[:, None]
-            b_p = tl.exp2(b_lp)
-            b_q = tl.exp2(b_lq)
-            b_lm = tl.log2(b_p + b_q) - 1.0  # log₂ m
-            b_j = tl.where(b_p > 0.0, b_p * (b_lp - b_lm), 0.0) + tl.where(b_q > 0.0, b_q * (b_lq - b_lm), 0.0)
-            t += tl.sum(b_j, 1)
+    if INTERPRET:  # Triton 3.6's interpreter rejects range() with a tensor bound (D178)
+        v0 = v_lo
+        while v0 < v_hi:
+            c_x, c_y, s_x, s_y, t, tx, ty = _fold_tile(
+                p_h, p_r, p_w, p_b, ids, o_n, m_n, v0, v_hi, H, stride_hn, stride_rn, stride_wv, scale, L_x, L_y,
+                c_x, c_y, s_x, s_y, t, tx, ty, HAS_BIAS, MODE, WANT_T, IEEE, UPCAST, INTERPRET, EMULATE_BF16,
+                BLOCK_N, BLOCK_V, BLOCK_H)
+            v0 += BLOCK_V
+    else:  # compiled: nested scf.for loops, the inner one software-pipelined (num_stages)
+        for v0 in range(v_lo, v_hi, BLOCK_V):
+            c_x, c_y, s_x, s_y, t, tx, ty = _fold_tile(
+                p_h, p_r, p_w, p_b, ids, o_n, m_n, v0, v_hi, H, stride_hn, stride_rn, stride_wv, scale, L_x, L_y,
+                c_x, c_y, s_x, s_y, t, tx, ty, HAS_BIAS, MODE, WANT_T, IEEE, UPCAST, INTERPRET, EMULATE_BF16,
+                BLOCK_N, BLOCK_V, BLOCK_H)
     o_out = i_s * N + o_n
     if MODE == 0:
         k_x = tl.where(c_x == NEG_INF, 0.0, c_x)
@@ -173,24 +228,28 @@ def _launch(hidden, hidden_ref, weight, bias, ids_local, inv_tau, mode, want_t, 
     assert hidden.dim() == 2 and hidden.shape == hidden_ref.shape and weight.shape[1] == hidden.shape[1]
     assert hidden.dtype == hidden_ref.dtype == weight.dtype and ids_local.shape == hidden.shape[:1]
     hidden, hidden_ref, weight = (x if x.stride(-1) == 1 else x.contiguous() for x in (hidden, hidden_ref, weight))
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it with unit stride
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     cfg = {**default_config(hidden.dtype), **(config or {})}
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-    n_splits = splits if splits is not None else max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, n_blocks)))
+    n_splits = splits if splits is not None else max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, max(n_blocks, 1))))
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)
     outs = [empty((n_splits, N), dtype=torch.float32, device=dev) for _ in range(5)]
     if mode == 1:
         outs[0], outs[1] = lse[0].float().contiguous(), lse[1].float().contiguous()  # read, same for every split
     ids_c = ids_local.contiguous()
+    if N == 0:  # no rows (a vocab-parallel rank whose batch is empty or all ignored): nothing to launch
+        return outs, torch.zeros((n_splits, 0), dtype=torch.bool, device=dev)
     with _dispatch.device_guard(hidden):
         linear_contrast_fwd_kernel[(n_blocks, n_splits)](
             hidden, hidden_ref, weight, bias, ids_c, *outs, N, V, H, hidden.stride(0), hidden_ref.stride(0),
             weight.stride(0), inv_tau * LOG2E, tiles_per_split, MODE=mode, WANT_T=want_t,
             IEEE=hidden.dtype == torch.float32, UPCAST=interpreting() and hidden.dtype != torch.float32,
+            INTERPRET=interpreting(), EMULATE_BF16=emulate_bf16(hidden.dtype),
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -255,10 +314,12 @@ def _report_entries() -> list[dict]:
                               "stride_hn": "i32:16", "stride_rn": "i32:16", "stride_wv": "i32:16", "scale": "fp32",
                               "tiles_per_split": "i32", "HAS_BIAS": "constexpr", "MODE": "constexpr",
                               "WANT_T": "constexpr", "IEEE": "constexpr", "UPCAST": "constexpr",
-                              "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr"},
+                              "INTERPRET": "constexpr", "EMULATE_BF16": "constexpr", "BLOCK_N": "constexpr",
+                              "BLOCK_V": "constexpr", "BLOCK_H": "constexpr"},
                 "constexprs": {"p_b": None, "HAS_BIAS": False, "MODE": mode, "WANT_T": want_t,
-                               "IEEE": dtype == torch.float32, "UPCAST": False, "BLOCK_N": cfg["BLOCK_N"],
-                               "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"]},
+                               "IEEE": dtype == torch.float32, "UPCAST": False, "INTERPRET": False,
+                               "EMULATE_BF16": False,
+                               "BLOCK_N": cfg["BLOCK_N"], "BLOCK_V": cfg["BLOCK_V"], "BLOCK_H": cfg["BLOCK_H"]},
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
                 "bytes": "V·H·s·cdiv(N, BLOCK_N) (weight per row block) + 2·N·H·s·cdiv(V, BLOCK_V·tiles_per_split); "
                          "4·N·V·H FLOPs (both conditions)",

@@ -293,6 +293,7 @@ def linear_logprobs_fwd(hidden, weight, bias, ids_local, *, inv_tau: float, want
     Logits ``u = x·inv_tau·logit_scale``, or with ``softcap`` ``softcap·tanh(logit_scale·x/softcap)·inv_tau``."""
     assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1]
     assert ids_local.shape == hidden.shape[:1] and hidden.dtype == weight.dtype
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it with unit stride
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -340,6 +341,7 @@ def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *,
     """Gradients ``(grad_hidden (fp32), grad_weight (weight dtype), grad_bias (fp32))`` for upstream ``g_lp``/``g_h``/
     ``g_lse`` (``[N]`` fp32 or None) given the whole vocabulary's ``lse`` and ``H`` (natural units). A row with zero
     upstream gradients contributes exactly 0 whatever its ``lse`` (the kernel clamps ``log p`` at 0, D65)."""
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it with unit stride
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device

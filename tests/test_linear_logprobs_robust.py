@@ -369,3 +369,30 @@ def test_check_ids_false_has_no_host_sync(device, monkeypatch, entropy):
     assert not calls, f"host reads with check_ids=False: {sorted(set(calls))}"
     for name, x in got.items():
         assert_close(x, want[name], atol=1e-5 + 1e-5 * float(want[name].detach().abs().max()), name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_bias_reads_as_its_values(device, backend):
+    """A bias view with stride 2 (``randn(2V)[::2]``) gives the float64 reference's log-probs and gradients: the
+    kernels read the bias with unit stride, so the launchers hand them a contiguous copy (it read the wrong entries)."""
+    _skip_unless_runnable(backend, device)
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(6, 16, generator=g)
+    weight = torch.randn(40, 16, generator=g)
+    full = torch.randn(80, generator=g) * 3
+    ids = torch.tensor([0, 39, -100, 4, 7, 20])
+    g_lp = torch.randn(6, generator=g, dtype=torch.float64)
+    h, w, full_d = (x.to(device).clone().requires_grad_() for x in (hidden, weight, full))
+    bias = full_d[::2]
+    assert bias.stride() == (2,)
+    lp = linear_token_logprobs(h, w, ids.to(device), bias=bias, backend=backend)
+    (lp.double() * g_lp.to(device)).sum().backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    b64 = full.double()[::2].clone().requires_grad_()
+    lp64 = reference(h64, w64, ids, bias=b64)
+    (lp64 * g_lp).sum().backward()
+    assert_close(lp, lp64, atol=1e-5, name="logp")
+    assert_close(h.grad, h64.grad, atol=1e-5, name="grad_hidden")
+    assert_close(w.grad, w64.grad, atol=1e-5, name="grad_weight")
+    assert_close(full_d.grad[::2], b64.grad, atol=1e-5, name="grad_bias")
+    assert not bool(full_d.grad[1::2].any()), "the skipped entries get no gradient"

@@ -28,11 +28,13 @@ needs_triton = pytest.mark.skipif(
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # absolute floor on top of 2·|torch same dtype − float64|
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-4, torch.float16: 2e-4, torch.float64: 1e-12}
-# The logits are rounded differently from the reference (bf16/fp16: once by addmm vs twice by h @ Wᵀ, then + bias;
-# every dtype: another summation order, the tile GEMM starting from −c): the two differ by up to an ulp of the
-# largest |logit/τ|, which moves div and both log-probs by up to ~2 such ulps, whatever torch's own error happened to
-# be on that input (it matters for logits of hundreds, where an fp32 ulp is ~1e-5).
+# Every path rounds hidden @ Wᵀ + b once to the inputs' dtype (D48) from its fp32 accumulator, but the accumulators
+# differ (summation order; the torch tile GEMM starts from −c): where one lands on the other side of a rounding
+# boundary the logits differ by an ulp of the largest |logit/τ|, which moves div and both log-probs by up to ~2 such
+# ulps, whatever torch's own error happened to be on that input (it matters for logits of hundreds, where an fp32
+# ulp is ~1e-5). bf16/fp16 rows where no logit can land on either side are held to fp32 accuracy (ROUNDED_ATOL).
 LOGIT_ULP = {torch.float32: 2.0 ** -22, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+ROUNDED_ATOL = 2e-5  # plus 16 fp32 ulps of the largest |logit/τ|
 NAMES = ("div", "logp", "logp_ref")
 
 
@@ -68,6 +70,37 @@ def check(outs, hid, ref, w, ids, *, kind, temperature=1.0, bias=None, tag=""):
         assert a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), f"{name}: {a.dtype}"
         assert a.shape == ids.shape
         assert_close_vs_torch(a, e, s, atol=atol, name=f"{tag}{name}")
+    if dtype in (torch.bfloat16, torch.float16) and ids.numel():
+        check_rounded_once(outs, hid, ref, w, ids, kind=kind, temperature=temperature, bias=bias, tag=tag)
+
+
+def rounded_once(hid, ref, w, bias):
+    """Both conditions' logits as a model computes them (``F.linear``: ``hidden @ Wᵀ + b`` rounded once to the inputs'
+    dtype), in float64, and the rows where an fp32 accumulator of that sum could round either way: ``(x, x', amb)``."""
+    dtype = hid.dtype
+    w64 = w.double().cpu()
+    b64 = bias.double().cpu() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    xs, amb = [], torch.zeros(hid.shape[0], dtype=torch.bool)
+    for h in (hid, ref):
+        h64 = h.double().cpu()
+        x = h64 @ w64.T + b64  # exact but for float64 rounding (bf16/fp16 products are exact in float64)
+        g = (h64.abs() @ w64.abs().T + b64.abs()) * (h.shape[-1] + 2) * 2.0 ** -23  # > any fp32 accumulator's error
+        amb |= ((x - g).float().to(dtype) != (x + g).float().to(dtype)).any(-1)
+        xs.append(x.float().to(dtype).double())
+    return xs[0], xs[1], amb
+
+
+def check_rounded_once(outs, hid, ref, w, ids, *, kind, temperature=1.0, bias=None, tag=""):
+    """bf16/fp16: the float64 ``token_contrast`` of the once-rounded logits, to fp32 accuracy, on every row whose
+    rounding cannot depend on the accumulation order."""
+    from srpo_core.reference.token_contrast import token_contrast
+
+    x, y, amb = rounded_once(hid, ref, w, bias)
+    model = token_contrast(x, y, ids.cpu(), kind=kind, temperature=temperature)
+    big = max(float(x.abs().max()), float(y.abs().max())) if x.numel() else 0.0
+    atol = ROUNDED_ATOL + 16 * 2.0 ** -24 * big / temperature
+    for name, a, e in zip(NAMES, outs, model, strict=True):
+        assert_close(a.cpu()[~amb], e[~amb], atol=atol, rtol=0, name=f"{tag}{name} (logits rounded once)")
 
 
 @st.composite
@@ -136,6 +169,53 @@ def test_triton_small_blocks_and_splits(kind, dtype, device):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("kind", ["kl", "js"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_logits_are_rounded_once(dtype, kind, backend, device):
+    """``hidden @ Wᵀ + b`` rounded once to the inputs' dtype on every path, as ``F.linear`` rounds it (D48). Inputs
+    with few significant bits make every fp32 accumulation exact, so no summation order can round differently: each
+    path must give the float64 ``token_contrast`` of the once-rounded logits to fp32 accuracy (mm then + bias, two
+    roundings, or an unrounded kernel tile were ~0.1 nats off in bf16)."""
+    from srpo_core.reference.token_contrast import token_contrast
+
+    dt = DTYPES[dtype]
+    dev = device if backend == "triton" else torch.device("cpu")
+    g = torch.Generator().manual_seed(21)
+    n, h, v = 24, 48, 300
+    hid = torch.randint(-16, 17, (n, h), generator=g, dtype=torch.float64) / 8
+    ref = hid + torch.randint(-4, 5, (n, h), generator=g, dtype=torch.float64) / 8
+    w = torch.randint(-16, 17, (v, h), generator=g, dtype=torch.float64) / 32
+    b = torch.randint(-64, 65, (v,), generator=g, dtype=torch.float64) / 16
+    ids = torch.randint(0, v, (n,), generator=g)
+    ids[::5] = -100
+    x, y = ((z @ w.T + b).float().to(dt).double() for z in (hid, ref))  # exact sums (2^-8 steps, |x| < 2^7), rounded
+    assert not torch.equal(x, (hid @ w.T).float().to(dt).double() + b)  # the case tells one rounding from two
+    model = token_contrast(x, y, ids, kind=kind, temperature=0.7)
+    outs = linear_token_contrast(*(z.to(dt).to(dev) for z in (hid, ref, w)), ids.to(dev), kind=kind,
+                                 temperature=0.7, bias=b.to(dt).to(dev), backend=backend)
+    atol = ROUNDED_ATOL + 16 * 2.0 ** -24 * max(float(x.abs().max()), float(y.abs().max())) / 0.7
+    for name, a, e in zip(NAMES, outs, model, strict=True):
+        assert_close(a, e, atol=atol, name=name)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_triton_launchers_take_no_rows(kind, device):
+    """N = 0 (a vocab-parallel rank whose batch is empty or all ignored reaches the launchers with no rows): empty
+    results, no launch (the split count divided by the number of row blocks)."""
+    from srpo_core.kernels.linear_token_contrast import linear_contrast_js, linear_contrast_stats
+
+    _, _, w, b, _ = make(1, 16, 40, torch.float32, seed=24, device=device)
+    h = torch.zeros(0, 16, device=device)
+    ids = torch.zeros(0, dtype=torch.int64, device=device)
+    stats = linear_contrast_stats(h, h, w, b, ids, inv_tau=1.0, kind=kind)
+    assert (stats[2] is None) == (kind == "js")
+    assert all(x.shape == (0,) and x.dtype == torch.float32 for x in stats if x is not None)
+    js = linear_contrast_js(h, h, w, b, stats[0], stats[1], inv_tau=1.0)
+    assert js.shape == (0,) and js.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("kind", ["kl", "js"])
 def test_slow_path_rows_match_float64_reference(kind, backend, device):
     """Rows the fp32 walk cannot finish, recomputed in float64: ``−inf`` bias entries (``0·log 0`` terms), logits
     ~1e3 with the largest one in a later tile (more than 127 bits above the running log-sum-exp), next to plain rows."""
@@ -182,6 +262,20 @@ def test_nan_input_raises_naming_the_row_or_returns_nan(kind):
     outs = linear_token_contrast(hid, ref, w, ids, kind=kind, backend="torch", check_ids=False)
     assert torch.isnan(outs.div[3]) and torch.isnan(outs.logp_ref[3]) and not torch.isnan(outs.logp[3])
     assert torch.isfinite(outs.div[[0, 1, 2, 4]]).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_strided_bias_reads_as_its_values(kind, backend, device):
+    """A bias view with stride 2 (``randn(2V)[::2]``) gives the float64 reference's values: the kernel reads the bias
+    with unit stride, so the launcher hands it a contiguous copy (it read the wrong entries)."""
+    dev = device if backend == "triton" else torch.device("cpu")
+    hid, ref, w, _, ids = make(5, 16, 40, torch.float32, seed=22, device=dev)
+    full = torch.randn(80, generator=torch.Generator().manual_seed(23)) * 3
+    bias = full.to(dev)[::2]
+    assert bias.stride() == (2,)
+    outs = linear_token_contrast(hid, ref, w, ids, kind=kind, bias=bias, backend=backend)
+    check(outs, hid, ref, w, ids, kind=kind, bias=bias.contiguous())
 
 
 @pytest.mark.parametrize("kind", ["kl", "js"])
@@ -282,6 +376,15 @@ def test_errors_name_the_argument(bad, match):
     pos = [args.pop(k) for k in ("hidden", "hidden_ref", "weight", "ids")]
     with pytest.raises((ValueError, TypeError), match=match):
         linear_token_contrast(*pos, **args)
+
+
+@pytest.mark.parametrize("kind", ["k" * 100_000, [["kl"] * 512] * 64], ids=["long string", "nested list"])
+def test_kind_error_describes_the_value_without_echoing_it(kind):
+    """D190: a long or bulky ``kind`` is described (type, size, a short preview), never printed whole."""
+    with pytest.raises(ValueError, match=r"linear_token_contrast: `kind` must be one of \('kl', 'js'\), got ") as e:
+        linear_token_contrast(torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(10, 8), torch.tensor([0, 1, -100, 2]),
+                              kind=kind)
+    assert len(str(e.value)) < 400, str(e.value)[:400]
 
 
 @pytest.mark.parametrize("world", [2, 3], ids=["2 ranks", "3 ranks"])

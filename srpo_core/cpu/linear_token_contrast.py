@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from srpo_core.cpu.linear_token_logprobs import LN2, LOG2E, _acc_dtype, _tile_logits_shifted, tile_sizes
 from srpo_core.reference.token_contrast import js_terms, kl_terms
@@ -159,14 +160,11 @@ def slow_rows(hidden, hidden_ref, weight, bias, ids_local, inv_tau, rows, kind, 
     v = weight.shape[0]
     step = max(1, SLOW_CHUNK_ELEMENTS // max(v, 1))
     outs = []
-    w64 = weight
     for r0 in range(0, rows.numel(), step):
         r = rows[r0:r0 + step]
         xs = []
         for h in (hidden, hidden_ref):
-            x = h[r] @ w64.T  # in the compute dtype, as the reference (and a plain model) computes it
-            if bias is not None:
-                x = x + bias
+            x = F.linear(h[r], weight, bias)  # in the compute dtype, rounded once, as the reference computes it
             xs.append(x.double() * inv_tau)
         x, y = xs
         if lse_pass2 is not None:
@@ -242,9 +240,8 @@ def js_rows(hidden, hidden_ref, weight, bias, ids, temperature, ignore_index):
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         xs = []
-        for h in (hidden, hidden_ref):  # in the compute dtype, as the reference (and a plain model) computes them
-            x = torch.mm(h[r0:r1], weight.T)
-            xs.append(x.add_(bias) if bias is not None else x)
+        for h in (hidden, hidden_ref):  # in the compute dtype, rounded once, as the reference computes them
+            xs.append(F.linear(h[r0:r1], weight, bias))
         for out, part in zip(outs, _torch_path(xs[0], xs[1], ids[r0:r1], "js", temperature, ignore_index),
                              strict=True):
             out[r0:r1] = part

@@ -33,7 +33,7 @@ import math
 import torch
 
 from srpo_core import _dispatch
-from srpo_core._validate import describe
+from srpo_core._validate import brief, describe
 from srpo_core.cpu import linear_token_contrast as cpu
 from srpo_core.cpu.linear_token_logprobs import _acc_dtype
 from srpo_core.ops.linear_token_logprobs import _rows
@@ -220,7 +220,7 @@ def linear_token_contrast(
     check_options(temperature=temperature, ignore_index=ignore_index, vocab_start=vocab_start,
                   flags={"check_ids": check_ids}, out_dtype=None, logit_scale=1.0, softcap=None, op=OP)
     if kind not in KINDS:
-        raise ValueError(f"{OP}: `kind` must be one of {KINDS}, got {kind!r}")
+        raise ValueError(f"{OP}: `kind` must be one of {KINDS}, got {brief(kind)}")
     dtype = compute_dtype(hidden, weight, bias, op=OP)
     hidden, hidden_ref, weight = hidden.detach().to(dtype), hidden_ref.detach().to(dtype), weight.detach().to(dtype)
     bias = bias.detach().to(dtype) if bias is not None else None

@@ -1,7 +1,7 @@
 """Reference for ``linear_token_contrast``: ``token_contrast`` of two conditions' hidden states through one LM head.
 
-    x  = hidden     @ weightᵀ (+ bias)         # [N, V], in the inputs' dtype (as a plain torch model computes it)
-    x' = hidden_ref @ weightᵀ (+ bias)
+    x  = F.linear(hidden, weight, bias)        # [N, V], in the inputs' dtype (as a plain torch model computes it:
+    x' = F.linear(hidden_ref, weight, bias)    # one rounding of hidden @ weightᵀ + bias, D48)
     (div, logp, logp_ref) = token_contrast(x, x', ids, kind, τ)   # srpo_core/reference/token_contrast.py
 
 Plain torch, readable as the math, float64-friendly (pass float64 inputs for the ground truth). It materialises both
@@ -11,6 +11,7 @@ Plain torch, readable as the math, float64-friendly (pass float64 inputs for the
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from srpo_core.reference.token_contrast import token_contrast
 
@@ -28,9 +29,7 @@ def linear_token_contrast(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``hidden, hidden_ref: [N, H]``, ``weight: [V, H]``, ``ids: [N]``, ``bias: [V] | None`` → ``(div, logp,
     logp_ref)``, each ``[N]``, float32 (float64 for float64 inputs)."""
-    x = hidden @ weight.T
-    y = hidden_ref @ weight.T
-    if bias is not None:
-        x, y = x + bias, y + bias
+    x = F.linear(hidden, weight, bias)
+    y = F.linear(hidden_ref, weight, bias)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return token_contrast(x.to(acc), y.to(acc), ids, kind=kind, temperature=temperature, ignore_index=ignore_index)
