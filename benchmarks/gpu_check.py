@@ -52,9 +52,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE = Path("/tmp/srpo-gpu-site")
 REHEARSAL = ROOT / "build" / "gpu-rehearse"
 PHASES = ("static", "parity", "large", "bench")
-KERNEL_TEST_FILES = ("test_token_logprobs.py", "test_linear_logprobs.py", "test_token_contrast.py",
-                     "test_role_weights_kernel.py", "test_policy_loss.py", "test_linear_token_contrast.py")
-TAKES_DEVICE = re.compile(r"def test_\w+\([^)]*\bdevice\b")
 DTYPE_TAGS = {"fp32": ("fp32", "float32"), "bf16": ("bf16", "bfloat16"), "fp16": ("fp16", "float16", "half")}
 # The whole check on one H100 must finish in 8 minutes. Seconds each step may take at most (docs/kernels.md gives the
 # estimate of each); the bench gets what is left of BUDGET and stops itself 20 s before it.
@@ -75,16 +72,12 @@ def _sibling(name: str):
     return mod
 
 
-OWN_FILES = _sibling("pytest_device_only").OWN_FILES
+_SELECTION = _sibling("pytest_device_only")
 
 
 def parity_files() -> list[str]:
-    """The kernel parity test files: the kernels' own, plus any other test file with a test taking ``device``."""
-    found = [f for f in KERNEL_TEST_FILES if (ROOT / "tests" / f).exists()]
-    for path in sorted((ROOT / "tests").glob("test_*.py")):
-        if path.name not in found and path.name not in OWN_FILES and TAKES_DEVICE.search(path.read_text()):
-            found.append(path.name)
-    return [f"tests/{f}" for f in found]
+    """The kernel parity test files (``pytest_device_only.parity_files``: the one list the launch audit checks)."""
+    return [f"tests/{f}" for f in _SELECTION.parity_files(ROOT / "tests")]
 
 
 def has(module: str) -> bool:

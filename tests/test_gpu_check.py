@@ -107,9 +107,23 @@ def test_on_the_device(device):
 def test_no_kernel():
     token_logprobs(torch.randn(3, 5), torch.tensor([0, 1, 4]), backend="torch")
 """)
+    # `device` reached only through another fixture, in a file whose signatures never name it: the parity phase
+    # would not pass this file to pytest, so the audit must fail it too
+    pytester.makepyfile(test_indirect="""
+import pytest, torch
+from srpo_core import token_logprobs
+
+@pytest.fixture
+def dev(device):
+    return device
+
+def test_through_a_fixture(dev):
+    token_logprobs(torch.randn(3, 5, device=dev), torch.tensor([0, 1, 4], device=dev), backend="triton")
+""")
     res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-o", "addopts=--import-mode=importlib")
-    res.assert_outcomes(passed=3, errors=1)
+    res.assert_outcomes(passed=4, errors=2)  # a teardown failure is counted beside its passed call
     res.stdout.fnmatch_lines(["*test_left_off launched 1 Triton kernel(s) but `make gpu-check` would not run it*"])
+    res.stdout.fnmatch_lines(["*test_through_a_fixture launched 1 Triton kernel(s)*"])
 
 
 def test_bench_stops_at_its_deadline_with_a_partial_result(tmp_path):
