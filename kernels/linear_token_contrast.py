@@ -28,6 +28,7 @@ import triton.language as tl
 from srpo_core import _dispatch
 from srpo_core._dispatch import empty, interpreting
 from srpo_core.kernels._rounding import emulate_bf16, round_to
+from srpo_core.kernels.linear_token_logprobs import _dot_t  # b_acc + b_x @ b_yᵀ, fp32 accumulation
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -40,17 +41,6 @@ def default_config(dtype: torch.dtype) -> dict:
     """Pinned tiles: two ``[BLOCK_N, BLOCK_V]`` fp32 accumulators live at once (one per condition), so half the
     ``linear_token_logprobs`` tile for bf16/fp16; fp32 keeps its IEEE-dot tile."""
     return dict(DEFAULT_FP32 if dtype == torch.float32 else DEFAULT)
-
-
-@triton.jit
-def _dot_t(b_x, b_y, b_acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    # b_acc + b_x @ b_yᵀ, fp32 accumulation (fp32 inputs: IEEE, no TF32; interpreter bf16: upcast first)
-    if UPCAST:
-        b_x = b_x.to(tl.float32)
-        b_y = b_y.to(tl.float32)
-    if IEEE or UPCAST:
-        return tl.dot(b_x, tl.trans(b_y), b_acc, input_precision="ieee")
-    return tl.dot(b_x, tl.trans(b_y), b_acc)
 
 
 @triton.jit
