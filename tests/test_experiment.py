@@ -325,3 +325,25 @@ def test_cli_has_the_experiment_subcommand():
     args = cli.build_parser().parse_args(["experiment", "--quick", "--json", "x.json", "--plot", "x.png"])
     assert args.run is cli._experiment and args.quick and args.json == "x.json" and args.plot == "x.png"
     assert not cli.build_parser().parse_args(["experiment"]).quick
+
+
+def test_method_vs_grpo_sentence_reads_the_direction_of_each_metric():
+    """Lower hallucination is *better*, lower accuracy *worse*; intervals spanning 0 give no claim."""
+    from srpo_core.experiment.report import VS_GRPO, _method_sentence, vs_grpo_table
+
+    def run(method, seed, **ev):
+        base = {key: 0.5 for key, _, _ in VS_GRPO}
+        return {"method": method, "seed": seed, "eval": {**base, **ev}}
+
+    runs = [run("grpo", s) for s in range(3)]
+    runs += [run("a", s, sampled_halluc_keeps_answer=0.5 - 0.1 - 0.01 * s, accuracy=0.5 - 0.2 - 0.01 * s)
+             for s in range(3)]
+    runs += [run("b", s, sampled_accuracy=0.5 + (0.1 if s % 2 else -0.1)) for s in range(3)]
+    result = {"config": {"seeds": [0, 1, 2]}, "rl": {"runs": runs, "summary": {"grpo": {}, "a": {}, "b": {}}}}
+    a = _method_sentence(result, "a")
+    assert "better than GRPO on halluc. keeps answer -0.110" in a and "worse on greedy acc. -0.210" in a
+    assert "no held-out metric" in _method_sentence(result, "b")
+    table = vs_grpo_table(result)
+    assert len(table) == 4 and table[2].startswith("| a | +0.000 [+0.000, +0.000] | -0.210 [")
+    one = {"config": {"seeds": [0]}, "rl": {"runs": runs[:1] + runs[3:4], "summary": {"grpo": {}, "a": {}}}}
+    assert "from one seed" in _method_sentence(one, "a")

@@ -97,6 +97,62 @@ def _rl_comparison(result: dict, method: str, metric: str) -> dict | None:
     return mean_ci(diffs) if diffs else None
 
 
+# (JSON key, column title, +1 if higher is better, -1 if lower is better) of the method − GRPO table
+VS_GRPO = (("sampled_accuracy", "sampled acc.", 1), ("accuracy", "greedy acc.", 1),
+           ("sampled_perception", "cell acc. (sampled)", 1),
+           ("sampled_halluc_changes_answer", "halluc. changes answer", -1),
+           ("sampled_halluc_keeps_answer", "halluc. keeps answer", -1), ("grounding_gap", "grounding gap", 1))
+
+
+def _direction(c: dict) -> str | None:
+    """``"higher"`` / ``"lower"`` when the interval excludes 0, else ``None`` (also with one seed: no interval)."""
+    lo, hi = c["ci"]
+    if lo is None or hi is None:
+        return None
+    return "higher" if lo > 0 else "lower" if hi < 0 else None
+
+
+def vs_grpo_table(result: dict) -> list[str]:
+    """Markdown rows: each method's paired per-seed difference to GRPO on the held-out metrics of ``VS_GRPO``."""
+    methods = [m for m in result["rl"]["summary"] if m != "grpo"]
+    lines = ["| method − grpo | " + " | ".join(t for _, t, _ in VS_GRPO) + " |",
+             "|---|" + "---:|" * len(VS_GRPO)]
+    for m in methods:
+        cells = []
+        for key, _, _ in VS_GRPO:
+            c = _rl_comparison(result, m, key)
+            cells.append("—" if c is None or c["mean"] is None else
+                         f"{c['mean']:+.3f}" + ("" if c["ci"][0] is None else
+                                                f" [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _method_sentence(result: dict, method: str) -> str:
+    """One sentence per method from the ``VS_GRPO`` differences: which intervals exclude 0, better or worse."""
+    seeds = len(result["config"]["seeds"])
+    if seeds < 2:
+        c = _rl_comparison(result, method, "sampled_accuracy")
+        shown = "—" if c is None or c["mean"] is None else f"{c['mean']:+.3f}"
+        return (f"{method} − grpo held-out sampled accuracy: {shown} from one seed — no interval, so no claim "
+                "either way.")
+    better, worse = [], []
+    for key, title, sign in VS_GRPO:
+        c = _rl_comparison(result, method, key)
+        d = None if c is None or c["mean"] is None else _direction(c)
+        if d is not None:
+            (better if (d == "higher") == (sign > 0) else worse).append(f"{title} {c['mean']:+.3f}")
+    if not better and not worse:
+        return (f"{method} vs grpo: no held-out metric of the table differs ({seeds} seeds, every 95% t interval "
+                "spans 0).")
+    parts = []
+    if better:
+        parts.append("better than GRPO on " + ", ".join(better))
+    if worse:
+        parts.append("worse on " + ", ".join(worse))
+    return f"{method} vs grpo ({seeds} seeds, 95% t interval excludes 0): " + "; ".join(parts) + "."
+
+
 def verdict(result: dict) -> list[str]:
     """Plain sentences, each derived from the JSON by a fixed rule (no hand-typed numbers)."""
     out = []
@@ -146,20 +202,6 @@ def verdict(result: dict) -> list[str]:
                    + (" and seeds" if g["n"] > 1 else ", one seed") + "): "
                    + ("the interval excludes 0, so RL moves the policy here." if ok else
                       "the interval does not exclude 0, so this run cannot show RL moving the policy."))
-    for method in summary:
-        if method == "grpo":
-            continue
-        c = _rl_comparison(result, method, "sampled_accuracy")
-        if c is None or c["mean"] is None:
-            continue
-        if c["n"] < 2:
-            out.append(f"{method} − grpo held-out sampled accuracy: {c['mean']:+.3f} from one seed — no interval, "
-                       "so no claim either way.")
-        else:
-            lo, hi = c["ci"]
-            word = "higher" if lo > 0 else "lower" if hi < 0 else "not distinguishable"
-            out.append(f"{method} − grpo held-out sampled accuracy: {c['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] over "
-                       f"{c['n']} seeds: {word}.")
     gains = {m: row["accuracy_gain_vs_warm"]["mean"] for m, row in summary.items()
              if row["accuracy_gain_vs_warm"]["mean"] is not None}
     if gains and all(g < 0 for g in gains.values()):
@@ -172,20 +214,8 @@ def verdict(result: dict) -> list[str]:
         out.append(f"Step times are noisy here: {', '.join(faster)} ran faster than GRPO per step although each "
                    "does strictly more work (an extra corrupted-image pass), so read the step-time column as "
                    "indicative only.")
-    seeds = len(result["config"]["seeds"])
     for method in [m for m in summary if m != "grpo"]:
-        for metric in ("accuracy", "grounding_gap", "perception"):
-            c = _rl_comparison(result, method, metric)
-            if c is None or c["mean"] is None:
-                continue
-            if seeds < 2:
-                out.append(f"{method} − grpo held-out {metric}: {c['mean']:+.3f} from one seed — no interval, "
-                           "so no claim either way.")
-                continue
-            lo, hi = c["ci"]
-            word = "higher" if lo > 0 else "lower" if hi < 0 else "not distinguishable"
-            out.append(f"{method} − grpo held-out {metric}: {c['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] over "
-                       f"{c['n']} seeds: {word}.")
+        out.append(_method_sentence(result, method))
     return out
 
 
@@ -382,7 +412,8 @@ def markdown(result: dict, png_name: str | None = "experiment.png", source: str 
                                                                  "vppo/mask_fraction", "papo/kl_prcp")
                           if row[k]["mean"] is not None)
         lines.append(f"| {m} | {wm('perception')} | {wm('reasoning')} | {_fmt(row['reward'])} | {other} |")
-    lines += ["", "## Verdict", ""]
+    lines += ["", "Each method minus GRPO on the same seed (mean [95% t CI] across seeds; lower is better for the "
+              "hallucination columns):", "", *vs_grpo_table(result), "", "## Verdict", ""]
     lines += [f"- {s}" for s in verdict(result)]
     lines += [f"- Scale: a hidden-{cfg['size']['hidden']} two-layer model, a synthetic 4-cell task, "
               f"{len(cfg['seeds'])} seed(s) and {b['steps']} RL steps. Whatever holds here is evidence "
