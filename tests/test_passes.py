@@ -330,3 +330,19 @@ def test_the_trainer_refuses_what_its_passes_cannot_give(processor):
 
     with pytest.raises(ValueError, match="reasoning_contrast='kl' is not supported"):
         SRPOGRPOTrainer(model=model, reward_funcs=[], srpo_config=SRPOConfig(reasoning_contrast="kl"))
+
+
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_the_trainer_trains_with_a_divergence_perception_contrast(processor, kind):
+    """`perception_contrast="kl"|"js"` (refused before issue 24) is accepted by SRPOGRPOTrainer and reaches the
+    weights: the perception tokens' weights are finite and not all equal."""
+    from srpo_core.adapters.trl import SRPOGRPOTrainer
+
+    config = SRPOConfig(perception_contrast=kind, beta_perception=1.0)
+    trainer = _E2E.run(SRPOGRPOTrainer, processor, steps=1, lr=0.0, srpo_config=config,
+                       srpo_options=SRPOTrainerOptions(roles_fn=_E2E.half_perception_half_reasoning))
+    last = trainer._srpo_last
+    perception = last.mask & (last.roles.roles == Role.PERCEPTION)
+    assert int(perception.sum()) > 0
+    w = last.result.weights[perception]
+    assert bool(torch.isfinite(w).all()) and float(w.std()) > 1e-3
