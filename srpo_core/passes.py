@@ -276,9 +276,10 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             raise ValueError(f"{OP}: {type(backbone).__name__}'s forward returned no `last_hidden_state`")
         b, j = torch.nonzero(need[:, :cut + 1], as_tuple=True)
         outs.append(hidden[b, j - 1])
-    if not outs:
-        hidden_size = _unwrap(model).get_output_embeddings().weight.shape[1]
-        return torch.zeros(0, hidden_size, device=input_ids.device)
+    if not outs:  # nothing needed: no forward at all
+        head = _unwrap(model).get_output_embeddings()
+        width = head.weight.shape[1] if isinstance(head, torch.nn.Linear) else 0
+        return torch.zeros(0, width, device=input_ids.device)
     return torch.cat(outs)
 
 

@@ -222,6 +222,9 @@ def test_the_cut_is_real(processor):
         only_first[2:] = False
         passes.token_logprobs(model, ids, attn, only_first, batch_size=2, **kw)
         assert spy.lengths == [width_p + 5]  # the second chunk needs nothing: no forward
+        spy.lengths.clear()
+        nothing = passes.token_logprobs(model, ids, attn, torch.zeros_like(needed), batch_size=2, **kw)
+        assert spy.lengths == [] and not bool(nothing.any())
     finally:
         spy.handle.remove()
     logits = full_logits(model, batch)
