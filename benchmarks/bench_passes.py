@@ -12,7 +12,8 @@ Each prompt is one ``--image``-pixel square image (392: 196 image tokens) plus 4
 ~256 in all); each of its two responses has ``--completion`` × (0.75-1.0) tokens (right padded), the first
 ``--perception`` share of them (after one tag token) perception, the rest reasoning but the last 4 tokens. Both
 ways run the trainer's own code (``SRPOPasses._srpo_passes`` with ``ℓ`` given, as with TRL's
-``old_per_token_logps``; ``ablation_mode`` ``--mode``, default the trainer's ``counterfactual``).
+``old_per_token_logps``, or with ``--with-clean`` computed too, as at ``num_iterations=1``; ``ablation_mode``
+``--mode``, default the trainer's ``counterfactual``).
 
 Time: ``--rounds`` interleaved rounds (old, new, old, new …) in this process after one warm-up of each; medians and
 20/80 % quantiles. Memory: each way once in a fresh process, the peak RSS above the RSS right before the call
@@ -120,7 +121,8 @@ def hwm_bytes() -> int:
 def setup(a):
     model = build_model(a.hidden, a.layers)
     b = build_batch(a.batch, a.image, a.completion, a.perception)
-    logp = torch.zeros(b["mask"].shape)  # ℓ as TRL's old_per_token_logps would give it (not read by the passes)
+    # ℓ as TRL's old_per_token_logps would give it (not read by the passes); --with-clean: the adapter computes it
+    logp = None if a.with_clean else torch.zeros(b["mask"].shape)
     small = build_batch(2, 56, 16, a.perception, seed=1)
     return model, b, logp, small
 
@@ -130,7 +132,7 @@ def mem(a) -> dict:
 
     model, b, logp, small = setup(a)
     host = make_host(model, a.mem == "new", a.mode)
-    call(host, small, torch.zeros(small["mask"].shape), a.batch_size)  # warm-up
+    call(host, small, None, a.batch_size)  # warm-up
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     rss0 = psutil.Process().memory_info().rss
@@ -147,7 +149,7 @@ def timing(a) -> dict:
     model, b, logp, small = setup(a)
     hosts = {way: make_host(model, way == "new", a.mode) for way in ("old", "new")}
     for host in hosts.values():
-        call(host, small, torch.zeros(small["mask"].shape), a.batch_size)
+        call(host, small, None, a.batch_size)
     times = {"old": [], "new": []}
     results = {}
     for _ in range(a.rounds):
@@ -157,7 +159,8 @@ def timing(a) -> dict:
             times[way].append(time.perf_counter() - t0)
     old, new = results["old"], results["new"]
     per, rea = b["roles"] == 1, (b["roles"] == 2) & old.has_value
-    diff = max(float((old.logp_corrupt - new.logp_corrupt)[per].abs().max()),
+    diff = max(float((old.logp - new.logp)[b["mask"]].abs().max()),
+               float((old.logp_corrupt - new.logp_corrupt)[per].abs().max()),
                float((old.logp_ablated - new.logp_ablated)[rea].abs().max()))
     from srpo_core import passes
 
@@ -187,6 +190,7 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--mode", default="counterfactual")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--with-clean", action="store_true", help="also the clean pass ℓ (TRL at num_iterations=1)")
     p.add_argument("--no-mem", action="store_true")
     p.add_argument("--mem", choices=("old", "new"))
     p.add_argument("--json")
@@ -200,10 +204,11 @@ def main(argv=None) -> None:
 
     res = {"host": environment("cpu"), "shape": {k: getattr(a, k) for k in ("batch", "batch_size", "image",
                                                                             "completion", "perception", "hidden",
-                                                                            "layers", "mode", "rounds")}}
+                                                                            "layers", "mode", "with_clean", "rounds")}}
     res.update(timing(a))
     if not a.no_mem:
-        flags = [f"--{k.replace('_', '-')}={v}" for k, v in res["shape"].items() if v is not None and k != "rounds"]
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in res["shape"].items()
+                 if v is not None and k not in ("rounds", "with_clean")] + ["--with-clean"] * a.with_clean
         for way in ("old", "new"):
             line = subprocess.run([sys.executable, __file__, "--mem", way, *flags], check=True, capture_output=True,
                                   text=True).stdout.strip().splitlines()[-1]
