@@ -244,12 +244,12 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         raise ValueError(f"{OP}: `batch_size` must be a positive int or None, got {brief(batch_size)}")
     backbone = _backbone(model)
     B, L = input_ids.shape
-    step = B if batch_size is None else min(batch_size, max(B, 1))
+    step = max(1, B if batch_size is None else min(batch_size, B))
     per_pos = {k: model_kwargs.pop(k) for k in PER_POSITION_KEYS if model_kwargs.get(k) is not None}
     for k, v in per_pos.items():
         if tuple(v.shape[:2]) != (B, L):
             raise ValueError(f"{OP}: `{k}` must be [B, L] = {[B, L]} like `input_ids`, got {describe(v)}")
-    slicer = _row_slicer(model_kwargs, B, num_images, num_tiles) if step < B else (lambda s, e: model_kwargs)
+    slicer = _row_slicer(model_kwargs, B, num_images, num_tiles) if step < B else (lambda s, e: dict(model_kwargs))
     mm = torch.zeros_like(needed)
     for t in _mm_token_ids(model):
         mm |= input_ids == t
