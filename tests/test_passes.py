@@ -349,3 +349,18 @@ def test_the_trainer_trains_with_a_divergence_perception_contrast(processor, kin
     assert int(perception.sum()) > 0
     w = last.result.weights[perception]
     assert bool(torch.isfinite(w).all()) and float(w.std()) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["vppo", "papo"])
+def test_presets_get_the_corrupted_logprobs_of_every_completion_token(processor, method):
+    """VPPO and PAPO read ℓ̃ on every completion token (not only perception): the runner computes it there, equal
+    to the full pass, and runs no ablated pass."""
+    batch = make_batch(processor)
+    model = build_model(processor.tokenizer).eval()
+    old = run_passes(model, processor, batch, runner=False, method=method)
+    new = run_passes(model, processor, batch, runner=True, method=method)
+    mask = batch["mask"]
+    torch.testing.assert_close(new.logp_corrupt[mask], old.logp_corrupt[mask], **FP32_TOL)
+    other = mask & (batch["roles"] != Role.PERCEPTION)
+    assert float((old.logp_corrupt - old.logp)[other].abs().max()) > 5 * FP32_TOL["atol"]
+    assert new.logp_ablated is None and old.logp_ablated is None
