@@ -115,11 +115,24 @@ def test_runner_equals_the_full_passes(processor, mode):
     torch.testing.assert_close(new_one_chunk.logp_ablated, new_chunks.logp_ablated, **FP32_TOL)
 
 
-def test_runner_equals_the_full_passes_bf16(processor):
+@pytest.mark.parametrize("head_fp32", [False, True], ids=["bf16-head", "cast_lm_head_to_fp32"])
+def test_runner_equals_the_full_passes_bf16(processor, head_fp32):
     batch = make_batch(processor)
     model = build_model(processor.tokenizer).to(torch.bfloat16).eval()
     batch["out"]["pixel_values"] = batch["out"]["pixel_values"].to(torch.bfloat16)
-    compare_old_new(model, processor, batch, BF16_TOL, ablation_mode="counterfactual")
+    # cast_lm_head_to_fp32: TRL's head (patched by the first host) and the runner's run in float32 on bf16 states
+    hosts = {runner: pass_host(model, processor, cast_lm_head_to_fp32=head_fp32, pass_runner=runner,
+                               srpo_options=SRPOTrainerOptions(ablation_mode="counterfactual"))
+             for runner in (False, True)}
+    args = (batch["out"], batch["input_ids"], batch["attention_mask"], batch["width_p"], batch["roles"],
+            batch["mask"], batch["group_ids"], 2)
+    with torch.no_grad():
+        old, new = hosts[False]._srpo_passes(*args), hosts[True]._srpo_passes(*args)
+    mask, perception = batch["mask"], batch["roles"] == Role.PERCEPTION
+    read = (batch["roles"] == Role.REASONING) & old.has_value
+    torch.testing.assert_close(new.logp[mask], old.logp[mask], **BF16_TOL)
+    torch.testing.assert_close(new.logp_corrupt[perception], old.logp_corrupt[perception], **BF16_TOL)
+    torch.testing.assert_close(new.logp_ablated[read], old.logp_ablated[read], **BF16_TOL)
 
 
 def test_runner_honours_temperature_and_the_configs_logit_transform(processor):
