@@ -1,16 +1,24 @@
 """The extra teacher-forced passes of :class:`srpo_core.adapters.trl.SRPOGRPOTrainer` (a mixin before
-``GRPOTrainer``): log-probs through TRL's own ``_get_per_token_logps_and_entropies``, the corrupted ``pixel_values``
-(``ℓ̃``), and the completions with their perception span ablated (``ℓ°``: hidden with the original positions injected
-for ``ablation_mode="mask"``, removed for ``"drop"``, replaced by another response's span for ``"counterfactual"``).
+``GRPOTrainer``): the corrupted ``pixel_values`` (``ℓ̃``, or the ``kl``/``js`` perception contrast) and the
+completions with their perception span ablated (``ℓ°``: hidden with the original positions injected for
+``ablation_mode="mask"``, removed for ``"drop"``, replaced by another response's span for ``"counterfactual"``).
+
+By default (``_srpo_pass_runner = True``) they run through :mod:`srpo_core.passes`: each pass cut after the last
+token its signal reads, the LM head only at those tokens (issue 24). ``_srpo_pass_runner = False`` (an internal flag,
+for tests and ``benchmarks/bench_passes.py``) runs the former full passes through TRL's own
+``_get_per_token_logps_and_entropies``; it has no ``kl``/``js``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
+from srpo_core import passes
 from srpo_core.ablation import ablate_span, counterfactual_donors
+from srpo_core.config import Role
 from srpo_core.corruption import CLIP_MEAN, CLIP_STD, corrupt_pixel_values
 from srpo_core.roles import tag_tokens_from_token_ids
 
@@ -20,9 +28,130 @@ _MM_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_s
 _PER_POSITION_KEYS = ("token_type_ids", "mm_token_type_ids")  # [B, P+C]: ablated like input_ids
 
 
+@dataclasses.dataclass
+class PassResults:
+    """What the passes give the advantage step, ``[B, C]`` on the completion positions: ``logp`` (``ℓ``),
+    ``logp_corrupt`` (``ℓ̃`` where it was computed, ``ℓ`` elsewhere), ``logp_ablated`` (``ℓ°`` where computed, ``ℓ``
+    elsewhere; None when no ablated pass ran), ``has_value`` (bool, the tokens the ablated pass gives a value; None
+    when it did not run), ``perception_signal`` (the ``kl``/``js`` contrast on perception tokens, else None)."""
+
+    logp: torch.Tensor
+    logp_corrupt: torch.Tensor
+    logp_ablated: torch.Tensor | None = None
+    has_value: torch.Tensor | None = None
+    perception_signal: torch.Tensor | None = None
+
+
 class SRPOPasses:
-    """The passes' methods; they read ``self.srpo_options``, ``self.model``, ``self.accelerator`` and TRL's
+    """The passes' methods; they read ``self.srpo_options``, ``self.srpo_config``, ``self.model``,
+    ``self.accelerator``, ``self.temperature``, ``self.args`` and (full passes) TRL's
     ``_get_per_token_logps_and_entropies`` of the trainer they are mixed into."""
+
+    _srpo_pass_runner = True  # False: the full passes through TRL's log-prob function (no kl/js)
+
+    def _srpo_passes(self, out: dict, input_ids, attention_mask, width_p, role_t, mask, group_ids, batch_size,
+                     logp=None) -> PassResults:
+        """ℓ (unless given), ℓ̃ (or the kl/js perception signal) and ℓ° for the batch ``[prompt | completion]``;
+        ``role_t``, ``mask``: ``[B, C]``. The corrupted pass reads every completion token for VPPO/PAPO, the
+        perception tokens for SRPO; the ablated pass (SRPO only) the reasoning tokens."""
+        opts = self.srpo_options
+        width_c = input_ids.shape[1] - width_p
+        perception = (role_t == Role.PERCEPTION) & mask
+        reasoning = (role_t == Role.REASONING) & mask
+        kind = self.srpo_config.perception_contrast if opts.method == "srpo" else None
+        divergence = kind in ("kl", "js")
+        needs_corrupt = opts.method != "srpo" or bool(perception.any())
+        corrupted = self._srpo_corrupt(out, group_ids) if needs_corrupt else None
+        run_ablated = opts.method == "srpo" and bool(perception.any()) and bool(reasoning.any())
+        if not self._srpo_pass_runner:
+            if divergence:
+                raise ValueError(f"SRPOGRPOTrainer: perception_contrast={kind!r} needs the pass runner "
+                                 "(_srpo_pass_runner=True); the full passes through TRL give log-probs only")
+            if logp is None:
+                logp = self._srpo_logps(out, input_ids, attention_mask, width_c, batch_size)
+            logp_corrupt = logp if corrupted is None else self._srpo_logps(
+                out, input_ids, attention_mask, width_c, batch_size, pixel_values=corrupted)
+            res = PassResults(logp, logp_corrupt)
+            if run_ablated:
+                res.logp_ablated, res.has_value = self._srpo_ablated_logps(out, input_ids, attention_mask,
+                                                                           perception, width_p, batch_size,
+                                                                           group_ids)
+            return res
+
+        def wide(x):  # [B, C] -> [B, P + C], False on the prompt
+            return torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), x.to(input_ids.device)],
+                             dim=1)
+
+        common = self._srpo_runner_kwargs(out, batch_size)
+        model = self.accelerator.unwrap_model(self.model)
+        completion = wide(attention_mask[:, width_p:].bool())
+        clean_hidden = None
+        with self.accelerator.autocast():
+            if logp is None:
+                if divergence and corrupted is not None:  # one clean pass for ℓ and the contrast's clean rows
+                    clean_hidden = passes.hidden_states(model, input_ids, attention_mask, completion,
+                                                        **{k: v for k, v in common.items() if k != "head_fp32"})
+                    head = passes.lm_head(model, self.temperature)
+                    values = passes.head_logprobs(head, clean_hidden, input_ids[completion],
+                                                  fp32=common["head_fp32"])
+                    logp = passes._scatter(values.float(), completion.to(values.device))[:, width_p:]
+                    clean_hidden = clean_hidden[wide(perception)[completion]]
+                else:
+                    logp = passes.token_logprobs(model, input_ids, attention_mask, completion,
+                                                 temperature=self.temperature, **common)[:, width_p:]
+            logp = logp.float()
+            res = PassResults(logp, logp)
+            if divergence and corrupted is None:  # no image, or no perception token: ℓ̃ = ℓ, a divergence of 0
+                res.perception_signal = torch.zeros_like(logp)
+            if corrupted is not None:
+                if divergence:
+                    c = passes.contrast(model, input_ids, attention_mask, wide(perception),
+                                        {"pixel_values": corrupted}, kind=kind, temperature=self.temperature,
+                                        clean_hidden=clean_hidden, **common)
+                    res.perception_signal = c.div[:, width_p:].to(logp.device)
+                    lc = c.logp_ref[:, width_p:].to(logp.device)
+                    res.logp_corrupt = torch.where(perception.to(logp.device), lc, logp)
+                else:
+                    need = mask if opts.method != "srpo" else perception
+                    lc = passes.token_logprobs(model, input_ids, attention_mask, wide(need),
+                                               temperature=self.temperature,
+                                               **{**common, "model_kwargs": {**common["model_kwargs"],
+                                                                             "pixel_values": corrupted}})
+                    res.logp_corrupt = torch.where(need.to(logp.device), lc[:, width_p:].to(logp.device), logp)
+            if run_ablated:
+                la, has_value = self._srpo_ablated_runner(out, input_ids, attention_mask, wide(perception),
+                                                          wide(reasoning), width_p, group_ids, common)
+                has_value = has_value[:, width_p:].to(logp.device)
+                # ℓ° where computed, 0 where the ablated batch has no value (as the full pass gives), ℓ elsewhere
+                res.logp_ablated = torch.where(reasoning.to(logp.device) & has_value,
+                                               la[:, width_p:].to(logp.device), torch.where(has_value, logp, 0.0))
+                res.has_value = has_value
+        return res
+
+    def _srpo_runner_kwargs(self, out: dict, batch_size) -> dict:
+        return dict(model_kwargs={k: out[k] for k in _MM_KEYS if out.get(k) is not None}, batch_size=batch_size,
+                    num_images=out.get("num_images"), num_tiles=out.get("num_tiles"),
+                    head_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)))
+
+    def _srpo_span_inputs(self, input_ids, attention_mask, full_span, width_p, group_ids):
+        """``(pad_token_id, tags_mask, donor)`` for :func:`srpo_core.ablation.ablate_span`."""
+        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+        tags = None
+        if self.srpo_options.ablate_tags:  # the <perception> tag tokens of the completions go with the span
+            comp = tag_tokens_from_token_ids(input_ids[:, width_p:], self._tokenizer,
+                                             attention_mask[:, width_p:].bool(), tags=self.srpo_options.perception_tags)
+            tags = torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), comp], dim=1)
+        donor = (counterfactual_donors(group_ids.to(input_ids.device), self.srpo_options.counterfactual_source,
+                                       input_ids=input_ids, span_mask=full_span)  # identical spans: no donor
+                 if self.srpo_options.ablation_mode == "counterfactual" else None)
+        return pad, tags, donor
+
+    def _srpo_ablated_runner(self, out, input_ids, attention_mask, full_span, full_needed, width_p, group_ids,
+                             common):
+        pad, tags, donor = self._srpo_span_inputs(input_ids, attention_mask, full_span, width_p, group_ids)
+        return passes.ablated_logprobs(self.accelerator.unwrap_model(self.model), input_ids, attention_mask,
+                                       full_span, full_needed, mode=self.srpo_options.ablation_mode, donor=donor,
+                                       pad_token_id=pad, tags_mask=tags, temperature=self.temperature, **common)
 
     def _srpo_logps(self, out: dict, input_ids, attention_mask, logits_to_keep, batch_size, **overrides):
         kwargs = {k: out[k] for k in _MM_KEYS if k in out}
@@ -67,15 +196,9 @@ class SRPOPasses:
         return (int(base) * 1_000_003 + self._srpo_generation * 7919 + self.accelerator.process_index) % (2**63)
 
     def _srpo_position_ids(self, input_ids, attention_mask, out):
-        """Original positions for ``ablation_mode="mask"``: M-RoPE ids from the model's ``get_rope_index`` when it
-        has one and the batch has images, else 1-D ``cumsum(attention_mask) − 1``."""
-        model = self.accelerator.unwrap_model(self.model)
-        rope = next((m.get_rope_index for m in model.modules() if hasattr(m, "get_rope_index")), None)
-        if rope is not None and out.get("image_grid_thw") is not None:
-            pos, _ = rope(input_ids, mm_token_type_ids=out.get("mm_token_type_ids"),
-                          image_grid_thw=out.get("image_grid_thw"), attention_mask=attention_mask)
-            return pos  # [3, B, L]
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
+        """Original positions for ``ablation_mode="mask"`` (:func:`srpo_core.passes.original_position_ids`)."""
+        return passes.original_position_ids(self.accelerator.unwrap_model(self.model), input_ids, attention_mask,
+                                            {k: out.get(k) for k in ("image_grid_thw", "mm_token_type_ids")})
 
     @contextlib.contextmanager
     def _srpo_inject_position_ids(self, position_ids: torch.Tensor):
@@ -100,16 +223,8 @@ class SRPOPasses:
         """``(ℓ° [B, C], has_value bool [B, C])`` on the completion positions; tokens without a value (the span, the
         first token after a masked span, D180) must get no reasoning signal."""
         full_span = torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), span], dim=1)
-        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
-        tags = None
-        if self.srpo_options.ablate_tags:  # the <perception> tag tokens of the completions go with the span
-            comp = tag_tokens_from_token_ids(input_ids[:, width_p:], self._tokenizer,
-                                             attention_mask[:, width_p:].bool(), tags=self.srpo_options.perception_tags)
-            tags = torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), comp], dim=1)
+        pad, tags, donor = self._srpo_span_inputs(input_ids, attention_mask, full_span, width_p, group_ids)
         mode = self.srpo_options.ablation_mode
-        donor = (counterfactual_donors(group_ids.to(input_ids.device), self.srpo_options.counterfactual_source,
-                                       input_ids=input_ids, span_mask=full_span)  # identical spans: no donor
-                 if mode == "counterfactual" else None)
         ab = ablate_span(input_ids, attention_mask, full_span, mode=mode, pad_token_id=pad, tags_mask=tags,
                          donor=donor)
         extra = {k: ab.ablate(out[k]) for k in _PER_POSITION_KEYS if k in out}
@@ -121,3 +236,38 @@ class SRPOPasses:
             logps = self._srpo_logps(out, ab.input_ids, ab.attention_mask, keep, batch_size, **extra)  # [B, keep]
         full = torch.cat([logps.new_zeros(logps.shape[0], width_p), logps], dim=1)
         return ab.gather(full)[:, width_p:], ab.valid[:, width_p:]
+
+
+def pass_host(model, processing_class, *, srpo_config=None, srpo_options=None, temperature: float = 1.0,
+              cast_lm_head_to_fp32: bool = False, seed: int = 0, pass_runner: bool = True):
+    """The trainer's passes (:class:`SRPOPasses`) without a trainer, for tests and ``benchmarks/bench_passes.py``:
+    an object with the attributes they read, TRL's ``_get_per_token_logps_and_entropies`` and TRL's fused LM head
+    added to ``model`` (as ``GRPOTrainer.__init__`` adds it; once per model). Needs TRL and accelerate."""
+    import types
+
+    from accelerate import Accelerator
+    from trl import GRPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from srpo_core.adapters._trl_options import SRPOTrainerOptions
+    from srpo_core.config import SRPOConfig
+
+    if not getattr(model, "_srpo_fused_lm_head", False):
+        add_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+                          outputs=("log_probs", "entropy"))
+        model._srpo_fused_lm_head = True
+
+    class Host(SRPOPasses):
+        _get_per_token_logps_and_entropies = GRPOTrainer._get_per_token_logps_and_entropies
+
+    host = Host()
+    host.model, host.processing_class = model, processing_class
+    host._tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    host.accelerator = Accelerator(cpu=model.device.type == "cpu")
+    host.srpo_config = srpo_config or SRPOConfig()
+    host.srpo_options = srpo_options or SRPOTrainerOptions()
+    host.temperature = temperature
+    host.args = types.SimpleNamespace(cast_lm_head_to_fp32=cast_lm_head_to_fp32, seed=seed)
+    host._srpo_generation = 0
+    host._srpo_pass_runner = pass_runner
+    return host

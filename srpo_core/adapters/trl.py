@@ -5,10 +5,12 @@ overrides private ``GRPOTrainer`` methods) unless ``SRPO_ALLOW_UNTESTED_TRL=1``.
 computed its sequence advantages ``A_i: [B_local]``, the trainer
 
 1. labels each completion's tokens with :func:`srpo_core.roles_from_token_ids` (perception / reasoning / other);
-2. runs three teacher-forced passes under ``no_grad`` through TRL's own ``_get_per_token_logps_and_entropies``
-   (same fused LM head, same temperature): the original inputs (``ℓ``; reused when TRL already computed
-   ``old_per_token_logps``), corrupted ``pixel_values`` (``ℓ̃``, :func:`srpo_core.corrupt_pixel_values`, one mask per
-   prompt) and the completions with their perception span removed (``ℓ°``, :func:`srpo_core.ablate_span`);
+2. runs three teacher-forced passes under ``no_grad`` through :mod:`srpo_core.passes` (each cut after the last
+   token its signal reads, the model's own LM head only there, TRL's temperature and logit transform): the original
+   inputs (``ℓ``; reused when TRL already computed ``old_per_token_logps``), corrupted ``pixel_values`` (``ℓ̃`` on
+   perception tokens, or the ``kl``/``js`` perception contrast; :func:`srpo_core.corrupt_pixel_values`, one mask per
+   prompt) and the completions with their perception span ablated (``ℓ°`` on reasoning tokens,
+   :func:`srpo_core.ablate_span`);
 3. calls :func:`srpo_core.role_aware_advantages` (role statistics all-reduced over the accelerator's processes, since
    TRL spreads a prompt's completions over them) and stores the ``[B, T]`` token advantages where TRL's
    ``_compute_loss`` reads them (it broadcasts ``[B]`` and accepts ``[B, T]`` as they are), plus SRPO's statistics
@@ -135,9 +137,10 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
         if not isinstance(srpo_options, SRPOTrainerOptions):
             raise TypeError(f"SRPOGRPOTrainer: `srpo_options` must be an SRPOTrainerOptions, got "
                             f"{type(srpo_options).__name__}")
-        if srpo_config.perception_contrast in ("kl", "js") or srpo_config.reasoning_contrast in ("kl", "js"):
-            raise ValueError("SRPOGRPOTrainer: contrast kinds 'kl' and 'js' need full logit rows, which TRL's fused "
-                             "LM head never materialises; use 'k3' or 'logratio'")
+        if srpo_config.reasoning_contrast in ("kl", "js"):
+            raise ValueError(f"SRPOGRPOTrainer: reasoning_contrast={srpo_config.reasoning_contrast!r} is not "
+                             "supported (the ablated pass gives log-probs only); use 'k3' or 'logratio'. "
+                             "perception_contrast accepts 'kl' and 'js' (srpo_core.passes.contrast)")
         if training_args is not None and getattr(training_args, "use_liger_kernel", False):
             raise ValueError(
                 "SRPOGRPOTrainer does not support use_liger_kernel=True: Liger's GRPO path takes sequence-level [B] "
@@ -169,7 +172,7 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
         seq_adv = out["advantages"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        width_p, width_c = prompt_ids.shape[1], completion_ids.shape[1]
+        width_p = prompt_ids.shape[1]
         # Group (prompt) of each local completion: TRL orders a prompt's completions consecutively over processes.
         offset = self.accelerator.process_index * len(seq_adv)
         group_ids = (torch.arange(len(seq_adv)) + offset) // num_generations
@@ -187,30 +190,24 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
 
         with torch.no_grad():
             logp = out.get("old_per_token_logps")
-            logp = (self._srpo_logps(out, input_ids, attention_mask, width_c, batch_size)
-                    if logp is None else logp.float())
-            needs_corrupt = opts.method != "srpo" or bool((role_t == Role.PERCEPTION).any())
-            corrupted = self._srpo_corrupt(out, group_ids) if needs_corrupt else None
-            if corrupted is None:
-                logp_corrupt = logp  # no image, or nobody reads ℓ̃
-            else:
-                logp_corrupt = self._srpo_logps(out, input_ids, attention_mask, width_c, batch_size,
-                                                pixel_values=corrupted)
+            res = self._srpo_passes(out, input_ids, attention_mask, width_p, role_t, mask, group_ids, batch_size,
+                                    logp=None if logp is None else logp.float())
+            logp, logp_corrupt = res.logp, res.logp_corrupt
             if opts.method != "srpo":
                 return self._preset_step(out, mode, seq_adv, roles, mask, logp, logp_corrupt)
-            span = role_t == Role.PERCEPTION
-            if not bool(span.any()) or not bool((role_t == Role.REASONING).any()):
+            if res.logp_ablated is None:
                 logp_ablated = logp  # nothing removed, or nobody reads ℓ°
             else:
-                logp_ablated, has_value = self._srpo_ablated_logps(out, input_ids, attention_mask, span, width_p,
-                                                                   batch_size, group_ids)
+                logp_ablated = res.logp_ablated
                 # a reasoning token without ℓ° (after a masked span, D180; no donor) gets no signal, like OTHER
-                role_t = role_t.masked_fill((role_t == Role.REASONING) & ~has_value.to(role_t.device),
+                role_t = role_t.masked_fill((role_t == Role.REASONING) & ~res.has_value.to(role_t.device),
                                             int(Role.OTHER))
 
         group = torch.distributed.group.WORLD if self.accelerator.num_processes > 1 else None
+        signal = res.perception_signal
         res = role_aware_advantages(seq_adv.float(), logp, logp_corrupt, logp_ablated, role_t, mask=mask,
-                                    config=self.srpo_config, process_group=group)
+                                    config=self.srpo_config, process_group=group,
+                                    perception_signal=None if signal is None else signal.to(logp.device))
         out["advantages"] = res.advantages.to(seq_adv.dtype)  # [B, T]; 0 outside the mask
         self._srpo_last = SRPOStep(seq_adv, res, roles, mask, logp, logp_corrupt, logp_ablated, role_t)
         self._srpo_generation += 1
