@@ -202,13 +202,14 @@ class SRPOGRPOConfig(GRPOConfig):
         for f in dataclasses.fields(self):  # strings (YAML, environment) read as the field's type, as TRL's parser
             if not f.name.startswith("srpo_") or not isinstance(getattr(self, f.name), str):
                 continue
-            kind, value, spelled = str(f.type), getattr(self, f.name), f"--{f.name}"
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            value, spelled = getattr(self, f.name), f"--{f.name}"
             if kind == "bool":
                 setattr(self, f.name, _options.parse_bool(value, where=where, spelled=spelled))
             elif kind == "float":
                 setattr(self, f.name, _options.parse_number(value, where=where, spelled=spelled))
             elif kind.startswith("int"):
-                setattr(self, f.name, _options.parse_int(value, where=where, spelled=spelled))
+                setattr(self, f.name, _options.parse_int(value, where=where, spelled=spelled, low=0))
         try:
             self.srpo_math_config()
             self.srpo_trainer_options()
