@@ -130,7 +130,7 @@ def test_compute_advantage_refines_grpo_batches(with_contrast):
         return
     seq = grpo.batch["advantages"][:, 0]
     want = role_aware_advantages(seq, old, batch["srpo_logp_corrupt"], batch["srpo_logp_ablated"],
-                                 batch["srpo_roles"], mask=mask.bool())  # padding-free: no D180 rule (D197)
+                                 batch["srpo_roles"], mask=mask.bool())  # padding-free: no D180 rule (D187)
     torch.testing.assert_close(out.batch["advantages"], want.advantages)
     assert "srpo/perception/count" in out.meta_info["srpo_metrics"]
 

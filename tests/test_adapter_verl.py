@@ -88,7 +88,7 @@ def test_srpo_conversion_matches_role_aware_advantages(dtype):
         b["advantages"], b["response_mask"], b["old"], logp_corrupt=b["corrupt"], logp_ablated=b["ablated"],
         roles=b["roles"], options=AdapterOptions(srpo=config))
     # verl's padding-free pass removes the hidden rows: every token it scores has ℓ°, the one right after the span
-    # included (D197), so the roles are scored as given
+    # included (D187), so the roles are scored as given
     want = role_aware_advantages(b["seq"], b["old"], b["corrupt"], b["ablated"], b["roles"],
                                  mask=b["response_mask"].bool(), config=config)
     assert out.shape == b["advantages"].shape and out.dtype == dtype
@@ -398,7 +398,7 @@ def test_trainer_old_log_prob_runs_each_ablation_mode(verl_mods, mode):
     """The legacy trainer's ablated pass in each mode through verl's own padding-free ``_compute_old_log_prob``:
     every ``ℓ°`` and the positions the worker received checked by hand; then the whole advantage step equals
     ``role_aware_advantages`` on the roles as given (the token after a hidden span keeps its value in ``mask``: the
-    padding-free pass predicts it from the visible row before the span, D197)."""
+    padding-free pass predicts it from the visible row before the span, D187)."""
     DataProto, core_algos, ray_trainer, OmegaConf = verl_mods  # noqa: N806
     from srpo_core.ablation import counterfactual_donors
 

@@ -160,7 +160,7 @@ def refine_advantages(method: str, seq_adv: torch.Tensor, mask: torch.Tensor, lo
     ``ablated_valid`` (bool ``[B, T]``, optional): the tokens the ablated pass gave a value; a REASONING token
     without one (a ``counterfactual`` row without a donor) is scored as OTHER. The padding-free passes of verl and
     EasyR1 remove the hidden rows, so in ``mask`` mode the token after the span is predicted from the visible row
-    before it and keeps its value (D180's rule is for passes that keep the hidden rows, as the TRL trainer's; D197).
+    before it and keeps its value (D180's rule is for passes that keep the hidden rows, as the TRL trainer's; D187).
 
     ``vppo``: VPPO's loss mask is folded into the advantages (``α_i · A_i`` on the kept tokens, 0 on the others).
     Under a PPO-clip loss averaged over the response mask this is exactly VPPO's masked loss: a token with zero

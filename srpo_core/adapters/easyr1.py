@@ -238,7 +238,7 @@ class SRPOWorkerGroup:
     def _ablated_log_probs(self, data, roles, response_mask):
         """``(ℓ°, valid)`` in the options' mode. ``mask``: the span hidden from ``attention_mask``; the padding-free
         actor drops it, and every kept token (the one after the span included) is predicted from the last visible
-        row before it (D197). ``drop`` / ``counterfactual``: rebuilt responses (:func:`rebuilt_batch`), whose
+        row before it (D187). ``drop`` / ``counterfactual``: rebuilt responses (:func:`rebuilt_batch`), whose
         log-probs come back aligned to the new tokens; the batch keeps its uids, so the worker processes the clean
         images again (its cache holds the corrupted pass's ``#srpo-corrupt`` uids)."""
         if self._options.ablation_mode == "mask":

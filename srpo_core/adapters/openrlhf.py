@@ -23,7 +23,7 @@ that Ray), and runs the module as ``__main__``. By hand: ``ray.init(runtime_env=
 
 Limits, stated rather than hidden: ``ablation_mode="mask"`` is refused (OpenRLHF's ``Actor.forward`` computes the
 positions itself, from the attention mask or, for a VLM, inside the model, so a hidden span cannot keep the original
-positions of the later tokens; D198); and the KL must be a loss term (``--algo.kl.use_loss``, the GRPO recipe), since
+positions of the later tokens; D188); and the KL must be a loss term (``--algo.kl.use_loss``, the GRPO recipe), since
 a KL folded into the reward makes the advantage vary along the response, which is refused.
 Importing this module imports no OpenRLHF, Ray or DeepSpeed.
 """

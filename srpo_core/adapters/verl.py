@@ -265,7 +265,7 @@ def ablated_log_probs(data, roles: torch.Tensor, options: AdapterOptions, logp_o
 
     ``mask``: the span hidden from ``attention_mask``; the padding-free pass drops those positions and keeps the
     others' ``position_ids``, and each kept token, the one right after the span included, is predicted from the last
-    visible row before it (D197). ``drop`` / ``counterfactual``: :func:`srpo_core.adapters._common.rebuilt_batch`.
+    visible row before it (D187). ``drop`` / ``counterfactual``: :func:`srpo_core.adapters._common.rebuilt_batch`.
     """
     response_mask = data.batch["response_mask"].bool()
     if options.ablation_mode == "mask":
