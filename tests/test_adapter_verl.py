@@ -63,7 +63,7 @@ def verl_like_batch(bs=8, n=4, resp_len=9, seed=0, dtype=torch.float32):
     advantages = seq[:, None] * response_mask  # what verl's GRPO returns
     old = -torch.rand(bs, resp_len, generator=g, dtype=dtype) * 3
     corrupt = old - torch.rand(bs, resp_len, generator=g, dtype=dtype)
-    ablated = old + torch.randn(bs, resp_len, generator=g, dtype=dtype) * 0.3
+    ablated = (old + torch.randn(bs, resp_len, generator=g, dtype=dtype) * 0.3).clamp(max=0.0)  # log-probs
     roles = torch.randint(0, 3, (bs, resp_len), generator=g) * response_mask
     # Garbage past the response, as a padded batch may hold.
     for t in (old, corrupt, ablated):
@@ -605,7 +605,7 @@ def _v1_samples(bs, n, V, g):  # noqa: N803
 
 
 @needs_verl
-@pytest.mark.parametrize("mode", ["mask", "drop", "counterfactual"])
+@pytest.mark.parametrize("mode", ["mask", "drop", "counterfactual", "off"])
 def test_v1_trainer_adds_the_contrast_passes_through_the_transfer_queue(verl_mods, transfer_queue, mode):
     """verl's own v1 ``_compute_old_log_prob`` and ``_compute_advantage`` (``PPOTrainerSync``), on samples in a
     real TransferQueue, with the bigram worker behind ``tqbridge``: every SRPO log-prob checked by hand, and the
@@ -637,23 +637,24 @@ def test_v1_trainer_adds_the_contrast_passes_through_the_transfer_queue(verl_mod
     trainer.global_steps = 1
     metrics = {}
     batch = trainer._compute_old_log_prob(batch, metrics=metrics)
-    assert len(trainer.actor_rollout_wg.seen_pixel_means) == 3  # clean, corrupted, ablated passes
+    # clean, corrupted, ablated passes ("off": no ablated pass)
+    assert len(trainer.actor_rollout_wg.seen_pixel_means) == (2 if mode == "off" else 3)
     assert tq.kv_list(adapter.V1_CONTRAST_PARTITION).get(adapter.V1_CONTRAST_PARTITION, {}) == {}  # cleared
-    clean_m, corrupt_m, ablated_m = trainer.actor_rollout_wg.seen_pixel_means
-    assert clean_m == ablated_m
+    clean_m, corrupt_m = trainer.actor_rollout_wg.seen_pixel_means[:2]
+    assert mode == "off" or trainer.actor_rollout_wg.seen_pixel_means[2] == clean_m
     assert all(a != b for a, b in zip(clean_m, corrupt_m, strict=True))
     assert corrupt_m[0] == corrupt_m[1] and corrupt_m[2] == corrupt_m[3]  # one corrupted image per prompt
 
+    ablated_keys = () if mode == "off" else ("srpo_logp_ablated", "srpo_ablated_valid")
     got = tq.kv_batch_get(keys=keys, partition_id="train").select(
-        "old_log_probs", "srpo_logp_corrupt", "srpo_logp_ablated", "srpo_roles", "response_mask",
-        "srpo_ablated_valid").to_padded_tensor()
+        "old_log_probs", "srpo_logp_corrupt", "srpo_roles", "response_mask", *ablated_keys).to_padded_tensor()
     from srpo_core.ablation import counterfactual_donors
 
     padded_resp = torch.nn.utils.rnn.pad_sequence([r["responses"] for r in rows], batch_first=True)
     span = torch.nn.utils.rnn.pad_sequence([r["srpo_roles"] == Role.PERCEPTION for r in rows], batch_first=True)
     donors = counterfactual_donors(group_ids([r["uid"] for r in rows]), "group", input_ids=padded_resp,
                                    span_mask=span).tolist()
-    seen_positions = trainer.actor_rollout_wg.seen_positions[2]
+    seen_positions = trainer.actor_rollout_wg.seen_positions[-1]
     for i, r in enumerate(rows):
         seq, resp, roles = r["prompts"].tolist(), r["responses"].tolist(), r["srpo_roles"]
         full = seq + resp
@@ -665,6 +666,8 @@ def test_v1_trainer_adds_the_contrast_passes_through_the_transfer_queue(verl_mod
             assert float(got["old_log_probs"][i, j]) == pytest.approx(model.logp(prev, tok, clean_m[i]), abs=1e-5)
             assert float(got["srpo_logp_corrupt"][i, j]) == pytest.approx(model.logp(prev, tok, corrupt_m[i]),
                                                                           abs=1e-5)
+            if mode == "off":
+                continue
             if want[j] is None:
                 assert float(got["srpo_ablated_valid"][i, j]) == 0.0, (mode, i, j)
                 continue
@@ -672,7 +675,7 @@ def test_v1_trainer_adds_the_contrast_passes_through_the_transfer_queue(verl_mod
             assert float(got["srpo_logp_ablated"][i, j]) == pytest.approx(
                 model.logp(want[j][0], tok, clean_m[i]), abs=1e-5), (mode, i, j)
             assert want[j][1] in seen_positions[i], (mode, i, j)
-        if mode != "mask":
+        if mode in ("drop", "counterfactual"):
             assert seen_positions[i] == list(range(len(seen_positions[i]))), (i, seen_positions[i])
 
     # verl's v1 advantage step: the srpo_* fields reach the estimator; the result is the legacy path's.
@@ -683,9 +686,8 @@ def test_v1_trainer_adds_the_contrast_passes_through_the_transfer_queue(verl_mod
     scores = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["rm_scores"]).to_padded_tensor()
     legacy = DataProto.from_dict(
         tensors={"response_mask": got["response_mask"], "old_log_probs": got["old_log_probs"],
-                 "srpo_logp_corrupt": got["srpo_logp_corrupt"], "srpo_logp_ablated": got["srpo_logp_ablated"],
-                 "srpo_roles": got["srpo_roles"], "token_level_rewards": scores["rm_scores"],
-                 "srpo_ablated_valid": got["srpo_ablated_valid"]},
+                 "srpo_logp_corrupt": got["srpo_logp_corrupt"], **{k: got[k] for k in ablated_keys},
+                 "srpo_roles": got["srpo_roles"], "token_level_rewards": scores["rm_scores"]},
         non_tensors={"uid": np.array([r["uid"] for r in rows], dtype=object)})
     want = ray_trainer.compute_advantage(legacy, "srpo", num_repeat=n, config=trainer.config.algorithm)
     torch.testing.assert_close(adv["advantages"], want.batch["advantages"])

@@ -593,7 +593,12 @@ def _v1_compute_advantage_with_srpo(self, batch, metrics, base):
     import transfer_queue as tq
 
     _v1_refuse_unsupported(self, batch, name)
-    wanted = [KEY_LOGP_CORRUPT, KEY_LOGP_ABLATED, KEY_ROLES, KEY_ABLATED_VALID]
+    # exactly the fields the old-log-prob step wrote (the TransferQueue is not asked for absent ones)
+    wanted = [KEY_LOGP_CORRUPT]
+    if name == "srpo":
+        wanted.append(KEY_ROLES)
+        if options_from_config(self.config.algorithm).ablates:
+            wanted += [KEY_LOGP_ABLATED, KEY_ABLATED_VALID]
     fields = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=wanted)
     padded = fields.to_padded_tensor()
     step = _V1AdvantageStep({k: padded[k] for k in wanted if k in padded.keys()})
