@@ -742,3 +742,12 @@ def test_trainers_check_the_options_when_built(verl_mods):
     with pytest.raises(ValueError, match=r"`algorithm\.srpo\.corruption_mode` must be one of .*got 'blur'"):
         adapter.srpo_v1_trainer_class(PPOTrainerSync)(OmegaConf.create({"algorithm": {"srpo": {
             "corruption_mode": "blur"}}}))
+
+
+def test_any_seed_the_options_accept_is_a_valid_generator_seed():
+    """``seed`` is an integer >= 0 with no upper bound; the derived generator seeds stay within torch's range (a seed
+    of 10**12 used to overflow ``manual_seed`` in the first corrupted pass)."""
+    opts = adapter.options_from_config({"srpo": {"seed": 10**12}})
+    samples = np.array([_qwen_inputs()], dtype=object)
+    out = corrupt_multi_modal_inputs(samples, torch.tensor([0]), seed=opts.seed * 100_003 + 5)
+    assert out[0]["pixel_values"].shape == samples[0]["pixel_values"].shape

@@ -29,6 +29,8 @@ KEY_LOGP_ABLATED = "srpo_logp_ablated"
 KEY_ROLES = "srpo_roles"
 KEY_METRICS = "srpo_metrics"
 KEY_ABLATED_VALID = "srpo_ablated_valid"
+# generator seeds are derived from the option `seed` and reduced modulo this, so any seed >= 0 is a valid torch seed
+SEED_MODULUS = 2**63
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +207,7 @@ def corrupt_multi_modal_inputs(multi_modal_inputs, groups: torch.Tensor, *, mode
     for i, sample in enumerate(multi_modal_inputs):
         sample = dict(sample or {})
         if "pixel_values" in sample and "image_grid_thw" in sample:
-            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(groups[i]))
+            gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(groups[i])) % SEED_MODULUS)
             sample["pixel_values"] = corrupt_pixel_values(sample["pixel_values"], sample["image_grid_thw"],
                                                           mode=mode, p=p, generator=gen, **corrupt_kwargs)
         out[i] = sample

@@ -37,6 +37,7 @@ from srpo_core.adapters._common import (
     KEY_LOGP_CORRUPT,
     KEY_METRICS,
     KEY_ROLES,
+    SEED_MODULUS,
     AdapterOptions,
     group_ids,
     perception_span_hidden,
@@ -164,7 +165,7 @@ def corrupted_batch(data, options: AdapterOptions = AdapterOptions(), step: int 
         if g not in done:
             sample = dict(sample)
             if "images" in sample:
-                gen = torch.Generator().manual_seed(int(options.seed) * 1_000_003 + step * 7919 + g)
+                gen = torch.Generator().manual_seed((int(options.seed) * 1_000_003 + step * 7919 + g) % SEED_MODULUS)
                 images = [_load_image(im) for im in sample["images"]]
                 sample["images"] = corrupt_images(images, p=options.corruption_p, mode=options.corruption_mode,
                                                   generator=gen) if images else []
