@@ -164,22 +164,23 @@ def _forward(self, sequences, attention_masks, action_masks, mm_list) -> list[to
 
 def ablated_inputs(samples_list, roles_list: list[torch.Tensor], n_samples_per_prompt: int, options: AdapterOptions,
                    pad_token_id: int = 0):
-    """The ablated pass's inputs for OpenRLHF samples (``sequences [b, L]`` right-padded, ``action_mask [b, L − 1]``
-    over ``sequences[:, 1:]``): the micro-batches are ablated together (a counterfactual donor may sit in another
-    micro-batch), with :func:`srpo_core.ablate_span` in ``options.ablation_mode``, then split back.
+    """The ablated pass's inputs for OpenRLHF samples (``sequences [b, L]`` right-padded, ``action_mask [b, A]`` over
+    the last ``A`` tokens, as ``Actor.forward`` reads it; ``A = L − 1`` as OpenRLHF builds them): the micro-batches
+    are ablated together (a counterfactual donor may sit in another micro-batch), with :func:`srpo_core.ablate_span`
+    in ``options.ablation_mode``, then split back.
 
     Returns ``(sequences, attention_masks, action_masks, ab)``: per micro-batch lists, each cut to its longest row,
     and the :class:`srpo_core.ablation.AblatedBatch` over the whole (its rows in micro-batch order).
     """
     from srpo_core.ablation import ablate_span, counterfactual_donors
 
-    def full(t: torch.Tensor, fill) -> torch.Tensor:  # [b, L - 1] over sequences[:, 1:] -> [b, L]
-        return torch.nn.functional.pad(t, (1, 0), value=fill)
+    def full(t: torch.Tensor, s) -> torch.Tensor:  # [b, A] over the last A tokens -> [b, L] over the sequence
+        return torch.nn.functional.pad(t.to(torch.int64), (s.sequences.shape[1] - t.shape[1], 0), value=0)
 
     seq = _pad_cat([s.sequences for s in samples_list], pad_token_id)
     attn = _pad_cat([s.attention_mask.to(torch.int64) for s in samples_list], 0)
-    action = _pad_cat([full(s.action_mask.to(torch.int64), 0) for s in samples_list], 0)
-    roles = _pad_cat([full(r.to(torch.int64), 0) for r in roles_list], 0)
+    action = _pad_cat([full(s.action_mask, s) for s in samples_list], 0)
+    roles = _pad_cat([full(r, s) for r, s in zip(roles_list, samples_list, strict=True)], 0)
     span = (roles == Role.PERCEPTION) & action.bool() & attn.bool()
     donor = None
     if options.ablation_mode == "counterfactual":
@@ -213,8 +214,9 @@ def _ablated_pass(self, samples_list, roles_list, options: AdapterOptions):
     back, valid = ab.gather(values), ab.valid
     result, start = [], 0
     for s in samples_list:
-        rows, width = slice(start, start + len(s.sequences)), s.action_mask.shape[1]
-        result.append((back[rows, 1:1 + width], valid[rows, 1:1 + width] & s.action_mask.bool().cpu()))
+        rows, length, width = slice(start, start + len(s.sequences)), s.sequences.shape[1], s.action_mask.shape[1]
+        cols = slice(length - width, length)
+        result.append((back[rows, cols], valid[rows, cols] & s.action_mask.bool().cpu()))
         start += len(s.sequences)
     return result
 
