@@ -4,9 +4,9 @@
 returns an index map that gathers the ablated pass's per-token values back onto the original positions.
 
 Three modes (:data:`ABLATION_MODES`, the one list every adapter validates against). :data:`DEFAULT_ABLATION_MODE`,
-the TRL trainer's and the study's default, is ``"counterfactual"``, chosen from the study's signal table (a toy-scale
-finding, ``docs/decisions.md`` D181); the padding-free adapters (verl, EasyR1) run ``"mask"``, which is also
-:func:`ablate_span`'s own default since it needs no donor.
+the default of every adapter (TRL, verl, EasyR1, OpenRLHF) and of the study, is ``"counterfactual"``, chosen from the
+study's signal table (a toy-scale finding, ``docs/decisions.md`` D181, D189); ``"mask"`` is :func:`ablate_span`'s own
+default since it needs no donor.
 
 - ``"mask"`` keeps the sequence and zeroes the span's ``attention_mask``: later tokens cannot attend to it,
   and keep their original positions *provided the model is given them*: ``position_ids`` holds the original 1-D
@@ -51,7 +51,7 @@ from srpo_core._validate import (
 
 OP = "ablate_span"
 ABLATION_MODES = ("mask", "drop", "counterfactual")
-DEFAULT_ABLATION_MODE = "counterfactual"  # chosen from the study's signal table (docs/decisions.md D181)
+DEFAULT_ABLATION_MODE = "counterfactual"  # every adapter's and the study's default (docs/decisions.md D181, D189)
 DONOR_SOURCES = ("group", "other")
 
 

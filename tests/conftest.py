@@ -22,11 +22,13 @@ import srpo_core.kernels as _kernels  # noqa: E402  (after the environment above
 
 # ``tests/strategies.py`` (the hypothesis strategies) as the module ``srpo_core_test_strategies``: with
 # ``--import-mode=importlib`` tests/ is not on sys.path, so the test modules import it by this name.
-_spec = importlib.util.spec_from_file_location("srpo_core_test_strategies",
-                                               os.path.join(os.path.dirname(__file__), "strategies.py"))
-_strategies = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _strategies
-_spec.loader.exec_module(_strategies)
+# Likewise ``tests/ablation_oracle.py`` (the by-hand ablated sequences of the adapter tests).
+for _name, _file in (("srpo_core_test_strategies", "strategies.py"),
+                     ("srpo_core_test_ablation_oracle", "ablation_oracle.py")):
+    _spec = importlib.util.spec_from_file_location(_name, os.path.join(os.path.dirname(__file__), _file))
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = _module
+    _spec.loader.exec_module(_module)
 
 # Decorate every kernel now, while TRITON_INTERPRET is what the session set: ``@triton.jit`` reads it once, at import,
 # and a test that later monkeypatches it to "0" (to check the no-CUDA error) must not be the first to import a kernel.

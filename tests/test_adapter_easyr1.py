@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from srpo_core_test_ablation_oracle import expected_ablated  # tests/ablation_oracle.py, registered by conftest.py
 
 from srpo_core import SRPOConfig, role_aware_advantages
 from srpo_core.adapters import easyr1
-from srpo_core.adapters._common import AdapterOptions, without_hidden_successors
+from srpo_core.adapters._common import AdapterOptions
 
 
 class EasyR1ImageCache:
@@ -58,12 +59,12 @@ def test_same_uids_silently_reuse_clean_pixels_new_uids_do_not():
     data = _batch()
     clean = [x["pixel_mean"][0] for x in worker.process(data)]
     # The trap: a corrupted copy that keeps the uids gets the cached clean inputs back.
-    naive = easyr1.corrupted_batch(data, AdapterOptions(corrupt_p=0.9))
+    naive = easyr1.corrupted_batch(data, AdapterOptions(corruption_p=0.9))
     naive.non_tensor_batch["uid"] = data.non_tensor_batch["uid"]
     assert [x["pixel_mean"][0] for x in worker.process(naive)] == clean
     # The adapter's copy has new uids: reprocessed, corrupted pixels, one corrupted image per prompt.
     before = worker.processed
-    corrupt = easyr1.corrupted_batch(data, AdapterOptions(corrupt_p=0.9))
+    corrupt = easyr1.corrupted_batch(data, AdapterOptions(corruption_p=0.9))
     got = [x["pixel_mean"][0] for x in worker.process(corrupt)]
     assert worker.processed == before + 2  # one processing per prompt group, as for the clean batch
     assert all(g < c for g, c in zip(got, clean, strict=True))  # blacked-out cells lower the mean
@@ -129,6 +130,106 @@ def test_compute_advantage_refines_grpo_batches(with_contrast):
         return
     seq = grpo.batch["advantages"][:, 0]
     want = role_aware_advantages(seq, old, batch["srpo_logp_corrupt"], batch["srpo_logp_ablated"],
-                                 without_hidden_successors(batch["srpo_roles"], mask), mask=mask.bool())  # D180
+                                 batch["srpo_roles"], mask=mask.bool())  # padding-free: no D180 rule (D187)
     torch.testing.assert_close(out.batch["advantages"], want.advantages)
     assert "srpo/perception/count" in out.meta_info["srpo_metrics"]
+
+
+def test_options_are_checked_when_the_adapter_is_built_naming_the_key():
+    """EasyR1's config is a closed dataclass tree, so SRPO's options are the ``srpo_options`` mapping; bad values fail
+    in ``SRPOWorkerGroup`` / ``install`` (``SRPORayPPOTrainer`` checks before EasyR1's constructor runs)."""
+    for key, value, expected in [("corruption_p", 1.5, r"a number in \[0, 1\], got 1.5"),
+                                 ("corruption_mode", "blur", "one of .*got 'blur'"),
+                                 ("seed", "x", "an integer >= 0, got 'x'"),
+                                 ("ablate", "nope", "a boolean .*got 'nope'")]:
+        with pytest.raises(ValueError, match=rf'srpo \(EasyR1\): `srpo_options\["{key}"\]` must be {expected}'):
+            easyr1.SRPOWorkerGroup(object(), None, "srpo", {key: value})
+    with pytest.raises(ValueError, match="`srpo_method` must be one of"):
+        easyr1.SRPOWorkerGroup(object(), None, "grpo", {})
+    with pytest.warns(DeprecationWarning, match=r'`srpo_options\["ablate"\]` is deprecated'):
+        assert not easyr1.options_from_mapping({"ablate": "false"}).ablates
+
+
+class _Batch(dict):
+    def clone(self, recurse=True):
+        return _Batch(self)
+
+
+class _Proto:
+    """EasyR1's ``DataProto`` as the adapter uses it: ``batch``, ``non_tensor_batch``, ``meta_info``, ``from_dict``."""
+
+    def __init__(self, batch, non_tensor_batch, meta_info=None):
+        self.batch, self.non_tensor_batch, self.meta_info = _Batch(batch), dict(non_tensor_batch), dict(meta_info or {})
+
+    @classmethod
+    def from_dict(cls, tensors, non_tensors=None, meta_info=None):
+        return cls(tensors, non_tensors or {}, meta_info)
+
+
+class _PaddingFreeBigramActor:
+    """EasyR1's padding-free actor on a bigram model: the kept tokens (attention 1) in order, the log-prob of each
+    stored at the slot of the token that predicts it, the response slice ``[:, -R-1:-1]``."""
+
+    def __init__(self, vocab=11):
+        self.W = torch.log_softmax(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0),
+                                               dtype=torch.float64), -1)
+        self.seen = []
+
+    def logp(self, prev, tok):
+        return float(self.W[prev, tok])
+
+    def compute_log_probs(self, data):
+        ids, attn, r = data.batch["input_ids"], data.batch["attention_mask"], data.batch["responses"].shape[1]
+        self.seen.append(data)
+        full = torch.zeros(ids.shape, dtype=torch.float64)
+        for i in range(ids.shape[0]):
+            idx = torch.nonzero(attn[i]).flatten().tolist()
+            for a, b in zip(idx[:-1], idx[1:], strict=True):
+                full[i, a] = self.logp(int(ids[i, a]), int(ids[i, b]))
+        return _Proto({"old_log_probs": full[:, -r - 1:-1].float()}, {})
+
+
+@pytest.mark.parametrize("mode", ["mask", "drop", "counterfactual"])
+def test_worker_group_runs_each_ablation_mode(mode):
+    """``SRPOWorkerGroup.compute_log_probs`` in each mode on EasyR1's padding-free layout: every ``ℓ°`` by hand
+    (tests/ablation_oracle.py), a row without a donor's reasoning tokens marked as having none."""
+    from srpo_core.ablation import counterfactual_donors
+    from srpo_core.adapters._common import group_ids
+
+    g = torch.Generator().manual_seed(3)
+    V, P, R = 11, 3, 6  # noqa: N806
+    prompt_lens, resp_lens = [3, 2, 3, 1, 2], [6, 5, 6, 4, 3]
+    roles = torch.tensor([[2, 1, 1, 2, 2, 0], [1, 2, 2, 0, 2, 0], [0, 2, 1, 2, 2, 2], [2, 1, 2, 2, 0, 0],
+                          [2, 2, 2, 0, 0, 0]])
+    bs = len(prompt_lens)
+    prompts, responses = torch.zeros(bs, P, dtype=torch.int64), torch.zeros(bs, R, dtype=torch.int64)
+    attn = torch.zeros(bs, P + R, dtype=torch.int64)
+    for i in range(bs):
+        prompts[i, P - prompt_lens[i]:] = torch.randint(1, V, (prompt_lens[i],), generator=g)
+        responses[i, :resp_lens[i]] = torch.randint(1, V, (resp_lens[i],), generator=g)
+        attn[i, P - prompt_lens[i]:P] = 1
+        attn[i, P:P + resp_lens[i]] = 1
+    response_mask = attn[:, P:].clone()
+    roles = roles * response_mask
+    uids = np.array(["a", "a", "b", "b", "c"], dtype=object)  # "c": a group of one, no donor
+    data = _Proto({"prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
+                   "attention_mask": attn, "position_ids": (torch.cumsum(attn, 1) - 1).clamp(min=0),
+                   "response_mask": response_mask, "srpo_roles": roles},
+                  {"uid": uids, "multi_modal_data": np.array([{"images": []}] * bs, dtype=object)})
+    actor = _PaddingFreeBigramActor(V)
+    wg = easyr1.SRPOWorkerGroup(actor, None, "srpo", {"ablation_mode": mode})
+    out = wg.compute_log_probs(data)
+    assert len(actor.seen) == 3 and list(actor.seen[2].non_tensor_batch["uid"]) == list(uids)  # clean images
+    span = (roles == 1) & response_mask.bool()
+    donors = counterfactual_donors(group_ids(uids), "group", input_ids=responses, span_mask=span).tolist()
+    assert donors[4] == -1
+    ablated, valid = out.batch["srpo_logp_ablated"], out.batch["srpo_ablated_valid"]
+    for i in range(bs):
+        prompt, resp = prompts[i, P - prompt_lens[i]:].tolist(), responses[i, :resp_lens[i]].tolist()
+        d = donors[i]
+        lend = (responses[d, :resp_lens[d]].tolist(), roles[d, :resp_lens[d]].tolist()) if d >= 0 else None
+        for j, w in expected_ablated(prompt, resp, roles[i, :resp_lens[i]].tolist(), mode, lend).items():
+            assert bool(valid[i, j]) is (w is not None), (mode, i, j)
+            if w is not None:
+                assert float(ablated[i, j]) == pytest.approx(actor.logp(w[0], resp[j]), abs=1e-6), (mode, i, j)
+

@@ -192,7 +192,7 @@ def test_install_refines_the_real_experience_makers_advantages(ray_cluster, patc
     assert patched.__srpo_installed__
     exps = experience_maker(tok).make_experience_batch(samples)
     # Reference, computed here from the inputs: the corrupted images (srpo-core's corruption, groups = prompts),
-    # the model on both, group_norm of the rewards, roles from the tokenizer (reasoning scored as OTHER).
+    # the model on both, group_norm of the rewards, roles from the tokenizer.
     idx = [i for e in exps for i in e.index]
     seqs = torch.cat([samples[i].sequences for i in idx])
     mask = torch.cat([samples[i].action_mask for i in idx])
@@ -208,8 +208,14 @@ def test_install_refines_the_real_experience_makers_advantages(ray_cluster, patc
         roles = roles_from_token_ids(seqs[:, -A:], tok, mask).roles
         assert (roles == 1).any() and (roles == 2).any()
         torch.testing.assert_close(torch.cat([e.srpo_roles for e in exps]), roles)
-        want = role_aware_advantages(seq_adv, logp, logp_c, None, torch.where(roles == 2, 0, roles), mask=mask,
-                                     config=SRPOConfig(beta_perception=0.7))
+        # The ablated pass (default mode, counterfactual: donors within each prompt group, across micro-batches):
+        # the stand-in model reads no context, so ℓ° equals ℓ wherever the pass gives a value.
+        ablated = torch.cat([e.srpo_logp_ablated for e in exps])
+        valid = torch.cat([e.srpo_ablated_valid for e in exps])
+        assert valid[(roles == 2) & mask].any() and not valid[roles == 1].any()
+        torch.testing.assert_close(ablated[valid], logp[valid])
+        want = role_aware_advantages(seq_adv, logp, logp_c, ablated, torch.where((roles == 2) & ~valid, 0, roles),
+                                     mask=mask, config=SRPOConfig(beta_perception=0.7))
         torch.testing.assert_close(got, want.advantages)
         assert "srpo/perception/mu" in exps[0].info
     else:

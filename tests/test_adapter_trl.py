@@ -89,9 +89,10 @@ def test_srpo_grpo_config_validates_and_settings_live_in_one_place(tmp_path):
     from srpo_core import SRPOConfig
     from srpo_core.adapters.trl import SRPOGRPOConfig, SRPOTrainerOptions, _resolve_srpo_settings
 
-    with pytest.raises(ValueError, match="SRPOConfig: `weight_map` must be one of"):
+    with pytest.raises(ValueError, match="SRPOGRPOConfig: `--srpo_weight_map` must be one of"):
         SRPOGRPOConfig(**cpu(tmp_path), srpo_weight_map="cubic")
-    with pytest.raises(ValueError, match="`corruption_p` must be in"):
+    with pytest.raises(ValueError, match=r"SRPOGRPOConfig: `--srpo_corruption_p` must be a number in \[0, 1\], "
+                                         "got 2.0"):
         SRPOGRPOConfig(**cpu(tmp_path), srpo_corruption_p=2.0)
     args = SRPOGRPOConfig(**cpu(tmp_path), srpo_corruption_p=0.3)
     with pytest.raises(ValueError, match="do not also pass `srpo_config`"):
@@ -113,3 +114,40 @@ def test_srpo_grpo_config_validates_and_settings_live_in_one_place(tmp_path):
     plain = GRPOConfig(**cpu(tmp_path))
     assert _resolve_srpo_settings(plain, None, None) == (SRPOConfig(), SRPOTrainerOptions())
     assert _resolve_srpo_settings(plain, SRPOConfig(u_max=2.0), None)[0].u_max == 2.0
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("srpo_beta_perception", -1.0, r"`--srpo_beta_perception` must be >= 0, got -1.0"),
+    ("srpo_corruption_mode", "blur", r"`--srpo_corruption_mode` must be one of \('black', 'mean', 'noise'\), "
+                                     "got 'blur'"),
+    ("srpo_seed", "x", r"`--srpo_seed` must be an integer >= 0, got 'x'"),
+    ("srpo_seed", -3, r"`--srpo_seed` must be an integer >= 0, got -3"),
+    ("srpo_ablation_mode", "zero", r"`--srpo_ablation_mode` must be one of \('mask', 'drop', 'counterfactual', "
+                                   r"'off'\), got 'zero'"),
+    ("srpo_ablate_tags", "maybe", r"`--srpo_ablate_tags` must be a boolean \(true/false, 1/0, yes/no\), got 'maybe'"),
+    ("srpo_vppo_top_k", 1.5, r"`--srpo_vppo_top_k` must be a number in \(0, 1\], got 1.5"),
+    ("srpo_u_max", "abc", r"`--srpo_u_max` must be a number, got 'abc'"),
+])
+def test_srpo_grpo_config_errors_name_the_flag(tmp_path, field, value, expected):
+    from srpo_core.adapters.trl import SRPOGRPOConfig
+
+    with pytest.raises(ValueError, match=rf"SRPOGRPOConfig: {expected}"):
+        SRPOGRPOConfig(**cpu(tmp_path), **{field: value})
+
+
+def test_srpo_grpo_config_parses_strings_and_shares_the_adapters_names(tmp_path):
+    from srpo_core.adapters._common import AdapterOptions
+    from srpo_core.adapters._options import SHARED
+    from srpo_core.adapters.trl import SRPOGRPOConfig, SRPOTrainerOptions
+
+    args = SRPOGRPOConfig(**cpu(tmp_path), srpo_ablate_tags="yes", srpo_fused_loss="false", srpo_corruption_p="0.25",
+                          srpo_seed="7", srpo_beta_reasoning="0.1", srpo_ablation_mode="off")
+    got = (args.srpo_ablate_tags, args.srpo_fused_loss, args.srpo_corruption_p, args.srpo_seed)
+    assert got == (True, False, 0.25, 7)
+    assert args.srpo_math_config().beta_reasoning == 0.1 and args.srpo_trainer_options().ablation_mode == "off"
+    # one set of names: every shared option is a field of both option types (TRL: srpo_<name>), with the same default
+    for option in SHARED:
+        assert hasattr(AdapterOptions(), option.name) and hasattr(args, f"srpo_{option.name}"), option.name
+        if option.name != "seed":  # the TRL trainer's seed defaults to its args.seed
+            assert getattr(SRPOTrainerOptions(), option.name) == getattr(AdapterOptions(), option.name), option.name
+

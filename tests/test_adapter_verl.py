@@ -23,6 +23,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from srpo_core_test_ablation_oracle import expected_ablated  # tests/ablation_oracle.py, registered by conftest.py
 
 from srpo_core import Role, SRPOConfig, grpo_advantages, role_aware_advantages
 from srpo_core.adapters import verl as adapter
@@ -33,8 +34,8 @@ from srpo_core.adapters._common import (
     perception_span_hidden,
     realign_compact,
     sequence_advantages,
-    without_hidden_successors,
 )
+from srpo_core.adapters._options import OptionDeprecationWarning
 from srpo_core.presets import vppo_advantages
 
 
@@ -62,7 +63,7 @@ def verl_like_batch(bs=8, n=4, resp_len=9, seed=0, dtype=torch.float32):
     advantages = seq[:, None] * response_mask  # what verl's GRPO returns
     old = -torch.rand(bs, resp_len, generator=g, dtype=dtype) * 3
     corrupt = old - torch.rand(bs, resp_len, generator=g, dtype=dtype)
-    ablated = old + torch.randn(bs, resp_len, generator=g, dtype=dtype) * 0.3
+    ablated = (old + torch.randn(bs, resp_len, generator=g, dtype=dtype) * 0.3).clamp(max=0.0)  # log-probs
     roles = torch.randint(0, 3, (bs, resp_len), generator=g) * response_mask
     # Garbage past the response, as a padded batch may hold.
     for t in (old, corrupt, ablated):
@@ -86,10 +87,9 @@ def test_srpo_conversion_matches_role_aware_advantages(dtype):
     out, stats = adapter.srpo_token_advantages(
         b["advantages"], b["response_mask"], b["old"], logp_corrupt=b["corrupt"], logp_ablated=b["ablated"],
         roles=b["roles"], options=AdapterOptions(srpo=config))
-    # the reasoning token right after a hidden perception span has no ℓ° (D180): scored as OTHER
-    scored = without_hidden_successors(b["roles"], b["response_mask"])
-    assert bool((scored != b["roles"]).any())
-    want = role_aware_advantages(b["seq"], b["old"], b["corrupt"], b["ablated"], scored,
+    # verl's padding-free pass removes the hidden rows: every token it scores has ℓ°, the one right after the span
+    # included (D187), so the roles are scored as given
+    want = role_aware_advantages(b["seq"], b["old"], b["corrupt"], b["ablated"], b["roles"],
                                  mask=b["response_mask"].bool(), config=config)
     assert out.shape == b["advantages"].shape and out.dtype == dtype
     torch.testing.assert_close(out, want.advantages.to(dtype), rtol=1e-6, atol=1e-6)
@@ -105,6 +105,21 @@ def test_srpo_conversion_recovers_grpo_with_zero_strength():
         b["advantages"], b["response_mask"], b["old"], logp_corrupt=b["corrupt"], logp_ablated=b["ablated"],
         roles=b["roles"], options=AdapterOptions(srpo=SRPOConfig(beta_perception=0.0, beta_reasoning=0.0)))
     torch.testing.assert_close(out, b["advantages"], rtol=0, atol=1e-6)
+
+
+def test_reasoning_tokens_without_an_ablated_value_are_scored_like_other():
+    """``ablated_valid`` (a counterfactual row without a donor): its reasoning tokens get no signal."""
+    b = verl_like_batch(seed=6)
+    valid = torch.ones_like(b["response_mask"], dtype=torch.bool)
+    valid[1] = False
+    out, _ = adapter.srpo_token_advantages(
+        b["advantages"], b["response_mask"], b["old"], logp_corrupt=b["corrupt"], logp_ablated=b["ablated"],
+        roles=b["roles"], ablated_valid=valid)
+    scored = torch.where((b["roles"] == Role.REASONING) & ~valid, 0, b["roles"])
+    assert bool((scored != b["roles"]).any())
+    want = role_aware_advantages(b["seq"], b["old"], b["corrupt"], b["ablated"].nan_to_num(0.0), scored,
+                                 mask=b["response_mask"].bool())
+    torch.testing.assert_close(out, want.advantages, rtol=1e-6, atol=1e-6)
 
 
 def test_srpo_conversion_without_ablated_pass_scores_reasoning_like_other():
@@ -138,12 +153,47 @@ def test_sequence_advantages_rejects_per_token_estimators():
 
 
 def test_adapter_options_from_mapping():
-    opts = AdapterOptions.from_mapping({"beta_perception": 0.2, "corrupt_p": 0.3, "ablate": False})
-    assert opts.srpo.beta_perception == 0.2 and opts.corrupt_p == 0.3 and not opts.ablate
-    with pytest.raises(ValueError, match="unknown key.*beta_perceptoin"):
+    opts = AdapterOptions.from_mapping({"beta_perception": 0.2, "corruption_p": 0.3, "ablation_mode": "off"})
+    assert opts.srpo.beta_perception == 0.2 and opts.corruption_p == 0.3 and not opts.ablates
+    with pytest.raises(ValueError, match="unknown option `beta_perceptoin` .did you mean `beta_perception`"):
         AdapterOptions.from_mapping({"beta_perceptoin": 0.2})
     assert adapter.options_from_config({"srpo": {"u_max": 2.0}}).srpo.u_max == 2.0
     assert adapter.options_from_config(None) == AdapterOptions()
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("corruption_p", 1.5, r"must be a number in \[0, 1\], got 1.5"),
+    ("corruption_mode", "blur", r"must be one of \('black', 'mean', 'noise'\), got 'blur'"),
+    ("seed", "x", r"must be an integer >= 0, got 'x'"),
+    ("ablate", "maybe", r"must be a boolean \(true/false, 1/0, yes/no\), got 'maybe'"),
+    ("ablation_mode", "zero", r"must be one of \('mask', 'drop', 'counterfactual', 'off'\), got 'zero'"),
+    ("beta_perception", -1.0, r"must be >= 0, got -1.0"),
+    ("u_max", "big", r"must be a number, got 'big'"),
+    ("vppo_top_k", 0, r"must be a number in \(0, 1\], got 0"),
+])
+def test_verl_options_are_checked_naming_the_hydra_key(key, value, expected):
+    with pytest.raises(ValueError, match=rf"srpo \(verl\): `algorithm\.srpo\.{key}` {expected}"):
+        adapter.options_from_config({"srpo": {key: value}})
+
+
+def test_options_parse_strings_and_read_old_names_with_a_warning():
+    opts = adapter.options_from_config({"srpo": {"corruption_p": "0.25", "seed": "7", "beta_reasoning": "0.1"}})
+    assert (opts.corruption_p, opts.seed, opts.srpo.beta_reasoning) == (0.25, 7, 0.1)
+    for text, on in [("false", False), ("No", False), ("0", False), ("true", True), ("YES", True), ("1", True)]:
+        with pytest.warns(OptionDeprecationWarning, match="`algorithm.srpo.ablate` is deprecated.*ablation_mode=off"):
+            opts = adapter.options_from_config({"srpo": {"ablate": text}})
+        assert opts.ablates is on, text  # the string "false" turns the pass off
+    with pytest.warns(OptionDeprecationWarning, match="`algorithm.srpo.corrupt_p` is deprecated.*`algorithm.srpo."
+                                                      "corruption_p`"):
+        assert adapter.options_from_config({"srpo": {"corrupt_p": 0.3}}).corruption_p == 0.3
+    with pytest.warns(OptionDeprecationWarning, match="corrupt_mode"):
+        assert adapter.options_from_config({"srpo": {"corrupt_mode": "noise"}}).corruption_mode == "noise"
+    with pytest.warns(OptionDeprecationWarning), pytest.raises(ValueError, match="disagree"):
+        adapter.options_from_config({"srpo": {"corrupt_p": 0.3, "corruption_p": 0.4}})
+    with pytest.warns(OptionDeprecationWarning, match="AdapterOptions.corrupt_p is deprecated"):
+        assert AdapterOptions(corruption_p=0.2).corrupt_p == 0.2
+    with pytest.raises(ValueError, match="AdapterOptions: `corruption_p` must be a number in"):
+        AdapterOptions(corruption_p=1.5)
 
 
 def _qwen_inputs(grid=(1, 4, 4), seed=0):
@@ -323,6 +373,7 @@ class BigramWorkerGroup:
     def __init__(self, model):
         self.model = model
         self.seen_pixel_means = []
+        self.seen_positions = []
 
     def compute_log_prob(self, td):
         from verl.utils import tensordict_utils as tu
@@ -331,6 +382,7 @@ class BigramWorkerGroup:
         mm = tu.get(td, "multi_modal_inputs")
         means = [float(s["pixel_values"].double().mean()) for s in mm]
         self.seen_pixel_means.append(means)
+        self.seen_positions.append([p.tolist() for p in tu.get(td, "position_ids").unbind()])
         rows = []
         for seq, m in zip(ids.unbind(), means, strict=True):
             s = seq.tolist()
@@ -338,6 +390,87 @@ class BigramWorkerGroup:
         lp = torch.nested.as_nested_tensor(rows, layout=torch.jagged)
         ent = torch.nested.as_nested_tensor([torch.zeros_like(r) for r in rows], layout=torch.jagged)
         return tu.get_tensordict({"log_probs": lp, "entropy": ent}, non_tensor_dict={"metrics": {"mfu": 0.0}})
+
+
+@needs_verl
+@pytest.mark.parametrize("mode", ["mask", "drop", "counterfactual"])
+def test_trainer_old_log_prob_runs_each_ablation_mode(verl_mods, mode):
+    """The legacy trainer's ablated pass in each mode through verl's own padding-free ``_compute_old_log_prob``:
+    every ``ℓ°`` and the positions the worker received checked by hand; then the whole advantage step equals
+    ``role_aware_advantages`` on the roles as given (the token after a hidden span keeps its value in ``mask``: the
+    padding-free pass predicts it from the visible row before the span, D187)."""
+    DataProto, core_algos, ray_trainer, OmegaConf = verl_mods  # noqa: N806
+    from srpo_core.ablation import counterfactual_donors
+
+    g = torch.Generator().manual_seed(0)
+    V, P, R, n = 13, 4, 7, 2  # noqa: N806
+    prompt_lens, resp_lens = [3, 4, 2, 4], [7, 5, 6, 1]
+    bs = len(prompt_lens)
+    prompts = torch.zeros(bs, P, dtype=torch.int64)
+    responses = torch.zeros(bs, R, dtype=torch.int64)
+    attn = torch.zeros(bs, P + R, dtype=torch.int64)
+    for i in range(bs):
+        prompts[i, P - prompt_lens[i]:] = torch.randint(1, V, (prompt_lens[i],), generator=g)
+        responses[i, :resp_lens[i]] = torch.randint(1, V, (resp_lens[i],), generator=g)
+        attn[i, P - prompt_lens[i]:P] = 1
+        attn[i, P:P + resp_lens[i]] = 1
+    response_mask = attn[:, P:].clone()
+    roles = torch.tensor([[2, 1, 1, 2, 0, 2, 2], [1, 1, 2, 2, 2, 0, 0], [0, 2, 2, 2, 1, 2, 0], [2, 0, 0, 0, 0, 0, 0]])
+    roles = roles * response_mask
+    position_ids = (torch.cumsum(attn, 1) - 1).clamp(min=0)
+    uids = np.array([str(uuid.UUID(int=i // n)) for i in range(bs)], dtype=object)
+    mm = np.array([_qwen_inputs(seed=i // n) for i in range(bs)], dtype=object)
+    batch = DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
+                 "attention_mask": attn, "position_ids": position_ids, "response_mask": response_mask,
+                 "srpo_roles": roles},
+        non_tensors={"uid": uids, "multi_modal_inputs": mm})
+    model = BigramVLM(V)
+    trainer = object.__new__(adapter.SRPORayPPOTrainer)
+    trainer.config = OmegaConf.create({"algorithm": {"adv_estimator": "srpo", "srpo": {
+        "ablation_mode": mode, "beta_reasoning": 1.0}}, "actor_rollout_ref": {"actor": {}}})
+    trainer.actor_rollout_wg = BigramWorkerGroup(model)
+    trainer.tokenizer = None
+    trainer.global_steps = 1
+    old, _mfu = trainer._compute_old_log_prob(batch)
+    clean_m = trainer.actor_rollout_wg.seen_pixel_means[0]
+    assert trainer.actor_rollout_wg.seen_pixel_means[2] == clean_m  # the ablated pass sees the clean image
+    span = (roles == Role.PERCEPTION) & response_mask.bool()
+    donors = counterfactual_donors(group_ids(uids), "group", input_ids=responses, span_mask=span).tolist()
+    ablated, valid = old.batch["srpo_logp_ablated"], old.batch["srpo_ablated_valid"].bool()
+    seen_positions = trainer.actor_rollout_wg.seen_positions[2]
+    for i in range(bs):
+        prompt, resp = prompts[i, P - prompt_lens[i]:].tolist(), responses[i, :resp_lens[i]].tolist()
+        r = roles[i, :resp_lens[i]].tolist()
+        d = donors[i]
+        lend = (responses[d, :resp_lens[d]].tolist(), roles[d, :resp_lens[d]].tolist()) if d >= 0 else None
+        want = expected_ablated(prompt, resp, r, mode, lend)
+        for j, w in want.items():
+            if w is None:
+                assert not bool(valid[i, j]), (mode, i, j)
+                continue
+            prev, pos = w
+            assert bool(valid[i, j]), (mode, i, j)
+            assert float(ablated[i, j]) == pytest.approx(model.logp(prev, resp[j], clean_m[i]), abs=1e-5), (i, j)
+            assert pos in seen_positions[i], (mode, i, j, pos, seen_positions[i])
+        if mode != "mask":  # the rebuilt sequence is numbered 0, 1, 2, ... like any other
+            assert seen_positions[i] == list(range(len(seen_positions[i]))), (i, seen_positions[i])
+    assert not bool(valid[~response_mask.bool()].any())
+
+    batch = batch.union(old)
+    rewards = torch.zeros(bs, R)
+    rewards[torch.arange(bs), (response_mask.sum(1) - 1)] = torch.tensor([1.0, 0.0, 0.5, 1.0])
+    batch.batch["token_level_rewards"] = rewards
+    out = ray_trainer.compute_advantage(batch, "srpo", config=trainer.config.algorithm)
+    grpo, _ = core_algos.compute_grpo_outcome_advantage(rewards, response_mask, uids)
+    scored = torch.where((roles == Role.REASONING) & ~valid, 0, roles)
+    if mode == "mask":
+        assert torch.equal(scored, roles)  # row 0's token 3 follows the hidden span and keeps its signal
+        assert roles[0, 3] == Role.REASONING and roles[0, 2] == Role.PERCEPTION
+    want = role_aware_advantages(sequence_advantages(grpo, response_mask), old.batch["old_log_probs"],
+                                 old.batch["srpo_logp_corrupt"], ablated, scored, mask=response_mask.bool(),
+                                 config=SRPOConfig(beta_reasoning=1.0))
+    torch.testing.assert_close(out.batch["advantages"], want.advantages.to(out.batch["advantages"].dtype))
 
 
 @needs_verl
@@ -375,8 +508,8 @@ def test_trainer_old_log_prob_adds_the_contrast_passes(verl_mods):
 
     model = BigramVLM(V)
     trainer = object.__new__(trainer_cls)
-    trainer.config = OmegaConf.create({"algorithm": {"adv_estimator": "srpo", "srpo": {"seed": 3, "corrupt_p": 0.9}},
-                                       "actor_rollout_ref": {"actor": {}}})
+    trainer.config = OmegaConf.create({"algorithm": {"adv_estimator": "srpo", "srpo": {
+        "seed": 3, "corruption_p": 0.9, "ablation_mode": "mask"}}, "actor_rollout_ref": {"actor": {}}})
     trainer.actor_rollout_wg = BigramWorkerGroup(model)
     trainer.tokenizer = None
     trainer.global_steps = 1
@@ -472,7 +605,8 @@ def _v1_samples(bs, n, V, g):  # noqa: N803
 
 
 @needs_verl
-def test_v1_trainer_adds_the_contrast_passes_through_the_transfer_queue(verl_mods, transfer_queue):
+@pytest.mark.parametrize("mode", ["mask", "drop", "counterfactual", "off"])
+def test_v1_trainer_adds_the_contrast_passes_through_the_transfer_queue(verl_mods, transfer_queue, mode):
     """verl's own v1 ``_compute_old_log_prob`` and ``_compute_advantage`` (``PPOTrainerSync``), on samples in a
     real TransferQueue, with the bigram worker behind ``tqbridge``: every SRPO log-prob checked by hand, and the
     advantages equal to the legacy path's on the same numbers."""
@@ -493,7 +627,8 @@ def test_v1_trainer_adds_the_contrast_passes_through_the_transfer_queue(verl_mod
     model = BigramVLM(V)
     trainer = object.__new__(trainer_cls)
     trainer.config = OmegaConf.create({
-        "algorithm": {"adv_estimator": "srpo", "srpo": {"seed": 3, "corrupt_p": 0.9}, "use_kl_in_reward": False,
+        "algorithm": {"adv_estimator": "srpo", "srpo": {"seed": 3, "corruption_p": 0.9, "ablation_mode": mode},
+                      "use_kl_in_reward": False,
                       "gamma": 1.0, "lam": 1.0, "norm_adv_by_std_in_grpo": True},
         "actor_rollout_ref": {"actor": {"loss_agg_mode": "token-mean", "loss_scale_factor": None},
                               "rollout": {"temperature": 1.0, "calculate_log_probs": False, "n": n}}})
@@ -502,31 +637,46 @@ def test_v1_trainer_adds_the_contrast_passes_through_the_transfer_queue(verl_mod
     trainer.global_steps = 1
     metrics = {}
     batch = trainer._compute_old_log_prob(batch, metrics=metrics)
-    assert len(trainer.actor_rollout_wg.seen_pixel_means) == 3  # clean, corrupted, ablated passes
+    # clean, corrupted, ablated passes ("off": no ablated pass)
+    assert len(trainer.actor_rollout_wg.seen_pixel_means) == (2 if mode == "off" else 3)
     assert tq.kv_list(adapter.V1_CONTRAST_PARTITION).get(adapter.V1_CONTRAST_PARTITION, {}) == {}  # cleared
-    clean_m, corrupt_m, ablated_m = trainer.actor_rollout_wg.seen_pixel_means
-    assert clean_m == ablated_m
+    clean_m, corrupt_m = trainer.actor_rollout_wg.seen_pixel_means[:2]
+    assert mode == "off" or trainer.actor_rollout_wg.seen_pixel_means[2] == clean_m
     assert all(a != b for a, b in zip(clean_m, corrupt_m, strict=True))
     assert corrupt_m[0] == corrupt_m[1] and corrupt_m[2] == corrupt_m[3]  # one corrupted image per prompt
 
+    ablated_keys = () if mode == "off" else ("srpo_logp_ablated", "srpo_ablated_valid")
     got = tq.kv_batch_get(keys=keys, partition_id="train").select(
-        "old_log_probs", "srpo_logp_corrupt", "srpo_logp_ablated", "srpo_roles", "response_mask").to_padded_tensor()
+        "old_log_probs", "srpo_logp_corrupt", "srpo_roles", "response_mask", *ablated_keys).to_padded_tensor()
+    from srpo_core.ablation import counterfactual_donors
+
+    padded_resp = torch.nn.utils.rnn.pad_sequence([r["responses"] for r in rows], batch_first=True)
+    span = torch.nn.utils.rnn.pad_sequence([r["srpo_roles"] == Role.PERCEPTION for r in rows], batch_first=True)
+    donors = counterfactual_donors(group_ids([r["uid"] for r in rows]), "group", input_ids=padded_resp,
+                                   span_mask=span).tolist()
+    seen_positions = trainer.actor_rollout_wg.seen_positions[-1]
     for i, r in enumerate(rows):
         seq, resp, roles = r["prompts"].tolist(), r["responses"].tolist(), r["srpo_roles"]
         full = seq + resp
+        d = donors[i]
+        lend = (rows[d]["responses"].tolist(), rows[d]["srpo_roles"].tolist()) if d >= 0 else None
+        want = expected_ablated(seq, resp, roles.tolist(), mode, lend)
         for j, tok in enumerate(resp):
             prev = full[len(seq) + j - 1]
             assert float(got["old_log_probs"][i, j]) == pytest.approx(model.logp(prev, tok, clean_m[i]), abs=1e-5)
             assert float(got["srpo_logp_corrupt"][i, j]) == pytest.approx(model.logp(prev, tok, corrupt_m[i]),
                                                                           abs=1e-5)
-            if roles[j] != Role.PERCEPTION:
-                k = len(seq) + j - 1
-                while k >= len(seq) and roles[k - len(seq)] == Role.PERCEPTION:
-                    k -= 1
-                assert float(got["srpo_logp_ablated"][i, j]) == pytest.approx(
-                    model.logp(full[k], tok, clean_m[i]), abs=1e-5), (i, j)
-            else:
-                assert float(got["srpo_logp_ablated"][i, j]) == 0.0
+            if mode == "off":
+                continue
+            if want[j] is None:
+                assert float(got["srpo_ablated_valid"][i, j]) == 0.0, (mode, i, j)
+                continue
+            assert float(got["srpo_ablated_valid"][i, j]) == 1.0, (mode, i, j)
+            assert float(got["srpo_logp_ablated"][i, j]) == pytest.approx(
+                model.logp(want[j][0], tok, clean_m[i]), abs=1e-5), (mode, i, j)
+            assert want[j][1] in seen_positions[i], (mode, i, j)
+        if mode in ("drop", "counterfactual"):
+            assert seen_positions[i] == list(range(len(seen_positions[i]))), (i, seen_positions[i])
 
     # verl's v1 advantage step: the srpo_* fields reach the estimator; the result is the legacy path's.
     metrics = {}
@@ -536,7 +686,7 @@ def test_v1_trainer_adds_the_contrast_passes_through_the_transfer_queue(verl_mod
     scores = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["rm_scores"]).to_padded_tensor()
     legacy = DataProto.from_dict(
         tensors={"response_mask": got["response_mask"], "old_log_probs": got["old_log_probs"],
-                 "srpo_logp_corrupt": got["srpo_logp_corrupt"], "srpo_logp_ablated": got["srpo_logp_ablated"],
+                 "srpo_logp_corrupt": got["srpo_logp_corrupt"], **{k: got[k] for k in ablated_keys},
                  "srpo_roles": got["srpo_roles"], "token_level_rewards": scores["rm_scores"]},
         non_tensors={"uid": np.array([r["uid"] for r in rows], dtype=object)})
     want = ray_trainer.compute_advantage(legacy, "srpo", num_repeat=n, config=trainer.config.algorithm)
@@ -570,14 +720,34 @@ def test_v1_refuses_settings_whose_contrast_would_be_wrong():
         _v1_refuse_unsupported(trainer(cls_name="PPOTrainerSeparateAsync", trigger=1), ok, "vppo")
 
 
-def test_ablation_mode_option_is_checked_and_refused_where_not_run():
-    """One list of modes (srpo_core.ablation.ABLATION_MODES); verl's padding-free pass runs `mask` only and refuses
-    the others before any pass rather than computing a different contrast than the one asked for."""
-    assert AdapterOptions().ablation_mode == "mask"
-    assert adapter.options_from_config({"srpo": {"ablation_mode": "mask"}}).ablation_mode == "mask"
-    for mode in ("drop", "counterfactual"):
-        with pytest.raises(NotImplementedError, match="ablation_mode"):
-            adapter.options_from_config({"srpo": {"ablation_mode": mode}})
-        assert adapter.options_from_config({"srpo": {"ablation_mode": mode, "ablate": False}}).ablation_mode == mode
-    with pytest.raises(ValueError, match="ablation mode must be one of"):
-        AdapterOptions.from_mapping({"ablation_mode": "zero"})
+def test_every_ablation_mode_is_accepted_and_the_default_is_the_one_constant():
+    from srpo_core.ablation import DEFAULT_ABLATION_MODE
+
+    assert AdapterOptions().ablation_mode == DEFAULT_ABLATION_MODE
+    assert adapter.options_from_config({}).ablation_mode == DEFAULT_ABLATION_MODE
+    for mode in ("mask", "drop", "counterfactual", "off"):
+        assert adapter.options_from_config({"srpo": {"ablation_mode": mode}}).ablation_mode == mode
+
+
+@needs_verl
+def test_trainers_check_the_options_when_built(verl_mods):
+    """A bad ``algorithm.srpo`` value fails when the trainer is constructed (before workers or rollouts), naming the
+    Hydra key, on the legacy trainer and on each v1 trainer class."""
+    _, _, _, OmegaConf = verl_mods  # noqa: N806
+    from verl.trainer.ppo.v1 import PPOTrainerSync
+
+    bad = OmegaConf.create({"algorithm": {"adv_estimator": "srpo", "srpo": {"ablate": "false!"}}})
+    with pytest.raises(ValueError, match=r"`algorithm\.srpo\.ablate` must be a boolean .*got 'false!'"):
+        adapter.SRPORayPPOTrainer(bad, None, None, None)
+    with pytest.raises(ValueError, match=r"`algorithm\.srpo\.corruption_mode` must be one of .*got 'blur'"):
+        adapter.srpo_v1_trainer_class(PPOTrainerSync)(OmegaConf.create({"algorithm": {"srpo": {
+            "corruption_mode": "blur"}}}))
+
+
+def test_any_seed_the_options_accept_is_a_valid_generator_seed():
+    """``seed`` is an integer >= 0 with no upper bound; the derived generator seeds stay within torch's range (a seed
+    of 10**12 used to overflow ``manual_seed`` in the first corrupted pass)."""
+    opts = adapter.options_from_config({"srpo": {"seed": 10**12}})
+    samples = np.array([_qwen_inputs()], dtype=object)
+    out = corrupt_multi_modal_inputs(samples, torch.tensor([0]), seed=opts.seed * 100_003 + 5)
+    assert out[0]["pixel_values"].shape == samples[0]["pixel_values"].shape

@@ -215,6 +215,19 @@ def test_ablate_tags_option_runs(processor):
     assert math.isfinite(float(trainer.losses[0])) and bool(torch.isfinite(last.logp_ablated[reasoning]).all())
 
 
+def test_ablation_off_runs_no_ablated_pass(processor):
+    """``ablation_mode="off"`` (the adapters' old ``ablate=False``): no ablated pass, ``ℓ° = ℓ``, and the reasoning
+    tokens are scored like OTHER tokens (no signal)."""
+    trainer = run(SRPOGRPOTrainer, processor, steps=1,
+                  srpo_options=SRPOTrainerOptions(roles_fn=half_perception_half_reasoning, ablation_mode="off"))
+    last = trainer._srpo_last
+    reasoning = (last.roles.roles == Role.REASONING) & last.mask
+    assert int(reasoning.sum()) > 0
+    assert torch.equal(last.logp_ablated, last.logp)
+    assert not bool((last.scored_roles[last.mask] == Role.REASONING).any())
+    assert trainer.state.log_history[0]["srpo/reasoning/count"] == 0
+
+
 def half_perception_half_reasoning(completion_ids, mask, tokenizer):
     """A ``roles_fn``: the first 4 tokens are perception, the rest reasoning (forces both passes to matter)."""
     roles = torch.full_like(completion_ids, int(Role.REASONING))

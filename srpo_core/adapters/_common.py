@@ -11,6 +11,7 @@ The adapters all do the same three things around a trainer's own code:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from srpo_core._validate import brief, describe
-from srpo_core.ablation import check_ablation_mode, follows_hidden
+from srpo_core.ablation import DEFAULT_ABLATION_MODE, ablate_span, counterfactual_donors
+from srpo_core.adapters import _options
 from srpo_core.config import Role, SRPOConfig
 
 ESTIMATORS = ("srpo", "vppo")
@@ -26,66 +28,93 @@ KEY_LOGP_CORRUPT = "srpo_logp_corrupt"
 KEY_LOGP_ABLATED = "srpo_logp_ablated"
 KEY_ROLES = "srpo_roles"
 KEY_METRICS = "srpo_metrics"
+KEY_ABLATED_VALID = "srpo_ablated_valid"
+# generator seeds are derived from the option `seed` and reduced modulo this, so any seed >= 0 is a valid torch seed
+SEED_MODULUS = 2**63
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterOptions:
-    """What an adapter needs beyond :class:`SRPOConfig`, read from one flat mapping (a trainer's config section).
+    """What an adapter needs beyond :class:`SRPOConfig`: the options every adapter shares (``_options.SHARED``; the
+    TRL trainer's :class:`SRPOTrainerOptions` has the same names, checked by the same code).
 
-    - ``corrupt_mode``, ``corrupt_p``: :func:`srpo_core.corrupt_pixel_values`'s ``mode`` and ``p`` (``"black"``, 0.5).
+    - ``corruption_mode``, ``corruption_p``: :func:`srpo_core.corrupt_pixel_values`'s ``mode`` and ``p`` (``"black"``,
+      0.5).
     - ``seed``: base seed of the corruption masks (one generator per prompt group, so a group shares its mask).
-    - ``ablate``: run the ablated pass (reasoning contrast); when False the reasoning tokens keep weight 1 before
-      renormalisation (their signal is absent, like OTHER tokens).
-    - ``ablation_mode``: one of :data:`srpo_core.ablation.ABLATION_MODES`, default ``"mask"``: the padding-free verl
-      and EasyR1 passes hide the span (``"mask"``) and refuse the others (:func:`require_ablation_mode`) rather than
-      run a different contrast than asked for (the TRL trainer, which runs all three, defaults to
-      ``"counterfactual"``).
+    - ``ablation_mode``: the reasoning contrast's ablated pass, one of :data:`srpo_core.ablation.ABLATION_MODES`
+      (default :data:`srpo_core.ablation.DEFAULT_ABLATION_MODE`, the one constant every adapter reads) or ``"off"``
+      (no ablated pass: the reasoning tokens carry no signal and are scored like OTHER tokens).
+    - ``counterfactual_source``: ``"group"`` | ``"other"``, :func:`srpo_core.ablation.counterfactual_donors`.
     - ``vppo_beta_min``, ``vppo_top_k``: the VPPO preset's knobs.
-    - every other key is a field of :class:`SRPOConfig`.
+
+    Build it from a trainer's config with :meth:`from_mapping` (flat keys: these names or :class:`SRPOConfig`
+    fields), which names the user's spelling of a key in its errors. The old names ``corrupt_mode``, ``corrupt_p``
+    and ``ablate`` are read there for one release, with a warning; as attributes they still read, with a warning.
     """
 
     srpo: SRPOConfig = SRPOConfig()
-    corrupt_mode: str = "black"
-    corrupt_p: float = 0.5
+    corruption_mode: str = "black"
+    corruption_p: float = 0.5
     seed: int = 0
-    ablate: bool = True
-    ablation_mode: str = "mask"
+    ablation_mode: str = DEFAULT_ABLATION_MODE
+    counterfactual_source: str = "group"
     vppo_beta_min: float = 0.9
     vppo_top_k: float = 0.4
 
     def __post_init__(self) -> None:
-        check_ablation_mode("srpo adapter options: `ablation_mode`", self.ablation_mode)
+        if not isinstance(self.srpo, SRPOConfig):
+            raise TypeError(f"AdapterOptions: `srpo` must be an srpo_core.SRPOConfig, got {brief(self.srpo)}")
+        _options.check_fields(self, "AdapterOptions")
+
+    @property
+    def ablate(self) -> bool:
+        """Deprecated: ``ablation_mode != "off"``."""
+        _deprecated_attribute("ablate", "ablation_mode != 'off'")
+        return self.ablation_mode != _options.ABLATION_OFF
+
+    @property
+    def corrupt_p(self) -> float:
+        """Deprecated: :attr:`corruption_p`."""
+        _deprecated_attribute("corrupt_p", "corruption_p")
+        return self.corruption_p
+
+    @property
+    def corrupt_mode(self) -> str:
+        """Deprecated: :attr:`corruption_mode`."""
+        _deprecated_attribute("corrupt_mode", "corruption_mode")
+        return self.corruption_mode
+
+    @property
+    def ablates(self) -> bool:
+        """Whether the ablated pass runs (``ablation_mode != "off"``)."""
+        return self.ablation_mode != _options.ABLATION_OFF
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> AdapterOptions:
-        mapping = dict(mapping or {})
-        own = {f.name for f in dataclasses.fields(cls)} - {"srpo"}
-        srpo_fields = {f.name for f in dataclasses.fields(SRPOConfig)}
-        unknown = set(mapping) - own - srpo_fields
-        if unknown:
-            raise ValueError(f"srpo adapter options: unknown key(s) {sorted(unknown)}; expected SRPOConfig fields "
-                             f"{sorted(srpo_fields)} or adapter options {sorted(own)}")
-        srpo = SRPOConfig(**{k: v for k, v in mapping.items() if k in srpo_fields})
-        return cls(srpo=srpo, **{k: v for k, v in mapping.items() if k in own})
+    def from_mapping(cls, mapping: Mapping[str, Any] | None, *, where: str = "srpo adapter options",
+                     spell=None) -> AdapterOptions:
+        """Options from one flat mapping (a trainer's config section), every value parsed and checked now.
+
+        ``spell(name)`` gives the user's spelling of a key for the messages (default: the key itself), e.g.
+        ``lambda k: f"algorithm.srpo.{k}"`` for verl's Hydra keys; ``where`` starts each message.
+        """
+        if isinstance(mapping, AdapterOptions):
+            return mapping
+        srpo, shared = _options.read_options(mapping, where=where, spell=spell or str)
+        return cls(srpo=srpo, **shared)
 
 
-def require_ablation_mode(adapter: str, options: AdapterOptions, supported: tuple[str, ...]) -> None:
-    """Refuse an ``ablation_mode`` that ``adapter``'s ablated pass does not run (when the pass is on)."""
-    if options.ablate and options.ablation_mode not in supported:
-        raise NotImplementedError(f"srpo {adapter} adapter: `ablation_mode={brief(options.ablation_mode)}` is not "
-                                  f"implemented here (this adapter runs {supported}); the TRL adapter runs every "
-                                  f"mode, or set ablate=False")
+def _deprecated_attribute(old: str, new: str) -> None:
+    warnings.warn(f"AdapterOptions.{old} is deprecated and will be removed in the next release; use {new}",
+                  _options.OptionDeprecationWarning, stacklevel=3)
 
 
-def without_hidden_successors(roles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``roles`` with each REASONING token that directly follows a hidden perception span set to OTHER.
-
-    In the ``mask`` ablated pass that token is predicted from the span's last row (hidden, D180), so it has no
-    ``ℓ°`` and gets no reasoning signal.
-    """
-    hidden = (roles == Role.PERCEPTION) & mask.bool()
-    after = follows_hidden(hidden) & (roles == Role.REASONING)
-    return roles.masked_fill(after, int(Role.OTHER))
+def require_ablation_mode(adapter: str, options: AdapterOptions, supported: tuple[str, ...], *,
+                          spelled: str = "ablation_mode", missing: str = "") -> None:
+    """Refuse an ``ablation_mode`` that ``adapter``'s ablated pass does not run (``"off"`` is always accepted)."""
+    if options.ablates and options.ablation_mode not in supported:
+        raise NotImplementedError(f"srpo {adapter} adapter: `{spelled}={brief(options.ablation_mode)}` is not "
+                                  f"implemented here (this adapter runs {supported}{missing}); choose one of those, "
+                                  f"or `{spelled}={_options.ABLATION_OFF}`")
 
 
 def group_ids(uids) -> torch.Tensor:
@@ -126,9 +155,14 @@ def sequence_advantages(token_advantages: torch.Tensor, mask: torch.Tensor, *, n
 
 def refine_advantages(method: str, seq_adv: torch.Tensor, mask: torch.Tensor, logp: torch.Tensor, *,
                       logp_corrupt: torch.Tensor | None, logp_ablated: torch.Tensor | None = None,
-                      roles: torch.Tensor | None = None,
+                      roles: torch.Tensor | None = None, ablated_valid: torch.Tensor | None = None,
                       options: AdapterOptions = AdapterOptions()) -> tuple[torch.Tensor, dict[str, float]]:  # noqa: B008
     """Per-token advantages ``[B, T]`` (0 outside ``mask``) and float metrics, for ``method`` ``"srpo"`` | ``"vppo"``.
+
+    ``ablated_valid`` (bool ``[B, T]``, optional): the tokens the ablated pass gave a value; a REASONING token
+    without one (a ``counterfactual`` row without a donor) is scored as OTHER. The padding-free passes of verl and
+    EasyR1 remove the hidden rows, so in ``mask`` mode the token after the span is predicted from the visible row
+    before it and keeps its value (D180's rule is for passes that keep the hidden rows, as the TRL trainer's; D187).
 
     ``vppo``: VPPO's loss mask is folded into the advantages (``α_i · A_i`` on the kept tokens, 0 on the others).
     Under a PPO-clip loss averaged over the response mask this is exactly VPPO's masked loss: a token with zero
@@ -144,8 +178,9 @@ def refine_advantages(method: str, seq_adv: torch.Tensor, mask: torch.Tensor, lo
         if logp_ablated is None:
             # Without the ablated pass, reasoning tokens carry no signal: they are scored like OTHER tokens.
             roles = torch.where(roles == Role.REASONING, torch.zeros_like(roles), roles)
-        elif options.ablation_mode == "mask":
-            roles = without_hidden_successors(roles, m)
+        elif ablated_valid is not None:
+            no_value = (roles == Role.REASONING) & ~ablated_valid.to(roles.device).bool()
+            roles = roles.masked_fill(no_value, int(Role.OTHER))
         res = role_aware_advantages(seq_adv, logp, logp_corrupt, logp_ablated, roles.to(torch.int64), mask=m,
                                     config=options.srpo)
         stats = {f"srpo/{k}": float(v) for k, v in res.stats.items()}
@@ -172,7 +207,7 @@ def corrupt_multi_modal_inputs(multi_modal_inputs, groups: torch.Tensor, *, mode
     for i, sample in enumerate(multi_modal_inputs):
         sample = dict(sample or {})
         if "pixel_values" in sample and "image_grid_thw" in sample:
-            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(groups[i]))
+            gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(groups[i])) % SEED_MODULUS)
             sample["pixel_values"] = corrupt_pixel_values(sample["pixel_values"], sample["image_grid_thw"],
                                                           mode=mode, p=p, generator=gen, **corrupt_kwargs)
         out[i] = sample
@@ -206,3 +241,72 @@ def realign_compact(values: torch.Tensor, kept: torch.Tensor, fill: float = 0.0)
     rank = (torch.cumsum(k.to(torch.int64), dim=1) - 1).clamp(min=0)
     gathered = torch.gather(values, 1, rank.clamp(max=max(values.shape[1] - 1, 0))) if values.shape[1] else values
     return torch.where(k, gathered, torch.full_like(gathered, fill))
+
+
+def rebuilt_responses(responses: torch.Tensor, valid: torch.Tensor, span: torch.Tensor, mode: str, *,
+                      groups: torch.Tensor | None = None, source: str = "group"):
+    """The ``drop`` / ``counterfactual`` ablated responses, on response-only tensors ``[B, R]`` (the prompt, with the
+    image, is untouched): :func:`srpo_core.ablate_span` with ``valid`` (the response's real tokens) as its attention
+    mask and ``span`` (the perception tokens) removed, or replaced by the span of another response
+    (:func:`srpo_core.ablation.counterfactual_donors` over ``groups``, a donor with the same span tokens passed over).
+    Returns the :class:`srpo_core.ablation.AblatedBatch`: ``input_ids [B, R']`` the new responses, ``attention_mask``
+    their real tokens, ``ablate(x)`` for any other per-response tensor, ``gather(values)`` the values of the new
+    responses (aligned to their tokens) back on the original positions, ``valid`` the tokens that got one.
+    """
+    span = span.bool() & valid.bool()
+    donor = None
+    if mode == "counterfactual":
+        if groups is None:
+            raise ValueError("srpo: the counterfactual ablated pass needs the prompt groups of the responses")
+        donor = counterfactual_donors(groups.to(responses.device), source, input_ids=responses, span_mask=span)
+    return ablate_span(responses, valid.bool(), span, mode=mode, donor=donor)
+
+
+def continued_positions(position_ids: torch.Tensor, prompt_width: int, width: int,
+                        valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``position_ids [B, P+R]`` (or ``[B, C, P+R]``, M-RoPE) with the response part replaced by ``width`` positions
+    continuing from the first response position (each component + 1 per token), as a trainer gives a response after
+    its prompt. Refuses ids whose real response tokens (``valid [B, R]``, default all) do not already run that way
+    (the new ones would be guesses); padding positions are not read."""
+    first = position_ids[..., prompt_width:prompt_width + 1]
+    resp = position_ids[..., prompt_width:]
+    steps = torch.arange(max(resp.shape[-1], width), device=position_ids.device, dtype=position_ids.dtype)
+    same = resp == first + steps[:resp.shape[-1]]
+    if valid is not None:
+        real = valid.bool().to(position_ids.device)
+        same = same | ~(real.unsqueeze(1) if resp.dim() == 3 else real)
+    if not bool(same.all()):
+        raise NotImplementedError("srpo: the response's position_ids do not run consecutively from its first token "
+                                  "(each component + 1 per token), so the drop / counterfactual ablated pass cannot "
+                                  "give the rebuilt response its positions; use ablation_mode='mask'")
+    return torch.cat([position_ids[..., :prompt_width], first + steps[:width]], dim=-1)
+
+
+def rebuilt_batch(data, roles: torch.Tensor, options: AdapterOptions):
+    """``drop`` / ``counterfactual`` on a verl-style ``DataProto`` (verl, EasyR1: left-padded prompt, right-padded
+    response, ``position_ids`` ``[B, L]`` or ``[B, C, L]``): a batch whose responses are rebuilt without their
+    perception span (or with another response's, donors from the same ``uid`` group or the next one,
+    ``options.counterfactual_source``), the later tokens moved to the new positions and the response's
+    ``position_ids`` continued from its first token (each M-RoPE component alike, as verl and EasyR1 give a
+    response's text tokens). Returns the batch and the :class:`srpo_core.ablation.AblatedBatch` whose ``gather``
+    brings the pass's log-probs back."""
+    batch = data.batch
+    responses = batch["responses"]
+    r = responses.shape[1]
+    p = batch["input_ids"].shape[1] - r
+    valid = batch["attention_mask"][:, p:].bool()
+    span = (roles == Role.PERCEPTION) & batch["response_mask"].bool()
+    ab = rebuilt_responses(responses, valid, span, options.ablation_mode,
+                           groups=group_ids(data.non_tensor_batch["uid"]), source=options.counterfactual_source)
+    width = ab.input_ids.shape[1]
+    attn = batch["attention_mask"]
+    tensors = {
+        "prompts": batch["input_ids"][:, :p], "responses": ab.input_ids,
+        "input_ids": torch.cat([batch["input_ids"][:, :p], ab.input_ids], dim=1),
+        "attention_mask": torch.cat([attn[:, :p], ab.attention_mask.to(attn.dtype)], dim=1),
+        "position_ids": continued_positions(batch["position_ids"], p, width, valid),
+        "response_mask": ab.ablate(batch["response_mask"]),
+    }
+    out = type(data).from_dict(tensors=tensors, non_tensors=dict(data.non_tensor_batch),
+                               meta_info=dict(data.meta_info))
+    return out, ab

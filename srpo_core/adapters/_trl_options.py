@@ -12,9 +12,9 @@ from collections.abc import Callable
 from trl import GRPOConfig
 
 from srpo_core._validate import brief
-from srpo_core.ablation import DEFAULT_ABLATION_MODE, DONOR_SOURCES, check_ablation_mode
+from srpo_core.ablation import DEFAULT_ABLATION_MODE
+from srpo_core.adapters import _options
 from srpo_core.config import SRPOConfig
-from srpo_core.corruption import MODES
 from srpo_core.roles import PERCEPTION_TAGS, REASONING_TAGS
 
 METHODS = ("srpo", "vppo", "papo")
@@ -40,11 +40,15 @@ class SRPOTrainerOptions:
 
     - ``corruption_mode``: ``"black"`` | ``"mean"`` | ``"noise"``; ``corruption_p``: probability per unit;
       ``corruption_patch``: ``"merged"`` (one merged visual token) | ``"raw"`` (one 14×14 patch).
-    - ``ablation_mode``: one of :data:`srpo_core.ablation.ABLATION_MODES`: ``"counterfactual"`` (default: the
-      perception span replaced by another response's, see ``counterfactual_source``; later tokens realigned by their
-      offset from the span's end) | ``"mask"`` (hide it from attention, original positions passed explicitly, M-RoPE
-      included; the token right after it gets no ``ℓ°``) | ``"drop"`` (remove it, positions recomputed by the model).
-      See ``docs/decisions.md`` D180-D182.
+    - ``ablation_mode``: one of :data:`srpo_core.ablation.ABLATION_MODES` (default
+      :data:`srpo_core.ablation.DEFAULT_ABLATION_MODE`): ``"counterfactual"`` (the perception span replaced by another
+      response's, see ``counterfactual_source``; later tokens realigned by their offset from the span's end) |
+      ``"mask"`` (hide it from attention, original positions passed explicitly, M-RoPE included; the token right
+      after it gets no ``ℓ°``) | ``"drop"`` (remove it, positions recomputed by the model) | ``"off"`` (no ablated
+      pass: reasoning tokens carry no signal, scored like OTHER tokens). See ``docs/decisions.md`` D180-D182.
+      ``corruption_mode``, ``corruption_p``, ``seed``, ``ablation_mode``, ``counterfactual_source``,
+      ``vppo_beta_min``, ``vppo_top_k`` are the options every adapter shares (same names, checked by the same code,
+      ``srpo_core.adapters._options``).
     - ``counterfactual_source``: ``"group"`` (another response of the same prompt, default) | ``"other"`` (a
       response of another prompt); :func:`srpo_core.ablation.counterfactual_donors`.
     - ``ablate_tags``: also remove the ``<perception>`` / ``</perception>`` tag tokens in the ablated pass (default
@@ -114,27 +118,19 @@ class SRPOTrainerOptions:
             raise ValueError("SRPOTrainerOptions: `fused_loss=True` computes the clipped policy loss alone; it does "
                              "not add the entropy terms or PAPO's perception KL (method='papo', entropy_penalty_coef, "
                              "papo_aug_entropy_coef): turn those off or use fused_loss=False")
-        if self.corruption_mode not in MODES:
-            raise ValueError(f"SRPOTrainerOptions: `corruption_mode` must be one of {MODES}, got "
-                             f"{self.corruption_mode!r}")
-        if not 0.0 <= self.corruption_p <= 1.0:
-            raise ValueError(f"SRPOTrainerOptions: `corruption_p` must be in [0, 1], got {self.corruption_p!r}")
+        _options.check_fields(self, "SRPOTrainerOptions", nullable=("seed",))
         if self.corruption_patch not in ("merged", "raw"):
             raise ValueError(f"SRPOTrainerOptions: `corruption_patch` must be 'merged' or 'raw', got "
                              f"{self.corruption_patch!r}")
         for name in ("ablate_tags", "fused_loss"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"SRPOTrainerOptions: `{name}` must be a bool, got {getattr(self, name)!r}")
-        check_ablation_mode("SRPOTrainerOptions: `ablation_mode`", self.ablation_mode)
+            object.__setattr__(self, name, _options.parse_bool(getattr(self, name), where="SRPOTrainerOptions",
+                                                               spelled=name))
         if isinstance(self.explain_every, bool) or not isinstance(self.explain_every, int) or self.explain_every < 0:
             raise ValueError(f"SRPOTrainerOptions: `explain_every` must be an int >= 0 (0: never), got "
                              f"{brief(self.explain_every)}")
         if self.explain_dir is not None and not isinstance(self.explain_dir, str):
             raise TypeError(f"SRPOTrainerOptions: `explain_dir` must be a path string or None, got "
                             f"{brief(self.explain_dir)}")
-        if self.counterfactual_source not in DONOR_SOURCES:
-            raise ValueError(f"SRPOTrainerOptions: `counterfactual_source` must be one of {DONOR_SOURCES}, got "
-                             f"{self.counterfactual_source!r}")
 
 
 def _field(default, help: str):  # noqa: A002 - HfArgumentParser reads metadata["help"]
@@ -175,7 +171,8 @@ class SRPOGRPOConfig(GRPOConfig):
     srpo_corruption_p: float = _field(_OPTS.corruption_p, "SRPO: probability that a visual unit is corrupted")
     srpo_corruption_patch: str = _field(_OPTS.corruption_patch, "SRPO: unit, 'merged' (one visual token) or 'raw'")
     srpo_ablation_mode: str = _field(_OPTS.ablation_mode, "SRPO: perception span replaced by another response's "
-                                     "('counterfactual'), 'mask'ed (positions kept) or 'drop'ped")
+                                     "('counterfactual'), 'mask'ed (positions kept), 'drop'ped, or 'off' (no "
+                                     "ablated pass)")
     srpo_counterfactual_source: str = _field(_OPTS.counterfactual_source, "SRPO: counterfactual span from the same "
                                              "prompt's 'group' or an 'other' prompt")
     srpo_ablate_tags: bool = _field(_OPTS.ablate_tags, "SRPO: also remove the perception tags in the ablated pass")
@@ -201,8 +198,23 @@ class SRPOGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.srpo_math_config()
-        self.srpo_trainer_options()
+        where = "SRPOGRPOConfig"
+        for f in dataclasses.fields(self):  # strings (YAML, environment) read as the field's type, as TRL's parser
+            if not f.name.startswith("srpo_") or not isinstance(getattr(self, f.name), str):
+                continue
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            value, spelled = getattr(self, f.name), f"--{f.name}"
+            if kind == "bool":
+                setattr(self, f.name, _options.parse_bool(value, where=where, spelled=spelled))
+            elif kind == "float":
+                setattr(self, f.name, _options.parse_number(value, where=where, spelled=spelled))
+            elif kind.startswith("int"):
+                setattr(self, f.name, _options.parse_int(value, where=where, spelled=spelled, low=0))
+        try:
+            self.srpo_math_config()
+            self.srpo_trainer_options()
+        except (ValueError, TypeError) as e:  # named as the user wrote it: the flag / field srpo_<name>
+            raise _options.respell(e, where, lambda name: f"--srpo_{name}") from None
 
     def _srpo_values(self, cls) -> dict:
         values = {f.name: getattr(self, f"srpo_{f.name}") for f in dataclasses.fields(cls)

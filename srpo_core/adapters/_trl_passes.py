@@ -18,6 +18,7 @@ import torch
 
 from srpo_core import passes
 from srpo_core.ablation import ablate_span, counterfactual_donors
+from srpo_core.adapters._options import ABLATION_OFF
 from srpo_core.config import Role
 from srpo_core.corruption import CLIP_MEAN, CLIP_STD, corrupt_pixel_values
 from srpo_core.roles import tag_tokens_from_token_ids
@@ -62,7 +63,8 @@ class SRPOPasses:
         divergence = kind in ("kl", "js")
         needs_corrupt = opts.method != "srpo" or bool(perception.any())
         corrupted = self._srpo_corrupt(out, group_ids) if needs_corrupt else None
-        run_ablated = opts.method == "srpo" and bool(perception.any()) and bool(reasoning.any())
+        run_ablated = (opts.method == "srpo" and opts.ablation_mode != ABLATION_OFF and bool(perception.any())
+                       and bool(reasoning.any()))
         if not self._srpo_pass_runner:
             if divergence:
                 raise ValueError(f"SRPOGRPOTrainer: perception_contrast={kind!r} needs the pass runner "

@@ -12,9 +12,11 @@ EasyR1 differs from upstream verl in three ways that shape this adapter:
   the cached ones). A corrupted copy with the original uids would silently reuse the clean pixels, so
   :func:`corrupted_batch` gives it new uids (``<uid>#srpo-corrupt``; the prompt groups are preserved).
 
-The ablated pass hides the perception span through ``attention_mask`` and relies on EasyR1's padding-free actor
-(``worker.actor.padding_free=true``, its default), which drops masked positions and scatters each log-prob back to the
-position of the token that *predicts* it: :func:`realign_scattered` moves them to the predicted tokens.
+The ablated pass runs every mode of ``ablation_mode``. ``mask`` hides the perception span through
+``attention_mask`` and relies on EasyR1's padding-free actor (``worker.actor.padding_free=true``, its default), which
+drops masked positions and scatters each log-prob back to the position of the token that *predicts* it:
+:func:`realign_scattered` moves them to the predicted tokens. ``drop`` and ``counterfactual`` rebuild the responses
+(:func:`srpo_core.adapters._common.rebuilt_batch`, donors from the same ``uid`` group).
 
 Importing this module imports no EasyR1 (nor upstream verl); keep it and ``srpo_core.adapters.verl`` apart: the two
 ``verl`` packages cannot be installed together.
@@ -23,21 +25,24 @@ Importing this module imports no EasyR1 (nor upstream verl); keep it and ``srpo_
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
 from srpo_core.adapters._common import (
+    KEY_ABLATED_VALID,
     KEY_LOGP_ABLATED,
     KEY_LOGP_CORRUPT,
     KEY_METRICS,
     KEY_ROLES,
+    SEED_MODULUS,
     AdapterOptions,
     group_ids,
     perception_span_hidden,
+    rebuilt_batch,
     refine_advantages,
-    require_ablation_mode,
     sequence_advantages,
 )
 from srpo_core.config import Role
@@ -45,9 +50,25 @@ from srpo_core.config import Role
 CORRUPT_UID_SUFFIX = "#srpo-corrupt"
 
 __all__ = ["CORRUPT_UID_SUFFIX", "SRPOWorkerGroup", "compute_advantage", "corrupted_batch", "install",
-           "realign_scattered"]
+           "options_from_mapping", "realign_scattered"]
 
 _STATE: dict[str, Any] = {"method": None, "options": AdapterOptions()}
+METHODS = ("srpo", "vppo")
+
+
+def options_from_mapping(options) -> AdapterOptions:
+    """``srpo_options`` as given to :class:`SRPORayPPOTrainer` (a mapping of option names, an
+    :class:`AdapterOptions`, or None for the defaults), parsed and checked; errors name ``srpo_options["<key>"]``
+    (EasyR1's config is a closed dataclass tree, so SRPO's options come as this keyword argument)."""
+    if options is None or isinstance(options, AdapterOptions):
+        return options or AdapterOptions()
+    return AdapterOptions.from_mapping(options, where="srpo (EasyR1)", spell=lambda k: f'srpo_options["{k}"]')
+
+
+def _check_method(method) -> str:
+    if method not in METHODS:
+        raise ValueError(f"srpo (EasyR1): `srpo_method` must be one of {METHODS}, got {method!r}")
+    return method
 
 
 def compute_advantage(data, adv_estimator, gamma: float = 1.0, lam: float = 1.0, *, method: str | None = None,
@@ -69,7 +90,8 @@ def compute_advantage(data, adv_estimator, gamma: float = 1.0, lam: float = 1.0,
     adv, stats = refine_advantages(
         method, seq, mask, batch["old_log_probs"], logp_corrupt=batch[KEY_LOGP_CORRUPT],
         logp_ablated=batch[KEY_LOGP_ABLATED] if KEY_LOGP_ABLATED in batch.keys() else None,
-        roles=batch[KEY_ROLES] if KEY_ROLES in batch.keys() else None, options=options)
+        roles=batch[KEY_ROLES] if KEY_ROLES in batch.keys() else None,
+        ablated_valid=batch[KEY_ABLATED_VALID] if KEY_ABLATED_VALID in batch.keys() else None, options=options)
     batch["advantages"] = adv.to(batch["advantages"].dtype)
     batch["returns"] = batch["advantages"]
     data.meta_info[KEY_METRICS] = stats
@@ -83,13 +105,12 @@ def _original_compute_advantage():
     return getattr(fn, "__srpo_original__", fn)
 
 
-def install(method: str = "srpo", options: AdapterOptions | None = None) -> None:
+def install(method: str = "srpo", options: AdapterOptions | Mapping | None = None) -> None:
     """Wrap EasyR1's ``ray_trainer.compute_advantage`` (idempotent) and set the method used for GRPO batches."""
     from verl.trainer import ray_trainer
 
-    options = options or AdapterOptions()
-    require_ablation_mode("EasyR1", options, ("mask",))  # the padding-free pass hides the span, positions kept
-    _STATE["method"] = method
+    options = options_from_mapping(options)
+    _STATE["method"] = _check_method(method)
     _STATE["options"] = options
     current = ray_trainer.compute_advantage
     if getattr(current, "__srpo_original__", None) is not None:
@@ -144,9 +165,9 @@ def corrupted_batch(data, options: AdapterOptions = AdapterOptions(), step: int 
         if g not in done:
             sample = dict(sample)
             if "images" in sample:
-                gen = torch.Generator().manual_seed(int(options.seed) * 1_000_003 + step * 7919 + g)
+                gen = torch.Generator().manual_seed((int(options.seed) * 1_000_003 + step * 7919 + g) % SEED_MODULUS)
                 images = [_load_image(im) for im in sample["images"]]
-                sample["images"] = corrupt_images(images, p=options.corrupt_p, mode=options.corrupt_mode,
+                sample["images"] = corrupt_images(images, p=options.corruption_p, mode=options.corruption_mode,
                                                   generator=gen) if images else []
             done[g] = sample
         new_mm[i] = done[g]
@@ -181,12 +202,11 @@ class SRPOWorkerGroup:
     """
 
     def __init__(self, worker_group, tokenizer, method: str = "srpo",
-                 options: AdapterOptions = AdapterOptions()):  # noqa: B008 - frozen
-        require_ablation_mode("EasyR1", options, ("mask",))
+                 options: AdapterOptions | Mapping | None = None):
         self._wg = worker_group
         self._tokenizer = tokenizer
-        self._method = method
-        self._options = options
+        self._method = _check_method(method)
+        self._options = options_from_mapping(options)
         self._step = 0
 
     def __getattr__(self, name):
@@ -207,16 +227,31 @@ class SRPOWorkerGroup:
 
             roles = roles_from_token_ids(data.batch["responses"], self._tokenizer, response_mask).roles
         out.batch[KEY_ROLES] = roles
-        if self._options.ablate:
+        if self._options.ablates:
             if bool(((roles == Role.PERCEPTION) & response_mask).any()):
-                ab = copy.copy(data)
-                ab.batch = data.batch.clone(False)
-                ab.batch["attention_mask"] = perception_span_hidden(data.batch["attention_mask"], response_mask, roles)
-                raw = self._wg.compute_log_probs(ab).batch["old_log_probs"]
-                out.batch[KEY_LOGP_ABLATED] = realign_scattered(raw, response_mask & (roles != Role.PERCEPTION))
+                ablated, valid = self._ablated_log_probs(data, roles, response_mask)
+                out.batch[KEY_LOGP_ABLATED] = ablated.to(out.batch["old_log_probs"].dtype)
+                out.batch[KEY_ABLATED_VALID] = valid
             else:
                 out.batch[KEY_LOGP_ABLATED] = out.batch["old_log_probs"].clone()
         return out
+
+    def _ablated_log_probs(self, data, roles, response_mask):
+        """``(ℓ°, valid)`` in the options' mode. ``mask``: the span hidden from ``attention_mask``; the padding-free
+        actor drops it, and every kept token (the one after the span included) is predicted from the last visible
+        row before it (D187). ``drop`` / ``counterfactual``: rebuilt responses (:func:`rebuilt_batch`), whose
+        log-probs come back aligned to the new tokens; the batch keeps its uids, so the worker processes the clean
+        images again (its cache holds the corrupted pass's ``#srpo-corrupt`` uids)."""
+        if self._options.ablation_mode == "mask":
+            ab = copy.copy(data)
+            ab.batch = data.batch.clone(False)
+            ab.batch["attention_mask"] = perception_span_hidden(data.batch["attention_mask"], response_mask, roles)
+            raw = self._wg.compute_log_probs(ab).batch["old_log_probs"]
+            kept = response_mask & (roles != Role.PERCEPTION)
+            return realign_scattered(raw, kept), kept
+        rebuilt, ab = rebuilt_batch(data, roles, self._options)
+        values = self._wg.compute_log_probs(rebuilt).batch["old_log_probs"]
+        return ab.gather(values), ab.valid & response_mask
 
 
 def _build_trainer_class():
@@ -225,13 +260,16 @@ def _build_trainer_class():
     class SRPORayPPOTrainer(RayPPOTrainer):
         """EasyR1's ``RayPPOTrainer`` with :class:`SRPOWorkerGroup` around the actor and :func:`install` applied.
 
-        ``srpo_method`` (``"srpo"`` | ``"vppo"``) and ``srpo_options`` are keyword arguments; the rest are EasyR1's.
+        ``srpo_method`` (``"srpo"`` | ``"vppo"``) and ``srpo_options`` (a mapping of option names, e.g.
+        ``{"beta_perception": 0.5, "ablation_mode": "mask"}``, or an :class:`AdapterOptions`) are keyword arguments,
+        checked before EasyR1's constructor runs; the rest are EasyR1's.
         """
 
-        def __init__(self, *args, srpo_method: str = "srpo", srpo_options: AdapterOptions | None = None, **kwargs):
+        def __init__(self, *args, srpo_method: str = "srpo", srpo_options: AdapterOptions | Mapping | None = None,
+                     **kwargs):
+            self.srpo_method = _check_method(srpo_method)
+            self.srpo_options = options_from_mapping(srpo_options)  # checked before EasyR1 builds anything
             super().__init__(*args, **kwargs)
-            self.srpo_method = srpo_method
-            self.srpo_options = srpo_options or AdapterOptions()
             install(srpo_method, self.srpo_options)
 
         def init_workers(self) -> None:

@@ -76,6 +76,7 @@ check_trl_version(trl.__version__)
 
 # The options subclass TRL's GRPOConfig: imported only after the version check above.
 from srpo_core.adapters import _trl_passes  # noqa: E402
+from srpo_core.adapters._options import ABLATION_OFF  # noqa: E402
 from srpo_core.adapters._trl_options import (  # noqa: E402, F401 - METHODS, PRESETS: public names of this module
     METHODS,
     PRESETS,
@@ -195,7 +196,10 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
             logp, logp_corrupt = res.logp, res.logp_corrupt
             if opts.method != "srpo":
                 return self._preset_step(out, mode, seq_adv, roles, mask, logp, logp_corrupt)
-            if res.logp_ablated is None:
+            if opts.ablation_mode == ABLATION_OFF:  # no ablated pass: reasoning tokens carry no signal, like OTHER
+                logp_ablated = logp
+                role_t = role_t.masked_fill(role_t == Role.REASONING, int(Role.OTHER))
+            elif res.logp_ablated is None:
                 logp_ablated = logp  # nothing removed, or nobody reads ℓ°
             else:
                 logp_ablated = res.logp_ablated

@@ -41,17 +41,20 @@ import torch
 
 from srpo_core.adapters._common import (
     ESTIMATORS,
+    KEY_ABLATED_VALID,
     KEY_LOGP_ABLATED,
     KEY_LOGP_CORRUPT,
     KEY_METRICS,
     KEY_ROLES,
     AdapterOptions,
+    continued_positions,
     corrupt_multi_modal_inputs,
     group_ids,
     perception_span_hidden,
     realign_compact,
+    rebuilt_batch,
+    rebuilt_responses,
     refine_advantages,
-    require_ablation_mode,
     sequence_advantages,
 )
 from srpo_core.config import Role
@@ -78,24 +81,32 @@ __all__ = [
 
 def srpo_token_advantages(advantages: torch.Tensor, response_mask: torch.Tensor, old_log_probs: torch.Tensor, *,
                           logp_corrupt: torch.Tensor | None, logp_ablated: torch.Tensor | None = None,
-                          roles: torch.Tensor | None = None, estimator: str = "srpo",
+                          roles: torch.Tensor | None = None, ablated_valid: torch.Tensor | None = None,
+                          estimator: str = "srpo",
                           options: AdapterOptions = AdapterOptions()  # noqa: B008 - frozen
                           ) -> tuple[torch.Tensor, dict[str, float]]:
     """verl tensors in, per-token advantages out (``[bs, response_length]``, 0 outside ``response_mask``).
 
     ``advantages`` is an outcome estimator's output (GRPO: ``A_i · response_mask``); ``old_log_probs``,
     ``logp_corrupt``, ``logp_ablated`` the three teacher-forced log-probs of the sampled tokens; ``roles`` int per
-    token. Returns the new advantages (in ``advantages``' dtype) and float metrics (``srpo/…`` or ``vppo/…``).
+    token; ``ablated_valid`` (bool, optional) the tokens the ablated pass gave a value (a reasoning token without
+    one is scored as OTHER). Returns the new advantages (in ``advantages``' dtype) and float metrics (``srpo/…`` or
+    ``vppo/…``).
     """
     mask = response_mask.bool()
     seq = sequence_advantages(advantages, mask)
     out, stats = refine_advantages(estimator, seq, mask, old_log_probs, logp_corrupt=logp_corrupt,
-                                   logp_ablated=logp_ablated, roles=roles, options=options)
+                                   logp_ablated=logp_ablated, roles=roles, ablated_valid=ablated_valid,
+                                   options=options)
     return out.to(advantages.dtype), stats
 
 
+CONFIG_KEY = "algorithm.srpo"
+
+
 def options_from_config(config) -> AdapterOptions:
-    """Options from ``config.algorithm.srpo`` (an OmegaConf node or a mapping; absent → defaults)."""
+    """Options from ``config.algorithm.srpo`` (pass ``config.algorithm``: an OmegaConf node or a mapping; absent →
+    defaults), every value parsed and checked, errors naming the Hydra key (``algorithm.srpo.corruption_p``)."""
     node = None
     if config is not None:
         node = config.get("srpo", None) if hasattr(config, "get") else getattr(config, "srpo", None)
@@ -106,9 +117,13 @@ def options_from_config(config) -> AdapterOptions:
             node = OmegaConf.to_container(node, resolve=True)
         except ImportError:  # pragma: no cover - verl always brings omegaconf
             node = dict(node)
-    options = AdapterOptions.from_mapping(node)
-    require_ablation_mode("verl", options, ("mask",))  # the padding-free pass hides the span, positions kept
-    return options
+    return AdapterOptions.from_mapping(node, where="srpo (verl)", spell=lambda k: f"{CONFIG_KEY}.{k}")
+
+
+def _check_options(config) -> AdapterOptions:
+    """Read ``config.algorithm.srpo`` once where the trainer is built, so a bad value fails before any rollout."""
+    algorithm = config.get("algorithm", None) if hasattr(config, "get") else getattr(config, "algorithm", None)
+    return options_from_config(algorithm)
 
 
 def _estimator_name(adv_estimator) -> str:
@@ -147,6 +162,7 @@ def compute_advantage(data, adv_estimator, gamma: float = 1.0, lam: float = 1.0,
         logp_corrupt=batch[KEY_LOGP_CORRUPT],
         logp_ablated=batch[KEY_LOGP_ABLATED] if KEY_LOGP_ABLATED in batch.keys() else None,
         roles=batch[KEY_ROLES] if KEY_ROLES in batch.keys() else None,
+        ablated_valid=batch[KEY_ABLATED_VALID] if KEY_ABLATED_VALID in batch.keys() else None,
         estimator=name, options=options_from_config(config))
     batch["advantages"] = advantages
     batch["returns"] = advantages
@@ -228,12 +244,12 @@ def corrupted_batch(data, options: AdapterOptions, step: int = 0):
         raise KeyError("srpo: the batch has no non_tensor_batch['multi_modal_inputs'] to corrupt (text-only data?)")
     groups = group_ids(data.non_tensor_batch["uid"])
     out.non_tensor_batch["multi_modal_inputs"] = corrupt_multi_modal_inputs(
-        mm, groups, mode=options.corrupt_mode, p=options.corrupt_p, seed=options.seed * 100_003 + step)
+        mm, groups, mode=options.corruption_mode, p=options.corruption_p, seed=options.seed * 100_003 + step)
     return out
 
 
 def ablated_batch(data, roles: torch.Tensor):
-    """``data`` with each response's perception tokens removed from ``attention_mask`` (positions kept)."""
+    """``data`` with each response's perception tokens removed from ``attention_mask`` (positions kept: ``mask``)."""
     out = _shallow_copy(data)
     batch = out.batch
     hidden = perception_span_hidden(batch["attention_mask"], batch["response_mask"], roles)
@@ -241,6 +257,23 @@ def ablated_batch(data, roles: torch.Tensor):
     r = batch["response_mask"].shape[1]
     batch["response_mask"] = batch["response_mask"] * hidden[:, -r:].to(batch["response_mask"].dtype)
     return out
+
+
+def ablated_log_probs(data, roles: torch.Tensor, options: AdapterOptions, logp_of):
+    """``(ℓ° [B, R], valid bool [B, R])`` from ``logp_of(batch)`` (verl's own old-log-prob pass, padding-free: it
+    returns each response's log-probs left-aligned over its real tokens) in ``options.ablation_mode``.
+
+    ``mask``: the span hidden from ``attention_mask``; the padding-free pass drops those positions and keeps the
+    others' ``position_ids``, and each kept token, the one right after the span included, is predicted from the last
+    visible row before it (D187). ``drop`` / ``counterfactual``: :func:`srpo_core.adapters._common.rebuilt_batch`.
+    """
+    response_mask = data.batch["response_mask"].bool()
+    if options.ablation_mode == "mask":
+        kept = response_mask & (roles != Role.PERCEPTION)
+        return realign_compact(logp_of(ablated_batch(data, roles)), kept), kept
+    rebuilt, ab = rebuilt_batch(data, roles, options)
+    values = logp_of(rebuilt)
+    return ab.gather(values), ab.valid & response_mask
 
 
 def _compute_old_log_prob_with_srpo(self, batch, base):
@@ -264,11 +297,11 @@ def _compute_old_log_prob_with_srpo(self, batch, base):
 
                 roles = roles_from_token_ids(batch.batch["responses"], self.tokenizer, response_mask).roles
             old.batch[KEY_ROLES] = roles
-            if options.ablate and bool(((roles == Role.PERCEPTION) & response_mask).any()):
-                kept = response_mask & (roles != Role.PERCEPTION)
-                compact = logp_of(ablated_batch(batch, roles))
-                old.batch[KEY_LOGP_ABLATED] = realign_compact(compact, kept)
-            elif options.ablate:
+            if options.ablates and bool(((roles == Role.PERCEPTION) & response_mask).any()):
+                ablated, valid = ablated_log_probs(batch, roles, options, logp_of)
+                old.batch[KEY_LOGP_ABLATED] = ablated.to(old.batch["old_log_probs"].dtype)
+                old.batch[KEY_ABLATED_VALID] = valid
+            elif options.ablates:
                 old.batch[KEY_LOGP_ABLATED] = old.batch["old_log_probs"].clone()
     return (old, *extra) if extra is not None else old
 
@@ -286,6 +319,10 @@ def _build_trainer_class():
 
     class SRPORayPPOTrainer(RayPPOTrainer):
         """``RayPPOTrainer`` that adds SRPO's contrast passes to the old-log-prob step (see the module docstring)."""
+
+        def __init__(self, config, *args, **kwargs):
+            _check_options(config)  # before the workers start
+            super().__init__(config, *args, **kwargs)
 
         def _compute_old_log_prob(self, batch: Any):
             return _compute_old_log_prob_with_srpo(self, batch, RayPPOTrainer._compute_old_log_prob)
@@ -307,6 +344,7 @@ def _build_task_runner_class():
         """verl's TaskRunner, with ``install()`` and ``SRPORayPPOTrainer`` in place inside the actor process."""
 
         def run(self, config):
+            _check_options(config)
             install()
             main_ppo_v0.RayPPOTrainer = __getattr__("SRPORayPPOTrainer")
             return super().run(config)
@@ -365,7 +403,7 @@ def v1_corrupted_fields(data, options: AdapterOptions, step: int = 0):
                          "the visual contrast would be 0 everywhere)")
     groups = group_ids(tu.get(data, "uid"))
     out = data.clone(False)
-    corrupted = corrupt_multi_modal_inputs(mm, groups, mode=options.corrupt_mode, p=options.corrupt_p,
+    corrupted = corrupt_multi_modal_inputs(mm, groups, mode=options.corruption_mode, p=options.corruption_p,
                                            seed=options.seed * 100_003 + step)
     out["multi_modal_inputs"] = NonTensorStack(*corrupted.tolist())
     return out
@@ -387,6 +425,47 @@ def v1_ablated_fields(data, kept: list[torch.Tensor]):
             rows[i] = row[..., keep]
         out[key] = _nested(rows)
     return out
+
+
+def _padded(rows: list[torch.Tensor], width: int | None = None, fill=0) -> torch.Tensor:
+    width = max((r.shape[-1] for r in rows), default=0) if width is None else width
+    return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[-1]), value=fill) for r in rows])
+
+
+def v1_rebuilt_fields(data, roles: list[torch.Tensor], masks: list[torch.Tensor], options: AdapterOptions):
+    """v1 samples for ``drop`` / ``counterfactual``: each response rebuilt without its perception span (or with the
+    span of another response, donors by ``uid``), later tokens moved, the response's ``position_ids`` continued from
+    its first token (:func:`srpo_core.adapters._common.continued_positions`). Returns the samples and the
+    :class:`srpo_core.ablation.AblatedBatch` over the padded responses (``gather`` brings the log-probs back)."""
+    from verl.utils import tensordict_utils as tu
+
+    out = data.clone(False)
+    prompt_lens = data["prompts"].offsets().diff().tolist()
+    responses = list(data["responses"].unbind())
+    lens = [r.shape[-1] for r in responses]
+    padded = _padded(responses)
+    valid = torch.arange(padded.shape[1])[None, :] < torch.tensor(lens)[:, None]
+    span = _padded([m & (r == Role.PERCEPTION) for m, r in zip(masks, roles, strict=True)], padded.shape[1], False)
+    ab = rebuilt_responses(padded, valid, span, options.ablation_mode, groups=group_ids(tu.get(data, "uid")),
+                           source=options.counterfactual_source)
+    new_lens = ab.attention_mask.sum(1).tolist()
+    for key in _V1_SEQUENCE_FIELDS + _V1_RESPONSE_FIELDS:
+        if key not in data.keys():
+            continue
+        rows = list(data[key].unbind())
+        if key in _V1_RESPONSE_FIELDS:
+            moved = ab.ablate(_padded(rows, padded.shape[1]))
+            rows = [moved[i, :int(n)] for i, n in enumerate(new_lens)]
+        for i, row in enumerate(rows):
+            plen, n = prompt_lens[i], int(new_lens[i])
+            if key == "position_ids":
+                rows[i] = continued_positions(row[None], plen, n)[0]
+            elif key == "attention_mask":
+                rows[i] = torch.cat([row[..., :plen], torch.ones(n, dtype=row.dtype)])
+            elif key == "input_ids":
+                rows[i] = torch.cat([row[..., :plen], ab.input_ids[i, :n].to(row.dtype)])
+        out[key] = _nested(rows)
+    return out, ab
 
 
 def _v1_log_probs(self, batch, fields) -> list[torch.Tensor]:
@@ -472,21 +551,37 @@ def _v1_compute_old_log_prob_with_srpo(self, batch, metrics, base):
         masks = [m.bool() for m in data["response_mask"].unbind()]
         # only the perception tokens the policy wrote leave the context; masked tokens (tool output) stay
         kept = [~(m & (r == Role.PERCEPTION)) for m, r in zip(masks, roles, strict=True)]
-        if options.ablate and any(bool((m & ~k).any()) for m, k in zip(masks, kept, strict=True)):
-            compact = _v1_log_probs(self, batch, v1_ablated_fields(data, kept))
+        if options.ablates and any(bool((m & ~k).any()) for m, k in zip(masks, kept, strict=True)):
             old = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["old_log_probs"])
+            olds = list(old["old_log_probs"].unbind())
+            if options.ablation_mode == "mask":
+                compact, counts, valid = _v1_log_probs(self, batch, v1_ablated_fields(data, kept)), None, kept
+            else:
+                fields, ab = v1_rebuilt_fields(data, roles, masks, options)
+                compact = _v1_log_probs(self, batch, fields)
+                counts = ab.attention_mask.sum(1).tolist()
             ablated = []
-            for c, k, o in zip(compact, kept, old["old_log_probs"].unbind(), strict=True):
-                row = torch.zeros_like(o)
-                if c.shape[-1] != int(k.sum()):
-                    raise RuntimeError(f"srpo: the ablated pass returned {c.shape[-1]} log-probs for a response of "
-                                       f"{int(k.sum())} kept tokens")
-                row[k] = c.to(o.dtype)
-                ablated.append(row)
+            for i, c in enumerate(compact):
+                want = int(kept[i].sum()) if counts is None else int(counts[i])
+                if c.shape[-1] != want:
+                    raise RuntimeError(f"srpo: the ablated pass returned {c.shape[-1]} log-probs for response {i}, "
+                                       f"whose ablated copy has {want} tokens")
+            if counts is None:
+                for c, k, o in zip(compact, kept, olds, strict=True):
+                    row = torch.zeros_like(o)
+                    row[k] = c.to(o.dtype)
+                    ablated.append(row)
+            else:
+                back = ab.gather(_padded([c.to(torch.float32) for c in compact], ab.input_ids.shape[1]))
+                lens = [o.shape[-1] for o in olds]
+                ablated = [back[i, :n].to(o.dtype) for i, (n, o) in enumerate(zip(lens, olds, strict=True))]
+                valid = [ab.valid[i, :n] & masks[i] for i, n in enumerate(lens)]
             out[KEY_LOGP_ABLATED] = _nested(ablated)
-        elif options.ablate:
+            out[KEY_ABLATED_VALID] = _nested([v.to(torch.float32) for v in valid])
+        elif options.ablates:
             old = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["old_log_probs"])
             out[KEY_LOGP_ABLATED] = old["old_log_probs"].clone()
+            out[KEY_ABLATED_VALID] = _nested([m.to(torch.float32) for m in masks])
     tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(out, batch_size=len(batch)))
     return batch
 
@@ -498,7 +593,12 @@ def _v1_compute_advantage_with_srpo(self, batch, metrics, base):
     import transfer_queue as tq
 
     _v1_refuse_unsupported(self, batch, name)
-    wanted = [KEY_LOGP_CORRUPT, KEY_LOGP_ABLATED, KEY_ROLES]
+    # exactly the fields the old-log-prob step wrote (the TransferQueue is not asked for absent ones)
+    wanted = [KEY_LOGP_CORRUPT]
+    if name == "srpo":
+        wanted.append(KEY_ROLES)
+        if options_from_config(self.config.algorithm).ablates:
+            wanted += [KEY_LOGP_ABLATED, KEY_ABLATED_VALID]
     fields = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=wanted)
     padded = fields.to_padded_tensor()
     step = _V1AdvantageStep({k: padded[k] for k in wanted if k in padded.keys()})
@@ -523,9 +623,14 @@ def srpo_v1_trainer_class(base: type) -> type:
         def _compute_advantage(self, batch, metrics):
             return _v1_compute_advantage_with_srpo(self, batch, metrics, base._compute_advantage)
 
+        def __init__(self, config, *args, **kwargs):
+            _check_options(config)  # before the workers start
+            base.__init__(self, config, *args, **kwargs)
+
         _V1_CLASSES[base] = type(f"SRPO{base.__name__}", (base,), {
             "__doc__": f"``{base.__name__}`` with SRPO's contrast passes (see srpo_core.adapters.verl).",
-            "_compute_old_log_prob": _compute_old_log_prob, "_compute_advantage": _compute_advantage})
+            "__init__": __init__, "_compute_old_log_prob": _compute_old_log_prob,
+            "_compute_advantage": _compute_advantage})
     return _V1_CLASSES[base]
 
 
@@ -540,6 +645,7 @@ def _build_v1_task_runner_class():
         """verl's v1 TaskRunner, with ``install()`` and the SRPO subclass of the configured v1 trainer."""
 
         def run(self, config):
+            _check_options(config)
             install()
             from verl.trainer.ppo import v1
 
@@ -600,6 +706,7 @@ def main() -> None:
         from verl.trainer.main_ppo import run_ppo
         from verl.utils.device import auto_set_device
 
+        _check_options(config)  # here, before Ray starts
         auto_set_device(config)
         run_ppo(config, task_runner_class=__getattr__(task_runner_name(config)))
 
