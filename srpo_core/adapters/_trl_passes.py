@@ -11,7 +11,8 @@ import contextlib
 import torch
 
 from srpo_core.ablation import ablate_span, counterfactual_donors
-from srpo_core.corruption import CLIP_MEAN, CLIP_STD, corrupt_pixel_values
+from srpo_core.adapters._trl_split import corrupt_per_key, counterfactual_across_processes, num_processes
+from srpo_core.corruption import CLIP_MEAN, CLIP_STD
 from srpo_core.roles import tag_tokens_from_token_ids
 
 # Inputs of TRL's log-prob function that the generation step stores in its output dict.
@@ -46,15 +47,14 @@ class SRPOPasses:
         if self.srpo_options.corruption_share == "response":
             group_ids = torch.arange(len(group_ids)) + self.accelerator.process_index * len(group_ids)
         num_images = out.get("num_images") or [1] * len(group_ids)
-        # image j of completion i belongs to group (prompt of i, j): the same corrupted image for a prompt's group
-        image_groups = torch.tensor([int(group_ids[i]) * 1_000_003 + j for i, n in enumerate(num_images)
-                                     for j in range(n)], dtype=torch.int64)
+        # image j of completion i belongs to group (prompt of i, j): the same corrupted image for a prompt's group,
+        # drawn from that key and the step alone, so it does not depend on how the batch is split over processes
+        image_keys = [int(group_ids[i]) * 1_000_003 + j for i, n in enumerate(num_images) for j in range(n)]
         ip = getattr(self.processing_class, "image_processor", None)
-        gen = torch.Generator().manual_seed(self._srpo_seed())
         opts = self.srpo_options
-        return corrupt_pixel_values(
-            pixel_values, grid, mode=opts.corruption_mode, p=opts.corruption_p, patch=opts.corruption_patch,
-            generator=gen, group_index=image_groups,
+        return corrupt_per_key(
+            pixel_values, grid, image_keys, self._srpo_seed(), mode=opts.corruption_mode, p=opts.corruption_p,
+            patch=opts.corruption_patch,
             image_mean=tuple(getattr(ip, "image_mean", None) or CLIP_MEAN),
             image_std=tuple(getattr(ip, "image_std", None) or CLIP_STD),
             temporal_patch_size=getattr(ip, "temporal_patch_size", 2), patch_size=getattr(ip, "patch_size", 14),
@@ -63,8 +63,9 @@ class SRPOPasses:
 
     def _srpo_seed(self) -> int:
         base = self.srpo_options.seed if self.srpo_options.seed is not None else self.args.seed
-        # different per process and per generation step, reproducible across runs
-        return (int(base) * 1_000_003 + self._srpo_generation * 7919 + self.accelerator.process_index) % (2**63)
+        # different per generation step, reproducible across runs; the same on every process (masks are keyed by
+        # the global group, _trl_split.corrupt_per_key)
+        return (int(base) * 1_000_003 + self._srpo_generation * 7919) % (2**63)
 
     def _srpo_position_ids(self, input_ids, attention_mask, out):
         """Original positions for ``ablation_mode="mask"``: M-RoPE ids from the model's ``get_rope_index`` when it
@@ -107,12 +108,17 @@ class SRPOPasses:
                                              attention_mask[:, width_p:].bool(), tags=self.srpo_options.perception_tags)
             tags = torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), comp], dim=1)
         mode = self.srpo_options.ablation_mode
-        donor = (counterfactual_donors(group_ids.to(input_ids.device), self.srpo_options.counterfactual_source,
-                                       input_ids=input_ids, span_mask=full_span)  # identical spans: no donor
-                 if mode == "counterfactual" else None)
-        ab = ablate_span(input_ids, attention_mask, full_span, mode=mode, pad_token_id=pad, tags_mask=tags,
-                         donor=donor)
-        extra = {k: ab.ablate(out[k]) for k in _PER_POSITION_KEYS if k in out}
+        if mode == "counterfactual" and num_processes(self) > 1:  # donors over every process's rows (a collective)
+            ab, extra = counterfactual_across_processes(
+                input_ids, attention_mask, full_span, group_ids, self.srpo_options.counterfactual_source,
+                pad_token_id=pad, tags_mask=tags, per_position={k: out[k] for k in _PER_POSITION_KEYS if k in out})
+        else:
+            donor = (counterfactual_donors(group_ids.to(input_ids.device), self.srpo_options.counterfactual_source,
+                                           input_ids=input_ids, span_mask=full_span)  # identical spans: no donor
+                     if mode == "counterfactual" else None)
+            ab = ablate_span(input_ids, attention_mask, full_span, mode=mode, pad_token_id=pad, tags_mask=tags,
+                             donor=donor)
+            extra = {k: ab.ablate(out[k]) for k in _PER_POSITION_KEYS if k in out}
         keep = ab.input_ids.shape[1] - width_p
         ctx = contextlib.nullcontext()
         if ab.mode == "mask":

@@ -73,7 +73,7 @@ def check_trl_version(version: str, trainer_cls: type = GRPOTrainer) -> None:
 check_trl_version(trl.__version__)
 
 # The options subclass TRL's GRPOConfig: imported only after the version check above.
-from srpo_core.adapters import _trl_passes  # noqa: E402
+from srpo_core.adapters import _trl_passes, _trl_split  # noqa: E402
 from srpo_core.adapters._trl_options import (  # noqa: E402, F401 - METHODS, PRESETS: public names of this module
     METHODS,
     PRESETS,
@@ -157,7 +157,12 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
     # ------------------------------------------------------------------ main override
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        mode = "train" if self.model.training else "eval"
+        return self._srpo_score(out, "train" if self.model.training else "eval")
+
+    def _srpo_score(self, out: dict, mode: str) -> dict:
+        """SRPO's part of a generation step on TRL's output ``out`` (this process's rows): roles, the extra passes,
+        the token advantages written into ``out["advantages"]``, the metrics. Split from the TRL call so that a test
+        can score a batch that several processes generated in one process (``tests/test_trl_distributed.py``)."""
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
 
@@ -199,7 +204,9 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
             if opts.method != "srpo":
                 return self._preset_step(out, mode, seq_adv, roles, mask, logp, logp_corrupt)
             span = role_t == Role.PERCEPTION
-            if not bool(span.any()) or not bool((role_t == Role.REASONING).any()):
+            # several processes + counterfactual: every process joins the span exchange (a collective), D221
+            exchange = opts.ablation_mode == "counterfactual" and _trl_split.num_processes(self) > 1
+            if not exchange and (not bool(span.any()) or not bool((role_t == Role.REASONING).any())):
                 logp_ablated = logp  # nothing removed, or nobody reads ℓ°
             else:
                 logp_ablated, has_value = self._srpo_ablated_logps(out, input_ids, attention_mask, span, width_p,
