@@ -22,6 +22,7 @@ pytest.importorskip("accelerate")
 
 from srpo_core import role_aware_advantages  # noqa: E402
 from srpo_core.adapters.trl import SRPOGRPOTrainer  # noqa: E402
+from srpo_core.rollouts import load, to_batch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("srpo_test_trl_dist_worker", HERE / "trl_dist_worker.py")
@@ -131,6 +132,14 @@ def test_two_processes_give_the_weights_of_one(tmp_path, source):
         alone = role_aware_advantages(seq[:rows], *(x[:rows] for x in inputs), roles[:rows], mask=mask[:rows],
                                       config=one.srpo_config)
         assert not torch.allclose(alone.weights, ref.weights[:rows], rtol=1e-3, atol=1e-4)
+        # explain_every: each process writes its rows; the files of a step read together give the trainer's weights
+        files = sorted((tmp_path / "rollouts").glob(f"step-{step:06d}-rank*.jsonl"))
+        assert [f.name.rsplit("-", 1)[1] for f in files] == ["rank0.jsonl", "rank1.jsonl"], files
+        rollouts = to_batch([rec for f in files for rec in load(f)])
+        again = role_aware_advantages(rollouts.advantages.double(), rollouts.logp, rollouts.logp_corrupt,
+                                      rollouts.logp_ablated, rollouts.roles, cu_seqlens=rollouts.cu_seqlens,
+                                      config=one.srpo_config)
+        torch.testing.assert_close(again.weights, ref.weights[mask], rtol=1e-5, atol=1e-6)
         # a donor on the other process was lent: the one-process donors cross the rank boundary
         lent += int(_crossing_donors(batch, last, one, rows))
     assert lent > 0, "no counterfactual donor crossed processes: the split is not exercised"

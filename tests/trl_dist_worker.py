@@ -62,10 +62,11 @@ class Dumping(SRPOGRPOTrainer):
         return out
 
 
-def options(ablation: str, source: str) -> SRPOTrainerOptions:
-    """SRPO's settings; the one-process rescoring uses the same."""
+def options(ablation: str, source: str, explain_dir: str | None = None) -> SRPOTrainerOptions:
+    """SRPO's settings; the one-process rescoring uses the same (without writing rollouts)."""
     return SRPOTrainerOptions(ablation_mode=ablation, counterfactual_source=source, corruption_patch="raw",
-                              corruption_p=0.5, roles_fn=roles_fn)
+                              corruption_p=0.5, roles_fn=roles_fn, explain_every=1 if explain_dir else 0,
+                              explain_dir=explain_dir)
 
 
 def main() -> None:
@@ -76,7 +77,7 @@ def main() -> None:
                          max_steps=STEPS, output_dir=out_dir)
     trainer = Dumping(model=e2e.build_model(processor.tokenizer), reward_funcs=e2e.rule_reward, args=args,
                       train_dataset=e2e.build_dataset(), processing_class=processor,
-                      srpo_options=options(ablation, source))
+                      srpo_options=options(ablation, source, os.path.join(out_dir, "rollouts")))
     assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes
     try:  # the fused loss runs the backbone outside DDP's forward: refused with several processes
         SRPOGRPOTrainer(model=e2e.build_model(processor.tokenizer), reward_funcs=e2e.rule_reward, args=args,
