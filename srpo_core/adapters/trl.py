@@ -149,6 +149,12 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
         self._srpo_generation = 0
         self._srpo_last: SRPOStep | None = None
         super().__init__(*args, **kwargs)
+        self._srpo_view = None  # explain_every: the token-weight view for TensorBoard / W&B (_trl_view.py)
+        if srpo_options.explain_every:
+            from srpo_core.adapters._trl_view import TokenViewCallback
+
+            self._srpo_view = TokenViewCallback(self)
+            self.add_callback(self._srpo_view)
         if srpo_options.fused_loss:
             from srpo_core.adapters import _trl_fused
 
@@ -246,6 +252,8 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
         records = to_records(tokens, last.mask, last.scored_roles, last.logp, last.logp_corrupt, last.logp_ablated,
                              last.sequence_advantages, group_ids.tolist(),
                              [f"r{rank}-{i}" for i in range(len(tokens))])
+        if self._srpo_view is not None:
+            self._srpo_view.record(records, last.result, last.mask, last.sequence_advantages)
         folder = opts.explain_dir or os.path.join(self.args.output_dir, "srpo_rollouts")
         return write_jsonl(os.path.join(folder, f"step-{self.state.global_step:06d}-rank{rank}.jsonl"), records)
 
