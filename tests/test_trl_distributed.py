@@ -81,9 +81,16 @@ def cat_padded(parts: list[dict], key: str, width: int) -> torch.Tensor:
     return torch.cat([pad_to(p[key], width, 0) for p in parts])
 
 
-@pytest.mark.parametrize("source", ["group", "other"])
-def test_two_processes_give_the_weights_of_one(tmp_path, source):
-    launch(tmp_path, "counterfactual", source)
+def lopsided_whole_batch(completion_ids, mask, tokenizer):
+    """``lopsided_roles_fn`` of the worker, seen from one process holding both processes' rows."""
+    return worker.roles_fn(completion_ids, mask, tokenizer, reasoning_only_from=worker.PER_PROCESS)
+
+
+@pytest.mark.parametrize("source, lopsided", [("group", False), ("other", True)])
+def test_two_processes_give_the_weights_of_one(tmp_path, source, lopsided):
+    """``lopsided``: process 1 has no perception span, so only process 0 needs the corrupted and ablated passes;
+    both run them (the donor exchange is a collective: a process that skipped it would leave the other waiting)."""
+    launch(tmp_path, "counterfactual", source, "lopsided" if lopsided else "even")
     processor = e2e.build_processor()
     pad_id = processor.tokenizer.pad_token_id
     whole = worker.PER_PROCESS * 2
@@ -93,7 +100,8 @@ def test_two_processes_give_the_weights_of_one(tmp_path, source):
         warnings.simplefilter("ignore")
         one = SRPOGRPOTrainer(model=e2e.build_model(processor.tokenizer), reward_funcs=e2e.rule_reward, args=args,
                               train_dataset=e2e.build_dataset(), processing_class=processor,
-                              srpo_options=worker.options("counterfactual", source))
+                              srpo_options=worker.options("counterfactual", source, roles=lopsided_whole_batch
+                                                          if lopsided else worker.roles_fn))
     assert one.accelerator.num_processes == 1
     lent = 0
     for step in range(worker.STEPS):

@@ -10,6 +10,9 @@ processes to equal those of one process holding the whole batch:
   (:func:`corrupt_per_key`), not from a stream shared by whatever images a process happens to hold;
 - the counterfactual donors: chosen over the whole batch's perception spans, exchanged between the processes, and a
   donor held by another process lent as an extra row (:func:`counterfactual_across_processes`).
+
+And every process runs a pass when any process needs it (:func:`on_any_process`), so the collectives above, and
+those of a model whose forward gathers sharded parameters, line up.
 """
 
 from __future__ import annotations
@@ -22,6 +25,20 @@ from srpo_core.corruption import corrupt_pixel_values
 
 def num_processes(trainer) -> int:
     return int(getattr(trainer.accelerator, "num_processes", 1))
+
+
+def on_any_process(trainer, flag: bool) -> bool:
+    """``flag`` of any process (a MAX all-reduce over the default group; ``flag`` itself with one process). SRPO's
+    extra passes run on every process as soon as one needs them, so every process runs the same number of
+    forwards: the counterfactual exchange is a collective, and a model whose forward gathers sharded parameters
+    (FSDP, ZeRO-3) must not see one process skip a pass that another runs."""
+    if num_processes(trainer) == 1:
+        return bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=trainer.accelerator.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def corrupt_per_key(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, keys: list[int], seed: int,

@@ -200,7 +200,9 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
             logp = out.get("old_per_token_logps")
             logp = (self._srpo_logps(out, input_ids, attention_mask, width_c, batch_size)
                     if logp is None else logp.float())
-            needs_corrupt = opts.method != "srpo" or bool((role_t == Role.PERCEPTION).any())
+            # a pass runs on every process when one needs it: same forward count everywhere (D223)
+            needs_corrupt = _trl_split.on_any_process(
+                self, opts.method != "srpo" or bool((role_t == Role.PERCEPTION).any()))
             corrupted = self._srpo_corrupt(out, group_ids) if needs_corrupt else None
             if corrupted is None:
                 logp_corrupt = logp  # no image, or nobody reads ℓ̃
@@ -210,9 +212,7 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
             if opts.method != "srpo":
                 return self._preset_step(out, mode, seq_adv, roles, mask, logp, logp_corrupt)
             span = role_t == Role.PERCEPTION
-            # several processes + counterfactual: every process joins the span exchange (a collective), D221
-            exchange = opts.ablation_mode == "counterfactual" and _trl_split.num_processes(self) > 1
-            if not exchange and (not bool(span.any()) or not bool((role_t == Role.REASONING).any())):
+            if not _trl_split.on_any_process(self, bool(span.any()) and bool((role_t == Role.REASONING).any())):
                 logp_ablated = logp  # nothing removed, or nobody reads ℓ°
             else:
                 logp_ablated, has_value = self._srpo_ablated_logps(out, input_ids, attention_mask, span, width_p,
