@@ -42,7 +42,7 @@ def launch(out: Path, *argv: str) -> None:
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(free_port()), str(HERE / "trl_dist_worker.py"), str(out), *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)  # cwd off the repo
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for rank in (0, 1):
         assert f"rank {rank}: OK" in proc.stdout and f"rank {rank}: fused_loss refused" in proc.stdout, \
