@@ -10,9 +10,10 @@ computed its sequence advantages ``A_i: [B_local]``, the trainer
    ``old_per_token_logps``), corrupted ``pixel_values`` (``ℓ̃``, :func:`srpo_core.corrupt_pixel_values`, one mask per
    prompt) and the completions with their perception span removed (``ℓ°``, :func:`srpo_core.ablate_span`);
 3. calls :func:`srpo_core.role_aware_advantages` (role statistics all-reduced over the accelerator's processes, since
-   TRL spreads a prompt's completions over them) and stores the ``[B, T]`` token advantages where TRL's
-   ``_compute_loss`` reads them (it broadcasts ``[B]`` and accepts ``[B, T]`` as they are), plus SRPO's statistics
-   in TRL's metrics under ``srpo/…``.
+   TRL spreads a prompt's completions over them; the corruption masks and counterfactual donors do not depend on
+   the split either, ``_trl_split.py``, so N processes give the weights of one holding the whole batch) and stores
+   the ``[B, T]`` token advantages where TRL's ``_compute_loss`` reads them (it broadcasts ``[B]`` and accepts
+   ``[B, T]`` as they are), plus SRPO's statistics in TRL's metrics under ``srpo/…``.
 
 Usage: replace ``GRPOTrainer`` by ``SRPOGRPOTrainer`` and ``GRPOConfig`` by :class:`SRPOGRPOConfig`, whose flat
 ``srpo_*`` fields come from ``TrlParser``, YAML or the command line like TRL's own. In code,
@@ -252,8 +253,9 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
         records = to_records(tokens, last.mask, last.scored_roles, last.logp, last.logp_corrupt, last.logp_ablated,
                              last.sequence_advantages, group_ids.tolist(),
                              [f"r{rank}-{i}" for i in range(len(tokens))])
-        if self._srpo_view is not None:
-            self._srpo_view.record(records, last.result, last.mask, last.sequence_advantages)
+        view = getattr(self, "_srpo_view", None)
+        if view is not None:
+            view.record(records, last.result, last.mask, last.sequence_advantages)
         folder = opts.explain_dir or os.path.join(self.args.output_dir, "srpo_rollouts")
         return write_jsonl(os.path.join(folder, f"step-{self.state.global_step:06d}-rank{rank}.jsonl"), records)
 
