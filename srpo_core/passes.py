@@ -18,7 +18,8 @@ LM head over every completion token. Each signal needs less:
 Functions: :func:`lm_head` (what the head computes, or a refusal), :func:`hidden_states`, :func:`token_logprobs`
 (``ℓ̃`` or ``ℓ`` at a mask of positions), :func:`ablated_logprobs` (``ℓ°`` for every mode of
 :func:`srpo_core.ablation.ablate_span`: ``mask`` with the original positions, M-RoPE included, ``drop`` and
-``counterfactual`` with the positions of the rebuilt rows) and :func:`contrast`. Results equal the full passes up to
+``counterfactual`` with the positions of the rebuilt rows; :func:`ablated_batch_logprobs` on an ablated batch built
+elsewhere) and :func:`contrast`. Results equal the full passes up to
 floating-point rounding (tests/test_passes.py); what cannot be honoured is refused with a ``ValueError``, never
 computed differently.
 
@@ -330,7 +331,8 @@ def ablated_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     batch's ``valid`` (False on the span, on the token after a masked span, D180, and from the span on in a row
     without donor); ``ℓ°`` is 0 where ``needed & has_value`` is False. ``mask`` keeps the original positions (M-RoPE
     from :func:`original_position_ids`); ``drop`` and ``counterfactual`` let the model compute those of the rebuilt
-    rows, as the full pass does."""
+    rows, as the full pass does. An ablated batch built otherwise (e.g. counterfactual donors chosen over several
+    processes' rows): :func:`ablated_batch_logprobs`."""
     model_kwargs = dict(model_kwargs or {})
     ab: AblatedBatch = ablate_span(input_ids, attention_mask, span, mode=mode, pad_token_id=pad_token_id,
                                    tags_mask=tags_mask, donor=donor)
@@ -342,6 +344,24 @@ def ablated_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     position_ids = None
     if ab.mode == "mask":
         position_ids = original_position_ids(model, input_ids, attention_mask, model_kwargs)
+    return ablated_batch_logprobs(model, ab, needed, temperature=temperature, model_kwargs=model_kwargs,
+                                  position_ids=position_ids, batch_size=batch_size, num_images=num_images,
+                                  num_tiles=num_tiles, head_fp32=head_fp32)
+
+
+def ablated_batch_logprobs(model, ab: AblatedBatch, needed: torch.Tensor, *, temperature: float = 1.0,
+                           model_kwargs: dict | None = None, position_ids: torch.Tensor | None = None,
+                           batch_size: int | None = None, num_images=None, num_tiles=None,
+                           head_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ablated_logprobs` on an ablated batch ``ab`` already built (``needed: bool [B, L]`` on the original
+    positions, ``ab.index``'s shape); ``model_kwargs``' :data:`PER_POSITION_KEYS` must already be ablated
+    (``[B, L']`` like ``ab.input_ids``), ``position_ids`` are those of the ablated rows (None: the model's own)."""
+    if not isinstance(ab, AblatedBatch):
+        raise ValueError(f"{OP}: `ab` must be an srpo_core.ablation.AblatedBatch, got {describe(ab)}")
+    require_tensor(OP, "needed", needed, kind="bool", ndim=2)
+    if tuple(needed.shape) != tuple(ab.index.shape):
+        raise ValueError(f"{OP}: `needed` must be [B, L] = {list(ab.index.shape)} like the ablated batch's index, "
+                         f"got {describe(needed)}")
     take = needed.to(ab.index.device) & ab.valid
     needed_ab = torch.zeros(ab.input_ids.shape, dtype=torch.bool, device=ab.index.device)
     b, j = torch.nonzero(take, as_tuple=True)
@@ -398,5 +418,5 @@ def contrast(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, neede
     return TokenContrast(*(_scatter(x.float(), mask) for x in res))
 
 
-__all__ = ["LMHead", "PER_POSITION_KEYS", "ablated_logprobs", "contrast", "head_logprobs", "hidden_states",
-           "lm_head", "original_position_ids", "token_logprobs"]
+__all__ = ["LMHead", "PER_POSITION_KEYS", "ablated_batch_logprobs", "ablated_logprobs", "contrast", "head_logprobs",
+           "hidden_states", "lm_head", "original_position_ids", "token_logprobs"]

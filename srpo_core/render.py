@@ -318,3 +318,43 @@ def to_html(a: Analysis, *, limit: int | None = None) -> str:
         parts.append(f"<p>{esc(note)}</p>")
     parts.append(f"<p><small>config: {esc(repr(a.config))}</small></p></body></html>")
     return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------------ markdown
+def _md_cell(text: str) -> str:
+    """Text for a markdown table cell: pipes, backslashes, markup characters and line breaks made inert."""
+    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "⏎").replace("\r", "")
+    for ch in "*_`<>[]":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def to_markdown(a: Analysis, *, limit: int | None = None, title: str = "SRPO token weights") -> str:
+    """The analysis as markdown for a logger that renders no colour (TensorBoard's text tab): one table row per
+    response with its id, ``A_i`` and its tokens, each role token followed by ``⟨P 1.32⟩`` / ``⟨R 0.81⟩`` (role
+    letter and weight ``w_t``; other tokens carry no weight), then the per-role statistics of the batch."""
+    shown = _shown(a, limit)
+    labels = response_labels(a.batch.records)
+    lines = [f"**{title}**: each perception (P) or reasoning (R) token is followed by ⟨role wₜ⟩; Aₜ = wₜ·Aᵢ. "
+             f"{_md_cell(_config_line(a))}", "",
+             "| response | A_i | tokens | ▲ / ▼ |", "|---|---:|---|---|"]
+    for i, rec in enumerate(a.batch.records[:shown]):
+        sl = a.span(i)
+        toks = []
+        for tok, w, r in zip(a.batch.tokens[i], a.result.weights[sl].tolist(), a.batch.roles[sl].tolist(),
+                             strict=True):
+            toks.append(_md_cell(tok) + (f"⟨{ROLE_LETTER[Role(r)]} {w:.2f}⟩" if r != Role.OTHER else ""))
+        up, down = a.highlights(i)
+        marks = "   ".join(arrow + "".join(f" {_md_cell(_show_token(t))} {ROLE_LETTER[r]}×{w:.2f}" for t, r, w in items)
+                           for arrow, items in (("▲", up), ("▼", down)) if items)
+        lines.append(f"| {_md_cell(str(rec['prompt_id']))} #{_md_cell(labels[i])} | {a.sequence_advantages[i]:+.3f} "
+                     f"| {''.join(toks)} | {marks} |")
+    if shown < len(a.batch.records):
+        lines.append(f"\n… {len(a.batch.records) - shown} more responses")
+    stats = a.result.stats
+    lines += ["", "| role | tokens | μ(signal) | σ(signal) | w min | w mean | w max |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for role in ("perception", "reasoning"):
+        cells = " | ".join(_num(stats[f"{role}/{k}"], ".3g") for k in ("mu", "sigma", "w_min", "w_mean", "w_max"))
+        lines.append(f"| {role} | {stats[f'{role}/count']:g} | {cells} |")
+    return "\n".join(lines)

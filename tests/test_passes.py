@@ -246,6 +246,35 @@ def test_the_cut_is_real(processor):
     assert not bool(got[~needed].any())
 
 
+def test_ablated_batch_logprobs_takes_a_prebuilt_batch(processor):
+    """``ablated_logprobs`` is ``ablate_span`` then ``ablated_batch_logprobs``; the latter refuses what is not an
+    ablated batch of the ``needed`` shape."""
+    from srpo_core.ablation import ablate_span
+
+    batch = make_batch(processor)
+    model = build_model(processor.tokenizer).eval()
+    ids, attn, width_p = batch["input_ids"], batch["attention_mask"], batch["width_p"]
+    span = torch.zeros_like(ids, dtype=torch.bool)
+    span[:, width_p + 1:width_p + 3] = True
+    needed = torch.zeros_like(span)
+    needed[:, width_p + 4:width_p + 6] = True
+    mm = {k: batch["out"][k] for k in ("pixel_values", "image_grid_thw")}
+    want = passes.ablated_logprobs(model, ids, attn, span, needed, mode="drop",
+                                   model_kwargs={**mm, "mm_token_type_ids": batch["out"]["mm_token_type_ids"]})
+    ab = ablate_span(ids, attn, span, mode="drop")
+    got = passes.ablated_batch_logprobs(model, ab, needed, model_kwargs={
+        **mm, "mm_token_type_ids": ab.ablate(batch["out"]["mm_token_type_ids"])})
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="`ab` must be an srpo_core.ablation.AblatedBatch"):
+        passes.ablated_batch_logprobs(model, (ab.input_ids, ab.attention_mask), needed)
+    with pytest.raises(ValueError, match=r"`needed` must be \[B, L\] = \[4, "):
+        passes.ablated_batch_logprobs(model, ab, needed[:, 1:])
+    with pytest.raises(ValueError, match="`mm_token_type_ids` must be"):  # not ablated
+        passes.ablated_batch_logprobs(model, ab, needed, model_kwargs={
+            **mm, "mm_token_type_ids": batch["out"]["mm_token_type_ids"]})
+
+
 def test_the_cut_keeps_every_image(processor):
     """A needed token before the second image of a row: the cut moves past that image (its features need their
     placeholder tokens), and the log-prob still equals the full forward's."""

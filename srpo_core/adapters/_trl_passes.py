@@ -19,8 +19,14 @@ import torch
 from srpo_core import passes
 from srpo_core.ablation import ablate_span, counterfactual_donors
 from srpo_core.adapters._options import ABLATION_OFF
+from srpo_core.adapters._trl_split import (
+    corrupt_per_key,
+    counterfactual_across_processes,
+    num_processes,
+    on_any_process,
+)
 from srpo_core.config import Role
-from srpo_core.corruption import CLIP_MEAN, CLIP_STD, corrupt_pixel_values
+from srpo_core.corruption import CLIP_MEAN, CLIP_STD
 from srpo_core.roles import tag_tokens_from_token_ids
 
 # Inputs of TRL's log-prob function that the generation step stores in its output dict.
@@ -61,10 +67,11 @@ class SRPOPasses:
         reasoning = (role_t == Role.REASONING) & mask
         kind = self.srpo_config.perception_contrast if opts.method == "srpo" else None
         divergence = kind in ("kl", "js")
-        needs_corrupt = opts.method != "srpo" or bool(perception.any())
+        # a pass runs on every process as soon as one needs it: the same forwards everywhere (D223)
+        needs_corrupt = opts.method != "srpo" or on_any_process(self, bool(perception.any()))
         corrupted = self._srpo_corrupt(out, group_ids) if needs_corrupt else None
-        run_ablated = (opts.method == "srpo" and opts.ablation_mode != ABLATION_OFF and bool(perception.any())
-                       and bool(reasoning.any()))
+        run_ablated = (opts.method == "srpo" and opts.ablation_mode != ABLATION_OFF
+                       and on_any_process(self, bool(perception.any()) and bool(reasoning.any())))
         if not self._srpo_pass_runner:
             if divergence:
                 raise ValueError(f"SRPOGRPOTrainer: perception_contrast={kind!r} needs the pass runner "
@@ -135,8 +142,21 @@ class SRPOPasses:
                     num_images=out.get("num_images"), num_tiles=out.get("num_tiles"),
                     head_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)))
 
+    def _srpo_donors_across(self) -> bool:
+        """Counterfactual donors chosen over every process's rows (:func:`_trl_split.counterfactual_across_processes`,
+        a collective), as one process holding the whole batch would choose them (D221)."""
+        return self.srpo_options.ablation_mode == "counterfactual" and num_processes(self) > 1
+
+    def _srpo_ablate_across(self, out, input_ids, attention_mask, full_span, group_ids, pad, tags):
+        """``(AblatedBatch, per-position inputs ablated)`` of the local rows, donors from every process."""
+        return counterfactual_across_processes(
+            input_ids, attention_mask, full_span, group_ids, self.srpo_options.counterfactual_source,
+            pad_token_id=pad, tags_mask=tags,
+            per_position={k: out[k] for k in _PER_POSITION_KEYS if out.get(k) is not None})
+
     def _srpo_span_inputs(self, input_ids, attention_mask, full_span, width_p, group_ids):
-        """``(pad_token_id, tags_mask, donor)`` for :func:`srpo_core.ablation.ablate_span`."""
+        """``(pad_token_id, tags_mask, donor)`` for :func:`srpo_core.ablation.ablate_span` (``donor`` None when the
+        donors are chosen across processes, :meth:`_srpo_donors_across`)."""
         pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         tags = None
         if self.srpo_options.ablate_tags:  # the <perception> tag tokens of the completions go with the span
@@ -145,15 +165,20 @@ class SRPOPasses:
             tags = torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), comp], dim=1)
         donor = (counterfactual_donors(group_ids.to(input_ids.device), self.srpo_options.counterfactual_source,
                                        input_ids=input_ids, span_mask=full_span)  # identical spans: no donor
-                 if self.srpo_options.ablation_mode == "counterfactual" else None)
+                 if self.srpo_options.ablation_mode == "counterfactual" and not self._srpo_donors_across() else None)
         return pad, tags, donor
 
     def _srpo_ablated_runner(self, out, input_ids, attention_mask, full_span, full_needed, width_p, group_ids,
                              common):
         pad, tags, donor = self._srpo_span_inputs(input_ids, attention_mask, full_span, width_p, group_ids)
-        return passes.ablated_logprobs(self.accelerator.unwrap_model(self.model), input_ids, attention_mask,
-                                       full_span, full_needed, mode=self.srpo_options.ablation_mode, donor=donor,
-                                       pad_token_id=pad, tags_mask=tags, temperature=self.temperature, **common)
+        model = self.accelerator.unwrap_model(self.model)
+        if self._srpo_donors_across():
+            ab, extra = self._srpo_ablate_across(out, input_ids, attention_mask, full_span, group_ids, pad, tags)
+            return passes.ablated_batch_logprobs(model, ab, full_needed, temperature=self.temperature,
+                                                 **{**common, "model_kwargs": {**common["model_kwargs"], **extra}})
+        return passes.ablated_logprobs(model, input_ids, attention_mask, full_span, full_needed,
+                                       mode=self.srpo_options.ablation_mode, donor=donor, pad_token_id=pad,
+                                       tags_mask=tags, temperature=self.temperature, **common)
 
     def _srpo_logps(self, out: dict, input_ids, attention_mask, logits_to_keep, batch_size, **overrides):
         kwargs = {k: out[k] for k in _MM_KEYS if k in out}
@@ -177,15 +202,14 @@ class SRPOPasses:
         if self.srpo_options.corruption_share == "response":
             group_ids = torch.arange(len(group_ids)) + self.accelerator.process_index * len(group_ids)
         num_images = out.get("num_images") or [1] * len(group_ids)
-        # image j of completion i belongs to group (prompt of i, j): the same corrupted image for a prompt's group
-        image_groups = torch.tensor([int(group_ids[i]) * 1_000_003 + j for i, n in enumerate(num_images)
-                                     for j in range(n)], dtype=torch.int64)
+        # image j of completion i belongs to group (prompt of i, j): the same corrupted image for a prompt's group,
+        # drawn from that key and the step alone, so it does not depend on how the batch is split over processes
+        image_keys = [int(group_ids[i]) * 1_000_003 + j for i, n in enumerate(num_images) for j in range(n)]
         ip = getattr(self.processing_class, "image_processor", None)
-        gen = torch.Generator().manual_seed(self._srpo_seed())
         opts = self.srpo_options
-        return corrupt_pixel_values(
-            pixel_values, grid, mode=opts.corruption_mode, p=opts.corruption_p, patch=opts.corruption_patch,
-            generator=gen, group_index=image_groups,
+        return corrupt_per_key(
+            pixel_values, grid, image_keys, self._srpo_seed(), mode=opts.corruption_mode, p=opts.corruption_p,
+            patch=opts.corruption_patch,
             image_mean=tuple(getattr(ip, "image_mean", None) or CLIP_MEAN),
             image_std=tuple(getattr(ip, "image_std", None) or CLIP_STD),
             temporal_patch_size=getattr(ip, "temporal_patch_size", 2), patch_size=getattr(ip, "patch_size", 14),
@@ -194,8 +218,9 @@ class SRPOPasses:
 
     def _srpo_seed(self) -> int:
         base = self.srpo_options.seed if self.srpo_options.seed is not None else self.args.seed
-        # different per process and per generation step, reproducible across runs
-        return (int(base) * 1_000_003 + self._srpo_generation * 7919 + self.accelerator.process_index) % (2**63)
+        # different per generation step, reproducible across runs; the same on every process (masks are keyed by
+        # the global group, _trl_split.corrupt_per_key)
+        return (int(base) * 1_000_003 + self._srpo_generation * 7919) % (2**63)
 
     def _srpo_position_ids(self, input_ids, attention_mask, out):
         """Original positions for ``ablation_mode="mask"`` (:func:`srpo_core.passes.original_position_ids`)."""
@@ -227,9 +252,12 @@ class SRPOPasses:
         full_span = torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), span], dim=1)
         pad, tags, donor = self._srpo_span_inputs(input_ids, attention_mask, full_span, width_p, group_ids)
         mode = self.srpo_options.ablation_mode
-        ab = ablate_span(input_ids, attention_mask, full_span, mode=mode, pad_token_id=pad, tags_mask=tags,
-                         donor=donor)
-        extra = {k: ab.ablate(out[k]) for k in _PER_POSITION_KEYS if k in out}
+        if self._srpo_donors_across():
+            ab, extra = self._srpo_ablate_across(out, input_ids, attention_mask, full_span, group_ids, pad, tags)
+        else:
+            ab = ablate_span(input_ids, attention_mask, full_span, mode=mode, pad_token_id=pad, tags_mask=tags,
+                             donor=donor)
+            extra = {k: ab.ablate(out[k]) for k in _PER_POSITION_KEYS if k in out}
         keep = ab.input_ids.shape[1] - width_p
         ctx = contextlib.nullcontext()
         if ab.mode == "mask":

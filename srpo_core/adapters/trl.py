@@ -12,9 +12,10 @@ computed its sequence advantages ``A_i: [B_local]``, the trainer
    prompt) and the completions with their perception span ablated (``ℓ°`` on reasoning tokens,
    :func:`srpo_core.ablate_span`);
 3. calls :func:`srpo_core.role_aware_advantages` (role statistics all-reduced over the accelerator's processes, since
-   TRL spreads a prompt's completions over them) and stores the ``[B, T]`` token advantages where TRL's
-   ``_compute_loss`` reads them (it broadcasts ``[B]`` and accepts ``[B, T]`` as they are), plus SRPO's statistics
-   in TRL's metrics under ``srpo/…``.
+   TRL spreads a prompt's completions over them; the corruption masks and counterfactual donors do not depend on
+   the split either, ``_trl_split.py``, so N processes give the weights of one holding the whole batch) and stores
+   the ``[B, T]`` token advantages where TRL's ``_compute_loss`` reads them (it broadcasts ``[B]`` and accepts
+   ``[B, T]`` as they are), plus SRPO's statistics in TRL's metrics under ``srpo/…``.
 
 Usage: replace ``GRPOTrainer`` by ``SRPOGRPOTrainer`` and ``GRPOConfig`` by :class:`SRPOGRPOConfig`, whose flat
 ``srpo_*`` fields come from ``TrlParser``, YAML or the command line like TRL's own. In code,
@@ -153,6 +154,12 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
         self._srpo_generation = 0
         self._srpo_last: SRPOStep | None = None
         super().__init__(*args, **kwargs)
+        self._srpo_view = None  # explain_every: the token-weight view for TensorBoard / W&B (_trl_view.py)
+        if srpo_options.explain_every:
+            from srpo_core.adapters._trl_view import TokenViewCallback
+
+            self._srpo_view = TokenViewCallback(self)
+            self.add_callback(self._srpo_view)
         if srpo_options.fused_loss:
             from srpo_core.adapters import _trl_fused
 
@@ -161,7 +168,12 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
     # ------------------------------------------------------------------ main override
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        mode = "train" if self.model.training else "eval"
+        return self._srpo_score(out, "train" if self.model.training else "eval")
+
+    def _srpo_score(self, out: dict, mode: str) -> dict:
+        """SRPO's part of a generation step on TRL's output ``out`` (this process's rows): roles, the extra passes,
+        the token advantages written into ``out["advantages"]``, the metrics. Split from the TRL call so that a test
+        can score a batch that several processes generated in one process (``tests/test_trl_distributed.py``)."""
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
 
@@ -240,6 +252,9 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
         records = to_records(tokens, last.mask, last.scored_roles, last.logp, last.logp_corrupt, last.logp_ablated,
                              last.sequence_advantages, group_ids.tolist(),
                              [f"r{rank}-{i}" for i in range(len(tokens))])
+        view = getattr(self, "_srpo_view", None)
+        if view is not None:
+            view.record(records, last.result, last.mask, last.sequence_advantages)
         folder = opts.explain_dir or os.path.join(self.args.output_dir, "srpo_rollouts")
         return write_jsonl(os.path.join(folder, f"step-{self.state.global_step:06d}-rank{rank}.jsonl"), records)
 
