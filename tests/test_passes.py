@@ -180,7 +180,8 @@ def test_contrast_matches_the_float64_reference(processor, kind, logit_scale):
     if logit_scale is not None:
         model.config.text_config.logit_scale = logit_scale
     scale = 1.0 if logit_scale is None else logit_scale
-    host = pass_host(model, processor, srpo_config=SRPOConfig(perception_contrast=kind), temperature=0.8)
+    # seed 1: masks (one per prompt and image, _trl_split.corrupt_per_key) that move js ≥ 5e-4 (seed 0: 7e-5)
+    host = pass_host(model, processor, srpo_config=SRPOConfig(perception_contrast=kind), temperature=0.8, seed=1)
     corrupted = host._srpo_corrupt(batch["out"], batch["group_ids"])
     width_p, perception = batch["width_p"], batch["roles"] == Role.PERCEPTION
     clean = full_logits(model, batch)[:, width_p - 1:-1][perception] * scale
