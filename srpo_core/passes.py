@@ -28,10 +28,16 @@ inputs (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids`` …; the key
 ``[B, L]`` and are cut and ablated with the ids), optional ``position_ids`` ``[B, L]`` or ``[k, B, L]`` (M-RoPE).
 ``batch_size`` runs the rows in chunks of that many (each chunk cut at its own last needed token), slicing the
 multimodal inputs as TRL's ``_get_per_token_logps_and_entropies`` does (``num_images`` / ``num_tiles``).
+
+With several processes, ``on_any_process`` (``flag -> bool``, e.g. a MAX all-reduce over the processes) makes the
+decision to skip a chunk without a needed token a joint one: a chunk then runs on every process as soon as one needs
+it, so every process runs the same forwards (a model whose forward gathers sharded parameters would otherwise hang;
+the processes must hold the same number of rows, as TRL's do).
 """
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 
@@ -49,6 +55,8 @@ from srpo_core.ablation import AblatedBatch, ablate_span
 from srpo_core.ops.linear_token_contrast import linear_token_contrast
 from srpo_core.ops.linear_token_logprobs import linear_token_logprobs
 from srpo_core.ops.token_contrast import TokenContrast
+
+AnyProcess = collections.abc.Callable[[bool], bool]
 
 OP = "srpo_core.passes"
 # [B, L] model inputs that follow the tokens: cut with input_ids and ablated like them.
@@ -230,13 +238,16 @@ def _row_slicer(model_kwargs: dict, batch: int, num_images, num_tiles):
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, needed: torch.Tensor, *,
                   model_kwargs: dict | None = None, position_ids: torch.Tensor | None = None,
-                  batch_size: int | None = None, num_images=None, num_tiles=None) -> torch.Tensor:
+                  batch_size: int | None = None, num_images=None, num_tiles=None,
+                  on_any_process: AnyProcess | None = None) -> torch.Tensor:
     """``[K, H]``: the decoder's last hidden state of the row before each needed token (``K = needed.sum()``, in
     ``needed.nonzero()`` order), from a forward cut after that row (causal attention makes the cut exact).
 
-    Rows run in chunks of ``batch_size`` (all at once when None); a chunk without a needed token is not run. The cut
-    never falls before a chunk's last image/video placeholder (the config's ``image_token_id`` / ``video_token_id``,
-    nonzero :data:`PER_POSITION_KEYS`), so every image's features still have their tokens.
+    Rows run in chunks of ``batch_size`` (all at once when None); a chunk without a needed token is not run, unless
+    ``on_any_process(False)`` says another process runs it (then it runs cut after its last image placeholder, at
+    least one position, and gives no row). The cut never falls before a chunk's last image/video placeholder (the
+    config's ``image_token_id`` / ``video_token_id``, nonzero :data:`PER_POSITION_KEYS`), so every image's features
+    still have their tokens.
     """
     _check_batch(input_ids, attention_mask, needed, position_ids)
     model_kwargs = dict(model_kwargs or {})
@@ -261,11 +272,12 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     for start in range(0, B, step):
         end = min(start + step, B)
         need = needed[start:end]
-        if not bool(need.any()):
+        any_needed = bool(need.any())
+        if not (any_needed if on_any_process is None else on_any_process(any_needed)):
             continue
         last_needed = int(torch.where(need, cols, -1).max())  # its row, last_needed − 1, is the last one read
         last_mm = int(torch.where(mm[start:end], cols, -1).max())
-        cut = max(last_needed, last_mm + 1)
+        cut = max(last_needed, last_mm + 1, 1)  # ≥ 1: a chunk run only for another process's sake
         kwargs = slicer(start, end)
         kwargs.update({k: v[start:end, :cut] for k, v in per_pos.items()})
         if position_ids is not None:
@@ -293,13 +305,14 @@ def _scatter(values: torch.Tensor, needed: torch.Tensor, fill: float = 0.0) -> t
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, needed: torch.Tensor, *,
                    temperature: float = 1.0, model_kwargs: dict | None = None,
                    position_ids: torch.Tensor | None = None, batch_size: int | None = None, num_images=None,
-                   num_tiles=None, head_fp32: bool = False) -> torch.Tensor:
+                   num_tiles=None, head_fp32: bool = False, on_any_process: AnyProcess | None = None) -> torch.Tensor:
     """``float32 [B, L]``: ``log π(input_ids[b, j] | row j − 1)`` at each ``needed`` position, 0 elsewhere; the
     forward cut after the last needed token (:func:`hidden_states`), the head applied only there
     (:func:`head_logprobs`). ``ℓ̃``: pass the corrupted ``pixel_values`` in ``model_kwargs``."""
     head = lm_head(model, temperature)
     h = hidden_states(model, input_ids, attention_mask, needed, model_kwargs=model_kwargs, position_ids=position_ids,
-                      batch_size=batch_size, num_images=num_images, num_tiles=num_tiles)
+                      batch_size=batch_size, num_images=num_images, num_tiles=num_tiles,
+                      on_any_process=on_any_process)
     if h.shape[0] == 0:
         return torch.zeros(needed.shape, dtype=torch.float32, device=input_ids.device)
     logp = head_logprobs(head, h, input_ids[needed], fp32=head_fp32)
@@ -324,7 +337,8 @@ def ablated_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
                      needed: torch.Tensor, *, mode: str, donor: torch.Tensor | None = None, pad_token_id: int = 0,
                      tags_mask: torch.Tensor | None = None, temperature: float = 1.0,
                      model_kwargs: dict | None = None, batch_size: int | None = None, num_images=None,
-                     num_tiles=None, head_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_tiles=None, head_fp32: bool = False,
+                     on_any_process: AnyProcess | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ℓ° float32 [B, L], has_value bool [B, L])``: the log-prob of each ``needed`` token with ``span`` ablated
     (:func:`srpo_core.ablation.ablate_span`, ``mode`` ``mask`` / ``drop`` / ``counterfactual`` with ``donor``),
     on the original positions; the ablated rows are run up to their last needed token. ``has_value`` is the ablated
@@ -346,13 +360,13 @@ def ablated_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         position_ids = original_position_ids(model, input_ids, attention_mask, model_kwargs)
     return ablated_batch_logprobs(model, ab, needed, temperature=temperature, model_kwargs=model_kwargs,
                                   position_ids=position_ids, batch_size=batch_size, num_images=num_images,
-                                  num_tiles=num_tiles, head_fp32=head_fp32)
+                                  num_tiles=num_tiles, head_fp32=head_fp32, on_any_process=on_any_process)
 
 
 def ablated_batch_logprobs(model, ab: AblatedBatch, needed: torch.Tensor, *, temperature: float = 1.0,
                            model_kwargs: dict | None = None, position_ids: torch.Tensor | None = None,
-                           batch_size: int | None = None, num_images=None, num_tiles=None,
-                           head_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                           batch_size: int | None = None, num_images=None, num_tiles=None, head_fp32: bool = False,
+                           on_any_process: AnyProcess | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ablated_logprobs` on an ablated batch ``ab`` already built (``needed: bool [B, L]`` on the original
     positions, ``ab.index``'s shape); ``model_kwargs``' :data:`PER_POSITION_KEYS` must already be ablated
     (``[B, L']`` like ``ab.input_ids``), ``position_ids`` are those of the ablated rows (None: the model's own)."""
@@ -368,7 +382,8 @@ def ablated_batch_logprobs(model, ab: AblatedBatch, needed: torch.Tensor, *, tem
     needed_ab[b, ab.index[b, j]] = True
     values = token_logprobs(model, ab.input_ids, ab.attention_mask, needed_ab, temperature=temperature,
                             model_kwargs=model_kwargs, position_ids=position_ids, batch_size=batch_size,
-                            num_images=num_images, num_tiles=num_tiles, head_fp32=head_fp32)
+                            num_images=num_images, num_tiles=num_tiles, head_fp32=head_fp32,
+                            on_any_process=on_any_process)
     full = ab.gather(values)
     return full.masked_fill(~take.to(full.device), 0.0), ab.valid
 
@@ -377,7 +392,7 @@ def contrast(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, neede
              corrupted_kwargs: dict, *, kind: str = "kl", temperature: float = 1.0,
              model_kwargs: dict | None = None, position_ids: torch.Tensor | None = None,
              batch_size: int | None = None, num_images=None, num_tiles=None, head_fp32: bool = False,
-             clean_hidden: torch.Tensor | None = None) -> TokenContrast:
+             clean_hidden: torch.Tensor | None = None, on_any_process: AnyProcess | None = None) -> TokenContrast:
     """``TokenContrast(div, logp, logp_ref)``, each ``float32 [B, L]`` (0 outside ``needed``): per needed token the
     ``kind`` (``"kl"`` ``KL(p ‖ p̃)`` or ``"js"``) between the clean next-token distribution ``p`` and the one with
     ``corrupted_kwargs`` replacing model inputs (``{"pixel_values": corrupted}``), and both sampled-token log-probs
@@ -394,7 +409,8 @@ def contrast(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, neede
         raise ValueError(f"{OP}: `corrupted_kwargs` must be a non-empty dict of the model inputs that differ in the "
                          f"corrupted pass (e.g. pixel_values), got {describe(corrupted_kwargs)}")
     model_kwargs = dict(model_kwargs or {})
-    common = dict(position_ids=position_ids, batch_size=batch_size, num_images=num_images, num_tiles=num_tiles)
+    common = dict(position_ids=position_ids, batch_size=batch_size, num_images=num_images, num_tiles=num_tiles,
+                  on_any_process=on_any_process)
     if clean_hidden is None:
         clean_hidden = hidden_states(model, input_ids, attention_mask, needed, model_kwargs=model_kwargs, **common)
     elif clean_hidden.dim() != 2 or clean_hidden.shape[0] != int(needed.sum()):

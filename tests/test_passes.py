@@ -247,6 +247,51 @@ def test_the_cut_is_real(processor):
     assert not bool(got[~needed].any())
 
 
+def test_a_chunk_runs_when_another_process_needs_it(processor):
+    """``on_any_process`` turns each chunk's "I need it" into the processes' joint decision: a chunk this process does
+    not need runs when another process does (cut after its last image, or at one position without one), adds no
+    value, and leaves the others unchanged; ``ablated_logprobs`` and ``contrast`` pass it on."""
+    batch = make_batch(processor)
+    model = build_model(processor.tokenizer).eval()
+    ids, attn, width_p = batch["input_ids"], batch["attention_mask"], batch["width_p"]
+    needed = torch.zeros_like(ids, dtype=torch.bool)
+    needed[0, width_p + 2] = True  # chunk 0 only
+    kw = dict(model_kwargs={k: batch["out"][k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")},
+              num_images=batch["out"]["num_images"], batch_size=2)
+    asked = []
+
+    def another_needs_it(flag):
+        asked.append(flag)
+        return True
+
+    spy = LengthSpy(model)
+    try:
+        alone = passes.token_logprobs(model, ids, attn, needed, **kw)
+        assert spy.lengths == [width_p + 2]
+        spy.lengths.clear()
+        joint = passes.token_logprobs(model, ids, attn, needed, on_any_process=another_needs_it, **kw)
+        last_image = int(torch.nonzero((ids[2:] == model.config.image_token_id).any(0))[-1, 0])
+        assert asked == [True, False] and spy.lengths == [width_p + 2, last_image + 1]
+        torch.testing.assert_close(joint, alone, rtol=0, atol=0)
+        spy.lengths.clear()
+        text = dict(batch_size=2)  # no image: the chunk nobody here needs runs one position
+        passes.token_logprobs(model, ids[:, width_p:], attn[:, width_p:], needed[:, width_p:],
+                              on_any_process=another_needs_it, **text)
+        assert spy.lengths == [2, 1]
+        spy.lengths.clear()
+        span = torch.zeros_like(needed)
+        span[:, width_p + 1] = attn[:, width_p + 1].bool()
+        la, _ = passes.ablated_logprobs(model, ids, attn, span, needed, mode="drop", on_any_process=another_needs_it,
+                                        **kw)
+        assert len(spy.lengths) == 2
+        spy.lengths.clear()
+        passes.contrast(model, ids, attn, needed, {"pixel_values": batch["out"]["pixel_values"] * 0}, kind="kl",
+                        on_any_process=another_needs_it, **kw)
+        assert len(spy.lengths) == 4  # clean and corrupted, two chunks each
+    finally:
+        spy.handle.remove()
+
+
 def test_ablated_batch_logprobs_takes_a_prebuilt_batch(processor):
     """``ablated_logprobs`` is ``ablate_span`` then ``ablated_batch_logprobs``; the latter refuses what is not an
     ablated batch of the ``needed`` shape."""

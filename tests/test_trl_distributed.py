@@ -1,7 +1,8 @@
 """TRL with several processes: ``accelerate launch --multi_gpu --num_processes 2`` on CPU (torchrun, gloo) trains the
 tiny Qwen2-VL with SRPO for 2 steps (``trl_dist_worker.py``), a prompt group split across the two processes; the
 per-token log-probs, roles, weights and advantages each process computed equal those of one process scoring the
-gathered batch with the same model weights and seeds (SPEC property 10 through the trainer; D220-D221).
+gathered batch with the same model weights and seeds (SPEC property 10 through the trainer; D220-D221), through the
+pass runner (the default) and the former full passes; and both processes run the same number of forwards (D223-D224).
 """
 
 from __future__ import annotations
@@ -86,11 +87,14 @@ def lopsided_whole_batch(completion_ids, mask, tokenizer):
     return worker.roles_fn(completion_ids, mask, tokenizer, reasoning_only_from=worker.PER_PROCESS)
 
 
-@pytest.mark.parametrize("source, lopsided", [("group", False), ("other", True)])
-def test_two_processes_give_the_weights_of_one(tmp_path, source, lopsided):
+@pytest.mark.parametrize("source, lopsided, runner", [("group", False, True), ("other", True, True),
+                                                      ("other", True, False)])
+def test_two_processes_give_the_weights_of_one(tmp_path, source, lopsided, runner):
     """``lopsided``: process 1 has no perception span, so only process 0 needs the corrupted and ablated passes;
-    both run them (the donor exchange is a collective: a process that skipped it would leave the other waiting)."""
-    launch(tmp_path, "counterfactual", source, "lopsided" if lopsided else "even")
+    both run them (the donor exchange is a collective: a process that skipped it would leave the other waiting),
+    and, in the pass runner, each row chunk of them (a forward that gathers sharded parameters would hang too).
+    ``runner``: the pass runner (the default), else the full passes through TRL's log-prob function."""
+    launch(tmp_path, "counterfactual", source, "lopsided" if lopsided else "even", "runner" if runner else "full")
     processor = e2e.build_processor()
     pad_id = processor.tokenizer.pad_token_id
     whole = worker.PER_PROCESS * 2
@@ -103,10 +107,14 @@ def test_two_processes_give_the_weights_of_one(tmp_path, source, lopsided):
                               srpo_options=worker.options("counterfactual", source, roles=lopsided_whole_batch
                                                           if lopsided else worker.roles_fn))
     assert one.accelerator.num_processes == 1
+    one._srpo_pass_runner = runner
     lent = 0
     for step in range(worker.STEPS):
         parts = [torch.load(tmp_path / f"step{step}-rank{r}.pt", weights_only=False) for r in (0, 1)]
         assert [p["generation"] for p in parts] == [step, step]
+        assert [p["pass_runner"] for p in parts] == [runner, runner]
+        # every process ran the same forwards: the corrupted and ablated passes at least (lopsided: on process 1 too)
+        assert parts[0]["forwards"] == parts[1]["forwards"] >= 2, [p["forwards"] for p in parts]
         one.model.load_state_dict(parts[0]["state_dict"])  # the weights the processes generated and scored with
         one._srpo_generation = step
         batch = gather_rows([p["out"] for p in parts], pad_id)

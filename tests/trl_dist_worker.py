@@ -1,11 +1,13 @@
 """One process of ``accelerate launch --multi_gpu --num_processes 2 tests/trl_dist_worker.py OUT [ABLATION SOURCE
-LOPSIDED]`` on CPU (the trainer's ``use_cpu=True``; torchrun on gloo).
+LOPSIDED PASSES]`` on CPU (the trainer's ``use_cpu=True``; torchrun on gloo).
 
 Trains ``SRPOGRPOTrainer`` on the tiny Qwen2-VL of ``test_trl_e2e.py`` for 2 steps, 2 processes on gloo, with a
 prompt group split across the processes (4 completions per prompt, 6 rows per process); ``ABLATION SOURCE
-LOPSIDED`` default to ``counterfactual group even``; ``lopsided``: process 1's rows have no perception span (only
-process 0 needs the extra passes). At each generation step every process saves TRL's output as SRPO received it,
-SRPO's per-token results and (rank 0) the model's weights to ``OUT/step<k>-rank<r>.pt``;
+LOPSIDED PASSES`` default to ``counterfactual group even runner``; ``lopsided``: process 1's rows have no perception
+span (only process 0 needs the extra passes); ``full``: the former full passes (``_srpo_pass_runner = False``)
+instead of the pass runner. At each generation step every process saves TRL's output as SRPO received it, SRPO's
+per-token results, how many decoder forwards SRPO's passes ran and (rank 0) the model's weights to
+``OUT/step<k>-rank<r>.pt``;
 ``tests/test_trl_distributed.py`` then scores the gathered batch in one process. Run as a script; the test module
 loads it by path for its settings (``options``).
 """
@@ -61,9 +63,16 @@ class Dumping(SRPOGRPOTrainer):
     def _srpo_score(self, out, mode):
         before = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
         generation = self._srpo_generation
-        out = super()._srpo_score(out, mode)
+        forwards = [0]  # decoder forwards of SRPO's passes (runner: the backbone; full passes: through the model)
+        backbone = self.accelerator.unwrap_model(self.model).base_model
+        handle = backbone.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+        try:
+            out = super()._srpo_score(out, mode)
+        finally:
+            handle.remove()
         last, rank = self._srpo_last, self.accelerator.process_index
         dump = {"out": before, "generation": generation, "advantages": out["advantages"].detach().clone(),
+                "forwards": forwards[0], "pass_runner": self._srpo_pass_runner,
                 "weights": last.result.weights, "logp": last.logp, "logp_corrupt": last.logp_corrupt,
                 "logp_ablated": last.logp_ablated, "scored_roles": last.scored_roles, "mask": last.mask,
                 "stats": last.result.stats}
@@ -82,7 +91,9 @@ def options(ablation: str, source: str, explain_dir: str | None = None, roles=ro
 
 
 def main() -> None:
-    out_dir, ablation, source, lopsided = sys.argv[1], *(sys.argv[2:5] or ["counterfactual", "group", "even"])
+    out_dir, ablation, source, lopsided, runner = sys.argv[1], *(sys.argv[2:6] or ["counterfactual", "group", "even",
+                                                                                   "runner"])
+    Dumping._srpo_pass_runner = runner == "runner"
     e2e = load_e2e()
     processor = e2e.build_processor()
     args = e2e.grpo_args(processor.tokenizer, per_device_train_batch_size=PER_PROCESS, num_generations=GENERATIONS,

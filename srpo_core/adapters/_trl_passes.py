@@ -138,9 +138,11 @@ class SRPOPasses:
         return res
 
     def _srpo_runner_kwargs(self, out: dict, batch_size) -> dict:
+        # a row chunk without a needed token is skipped only when it is on every process (D224)
         return dict(model_kwargs={k: out[k] for k in _MM_KEYS if out.get(k) is not None}, batch_size=batch_size,
                     num_images=out.get("num_images"), num_tiles=out.get("num_tiles"),
-                    head_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)))
+                    head_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)),
+                    on_any_process=lambda flag: on_any_process(self, flag))
 
     def _srpo_donors_across(self) -> bool:
         """Counterfactual donors chosen over every process's rows (:func:`_trl_split.counterfactual_across_processes`,
