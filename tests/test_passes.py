@@ -292,6 +292,35 @@ def test_a_chunk_runs_when_another_process_needs_it(processor):
         spy.handle.remove()
 
 
+@pytest.mark.parametrize("kind", ["k3", "kl"])
+def test_a_process_without_images_runs_the_passes_of_one_with_them(processor, monkeypatch, kind):
+    """A process whose rows have no image (TRL then gives no pixel_values) asks the other processes as many
+    questions and runs as many decoder forwards as a process with images, when another process has images (every
+    joint answer True): otherwise the all-reduces pair up wrongly and a process hangs (D236). Its ℓ̃ stays ℓ and its
+    divergence 0 (nothing to corrupt)."""
+    import srpo_core.adapters._trl_passes as trl_passes
+
+    batch = make_batch(processor)
+    text = {**batch, "out": {"mm_token_type_ids": torch.zeros_like(batch["out"]["mm_token_type_ids"])}}
+    model = build_model(processor.tokenizer).eval()
+    asked = []
+    monkeypatch.setattr(trl_passes, "on_any_process", lambda _host, flag: (asked.append(flag), True)[1])
+    spy = LengthSpy(model)
+    counts = {}
+    try:
+        for name, b in (("images", batch), ("text", text)):
+            asked.clear()
+            spy.lengths.clear()
+            res = run_passes(model, processor, b, runner=True, config=SRPOConfig(perception_contrast=kind))
+            counts[name] = (len(asked), len(spy.lengths))
+    finally:
+        spy.handle.remove()
+    assert counts["images"][1] > 0 and counts["text"] == counts["images"], counts
+    torch.testing.assert_close(res.logp_corrupt, res.logp, rtol=0, atol=0)
+    if kind == "kl":
+        assert torch.equal(res.perception_signal, torch.zeros_like(res.logp))
+
+
 def test_ablated_batch_logprobs_takes_a_prebuilt_batch(processor):
     """``ablated_logprobs`` is ``ablate_span`` then ``ablated_batch_logprobs``; the latter refuses what is not an
     ablated batch of the ``needed`` shape."""

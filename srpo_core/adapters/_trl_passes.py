@@ -67,9 +67,13 @@ class SRPOPasses:
         reasoning = (role_t == Role.REASONING) & mask
         kind = self.srpo_config.perception_contrast if opts.method == "srpo" else None
         divergence = kind in ("kl", "js")
-        # a pass runs on every process as soon as one needs it: the same forwards everywhere (D223)
-        needs_corrupt = opts.method != "srpo" or on_any_process(self, bool(perception.any()))
-        corrupted = self._srpo_corrupt(out, group_ids) if needs_corrupt else None
+        # a pass runs on every process as soon as one needs it: the same forwards everywhere (D223). A process whose
+        # rows have no image (TRL drops pixel_values then) still runs the corrupted pass when another process has
+        # images, on its clean inputs, its values discarded: its collectives must line up with the others' (D236)
+        has_images = out.get("pixel_values") is not None
+        needs_corrupt = on_any_process(self, has_images and (opts.method != "srpo" or bool(perception.any())))
+        corrupted = self._srpo_corrupt(out, group_ids) if needs_corrupt and has_images else None
+        stand_in = needs_corrupt and not has_images  # this process runs the corrupted pass for the others' sake
         run_ablated = (opts.method == "srpo" and opts.ablation_mode != ABLATION_OFF
                        and on_any_process(self, bool(perception.any()) and bool(reasoning.any())))
         if not self._srpo_pass_runner:
@@ -97,7 +101,7 @@ class SRPOPasses:
         clean_hidden = None
         with self.accelerator.autocast():
             if logp is None:
-                if divergence and corrupted is not None:  # one clean pass for ℓ and the contrast's clean rows
+                if divergence and needs_corrupt:  # one clean pass for ℓ and the contrast's clean rows
                     clean_hidden = passes.hidden_states(model, input_ids, attention_mask, completion,
                                                         **{k: v for k, v in common.items() if k != "head_fp32"})
                     head = passes.lm_head(model, self.temperature)
@@ -112,6 +116,14 @@ class SRPOPasses:
             res = PassResults(logp, logp)
             if divergence and corrupted is None:  # no image, or no perception token: ℓ̃ = ℓ, a divergence of 0
                 res.perception_signal = torch.zeros_like(logp)
+            if stand_in:  # the same forwards as a process with images; no image here, so ℓ̃ = ℓ: values unread
+                if divergence:
+                    passes.contrast(model, input_ids, attention_mask, wide(perception), {"pixel_values": None},
+                                    kind=kind, temperature=self.temperature, clean_hidden=clean_hidden, **common)
+                else:
+                    passes.token_logprobs(model, input_ids, attention_mask,
+                                          wide(mask if opts.method != "srpo" else perception),
+                                          temperature=self.temperature, **common)
             if corrupted is not None:
                 if divergence:
                     c = passes.contrast(model, input_ids, attention_mask, wide(perception),
