@@ -6,20 +6,21 @@ pass runner (``srpo_runner``), issue 24's "SRPO step / GRPO step, before and aft
     python benchmarks/bench_step.py --quick      # tiny sizes, about a minute: a smoke test
 
 The model is ``benchmarks/bench_passes.py``'s Qwen2-VL (random weights from a config: vocabulary 151,936, untied head,
-``--hidden`` 512, ``--layers`` 4, M-RoPE, a 2-block vision tower), with a word-level tokenizer of the same 151,936
-entries built offline (Qwen's special tokens at Qwen's ids, the role tags as single tokens). Each step trains on
-``--batch`` 8 completions = 4 prompts × ``--generations`` 2, each prompt one ``--image``-pixel image (392: 196
-image tokens) and 40-80 words of text. Generation is scripted (TRL's ``_generate_single_turn`` replaced, nothing
-else): each completion has ``--completion`` × (0.75-1.0) tokens, ``<perception>`` over the first ``--perception``
-share, then ``<think>`` … ``</think> <answer> w </answer>`` and EOS, its words drawn from the vocabulary (the same
-completions for every method at a given step); the reward is a hash of the text. So the step is TRL's: tokenising
-the prompts and their images, rewards, advantages, (SRPO: roles, passes, token advantages), the loss forward and
-backward through the 151,936-way head, the optimizer; sampling, which would dominate and is the same for every
-method, is left out.
+M-RoPE, a 2-block vision tower), scaled down so that a step takes seconds rather than minutes on one thread:
+``--hidden`` 256, ``--layers`` 2 (the 151,936-way head is ~10× the decoder's arithmetic at these sizes). The
+tokenizer is word-level with the same 151,936 entries, built offline (Qwen's special tokens at Qwen's ids, the role
+tags as single tokens). Each step trains on ``--batch`` 8 completions = 4 prompts × ``--generations`` 2, each prompt
+one ``--image``-pixel image (392: 196 image tokens) and 40-80 words of text. Generation is scripted (TRL's
+``_generate_single_turn`` replaced, nothing else): each completion has ``--completion`` (256) × (0.75-1.0) tokens,
+``<perception>`` over the first ``--perception`` share, then ``<think>`` … ``</think> <answer> w </answer>`` and
+EOS, its words drawn from the vocabulary (the same completions for every method at a given step); the reward is a
+hash of the text. So the step is TRL's: tokenising the prompts and their images, rewards, advantages, (SRPO: roles,
+passes, token advantages), the loss forward and backward through the 151,936-way head, the optimizer; sampling,
+which would dominate and is the same for every method, is left out (D231).
 
 The three trainers (same weights, data and seeds; ``beta`` 0, TRL's default) run in threads that take turns, one
 step each in order ``grpo, srpo_old, srpo_runner, grpo, …``, so that the methods are interleaved within each
-``trainer.train()``: only one of them runs at any time (a baton passed at each ``on_step_begin``). A step is timed
+``trainer.train()``: only one of them runs at any time (a baton passed at each ``on_step_begin``, D232). A step is timed
 from ``on_step_begin`` to ``on_step_end`` (generation, scoring, loss, backward, optimizer); the first ``--warmup``
 steps of each method are discarded. Per step it also records the time in ``_generate_and_score_completions``, in
 SRPO's passes (``_srpo_passes``, inside the former), in the loss forward (``_compute_loss``) and in the optimizer
@@ -345,10 +346,10 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8, help="completions per step (per_device_train_batch_size)")
     p.add_argument("--generations", type=int, default=2, help="completions per prompt (num_generations)")
     p.add_argument("--image", type=int, default=392, help="image side in pixels (392: 196 image tokens)")
-    p.add_argument("--completion", type=int, default=512, help="max completion tokens (each 0.75-1.0 of it)")
+    p.add_argument("--completion", type=int, default=256, help="max completion tokens (each 0.75-1.0 of it)")
     p.add_argument("--perception", type=float, default=0.25)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--mode", default="counterfactual", help="SRPO's ablation_mode")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=1, help="steps per method discarded first")
