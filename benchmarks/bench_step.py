@@ -3,10 +3,10 @@
 pass runner (``srpo_runner``), issue 24's "SRPO step / GRPO step, before and after".
 
     python benchmarks/bench_step.py [--steps 5] [--warmup 1] [--json out.json] [--md out.md]
-    python benchmarks/bench_step.py --quick      # tiny sizes, about a minute: a smoke test
+    python benchmarks/bench_step.py --quick      # tiny sizes, about a minute: a smoke test (no pytest test: too slow)
 
 The model is ``benchmarks/bench_passes.py``'s Qwen2-VL (random weights from a config: vocabulary 151,936, untied head,
-M-RoPE, a 2-block vision tower), scaled down so that a step takes seconds rather than minutes on one thread:
+M-RoPE, a 2-block vision tower), scaled down so that a step takes well under a minute on one thread:
 ``--hidden`` 256, ``--layers`` 2 (the 151,936-way head is ~10× the decoder's arithmetic at these sizes). The
 tokenizer is word-level with the same 151,936 entries, built offline (Qwen's special tokens at Qwen's ids, the role
 tags as single tokens). Each step trains on ``--batch`` 8 completions = 4 prompts × ``--generations`` 2, each prompt
