@@ -23,7 +23,6 @@ streamed once per GEMM per chunk), small enough to stay under 1/8 of the naive `
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import torch
@@ -35,7 +34,6 @@ LN2 = 0.6931471805599453
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 TOKEN_CHUNK = int(os.environ.get("SRPO_POLICY_LOSS_TOKEN_CHUNK", 192))
 CHUNK_ELEMENTS = int(os.environ.get("SRPO_POLICY_LOSS_CHUNK_ELEMENTS", 1 << 26))
-FOLD_ROWS = True  # fp32/fp64 without entropy: row scale folded into GEMMs 2 and 3 (_folded_grads); tests flip it
 # a chunk size set through the environment is the user's cap: then bf16/fp16 never take the one-chunk path (D152)
 USER_CAPS = any(k in os.environ for k in ("SRPO_POLICY_LOSS_TOKEN_CHUNK", "SRPO_POLICY_LOSS_CHUNK_ELEMENTS"))
 N_STATS = 7  # Σ clipped, Σ dual-clipped, Σ ratio, Σ (old − logp), Σ KL, Σ H, number of valid tokens
@@ -249,20 +247,6 @@ def _exp_rows(x, ids, e_buf):
     return tgt, e_buf, e_buf.sum(1), torch.bmm(e_buf[:, None, :], x[:, :, None])[:, 0, 0]  # no [k, V] temporary
 
 
-def _folded_grads(e, r, c, h, ids, weight, gh, gw, gb, *, first: bool) -> None:
-    """Gradients of one fp32/fp64 chunk from its exponentials ``e [k, V]`` without forming ``G = diag(r)·E +
-    c·onehot(ids)``: ``gh = r·(E @ W) + c·W[ids]``, ``gw (+)= Eᵀ @ (r·h)`` then ``+= c·h`` at the rows ``ids``,
-    ``gb += Eᵀ r`` then ``+= c`` at ``ids`` (``gh``/``gw``/``gb`` None: not wanted)."""
-    if gh is not None:
-        torch.mm(e, weight, out=gh)
-        gh.mul_(r[:, None]).addcmul_(weight[ids], c[:, None])
-    if gw is not None:
-        add_grad_weight(gw, None, e, h * r[:, None], first=first)
-        gw.index_add_(0, ids, h * c[:, None])
-    if gb is not None:
-        gb.addmv_(e.T, r).index_add_(0, ids, c)
-
-
 def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: float, want_entropy: bool,
                   cfg: LossConfig, needs: tuple[bool, bool, bool], valid=None):
     """All rows valid (the caller compacts), or, with ``valid [n]`` bool (the sync-free path), the rows where it
@@ -327,16 +311,8 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
             _shifted_tile(h, weight, bias, scale, m, u)
         tgt, e, s, ex = _exp_rows(u, idc, buf_e[: k * v].view(k, v) if need_ent else None)
         bad = ~torch.isfinite(s)
-        # fp32/fp64 without entropy, every Σe ≤ 2^64: G = diag(−c/s)·E + c·onehot(ids) is applied on the [k, H] side
-        # of GEMMs 2 and 3 (row-scaled h, one row gather) instead of a scaling pass over the [k, V] tile (FOLD_ROWS);
-        # the bound keeps −c/s, and its products with h, normal floats.
-        s_max = s.max() if not low and valid is None else None
-        fold = False
-        if s_max is not None:
-            s_max = float(s_max)  # the chunk's one host read (it was bad.any())
-            fold = FOLD_ROWS and not need_ent and s_max <= 2.0**64
         # a logit > 127 bits above the sampled one: redo those rows with their max
-        if s_max is not None and not math.isfinite(s_max):
+        if not low and valid is None and bool(bad.any()):
             rows = torch.nonzero(bad)[:, 0]
             ur = torch.empty(rows.numel(), v, dtype=acc, device=dev)
             _logits_tile(h[rows], weight, bias, scale, ur, None)
@@ -369,10 +345,6 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
         d_lp = d_lp * c_t
         c_one = d_lp * inv_tau
         d_h = -cfg.entropy_coeff * c_t if cfg.entropy_coeff != 0 else None
-        if fold:
-            _folded_grads(e, -c_one / s, c_one, h, idc, weight, gh[n0:n1] if need_h else None,
-                          gw if need_w else None, gb, first=n0 == 0)
-            continue
         if d_h is not None:  # G = e/s·(a + b·x): ∂H/∂u_v = −p_v(ln p_v + H), ln p_v = ln2·(x_v − log₂ s)
             a = (-d_lp - d_h * h_t + d_h * LN2 * log2s) * inv_tau / s
             b = -d_h * LN2 * inv_tau / s
