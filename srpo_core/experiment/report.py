@@ -176,8 +176,9 @@ def verdict(result: dict) -> list[str]:
         used = result.get("srpo_ablation_mode", "mask")  # runs before the key existed used `mask`
         out.append("Reasoning contrast modes (Cohen's d, fact-using vs other reasoning tokens): "
                    + ", ".join(f"{m} {d:+.2f}" for m, d in ds.items()) + f". The largest here is `{best}`. "
-                   f"The `srpo` method of this run used `{used}`; each other mode runs as `srpo_<mode>`. The trainer's "
-                   f"default mode is chosen from this table (a toy-scale finding, docs/decisions.md D181).")
+                   f"The `srpo` method of this run used `{used}`; each other mode runs as `srpo_<mode>`. The "
+                   "trainer's default mode is chosen from this table by the rule of docs/decisions.md D235 (a "
+                   "toy-scale finding).")
     if verdicts.get(("reasoning_drop_logratio", "fact_vs_nonfact")) == "contradicted":
         shift = {m: sig[f"reasoning_{m}_logratio"]["fact_vs_nonfact"]["mean_b"] for m in MODES
                  if f"reasoning_{m}_logratio" in sig}
@@ -214,8 +215,24 @@ def verdict(result: dict) -> list[str]:
         out.append(f"Step times are noisy here: {', '.join(faster)} ran faster than GRPO per step although each "
                    "does strictly more work (an extra corrupted-image pass), so read the step-time column as "
                    "indicative only.")
-    for method in [m for m in summary if m != "grpo"]:
+    methods = [m for m in summary if m != "grpo"]
+    silent = _rl_comparison(result, "srpo", "sampled_halluc_keeps_answer") if "srpo" in summary else None
+    if silent is not None and silent["mean"] is not None and silent["ci"][0] is not None:
+        lo, hi = silent["ci"]
+        reading = ("SRPO reduces it here" if hi < 0 else "SRPO increases it here" if lo > 0 else
+                   "no reduction shown" + ("; the point estimate goes the other way" if silent["mean"] > 0 else ""))
+        out.append("The question study v2 was built to ask: does SRPO's role-aware credit reduce the hallucination "
+                   "that the answer reward cannot see (a wrong perceived cell that keeps the answer)? srpo − grpo: "
+                   f"{silent['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] over {silent['n']} seeds: {reading}.")
+    for method in methods:
         out.append(_method_sentence(result, method))
+    if len(result["config"]["seeds"]) > 1 and methods:
+        comps = [c for m in methods for key, _, _ in VS_GRPO
+                 if (c := _rl_comparison(result, m, key)) is not None and c["mean"] is not None]
+        hits = sum(_direction(c) is not None for c in comps)
+        out.append(f"Multiplicity: the method − GRPO table holds {len(comps)} intervals at 95% each; with no real "
+                   f"difference anywhere about {0.05 * len(comps):.1f} would exclude 0 by chance, and {hits} do. "
+                   "Read a single excluded interval as a lead to re-test, not a finding.")
     return out
 
 
