@@ -87,6 +87,38 @@ def test_encode_labels_align_with_tokens(processor):
     assert bool(batch.grounded.all())
 
 
+def test_padding_sides_are_restored_and_the_rl_phase_pads_left(monkeypatch):
+    """SFT pads right and evaluation left, each restoring the side it found; the RL phase pads left (D238: TRL 1.16
+    left-pads prompt_ids but takes mm_token_type_ids from the processor's own padding)."""
+    from srpo_core.experiment import evaluate, rl
+
+    processor = build_processor()
+    tok = processor.tokenizer
+    assert tok.padding_side == "left"
+    samples = generate(4, 0)
+    batch = encode(processor, samples, [response(s, s.cells) for s in samples])
+    assert tok.padding_side == "left"
+    assert not bool((batch.inputs["input_ids"][:, 0] == tok.pad_token_id).any())  # encode still padded right
+    tok.padding_side = "right"
+    model = build_model(tok, ModelSize(), seed=0)
+    evaluate.generate_texts(model, processor, samples[:2], max_new_tokens=1)
+    assert tok.padding_side == "right"
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def trainer_for(method, model, processor, train, args):
+        seen.append(processor.tokenizer.padding_side)
+        raise Stop
+
+    monkeypatch.setattr(rl, "trainer_for", trainer_for)
+    with pytest.raises(Stop):
+        rl.run_method("grpo", model, processor, samples, samples, seed=0, budget=rl.RLBudget(steps=1, beta=0.0))
+    assert seen == ["left"] and tok.padding_side == "right"
+
+
 # ------------------------------------------------------------------ smoke run of every phase
 def test_smoke_study_runs_every_phase(tmp_path):
     cfg = dataclasses.replace(SMOKE, budget=dataclasses.replace(SMOKE.budget, steps=2))

@@ -28,7 +28,12 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from srpo_core import Role, SRPOConfig, role_aware_advantages  # noqa: E402
 from srpo_core.ablation import counterfactual_donors  # noqa: E402
-from srpo_core.adapters.trl import SRPOGRPOConfig, SRPOGRPOTrainer, SRPOTrainerOptions  # noqa: E402
+from srpo_core.adapters.trl import (  # noqa: E402
+    SRPOGRPOConfig,
+    SRPOGRPOTrainer,
+    SRPOTrainerOptions,
+    check_padding_side,
+)
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
            "<|video_pad|>", "[UNK]"]
@@ -58,7 +63,8 @@ def build_processor():
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="<|endoftext|>",
-                                        eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE)
+                                        eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE,
+                                        padding_side="left")  # SRPOGRPOTrainer refuses "right" (D238)
 
     return images_only_processor(tokenizer, CHAT_TEMPLATE)
 
@@ -400,3 +406,66 @@ def test_the_offline_recipe_in_docs_trl_runs(tmp_path):
     checkpoint = tmp_path / "srpo-tiny" / "checkpoint-2"
     for name in ("model.safetensors", "processor_config.json", "tokenizer.json", "trainer_state.json"):
         assert (checkpoint / name).is_file(), (name, sorted(p.name for p in tmp_path.rglob("*")))
+
+
+# ---------------------------------------------------------------- padding side (D238, huggingface/trl#5785)
+def two_lengths_dataset():
+    """Two prompts whose text differs by two tokens: the shorter one is padded by two in a batch."""
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+             "image": PIL_Image.new("RGB", (56, 56), colour)} for text, colour in (("abc", COLOURS[0]),
+                                                                                   ("a", COLOURS[1]))]
+    return datasets.Dataset.from_list(rows)
+
+
+def processor_padding(side):
+    processor = build_processor()
+    processor.tokenizer.padding_side = side
+    return processor
+
+
+def generation_step(trainer_cls, processor, trainer=None):
+    """One ``_generate_and_score_completions`` on 4 completions of each prompt; returns the trainer and its output."""
+    data = two_lengths_dataset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if trainer is None:
+            trainer = trainer_cls(model=build_model(processor.tokenizer), reward_funcs=rule_reward,
+                                  args=grpo_args(processor.tokenizer, max_completion_length=4), train_dataset=data,
+                                  processing_class=processor)
+        return trainer, trainer._generate_and_score_completions([data[0]] * 4 + [data[1]] * 4)
+
+
+def misaligned_rows(processor, out) -> list[int]:
+    """Rows whose ``mm_token_type_ids`` over the prompt differ from where its ``<|image_pad|>`` tokens are."""
+    image = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    prompt_ids = out["prompt_ids"]
+    types = out["mm_token_type_ids"][:, :prompt_ids.shape[1]]
+    return [i for i in range(len(prompt_ids)) if not torch.equal(types[i], (prompt_ids[i] == image).to(types.dtype))]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_trl_right_padding_shifts_the_image_token_types(side):
+    # TRL's own bug, on plain GRPO: the short prompt's rows (4-7) carry image token types two positions off their
+    # <|image_pad|> tokens with a right-padding tokenizer. If this starts passing with "right", TRL fixed #5785.
+    processor = processor_padding(side)
+    _, out = generation_step(GRPOTrainer, processor)
+    assert misaligned_rows(processor, out) == ([4, 5, 6, 7] if side == "right" else [])
+
+
+def test_refuses_a_right_padding_processor():
+    processor = processor_padding("right")
+    with pytest.raises(ValueError, match=r"processing_class\.tokenizer\.padding_side is 'right'.*trl#5785"):
+        SRPOGRPOTrainer(model=build_model(processor.tokenizer), reward_funcs=rule_reward,
+                        args=grpo_args(processor.tokenizer), train_dataset=build_dataset(),
+                        processing_class=processor)
+    check_padding_side(processor.tokenizer)  # a bare tokenizer (text only) has no per-token image fields: accepted
+
+
+def test_a_left_padding_step_is_aligned_and_a_later_right_side_is_refused():
+    processor = processor_padding("left")
+    trainer, out = generation_step(SRPOGRPOTrainer, processor)
+    assert misaligned_rows(processor, out) == []
+    assert out["advantages"].shape == out["completion_ids"].shape  # SRPO scored the step
+    processor.tokenizer.padding_side = "right"  # e.g. an evaluation callback that pads on the right
+    with pytest.raises(ValueError, match="padding_side is 'right' and was changed after SRPOGRPOTrainer was built"):
+        generation_step(SRPOGRPOTrainer, processor, trainer)

@@ -104,6 +104,27 @@ def srpo_change_metrics(result: RoleAwareAdvantages, roles: torch.Tensor, mask: 
     return out
 
 
+def check_padding_side(processing_class, *, after_init: bool = False) -> None:
+    """Refuse a multimodal processor whose tokenizer does not pad on the left (D238). TRL 1.16 pads ``prompt_ids``
+    on the left itself but takes ``mm_token_type_ids`` / ``token_type_ids`` from the processor's own padding
+    (huggingface/trl#5785): with prompts of different lengths, Qwen2-VL's image positions (M-RoPE) come out shifted
+    in TRL's loss pass and in SRPO's passes alike. A bare tokenizer (text only) has no such fields and passes."""
+    tokenizer = getattr(processing_class, "tokenizer", None)
+    side = getattr(tokenizer, "padding_side", "left")
+    if tokenizer is None or side == "left":
+        return
+    when = ("was changed after SRPOGRPOTrainer was built" if after_init
+            else "must be 'left' for SRPOGRPOTrainer with a multimodal processor")
+    raise ValueError(
+        f"SRPOGRPOTrainer: processing_class.tokenizer.padding_side is {side!r} and {when}: TRL {trl.__version__} "
+        "pads prompt_ids on the left but takes mm_token_type_ids / token_type_ids from the processor's own "
+        "padding (huggingface/trl#5785), so with prompts of different lengths the image positions (M-RoPE) are "
+        "shifted in the loss pass and in SRPO's passes, silently or as a shape error, in GRPOTrainer alike. Set "
+        "processor.tokenizer.padding_side = 'left' (or AutoProcessor.from_pretrained(..., padding_side='left')) "
+        "and keep it while training; give GRPO baselines the same processor so the comparison stays fair."
+    )
+
+
 @dataclasses.dataclass
 class SRPOStep:
     """What the last generation step computed (for inspection and tests): TRL's sequence advantages ``[B]``,
@@ -126,7 +147,8 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
     Takes every ``GRPOTrainer`` argument; SRPO's settings come from ``args`` when it is an :class:`SRPOGRPOConfig`,
     else from ``srpo_config`` (:class:`srpo_core.SRPOConfig`) and ``srpo_options`` (:class:`SRPOTrainerOptions`).
     Multimodal corruption supports the Qwen-VL layout (``pixel_values`` with
-    ``image_grid_thw``); text-only batches skip it (``ℓ̃ = ℓ``, no perception signal).
+    ``image_grid_thw``); text-only batches skip it (``ℓ̃ = ℓ``, no perception signal). A multimodal processor's
+    tokenizer must pad on the left (:func:`check_padding_side`, D238).
     """
 
     def __init__(self, *args, srpo_config: SRPOConfig | None = None, srpo_options: SRPOTrainerOptions | None = None,
@@ -149,6 +171,9 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
                 "advantages and patches the model, so SRPO's per-token [B, T] advantages would not reach the loss "
                 "as computed here. Set use_liger_kernel=False (TRL's fused LM head already avoids the full logits)."
             )
+        processing_class = kwargs.get("processing_class", args[5] if len(args) > 5 else None)
+        if processing_class is not None:  # None: TRL loads the processor itself, padding on the left
+            check_padding_side(processing_class)
         self.srpo_config = srpo_config
         self.srpo_options = srpo_options
         self._srpo_generation = 0
@@ -167,6 +192,7 @@ class SRPOGRPOTrainer(_trl_passes.SRPOPasses, GRPOTrainer):
 
     # ------------------------------------------------------------------ main override
     def _generate_and_score_completions(self, inputs):
+        check_padding_side(self.processing_class, after_init=True)  # e.g. an evaluation callback set it to "right"
         out = super()._generate_and_score_completions(inputs)
         return self._srpo_score(out, "train" if self.model.training else "eval")
 

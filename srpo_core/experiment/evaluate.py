@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from srpo_core.corruption import corrupt_images
-from srpo_core.experiment.model import prompt_text, suppressed_ids
+from srpo_core.experiment.model import padding_side, prompt_text, suppressed_ids
 from srpo_core.experiment.task import CELL, Sample, parse, perception_score, shortcut, solve
 
 EVAL_CORRUPTION = dict(p=0.5, patch_size=CELL, mode="black")  # one whole cell (one merged visual token) per unit
@@ -30,24 +30,23 @@ def generate_texts(model, processor, samples: list[Sample], images=None, *, max_
     was_training = model.training
     model.eval()
     out = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        tok.padding_side = "left"
-        enc = processor(text=[prompt_text(processor, s.question) for s in chunk], images=images[i:i + batch_size],
-                        padding=True, return_tensors="pt")
-        sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=sample_k) \
-            if sample_k else dict(do_sample=False)
-        if sample_k:
-            torch.manual_seed(int(seed) * 1_000_003 + i)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, suppress_tokens=suppressed_ids(tok),
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling)
-        new = gen[:, enc["input_ids"].shape[1]:]
-        for row in new:
-            ids = row.tolist()
-            if tok.eos_token_id in ids:
-                ids = ids[:ids.index(tok.eos_token_id)]
-            out.append(tok.decode(ids, skip_special_tokens=False))
-    tok.padding_side = "right"
+    with padding_side(processor, "left"):  # restored after: SFT pads right, RL left
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i:i + batch_size]
+            enc = processor(text=[prompt_text(processor, s.question) for s in chunk], images=images[i:i + batch_size],
+                            padding=True, return_tensors="pt")
+            sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=sample_k) \
+                if sample_k else dict(do_sample=False)
+            if sample_k:
+                torch.manual_seed(int(seed) * 1_000_003 + i)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, suppress_tokens=suppressed_ids(tok),
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            for row in new:
+                ids = row.tolist()
+                if tok.eos_token_id in ids:
+                    ids = ids[:ids.index(tok.eos_token_id)]
+                out.append(tok.decode(ids, skip_special_tokens=False))
     model.train(was_training)
     return out
 

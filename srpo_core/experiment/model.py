@@ -8,6 +8,7 @@ response tags are single tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -54,9 +55,22 @@ def build_processor():
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="<|endoftext|>",
-                                        eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE)
+                                        eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE,
+                                        padding_side="left")  # as TRL's own processors; SRPOGRPOTrainer needs it (D238)
 
     return images_only_processor(tokenizer, CHAT_TEMPLATE)
+
+
+@contextlib.contextmanager
+def padding_side(processor, side: str):
+    """Inside the block the processor's tokenizer pads on ``side``; the previous side is restored after it."""
+    tok = processor.tokenizer
+    previous = tok.padding_side
+    tok.padding_side = side
+    try:
+        yield tok
+    finally:
+        tok.padding_side = previous
 
 
 def images_only_processor(tokenizer, chat_template: str):

@@ -21,7 +21,7 @@ import torch
 from srpo_core.ablation import ABLATION_MODES, DEFAULT_ABLATION_MODE
 from srpo_core.config import SRPOConfig
 from srpo_core.experiment.evaluate import evaluate
-from srpo_core.experiment.model import prompt_messages, suppressed_ids
+from srpo_core.experiment.model import padding_side, prompt_messages, suppressed_ids
 from srpo_core.experiment.task import Sample, parse
 
 # "srpo" runs the default reasoning mode; "srpo_<mode>" each other one (issue 23)
@@ -136,7 +136,9 @@ def run_method(method: str, warm_model, processor, train: list[Sample], test: li
     args = _args(processor, budget, seed)
     # TRL prints every log row when its progress bar is off: keep the study's own progress bars readable
     quiet = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+    # TRL left-pads prompt_ids but takes mm_token_type_ids from the processor's own padding (D238): left for RL
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), \
+            padding_side(processor, "left"):
         warnings.simplefilter("ignore")
         trainer = trainer_for(method, model, processor, dataset(train), args)
         timer = _step_timer()

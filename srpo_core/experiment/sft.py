@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from srpo_core.experiment.model import prompt_text
+from srpo_core.experiment.model import padding_side, prompt_text
 from srpo_core.experiment.task import Response, Sample, hallucinate, response, shortcut, silent_prime
 
 PART_CODES = {"tag": 0, "perception": 1, "think": 2, "answer": 3}
@@ -43,8 +43,8 @@ def encode(processor, samples: list[Sample], responses: list[Response], images=N
     prompts = [prompt_text(processor, s.question) for s in samples]
     texts = [p + " " + r.text + " " + tok.eos_token for p, r in zip(prompts, responses, strict=True)]
     images = [s.image() for s in samples] if images is None else images
-    tok.padding_side = "right"
-    inputs = dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
+    with padding_side(processor, "right"):  # the prompt starts every row: completion positions below
+        inputs = dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
     B, L = inputs["input_ids"].shape
     completion = torch.zeros(B, L, dtype=torch.bool)
     part = torch.full((B, L), -1, dtype=torch.int64)
