@@ -314,3 +314,29 @@ def test_refine_experiences_uses_the_ablated_values():
     want = role_aware_advantages(seq, e.action_log_probs, e.srpo_logp_corrupt, e.srpo_logp_ablated, roles, mask=mask)
     torch.testing.assert_close(e.advantages, want.advantages)
 
+
+
+def test_corrupted_pass_draws_a_new_mask_each_rollout_step(monkeypatch):
+    """The experience maker's k-th corrupted pass seeds with ``seed·100003 + k`` (review: a fixed seed gave the same
+    prompt slot the same mask every step when ``Experience.index`` restarts)."""
+    import types
+
+    from srpo_core.adapters import openrlhf as orl
+    from srpo_core.adapters._common import AdapterOptions, corrupt_multi_modal_inputs
+
+    seen = []
+    monkeypatch.setattr(orl, "_forward", lambda self, seqs, attn, act, mm_list: seen.append(mm_list) or [])
+    g = torch.Generator().manual_seed(3)
+    mm = [{"pixel_values": torch.randn(16, 1176, generator=g), "image_grid_thw": torch.tensor([[1, 4, 4]])}
+          for _ in range(2)]
+    sample = types.SimpleNamespace(mm_train_inputs=mm, sequences=torch.zeros(2, 3), attention_mask=None,
+                                   action_mask=None, index=[0, 1])
+    maker = types.SimpleNamespace(args=types.SimpleNamespace(rollout=types.SimpleNamespace(n_samples_per_prompt=2)))
+    options = AdapterOptions(seed=7)
+    for _ in range(2):
+        orl._corrupt_pass(maker, [sample], options)
+    for k, mm_list in enumerate(seen):
+        want = corrupt_multi_modal_inputs(mm, torch.tensor([0, 0]), seed=7 * 100_003 + k)
+        for got, ref in zip(mm_list[0], want, strict=True):
+            assert torch.equal(got["pixel_values"], ref["pixel_values"])
+    assert not torch.equal(seen[0][0][0]["pixel_values"], seen[1][0][0]["pixel_values"])

@@ -131,8 +131,12 @@ def _corrupt_pass(self, samples_list, options: AdapterOptions):
 
 
     n = self.args.rollout.n_samples_per_prompt
+    # a new draw each rollout step, as verl and EasyR1 do (Experience.index may restart every step): call k of this
+    # experience maker uses seed·100003 + k, so the first one is the plain seed
+    step = getattr(self, "_srpo_corrupt_calls", 0)
+    self._srpo_corrupt_calls = step + 1
     mm_list = [list(corrupt_multi_modal_inputs(s.mm_train_inputs, groups // n, mode=options.corruption_mode,
-                                               p=options.corruption_p, seed=options.seed))
+                                               p=options.corruption_p, seed=options.seed * 100_003 + step))
                for s, groups in zip(samples_list, _sample_indices(samples_list), strict=True)]
     return _forward(self, [s.sequences for s in samples_list], [s.attention_mask for s in samples_list],
                     [s.action_mask for s in samples_list], mm_list)
