@@ -16,14 +16,7 @@ import psutil
 import torch
 
 from srpo_core.bench.linear_methods import METHODS, make_inputs
-
-
-def hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+from srpo_core.bench.measure import _status_bytes
 
 
 def main(argv=None) -> None:
@@ -39,7 +32,7 @@ def main(argv=None) -> None:
         f.write("5")
     rss0 = psutil.Process().memory_info().rss
     out = fn(*inputs, backward=(mode == "fwdbwd"))
-    peak = hwm_bytes()
+    peak = _status_bytes("VmHWM:")
     returned = 0
     if mode == "fwdbwd":
         returned = (n * h + v * h) * inputs[0].element_size()

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from srpo_core.bench.measure import _status_bytes
 from srpo_core.ops.linear_token_contrast import linear_token_contrast
 from srpo_core.reference.linear_token_contrast import linear_token_contrast as naive_ref
 
@@ -44,20 +45,6 @@ def ours(hid, ref, w, ids, kind):
 METHODS = {"naive": naive, "ours": ours}
 
 
-def hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def main(argv) -> None:
@@ -68,9 +55,9 @@ def main(argv) -> None:
         x = inputs(v)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        rss0 = rss_bytes()
+        rss0 = _status_bytes("VmRSS:")
         out = fn(*x, kind)
-        peak = hwm_bytes()
+        peak = _status_bytes("VmHWM:")
         del out
         print(json.dumps({"method": method, "V": v, "kind": kind, "extra_mb": round((peak - rss0) / 2 ** 20, 1)}))
         return

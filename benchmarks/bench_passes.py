@@ -35,6 +35,8 @@ import types
 
 import torch
 
+from srpo_core.bench.measure import _status_bytes
+
 VOCAB = 151_936
 IMAGE, VIDEO, V_START, V_END, PAD = 151_655, 151_656, 151_652, 151_653, 151_643
 
@@ -110,13 +112,6 @@ def call(host, b: dict, logp: torch.Tensor, batch_size: int):
                                  b["group_ids"], batch_size, logp=logp)
 
 
-def hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
 
 def setup(a):
     model = build_model(a.hidden, a.layers)
@@ -137,7 +132,7 @@ def mem(a) -> dict:
         f.write("5")
     rss0 = psutil.Process().memory_info().rss
     call(host, b, logp, a.batch_size)
-    return {"way": a.mem, "peak_mb": (hwm_bytes() - rss0) / 2 ** 20}
+    return {"way": a.mem, "peak_mb": (_status_bytes("VmHWM:") - rss0) / 2 ** 20}
 
 
 def quantiles(xs):
