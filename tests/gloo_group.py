@@ -1,11 +1,13 @@
 """The gloo process group of the multi-process test workers (``dist_worker.py``, ``linear_logprobs_dist_worker.py``,
 ``token_logprobs_dist_worker.py``). They run as scripts, so this folder is their ``sys.path[0]`` and ``from gloo_group
-import gloo_group`` finds this module."""
+import gloo_group`` finds this module; the tests that launch them import :func:`free_port` from it as
+``srpo_core_test_gloo`` (registered by conftest.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import socket
 
 import torch.distributed as dist
 
@@ -29,3 +31,10 @@ def gloo_group(rank: int, world: int, port: int):
         gc.collect()
         dist.destroy_process_group()
         gc.collect()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a worker group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -8,21 +8,16 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch.distributed as dist
+from srpo_core_test_gloo import free_port  # tests/gloo_group.py, registered by conftest.py
 
 WORKER = pathlib.Path(__file__).with_name("dist_worker.py")
 CASES = 48
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")

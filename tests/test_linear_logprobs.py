@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from srpo_core_test_gloo import free_port  # tests/gloo_group.py, registered by conftest.py
 
 import srpo_core.cpu.linear_token_logprobs as C
 import srpo_core.ops.linear_token_logprobs as L
@@ -225,11 +225,6 @@ def test_triton_n0(kernel_blocks, device):
 # vocab-parallel
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.parametrize("world", [2, 3], ids=["2 ranks", "3 ranks"])
 def test_vocab_parallel_matches_unsharded(world, tmp_path):
@@ -239,7 +234,7 @@ def test_vocab_parallel_matches_unsharded(world, tmp_path):
         pytest.skip("needs torch.distributed gloo")
     worker = pathlib.Path(__file__).with_name("linear_logprobs_dist_worker.py")
     env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(worker), str(_free_port()), str(world)], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, str(worker), str(free_port()), str(world)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
     assert f"linear-dist: OK {world}" in proc.stdout

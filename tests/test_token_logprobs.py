@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import warnings
@@ -16,6 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from srpo_core_test_gloo import free_port  # tests/gloo_group.py, registered by conftest.py
 
 from srpo_core import _chunked, _dispatch
 from srpo_core.cpu import token_logprobs as cpu_path
@@ -493,11 +493,6 @@ def test_torch_compile_fullgraph_traces_the_custom_op(monkeypatch, compile_chunk
 
 
 # ------------------------------------------------------------------------------------------------ vocab-parallel
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed gloo")

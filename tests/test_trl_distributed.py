@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -21,6 +20,8 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("accelerate")
 
+from srpo_core_test_gloo import free_port  # tests/gloo_group.py, registered by conftest.py
+
 from srpo_core import role_aware_advantages  # noqa: E402
 from srpo_core.adapters.trl import SRPOGRPOTrainer  # noqa: E402
 from srpo_core.rollouts import load, to_batch  # noqa: E402
@@ -31,11 +32,6 @@ worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 e2e = worker.load_e2e()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(out: Path, *argv: str) -> None:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
+from srpo_core_test_gloo import free_port  # tests/gloo_group.py, registered by conftest.py
 
 from srpo_core.adapters._trl_split import corrupt_per_key
 from srpo_core.corruption import corrupt_pixel_values
@@ -21,11 +21,6 @@ from srpo_core.corruption import corrupt_pixel_values
 WORKER = pathlib.Path(__file__).with_name("trl_split_worker.py")
 CASES = 64
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
