@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import types
 import uuid
 
 import numpy as np
@@ -392,16 +393,9 @@ class BigramWorkerGroup:
         return tu.get_tensordict({"log_probs": lp, "entropy": ent}, non_tensor_dict={"metrics": {"mfu": 0.0}})
 
 
-@needs_verl
-@pytest.mark.parametrize("mode", ["mask", "drop", "counterfactual"])
-def test_trainer_old_log_prob_runs_each_ablation_mode(verl_mods, mode):
-    """The legacy trainer's ablated pass in each mode through verl's own padding-free ``_compute_old_log_prob``:
-    every ``ℓ°`` and the positions the worker received checked by hand; then the whole advantage step equals
-    ``role_aware_advantages`` on the roles as given (the token after a hidden span keeps its value in ``mask``: the
-    padding-free pass predicts it from the visible row before the span, D187)."""
-    DataProto, core_algos, ray_trainer, OmegaConf = verl_mods  # noqa: N806
-    from srpo_core.ablation import counterfactual_donors
-
+def _ragged_batch(DataProto):  # noqa: N803 - verl's class
+    """Four responses, two per prompt (groups by ``uid``), left-padded prompts and right-padded responses of
+    different lengths, roles per token, Qwen-VL inputs one image per prompt: the batch of the old-log-prob tests."""
     g = torch.Generator().manual_seed(0)
     V, P, R, n = 13, 4, 7, 2  # noqa: N806
     prompt_lens, resp_lens = [3, 4, 2, 4], [7, 5, 6, 1]
@@ -425,6 +419,25 @@ def test_trainer_old_log_prob_runs_each_ablation_mode(verl_mods, mode):
                  "attention_mask": attn, "position_ids": position_ids, "response_mask": response_mask,
                  "srpo_roles": roles},
         non_tensors={"uid": uids, "multi_modal_inputs": mm})
+    return types.SimpleNamespace(V=V, P=P, R=R, bs=bs, prompt_lens=prompt_lens, resp_lens=resp_lens, prompts=prompts,
+                                 responses=responses, attn=attn, response_mask=response_mask, roles=roles, uids=uids,
+                                 mm=mm, batch=batch)
+
+
+@needs_verl
+@pytest.mark.parametrize("mode", ["mask", "drop", "counterfactual"])
+def test_trainer_old_log_prob_runs_each_ablation_mode(verl_mods, mode):
+    """The legacy trainer's ablated pass in each mode through verl's own padding-free ``_compute_old_log_prob``:
+    every ``ℓ°`` and the positions the worker received checked by hand; then the whole advantage step equals
+    ``role_aware_advantages`` on the roles as given (the token after a hidden span keeps its value in ``mask``: the
+    padding-free pass predicts it from the visible row before the span, D187)."""
+    DataProto, core_algos, ray_trainer, OmegaConf = verl_mods  # noqa: N806
+    from srpo_core.ablation import counterfactual_donors
+
+    b = _ragged_batch(DataProto)
+    V, P, R, bs, prompt_lens, resp_lens = b.V, b.P, b.R, b.bs, b.prompt_lens, b.resp_lens  # noqa: N806
+    prompts, responses, response_mask, roles = b.prompts, b.responses, b.response_mask, b.roles
+    uids, batch = b.uids, b.batch
     model = BigramVLM(V)
     trainer = object.__new__(adapter.SRPORayPPOTrainer)
     trainer.config = OmegaConf.create({"algorithm": {"adv_estimator": "srpo", "srpo": {
@@ -482,29 +495,10 @@ def test_trainer_old_log_prob_adds_the_contrast_passes(verl_mods):
 
     assert issubclass(adapter.SRPOTaskRunner, main_ppo_v0.TaskRunner.__ray_actor_class__)
 
-    g = torch.Generator().manual_seed(0)
-    V, P, R, n = 13, 4, 7, 2  # noqa: N806
-    prompt_lens, resp_lens = [3, 4, 2, 4], [7, 5, 6, 0 + 1]
-    bs = len(prompt_lens)
-    prompts = torch.zeros(bs, P, dtype=torch.int64)
-    responses = torch.zeros(bs, R, dtype=torch.int64)
-    attn = torch.zeros(bs, P + R, dtype=torch.int64)
-    for i in range(bs):
-        prompts[i, P - prompt_lens[i]:] = torch.randint(1, V, (prompt_lens[i],), generator=g)
-        responses[i, :resp_lens[i]] = torch.randint(1, V, (resp_lens[i],), generator=g)
-        attn[i, P - prompt_lens[i]:P] = 1
-        attn[i, P:P + resp_lens[i]] = 1
-    response_mask = attn[:, P:].clone()
-    roles = torch.tensor([[2, 1, 1, 2, 0, 2, 2], [1, 1, 2, 2, 2, 0, 0], [0, 2, 2, 2, 1, 2, 0], [2, 0, 0, 0, 0, 0, 0]])
-    roles = roles * response_mask
-    position_ids = (torch.cumsum(attn, 1) - 1).clamp(min=0)
-    uids = np.array([str(uuid.UUID(int=i // n)) for i in range(bs)], dtype=object)
-    mm = np.array([_qwen_inputs(seed=i // n) for i in range(bs)], dtype=object)
-    batch = DataProto.from_dict(
-        tensors={"prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
-                 "attention_mask": attn, "position_ids": position_ids, "response_mask": response_mask,
-                 "srpo_roles": roles},
-        non_tensors={"uid": uids, "multi_modal_inputs": mm})
+    b = _ragged_batch(DataProto)
+    V, P, R, bs, prompt_lens, resp_lens = b.V, b.P, b.R, b.bs, b.prompt_lens, b.resp_lens  # noqa: N806
+    prompts, responses, attn, response_mask, roles = b.prompts, b.responses, b.attn, b.response_mask, b.roles
+    mm, batch = b.mm, b.batch
 
     model = BigramVLM(V)
     trainer = object.__new__(trainer_cls)
