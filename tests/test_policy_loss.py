@@ -414,8 +414,10 @@ def test_torch_compile_traces_the_op(check_ids):
         return out.loss
 
     torch.compile(step, backend="aot_eager", fullgraph=True)(h, w, bias).backward()
-    torch.testing.assert_close(h.grad[mask], grads_eager[0], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(w.grad, grads_eager[1], rtol=1e-5, atol=1e-7)
+    # the traced op keeps the padded rows (sync-free) where eager compacts them: another fp32 summation order in the
+    # gradient GEMMs, so the bound is fp32 rounding of the gradient's scale, not of each entry
+    for got, want in ((h.grad[mask], grads_eager[0]), (w.grad, grads_eager[1])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
 def _args(n=4, v=11, hd=3):

@@ -236,6 +236,17 @@ def _shifted_tile(h, weight, bias, scale, c, out):
         torch.addmm(out, h, weight.T, alpha=scale, out=out)
 
 
+DOT_BLOCK = 2048  # vocabulary rows per block of the entropy's Σ e·x (a [k, DOT_BLOCK] temporary)
+
+
+def _tile(buf, k, v):
+    """A ``[k, V]`` tile stored vocabulary-major (``[V, k]`` in memory, strides ``(1, k)``): GEMM 1 then computes
+    ``W @ hᵀ``, whose long side is the vocabulary; with ``k`` ≈ 200 tokens a chunk that runs measurably faster than
+    ``h @ Wᵀ`` at two threads (the weight is streamed once per chunk either way). The elementwise passes and the row
+    reductions see a dense tensor and keep their speed."""
+    return buf[: k * v].view(v, k).T
+
+
 def _exp_rows(x, ids, e_buf):
     """``x [k, V]`` (shifted base-2 logits) → ``(x[id], e = 2^x, s = Σ e, Σ e·x | None)``; ``e`` overwrites ``x``
     unless ``e_buf`` is given (the entropy needs both)."""
@@ -244,7 +255,10 @@ def _exp_rows(x, ids, e_buf):
         e = x.exp2_()
         return tgt, e, e.sum(1), None
     torch.exp2(x, out=e_buf)
-    return tgt, e_buf, e_buf.sum(1), torch.bmm(e_buf[:, None, :], x[:, :, None])[:, 0, 0]  # no [k, V] temporary
+    ex = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for j in range(0, x.shape[1], DOT_BLOCK):  # Σ e·x over vocabulary blocks: no [k, V] temporary
+        ex += torch.linalg.vecdot(e_buf[:, j:j + DOT_BLOCK], x[:, j:j + DOT_BLOCK], dim=1)
+    return tgt, e_buf, e_buf.sum(1), ex
 
 
 def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: float, want_entropy: bool,
@@ -298,8 +312,8 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
         k = n1 - n0
         h = hidden[n0:n1]
         idc = ids[n0:n1]
-        u = buf[: k * v].view(k, v)
-        low_t = buf_low[: k * v].view(k, v) if low else None
+        u = _tile(buf, k, v)
+        low_t = _tile(buf_low, k, v) if low else None
         if low or valid is not None:  # bf16/fp16: logits rounded in the input dtype first (D48), then an explicit
             _logits_tile(h, weight, bias, scale, u, low_t)  # row max (sync-free: no overflow check, below)
             m = u.amax(1)
@@ -309,7 +323,7 @@ def fused_fwd_bwd(hidden, weight, bias, ids, old, adv, ref, coef, *, inv_tau: fl
             if bias is not None:
                 m = m + bias[idc].to(acc) * scale
             _shifted_tile(h, weight, bias, scale, m, u)
-        tgt, e, s, ex = _exp_rows(u, idc, buf_e[: k * v].view(k, v) if need_ent else None)
+        tgt, e, s, ex = _exp_rows(u, idc, _tile(buf_e, k, v) if need_ent else None)
         bad = ~torch.isfinite(s)
         # a logit > 127 bits above the sampled one: redo those rows with their max
         if not low and valid is None and bool(bad.any()):
