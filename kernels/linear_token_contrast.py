@@ -29,10 +29,10 @@ from srpo_core import _dispatch
 from srpo_core._dispatch import empty, interpreting
 from srpo_core.kernels._rounding import emulate_bf16, round_to
 from srpo_core.kernels.linear_token_logprobs import _dot_t  # b_acc + b_x @ b_yᵀ, fp32 accumulation
+from srpo_core.tuning import TUNING
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-TARGET_PROGRAMS = 1024  # enough (row block, split) programs to fill ~132 SMs several times over
 DEFAULT = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 64, "num_warps": 8, "num_stages": 2}
 DEFAULT_FP32 = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2}
 
@@ -225,7 +225,8 @@ def _launch(hidden, hidden_ref, weight, bias, ids_local, inv_tau, mode, want_t, 
     cfg = {**default_config(hidden.dtype), **(config or {})}
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-    n_splits = splits if splits is not None else max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, max(n_blocks, 1))))
+    programs = triton.cdiv(TUNING.linear_triton_target_programs, max(n_blocks, 1))
+    n_splits = splits if splits is not None else max(1, min(n_tiles, programs))
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
     n_splits = triton.cdiv(n_tiles, tiles_per_split)
     outs = [empty((n_splits, N), dtype=torch.float32, device=dev) for _ in range(5)]

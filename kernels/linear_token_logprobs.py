@@ -13,9 +13,9 @@ Backward, ``linear_logprobs_bwd_kernel``: for one vocabulary chunk ``[v_lo, v_lo
 ``G = ∂L/∂x = p·(a + b·log₂p) + c·onehot`` (``a = −(g_lp + g_H·H)/τ``, ``b = −g_H·ln2/τ``, ``c = g_lp/τ``) to a
 ``[N, V_chunk]`` buffer in the inputs' dtype. The launcher then runs ``grad_hidden += G @ W_chunk``,
 ``grad_weight[chunk] = Gᵀ @ h`` and ``grad_bias[chunk] = Σ_n G`` as library GEMMs. Peak extra memory is one chunk
-(``CHUNK_ELEMENTS``), never ``[N, V]``; every gradient element is written by one program or one GEMM, so the result
-is deterministic. (A single fused backward with atomics into ``grad_hidden``/``grad_weight`` would save the chunk's
-round trip through memory, at the price of run-to-run differences; we chose determinism.)
+(``TUNING.linear_triton_bwd_chunk_elements``), never ``[N, V]``; every gradient element is written by one program or
+one GEMM, so the result is deterministic. (A single fused backward with atomics into ``grad_hidden``/``grad_weight``
+would save the chunk's round trip through memory, at the price of run-to-run differences; we chose determinism.)
 
 ``V``, ``H``, ``N``, the strides, ``1/τ`` and the vocabulary range are runtime arguments: a new vocabulary size or
 temperature costs no compile. fp32 inputs use ``input_precision="ieee"`` dots (no TF32), so fp32 means fp32.
@@ -28,15 +28,98 @@ import triton
 import triton.language as tl
 
 from srpo_core import _dispatch
-from srpo_core._dispatch import empty, interpreting
+from srpo_core._dispatch import device_guard, empty, interpreting
 from srpo_core.kernels._rounding import round_to
-from srpo_core.kernels.linear_token_logprobs_tiles import _config, default_config
+from srpo_core.tuning import TUNING
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-TARGET_PROGRAMS = 1024  # forward: enough (row block, split) programs to fill ~132 SMs several times over
-CHUNK_ELEMENTS = 1 << 26  # backward: G buffer of at most 64 M elements (128 MiB in bf16)
+# Sizes (TUNING, srpo_core/tuning.py): the forward splits the vocabulary until about
+# TUNING.linear_triton_target_programs (row block, split) programs run (enough to fill ~132 SMs several times over);
+# the backward's G buffer holds at most TUNING.linear_triton_bwd_chunk_elements (64 M: 128 MiB in bf16).
+
+# ------------------------------------------------------------------------------------------------------ tile configs
+# The pinned BLOCK_N / BLOCK_V / BLOCK_H / warps / stages per (arch, dtype), the candidates TUNING.autotune
+# (SRPO_AUTOTUNE=1) times, and the choice the launchers make between them (:func:`_config`).
+# Pinned configurations per (arch, dtype) (D71). DEFAULT / DEFAULT_FP32 serve the interpreter and unknown GPUs;
+# CONFIGS the tensor-core (bf16/fp16) tiles of A100 (sm_8x) and H100/H200 (sm_9x): 128×128 logits tiles (twice the
+# old 64×128's arithmetic intensity, ~85 FLOP/byte), BLOCK_H = 32 (sm_80: 3 stages of 16 KB) or 64 (sm_90: 3 stages
+# of 32 KB, within its 228 KB of shared memory). fp32 dots are IEEE (no tensor cores, D47) and keep the small tile.
+# SRPO_AUTOTUNE=1 times the CANDIDATES once per tuning_key (GPU, dtype, kernel and its flags, V, H, strides,
+# power-of-two bucket of N) instead.
+DEFAULT = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3}
+DEFAULT_FP32 = {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2}
+CONFIGS = {
+    (8, "low"): {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
+    (9, "low"): {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
+}
+CANDIDATES = {
+    "low": [
+        {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 3},
+    ],
+    "fp32": [
+        {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2},
+        {"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_H": 32, "num_warps": 8, "num_stages": 2},
+    ],
+}
+_TUNED: dict[tuple, dict] = {}
+
+
+def default_config(dtype: torch.dtype, arch: int | None = None) -> dict:
+    """The pinned config for ``dtype`` on a GPU of major compute capability ``arch`` (None: interpreter / unknown)."""
+    if dtype == torch.float32:
+        return dict(DEFAULT_FP32)
+    return dict(CONFIGS.get((arch, "low"), DEFAULT))
+
+
+def n_bucket(n: int) -> int:
+    """The autotuning key of the token count: the next power of two (N changes every RL step; a bucket does not)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _arch(x: torch.Tensor) -> int | None:
+    return torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else None
+
+
+def tuning_key(kind: str, hidden: torch.Tensor, weight: torch.Tensor, V: int, flags: dict) -> tuple:
+    """What one timing holds for: the kernel (``kind``), the GPU (model and arch), the dtype, ``V``, ``H``, the
+    bucket of ``N``, every constexpr flag that changes the compiled kernel (``flags``: ``WANT_ENTROPY``,
+    ``HAS_BIAS``, ``SOFTCAP``, ``HAS_ENTROPY_GRAD``) and the operands' strides (the JIT specialises on unit and
+    16-divisible strides; for contiguous operands they follow from ``H``, so they add no retuning)."""
+    gpu = torch.cuda.get_device_name(hidden.device) if hidden.is_cuda else hidden.device.type
+    return (kind, gpu, _arch(hidden), hidden.dtype, int(V), int(hidden.shape[1]), n_bucket(hidden.shape[0]),
+            tuple(sorted((k, bool(v)) for k, v in flags.items())), tuple(hidden.stride()), tuple(weight.stride()))
+
+
+def _bench(fn, x: torch.Tensor) -> float:
+    """Median time of ``fn()`` in ms on ``x``'s GPU (CUDA only; the tests patch it). Inside ``device_guard(x)``:
+    ``do_bench``'s events, cache flush buffer and synchronisations go to the current device, which need not be
+    ``x``'s (issue 22)."""
+    with device_guard(x):
+        return triton.testing.do_bench(fn, warmup=5, rep=20)
+
+
+def _config(kind: str, hidden: torch.Tensor, weight: torch.Tensor, V: int, launch, config: dict | None,
+            flags: dict) -> dict:
+    """``config`` if given, else the pinned one, else (``SRPO_AUTOTUNE=1``) the fastest candidate for
+    :func:`tuning_key`, timed once with ``launch(cfg)`` and cached."""
+    if config is not None:
+        return {**default_config(hidden.dtype, _arch(hidden)), **config}
+    arch = _arch(hidden)
+    if not TUNING.autotune or (arch is None and interpreting()):
+        return default_config(hidden.dtype, arch)
+    key = tuning_key(kind, hidden, weight, V, flags)
+    if key not in _TUNED:
+        cands = CANDIDATES["fp32" if hidden.dtype == torch.float32 else "low"]
+        _TUNED[key] = dict(min(cands, key=lambda c: _bench(lambda: launch(c), hidden)))
+    return dict(_TUNED[key])
+
 
 
 @triton.jit
@@ -302,7 +385,8 @@ def linear_logprobs_fwd(hidden, weight, bias, ids_local, *, inv_tau: float, want
     def launch(cfg):
         n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
         n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-        n_splits = splits if splits is not None else max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, n_blocks)))
+        programs = triton.cdiv(TUNING.linear_triton_target_programs, n_blocks)
+        n_splits = splits if splits is not None else max(1, min(n_tiles, programs))
         tiles_per_split = triton.cdiv(n_tiles, n_splits)
         n_splits = triton.cdiv(n_tiles, tiles_per_split)
         lse = empty((n_splits, N), dtype=torch.float32, device=dev)
@@ -357,8 +441,8 @@ def linear_logprobs_bwd(hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, *,
     lse2 = (lse.float() * LOG2E).contiguous()
 
     def chunk_of(cfg):
-        c_ = chunk if chunk is not None else max(cfg["BLOCK_V"],
-                                                 (CHUNK_ELEMENTS // max(N, 1)) // cfg["BLOCK_V"] * cfg["BLOCK_V"])
+        bv = cfg["BLOCK_V"]
+        c_ = chunk if chunk is not None else max(bv, (TUNING.linear_triton_bwd_chunk_elements // max(N, 1)) // bv * bv)
         return min(c_, V)
 
     def launch(cfg, v_lo=0, gv=None):

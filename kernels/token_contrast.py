@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from srpo_core import _dispatch
-from srpo_core._chunked import collapse_rows
 from srpo_core._dispatch import empty
+from srpo_core.common.chunked import collapse_rows
 
 KIND_KL = 0
 KIND_JS = 1

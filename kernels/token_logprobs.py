@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from srpo_core import _dispatch
-from srpo_core._chunked import collapse_rows
 from srpo_core._dispatch import empty
+from srpo_core.common.chunked import collapse_rows
 from srpo_core.kernels._rounding import emulate_bf16, round_to
 
 # Pinned default config (no autotuning). The loop body holds BLOCK_V / (32 · num_warps) elements per thread; the block
@@ -248,7 +248,7 @@ def token_logprobs_bwd(
     forward's saved ``row_max``, ``row_logsum`` (and ``entropy`` when ``grad_entropy`` is given).
 
     Contiguous and fresh by default; ``inplace=True`` writes it over ``logits`` itself and returns ``logits`` (whose
-    rows must then collapse without a copy: the caller checks, see ``srpo_core._chunked.rows_in_place``)."""
+    rows must then collapse without a copy: the caller checks, see ``srpo_core.common.chunked.rows_in_place``)."""
     assert logits.shape[:-1] == ids.shape and (grad_entropy is None or entropy is not None)
     V = logits.shape[-1]
     x, _, T, sb, st = collapse_rows(logits)  # rows (n // T, n % T), no copy for e.g. logits[:, :-1]

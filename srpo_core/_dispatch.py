@@ -13,8 +13,9 @@ import os
 import torch
 
 from srpo_core._validate import brief
+from srpo_core.tuning import TUNING
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what every Triton kernel reads (fp32 math)
 
 
@@ -62,8 +63,8 @@ def pick_backend(backend: str, device: torch.device, *, op: str, has_triton: boo
 def _pick(backend: str, device: torch.device, *, op: str, has_triton: bool) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{op}: `backend` must be one of {BACKENDS}, got {brief(backend)}")
-    if backend == "torch":
-        return "torch"
+    if backend in ("torch", "reference"):
+        return backend
     on_device = device.type == "cuda" or (device.type == "cpu" and interpreting())
     runnable = has_triton and triton_importable() and on_device
     if backend == "auto":
@@ -91,7 +92,7 @@ def device_guard(x: torch.Tensor):
 
 
 def poisoning() -> bool:
-    return os.environ.get("SRPO_POISON", "0") == "1"
+    return TUNING.poison
 
 
 def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

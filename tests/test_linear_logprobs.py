@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from srpo_core_test_gloo import free_port  # tests/gloo_group.py, registered by conftest.py
 
-import srpo_core.cpu.linear_token_logprobs as C
 import srpo_core.ops.linear_token_logprobs as L
 from srpo_core.ops.linear_token_logprobs import linear_token_logprobs
 from srpo_core.reference.linear_token_logprobs import linear_token_logprobs as reference
 from srpo_core.testing import assert_close
+from srpo_core.tuning import TUNING
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -96,8 +96,8 @@ def check(hidden, weight, bias, ids, *, entropy, seed, temperature=1.0, **kw):
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Force many vocabulary tiles and token chunks on tiny shapes."""
-    monkeypatch.setattr(C, "VOCAB_TILE", 7)
-    monkeypatch.setattr(C, "TILE_ELEMENTS", 7 * 5)
+    monkeypatch.setattr(TUNING, "linear_vocab_tile", 7)
+    monkeypatch.setattr(TUNING, "linear_tile_elements", 7 * 5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -112,14 +112,14 @@ def small_tiles(monkeypatch):
        scale=st.sampled_from([0.1, 1.0, 4.0]), seed=st.integers(0, 2 ** 16))
 def test_torch_path_matches_reference(n, h, v, dtype, bias, entropy, temperature, ignore_every, tiles, scale, seed,
                                       device):
-    old = C.VOCAB_TILE, C.TILE_ELEMENTS
-    C.VOCAB_TILE, C.TILE_ELEMENTS = tiles
+    old = TUNING.linear_vocab_tile, TUNING.linear_tile_elements
+    TUNING.linear_vocab_tile, TUNING.linear_tile_elements = tiles
     try:
         hidden, weight, b, ids = make(n, h, v, dtype, seed=seed, bias=bias, scale=scale, ignore_every=ignore_every,
                                       device=device)
         check(hidden, weight, b, ids, entropy=entropy, seed=seed, temperature=temperature, backend="torch")
     finally:
-        C.VOCAB_TILE, C.TILE_ELEMENTS = old
+        TUNING.linear_vocab_tile, TUNING.linear_tile_elements = old
 
 
 @pytest.mark.parametrize("n", [0, 1], ids=["N=0", "N=1"])
@@ -166,12 +166,14 @@ def test_overflow_fallback_and_extreme_logits(where, small_tiles, device):
 
 
 def test_output_never_materialises_full_logits_in_a_tile():
-    """The rule of :func:`tile_sizes`: a tile holds at most TILE_ELEMENTS values (the forward's FORWARD_TILE_SCALE
-    times more), vocabulary tiles ≤ VOCAB_TILE (×FORWARD_TILE_SCALE); the forward's tile stays ≤ 16 MiB fp32."""
+    """The rule of :func:`tile_sizes`: a tile holds at most linear_tile_elements values (the forward's
+    linear_forward_tile_scale times more), vocabulary tiles ≤ linear_vocab_tile (×linear_forward_tile_scale); the
+    forward's tile stays ≤ 16 MiB fp32."""
     for n, v in [(1, 151936), (2048, 151936), (16384, 32000), (3, 5)]:
-        for fwd, k in ((False, 1), (True, C.FORWARD_TILE_SCALE)):
+        for fwd, k in ((False, 1), (True, TUNING.linear_forward_tile_scale)):
             nc, vt = L.tile_sizes(n, v, forward=fwd)
-            assert nc * vt <= max(k * C.TILE_ELEMENTS, vt) and vt <= k * C.VOCAB_TILE and 1 <= nc <= n
+            assert nc * vt <= max(k * TUNING.linear_tile_elements, vt) and vt <= k * TUNING.linear_vocab_tile
+            assert 1 <= nc <= n
             assert nc * vt * 4 <= 16 << 20
 
 
@@ -186,12 +188,11 @@ needs_interpreter = pytest.mark.skipif(
 @pytest.fixture
 def kernel_blocks(monkeypatch):
     K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs")
-    T = pytest.importorskip("srpo_core.kernels.linear_token_logprobs_tiles")
     small = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16, "num_warps": 1, "num_stages": 1}
-    monkeypatch.setattr(T, "DEFAULT", dict(small))
-    monkeypatch.setattr(T, "DEFAULT_FP32", dict(small))
-    monkeypatch.setattr(K, "CHUNK_ELEMENTS", 16 * 64)  # several backward chunks
-    monkeypatch.setattr(K, "TARGET_PROGRAMS", 4)  # several forward splits
+    monkeypatch.setattr(K, "DEFAULT", dict(small))
+    monkeypatch.setattr(K, "DEFAULT_FP32", dict(small))
+    monkeypatch.setattr(TUNING, "linear_triton_bwd_chunk_elements", 16 * 64)  # several backward chunks
+    monkeypatch.setattr(TUNING, "linear_triton_target_programs", 4)  # several forward splits
     return K
 
 

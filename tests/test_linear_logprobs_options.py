@@ -231,7 +231,7 @@ def test_meta_tensors_infer_shapes(backend):
 
 
 def test_pinned_configs_per_arch_and_dtype():
-    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs_tiles")
+    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs")
     assert K.default_config(torch.bfloat16, 9) == K.CONFIGS[(9, "low")]
     assert K.default_config(torch.float16, 8) == K.CONFIGS[(8, "low")]
     assert K.default_config(torch.bfloat16, None) == K.DEFAULT and K.default_config(torch.bfloat16, 7) == K.DEFAULT
@@ -242,7 +242,7 @@ def test_pinned_configs_per_arch_and_dtype():
 def test_autotune_is_opt_in_and_keyed_on_v_h_and_the_n_bucket(monkeypatch):
     """SRPO_AUTOTUNE=1 on a GPU times every candidate once per (kernel, arch, dtype, V, H, bucket of N) and keeps the
     fastest; N moving inside its bucket reuses it; off (or on the interpreter) the pinned config is used, untimed."""
-    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs_tiles")
+    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs")
     monkeypatch.setattr(K, "_TUNED", {})
     timed = []
     fastest = K.CANDIDATES["low"][3]
@@ -280,7 +280,7 @@ def test_autotune_is_opt_in_and_keyed_on_v_h_and_the_n_bucket(monkeypatch):
 def test_autotuned_launch_gives_the_same_result(device, monkeypatch):
     """The tuned path launches what it picked: results equal the torch backend's (interpreter, or a GPU)."""
     _skip_unless_runnable("triton", device)
-    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs_tiles")
+    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs")
     monkeypatch.setattr(K, "_TUNED", {})
     monkeypatch.setenv("SRPO_AUTOTUNE", "1")
     if device.type == "cpu":
@@ -299,7 +299,7 @@ def test_autotune_key_holds_every_flag_that_changes_the_kernel(monkeypatch, devi
     """Issue 22: the tuning key omitted WANT_ENTROPY, HAS_BIAS, SOFTCAP (a timing of one variant was reused for
     another). The key differs per flag and per operand strides, each variant is timed once, and the launchers pass
     their flags (the fused ops' forward and backward, with and without each option)."""
-    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs_tiles")
+    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs")
     h, w = torch.empty(100, 64, dtype=torch.bfloat16), torch.empty(500, 64, dtype=torch.bfloat16)
     base = {"WANT_ENTROPY": False, "HAS_BIAS": False, "SOFTCAP": False}
     keys = {K.tuning_key("fwd", h, w, 500, base)}
@@ -346,7 +346,7 @@ def test_autotune_key_holds_every_flag_that_changes_the_kernel(monkeypatch, devi
 def test_autotune_times_inside_the_device_guard(monkeypatch):
     """Issue 22: ``do_bench`` ran outside ``device_guard``, so on ``cuda:1`` tensors its events and flushes went to
     the current device. The timing now runs inside ``device_guard`` of the tensor being tuned."""
-    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs_tiles")
+    K = pytest.importorskip("srpo_core.kernels.linear_token_logprobs")
     import contextlib
 
     import triton.testing

@@ -18,6 +18,7 @@ from srpo_core.cpu import linear_token_contrast as cpu
 from srpo_core.cpu import linear_token_logprobs as cpu_logprobs
 from srpo_core.reference.linear_token_contrast import linear_token_contrast as reference
 from srpo_core.testing import assert_close, assert_close_vs_torch
+from srpo_core.tuning import TUNING
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -133,10 +134,10 @@ def test_torch_path_small_tiles_match_float64_reference(c):
     """Several vocabulary tiles and token chunks per call (the online KL sum across tiles and the rebasing), several
     row chunks for js."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "JS_CHUNK_ELEMENTS", 50)
-        mp.setattr(cpu_logprobs, "VOCAB_TILE", 4)
-        mp.setattr(cpu_logprobs, "TILE_ELEMENTS", 16)
-        mp.setattr(cpu_logprobs, "FORWARD_TILE_SCALE", 1)
+        mp.setattr(TUNING, "linear_contrast_js_chunk_elements", 50)
+        mp.setattr(TUNING, "linear_vocab_tile", 4)
+        mp.setattr(TUNING, "linear_tile_elements", 16)
+        mp.setattr(TUNING, "linear_forward_tile_scale", 1)
         assert cpu_logprobs.tile_sizes(17, 90, forward=True) == (4, 4)
         _run(c, "torch")
 
@@ -226,8 +227,8 @@ def test_slow_path_rows_match_float64_reference(kind, backend, device):
     hid[2] *= 300.0  # logits of a few hundred: the walk's later tiles overflow 2^(u − c)
     ref[4] = hid[4] * 200.0
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu_logprobs, "VOCAB_TILE", 8)
-        mp.setattr(cpu_logprobs, "FORWARD_TILE_SCALE", 1)
+        mp.setattr(TUNING, "linear_vocab_tile", 8)
+        mp.setattr(TUNING, "linear_forward_tile_scale", 1)
         outs = linear_token_contrast(*(x.to(dev) for x in (hid, ref, w)), ids.to(dev), kind=kind, bias=b.to(dev),
                                      backend=backend)
     assert math.isinf(outs.logp[0]) and outs.logp[0] < 0
@@ -246,8 +247,8 @@ def test_slow_path_is_taken_for_overflowing_rows(monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(cpu, "slow_rows", spy)
-    monkeypatch.setattr(cpu_logprobs, "VOCAB_TILE", 8)
-    monkeypatch.setattr(cpu_logprobs, "FORWARD_TILE_SCALE", 1)
+    monkeypatch.setattr(TUNING, "linear_vocab_tile", 8)
+    monkeypatch.setattr(TUNING, "linear_forward_tile_scale", 1)
     outs = linear_token_contrast(hid, ref, w, ids, bias=b, backend="torch")
     assert seen == [[1]]
     check(outs, hid, ref, w, ids, kind="kl", bias=b)

@@ -16,6 +16,7 @@ from srpo_core.ops import token_contrast as ops_contrast
 from srpo_core.ops.token_contrast import token_contrast
 from srpo_core.reference.token_contrast import token_contrast as reference
 from srpo_core.testing import assert_close
+from srpo_core.tuning import TUNING
 
 # The interpreter evaluates −inf − (−inf) and 0 · inf in masked lanes with numpy, which warns; the kernel discards them.
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -113,12 +114,12 @@ def test_kernel_matches_float64_reference(case, block_v, device):
 @given(case=cases(max_n=8, max_v=90), chunk=st.sampled_from([16, 100, 1 << 22]))
 def test_torch_path_matches_float64_reference(case, chunk):
     x, y, ids, kind, temperature = case
-    old = cpu_contrast.CHUNK_ELEMENTS
-    cpu_contrast.CHUNK_ELEMENTS = chunk  # several rows per chunk, one row per chunk, or everything at once
+    old = TUNING.token_contrast_chunk_elements
+    TUNING.token_contrast_chunk_elements = chunk  # several rows per chunk, one row per chunk, or everything at once
     try:
         outs = token_contrast(x, y, ids, kind=kind, temperature=temperature, backend="torch")
     finally:
-        cpu_contrast.CHUNK_ELEMENTS = old
+        TUNING.token_contrast_chunk_elements = old
     ref64 = reference(x.double(), y.double(), ids, kind=kind, temperature=temperature)
     ref32 = reference(x.float(), y.float(), ids, kind=kind, temperature=temperature)
     for name, a, e, t in zip(NAMES, outs, ref64, ref32, strict=True):
@@ -334,9 +335,9 @@ def test_out_of_range_id_past_the_check_gives_nan(backend, device):
 def test_compiled_cpu_chunks_match_eager_and_float64(kind, monkeypatch):
     """The inductor-compiled chunks (the CPU default for large inputs) give the eager chunks' values, edge rows
     included: −inf entries, a row of all −inf (NaN), mass where the reference has none (KL = inf), ignored rows."""
-    from srpo_core import _chunked
+    from srpo_core.common import chunked
 
-    if not _chunked.compile_wanted(torch.device("cpu")):
+    if not chunked.compile_wanted(torch.device("cpu")):
         pytest.skip("torch.compile is off here (SRPO_NO_COMPILE=1 or an earlier compile failure)")
     g = torch.Generator().manual_seed(7)
     x, y = torch.randn(6, 300, generator=g) * 3, torch.randn(6, 300, generator=g) * 3
@@ -344,11 +345,11 @@ def test_compiled_cpu_chunks_match_eager_and_float64(kind, monkeypatch):
     y[2, 11] = -math.inf
     x[3] = -math.inf
     ids = torch.tensor([0, 299, 11, 4, -100, 17])
-    monkeypatch.setattr(cpu_contrast, "CHUNK_ELEMENTS", 4 * 300)  # two chunks, the second one shorter
+    monkeypatch.setattr(TUNING, "token_contrast_chunk_elements", 4 * 300)  # two chunks, the second one shorter
     eager = token_contrast(x, y, ids, kind=kind, temperature=0.8, backend="torch")
-    monkeypatch.setattr(cpu_contrast, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(TUNING, "token_contrast_compile_min_elements", 0)
     compiled = token_contrast(x, y, ids, kind=kind, temperature=0.8, backend="torch")
-    assert _chunked._BROKEN is None, _chunked._BROKEN
+    assert chunked._BROKEN is None, chunked._BROKEN
     ref64 = reference(x.double(), y.double(), ids, kind=kind, temperature=0.8)
     for name, a, b, e in zip(NAMES, compiled, eager, ref64, strict=True):
         assert torch.equal(torch.isnan(a), torch.isnan(e)) and torch.equal(torch.isinf(a), torch.isinf(e)), name
@@ -380,10 +381,10 @@ def _views(device, seed=0):
 def test_leading_dims_read_in_place_outputs_shaped_like_ids(backend, kind, device):
     x, y, ids = _views(device)
     assert not x.is_contiguous() and y.stride(-1) != 1
-    from srpo_core import _chunked
+    from srpo_core.common import chunked
 
     for t in (x, y):  # both layouts collapse to two row strides: no copy
-        assert _chunked.collapse_rows(t, unit_v=False)[0].data_ptr() == t.data_ptr()
+        assert chunked.collapse_rows(t, unit_v=False)[0].data_ptr() == t.data_ptr()
     out = token_contrast(x, y, ids, kind=kind, backend=backend)
     want = _flat_reference(x.cpu(), y.cpu(), ids.cpu(), kind)
     for name, a, e in zip(NAMES, out, want, strict=True):

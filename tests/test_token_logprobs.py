@@ -17,12 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from srpo_core_test_gloo import free_port  # tests/gloo_group.py, registered by conftest.py
 
-from srpo_core import _chunked, _dispatch
-from srpo_core.cpu import token_logprobs as cpu_path
+from srpo_core import _dispatch
+from srpo_core.common import chunked
 from srpo_core.ops import token_logprobs as ops_path
 from srpo_core.ops.token_logprobs import token_logprobs
 from srpo_core.reference.token_logprobs import token_logprobs as reference
 from srpo_core.testing import assert_close, assert_close_vs_torch
+from srpo_core.tuning import TUNING
 
 # The interpreter evaluates −inf − (−inf) and 0 · inf in masked lanes with numpy, which warns; the kernel discards them.
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -42,9 +43,9 @@ GRAD_MODES = ("logp", "entropy", "both")
 @pytest.fixture(autouse=True)
 def _eager_by_default(monkeypatch):
     """Tests run the eager chunks unless they opt into compilation (a compile costs seconds)."""
-    monkeypatch.setattr(_chunked, "USE_COMPILE", False)
+    monkeypatch.setattr(TUNING, "use_compile", False)
     yield
-    _chunked.reset()
+    chunked.reset()
 
 
 def upstream(shape, seed):
@@ -221,12 +222,12 @@ def test_bf16_trl_forward_and_backward_case(backend, mode, device):
 @given(case=cases(max_n=8, max_v=90), chunk=st.sampled_from([16, 100, 1 << 21]), mode=st.sampled_from(GRAD_MODES))
 def test_torch_path_matches_float64_reference(case, chunk, mode):
     x, ids, temperature = case
-    old = cpu_path.CHUNK_ELEMENTS
-    cpu_path.CHUNK_ELEMENTS = chunk  # one row per chunk, several, or everything at once
+    old = TUNING.token_logprobs_chunk_elements
+    TUNING.token_logprobs_chunk_elements = chunk  # one row per chunk, several, or everything at once
     try:
         out = run_public(x, ids, temperature=temperature, backend="torch", mode=mode)
     finally:
-        cpu_path.CHUNK_ELEMENTS = old
+        TUNING.token_logprobs_chunk_elements = old
     check_outputs(*out, reference_with_grad(x, ids, temperature=temperature, mode=mode), x.dtype)
 
 
@@ -245,16 +246,16 @@ def compiled_case(dtype, seed=0):
 def test_compiled_chunks_match_reference_and_eager(monkeypatch, dtype):
     """The torch.compile'd chunk functions (several chunks of a sliced 3-D input) against the reference and the eager
     chunks, forward and backward, logp and entropy."""
-    monkeypatch.setattr(_chunked, "USE_COMPILE", True)
-    monkeypatch.setattr(cpu_path, "COMPILE_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(cpu_path, "COMPILED_CHUNK_ELEMENTS", 301 * 4)  # 4 rows per chunk, a partial one last
+    monkeypatch.setattr(TUNING, "use_compile", True)
+    monkeypatch.setattr(TUNING, "token_logprobs_compile_min_elements", 0)
+    monkeypatch.setattr(TUNING, "token_logprobs_compiled_chunk_elements", 301 * 4)  # 4 rows a chunk, a partial last
     x, ids = compiled_case(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a compile failure would warn and fall back
         compiled = run_public(x, ids, temperature=0.8, backend="torch", mode="both")
-    assert _chunked._BROKEN is None
+    assert chunked._BROKEN is None
     check_outputs(*compiled, reference_with_grad(x, ids, temperature=0.8, mode="both"), dtype)
-    monkeypatch.setattr(_chunked, "USE_COMPILE", False)
+    monkeypatch.setattr(TUNING, "use_compile", False)
     eager = run_public(x, ids, temperature=0.8, backend="torch", mode="both")
     for a, b, name in zip(compiled, eager, ("logp", "entropy", "grad"), strict=True):
         assert_close(a, b, atol=grad_bound(b.double(), dtype) if name == "grad" else 2e-6, rtol=2e-6, name=name)
@@ -262,27 +263,27 @@ def test_compiled_chunks_match_reference_and_eager(monkeypatch, dtype):
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
-    monkeypatch.setattr(_chunked, "USE_COMPILE", True)
-    monkeypatch.setattr(cpu_path, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(TUNING, "use_compile", True)
+    monkeypatch.setattr(TUNING, "token_logprobs_compile_min_elements", 0)
 
     def broken(self, *args):
         raise RuntimeError("no working C++ compiler (simulated)")
 
-    monkeypatch.setattr(_chunked.Compiled, "__call__", broken)
+    monkeypatch.setattr(chunked.Compiled, "__call__", broken)
     x, ids = compiled_case(torch.float32)
     with pytest.warns(RuntimeWarning, match="falling back to eager chunks"):
         out = run_public(x, ids, temperature=0.8, backend="torch", mode="both")
-    assert "simulated" in _chunked._BROKEN and not _chunked.compile_wanted(torch.device("cpu"))
+    assert "simulated" in chunked._BROKEN and not chunked.compile_wanted(torch.device("cpu"))
     check_outputs(*out, reference_with_grad(x, ids, temperature=0.8, mode="both"), torch.float32)
 
 
 def test_no_compile_env_var(monkeypatch):
-    monkeypatch.setattr(_chunked, "USE_COMPILE", None)
+    monkeypatch.setattr(TUNING, "use_compile", None)
     monkeypatch.setenv("SRPO_NO_COMPILE", "1")
-    assert not _chunked.compile_wanted(torch.device("cpu"))
+    assert not chunked.compile_wanted(torch.device("cpu"))
     monkeypatch.setenv("SRPO_NO_COMPILE", "0")
-    assert _chunked.compile_wanted(torch.device("cpu"))
-    assert not _chunked.compile_wanted(torch.device("meta"))
+    assert chunked.compile_wanted(torch.device("cpu"))
+    assert not chunked.compile_wanted(torch.device("meta"))
 
 
 def test_gradcheck_float64_torch_path_and_reference():
@@ -475,8 +476,8 @@ def test_opcheck_forward_and_backward_ops():
 def test_torch_compile_fullgraph_traces_the_custom_op(monkeypatch, compile_chunks):
     """A training step calling token_logprobs compiles with fullgraph=True on CPU (no graph break), and gives the
     eager values and gradients; the op's own compiled chunk functions run inside the compiled step."""
-    monkeypatch.setattr(_chunked, "USE_COMPILE", compile_chunks)
-    monkeypatch.setattr(cpu_path, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(TUNING, "use_compile", compile_chunks)
+    monkeypatch.setattr(TUNING, "token_logprobs_compile_min_elements", 0)
     x = torch.randn(3, 4, 37, requires_grad=True)
     ids = torch.tensor([[0, 36, -100, 5], [1, 2, 3, 4], [9, 9, 9, -100]])
 
@@ -637,8 +638,8 @@ def test_inplace_backward_writes_the_gradient_over_the_logits(monkeypatch, backe
     """inplace_backward=True: the gradient that reaches the layer below is the logits' own buffer, and it equals the
     out-of-place gradient exactly (same arithmetic), so the weight gradient does too."""
     if backend == "torch-compiled":
-        monkeypatch.setattr(_chunked, "USE_COMPILE", True)
-        monkeypatch.setattr(cpu_path, "COMPILE_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(TUNING, "use_compile", True)
+        monkeypatch.setattr(TUNING, "token_logprobs_compile_min_elements", 0)
         backend = "torch"
     h, w0, ids = _inplace_case(dtype, layout, device)
     results = []
@@ -828,13 +829,12 @@ def test_one_pass_cpu_forward_redoes_the_rows_it_cannot_shift(dtype, temperature
     hundreds of nats above), whose sampled logit is −inf, or that are all −inf, are redone with the row max. Small
     chunks, so the redo crosses chunk boundaries; eager (three passes over a workspace) and compiled (one inductor
     kernel per chunk)."""
-    import srpo_core.cpu.token_logprobs as cpu_tl
 
-    monkeypatch.setattr(cpu_tl, "SHIFT_CHUNK_BYTES", 3 * 4 * 50)  # 3 rows of V = 50 per chunk
+    monkeypatch.setattr(TUNING, "token_logprobs_shift_chunk_bytes", 3 * 4 * 50)  # 3 rows of V = 50 per chunk
     if compiled:
-        monkeypatch.setattr(_chunked, "USE_COMPILE", True)
-        monkeypatch.setattr(cpu_tl, "COMPILE_MIN_ELEMENTS", 0)
-        monkeypatch.setattr(cpu_tl, "COMPILED_CHUNK_ELEMENTS", 2 * 50)  # chunks of 2 rows, a one-row tail
+        monkeypatch.setattr(TUNING, "use_compile", True)
+        monkeypatch.setattr(TUNING, "token_logprobs_compile_min_elements", 0)
+        monkeypatch.setattr(TUNING, "token_logprobs_compiled_chunk_elements", 2 * 50)  # 2-row chunks, a 1-row tail
         warnings.simplefilter("error", RuntimeWarning)  # a compile failure would warn and fall back
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(11, 50, generator=g) * 3).to(dtype)
@@ -856,7 +856,7 @@ def test_one_pass_cpu_forward_redoes_the_rows_it_cannot_shift(dtype, temperature
     xd = x.detach().double().requires_grad_(True)
     torch.log_softmax(xd / temperature, -1).gather(1, ids[:, None])[:, 0][keep].sum().backward()
     assert torch.allclose(xr.grad.double()[keep], xd.grad[keep], rtol=1e-5, atol=1e-6)
-    assert _chunked._BROKEN is None
+    assert chunked._BROKEN is None
 
 
 def test_one_pass_cpu_forward_redoes_only_the_rows_that_need_it(monkeypatch):

@@ -14,7 +14,8 @@ after every tile to ``c = log₂ Σ 2^u₂`` (the running log-sum-exp), ``s = 1`
   log-sum-exps, combined over the shards); pass 2 recomputes each tile shifted by them, so it holds ``log₂ p`` and
   ``log₂ p'``, and sums ``½ p (log₂ p − log₂ m) + ½ p' (log₂ p' − log₂ m)`` with ``log₂ m = log₂(p + p') − 1``.
 - ``js`` unsharded (:func:`js_rows`, D214): row chunks of both logit sets over the whole vocabulary (at most
-  ``JS_CHUNK_ELEMENTS`` each), each through ``token_contrast``'s torch path: one GEMM per condition, not two.
+  ``TUNING.linear_contrast_js_chunk_elements`` each), each through ``token_contrast``'s torch path: one GEMM per
+  condition, not two.
 
 The first tile of each row is shifted by its own maximum (one extra pass over that tile only), so no later tile can
 underflow the whole row. A row whose tile sums are not finite (a logit more than ~127 bits above the running
@@ -26,7 +27,7 @@ target, target')`` of this shard, which ``srpo_core/ops/linear_token_contrast.py
 
 Peak extra memory of the ``kl`` pass: three fp32 tiles (``a``, ``b``, ``2^a``; plus one low-precision tile for
 bf16/fp16 inputs) and O(N) per-row state; sharded ``js`` pass 2 holds four; unsharded ``js`` two logit chunks of
-``JS_CHUNK_ELEMENTS`` and ``token_contrast``'s chunk temporaries.
+``TUNING.linear_contrast_js_chunk_elements`` and ``token_contrast``'s chunk temporaries.
 """
 
 from __future__ import annotations
@@ -38,11 +39,10 @@ import torch.nn.functional as F
 
 from srpo_core.cpu.linear_token_logprobs import LN2, LOG2E, _acc_dtype, _tile_logits_shifted, tile_sizes
 from srpo_core.reference.token_contrast import js_terms, kl_terms
+from srpo_core.tuning import TUNING
 
-# The slow path materialises at most SLOW_CHUNK_ELEMENTS float64 logits per condition at a time.
-SLOW_CHUNK_ELEMENTS = 1 << 20
-# Unsharded js: row chunks of at most JS_CHUNK_ELEMENTS logits per condition (32 MiB in fp32), D214.
-JS_CHUNK_ELEMENTS = 1 << 23
+# The slow path materialises at most TUNING.linear_contrast_slow_chunk_elements float64 logits per condition at a
+# time; unsharded js takes row chunks of at most TUNING.linear_contrast_js_chunk_elements logits per condition.
 
 
 class _Walk:
@@ -158,7 +158,7 @@ def slow_rows(hidden, hidden_ref, weight, bias, ids_local, inv_tau, rows, kind, 
     ``(lse, lse', t, tgt, tgt')`` (natural units; ``t`` only for ``kl``); with it (``js`` pass 2, the whole
     vocabulary's ``(lse, lse')`` of these rows in natural units): the rows' local ``Σ js terms``."""
     v = weight.shape[0]
-    step = max(1, SLOW_CHUNK_ELEMENTS // max(v, 1))
+    step = max(1, TUNING.linear_contrast_slow_chunk_elements // max(v, 1))
     outs = []
     for r0 in range(0, rows.numel(), step):
         r = rows[r0:r0 + step]
@@ -228,15 +228,15 @@ def js_local(hidden, hidden_ref, weight, bias, inv_tau, lse_x, lse_y):
 
 def js_rows(hidden, hidden_ref, weight, bias, ids, temperature, ignore_index):
     """Unsharded ``js`` (D214): row chunks of both conditions' logits over the whole vocabulary (at most
-    ``JS_CHUNK_ELEMENTS`` per condition), each handed to ``token_contrast``'s torch path (compiled on the CPU for
-    large chunks, float64 redo of non-finite rows). One GEMM per condition and chunk, against the two of the
-    vocabulary-tiled two-pass walk. ``ids`` are global; returns ``(div, logp, logp_ref)`` ``[N]``."""
+    ``TUNING.linear_contrast_js_chunk_elements`` per condition), each handed to ``token_contrast``'s torch path
+    (compiled on the CPU for large chunks, float64 redo of non-finite rows). One GEMM per condition and chunk, against
+    the two of the vocabulary-tiled two-pass walk. ``ids`` are global; returns ``(div, logp, logp_ref)`` ``[N]``."""
     from srpo_core.cpu.token_contrast import _torch_path
 
     n, v = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     outs = [torch.zeros(n, dtype=acc, device=hidden.device) for _ in range(3)]
-    step = max(1, JS_CHUNK_ELEMENTS // max(v, 1))
+    step = max(1, TUNING.linear_contrast_js_chunk_elements // max(v, 1))
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         xs = []
@@ -269,5 +269,5 @@ def combine_stats(lse_x, lse_y, t, tgt_x, tgt_y, owned, allmax, allsum):
     return m[0] + ls_x, m[1] + ls_y, kl, sums[2] + m[0], sums[3] + m[1]
 
 
-__all__ = ["JS_CHUNK_ELEMENTS", "SLOW_CHUNK_ELEMENTS", "combine_stats", "js_local", "js_rows", "local_stats",
+__all__ = ["combine_stats", "js_local", "js_rows", "local_stats",
            "slow_rows"]

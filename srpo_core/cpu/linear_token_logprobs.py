@@ -5,35 +5,35 @@ for the math and docs/decisions.md D49 / D56 for the tiling and the recomputing 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from srpo_core.tuning import TUNING
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Tile sizes of the torch path (chosen by measurement on a 2-core AVX-512 CPU: vocabulary tiles of 512-2048 and tiles
 # of 1-4 M elements all ran within a few % of each other and ~5-8% under the bare GEMM; see docs/benchmarks_linear.md).
-# A logits tile holds at most TILE_ELEMENTS values; vocabulary tiles are VOCAB_TILE wide (each weight tile,
-# VOCAB_TILE·H values, is read once per pass and stays in the last-level cache while the token chunks stream past it);
-# token chunks take the rest of the budget (2048 tokens × 1024 vocabulary entries = 8 MiB fp32 by default).
+# A logits tile holds at most TUNING.linear_tile_elements values; vocabulary tiles are TUNING.linear_vocab_tile wide
+# (each weight tile, linear_vocab_tile·H values, is read once per pass and stays in the last-level cache while the
+# token chunks stream past it); token chunks take the rest of the budget (2048 tokens × 1024 vocabulary entries =
+# 8 MiB fp32 by default).
 # Peak extra memory of a pass = one fp32 tile (+ one low-precision tile for bf16/fp16, + one more fp32 tile when the
 # entropy is requested) + O(N) per-token state (+ in backward the fp32 grad_hidden accumulator, [N, H]).
-TILE_ELEMENTS = int(os.environ.get("SRPO_LINEAR_TILE_ELEMENTS", 1 << 21))
-VOCAB_TILE = int(os.environ.get("SRPO_LINEAR_VOCAB_TILE", 1024))
-# The forward's tiles are FORWARD_TILE_SCALE times wider and hold as many times more elements (D72): measured on an
-# AVX2 host (issue 12), 2048-wide tiles of 4 M elements made the forward faster than the naive log_softmax(h @ Wᵀ)
-# where 1024 × 2 M was 1.2-1.5× slower; the backward (four GEMMs per tile) keeps the measured D49 tiles.
-FORWARD_TILE_SCALE = int(os.environ.get("SRPO_LINEAR_FWD_TILE_SCALE", 2))
+# The forward's tiles are TUNING.linear_forward_tile_scale times wider and hold as many times more elements (D72):
+# measured on an AVX2 host (issue 12), 2048-wide tiles of 4 M elements made the forward faster than the naive
+# log_softmax(h @ Wᵀ) where 1024 × 2 M was 1.2-1.5× slower; the backward (four GEMMs per tile) keeps the measured
+# D49 tiles.
 
 
 def tile_sizes(n: int, v: int, *, forward: bool = False) -> tuple[int, int]:
     """``(token_chunk, vocab_tile)`` for ``n`` tokens and a vocabulary (shard) of ``v``: ``vocab_tile =
-    min(v, VOCAB_TILE)``, ``token_chunk = min(n, TILE_ELEMENTS // vocab_tile)`` (both ×FORWARD_TILE_SCALE for the
-    forward)."""
-    k = max(1, FORWARD_TILE_SCALE) if forward else 1
-    vt = max(1, min(v, VOCAB_TILE * k))
-    nc = max(1, min(n, TILE_ELEMENTS * k // vt))
+    min(v, linear_vocab_tile)``, ``token_chunk = min(n, linear_tile_elements // vocab_tile)`` (both
+    ×linear_forward_tile_scale for the forward), from :data:`srpo_core.tuning.TUNING` at call time."""
+    k = max(1, TUNING.linear_forward_tile_scale) if forward else 1
+    vt = max(1, min(v, TUNING.linear_vocab_tile * k))
+    nc = max(1, min(n, TUNING.linear_tile_elements * k // vt))
     return nc, vt
 
 

@@ -3,8 +3,8 @@
 
 On the CPU, where a C++ compiler works, the chunk functions are ``torch.compile``d (inductor fuses each into one or
 two passes with no ``[rows, V]`` temporaries); otherwise (or with ``SRPO_NO_COMPILE=1``, or for inputs under
-``COMPILE_MIN_ELEMENTS``) eager chunks reuse two ``[rows, V]`` fp32 workspaces of at most ``CHUNK_ELEMENTS`` elements
-each. Either way the peak extra memory is a chunk, not ``[N, V]``.
+``TUNING.token_logprobs_compile_min_elements``) eager chunks reuse two ``[rows, V]`` fp32 workspaces of at most
+``TUNING.token_logprobs_chunk_elements`` elements each. Either way the peak extra memory is a chunk, not ``[N, V]``.
 
 Forward saves per row ``row_max = c = max_v x_v`` and ``row_logsum = log Σ_v e^{(x_v − c)/τ}`` (plus the entropy when
 asked); backward recomputes ``p`` from the logits and these, once.
@@ -16,12 +16,11 @@ import math
 
 import torch
 
-from srpo_core import _chunked
+from srpo_core.common import chunked
+from srpo_core.tuning import TUNING
 
 OP = "token_logprobs"
-CHUNK_ELEMENTS = 1 << 21  # eager chunks: rows · V ≤ this (8 MiB per fp32 workspace; two workspaces at most)
-COMPILED_CHUNK_ELEMENTS = 1 << 26  # compiled chunks hold no [rows, V] temporaries; this keeps indices in int32
-COMPILE_MIN_ELEMENTS = 1 << 22  # smaller inputs run the eager chunks: a compile (seconds, once) would not pay off
+# chunk sizes: TUNING.token_logprobs_* (srpo_core/tuning.py)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -99,13 +98,13 @@ def _fwd_chunk_shifted(x, ids, inv_t):
 
 
 _COMPILED = {
-    "fwd_shifted": _chunked.Compiled(_fwd_chunk_shifted),
-    "fwd": _chunked.Compiled(_fwd_chunk_lp),
-    "fwd_ent": _chunked.Compiled(_fwd_chunk_ent),
-    "bwd": _chunked.Compiled(_bwd_chunk_lp),
-    "bwd_ent": _chunked.Compiled(_bwd_chunk_ent),
-    "bwd_": _chunked.Compiled(_bwd_chunk_lp_),
-    "bwd_ent_": _chunked.Compiled(_bwd_chunk_ent_),
+    "fwd_shifted": chunked.Compiled(_fwd_chunk_shifted),
+    "fwd": chunked.Compiled(_fwd_chunk_lp),
+    "fwd_ent": chunked.Compiled(_fwd_chunk_ent),
+    "bwd": chunked.Compiled(_bwd_chunk_lp),
+    "bwd_ent": chunked.Compiled(_bwd_chunk_ent),
+    "bwd_": chunked.Compiled(_bwd_chunk_lp_),
+    "bwd_ent_": chunked.Compiled(_bwd_chunk_ent_),
 }
 
 
@@ -162,7 +161,7 @@ def _bwd_chunk_eager(out, x, delta_ids, keep, c, log_s, h, g_l, g_p, g_h, inv_t:
 
 # ------------------------------------------------------------------------------- one-pass log-probs (CPU, no entropy)
 SHIFT_MAX_EXTRA = 8.0  # redo a row when log s > log V + this: logp < −(log V + 8), the sampled token far below the top
-SHIFT_CHUNK_BYTES = 1 << 23  # rows per chunk: about 8 MiB of fp32 (few Python steps; the passes after the first
+# rows per chunk: TUNING.token_logprobs_shift_chunk_bytes of fp32 (few Python steps; the passes after the first
 # read the workspace from cache)
 
 
@@ -177,22 +176,22 @@ def _fwd_lp_shifted(logits, safe, keep, inv_t: float, outs, compiled: bool) -> N
     as one inductor kernel each (:func:`_fwd_chunk_shifted`), else as three eager passes over a cached workspace."""
     V = logits.shape[-1]
     acc = outs[0].dtype
-    rows = max(1, SHIFT_CHUNK_BYTES // (4 * V))
+    rows = max(1, TUNING.token_logprobs_shift_chunk_bytes // (4 * V))
     ws = torch.empty(min(rows, keep.numel()), V, dtype=acc, device=logits.device)
     logp, c_out, log_s_out = outs
     if compiled:  # one fused pass per chunk: the read of x at exp throughput, no workspace traffic
         inv_t_tensor = torch.tensor(inv_t, dtype=acc)
         try:
-            for n0, chunk in _chunked.row_chunks(logits, max(1, COMPILED_CHUNK_ELEMENTS // V)):
+            for n0, chunk in chunked.row_chunks(logits, max(1, TUNING.token_logprobs_compiled_chunk_elements // V)):
                 r = chunk.shape[0]
                 # a one-row chunk (the tail) runs the same function eagerly: dynamic shapes still specialise on 1
                 fn = _fwd_chunk_shifted if r == 1 else _COMPILED["fwd_shifted"]
                 c_out[n0:n0 + r], log_s_out[n0:n0 + r] = fn(chunk, safe[n0:n0 + r], inv_t_tensor)
         except Exception as err:  # no C++ compiler, an inductor error: the eager chunks below, same values
-            _chunked.compile_failed(OP, err)
+            chunked.compile_failed(OP, err)
             compiled = False
     if not compiled:
-        for n0, chunk in _chunked.row_chunks(logits, rows):
+        for n0, chunk in chunked.row_chunks(logits, rows):
             r = chunk.shape[0]
             c = chunk.gather(1, safe[n0:n0 + r, None]).squeeze(1).to(acc)
             u = ws[:r]
@@ -239,26 +238,26 @@ def _torch_fwd(logits, ids, temperature, ignore_index, return_entropy):
         done = False
         # one pass over the logits (the max pass was the second), where every kept id is in range (not for a
         # vocab-parallel shard, whose rows mostly sample another shard's token)
-        compiled = _chunked.compile_wanted(dev) and N * V >= COMPILE_MIN_ELEMENTS
+        compiled = chunked.compile_wanted(dev) and N * V >= TUNING.token_logprobs_compile_min_elements
         if not return_entropy and dev.type == "cpu" and bool((valid | ~keep).all()):
             _fwd_lp_shifted(logits, safe, keep, inv_t, outs, compiled)
             done = True
         if not done and compiled:
             fn = _COMPILED["fwd_ent" if return_entropy else "fwd"]
             inv_t_tensor = torch.tensor(inv_t, dtype=acc)
-            rows = max(1, COMPILED_CHUNK_ELEMENTS // V)
+            rows = max(1, TUNING.token_logprobs_compiled_chunk_elements // V)
             try:
-                for n0, chunk in _chunked.row_chunks(logits, rows):
+                for n0, chunk in chunked.row_chunks(logits, rows):
                     parts = fn(chunk, safe[n0:n0 + chunk.shape[0]], inv_t_tensor)
                     for out, part in zip(outs, parts, strict=True):
                         out[n0:n0 + chunk.shape[0]] = part
                 done = True
             except Exception as err:  # no C++ compiler, an inductor error: eager chunks, same values
-                _chunked.compile_failed(OP, err)
+                chunked.compile_failed(OP, err)
         if not done:
-            rows = max(1, min(N, CHUNK_ELEMENTS // V))
+            rows = max(1, min(N, TUNING.token_logprobs_chunk_elements // V))
             ws = [torch.empty(rows, V, dtype=acc, device=dev) for _ in range(2 if return_entropy else 1)]
-            for n0, chunk in _chunked.row_chunks(logits, rows):
+            for n0, chunk in chunked.row_chunks(logits, rows):
                 parts = _fwd_chunk_eager(chunk, safe[n0:n0 + chunk.shape[0]], inv_t, return_entropy, ws)
                 for out, part in zip(outs, parts, strict=True):
                     out[n0:n0 + chunk.shape[0]] = part
@@ -283,7 +282,7 @@ def _torch_bwd(grad_logp, grad_entropy, grad_lse, logits, ids, row_max, row_logs
     dev = logits.device
     keep, valid, _ = _row_info(ids, V, ignore_index)
     N = keep.numel()
-    grad = logits if inplace else _chunked.empty_large(logits.shape, dtype=logits.dtype, device=dev)
+    grad = logits if inplace else chunked.empty_large(logits.shape, dtype=logits.dtype, device=dev)
     if N == 0 or V == 0:
         return grad
     use_ent = grad_entropy is not None
@@ -298,13 +297,13 @@ def _torch_bwd(grad_logp, grad_entropy, grad_lse, logits, ids, row_max, row_logs
     g_h = torch.where(keep, g_h, torch.zeros_like(g_h))
     delta_ids = torch.where(valid, ids.reshape(-1).long(), torch.full_like(g_l, -1, dtype=torch.long))
     inv_t = 1.0 / temperature
-    if _chunked.compile_wanted(dev) and N * V >= COMPILE_MIN_ELEMENTS:
+    if chunked.compile_wanted(dev) and N * V >= TUNING.token_logprobs_compile_min_elements:
         fn = _COMPILED[("bwd_ent" if use_ent else "bwd") + ("_" if inplace else "")]
         inv_t_tensor = torch.tensor(inv_t, dtype=acc)
-        rows = max(1, COMPILED_CHUNK_ELEMENTS // V)
+        rows = max(1, TUNING.token_logprobs_compiled_chunk_elements // V)
         written = False
         try:
-            for n0, (chunk, out) in _chunked.row_chunks_multi((logits, grad), rows):
+            for n0, (chunk, out) in chunked.row_chunks_multi((logits, grad), rows):
                 sl = slice(n0, n0 + chunk.shape[0])
                 args = (delta_ids[sl], keep[sl], c[sl], log_s[sl], h[sl], g_l[sl], g_p[sl], g_h[sl], inv_t_tensor)
                 if inplace:
@@ -316,10 +315,10 @@ def _torch_bwd(grad_logp, grad_entropy, grad_lse, logits, ids, row_max, row_logs
         except Exception as err:
             if inplace and written:  # rows already hold gradients: the eager chunks would read them as logits
                 raise
-            _chunked.compile_failed(OP, err)
-    rows = max(1, min(N, CHUNK_ELEMENTS // V))
+            chunked.compile_failed(OP, err)
+    rows = max(1, min(N, TUNING.token_logprobs_chunk_elements // V))
     ws = [torch.empty(rows, V, dtype=acc, device=dev) for _ in range(2 if use_ent else 1)]
-    for n0, (chunk, out) in _chunked.row_chunks_multi((logits, grad), rows):
+    for n0, (chunk, out) in chunked.row_chunks_multi((logits, grad), rows):
         sl = slice(n0, n0 + chunk.shape[0])
         _bwd_chunk_eager(out, chunk, delta_ids[sl], keep[sl], c[sl], log_s[sl], h[sl], g_l[sl], g_p[sl], g_h[sl],
                          inv_t, use_ent, ws)
