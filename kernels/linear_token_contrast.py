@@ -8,7 +8,7 @@ units ``u₂ = x·log₂e/τ`` per row and condition it keeps the running max ``
 ``kl`` also ``t = Σ 2^a (a − b)`` with ``a = u₂ − c``, ``b = u₂' − c'``; when the maxima move by ``Δ``, ``Δ'``,
 ``t ← 2^(−Δ) (t + (Δ' − Δ) s)`` (the token_contrast kernel's recurrence). It writes the split's
 ``(lse, lse', t, target, target')`` in natural units; the launcher combines the splits in a fixed order
-(:func:`srpo_core.cpu.linear_token_contrast.combine_stats`, deterministic, no atomics).
+(:func:`srpo_core.common.linear_contrast.combine_stats`, deterministic, no atomics).
 
 ``js`` (MODE 1) takes the whole vocabulary's log-sum-exps and sums ``½ p (log₂ p − log₂ m) + ½ p' (log₂ p' − log₂ m)``
 per split; MODE 0 without ``t`` is its first pass.
@@ -27,6 +27,7 @@ import triton.language as tl
 
 from srpo_core import _dispatch
 from srpo_core._dispatch import empty, interpreting
+from srpo_core.common import linear_contrast
 from srpo_core.kernels._rounding import emulate_bf16, round_to
 from srpo_core.kernels.linear_token_logprobs import _dot_t  # b_acc + b_x @ b_yᵀ, fp32 accumulation
 from srpo_core.tuning import TUNING
@@ -254,19 +255,18 @@ def linear_contrast_stats(hidden, hidden_ref, weight, bias, ids_local, *, inv_ta
     """``hidden, hidden_ref [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``ids_local [N]`` → this shard's
     ``(lse, lse_ref, t, tgt, tgt_ref)`` fp32 ``[N]`` in natural units (``t`` None for ``js``), as
     :func:`srpo_core.cpu.linear_token_contrast.local_stats` returns them."""
-    from srpo_core.cpu.linear_token_contrast import combine_stats, slow_rows
-
     want_t = kind == "kl"
     outs, owned = _launch(hidden, hidden_ref, weight, bias, ids_local, inv_tau, 0, want_t, config=config,
                           splits=splits)
-    lse_x, lse_y, t, tgt_x, tgt_y = combine_stats(outs[0], outs[1], outs[2] if want_t else None, outs[3], outs[4],
-                                                  owned, lambda x: x.amax(1), lambda x: x.sum(1))
+    lse_x, lse_y, t, tgt_x, tgt_y = linear_contrast.combine_stats(outs[0], outs[1], outs[2] if want_t else None,
+                                                                  outs[3], outs[4], owned, lambda x: x.amax(1),
+                                                                  lambda x: x.sum(1))
     bad = ~torch.isfinite(lse_x) | ~torch.isfinite(lse_y)
     if want_t:
         bad |= ~torch.isfinite(t)
     if bool(bad.any()):  # −inf/NaN/inf logits, an fp32 overflow: the float64 slow path for these rows
         rows = torch.nonzero(bad)[:, 0]
-        slow = slow_rows(hidden, hidden_ref, weight, bias, ids_local, inv_tau, rows, kind, None).float()
+        slow = linear_contrast.slow_rows(hidden, hidden_ref, weight, bias, ids_local, inv_tau, rows, kind, None).float()
         lse_x[rows], lse_y[rows], tgt_x[rows], tgt_y[rows] = slow[0], slow[1], slow[3], slow[4]
         if want_t:
             t[rows] = slow[2]
@@ -276,8 +276,6 @@ def linear_contrast_stats(hidden, hidden_ref, weight, bias, ids_local, *, inv_ta
 def linear_contrast_js(hidden, hidden_ref, weight, bias, lse_x, lse_y, *, inv_tau: float, config=None, splits=None):
     """Pass 2 of ``js``: this shard's ``Σ_v ½ p (log p − log m) + ½ p' (log p' − log m)`` fp32 ``[N]`` (natural
     units), ``p`` the whole vocabulary's softmax (``lse_x``, ``lse_y``: its log-sum-exps)."""
-    from srpo_core.cpu.linear_token_contrast import slow_rows
-
     ids = torch.full(hidden.shape[:1], -1, dtype=torch.int64, device=hidden.device)
     outs, _ = _launch(hidden, hidden_ref, weight, bias, ids, inv_tau, 1, False, lse=(lse_x, lse_y), config=config,
                       splits=splits)
@@ -285,7 +283,7 @@ def linear_contrast_js(hidden, hidden_ref, weight, bias, lse_x, lse_y, *, inv_ta
     bad = ~torch.isfinite(js) & torch.isfinite(lse_x) & torch.isfinite(lse_y)
     if bool(bad.any()):
         rows = torch.nonzero(bad)[:, 0]
-        js[rows] = slow_rows(hidden, hidden_ref, weight, bias, None, inv_tau, rows, "js",
+        js[rows] = linear_contrast.slow_rows(hidden, hidden_ref, weight, bias, None, inv_tau, rows, "js",
                              (lse_x[rows], lse_y[rows])).float()
     return js
 

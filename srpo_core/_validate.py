@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import reprlib
 
 import torch
@@ -183,3 +184,143 @@ def _caller_level() -> int:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
         frame, level = frame.f_back, level + 1
     return level
+
+
+# ------------------------------------------------------------------------------------- checks of the log-prob ops
+# token_logprobs, token_contrast, linear_token_logprobs and linear_token_contrast share these: one number check, one
+# id-range check, one LM-head check, one NaN-result check. Every message names the op and the argument.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+AUTOCAST_DEVICES = ("cpu", "cuda")
+OUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_number(op: str, name: str, x, want: str, *, allow_none: bool = False, minimum: int | None = None) -> None:
+    """``want``: ``"positive"`` (a finite int or float > 0), ``"int"`` (an int, ``>= minimum`` when given) or
+    ``"bool"``; ``bool`` counts as neither a number nor an int. TypeError for the wrong type, ValueError for a value
+    out of range."""
+    if allow_none and x is None:
+        return
+    if want == "bool":
+        if not isinstance(x, bool):
+            raise TypeError(f"{op}: `{name}` must be a bool, got {describe(x)}")
+        return
+    if want == "int":
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"{op}: `{name}` must be an int, got {describe(x)}")
+        if minimum is not None and x < minimum:
+            raise ValueError(f"{op}: `{name}` must be an int >= {minimum}, got {x!r}")
+        return
+    if want != "positive":
+        raise ValueError(f"check_number: `want` must be 'positive', 'int' or 'bool', got {brief(want)}")
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{op}: `{name}` must be a positive finite float{' or None' if allow_none else ''}, "
+                        f"got {describe(x)}")
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{op}: `{name}` must be a positive finite float, got {x!r}")
+
+
+def check_flags(op: str, **flags) -> None:
+    """Each keyword is a bool option of ``op``."""
+    for name, x in flags.items():
+        check_number(op, name, x, "bool")
+
+
+def check_out_dtype(op: str, out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise TypeError(f"{op}: `out_dtype` must be None or one of {OUT_DTYPES}, got {describe(out_dtype)}")
+
+
+def check_id_range(op: str, ids: torch.Tensor, V: int, ignore_index: int, *, span: str = "[0, V)") -> None:
+    """Every id is ``ignore_index`` or in ``[0, V)``; ``span`` names the range in the message (``"[0, V_global)"``).
+    One device-to-host sync; the ops skip it with ``check_ids=False``, under torch.compile and on meta tensors."""
+    if not ids.numel() or ids.device.type == "meta":
+        return
+    bad = (ids != ignore_index) & ((ids < 0) | (ids >= V))
+    if bool(bad.any()):
+        idx = first_true_index(bad) if bad.dim() else ()
+        where = f"ids[{', '.join(map(str, idx))}]" if idx else "ids"
+        raise ValueError(f"{op}: `ids` must lie in {span} = [0, {V}) or equal ignore_index={ignore_index}, got "
+                         f"{where} = {int(ids[idx])} ({int(bad.sum())} such id(s))")
+
+
+def check_shift(op: str, shift: bool, x: torch.Tensor, x_name: str = "logits") -> None:
+    """``shift=True`` scores position t with the id at t + 1: ``x`` needs a position dim before its last one."""
+    if shift and x.dim() < 2:
+        last = "V" if x_name == "logits" else "H"
+        raise ValueError(f"{op}: `shift=True` needs positions: `{x_name}` [..., T, {last}] with at least 2 dims, got "
+                         f"{describe(x)}")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs a linear layer in on ``device`` now, or None when autocast is off there."""
+    if device.type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def linear_compute_dtype(op: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                         ) -> torch.dtype:
+    """The dtype an LM-head op runs in: the common dtype, or fp32 for a mix of bf16/fp16 with fp32 (D69); other mixes
+    (float64 with anything else, bf16 with fp16) are refused."""
+    tensors = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    dtypes = {hidden.dtype} | {x.dtype for _, x in tensors}
+    if len(dtypes) == 1:
+        return hidden.dtype
+    others = dtypes - {torch.float32}
+    if torch.float32 in dtypes and len(others) == 1 and others <= set(LOW_PRECISION):
+        return torch.float32
+    name, x = next((n, t) for n, t in tensors if t.dtype != hidden.dtype)
+    raise TypeError(f"{op}: `{name}` must have the dtype of `hidden` ({hidden.dtype}), or one of them be float32 "
+                    f"and the others bf16/fp16 (mixed precision, computed in float32), got {describe(x)}")
+
+
+def check_lm_head(op: str, hidden, weight, ids, bias, shift: bool) -> None:
+    """``hidden [..., H]``, ``weight [V, H]``, ``ids`` of ``hidden``'s leading shape, ``bias [V]``: kinds, shapes and
+    one device."""
+    require_tensor(op, "hidden", hidden, kind="float")
+    require_tensor(op, "weight", weight, kind="float", ndim=2)
+    require_tensor(op, "ids", ids, kind="int")
+    if hidden.dim() < (2 if shift else 1):
+        want = "[..., T, H] (a sequence dimension to shift along)" if shift else "[..., H]"
+        raise ValueError(f"{op}: `hidden` must be {want}, got {describe(hidden)}")
+    h = hidden.shape[-1]
+    if weight.shape[1] != h:
+        raise ValueError(f"{op}: `weight` must be [V, H] with H = {h} (the inner size of `hidden` [..., H]), "
+                         f"got {describe(weight)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{op}: `weight` must have V >= 1 rows (vocabulary entries), got {describe(weight)}")
+    if ids.shape != hidden.shape[:-1]:
+        raise ValueError(f"{op}: `ids` must have shape {list(hidden.shape[:-1])} (the leading dimensions of `hidden` "
+                         f"[..., H]; [N] for [N, H]), got {describe(ids)}")
+    if bias is not None:
+        require_tensor(op, "bias", bias, kind="float", ndim=1)
+    require_same_device(op, "hidden", hidden, weight=weight, ids=ids, bias=bias)
+    if bias is not None:
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{op}: `bias` must have shape [V] = [{weight.shape[0]}] (one entry per row of "
+                             f"`weight`), got {describe(bias)}")
+
+
+def refuse_nan_rows(op: str, inputs: str, *results: torch.Tensor) -> None:
+    """A NaN result of an LM-head op only comes from logits that are not finite in the compute dtype (an overflow of
+    ``hidden @ weightᵀ / τ``, NaN/inf inputs): raise naming the first such row (D150, D211). ``inputs`` names the
+    operands in the message."""
+    bad = torch.isnan(results[0])
+    for r in results[1:]:
+        bad = bad | torch.isnan(r)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad.reshape(-1))[0, 0])
+        raise ValueError(f"{op}: the logits of row {i} are not finite in {results[0].dtype}: {inputs}"
+                         f" ({int(bad.sum())} such row(s)); pass check_ids=False to get the NaN instead")
+
+
+def autocast_inputs(*xs):
+    """Like ``F.linear`` under ``torch.autocast`` (D67): the floating tensors among ``xs`` other than float64 cast to
+    the autocast dtype of the first one's device (``xs`` unchanged when autocast is off there, or it is no tensor)."""
+    if not isinstance(xs[0], torch.Tensor):
+        return xs
+    cast = autocast_dtype(xs[0].device)
+    if cast is None:
+        return xs
+    return tuple(x.to(cast) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+                 else x for x in xs)

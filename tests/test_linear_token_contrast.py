@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from srpo_core import _dispatch, linear_token_contrast
+from srpo_core.common import linear_contrast
 from srpo_core.cpu import linear_token_contrast as cpu
 from srpo_core.cpu import linear_token_logprobs as cpu_logprobs
 from srpo_core.reference.linear_token_contrast import linear_token_contrast as reference
@@ -240,13 +241,13 @@ def test_slow_path_is_taken_for_overflowing_rows(monkeypatch):
     hid, ref, w, b, ids = make(4, 8, 50, torch.float32, seed=6, ignore=0.0)
     hid[1] *= 500.0
     seen = []
-    real = cpu.slow_rows
+    real = linear_contrast.slow_rows
 
     def spy(*args, **kw):
         seen.append(args[6].tolist())
         return real(*args, **kw)
 
-    monkeypatch.setattr(cpu, "slow_rows", spy)
+    monkeypatch.setattr(linear_contrast, "slow_rows", spy)
     monkeypatch.setattr(TUNING, "linear_vocab_tile", 8)
     monkeypatch.setattr(TUNING, "linear_forward_tile_scale", 1)
     outs = linear_token_contrast(hid, ref, w, ids, bias=b, backend="torch")
@@ -297,7 +298,7 @@ def test_vocab_shards_combine_to_the_whole_vocabulary(kind, world):
         stats.append(cpu.local_stats(h_k, r_k, w[s0:s0 + sz], b[s0:s0 + sz], idl, 1.0, kind))
         owned.append((idl >= 0) & (idl < sz))
     t = torch.stack([s[2] for s in stats]) if kind == "kl" else None
-    lse_x, lse_y, kl, tx, ty = cpu.combine_stats(*(torch.stack([s[i] for s in stats]) for i in (0, 1)), t,
+    lse_x, lse_y, kl, tx, ty = linear_contrast.combine_stats(*(torch.stack([s[i] for s in stats]) for i in (0, 1)), t,
                                                  *(torch.stack([s[i] for s in stats]) for i in (3, 4)),
                                                  torch.stack(owned), lambda x: x.amax(1), lambda x: x.sum(1))
     if kind == "js":

@@ -593,7 +593,7 @@ def test_check_ids_false_skips_the_scan_and_gives_nan(monkeypatch):
     def no_scan(*a, **k):
         raise AssertionError("the id scan ran")
 
-    monkeypatch.setattr(ops_path, "_check_ids", no_scan)
+    monkeypatch.setattr(ops_path, "check_id_range", no_scan)
     lp = token_logprobs(x, ids, check_ids=False)
     assert torch.isnan(lp[1]) and lp[2] == 0 and torch.isfinite(lp[0])
     with pytest.raises(TypeError, match="`check_ids` must be a bool"):

@@ -6,7 +6,8 @@ materialising either ``[N, V]`` logit set.
     kl:  Σ_v p_v (log p_v − log p'_v)          js:  ½ KL(p ‖ m) + ½ KL(p' ‖ m),  m = ½ (p + p')
     logp = log p_id,  logp_ref = log p'_id
 
-Backends (``"auto" | "triton" | "torch"``; auto = Triton for CUDA tensors, torch otherwise):
+Backends (``"auto" | "triton" | "torch" | "reference"``; auto = Triton for CUDA tensors, torch otherwise; reference =
+``srpo_core.reference.linear_token_contrast``, the two logit sets materialised, not with a process group):
 
 - **torch** (``srpo_core/cpu/linear_token_contrast.py``): ``kl`` vocabulary-tiled like ``linear_token_logprobs``'s
   forward (same tile sizes and tile GEMM), one pass per tile pair (an online ``Σ p (log p − log p')``); rows that the
@@ -17,8 +18,9 @@ Backends (``"auto" | "triton" | "torch"``; auto = Triton for CUDA tensors, torch
 - **triton** (``srpo_core.kernels.linear_token_contrast``): one program per block of rows walks the vocabulary in
   ``tl.dot`` tiles of both conditions with fp32 accumulation and the same online sums (``js``: a second walk).
 
-Input checks are ``linear_token_logprobs``'s (``srpo_core/ops/linear_token_logprobs_checks.py``); ignored rows are
-dropped before any work (its ``_rows``); vocab-parallel (``process_group``) uses its shard-layout check and
+Input checks are ``linear_token_logprobs``'s (``srpo_core/_validate.py``); ignored rows are dropped before any work
+(``srpo_core.common.rows``); vocab-parallel (``process_group``, ``srpo_core.common.vocab_parallel``) uses its
+shard-layout check and
 combines each shard's ``(lse, lse', t, target, target')`` with one max and one sum all-reduce (``js``: the
 log-sum-exps first, then one sum all-reduce of the shards' partial sums).
 
@@ -33,36 +35,25 @@ import math
 import torch
 
 from srpo_core import _dispatch
-from srpo_core._validate import brief, describe
+from srpo_core._validate import (
+    autocast_inputs,
+    brief,
+    check_flags,
+    check_id_range,
+    check_lm_head,
+    check_number,
+    describe,
+    linear_compute_dtype,
+    refuse_nan_rows,
+)
+from srpo_core.common import linear_contrast, vocab_parallel
+from srpo_core.common.rows import shard_rows
 from srpo_core.cpu import linear_token_contrast as cpu
 from srpo_core.cpu.linear_token_logprobs import _acc_dtype
-from srpo_core.ops.linear_token_logprobs import _rows
-from srpo_core.ops.linear_token_logprobs_checks import (
-    autocast_dtype,
-    check_id_values,
-    check_options,
-    check_tensors,
-    compute_dtype,
-)
-from srpo_core.ops.linear_token_logprobs_parallel import _combine_shards, _global_vocab
 from srpo_core.ops.token_contrast import KINDS, TokenContrast
+from srpo_core.reference.linear_token_contrast import linear_token_contrast as _reference
 
 OP = "linear_token_contrast"
-
-
-# ---------------------------------------------------------------------------------------------------------- combine
-def _dist_reducers(group):
-    import torch.distributed as dist
-
-    def reduce(op):
-        def run(x):
-            x = x.clone()
-            dist.all_reduce(x, op=op, group=group)
-            return x
-
-        return run
-
-    return reduce(dist.ReduceOp.MAX), reduce(dist.ReduceOp.SUM)
 
 
 # ------------------------------------------------------------------------------------------------------ the passes
@@ -86,47 +77,39 @@ def _contrast(hidden, hidden_ref, weight, bias, ids, kind, inv_tau, ignore_index
               vocab_start=0):
     """``hidden, hidden_ref [N, H]``, ``ids [N]`` → ``(div, logp, logp_ref)`` ``[N]`` (acc dtype), 0 at ignored rows."""
     acc = _acc_dtype(hidden.dtype)
-    dev = hidden.device
-    n = ids.shape[0]
-    keep, rows, h_k, ids_local = _rows(hidden, ids, ignore_index, vocab_start, True)
-    h_ref_k = hidden_ref[rows] if rows is not None else hidden_ref
-    owned = (ids_local >= 0) & (ids_local < weight.shape[0])
+    rows, h_k, ids_local = shard_rows(hidden, ids, ignore_index, vocab_start, True)
+    h_ref_k = rows.pack(hidden_ref)
     if h_k.shape[0] == 0 and group is None:
-        div = lp = lq = torch.zeros(0, dtype=acc, device=dev)
+        div = lp = lq = torch.zeros(0, dtype=acc, device=hidden.device)
     elif kind == "js" and group is None and backend == "torch":  # row chunks, one GEMM per condition (D214)
         div, lp, lq = cpu.js_rows(h_k, h_ref_k, weight, bias, ids_local, 1.0 / inv_tau, -1)
     else:
-        lse_x, lse_y, t, tgt_x, tgt_y = _local_stats(backend, h_k, h_ref_k, weight, bias, ids_local, inv_tau, kind)
-        if group is None:
-            lp, lq = tgt_x - lse_x, tgt_y - lse_y
-            if kind == "kl":
-                div = t
-            else:
-                div = _js_local(backend, h_k, h_ref_k, weight, bias, inv_tau, lse_x, lse_y)
-        elif kind == "kl":
-            lse_gx, lse_gy, div, tgt_gx, tgt_gy = cpu.combine_stats(lse_x, lse_y, t, tgt_x, tgt_y, owned,
-                                                                    *_dist_reducers(group))
-            lp, lq = tgt_gx - lse_gx, tgt_gy - lse_gy
-        else:
-            import torch.distributed as dist
+        div, lp, lq = _walk(h_k, h_ref_k, weight, bias, ids_local, kind, inv_tau, backend, group)
+    return rows.unpack(div, acc), rows.unpack(lp, acc), rows.unpack(lq, acc)
 
-            lse_gx, tgt_gx, _ = _combine_shards(lse_x, tgt_x, None, owned, group)
-            lse_gy, tgt_gy, _ = _combine_shards(lse_y, tgt_y, None, owned, group)
-            lp, lq = tgt_gx - lse_gx, tgt_gy - lse_gy
-            div = _js_local(backend, h_k, h_ref_k, weight, bias, inv_tau, lse_gx, lse_gy)
-            dist.all_reduce(div, group=group)
-        if kind == "js":
-            div = div.clamp(max=math.log(2.0))
-        div = div.clamp(min=0.0)  # rounding only: both divergences are ≥ 0 (NaN passes through)
-        broken = torch.isnan(lp) | torch.isnan(lq)
-        div = torch.where(broken, torch.full_like(div, math.nan), div)
 
-    def full(x):
-        if rows is not None:
-            return torch.zeros(n, dtype=acc, device=dev).index_copy_(0, rows, x.to(acc))
-        return torch.where(keep, x.to(acc), torch.zeros((), dtype=acc, device=dev))
-
-    return full(div), full(lp), full(lq)
+def _walk(h_k, h_ref_k, weight, bias, ids_local, kind, inv_tau, backend, group):
+    """The vocabulary walks over this shard (and the combine over the group) → ``(div, logp, logp_ref)`` of the
+    computed rows, ``div`` clamped to its range (rounding only) and NaN where either log-prob is."""
+    owned = (ids_local >= 0) & (ids_local < weight.shape[0])
+    lse_x, lse_y, t, tgt_x, tgt_y = _local_stats(backend, h_k, h_ref_k, weight, bias, ids_local, inv_tau, kind)
+    if group is None:
+        lp, lq = tgt_x - lse_x, tgt_y - lse_y
+        div = t if kind == "kl" else _js_local(backend, h_k, h_ref_k, weight, bias, inv_tau, lse_x, lse_y)
+    elif kind == "kl":
+        lse_gx, lse_gy, div, tgt_gx, tgt_gy = linear_contrast.combine_stats(lse_x, lse_y, t, tgt_x, tgt_y, owned,
+                                                                            *vocab_parallel.reducers(group))
+        lp, lq = tgt_gx - lse_gx, tgt_gy - lse_gy
+    else:
+        lse_gx, tgt_gx, _ = vocab_parallel.combine_shards(lse_x, tgt_x, None, owned, group)
+        lse_gy, tgt_gy, _ = vocab_parallel.combine_shards(lse_y, tgt_y, None, owned, group)
+        lp, lq = tgt_gx - lse_gx, tgt_gy - lse_gy
+        div = vocab_parallel.all_sum_(_js_local(backend, h_k, h_ref_k, weight, bias, inv_tau, lse_gx, lse_gy), group)
+    if kind == "js":
+        div = div.clamp(max=math.log(2.0))
+    div = div.clamp(min=0.0)  # rounding only: both divergences are ≥ 0 (NaN passes through)
+    broken = torch.isnan(lp) | torch.isnan(lq)
+    return torch.where(broken, torch.full_like(div, math.nan), div), lp, lq
 
 
 @torch.library.custom_op("srpo_core::linear_token_contrast", mutates_args=())
@@ -144,18 +127,6 @@ def _(hidden, hidden_ref, weight, bias, ids, kind, inv_tau, ignore_index, backen
 
 
 # ------------------------------------------------------------------------------------------------ the public function
-def _refuse_nan(div, logp, logp_ref):
-    """NaN only comes from logits that are not finite in the compute dtype (an overflow of ``hidden @ weightᵀ / τ``,
-    NaN/inf inputs): raise, naming the row, as ``linear_token_logprobs`` does (D150, D211)."""
-    bad = torch.isnan(logp) | torch.isnan(logp_ref) | torch.isnan(div)
-    if bool(bad.any()):
-        i = int(torch.nonzero(bad.reshape(-1))[0, 0])
-        raise ValueError(f"{OP}: the logits of row {i} are not finite in {logp.dtype}: `hidden` or `hidden_ref` @ "
-                         f"`weight`ᵀ / temperature overflows (|logit| / τ must stay well below 1e38) or `hidden` / "
-                         f"`hidden_ref` / `weight` / `bias` hold NaN or inf there ({int(bad.sum())} such row(s)); "
-                         f"pass check_ids=False to get the NaN instead")
-
-
 def linear_token_contrast(
     hidden: torch.Tensor,
     hidden_ref: torch.Tensor,
@@ -187,7 +158,7 @@ def linear_token_contrast(
         temperature: ``τ > 0``, applied to both conditions.
         bias: optional ``[V]`` (the shard's part when sharded), shared by both conditions.
         ignore_index: positions with this id give 0 in all three outputs; their rows are skipped before any work.
-        backend: ``"auto" | "triton" | "torch"``.
+        backend: ``"auto" | "triton" | "torch" | "reference"``.
         process_group: a ``torch.distributed`` group over which the vocabulary is sharded (None: not sharded).
         vocab_start: first global vocabulary id of this rank's shard.
         check_ids: scan ``ids`` for values outside ``[0, V)`` and raise, and raise on a NaN result (logits not
@@ -204,44 +175,50 @@ def linear_token_contrast(
     ``−inf`` one (only possible through non-finite inputs, since both conditions share ``bias``); the logits are
     computed in the inputs' dtype (as a plain model computes them), everything after in fp32.
     """
-    if isinstance(hidden, torch.Tensor):
-        cast = autocast_dtype(hidden.device)
-        if cast is not None:  # like F.linear under autocast (D67)
-            hidden, hidden_ref, weight, bias = (
-                x.to(cast) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
-                else x for x in (hidden, hidden_ref, weight, bias))
-    check_tensors(hidden, weight, ids, bias, False, op=OP)
+    hidden, hidden_ref, weight, bias = autocast_inputs(hidden, hidden_ref, weight, bias)
+    check_lm_head(OP, hidden, weight, ids, bias, False)
     if not isinstance(hidden_ref, torch.Tensor):
         raise TypeError(f"{OP}: `hidden_ref` must be a tensor of the shape of `hidden` {list(hidden.shape)}, got "
                         f"{describe(hidden_ref)}")
     if hidden_ref.shape != hidden.shape or hidden_ref.dtype != hidden.dtype or hidden_ref.device != hidden.device:
         raise ValueError(f"{OP}: `hidden_ref` must have the shape, dtype and device of `hidden` "
                          f"({list(hidden.shape)}, {hidden.dtype}, {hidden.device}), got {describe(hidden_ref)}")
-    check_options(temperature=temperature, ignore_index=ignore_index, vocab_start=vocab_start,
-                  flags={"check_ids": check_ids}, out_dtype=None, logit_scale=1.0, softcap=None, op=OP)
+    check_number(OP, "temperature", temperature, "positive")
+    check_number(OP, "ignore_index", ignore_index, "int")
+    check_number(OP, "vocab_start", vocab_start, "int")
+    check_flags(OP, check_ids=check_ids)
     if kind not in KINDS:
         raise ValueError(f"{OP}: `kind` must be one of {KINDS}, got {brief(kind)}")
-    dtype = compute_dtype(hidden, weight, bias, op=OP)
+    dtype = linear_compute_dtype(OP, hidden, weight, bias)
     hidden, hidden_ref, weight = hidden.detach().to(dtype), hidden_ref.detach().to(dtype), weight.detach().to(dtype)
     bias = bias.detach().to(dtype) if bias is not None else None
     chosen = _dispatch.pick_backend(backend, hidden.device, op=OP, dtypes={"hidden": dtype})
-    if hidden.device.type == "meta":
+    if chosen == "reference" and process_group is not None:
+        raise ValueError(f"{OP}: backend='reference' computes one device's whole vocabulary; with `process_group` "
+                         f"use backend='auto', 'torch' or 'triton'")
+    if hidden.device.type == "meta" and chosen != "reference":
         chosen = "torch"
-    v_global = _global_vocab(process_group, weight.shape[0], vocab_start, hidden.device, op=OP)
-    if check_ids and not torch.compiler.is_compiling():
-        check_id_values(ids, ignore_index, v_global, process_group is not None, op=OP)
+    v_global = vocab_parallel.rank_ordered_vocab(OP, process_group, weight.shape[0], vocab_start, hidden.device)
+    checking = check_ids and not torch.compiler.is_compiling()
+    if checking:
+        check_id_range(OP, ids, v_global, ignore_index,
+                       span="the global vocabulary [0, V)" if process_group is not None else "[0, V)")
     lead = ids.shape
     h2, r2 = hidden.reshape(-1, hidden.shape[-1]), hidden_ref.reshape(-1, hidden.shape[-1])
     ids1 = ids.reshape(-1)
     inv_tau = 1.0 / float(temperature)
-    if process_group is not None:
+    if chosen == "reference":
+        outs = _reference(h2, r2, weight, ids1, kind=kind, temperature=float(temperature), bias=bias,
+                          ignore_index=int(ignore_index))
+    elif process_group is not None:
         outs = _contrast(h2, r2, weight, bias, ids1, kind, inv_tau, int(ignore_index), chosen, process_group,
                          vocab_start)
     else:
         outs = torch.ops.srpo_core.linear_token_contrast(h2, r2, weight, bias, ids1, kind, inv_tau,
                                                          int(ignore_index), chosen)
-    if check_ids and not torch.compiler.is_compiling() and hidden.device.type != "meta":
-        _refuse_nan(*outs)
+    if checking and hidden.device.type != "meta":
+        refuse_nan_rows(OP, "`hidden` or `hidden_ref` @ `weight`ᵀ / temperature overflows (|logit| / τ must stay "
+                        "well below 1e38) or `hidden` / `hidden_ref` / `weight` / `bias` hold NaN or inf there", *outs)
     return TokenContrast(*(x.reshape(lead) for x in outs))
 
 

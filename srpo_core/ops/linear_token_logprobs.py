@@ -9,11 +9,12 @@ Math (SPEC "Log-prob ops"), with ``x = hidden @ weightᵀ + bias`` and ``u = f(x
 
 The public function accepts ``hidden [..., H]`` / ``ids [...]`` (flattened as views), ``shift`` (next-token ids),
 mixed precision and autocast (cast up front, D67 / D69), and returns ``out_dtype`` outputs (fp32 by default). Ignored
-rows are dropped before any work on every backend unless ``check_ids=False`` (D65 / D66). Input checks live in
-``srpo_core/ops/linear_token_logprobs_checks.py``, the torch path in ``srpo_core/cpu/linear_token_logprobs.py``, the
-vocab-parallel collectives in ``srpo_core/ops/linear_token_logprobs_parallel.py``.
+rows are dropped before any work on every backend unless ``check_ids=False`` (D65 / D66; ``srpo_core.common.rows``).
+Input checks live in ``srpo_core/_validate.py``, the torch path in ``srpo_core/cpu/linear_token_logprobs.py``, the
+vocab-parallel collectives in ``srpo_core/common/vocab_parallel.py``.
 
-Backends (``backend="auto" | "triton" | "torch"``; auto = Triton for CUDA tensors, torch otherwise):
+Backends (``backend="auto" | "triton" | "torch" | "reference"``; auto = Triton for CUDA tensors, torch otherwise;
+reference = ``srpo_core.reference.linear_token_logprobs`` with plain autograd, not with a process group):
 
 - **torch** (the default off-GPU): a custom ``autograd.Function`` that tiles the *vocabulary*. The forward walks
   vocabulary tiles ``W[v0:v1]`` (each read once per pass) and, inside each, chunks of tokens; each ``[n, v]`` logits
@@ -49,26 +50,23 @@ from typing import NamedTuple
 import torch
 
 from srpo_core import _dispatch
-from srpo_core.cpu.linear_token_logprobs import (  # noqa: F401  (the torch path; re-exported, callers use L._torch_fwd etc.)
-    LN2,
-    LOG2E,
-    LOW_PRECISION,
-    _acc_dtype,
-    _torch_bwd,
-    _torch_fwd,
-    tile_sizes,
-)
-from srpo_core.ops.linear_token_logprobs_checks import (
+from srpo_core._validate import (
     AUTOCAST_DEVICES,
-    OP,
-    _refuse_nan,
-    autocast_dtype,
-    check_id_values,
-    check_options,
-    check_tensors,
-    compute_dtype,
+    autocast_inputs,
+    check_flags,
+    check_id_range,
+    check_lm_head,
+    check_number,
+    check_out_dtype,
+    linear_compute_dtype,
+    refuse_nan_rows,
 )
-from srpo_core.ops.linear_token_logprobs_parallel import _combine_shards, _global_vocab
+from srpo_core.common import chunked, vocab_parallel
+from srpo_core.common.rows import shard_rows
+from srpo_core.cpu.linear_token_logprobs import _acc_dtype, _torch_bwd, _torch_fwd, tile_sizes
+from srpo_core.reference.linear_token_logprobs import linear_token_logprobs as _reference
+
+OP = "linear_token_logprobs"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Backend dispatch of the local (per-shard) passes
@@ -115,17 +113,13 @@ def _local_bwd(spec, hidden, weight, bias, ids_local, lse, ent, g_lp, g_h, g_lse
 
 
 def _rows(hidden, ids, ignore_index, vocab_start, compact):
-    """The rows the passes compute, and their shard-local ids. With ``compact`` (the default on every backend),
-    ignored rows are dropped before any work when there are any (a host sync: ``nonzero``); without it (Triton with
-    ``check_ids=False``: no host sync) every row is computed, the ignored ones with zero upstream coefficients and a
-    saved ``lse = 0``, which the backward kernel is safe for (it clamps ``log p`` at 0)."""
-    keep = ids != ignore_index
-    compact = compact and ids.shape[0] > 0 and not bool(keep.all())
-    rows = torch.nonzero(keep)[:, 0] if compact else None
-    h_k = hidden[rows] if compact else hidden
-    ids_k = ids[rows] if compact else ids
-    ids_local = torch.where(ids_k == ignore_index, torch.full_like(ids_k, -1), ids_k - vocab_start)
-    return keep, rows, h_k, ids_local
+    """The rows the passes compute (:class:`srpo_core.common.rows.Rows`), their ``hidden`` and shard-local ids. With
+    ``compact`` (the default on every backend) ignored rows are dropped before any work when there are any (a host
+    sync: ``nonzero``); without it (Triton with ``check_ids=False``: no host sync) every row is computed, the ignored
+    ones with zero upstream coefficients and a saved ``lse = 0``, which the backward kernel is safe for (it clamps
+    ``log p`` at 0). → ``(keep, index or None, hidden rows, local ids)``."""
+    rows, h_k, ids_local = shard_rows(hidden, ids, ignore_index, vocab_start, compact)
+    return rows.keep, rows.index, h_k, ids_local
 
 
 def _autocast_off(hidden_arg: int):
@@ -152,9 +146,8 @@ def _fwd(hidden, weight, bias, ids, spec, group=None, vocab_start=0):
     ``lse`` and ``ent`` (the whole vocabulary's), and is safe with their 0 at ignored rows (D65)."""
     acc = _acc_dtype(hidden.dtype)
     dev = hidden.device
-    n = ids.shape[0]
-    keep, rows, h_k, ids_local = _rows(hidden, ids, spec.ignore_index, vocab_start,
-                                       spec.compact or spec.backend == "torch")
+    rows, h_k, ids_local = shard_rows(hidden, ids, spec.ignore_index, vocab_start,
+                                      spec.compact or spec.backend == "torch")
     owned = (ids_local >= 0) & (ids_local < weight.shape[0])
     if h_k.shape[0] == 0:
         lse_k = tgt_k = torch.zeros(0, dtype=acc, device=dev)
@@ -162,15 +155,9 @@ def _fwd(hidden, weight, bias, ids, spec, group=None, vocab_start=0):
     else:
         lse_k, tgt_k, ent_k = _local_fwd(spec, h_k, weight, bias, ids_local)
     if group is not None:
-        lse_k, tgt_k, ent_k = _combine_shards(lse_k, tgt_k, ent_k, owned, group)
-    zero = torch.zeros((), dtype=acc, device=dev)
-
-    def full(x):
-        if rows is not None:
-            return torch.zeros(n, dtype=acc, device=dev).index_copy_(0, rows, x)
-        return torch.where(keep, x, zero)
-
-    return full(tgt_k - lse_k), (full(ent_k) if spec.want_entropy else None), full(lse_k)
+        lse_k, tgt_k, ent_k = vocab_parallel.combine_shards(lse_k, tgt_k, ent_k, owned, group)
+    ent = rows.unpack(ent_k, acc) if spec.want_entropy else None
+    return rows.unpack(tgt_k - lse_k, acc), ent, rows.unpack(lse_k, acc)
 
 
 @_autocast_off(3)
@@ -179,37 +166,26 @@ def _bwd(g_logp, g_ent, g_lse, hidden, weight, bias, ids, lse, ent, spec, needs,
     ``logp``, ``entropy`` and ``lse`` (each ``[N]`` or None): the logits tiles are recomputed from ``hidden``,
     ``weight`` and the saved per-row ``lse`` (and ``ent``)."""
     need_h, need_w, need_b = needs
-    keep, rows, h_k, ids_local = _rows(hidden, ids, spec.ignore_index, vocab_start,
-                                       spec.compact or spec.backend == "torch")
+    rows, h_k, ids_local = shard_rows(hidden, ids, spec.ignore_index, vocab_start,
+                                      spec.compact or spec.backend == "torch")
     acc = lse.dtype
-    zero = torch.zeros((), dtype=acc, device=lse.device)
-
-    def local(g):
-        if g is None:
-            return None
-        g = g.to(acc)
-        return g[rows] if rows is not None else torch.where(keep, g, zero)
-
-    g_lp, g_h, g_z = local(g_logp), local(g_ent if spec.want_entropy else None), local(g_lse)
-    lse_k, ent_k = (lse[rows], ent[rows]) if rows is not None else (lse, ent)
+    g_lp, g_z = rows.pack_grad(g_logp, acc), rows.pack_grad(g_lse, acc)
+    g_h = rows.pack_grad(g_ent if spec.want_entropy else None, acc)
+    lse_k, ent_k = rows.pack(lse), rows.pack(ent)
     if (g_lp is None and g_h is None and g_z is None) or not (need_h or need_w or need_b) or h_k.shape[0] == 0:
         gh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         gw = torch.zeros_like(weight) if need_w else None
         gb = torch.zeros_like(bias) if need_b else None
         if group is not None and need_h:
-            import torch.distributed as dist
-
-            dist.all_reduce(gh, group=group)  # the other ranks may have work: keep the collective in step
+            vocab_parallel.all_sum_(gh, group)  # the other ranks may have work: keep the collective in step
         return gh, gw, gb
     gh, gw, gb = _local_bwd(spec, h_k, weight, bias, ids_local, lse_k, ent_k if spec.want_entropy else None,
                             g_lp, g_h, g_z, needs)
     if need_h:
-        if rows is not None:
-            gh = torch.zeros(hidden.shape, dtype=acc, device=h_k.device).index_copy_(0, rows, gh)
+        if rows.index is not None:
+            gh = rows.unpack(gh, acc)
         if group is not None:
-            import torch.distributed as dist
-
-            dist.all_reduce(gh, group=group)
+            vocab_parallel.all_sum_(gh, group)
         gh = gh.to(hidden.dtype)
     if need_b:
         gb = gb.to(bias.dtype)
@@ -303,12 +279,6 @@ _op.register_autograd(_backward, setup_context=_setup)
 # The public function
 
 
-def _shifted(ids: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """``ids [..., T]`` → ``[..., T]`` whose position t holds id t+1 and whose last position is ignored."""
-    pad = torch.full((*ids.shape[:-1], 1), ignore_index, dtype=ids.dtype, device=ids.device)
-    return torch.cat([ids[..., 1:], pad], dim=-1)
-
-
 def linear_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -346,7 +316,7 @@ def linear_token_logprobs(
         process_group: a ``torch.distributed`` group over which the vocabulary is sharded (None: not sharded).
         vocab_start: first global vocabulary id of this rank's shard; must equal the sum of the shard sizes of the
             lower ranks.
-        backend: ``"auto" | "triton" | "torch"``.
+        backend: ``"auto" | "triton" | "torch" | "reference"``.
         check_ids: scan ``ids`` for values outside ``[0, V)`` and raise (the default), and drop ignored rows before
             any work. Both read values on the host (a device sync per call). ``False`` skips the scan (an
             out-of-range id then gives an unspecified value, no error) and, on the Triton backend, computes every
@@ -375,39 +345,49 @@ def linear_token_logprobs(
         with the ones asked for, in that order. Float32 unless ``out_dtype`` says otherwise, differentiable in
         ``hidden``, ``weight`` and ``bias``.
     """
-    if isinstance(hidden, torch.Tensor):
-        cast = autocast_dtype(hidden.device)
-        if cast is not None:  # like F.linear under autocast (D67): floating inputs other than float64, to its dtype
-            hidden, weight, bias = (x.to(cast) if isinstance(x, torch.Tensor) and x.is_floating_point()
-                                    and x.dtype != torch.float64 else x for x in (hidden, weight, bias))
-    check_tensors(hidden, weight, ids, bias, shift)
-    check_options(temperature=temperature, ignore_index=ignore_index, vocab_start=vocab_start,
-                  flags={"return_entropy": return_entropy, "check_ids": check_ids, "shift": shift,
-                         "return_lse": return_lse}, out_dtype=out_dtype, logit_scale=logit_scale, softcap=softcap)
-    dtype = compute_dtype(hidden, weight, bias)
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
+    check_lm_head(OP, hidden, weight, ids, bias, shift)
+    for name, x in (("temperature", temperature), ("logit_scale", logit_scale)):
+        check_number(OP, name, x, "positive")
+    check_number(OP, "softcap", softcap, "positive", allow_none=True)
+    check_number(OP, "ignore_index", ignore_index, "int")
+    check_number(OP, "vocab_start", vocab_start, "int")
+    check_flags(OP, return_entropy=return_entropy, check_ids=check_ids, shift=shift, return_lse=return_lse)
+    check_out_dtype(OP, out_dtype)
+    dtype = linear_compute_dtype(OP, hidden, weight, bias)
     if dtype != hidden.dtype or dtype != weight.dtype or (bias is not None and bias.dtype != dtype):
         hidden, weight = hidden.to(dtype), weight.to(dtype)  # exact upcasts; gradients flow back in each dtype
         bias = bias.to(dtype) if bias is not None else None
     chosen = _dispatch.pick_backend(backend, hidden.device, op=OP, dtypes={"hidden": dtype})
-    if hidden.device.type == "meta":  # shapes only: the torch path's fake kernels infer them
+    if chosen == "reference" and process_group is not None:
+        raise ValueError(f"{OP}: backend='reference' computes one device's whole vocabulary; with `process_group` "
+                         f"use backend='auto', 'torch' or 'triton'")
+    if hidden.device.type == "meta" and chosen != "reference":  # shapes only: the torch path's fake kernels
         chosen = "torch"
-    v_global = _global_vocab(process_group, weight.shape[0], vocab_start, hidden.device)
-    if check_ids and not torch.compiler.is_compiling():
-        check_id_values(ids, ignore_index, v_global, process_group is not None)
+    v_global = vocab_parallel.rank_ordered_vocab(OP, process_group, weight.shape[0], vocab_start, hidden.device)
+    checking = check_ids and not torch.compiler.is_compiling()
+    if checking:
+        check_id_range(OP, ids, v_global, ignore_index,
+                       span="the global vocabulary [0, V)" if process_group is not None else "[0, V)")
     lead = ids.shape
     if shift:
-        ids = _shifted(ids, ignore_index)
+        ids = chunked.shift_ids(ids, ignore_index)
     h2 = hidden.reshape(-1, hidden.shape[-1])  # a view for contiguous leading dimensions
     ids1 = ids.reshape(-1)
     spec = _Spec(1.0 / float(temperature), float(logit_scale), float(softcap or 0.0), return_entropy, ignore_index,
                  chosen, check_ids)
-    if process_group is not None:
+    if chosen == "reference":
+        logp, ent, lse = _reference(h2, weight, ids1, bias=bias, temperature=float(temperature), return_entropy=True,
+                                    ignore_index=ignore_index, logit_scale=float(logit_scale), softcap=softcap,
+                                    return_lse=True)
+    elif process_group is not None:
         logp, ent, lse = _ShardedLinearTokenLogprobs.apply(h2, weight, bias, ids1, spec, process_group, vocab_start)
     else:
         logp, ent, lse = _op(h2, weight, bias, ids1, spec.inv_tau, return_entropy, ignore_index, chosen, check_ids,
                              spec.logit_scale, spec.softcap)
-    if check_ids and not torch.compiler.is_compiling() and logp.device.type != "meta":
-        _refuse_nan(logp)
+    if checking and logp.device.type != "meta":
+        refuse_nan_rows(OP, "`hidden` @ `weight`ᵀ (× logit_scale) / temperature overflows (|logit| / τ must stay "
+                        "well below 1e38) or `hidden` / `weight` / `bias` hold NaN or inf there", logp)
     outs = [logp] + ([ent] if return_entropy else []) + ([lse] if return_lse else [])
     outs = [x.reshape(lead) if out_dtype is None else x.reshape(lead).to(out_dtype) for x in outs]
     return outs[0] if len(outs) == 1 else tuple(outs)

@@ -4,7 +4,8 @@ contrasts) and both sampled-token log-probs, from the two logit rows, without ma
 Backends: ``"triton"`` is the fused kernel in ``srpo_core.kernels.token_contrast`` (one read of both rows for ``kl``,
 two for ``js``); ``"torch"`` is the chunked path of ``srpo_core.cpu.token_contrast`` (the reference on row chunks,
 compiled on the CPU for large inputs, float64 redo of non-finite rows). ``"auto"``: Triton for CUDA tensors, torch
-otherwise.
+otherwise. ``"reference"`` runs ``srpo_core.reference.token_contrast`` on the whole rows (float32, or float64 when an
+input is float64): the math, for checking the fast paths.
 
 The op is registered as ``torch.ops.srpo_core.token_contrast`` (a ``torch.library`` custom op with a fake kernel), so
 ``torch.compile(fullgraph=True)`` traces through it. It is forward-only.
@@ -12,13 +13,22 @@ The op is registered as ``torch.ops.srpo_core.token_contrast`` (a ``torch.librar
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
-from srpo_core import _chunked, _dispatch
-from srpo_core._validate import describe, require_same_device, require_tensor
+from srpo_core import _dispatch
+from srpo_core._validate import (
+    brief,
+    check_flags,
+    check_id_range,
+    check_number,
+    check_shift,
+    describe,
+    require_same_device,
+    require_tensor,
+)
+from srpo_core.common import chunked
 from srpo_core.cpu.token_contrast import _out_dtype, _torch_path
 from srpo_core.reference import token_contrast as ref
 
@@ -54,7 +64,7 @@ def _(logits, logits_ref, ids, kind, temperature, ignore_index, backend):
     return tuple(logits.new_empty(logits.shape[:-1], dtype=dtype) for _ in range(3))
 
 
-def _validate(logits, logits_ref, ids, kind, temperature, ignore_index) -> None:
+def _check(logits, logits_ref, ids, kind, temperature, ignore_index, shift, check_ids) -> None:
     require_tensor(OP, "logits", logits, kind="float")
     require_tensor(OP, "logits_ref", logits_ref, kind="float")
     require_tensor(OP, "ids", ids, kind="int")
@@ -70,23 +80,17 @@ def _validate(logits, logits_ref, ids, kind, temperature, ignore_index) -> None:
         raise ValueError(f"{OP}: `logits` must have a vocabulary of V >= 1 columns, got {describe(logits)}")
     require_same_device(OP, "logits", logits, logits_ref=logits_ref, ids=ids)
     if kind not in KINDS:
-        raise ValueError(f"{OP}: `kind` must be one of {KINDS}, got {kind!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"{OP}: `temperature` must be a positive finite float, got {describe(temperature)}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{OP}: `temperature` must be a positive finite float, got {temperature!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{OP}: `ignore_index` must be an int, got {describe(ignore_index)}")
+        raise ValueError(f"{OP}: `kind` must be one of {KINDS}, got {brief(kind)}")
+    check_number(OP, "temperature", temperature, "positive")
+    check_number(OP, "ignore_index", ignore_index, "int")
+    check_flags(OP, shift=shift, check_ids=check_ids)
+    check_shift(OP, shift, logits)
 
 
-def _check_ids(ids: torch.Tensor, V: int, ignore_index: int) -> None:
-    """Every id is ``ignore_index`` or in ``[0, V)`` (one device sync; skipped while torch.compile traces)."""
-    bad = (ids != ignore_index) & ((ids < 0) | (ids >= V))
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        where = f"ids[{', '.join(map(str, idx))}]" if idx else "ids"
-        raise ValueError(f"{OP}: `ids` must lie in [0, V) = [0, {V}) or equal ignore_index={ignore_index}, "
-                         f"got {where} = {int(ids[idx])} ({int(bad.sum())} such id(s))")
+def _reference(logits, logits_ref, ids, kind, temperature, ignore_index):
+    dtype = _out_dtype(logits, logits_ref)
+    return ref.token_contrast(logits.to(dtype), logits_ref.to(dtype), ids, kind=kind, temperature=temperature,
+                              ignore_index=ignore_index)
 
 
 def token_contrast(
@@ -116,7 +120,7 @@ def token_contrast(
             ``[0, ln 2]``.
         temperature: ``τ > 0``, applied to both rows.
         ignore_index: positions whose id equals it give 0 in all three outputs.
-        backend: ``"auto" | "triton" | "torch"``.
+        backend: ``"auto" | "triton" | "torch" | "reference"``.
         shift: score position ``t`` with the id at ``t + 1`` (cut-cross-entropy's convention: pass the model's
             ``[B, T, V]`` logits and the ``[B, T]`` input ids, no ``[:, :-1]`` slicing); the last position of the
             last dim of ``ids`` gives 0, like an ignored one. Needs ``logits.dim() >= 2``.
@@ -136,21 +140,19 @@ def token_contrast(
     is genuinely infinite (``x_v`` finite, ``x'_v = −inf``) or exceeds the float32 range. Meta tensors: shapes are
     inferred, value checks skipped.
     """
-    _validate(logits, logits_ref, ids, kind, temperature, ignore_index)
-    for name, flag in (("shift", shift), ("check_ids", check_ids)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{OP}: `{name}` must be a bool, got {describe(flag)}")
-    if shift and logits.dim() < 2:
-        raise ValueError(f"{OP}: `shift=True` needs positions: `logits` [..., T, V] with at least 2 dims, got "
-                         f"{describe(logits)}")
+    _check(logits, logits_ref, ids, kind, temperature, ignore_index, shift, check_ids)
     chosen = _dispatch.pick_backend(backend, logits.device, op=OP,
                                     dtypes={"logits": logits.dtype, "logits_ref": logits_ref.dtype})
+    temperature, ignore_index = float(temperature), int(ignore_index)
     if shift:  # before the scan, as token_logprobs: the first position's id is never scored
-        ids = _chunked.shift_ids(ids, int(ignore_index))
+        ids = chunked.shift_ids(ids, ignore_index)
     if check_ids and logits.device.type != "meta" and not torch.compiler.is_compiling():
-        _check_ids(ids, logits.shape[-1], ignore_index)
+        check_id_range(OP, ids, logits.shape[-1], ignore_index)
+    if chosen == "reference":
+        with torch.no_grad():
+            return TokenContrast(*_reference(logits, logits_ref, ids, kind, temperature, ignore_index))
     div, logp, logp_ref = torch.ops.srpo_core.token_contrast(
-        logits.detach(), logits_ref.detach(), ids, kind, float(temperature), int(ignore_index), chosen
+        logits.detach(), logits_ref.detach(), ids, kind, temperature, ignore_index, chosen
     )
     return TokenContrast(div, logp, logp_ref)
 

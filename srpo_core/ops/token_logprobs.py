@@ -32,7 +32,10 @@ Vocab-parallel (``process_group`` given): ``logits`` is this rank's shard ``[...
 owner of the sampled id adds its logit; one all-reduce of the max and one of three sums give every rank the
 full-vocabulary result. Backward needs no communication: each rank writes the gradient of its shard from the global
 statistics (the upstream gradients are the same on every rank, as in Megatron's vocab-parallel cross-entropy).
-That path lives in ``srpo_core.ops.token_logprobs_parallel``.
+The collectives live in ``srpo_core.common.vocab_parallel``.
+
+``backend="reference"`` runs ``srpo_core.reference.token_logprobs`` on the float32 (float64) logits with plain
+autograd: the math, for checking the fast paths (not with ``process_group``).
 """
 
 from __future__ import annotations
@@ -41,9 +44,20 @@ import math
 
 import torch
 
-from srpo_core import _chunked, _dispatch
-from srpo_core._validate import describe, require_same_device, require_tensor
+from srpo_core import _dispatch
+from srpo_core._validate import (
+    check_flags,
+    check_id_range,
+    check_number,
+    check_out_dtype,
+    check_shift,
+    describe,
+    require_same_device,
+    require_tensor,
+)
+from srpo_core.common import chunked, vocab_parallel
 from srpo_core.cpu.token_logprobs import _acc_dtype, _torch_bwd, _torch_fwd
+from srpo_core.reference.token_logprobs import token_logprobs as _reference_logprobs
 
 OP = "token_logprobs"
 
@@ -158,7 +172,7 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse, _grad_max, _grad_logsum):
 _token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _validate(logits, ids, temperature, return_entropy, ignore_index, process_group, vocab_start) -> None:
+def _check(logits, ids, temperature, ignore_index, process_group, vocab_start, out_dtype, flags) -> None:
     require_tensor(OP, "logits", logits, kind="float")
     require_tensor(OP, "ids", ids, kind="int")
     if logits.dim() == 0:
@@ -170,19 +184,19 @@ def _validate(logits, ids, temperature, return_entropy, ignore_index, process_gr
     if logits.shape[-1] == 0:
         raise ValueError(f"{OP}: `logits` must have a vocabulary of V >= 1 columns, got {describe(logits)}")
     require_same_device(OP, "logits", logits, ids=ids)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"{OP}: `temperature` must be a positive finite float, got {describe(temperature)}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{OP}: `temperature` must be a positive finite float, got {temperature!r}")
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"{OP}: `return_entropy` must be a bool, got {describe(return_entropy)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{OP}: `ignore_index` must be an int, got {describe(ignore_index)}")
-    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-        raise ValueError(f"{OP}: `vocab_start` must be an int >= 0, got {describe(vocab_start)}")
+    check_number(OP, "temperature", temperature, "positive")
+    check_flags(OP, **flags)
+    check_number(OP, "ignore_index", ignore_index, "int")
+    check_number(OP, "vocab_start", vocab_start, "int", minimum=0)
     if process_group is None and vocab_start != 0:
         raise ValueError(f"{OP}: `vocab_start` = {vocab_start} needs a `process_group` (vocab-parallel logits); "
                          f"without one `logits` holds the whole vocabulary and `vocab_start` must be 0")
+    check_out_dtype(OP, out_dtype)
+    check_shift(OP, flags["shift"], logits)
+    multi = ids.dim() == logits.dim()
+    if process_group is not None and (multi or flags["return_lse"]):
+        raise ValueError(f"{OP}: with `process_group` (vocab-parallel logits) `ids` must be [...] (one id per row) and "
+                         f"`return_lse` False; got ids {describe(ids)}, return_lse={flags['return_lse']}")
 
 
 def _check_inplace(logits: torch.Tensor, process_group) -> None:
@@ -193,20 +207,10 @@ def _check_inplace(logits: torch.Tensor, process_group) -> None:
         raise ValueError(f"{OP}: `inplace_backward=True` would write the gradient over `logits`, but `logits` "
                          f"{describe(logits)} is a leaf that requires grad (its .grad would be its own data); pass "
                          f"the output of the layer that produced the logits, or leave inplace_backward=False")
-    if not _chunked.rows_in_place(logits):
+    if not chunked.rows_in_place(logits):
         raise ValueError(f"{OP}: `inplace_backward=True` needs logits whose rows can be written in place (unit "
                          f"stride over V, leading dims that collapse to two strides without a copy, no broadcast "
                          f"rows), got {describe(logits)} with strides {tuple(logits.stride())}")
-
-
-def _check_ids(ids: torch.Tensor, V: int, ignore_index: int, what: str = "V") -> None:
-    """Every id is ``ignore_index`` or in ``[0, V)`` (one device sync; skipped while torch.compile traces)."""
-    bad = (ids != ignore_index) & ((ids < 0) | (ids >= V))
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        where = f"ids[{', '.join(map(str, idx))}]" if idx else "ids"
-        raise ValueError(f"{OP}: `ids` must lie in [0, {what}) = [0, {V}) or equal ignore_index={ignore_index}, "
-                         f"got {where} = {int(ids[idx])} ({int(bad.sum())} such id(s))")
 
 
 class _GatherShifted(torch.autograd.Function):
@@ -236,11 +240,7 @@ def _multi_index(logits, ids, temperature, ignore_index, return_entropy, backend
     keep_k = ids != ignore_index
     V = logits.shape[-1]
     valid_k = keep_k & (ids >= 0) & (ids < V)
-    if ids.shape[-1]:
-        first = ids.gather(-1, keep_k.to(torch.uint8).argmax(-1, keepdim=True)).squeeze(-1)
-        row_ids = torch.where(keep_k.any(-1), first, torch.full_like(first, ignore_index))
-    else:
-        row_ids = torch.full(ids.shape[:-1], ignore_index, dtype=ids.dtype, device=ids.device)
+    row_ids = _row_ids(ids, ignore_index)
     _, ent, lse, row_max, row_logsum = torch.ops.srpo_core.token_logprobs(
         logits, row_ids, temperature, ignore_index, return_entropy, backend, inplace)
     safe = torch.where(valid_k, ids, torch.zeros_like(ids)).long()
@@ -249,9 +249,6 @@ def _multi_index(logits, ids, temperature, ignore_index, return_entropy, backend
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     lp = torch.where(keep_k, torch.where(valid_k, lp, torch.full_like(zero, math.nan)), zero)
     return lp, (ent if return_entropy else None), lse
-
-
-OUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def token_logprobs(
@@ -286,7 +283,7 @@ def token_logprobs(
         ignore_index: positions whose id equals it give 0 in every output and a zero gradient.
         process_group: vocab-parallel logits: a ``torch.distributed`` group over which the vocabulary is sharded.
         vocab_start: the global id of this rank's first column (only with ``process_group``).
-        backend: ``"auto" | "triton" | "torch"``.
+        backend: ``"auto" | "triton" | "torch" | "reference"``.
         check_ids: scan ``ids`` for out-of-range values first (one device-to-host sync per call). ``False`` skips the
             scan: no sync, so a step can be captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``);
             an out-of-range id then gives NaN in its row (and no gradient term for it) instead of an error.
@@ -322,22 +319,15 @@ def token_logprobs(
     error. Meta tensors: shapes are inferred, value checks skipped (the ops' fake kernels run), backward included.
     Not offered: ``logit_scale`` / soft-capping (D80: apply it to the logits first).
     """
-    _validate(logits, ids, temperature, return_entropy, ignore_index, process_group, vocab_start)
-    for name, flag in (("check_ids", check_ids), ("inplace_backward", inplace_backward), ("shift", shift),
-                       ("return_lse", return_lse)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{OP}: `{name}` must be a bool, got {describe(flag)}")
-    if out_dtype is not None and out_dtype not in OUT_DTYPES:
-        raise TypeError(f"{OP}: `out_dtype` must be None or one of {OUT_DTYPES}, got {describe(out_dtype)}")
-    multi = ids.dim() == logits.dim()
-    if shift and logits.dim() < 2:
-        raise ValueError(f"{OP}: `shift=True` needs positions: `logits` [..., T, V] with at least 2 dims, got "
-                         f"{describe(logits)}")
-    if process_group is not None and (multi or return_lse):
-        raise ValueError(f"{OP}: with `process_group` (vocab-parallel logits) `ids` must be [...] (one id per row) and "
-                         f"`return_lse` False; got ids {describe(ids)}, return_lse={return_lse}")
+    flags = {"return_entropy": return_entropy, "check_ids": check_ids, "inplace_backward": inplace_backward,
+             "shift": shift, "return_lse": return_lse}
+    _check(logits, ids, temperature, ignore_index, process_group, vocab_start, out_dtype, flags)
     chosen = _dispatch.pick_backend(backend, logits.device, op=OP, dtypes={"logits": logits.dtype})
+    if chosen == "reference" and process_group is not None:
+        raise ValueError(f"{OP}: backend='reference' computes one device's whole vocabulary; with `process_group` "
+                         f"use backend='auto', 'torch' or 'triton'")
     temperature, ignore_index = float(temperature), int(ignore_index)
+    multi = ids.dim() == logits.dim()
     on_meta = logits.device.type == "meta"  # shapes are inferred, value checks skipped (the fake kernels run)
     scan_ids = check_ids and not on_meta and not torch.compiler.is_compiling()
     if inplace_backward:
@@ -346,28 +336,102 @@ def token_logprobs(
             inplace_backward = False
         else:
             _check_inplace(logits, process_group)
-            inplace_backward = logits.requires_grad
+            inplace_backward = logits.requires_grad and chosen != "reference"
     if shift:  # before the scan: the first position's id is never scored
-        ids = _chunked.shift_ids(ids, ignore_index, dim=-2 if multi else -1)
-    if process_group is None and scan_ids:
-        _check_ids(ids, logits.shape[-1], ignore_index)
-    if process_group is None:
-        if multi:
+        ids = chunked.shift_ids(ids, ignore_index, dim=-2 if multi else -1)
+    if process_group is not None:
+        logp, ent = _vocab_parallel(logits, ids, temperature, return_entropy, ignore_index, process_group,
+                                    vocab_start, chosen, scan_ids, on_meta)
+        lse = None
+    else:
+        if scan_ids:
+            check_id_range(OP, ids, logits.shape[-1], ignore_index)
+        if chosen == "reference":
+            logp, ent, lse = _reference(logits, ids, temperature, ignore_index, return_entropy)
+        elif multi:
             logp, ent, lse = _multi_index(logits, ids, temperature, ignore_index, return_entropy, chosen,
                                           inplace_backward)
         else:
             logp, ent, lse, _, _ = torch.ops.srpo_core.token_logprobs(logits, ids, temperature, ignore_index,
                                                                       return_entropy, chosen, inplace_backward)
-    else:
-        from srpo_core.ops.token_logprobs_parallel import _vocab_parallel  # it imports this module
-
-        logp, ent = _vocab_parallel(logits, ids, temperature, return_entropy, ignore_index, process_group,
-                                    vocab_start, chosen, scan_ids, on_meta)
-        lse = None
     outs = [logp] + ([ent] if return_entropy else []) + ([lse] if return_lse else [])
     if out_dtype is not None:
         outs = [t.to(out_dtype) for t in outs]
     return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _row_ids(ids: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``ids: [..., K]`` → ``[...]``: each row's first kept id (``ignore_index`` for a row with none)."""
+    keep_k = ids != ignore_index
+    if not ids.shape[-1]:
+        return torch.full(ids.shape[:-1], ignore_index, dtype=ids.dtype, device=ids.device)
+    first = ids.gather(-1, keep_k.to(torch.uint8).argmax(-1, keepdim=True)).squeeze(-1)
+    return torch.where(keep_k.any(-1), first, torch.full_like(first, ignore_index))
+
+
+def _reference(logits, ids, temperature, ignore_index, return_entropy):
+    """``backend="reference"``: ``srpo_core.reference.token_logprobs`` on the logits in float32 (float64 stays),
+    plain autograd → ``(logp, entropy or None, lse)``; ``[..., K]`` ids score each id against its row."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    row_ids = _row_ids(ids, ignore_index) if ids.dim() == logits.dim() else ids
+    if ids.dim() == logits.dim():
+        xs = x.unsqueeze(-2).expand(*ids.shape, x.shape[-1])
+        logp = _reference_logprobs(xs, ids, temperature=temperature, ignore_index=ignore_index)
+    else:
+        logp = _reference_logprobs(x, ids, temperature=temperature, ignore_index=ignore_index)
+    ent = None
+    if return_entropy:
+        _, ent = _reference_logprobs(x, row_ids, temperature=temperature, return_entropy=True,
+                                     ignore_index=ignore_index)
+    lse = torch.where(row_ids != ignore_index, torch.logsumexp(x / temperature, -1), torch.zeros((), dtype=x.dtype))
+    return logp, ent, lse
+
+
+# ------------------------------------------------------------------------------------------------- vocab-parallel
+class _VocabParallel(torch.autograd.Function):
+    """Sharded logits ``[..., V_local]`` → full-vocabulary ``(logp, entropy or None)``; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, logits, local_ids, owned, keep, temperature, return_entropy, backend, group):
+        # local_ids: the id's column in this shard where owned, V_local (outside the shard) where not, -1 if ignored
+        _, ent_r, _, c_r, log_s_r = torch.ops.srpo_core.token_logprobs(
+            logits, local_ids, temperature, -1, return_entropy, backend)
+        x_id = logits.gather(-1, torch.where(owned, local_ids, 0).unsqueeze(-1)).squeeze(-1).to(c_r.dtype)
+        logp, ent, c, log_s = vocab_parallel.combine_shifted(c_r, log_s_r, ent_r if return_entropy else None, x_id,
+                                                             owned, keep, temperature, group)
+        ctx.save_for_backward(logits, local_ids, c, log_s, None if ent is None else ent.clone())  # ent: editable
+        ctx.args = (temperature, backend)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, local_ids, c, log_s, ent = ctx.saved_tensors
+        temperature, backend = ctx.args
+        if ent is None:
+            grad_entropy = None
+        grad = torch.ops.srpo_core.token_logprobs_backward(grad_logp, grad_entropy, None, logits, local_ids, c, log_s,
+                                                           ent, temperature, -1, backend)
+        return grad, None, None, None, None, None, None, None
+
+
+def _vocab_parallel(logits, ids, temperature, return_entropy, ignore_index, process_group, vocab_start, chosen,
+                    scan_ids, on_meta):
+    if on_meta:
+        raise ValueError(f"{OP}: vocab-parallel logits (`process_group` given) cannot be meta tensors: the shards are "
+                         f"checked with a collective, which needs real tensors; got {describe(logits)}")
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise ValueError(f"{OP}: `process_group` was given but torch.distributed is not initialized")
+    v_local = logits.shape[-1]
+    v_global = vocab_parallel.tiling_vocab(OP, logits, vocab_start, process_group)
+    if scan_ids:
+        check_id_range(OP, ids, v_global, ignore_index, span="[0, V_global)")
+    keep = (ids != ignore_index).reshape(-1)
+    local = ids.reshape(-1).long() - vocab_start
+    owned = keep & (local >= 0) & (local < v_local)
+    local_ids = torch.where(owned, local, torch.full_like(local, v_local))
+    local_ids = torch.where(keep, local_ids, torch.full_like(local, -1)).view(ids.shape)
+    return _VocabParallel.apply(logits, local_ids, owned.view(ids.shape), keep.view(ids.shape), temperature,
+                                return_entropy, chosen, process_group)
 
 
 __all__ = ["token_logprobs"]
