@@ -13,8 +13,8 @@ import time
 
 import torch
 
-import srpo_core.cpu.linear_token_logprobs as C
 from srpo_core.ops.linear_token_logprobs import linear_token_logprobs
+from srpo_core.tuning import TUNING
 
 
 def naive(hidden, weight, ids):
@@ -27,12 +27,13 @@ def ours(hidden, weight, ids):
 
 def with_tiles(vocab_tile, tile_elements):
     def run(hidden, weight, ids):
-        old = C.VOCAB_TILE, C.TILE_ELEMENTS, C.FORWARD_TILE_SCALE
-        C.VOCAB_TILE, C.TILE_ELEMENTS, C.FORWARD_TILE_SCALE = vocab_tile, tile_elements, 1  # the forward's own tile
-        try:
+        t = TUNING
+        old = t.linear_vocab_tile, t.linear_tile_elements, t.linear_forward_tile_scale
+        t.linear_vocab_tile, t.linear_tile_elements, t.linear_forward_tile_scale = vocab_tile, tile_elements, 1
+        try:  # the forward's own tile
             return ours(hidden, weight, ids)
         finally:
-            C.VOCAB_TILE, C.TILE_ELEMENTS, C.FORWARD_TILE_SCALE = old
+            t.linear_vocab_tile, t.linear_tile_elements, t.linear_forward_tile_scale = old
 
     return run
 
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--h", type=int, default=1024)
     ap.add_argument("--v", type=int, default=32000)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--tiles", default="", help="comma-separated VOCAB_TILExTILE_ELEMENTS variants to time as well")
+    ap.add_argument("--tiles", default="", help="comma-separated VTxTE variants (TUNING.linear_vocab_tile x "
+                    "linear_tile_elements) to time as well")
     args = ap.parse_args(argv)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(args.n, args.h, generator=g)

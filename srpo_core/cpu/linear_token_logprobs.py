@@ -174,6 +174,40 @@ def _torch_fwd(hidden, weight, bias, ids_local, inv_tau, want_entropy, *, logit_
 # torch path: backward
 
 
+def _grad_coefficients(g_lp, g_h, g_lse, ent, lse2, gsc):
+    """Per-row ``(a, b, c)`` of ``G = p·(a + b·log₂p) + c·onehot``: ``a = (g_lse − g_lp − g_h·H)·gsc``,
+    ``b = −g_h·ln2·gsc`` (``ln p = ln2·log₂p``; None without ``g_h``), ``c = g_lp·gsc`` (None without ``g_lp``)."""
+    a = torch.zeros_like(lse2)
+    for x, sign in ((g_lse, 1.0), (g_lp, -1.0), (None if g_h is None else g_h * ent, -1.0)):
+        if x is not None:
+            a = a + sign * x
+    return (a * gsc, None if g_h is None else -g_h * gsc * LN2, None if g_lp is None else g_lp * gsc)
+
+
+def _tile_grad(g, rows, loc, coefs, lse2, scale, cap, buf2, buf3):
+    """``g: [n, v]`` holding ``log₂ p`` of the rows ``rows`` (a slice) → ``G`` in place; ``loc`` = the rows' ids
+    relative to the tile's first column; ``buf2`` / ``buf3``: workspaces (the entropy term, the softcap factor)."""
+    a, bcoef, coef_lp = coefs
+    if cap is not None:  # 1 − t², t = tanh(pre·x) = u₂ / (softcap·scale)
+        fac = buf3[: g.numel()].view_as(g)
+        torch.add(g, lse2[rows, None], out=fac).mul_(1.0 / (cap[1] * scale)).square_()
+        fac.neg_().add_(1.0)
+    if bcoef is None:
+        g.exp2_().mul_(a[rows, None])  # p·a
+    else:
+        lp = buf2[: g.numel()].view_as(g)
+        lp.copy_(g)
+        g.exp2_()
+        lp.mul_(bcoef[rows, None]).add_(a[rows, None])
+        g.mul_(torch.where(g > 0, lp, torch.zeros((), dtype=g.dtype)))
+    if coef_lp is not None:  # + g/τ at the sampled token
+        hit = torch.nonzero((loc >= 0) & (loc < g.shape[1]))[:, 0]
+        if hit.numel():
+            g.index_put_((hit, loc[hit]), coef_lp[rows][hit], accumulate=True)
+    if cap is not None:
+        g.mul_(fac)
+
+
 def _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, needs, *, g_lse=None, logit_scale=1.0,
                softcap=None):
     """Gradients ``(grad_hidden, grad_weight, grad_bias)`` for upstream ``g_lp``/``g_h``/``g_lse`` (``[N]`` acc dtype
@@ -201,16 +235,7 @@ def _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, ne
     buf = torch.empty(nc * vt, dtype=acc, device=dev)
     buf2 = torch.empty(nc * vt, dtype=acc, device=dev) if g_h is not None else None
     buf3 = torch.empty(nc * vt, dtype=acc, device=dev) if cap is not None else None
-    if g_lp is not None:
-        coef_lp = g_lp * gsc
-    # G = p·(a + b·log₂p) (+ the one-hot term): a = (g_lse − g_lp − g_h·H)/τ, b = −g_h·ln2/τ (ln p = ln2·log₂p)
-    a = torch.zeros_like(lse2)
-    for x, sign in ((g_lse, 1.0), (g_lp, -1.0), (None if g_h is None else g_h * ent, -1.0)):
-        if x is not None:
-            a = a + sign * x
-    a = a * gsc
-    if g_h is not None:
-        bcoef = -g_h * gsc * LN2
+    coefs = _grad_coefficients(g_lp, g_h, g_lse, ent, lse2, gsc)
     for v0 in range(0, v_all, vt):
         v1 = min(v_all, v0 + vt)
         w = weight[v0:v1]
@@ -222,25 +247,7 @@ def _torch_bwd(hidden, weight, bias, ids_local, inv_tau, lse, ent, g_lp, g_h, ne
             h = hidden[n0:n1]
             g = buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
             _tile_logits_shifted(h, w, b, lse2[n0:n1], scale, g, cap)  # log₂ p
-            if cap is not None:  # 1 − t², t = tanh(pre·x) = u₂ / (softcap·scale)
-                fac = buf3[: g.numel()].view_as(g)
-                torch.add(g, lse2[n0:n1, None], out=fac).mul_(1.0 / (cap[1] * scale)).square_()
-                fac.neg_().add_(1.0)
-            if g_h is None:
-                g.exp2_().mul_(a[n0:n1, None])  # p·a
-            else:
-                lp = buf2[: g.numel()].view_as(g)
-                lp.copy_(g)
-                g.exp2_()
-                lp.mul_(bcoef[n0:n1, None]).add_(a[n0:n1, None])
-                g.mul_(torch.where(g > 0, lp, torch.zeros((), dtype=acc)))
-            if g_lp is not None:  # + g/τ at the sampled token
-                loc = ids_local[n0:n1] - v0
-                rows = torch.nonzero((loc >= 0) & (loc < v1 - v0))[:, 0]
-                if rows.numel():
-                    g.index_put_((rows, loc[rows]), coef_lp[n0:n1][rows], accumulate=True)
-            if cap is not None:
-                g.mul_(fac)
+            _tile_grad(g, slice(n0, n1), ids_local[n0:n1] - v0, coefs, lse2, scale, cap, buf2, buf3)
             if need_b:
                 gb[v0:v1] += g.sum(0)
             if need_h:  # fp32 G @ fp32 W tile, accumulated in place into the fp32 [N, H] accumulator
