@@ -7,10 +7,11 @@ Backends:
   it once more and writes ``grad_logits`` once).
 - ``"torch"``: row chunks (``srpo_core.cpu.token_logprobs``). On the CPU, where a C++ compiler works, the chunk
   functions are ``torch.compile``d (inductor fuses each into one or two passes with no ``[rows, V]`` temporaries);
-  otherwise (or with ``SRPO_NO_COMPILE=1``, or for inputs under ``COMPILE_MIN_ELEMENTS``) eager chunks reuse two
-  ``[rows, V]`` fp32 workspaces of at most ``CHUNK_ELEMENTS`` elements each. Either way the peak extra memory is a
-  chunk, not ``[N, V]``.
+  otherwise (or with ``SRPO_NO_COMPILE=1``, or for inputs under ``TUNING.token_logprobs_compile_min_elements``)
+  eager chunks reuse two ``[rows, V]`` fp32 workspaces of at most ``TUNING.token_logprobs_chunk_elements`` elements
+  each. Either way the peak extra memory is a chunk, not ``[N, V]``.
 - ``"auto"``: Triton for CUDA tensors, torch otherwise.
+- ``"reference"``: see below.
 
 Every backend saves per-row statistics for backward: a shift ``row_max = c`` and ``row_logsum =
 log Σ_v e^{(x_v − c)/τ}`` (the log-sum-exp split in two, so that ``log p_v = (x_v − c)/τ − row_logsum`` is exact to a
