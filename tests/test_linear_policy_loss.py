@@ -631,7 +631,7 @@ def test_triton_path_without_gradients(device):
         torch.testing.assert_close(tri.metrics[k], tor.metrics[k], rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------- issue 22: fp16, host reads
+# -------------------------------------------------------------------------------------------------- fp16, host reads
 def _fp16_case(device):
     """Token-mean's coefficient at N = 16,384 (``1/16384``, here as ``seq-mean-token-sum`` over 16,384 sequences) on
     64 tokens, V = 3000: ``coef·p`` of most vocabulary entries is below fp16's smallest subnormal (6e-8). The inputs
