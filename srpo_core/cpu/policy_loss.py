@@ -9,7 +9,7 @@ that token's row is. Per chunk of ``k`` tokens (full vocabulary rows, ``[k, V]``
     u₂ ← addmm(h, Wᵀ, α = log₂e/τ)                           GEMM 1 (the logits tile, written once)
     m = max_v u₂;  x = u₂ − m;  e = 2^x;  s = Σ e            (in place)
     logp = ln2·(u₂[id] − m − log₂ s);  H = ln2·(log₂ s − Σ e·x / s)
-    (ℓ, ∂ℓ/∂logp, ∂ℓ/∂H) per token (``token_grads``, explicit derivatives)
+    (ℓ, ∂ℓ/∂logp, ∂ℓ/∂H) per token (``common.policy_loss.chunk_terms``, explicit derivatives)
     G = p·(a + b·x) + c·onehot   (∂L/∂logits, in place)       a, b, c per token, p = e/s
     grad_hidden[chunk] = G @ W                               GEMM 2
     grad_weight += Gᵀ @ h;  grad_bias += Σ_t G               GEMM 3
