@@ -1095,6 +1095,6 @@ def test_reference_backend_is_the_reference(check_ids):
         outs[backend] = (out, torch.autograd.grad(out.loss, (h, w, bias)))
     (a, ga), (b, gb) = outs["torch"], outs["reference"]
     assert b.loss.requires_grad and not b.logp.requires_grad and a.metrics.keys() == b.metrics.keys()
-    for x, y in [(a.loss, b.loss), (a.logp, b.logp), (a.entropy, b.entropy), *zip(ga, gb),
+    for x, y in [(a.loss, b.loss), (a.logp, b.logp), (a.entropy, b.entropy), *zip(ga, gb, strict=True),
                  *((a.metrics[k], b.metrics[k]) for k in a.metrics)]:
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
