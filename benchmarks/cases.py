@@ -298,10 +298,11 @@ def policy_loss_shape(b, t, h, v, dtype, preset, device) -> list[Case]:
         return (ell * mask).sum() / mask.sum()
 
     def ours(backend="auto"):
-        from srpo_core import linear_policy_loss
+        from srpo_core import PolicyLossConfig, linear_policy_loss
 
         hidden, weight, ids, old, adv, mask = inputs()
-        return step(lambda: linear_policy_loss(hidden, weight, ids, old, adv, mask=mask, epsilon_high=0.28,
+        cfg = PolicyLossConfig(epsilon_high=0.28)
+        return step(lambda: linear_policy_loss(hidden, weight, ids, old, adv, mask=mask, config=cfg,
                                                backend=backend).loss, hidden, weight)
 
     def naive():

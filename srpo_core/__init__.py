@@ -3,7 +3,7 @@
 from srpo_core._validate import ImplausibleInputWarning
 from srpo_core.ablation import AblatedBatch, ablate_span
 from srpo_core.advantages import RoleAwareAdvantages, contrast, grpo_advantages, role_aware_advantages
-from srpo_core.config import Role, SRPOConfig
+from srpo_core.config import PolicyLossConfig, Role, SRPOConfig
 from srpo_core.corruption import corrupt_images, corrupt_pixel_values
 from srpo_core.ops.linear_token_contrast import linear_token_contrast
 from srpo_core.ops.linear_token_logprobs import linear_token_logprobs
@@ -15,6 +15,7 @@ from srpo_core.roles import roles_from_text, roles_from_token_ids
 
 __all__ = [
     "ImplausibleInputWarning",
+    "PolicyLossConfig",
     "PolicyLossOutput",
     "linear_policy_loss",
     "linear_token_logprobs",
