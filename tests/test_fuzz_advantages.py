@@ -14,15 +14,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from srpo_core import (
-    Role,
-    SRPOConfig,
-    contrast,
-    grpo_advantages,
-    papo_perception_kl,
-    role_aware_advantages,
-    vppo_advantages,
-)
+from srpo_core import Role, SRPOConfig, grpo_advantages, role_aware_advantages
+from srpo_core.advantages import contrast
+from srpo_core.presets import papo_perception_kl, vppo_advantages
 from srpo_core.reference import contrast as contrast_ref
 
 NAN, INF = math.nan, math.inf

@@ -12,9 +12,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from srpo_core import ablate_span, corrupt_images, corrupt_pixel_values, roles_from_text, roles_from_token_ids
-from srpo_core.ablation import follows_hidden
-from srpo_core.roles import _TAG_CHAR, char_roles
+from srpo_core.ablation import ablate_span, follows_hidden
+from srpo_core.corruption import corrupt_images, corrupt_pixel_values
+from srpo_core.roles import _TAG_CHAR, char_roles, roles_from_text, roles_from_token_ids
 
 NAN, INF = math.nan, math.inf
 PIECES = ["<think>", "</think>", "<perception>", "</perception>", "< /think >", "\\boxed{", "}", "{", "a", "bc", " ",

@@ -10,19 +10,12 @@ import math
 import pytest
 import torch
 
-from srpo_core import (
-    SRPOConfig,
-    ablate_span,
-    contrast,
-    corrupt_images,
-    corrupt_pixel_values,
-    grpo_advantages,
-    papo_perception_kl,
-    role_aware_advantages,
-    roles_from_text,
-    roles_from_token_ids,
-    vppo_advantages,
-)
+from srpo_core import SRPOConfig, grpo_advantages, role_aware_advantages
+from srpo_core.ablation import ablate_span
+from srpo_core.advantages import contrast
+from srpo_core.corruption import corrupt_images, corrupt_pixel_values
+from srpo_core.presets import papo_perception_kl, vppo_advantages
+from srpo_core.roles import roles_from_text, roles_from_token_ids
 from srpo_core.rollouts import RolloutError, parse_lines
 
 INF = math.inf

@@ -16,7 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srpo_core import SRPOConfig, contrast, grpo_advantages, role_aware_advantages
+from srpo_core import SRPOConfig, grpo_advantages, role_aware_advantages
+from srpo_core.advantages import contrast
 
 TOL = 1e-6
 # Examples under the "ci" profile (60 by default); other profiles scale them (thorough: ~8x).
