@@ -50,7 +50,7 @@ def _check_against_twin(case, fn):
         pytest.fail(f"{case.op} {case.mode} {case.dtype}: no {' / '.join(TWINS)} case to check ours against")
     ours, ref = _results(fn), _results(twin)
     assert len(ours) == len(ref), (len(ours), len(ref))
-    for i, (a, b) in enumerate(zip(ours, ref)):
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
         assert bool(torch.isfinite(a).all()), f"result {i} of ours has non-finite values"
         torch.testing.assert_close(a, b, **TOL[case.dtype], msg=lambda m, i=i: f"result {i}: {m}")
 
