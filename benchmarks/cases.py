@@ -51,6 +51,7 @@ def _fwd_bwd(fn, x):
         x.grad = None
         fn().sum().backward()
 
+    run.params = (x,)  # what it differentiates: benchmarks/test_bench_ops.py compares their gradients across impls
     return run
 
 
@@ -136,6 +137,7 @@ def _linear_cases(sizes, dtypes, device) -> list[Case]:
                 hidden.grad = weight.grad = None
                 call().sum().backward()
 
+            run.params = (hidden, weight)
             return run
 
         def ours(mode):

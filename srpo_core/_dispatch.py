@@ -14,7 +14,7 @@ import torch
 
 from srpo_core._validate import brief
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what every Triton kernel reads (fp32 math)
 
 
@@ -41,10 +41,12 @@ def interpreting() -> bool:
 
 def pick_backend(backend: str, device: torch.device, *, op: str, has_triton: bool = True,
                  dtypes: dict[str, torch.dtype] | None = None) -> str:
-    """Resolve ``backend="auto" | "triton" | "torch"`` for tensors on ``device``.
+    """Resolve ``backend="auto" | "triton" | "torch" | "reference"`` for tensors on ``device``.
 
-    ``auto`` takes the Triton kernel for CUDA tensors when one exists for ``op`` and Triton imports, the torch path
-    otherwise. ``triton`` insists: it raises unless the kernel can run (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    ``reference`` and ``torch`` are taken as asked, on any device and dtype: the op then runs its plain-torch reference
+    (``srpo_core/reference/``) or its fast CPU path (``srpo_core/cpu/``). ``auto`` takes the Triton kernel for CUDA
+    tensors when one exists for ``op`` and Triton imports, the torch path otherwise. ``triton`` insists: it raises
+    unless the kernel can run (CUDA, or CPU under ``TRITON_INTERPRET=1``).
     ``dtypes`` names the inputs the kernel reads (``{"logits": logits.dtype}``): one outside :data:`KERNEL_DTYPES`
     (float64) sends ``auto`` to the torch path and makes ``triton`` raise, naming the argument.
     """
@@ -62,8 +64,8 @@ def pick_backend(backend: str, device: torch.device, *, op: str, has_triton: boo
 def _pick(backend: str, device: torch.device, *, op: str, has_triton: bool) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{op}: `backend` must be one of {BACKENDS}, got {brief(backend)}")
-    if backend == "torch":
-        return "torch"
+    if backend in ("torch", "reference"):
+        return backend
     on_device = device.type == "cuda" or (device.type == "cpu" and interpreting())
     runnable = has_triton and triton_importable() and on_device
     if backend == "auto":

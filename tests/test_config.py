@@ -45,13 +45,68 @@ def test_config_bad_values(field, value, fragment):
         SRPOConfig(**{field: value})
 
 
+# Where docs/spec.md states each SRPOConfig default (its own wording, SPEC steps 1-5).
+SPEC_DEFAULTS = {
+    "perception_contrast": r'`perception_contrast = "(\w+)"`',
+    "reasoning_contrast": r'`reasoning_contrast = "(\w+)"`',
+    "clamp": r"`c = ([0-9.e+-]+)`",
+    "k3_max": r"`k3_max = ([0-9.e+-]+)`",
+    "standardize": r'`standardize = "(\w+)" \|',  # the first choice listed is the step as described
+    "eps": r"`eps = ([0-9.e+-]+)`",
+    "u_max": r"`u_max = ([0-9.e+-]+)`",
+    "beta_perception": r"`beta_perception = beta_reasoning = ([0-9.e+-]+)`",
+    "beta_reasoning": r"`beta_perception = beta_reasoning = ([0-9.e+-]+)`",
+    "weight_map": r"\| `(\w+)` \(default\) \|",
+    "w_min": r"`w_min = ([0-9.e+-]+)`",
+    "renorm": r'`renorm = "(\w+)"` \(default\)',
+}
+
+
+def _spec_text() -> str:
+    import pathlib
+
+    return (pathlib.Path(__file__).resolve().parents[1] / "docs" / "spec.md").read_text()
+
+
 def test_config_defaults_match_spec():
-    c = SRPOConfig()
-    assert (c.perception_contrast, c.reasoning_contrast, c.clamp, c.k3_max) == ("k3", "logratio", 20.0, 10.0)
-    assert (c.standardize, c.eps, c.u_max, c.beta_perception, c.beta_reasoning) == ("batch", 1e-6, 3.0, 0.5, 0.5)
-    assert (c.weight_map, c.w_min, c.renorm) == ("exp", 0.1, "mean")
+    """Every SRPOConfig default is the one docs/spec.md states; a field the spec does not know fails here."""
+    import dataclasses
+    import re
+
+    spec, c = _spec_text(), SRPOConfig()
+    for name, pattern in SPEC_DEFAULTS.items():
+        found = re.findall(pattern, spec)
+        assert len(set(found)) == 1, f"docs/spec.md states `{name}`'s default {len(set(found))} ways: {found}"
+        default = getattr(c, name)
+        stated = type(default)(found[0])
+        assert default == stated, f"SRPOConfig.{name} defaults to {default!r}, docs/spec.md says {stated!r}"
+    # role_stats is an option the spec does not have: its default must be the spec's step 2 (statistics over all of
+    # a role's tokens).
+    assert c.role_stats == "all"
+    assert {f.name for f in dataclasses.fields(SRPOConfig)} == set(SPEC_DEFAULTS) | {"role_stats"}
     with pytest.raises(AttributeError):
         c.u_max = 1.0  # frozen
+
+
+def test_op_signature_defaults_match_spec():
+    """The defaults the spec writes in a public function's signature (``token_logprobs(…, temperature=1.0, …)``) are
+    the function's own."""
+    import ast
+    import inspect
+    import re
+
+    import srpo_core
+
+    checked = set()
+    for fn_name, args in re.findall(r"`(\w+)\(([^`]*)\)`", _spec_text()):
+        if fn_name not in srpo_core.__all__:
+            continue
+        params = inspect.signature(getattr(srpo_core, fn_name)).parameters
+        for arg, value in re.findall(r'(\w+)=("[^"]*"|[^,\s|)]+)', args):
+            assert arg in params, f"docs/spec.md gives {fn_name} an argument `{arg}` it does not have"
+            assert params[arg].default == ast.literal_eval(value), (fn_name, arg, params[arg].default, value)
+            checked.add((fn_name, arg))
+    assert {f for f, _ in checked} >= {"grpo_advantages", "token_logprobs", "token_contrast"}, checked
 
 
 # -- extreme configs: refused at construction, or finite weights > 0 (found by the fuzz) -----------------------------

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from srpo_core_test_checks import raises  # tests/_checks.py
 from srpo_core_test_loops import TOL, examples, loop_contrast  # tests/_loops.py
 
-from srpo_core import contrast
+from srpo_core.advantages import contrast
 
 NAN, INF = math.nan, math.inf
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from srpo_core_test_fuzz import noncontiguous  # tests/_fuzz.py
 
-from srpo_core import contrast
+from srpo_core.advantages import contrast
 from srpo_core.reference import contrast as contrast_ref
 
 NAN, INF = math.nan, math.inf

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from srpo_core import corrupt_images, corrupt_pixel_values
+from srpo_core.corruption import corrupt_images, corrupt_pixel_values
 
 NAN, INF = math.nan, math.inf
 

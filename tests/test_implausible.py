@@ -9,8 +9,9 @@ import warnings
 import pytest
 import torch
 
-from srpo_core import ImplausibleInputWarning, role_aware_advantages, vppo_advantages
+from srpo_core import ImplausibleInputWarning, role_aware_advantages
 from srpo_core._validate import _WARNED, logprob_tolerance
+from srpo_core.presets import vppo_advantages
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from srpo_core_test_fuzz import _as64, raa_calls  # tests/_fuzz.py
 
-from srpo_core import (
-    papo_perception_kl,
-    vppo_advantages,
-)
+from srpo_core.presets import papo_perception_kl, vppo_advantages
 
 NAN, INF = math.nan, math.inf
 

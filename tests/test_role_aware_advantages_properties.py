@@ -246,7 +246,7 @@ def test_property8_monotone_within_trajectory_and_role(data, config, backend):
     valid = S.valid_mask(kw)
     seg = S.segment_of(kw)
     dtype = out_dtype(kw)
-    from srpo_core import contrast
+    from srpo_core.advantages import contrast
 
     for role, kind, other, given_name in (
         (Role.PERCEPTION, config.perception_contrast, "logp_corrupt", "perception_signal"),

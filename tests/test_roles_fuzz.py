@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from srpo_core import roles_from_text, roles_from_token_ids
+from srpo_core.roles import roles_from_text, roles_from_token_ids
 from srpo_core.roles import _TAG_CHAR, char_roles
 
 PIECES = ["<think>", "</think>", "<perception>", "</perception>", "< /think >", "\\boxed{", "}", "{", "a", "bc", " ",

@@ -7,18 +7,12 @@ import pytest
 import torch
 from srpo_core_test_checks import _tokenizer, call, padded, raises  # tests/_checks.py
 
-from srpo_core import (
-    SRPOConfig,
-    ablate_span,
-    contrast,
-    corrupt_images,
-    corrupt_pixel_values,
-    grpo_advantages,
-    papo_perception_kl,
-    role_aware_advantages,
-    roles_from_token_ids,
-    vppo_advantages,
-)
+from srpo_core import SRPOConfig, grpo_advantages, role_aware_advantages
+from srpo_core.ablation import ablate_span
+from srpo_core.advantages import contrast
+from srpo_core.corruption import corrupt_images, corrupt_pixel_values
+from srpo_core.presets import papo_perception_kl, vppo_advantages
+from srpo_core.roles import roles_from_token_ids
 
 
 # -- meta tensors are refused by every op that reads values (D88) ----------------------------------------------------
