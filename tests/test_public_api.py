@@ -12,7 +12,7 @@ import srpo_core
 TOP_LEVEL = {
     "role_aware_advantages", "RoleAwareAdvantages", "grpo_advantages", "SRPOConfig", "Role",
     "token_logprobs", "linear_token_logprobs", "token_contrast", "linear_token_contrast", "TokenContrast",
-    "linear_policy_loss", "PolicyLossOutput", "ImplausibleInputWarning",
+    "linear_policy_loss", "PolicyLossConfig", "PolicyLossOutput", "ImplausibleInputWarning",
 }
 # Exported at the top level in 0.1; the submodule each lives in from 0.2.
 MOVED = {
