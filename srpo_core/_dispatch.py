@@ -14,7 +14,7 @@ import torch
 
 from srpo_core._validate import brief
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what every Triton kernel reads (fp32 math)
 
 
@@ -62,8 +62,8 @@ def pick_backend(backend: str, device: torch.device, *, op: str, has_triton: boo
 def _pick(backend: str, device: torch.device, *, op: str, has_triton: bool) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{op}: `backend` must be one of {BACKENDS}, got {brief(backend)}")
-    if backend == "torch":
-        return "torch"
+    if backend in ("torch", "reference"):
+        return backend
     on_device = device.type == "cuda" or (device.type == "cpu" and interpreting())
     runnable = has_triton and triton_importable() and on_device
     if backend == "auto":

@@ -303,7 +303,7 @@ def test_backend_triton_without_cuda(monkeypatch):
 
 
 def test_backend_unknown():
-    with raises(ValueError, "`backend`", "('auto', 'triton', 'torch')", "'cuda'"):
+    with raises(ValueError, "`backend`", "('auto', 'triton', 'torch', 'reference')", "'cuda'"):
         call(padded(), backend="cuda")
 
 
