@@ -69,7 +69,7 @@ def _params(config: SRPOConfig, device) -> torch.Tensor:
 
 def _source(kind: str, other, given) -> str | None:
     """Where a role's signal comes from: ``"given"``, a log-prob contrast kind, or ``None`` (not computable: an
-    error if the batch has tokens of that role, which the reference path reports)."""
+    error if the batch has tokens of that role, which the public entry reports)."""
     if given is not None:
         return "given"
     if kind in ("logratio", "k3") and other is not None:
