@@ -235,7 +235,7 @@ def _role_cases(sizes, device) -> list[Case]:
         from srpo_core.config import SRPOConfig
         from srpo_core.layout import cu_seqlens_from_mask
         from srpo_core.reference.contrast import contrast
-        from srpo_core.reference.role_weights import role_weights
+        from srpo_core.reference.role_aware_advantages import role_weights
 
         adv, lp, lc, la, roles, mask = inputs()
         cfg = SRPOConfig()

@@ -7,11 +7,12 @@ and ``srpo_core.corruption`` (the contrast passes' inputs), ``srpo_core.advantag
 """
 
 from srpo_core._validate import ImplausibleInputWarning
-from srpo_core.advantages import RoleAwareAdvantages, grpo_advantages, role_aware_advantages
+from srpo_core.advantages import grpo_advantages
 from srpo_core.config import PolicyLossConfig, Role, SRPOConfig
 from srpo_core.ops.linear_token_contrast import linear_token_contrast
 from srpo_core.ops.linear_token_logprobs import linear_token_logprobs
 from srpo_core.ops.policy_loss import PolicyLossOutput, linear_policy_loss
+from srpo_core.ops.role_aware_advantages import RoleAwareAdvantages, role_aware_advantages
 from srpo_core.ops.token_contrast import TokenContrast, token_contrast
 from srpo_core.ops.token_logprobs import token_logprobs
 

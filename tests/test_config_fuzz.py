@@ -42,7 +42,7 @@ PROBE = {
 
 @S.fuzz_settings()
 @given(fields=st.fixed_dictionaries({}, optional={k: st.sampled_from(v) for k, v in FIELD_VALUES.items()}),
-       backend=st.sampled_from(("auto", "torch")))
+       backend=st.sampled_from(("auto", "reference")))
 def test_fuzz_srpo_config(fields, backend):
     config = S.outcome("SRPOConfig", lambda: SRPOConfig(**fields))
     if config is None:

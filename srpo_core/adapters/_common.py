@@ -168,7 +168,7 @@ def refine_advantages(method: str, seq_adv: torch.Tensor, mask: torch.Tensor, lo
     Under a PPO-clip loss averaged over the response mask this is exactly VPPO's masked loss: a token with zero
     advantage contributes zero loss and zero gradient, and the denominator is the same.
     """
-    from srpo_core.advantages import role_aware_advantages
+    from srpo_core.ops.role_aware_advantages import role_aware_advantages
     from srpo_core.presets import vppo_advantages
 
     m = mask.bool()

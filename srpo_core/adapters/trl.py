@@ -41,8 +41,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("srpo_core.adapters.trl needs TRL: install srpo-core with its `trl` extra "
                       "(pip install '.[trl]' in a clone, or 'srpo_core-*.whl[trl]')") from e
 
-from srpo_core.advantages import RoleAwareAdvantages, role_aware_advantages
 from srpo_core.config import Role, SRPOConfig
+from srpo_core.ops.role_aware_advantages import RoleAwareAdvantages, role_aware_advantages
 from srpo_core.roles import TokenRoles, roles_from_token_ids
 
 # The TRL releases the adapter is tested with, [low, high): it overrides GRPOTrainer's private
