@@ -233,8 +233,9 @@ def large_cases() -> dict:
     """name -> (kernel module, call on meta tensors, the largest ``index × stride`` it needs). ``[V, N]ᵀ``: the
     logits are the transpose of a contiguous ``[V, N]`` buffer, so the vocab stride is N and ``(V − 1)·N`` ≈ 5·10⁹;
     contiguous ``[N, V]``: the row offset ``(N − 1)·V`` is as large."""
-    tl_mod, tc_mod, lin_mod, rw_mod = (f"srpo_core.kernels.{m}" for m in
-                                       ("token_logprobs", "token_contrast", "linear_token_logprobs", "role_weights"))
+    tl_mod, tc_mod, lin_mod, rw_mod = (
+        f"srpo_core.kernels.{m}"
+        for m in ("token_logprobs", "token_contrast", "linear_token_logprobs", "role_aware_advantages"))
 
     def logprobs(transposed, bwd):
         def call():
@@ -268,7 +269,7 @@ def large_cases() -> dict:
     def roles():
         import torch
 
-        from srpo_core.kernels import role_weights as k
+        from srpo_core.kernels import role_aware_advantages as k
 
         n = 2**31 + 2**20
         s, r = _meta(n, dtype=torch.float32), _meta(n, dtype=torch.int64)

@@ -5,8 +5,8 @@ token valid, roles ~10 % OTHER, 30 % PERCEPTION, 60 % REASONING; plus ``holes``:
 mask (valid tokens scattered, so the fast path gathers them into its grid).
 
 Three implementations, timed interleaved (one call of each per round, so that a noisy neighbour hits all alike):
-``auto`` (the public op's default: the fast path, compiled on CPU), ``torch`` (the public op's reference path) and
-``reference composition`` (pack, contrast, the reference ``role_weights``, unpack; no validation: the anchor of
+``auto`` (the public op's default: the fast path, compiled on CPU), ``reference`` (the public op's reference path)
+and ``reference composition`` (pack, contrast, the reference ``role_weights``, unpack; no validation: the anchor of
 issue 7's "≥ 3× faster" bar).
 
 Usage:
@@ -32,7 +32,7 @@ import torch
 from srpo_core import SRPOConfig, role_aware_advantages
 from srpo_core.layout import cu_seqlens_from_mask
 from srpo_core.reference.contrast import contrast
-from srpo_core.reference.role_weights import role_weights
+from srpo_core.reference.role_aware_advantages import role_weights
 
 B, T = 256, 4096
 
@@ -77,7 +77,7 @@ def reference_composition(kw: dict, config: SRPOConfig = SRPOConfig()):  # noqa:
     return out
 
 
-IMPLS = {"auto": lambda kw: run(kw), "torch": lambda kw: run(kw, backend="torch"),
+IMPLS = {"auto": lambda kw: run(kw), "reference": lambda kw: run(kw, backend="reference"),
          "reference composition": reference_composition}
 
 

@@ -51,6 +51,7 @@ def _fwd_bwd(fn, x):
         x.grad = None
         fn().sum().backward()
 
+    run.params = (x,)  # what it differentiates: benchmarks/test_bench_ops.py compares their gradients across impls
     return run
 
 
@@ -136,6 +137,7 @@ def _linear_cases(sizes, dtypes, device) -> list[Case]:
                 hidden.grad = weight.grad = None
                 call().sum().backward()
 
+            run.params = (hidden, weight)
             return run
 
         def ours(mode):
@@ -233,7 +235,7 @@ def _role_cases(sizes, device) -> list[Case]:
         from srpo_core.config import SRPOConfig
         from srpo_core.layout import cu_seqlens_from_mask
         from srpo_core.reference.contrast import contrast
-        from srpo_core.reference.role_weights import role_weights
+        from srpo_core.reference.role_aware_advantages import role_weights
 
         adv, lp, lc, la, roles, mask = inputs()
         cfg = SRPOConfig()
@@ -298,10 +300,11 @@ def policy_loss_shape(b, t, h, v, dtype, preset, device) -> list[Case]:
         return (ell * mask).sum() / mask.sum()
 
     def ours(backend="auto"):
-        from srpo_core import linear_policy_loss
+        from srpo_core import PolicyLossConfig, linear_policy_loss
 
         hidden, weight, ids, old, adv, mask = inputs()
-        return step(lambda: linear_policy_loss(hidden, weight, ids, old, adv, mask=mask, epsilon_high=0.28,
+        cfg = PolicyLossConfig(epsilon_high=0.28)
+        return step(lambda: linear_policy_loss(hidden, weight, ids, old, adv, mask=mask, config=cfg,
                                                backend=backend).loss, hidden, weight)
 
     def naive():

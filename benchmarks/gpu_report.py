@@ -53,7 +53,7 @@ from srpo_core.bench.addr_audit import audit_ttir, format_findings  # noqa: E402
 MODULES = (
     "srpo_core.kernels.token_logprobs",
     "srpo_core.kernels.token_contrast",
-    "srpo_core.kernels.role_weights",
+    "srpo_core.kernels.role_aware_advantages",
     "srpo_core.kernels.linear_token_logprobs",
     "srpo_core.kernels.linear_token_contrast",
 )

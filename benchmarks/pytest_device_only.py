@@ -20,8 +20,9 @@ from pathlib import Path
 
 # run whole by the check's `static` and `large` phases
 OWN_FILES = ("test_gpu_static.py", "test_gpu_large.py")
-KERNEL_TEST_FILES = ("test_token_logprobs.py", "test_linear_logprobs.py", "test_token_contrast.py",
-                     "test_role_weights_kernel.py", "test_policy_loss.py", "test_linear_token_contrast.py")
+KERNEL_TEST_FILES = ("test_token_logprobs.py", "test_linear_token_logprobs.py", "test_token_contrast.py",
+                     "test_role_aware_advantages_triton.py", "test_linear_policy_loss.py",
+                     "test_linear_token_contrast.py")
 TAKES_DEVICE = re.compile(r"def test_\w+\([^)]*\bdevice\b")
 
 

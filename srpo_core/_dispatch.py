@@ -42,10 +42,12 @@ def interpreting() -> bool:
 
 def pick_backend(backend: str, device: torch.device, *, op: str, has_triton: bool = True,
                  dtypes: dict[str, torch.dtype] | None = None) -> str:
-    """Resolve ``backend="auto" | "triton" | "torch"`` for tensors on ``device``.
+    """Resolve ``backend="auto" | "triton" | "torch" | "reference"`` for tensors on ``device``.
 
-    ``auto`` takes the Triton kernel for CUDA tensors when one exists for ``op`` and Triton imports, the torch path
-    otherwise. ``triton`` insists: it raises unless the kernel can run (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    ``reference`` and ``torch`` are taken as asked, on any device and dtype: the op then runs its plain-torch reference
+    (``srpo_core/reference/``) or its fast CPU path (``srpo_core/cpu/``). ``auto`` takes the Triton kernel for CUDA
+    tensors when one exists for ``op`` and Triton imports, the torch path otherwise. ``triton`` insists: it raises
+    unless the kernel can run (CUDA, or CPU under ``TRITON_INTERPRET=1``).
     ``dtypes`` names the inputs the kernel reads (``{"logits": logits.dtype}``): one outside :data:`KERNEL_DTYPES`
     (float64) sends ``auto`` to the torch path and makes ``triton`` raise, naming the argument.
     """

@@ -324,3 +324,45 @@ def autocast_inputs(*xs):
         return xs
     return tuple(x.to(cast) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
                  else x for x in xs)
+
+
+# ------------------------------------------------------------------------------- role_aware_advantages: the values
+def check_role_values(op: str, roles: torch.Tensor, mask: torch.Tensor | None, contrasts: tuple[str, str],
+                      logp: torch.Tensor, logp_corrupt, logp_ablated, perception_signal, reasoning_signal) -> None:
+    """The value checks of ``role_aware_advantages`` in the caller's layout (``mask``: the padded layout's, else
+    ``None``), in one order whichever path runs: roles outside 0-2 at valid tokens; then per role that has tokens
+    (perception, then reasoning): a precomputed signal must be finite there; else its contrast (``contrasts``, the
+    config's perception and reasoning kinds) must be a log-prob one and its other log-prob given, and the log-probs
+    there may be ``−inf``, never NaN or +inf. Raises ``ValueError`` naming the argument and the first bad index."""
+    r = roles if mask is None else roles[mask]
+    out_of_range = (r < 0) | (r > 2)
+    if r.numel() and bool(out_of_range.any()):
+        raise ValueError(f"{op}: `roles` must hold 0 (OTHER), 1 (PERCEPTION) or 2 (REASONING) at valid tokens, "
+                         f"got {torch.unique(r[out_of_range])[:5].tolist()}")
+    for code, label, kind, other_name, other, given_name, given in (
+        (1, "perception", contrasts[0], "logp_corrupt", logp_corrupt, "perception_signal", perception_signal),
+        (2, "reasoning", contrasts[1], "logp_ablated", logp_ablated, "reasoning_signal", reasoning_signal),
+    ):
+        sel = roles == code if mask is None else mask & (roles == code)
+        if not bool(sel.any()):
+            continue
+        where = f" at valid {label} positions"
+        if given is not None:
+            _reject_at(op, given_name, given, sel & ~torch.isfinite(given), "non-finite", where)
+            continue
+        if kind in ("kl", "js"):
+            raise ValueError(
+                f"{op}: config.{label}_contrast={brief(kind)} needs the full logit rows: compute it with "
+                f"srpo_core.token_contrast(...) and pass it as `{given_name}`"
+            )
+        if other is None:
+            raise ValueError(f"{op}: `{other_name}` is None but the batch has {int(sel.sum())} {label} token(s); "
+                             f"pass it, or a precomputed `{given_name}`")
+        for name, x in (("logp", logp), (other_name, other)):
+            _reject_at(op, name, x, sel & (torch.isnan(x) | (x == float("inf"))), "NaN/+inf", where)
+
+
+def _reject_at(op: str, name: str, x: torch.Tensor, bad: torch.Tensor, what: str, where: str) -> None:
+    if bool(bad.any()):
+        raise ValueError(f"{op}: `{name}` has {int(bad.sum())} {what} value(s){where}; first at index "
+                         f"{first_true_index(bad)}")

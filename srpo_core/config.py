@@ -125,3 +125,61 @@ class SRPOConfig:
 
     def beta(self, role: Role) -> float:
         return {Role.PERCEPTION: self.beta_perception, Role.REASONING: self.beta_reasoning}.get(role, 0.0)
+
+
+KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLossConfig:
+    """The loss options of ``linear_policy_loss``. Frozen and validated at construction.
+
+    ``epsilon_low``, ``epsilon_high``: PPO clip range ``[1 − ε_low, 1 + ε_high]`` (``epsilon_high`` None: = ε_low).
+    ``clip_ratio_c``: dual-clip constant ``c > 1`` (verl's name), None: off.
+    ``beta``, ``kl_kind``: KL coefficient and estimator (``"k1" | "k2" | "k3" | "low_var_kl"``);
+    ``kl_ratio_correction``: weight the KL term by the ratio ``r_t`` (TRL's ``use_bias_correction_kl``).
+    ``entropy_coeff``: entropy bonus coefficient (subtracted).
+    ``loss_agg_mode``: verl's aggregation modes; ``"seq-mean-token-sum-norm"`` also divides by ``loss_scale_factor``
+    (None: ``T`` in the padded layout, required in the packed one). ``global_batch_size``: what the sequence means
+    divide by (None: the sequences with a valid token). ``temperature``: ``τ > 0``.
+    """
+
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = None
+    clip_ratio_c: float | None = None
+    beta: float = 0.0
+    kl_kind: str = "k3"
+    kl_ratio_correction: bool = False
+    entropy_coeff: float = 0.0
+    loss_agg_mode: str = "token-mean"
+    loss_scale_factor: float | None = None
+    global_batch_size: float | None = None
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        def number(name: str, *, low: float | None = None, low_open: bool = False, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"PolicyLossConfig: `{name}` must be a finite float, got {brief(value)}")
+            if low is not None and (value <= low if low_open else value < low):
+                raise ValueError(f"PolicyLossConfig: `{name}` must be {'>' if low_open else '>='} {low}, "
+                                 f"got {brief(value)}")
+
+        number("epsilon_low", low=0)
+        number("epsilon_high", low=0, allow_none=True)
+        number("clip_ratio_c", low=1, low_open=True, allow_none=True)
+        number("beta")
+        number("entropy_coeff")
+        number("temperature", low=0, low_open=True)
+        number("loss_scale_factor", low=0, low_open=True, allow_none=True)
+        number("global_batch_size", low=0, low_open=True, allow_none=True)
+        for name, allowed in (("kl_kind", KL_KINDS), ("loss_agg_mode", LOSS_AGG_MODES)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"PolicyLossConfig: `{name}` must be one of {allowed}, got {brief(value)}")
+        if not isinstance(self.kl_ratio_correction, bool):
+            raise TypeError(f"PolicyLossConfig: `kl_ratio_correction` must be a bool, got "
+                            f"{brief(self.kl_ratio_correction)}")

@@ -14,8 +14,9 @@ import math
 
 import torch
 
-from srpo_core.advantages import RoleAwareAdvantages, grpo_advantages, role_aware_advantages
+from srpo_core.advantages import grpo_advantages
 from srpo_core.config import Role, SRPOConfig
+from srpo_core.ops.role_aware_advantages import RoleAwareAdvantages, role_aware_advantages
 from srpo_core.rollouts import Rollouts
 
 ROLE_NAMES = {Role.OTHER: "other", Role.PERCEPTION: "perception", Role.REASONING: "reasoning"}

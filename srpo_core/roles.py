@@ -24,6 +24,9 @@ import torch
 from srpo_core._validate import describe, first_true_index, refuse_meta, require_same_shape, require_tensor
 from srpo_core.config import Role
 
+__all__ = ["PERCEPTION_TAGS", "REASONING_TAGS", "TextRoles", "TokenRoles", "char_roles", "roles_from_text",
+           "roles_from_token_ids", "tag_tokens_from_token_ids", "token_offsets"]
+
 PERCEPTION_TAGS = ("perception", "description", "caption")
 REASONING_TAGS = ("think", "reasoning", "answer")
 

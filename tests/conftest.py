@@ -22,11 +22,17 @@ import srpo_core.kernels as _kernels  # noqa: E402  (after the environment above
 
 # ``tests/strategies.py`` (the hypothesis strategies) as the module ``srpo_core_test_strategies``: with
 # ``--import-mode=importlib`` tests/ is not on sys.path, so the test modules import it by this name.
-# Likewise ``tests/ablation_oracle.py`` (the by-hand ablated sequences of the adapter tests) and
-# ``tests/gloo_group.py`` (``free_port`` for the tests that launch multi-process workers).
+# Likewise ``tests/ablation_oracle.py`` (the by-hand ablated sequences of the adapter tests),
+# ``tests/gloo_group.py`` (``free_port`` for the tests that launch multi-process workers), and the helpers the op
+# files share: ``tests/_checks.py`` (``raises``, small valid calls), ``tests/_loops.py`` (the float64 loops),
+# ``tests/_fuzz.py`` (the advantages' fuzz calls) and ``tests/_logprob_fuzz.py`` (the log-prob ops' fuzz pieces).
 for _name, _file in (("srpo_core_test_strategies", "strategies.py"),
                      ("srpo_core_test_ablation_oracle", "ablation_oracle.py"),
-                     ("srpo_core_test_gloo", "gloo_group.py")):
+                     ("srpo_core_test_gloo", "gloo_group.py"),
+                     ("srpo_core_test_checks", "_checks.py"),
+                     ("srpo_core_test_loops", "_loops.py"),
+                     ("srpo_core_test_fuzz", "_fuzz.py"),
+                     ("srpo_core_test_logprob_fuzz", "_logprob_fuzz.py")):
     _spec = importlib.util.spec_from_file_location(_name, os.path.join(os.path.dirname(__file__), _file))
     _module = importlib.util.module_from_spec(_spec)
     sys.modules[_spec.name] = _module

@@ -5,7 +5,7 @@ Spawns ``WORLD`` ranks on gloo. Every rank builds the same deterministic inputs,
 of hidden (all-reduced), of its weight shard and of its bias shard — against the unsharded torch-path result computed
 in the same process. It also checks the two sharding errors (a wrong ``vocab_start``, an id outside the global
 vocabulary). Prints ``linear-dist: OK <WORLD>``; a failure raises in the rank and makes the spawn exit non-zero.
-Run by ``tests/test_linear_logprobs.py`` (a script, so the spawned children can unpickle the entry point).
+Run by ``tests/test_linear_token_logprobs.py`` (a script, so the spawned children can unpickle the entry point).
 """
 
 from __future__ import annotations

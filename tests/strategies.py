@@ -225,7 +225,7 @@ def segment_of(kwargs: dict) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1])
 
 
-# -- the fuzz suite (tests/test_fuzz_*.py, issue 14) ----------------------------------------------------------------
+# -- the fuzz suite (tests/test_*_fuzz.py) ---------------------------------------------------------------------------
 # Cases per fuzz test: a fast sample in CI, >= 1,000 per op under HYPOTHESIS_PROFILE=thorough. Derandomized (seeded
 # from each test's name), so a CI failure reproduces.
 FUZZ_EXAMPLES = {"ci": 30, "dev": 15, "thorough": 1000}

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from srpo_core_test_checks import raises  # tests/_checks.py
 
 from srpo_core.ablation import ablate_span, follows_hidden
 
@@ -133,3 +134,34 @@ def test_errors():
     ab = ablate_span(ids, attn, span)
     with pytest.raises(ValueError, match="ablated shape"):
         ab.gather(torch.zeros(2, 4))
+
+
+# -- what the fuzz found: ablate_span's pad_token_id, span and attention mask ----------------------------------------
+@pytest.mark.parametrize("pad", ["0", None, 1.0, True])
+def test_ablate_span_pad_token_id_must_be_an_int(pad):
+    ids = torch.tensor([[5, 6, 7]])
+    with raises(TypeError, "ablate_span", "`pad_token_id`"):
+        ablate_span(ids, torch.ones_like(ids), torch.tensor([[False, True, False]]), pad_token_id=pad)
+
+
+@pytest.mark.parametrize("mode", ["drop", "mask"])
+def test_ablate_span_outside_attention_mask_is_an_error(mode):
+    ids = torch.tensor([[5, 6, 7], [1, 2, 3]])
+    attn = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    span = torch.tensor([[False, False, True], [True, True, True]])
+    with raises(ValueError, "ablate_span", "`span_mask`", "`attention_mask`", "(0, 2)"):
+        ablate_span(ids, attn, span, mode=mode)
+
+
+def test_ablate_span_pad_token_id_must_fit_the_dtype():
+    ids = torch.tensor([[5, 6, 7]], dtype=torch.int32)
+    with raises(ValueError, "ablate_span", "`pad_token_id`"):
+        ablate_span(ids, torch.ones_like(ids), torch.zeros(1, 3, dtype=torch.bool), pad_token_id=2**40)
+
+
+def test_ablate_span_every_token_in_the_span():
+    """Found by the fuzz suite: a batch whose rows are all span leaves an empty ablated batch; gather gives the fill."""
+    ab = ablate_span(torch.tensor([[4, 5]]), torch.ones(1, 2, dtype=torch.int64), torch.ones(1, 2, dtype=torch.bool),
+                     mode="drop")  # the default is "mask" since D180; "drop" is the mode that empties the row
+    assert ab.input_ids.shape == (1, 0)
+    assert ab.gather(torch.zeros(1, 0), fill=-1.0).tolist() == [[-1.0, -1.0]]

@@ -219,7 +219,7 @@ def test_install_refines_the_real_experience_makers_advantages(ray_cluster, patc
         torch.testing.assert_close(got, want.advantages)
         assert "srpo/perception/mu" in exps[0].info
     else:
-        from srpo_core import vppo_advantages
+        from srpo_core.presets import vppo_advantages
 
         want, keep = vppo_advantages(seq_adv, logp, logp_c, mask=mask, top_k=0.5)
         torch.testing.assert_close(got, want * keep)

@@ -174,7 +174,7 @@ def test_line_numbers_count_blank_lines_and_cross_line_rules(tmp_path, capsys):
 
 def test_precomputed_signals_replace_the_contrast(tmp_path, capsys):
     """Signals given in the file equal the same signals computed from the log-probs."""
-    from srpo_core import contrast
+    from srpo_core.advantages import contrast
 
     recs = load(EXAMPLE)
     batch = to_batch(recs)

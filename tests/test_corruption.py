@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pytest
 import torch
+from srpo_core_test_checks import raises  # tests/_checks.py
 
 from srpo_core.corruption import CLIP_MEAN, CLIP_STD, corrupt_images, corrupt_pixel_values
 
 ROW = 3 * 2 * 14 * 14  # Qwen2-VL: C·T·P·P
+
+INF = math.inf
 
 
 def rand_pixels(grids, seed=0):
@@ -180,3 +184,34 @@ def test_corrupt_images_pil_list_and_same_mask():
         corrupt_images([random_image(28, 28, 0), random_image(28, 42, 0)], same_mask=True)
     with pytest.raises(TypeError, match="PIL images"):
         corrupt_images([np.zeros((3, 4, 4))])
+
+
+# -- what the fuzz found: corrupt_pixel_values' std and sizes --------------------------------------------------------
+def _pixels(dtype=torch.float32):
+    grid = torch.tensor([[1, 2, 2]])
+    return torch.randn(4, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0)).to(dtype), grid
+
+
+@pytest.mark.parametrize("std", [(0.0, 0.5, 0.5), (-0.1, 0.5, 0.5), (math.nan, 0.5, 0.5), (INF, 0.5, 0.5)])
+def test_corrupt_pixel_values_rejects_bad_std(std):
+    pv, grid = _pixels()
+    with raises(ValueError, "corrupt_pixel_values", "`image_std`"):
+        corrupt_pixel_values(pv, grid, mode="black", p=1.0, image_std=std)
+
+
+@pytest.mark.parametrize("name", ["merge_size", "patch_size", "temporal_patch_size"])
+@pytest.mark.parametrize("value", [1.5, 0, -2, True, "2"])
+def test_corrupt_pixel_values_rejects_bad_sizes(name, value):
+    pv, grid = _pixels()
+    with raises(ValueError, "corrupt_pixel_values", f"`{name}`"):
+        corrupt_pixel_values(pv, grid, **{name: value})
+
+
+def test_corrupt_pixel_values_never_writes_non_finite_pixels():
+    pv, grid = _pixels(torch.float16)
+    # -0.48 / 1e-6 is finite in float64 but not in float16: refused rather than written as -inf.
+    with raises(ValueError, "corrupt_pixel_values", "not finite in torch.float16"):
+        corrupt_pixel_values(pv, grid, mode="black", p=1.0, image_std=(1e-6, 0.5, 0.5))
+    for mode in ("black", "mean", "noise"):
+        out = corrupt_pixel_values(pv, grid, mode=mode, p=1.0, generator=torch.Generator().manual_seed(1))
+        assert bool(torch.isfinite(out).all())

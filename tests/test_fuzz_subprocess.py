@@ -1,8 +1,9 @@
 """The risky fuzz cases, in a subprocess: the Triton backends (through the interpreter on CPU, the kernels on a GPU)
-take the same generated bad and extreme inputs as ``test_fuzz_logprob_ops.py`` and ``test_fuzz_role_aware_
-advantages``; an out-of-bounds read that kills the interpreter (a segfault, an abort) fails this test with the
-child's output (pytest's faulthandler prints where it died) instead of ending the run. Also a rollouts file whose
-JSON nesting could exhaust the C stack."""
+take the same generated bad and extreme inputs as the log-prob ops' fuzz files (``fuzz_logprob_ops.args`` lists them
+for one child: ``test_token_logprobs_fuzz.py``, ``test_linear_token_logprobs_fuzz.py``, ``test_token_contrast_fuzz.py``)
+and ``test_role_aware_advantages_fuzz.py``; an out-of-bounds read that kills the interpreter (a segfault, an abort)
+fails this test with the child's output (pytest's faulthandler prints where it died) instead of ending the run. Also a
+rollouts file whose JSON nesting could exhaust the C stack."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def _verdict(proc: subprocess.CompletedProcess, what: str) -> None:
 
 
 @pytest.mark.parametrize("target", [
-    "tests/test_fuzz_logprob_ops.py",
-    "tests/test_fuzz_advantages.py::test_fuzz_role_aware_advantages",
+    "@tests/fuzz_logprob_ops.args",  # pytest reads the three files' names from it: one child, as before
+    "tests/test_role_aware_advantages_fuzz.py::test_fuzz_role_aware_advantages",
 ])
 def test_fuzz_triton_backends_in_a_subprocess(target):
     profile = os.environ.get("HYPOTHESIS_PROFILE", "ci")

@@ -39,8 +39,8 @@ def test_plan_without_cuda():
     assert "[static]" in out and "tests/test_gpu_static.py" in out
     parity = next(line for line in out.splitlines() if line.startswith("[parity]"))
     assert "SRPO_TEST_DEVICE=cpu" in parity and "-p pytest_device_only" in parity and "PYTHONSAFEPATH=1" in parity
-    for f in ("tests/test_token_logprobs.py", "tests/test_linear_logprobs.py", "tests/test_token_contrast.py",
-              "tests/test_role_weights_kernel.py", "tests/test_policy_loss.py"):
+    for f in ("tests/test_token_logprobs.py", "tests/test_linear_token_logprobs.py", "tests/test_token_contrast.py",
+              "tests/test_role_aware_advantages_triton.py", "tests/test_linear_policy_loss.py"):
         assert f in parity, f
     assert "[large]" not in out and "[bench]" not in out
     assert out.strip().splitlines()[-1].startswith("gpu-check (dry run): no CUDA device: 2 phases planned")

@@ -9,8 +9,9 @@ import warnings
 import pytest
 import torch
 
-from srpo_core import ImplausibleInputWarning, role_aware_advantages, vppo_advantages
+from srpo_core import ImplausibleInputWarning, role_aware_advantages
 from srpo_core._validate import _WARNED, logprob_tolerance
+from srpo_core.presets import vppo_advantages
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +47,7 @@ def run(fn, **kw) -> list[str]:
     return implausible(record)
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_positive_logp_warns_once(device, backend, layout):
     kw = batch(device, layout)
@@ -60,7 +61,7 @@ def test_positive_logp_warns_once(device, backend, layout):
     assert run(role_aware_advantages, **kw, backend=backend) == []  # once per argument
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_each_argument_named(device, backend):
     kw = batch(device)
     kw["logp_corrupt"][2, 4] = 3.0  # perception: read
@@ -71,7 +72,7 @@ def test_each_argument_named(device, backend):
     assert "`logp_ablated` has 1 value(s) above 0" in messages[1] and "largest +2" in messages[1]
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_positive_where_not_read_is_silent(device, backend):
     kw = batch(device)
     kw["logp"][1, 4] = 5.0  # outside the mask

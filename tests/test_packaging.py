@@ -24,7 +24,7 @@ print(json.dumps({
     "kernels_spec": repr(importlib.util.find_spec("kernels")),
     "srpo_core": srpo_core.__file__,
     "srpo_core.kernels": srpo_core.kernels.__file__,
-    "reference": importlib.import_module("srpo_core.reference.role_weights").__file__,
+    "reference": importlib.import_module("srpo_core.reference.role_aware_advantages").__file__,
 }))
 """
 
@@ -66,7 +66,7 @@ def wheel(tmp_path_factory) -> pathlib.Path:
 def test_wheel_ships_kernels_only_under_srpo_core(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "srpo_core/kernels/__init__.py" in names
-    assert "srpo_core/reference/role_weights.py" in names
+    assert "srpo_core/reference/role_aware_advantages.py" in names
     top = {n.split("/")[0] for n in names}
     assert "kernels" not in top, sorted(top)
     assert top <= {"srpo_core", next(t for t in top if t.endswith(".dist-info"))}, sorted(top)
@@ -147,7 +147,7 @@ def test_wheel_in_a_fresh_venv_runs_from_an_unrelated_directory(wheel, tmp_path)
     # .pth files (the test environment's editable srpo_core among them) are not run, so srpo_core can only come
     # from the wheel.
     (site / "srpo_deps.pth").write_text("\n".join(_dependency_dirs()) + "\n")
-    for rel in ("py.typed", "examples/geometry_demo.jsonl", "docs/spec.md", "kernels/role_weights.py"):
+    for rel in ("py.typed", "examples/geometry_demo.jsonl", "docs/spec.md", "kernels/role_aware_advantages.py"):
         assert (site / "srpo_core" / rel).is_file(), rel
     work = tmp_path / "elsewhere"
     work.mkdir()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from srpo_core_test_checks import _tokenizer, raises  # tests/_checks.py
 
 from srpo_core.config import Role
 from srpo_core.roles import char_roles, roles_from_text, roles_from_token_ids
@@ -233,3 +234,39 @@ def test_tag_tokens_checks_ids_like_roles():
     tok = byte_bpe()
     with pytest.raises(ValueError, match="tag_tokens_from_token_ids: `token_ids` must be in"):
         tag_tokens_from_token_ids(torch.tensor([[1, 10**6]]), tok)
+
+
+# -- what the fuzz found: roles_from_text offsets and tags -----------------------------------------------------------
+@pytest.mark.parametrize("offsets", [
+    [(0, 0, 0), (0, 0, 0)], [(0.5, 1.7)], None, [0, 1, 2, 3], [(0, 1), (2,)], "0,1", [("0", "1")], [(True, 1)],
+    torch.tensor([[0.0, 1.0]]), torch.zeros(2, 3, dtype=torch.int64), {(0, 1)},
+])
+def test_roles_from_text_refuses_bad_offsets(offsets):
+    with raises(TypeError, "roles_from_text", "`offsets`"):
+        roles_from_text("<think>ab</think>", offsets)
+
+
+def test_roles_from_text_offsets_out_of_range_and_huge():
+    with raises(ValueError, "roles_from_text", "`offsets`"):
+        roles_from_text("abc", [(0, 4)])
+    with raises(ValueError, "roles_from_text", "`offsets`"):
+        roles_from_text("abc", [(0, 2**70)])
+    assert roles_from_text("abc", []).roles.tolist() == []
+    assert roles_from_text("abc", torch.tensor([[0, 3]])).roles.tolist() == [0]
+
+
+@pytest.mark.parametrize("tags", [(None,), "think", ("",), (3,), None])
+def test_roles_from_text_refuses_bad_tags(tags):
+    with raises(TypeError, "roles_from_text", "`perception_tags`"):
+        roles_from_text("<think>ab</think>", [(0, 1)], perception_tags=tags)
+
+
+# -- what the fuzz found: roles_from_token_ids ids against the vocabulary --------------------------------------------
+@pytest.mark.parametrize("bad", [3, -1, -100, 2**40])
+def test_roles_from_token_ids_refuses_ids_outside_the_vocabulary(bad):
+    ids = torch.tensor([[0, 1, bad]])
+    with raises(ValueError, "roles_from_token_ids", "`token_ids`", "[0, 3)", "(0, 2)"):
+        roles_from_token_ids(ids, _tokenizer())
+    # Outside the mask the same id is never read.
+    out = roles_from_token_ids(ids, _tokenizer(), mask=torch.tensor([[True, True, False]]))
+    assert out.roles.tolist() == [[0, 0, 0]]

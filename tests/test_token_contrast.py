@@ -357,7 +357,7 @@ def test_compiled_cpu_chunks_match_eager_and_float64(kind, monkeypatch):
         assert_close(a, b, atol=ATOL, rtol=RTOL, name=f"compiled vs eager {name}")
 
 
-# ------------------------------------------------------------------- [..., V] views, shift, guard, sync (issue 11/17)
+# --------------------------------------------------------------------------------- [..., V] views, shift, guard, sync
 def _flat_reference(x, y, ids, kind, temperature=1.0):
     V = x.shape[-1]
     outs = reference(x.double().reshape(-1, V), y.double().reshape(-1, V), ids.reshape(-1), kind=kind,
@@ -463,7 +463,7 @@ def test_check_ids_false_skips_the_scan_and_compiles_without_graph_break(monkeyp
     assert_close(torch.compile(step, fullgraph=True)(x, y, ids), step(x, y, ids), atol=1e-6, rtol=1e-5, name="step")
 
 
-# ------------------------------------------------------------------------- extreme values (issues 11 and 14)
+# -------------------------------------------------------------------------------------------- extreme values
 EXTREME = [
     # issue 14 finding 4: ±3e38 and −inf in fp32 (KL genuinely +inf: p has mass where p' has none)
     ([[3e38, -3e38, -math.inf, 1.0]], [[-3e38, 3e38, 0.0, -math.inf]], "kl", 1.0),
@@ -597,3 +597,21 @@ def test_shift_scans_only_the_scored_ids():
     ids[0, 2] = 99
     with pytest.raises(ValueError, match="token_contrast: `ids`"):
         token_contrast(x, y, ids, kind="kl", shift=True)
+
+
+# -- what the fuzz found: extreme logits and temperatures ------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_token_contrast_kl_extreme_logits(backend, device):
+    """Issue 14 finding 4: KL of fp32 logits with ±3e38 and -inf was NaN; the float64 reference is +inf."""
+    x = torch.tensor([[3e38, -3e38, -INF, 0.0]], device=device)
+    y = torch.tensor([[-3e38, 3e38, 0.0, -INF]], device=device)
+    out = token_contrast(x, y, torch.tensor([0], device=device), kind="kl", backend=backend)
+    assert float(out.div[0]) == INF, out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_token_contrast_temperature_overflow(backend, device):
+    """Found by the fuzz: logits_ref 3e38 / temperature 0.7 overflows float32; logp_ref was NaN (float64: 0)."""
+    out = token_contrast(torch.tensor([[-INF]], device=device), torch.tensor([[3e38]], device=device),
+                         torch.tensor([0], device=device), kind="kl", temperature=0.7, backend=backend)
+    assert float(out.logp_ref[0]) == 0.0, out

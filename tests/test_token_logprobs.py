@@ -538,7 +538,7 @@ def test_outputs_own_their_storage_in_place_edits_and_backward(backend, entropy,
     assert torch.equal(outs[0][0, 2].cpu(), torch.tensor(0.0))
 
 
-# ------------------------------------------------------------------------------ issue 11: guard, sync, in place
+# ---------------------------------------------------------------------------------------- guard, sync, in place
 class _GuardSpy:
     """Stands in for ``_dispatch.device_guard`` and for a kernel: records that every launch happens inside."""
 
@@ -679,7 +679,7 @@ def test_inplace_backward_refusals():
                  atol=1e-6)
 
 
-# ------------------------------------------------------------------ large logits on ignored rows (issue 11)
+# ----------------------------------------------------------------------------- large logits on ignored rows
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("entropy", [False, True], ids=["logp", "logp+entropy"])
@@ -702,7 +702,7 @@ def test_large_logits_on_ignored_rows_forward_and_backward(backend, dtype, entro
     check_outputs(*(t.cpu() for t in out), reference_with_grad(x, ids, temperature=0.5, mode=mode), dtype)
 
 
-# ------------------------------------------------------------------ shift, out_dtype, return_lse, K ids (issue 17)
+# ----------------------------------------------------------------------------- shift, out_dtype, return_lse, K ids
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
 def test_shift_scores_position_t_with_id_t_plus_1(backend, device):
     g = torch.Generator().manual_seed(6)
@@ -900,3 +900,12 @@ def test_one_pass_redo_of_a_single_row():
     assert torch.allclose(token_logprobs(x, torch.tensor(3), backend="torch").double(), ref[3], rtol=1e-6)
     out = token_logprobs(x, torch.tensor([3, 5]), backend="torch").double()
     assert torch.allclose(out, ref[[3, 5]], rtol=1e-6, atol=1e-6)
+
+
+# -- what the fuzz found: the entropy with an overflowing logit ------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_token_logprobs_entropy_with_overflowing_logit(backend, device):
+    """Found by the fuzz: on the Triton backend a logit whose x/τ overflows to -inf in fp32 gave entropy NaN."""
+    _, entropy = token_logprobs(torch.tensor([[-3e38, -0.29343]], device=device), torch.tensor([0], device=device),
+                                temperature=0.7, return_entropy=True, backend=backend)
+    assert float(entropy[0]) == 0.0, entropy

@@ -38,8 +38,8 @@ class AdapterOptions:
     """What an adapter needs beyond :class:`SRPOConfig`: the options every adapter shares (``_options.SHARED``; the
     TRL trainer's :class:`SRPOTrainerOptions` has the same names, checked by the same code).
 
-    - ``corruption_mode``, ``corruption_p``: :func:`srpo_core.corrupt_pixel_values`'s ``mode`` and ``p`` (``"black"``,
-      0.5).
+    - ``corruption_mode``, ``corruption_p``: :func:`srpo_core.corruption.corrupt_pixel_values`'s ``mode`` and ``p``
+      (``"black"``, 0.5).
     - ``seed``: base seed of the corruption masks (one generator per prompt group, so a group shares its mask).
     - ``ablation_mode``: the reasoning contrast's ablated pass, one of :data:`srpo_core.ablation.ABLATION_MODES`
       (default :data:`srpo_core.ablation.DEFAULT_ABLATION_MODE`, the one constant every adapter reads) or ``"off"``
@@ -168,7 +168,7 @@ def refine_advantages(method: str, seq_adv: torch.Tensor, mask: torch.Tensor, lo
     Under a PPO-clip loss averaged over the response mask this is exactly VPPO's masked loss: a token with zero
     advantage contributes zero loss and zero gradient, and the denominator is the same.
     """
-    from srpo_core.advantages import role_aware_advantages
+    from srpo_core.ops.role_aware_advantages import role_aware_advantages
     from srpo_core.presets import vppo_advantages
 
     m = mask.bool()
@@ -246,8 +246,8 @@ def realign_compact(values: torch.Tensor, kept: torch.Tensor, fill: float = 0.0)
 def rebuilt_responses(responses: torch.Tensor, valid: torch.Tensor, span: torch.Tensor, mode: str, *,
                       groups: torch.Tensor | None = None, source: str = "group"):
     """The ``drop`` / ``counterfactual`` ablated responses, on response-only tensors ``[B, R]`` (the prompt, with the
-    image, is untouched): :func:`srpo_core.ablate_span` with ``valid`` (the response's real tokens) as its attention
-    mask and ``span`` (the perception tokens) removed, or replaced by the span of another response
+    image, is untouched): :func:`srpo_core.ablation.ablate_span` with ``valid`` (the response's real tokens) as its
+    attention mask and ``span`` (the perception tokens) removed, or replaced by the span of another response
     (:func:`srpo_core.ablation.counterfactual_donors` over ``groups``, a donor with the same span tokens passed over).
     Returns the :class:`srpo_core.ablation.AblatedBatch`: ``input_ids [B, R']`` the new responses, ``attention_mask``
     their real tokens, ``ablate(x)`` for any other per-response tensor, ``gather(values)`` the values of the new

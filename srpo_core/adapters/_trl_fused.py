@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from srpo_core.adapters._trl_passes import _MM_KEYS as _MODEL_KEYS
+from srpo_core.config import PolicyLossConfig
 from srpo_core.ops.policy_loss import linear_policy_loss
 
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
@@ -105,9 +106,11 @@ def compute_loss(trainer, model, inputs) -> torch.Tensor:
     res = linear_policy_loss(
         hidden, weight, completion_ids, inputs.get("old_per_token_logps"), inputs["advantages"],
         mask=mask.bool(), bias=bias, ref_logp=inputs["ref_per_token_logps"] if beta != 0.0 else None,
-        epsilon_low=trainer.epsilon_low, epsilon_high=trainer.epsilon_high, beta=beta, kl_kind="k3",
-        kl_ratio_correction=bool(getattr(trainer.args, "use_bias_correction_kl", False)),
-        loss_agg_mode=agg, loss_scale_factor=scale_factor, global_batch_size=rows, temperature=trainer.temperature,
+        config=PolicyLossConfig(
+            epsilon_low=trainer.epsilon_low, epsilon_high=trainer.epsilon_high, beta=beta, kl_kind="k3",
+            kl_ratio_correction=bool(getattr(trainer.args, "use_bias_correction_kl", False)),
+            loss_agg_mode=agg, loss_scale_factor=scale_factor, global_batch_size=rows,
+            temperature=trainer.temperature),
         return_entropy=True)
     loss = res.loss / divide if divide != 1.0 else res.loss
 

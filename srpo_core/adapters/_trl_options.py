@@ -53,7 +53,7 @@ class SRPOTrainerOptions:
       response of another prompt); :func:`srpo_core.ablation.counterfactual_donors`.
     - ``ablate_tags``: also remove the ``<perception>`` / ``</perception>`` tag tokens in the ablated pass (default
       False: ``ℓ°`` is computed after an empty tag pair; see ``docs/decisions.md`` D116).
-    - ``perception_tags`` / ``reasoning_tags``: tag names, as in :func:`srpo_core.roles_from_text`.
+    - ``perception_tags`` / ``reasoning_tags``: tag names, as in :func:`srpo_core.roles.roles_from_text`.
     - ``roles_fn``: optional ``(completion_ids [B, T], completion_mask bool [B, T], tokenizer) -> TokenRoles`` replacing
       the tag parser (e.g. a different response format, or a test that forces roles).
     - ``fused_loss``: compute TRL's GRPO loss with :func:`srpo_core.linear_policy_loss` from the model's last hidden
@@ -62,8 +62,9 @@ class SRPOTrainerOptions:
     - ``seed``: seeds the corruption masks (``seed + generation index``; default: the trainer's ``args.seed``). A
       private generator is used, so SRPO never consumes the global RNG that TRL samples and shuffles with.
     - ``method``: ``"srpo"`` (default) | ``"vppo"`` (VPPO's trajectory scale and top-k token mask, see
-      :func:`srpo_core.vppo_advantages`; the mask is folded into the advantages, D36) | ``"papo"`` (TRL's sequence
-      advantages, and ``−papo_kl_coef · mean(KL_prcp)`` added to the loss, :func:`srpo_core.papo_perception_kl`).
+      :func:`srpo_core.presets.vppo_advantages`; the mask is folded into the advantages, D36) | ``"papo"`` (TRL's
+      sequence advantages, and ``−papo_kl_coef · mean(KL_prcp)`` added to the loss,
+      :func:`srpo_core.presets.papo_perception_kl`).
     - ``corruption_share``: ``"prompt"`` (one corrupted image per prompt, shared by its responses) | ``"response"``
       (a mask drawn per response, as VPPO).
     - ``entropy_penalty_coef``: adds ``coef · (−mean ℓ)`` over the response tokens to the loss (VPPO's entropy

@@ -45,7 +45,7 @@ def corrupt_per_key(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, ke
                     **kwargs) -> torch.Tensor:
     """Corrupted Qwen-VL ``pixel_values``: the images with the same ``keys[i]`` share one mask (and noise), drawn
     from ``torch.Generator().manual_seed(hash((seed, key)))``, so an image's mask depends on its key and ``seed``
-    only, never on the other images in the batch. ``kwargs`` go to :func:`srpo_core.corrupt_pixel_values`."""
+    only, never on the other images in the batch. ``kwargs`` go to :func:`srpo_core.corruption.corrupt_pixel_values`."""
     grids = image_grid_thw.detach().to("cpu", torch.int64)
     if len(keys) != grids.shape[0]:
         raise ValueError(f"corrupt_per_key: one key per image: {grids.shape[0]} images (image_grid_thw), got "

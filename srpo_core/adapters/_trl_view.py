@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from srpo_core.advantages import RoleAwareAdvantages
+from srpo_core.ops.role_aware_advantages import RoleAwareAdvantages
 
 TAG = "srpo/token_weights"
 RESPONSES = 8  # responses shown per view (the first of this process's batch): enough for two groups of 4

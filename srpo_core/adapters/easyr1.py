@@ -144,8 +144,8 @@ def corrupted_batch(data, options: AdapterOptions = AdapterOptions(), step: int 
     """A copy of ``data`` whose ``multi_modal_data`` images are corrupted and whose uids are new.
 
     One mask per prompt group (the responses of a prompt see the same corrupted image), drawn before the processor
-    with :func:`srpo_core.corrupt_images`. The new uids (``uid + "#srpo-corrupt"``) defeat EasyR1's worker cache,
-    which would otherwise hand back the clean ``multi_modal_inputs`` of the previous call; the original batch is
+    with :func:`srpo_core.corruption.corrupt_images`. The new uids (``uid + "#srpo-corrupt"``) defeat EasyR1's worker
+    cache, which would otherwise hand back the clean ``multi_modal_inputs`` of the previous call; the original batch is
     untouched.
     """
     from srpo_core.corruption import corrupt_images

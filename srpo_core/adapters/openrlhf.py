@@ -170,8 +170,8 @@ def ablated_inputs(samples_list, roles_list: list[torch.Tensor], n_samples_per_p
                    pad_token_id: int = 0):
     """The ablated pass's inputs for OpenRLHF samples (``sequences [b, L]`` right-padded, ``action_mask [b, A]`` over
     the last ``A`` tokens, as ``Actor.forward`` reads it; ``A = L − 1`` as OpenRLHF builds them): the micro-batches
-    are ablated together (a counterfactual donor may sit in another micro-batch), with :func:`srpo_core.ablate_span`
-    in ``options.ablation_mode``, then split back.
+    are ablated together (a counterfactual donor may sit in another micro-batch), with
+    :func:`srpo_core.ablation.ablate_span` in ``options.ablation_mode``, then split back.
 
     Returns ``(sequences, attention_masks, action_masks, ab)``: per micro-batch lists, each cut to its longest row,
     and the :class:`srpo_core.ablation.AblatedBatch` over the whole (its rows in micro-batch order).

@@ -4,13 +4,13 @@ Tested with TRL 1.16 and transformers 5.24 (``srpo-core docs trl``); another TRL
 overrides private ``GRPOTrainer`` methods) unless ``SRPO_ALLOW_UNTESTED_TRL=1``. After TRL has generated, scored and
 computed its sequence advantages ``A_i: [B_local]``, the trainer
 
-1. labels each completion's tokens with :func:`srpo_core.roles_from_token_ids` (perception / reasoning / other);
+1. labels each completion's tokens with :func:`srpo_core.roles.roles_from_token_ids` (perception / reasoning / other);
 2. runs three teacher-forced passes under ``no_grad`` through :mod:`srpo_core.passes` (each cut after the last
    token its signal reads, the model's own LM head only there, TRL's temperature and logit transform): the original
    inputs (``ℓ``; reused when TRL already computed ``old_per_token_logps``), corrupted ``pixel_values`` (``ℓ̃`` on
-   perception tokens, or the ``kl``/``js`` perception contrast; :func:`srpo_core.corrupt_pixel_values`, one mask per
-   prompt) and the completions with their perception span ablated (``ℓ°`` on reasoning tokens,
-   :func:`srpo_core.ablate_span`);
+   perception tokens, or the ``kl``/``js`` perception contrast; :func:`srpo_core.corruption.corrupt_pixel_values`, one
+   mask per prompt) and the completions with their perception span ablated (``ℓ°`` on reasoning tokens,
+   :func:`srpo_core.ablation.ablate_span`);
 3. calls :func:`srpo_core.role_aware_advantages` (role statistics all-reduced over the accelerator's processes, since
    TRL spreads a prompt's completions over them; the corruption masks and counterfactual donors do not depend on
    the split either, ``_trl_split.py``, so N processes give the weights of one holding the whole batch) and stores
@@ -41,8 +41,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("srpo_core.adapters.trl needs TRL: install srpo-core with its `trl` extra "
                       "(pip install '.[trl]' in a clone, or 'srpo_core-*.whl[trl]')") from e
 
-from srpo_core.advantages import RoleAwareAdvantages, role_aware_advantages
 from srpo_core.config import Role, SRPOConfig
+from srpo_core.ops.role_aware_advantages import RoleAwareAdvantages, role_aware_advantages
 from srpo_core.roles import TokenRoles, roles_from_token_ids
 
 # The TRL releases the adapter is tested with, [low, high): it overrides GRPOTrainer's private

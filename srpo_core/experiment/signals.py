@@ -2,18 +2,18 @@
 
 For every held-out sample two responses are teacher-forced — the grounded one and a hallucinated one (one or two cell
 colours wrong, reasoning consistent with them) — under three passes: the clean image, the corrupted image
-(:func:`srpo_core.corrupt_pixel_values`, the SRPO trainer's default corruption, one mask per sample shared by its two
-responses) and the clean image with the perception span ablated (:func:`srpo_core.ablate_span` in each mode: ``mask``
-with the original M-RoPE positions, ``drop``, ``counterfactual`` with the span of another probe sample's response).
-Per token:
+(:func:`srpo_core.corruption.corrupt_pixel_values`, the SRPO trainer's default corruption, one mask per sample shared by
+its two responses) and the clean image with the perception span ablated (:func:`srpo_core.ablation.ablate_span` in each
+mode: ``mask`` with the original M-RoPE positions, ``drop``, ``counterfactual`` with the span of another probe sample's
+response). Per token:
 
-- visual dependency ``k3`` (:func:`srpo_core.contrast` of ``ℓ`` and ``ℓ̃``), ``kl`` and ``js`` (:func:`srpo_core.
-  token_contrast` of the clean and corrupted next-token rows), and the signed ``logratio`` ``ℓ − ℓ̃``;
+- visual dependency ``k3`` (:func:`srpo_core.advantages.contrast` of ``ℓ`` and ``ℓ̃``), ``kl`` and ``js``
+  (:func:`srpo_core.token_contrast` of the clean and corrupted next-token rows), and the signed ``logratio`` ``ℓ − ℓ̃``;
 - reasoning consistency ``reasoning_<mode>_logratio`` ``ℓ − ℓ°`` (SRPO's default) and ``k3`` / ``kl`` / ``js`` of the
   clean and ablated rows; ``reasoning_drop_no_tags_logratio`` drops the ``<perception>`` tags too.
 
-Roles come from the real tag parser (:func:`srpo_core.roles_from_token_ids`). Comparisons (difference of token means
-and Cohen's d, with a cluster bootstrap over samples): perception vs reasoning vs OTHER tokens; grounded vs
+Roles come from the real tag parser (:func:`srpo_core.roles.roles_from_token_ids`). Comparisons (difference of token
+means and Cohen's d, with a cluster bootstrap over samples): perception vs reasoning vs OTHER tokens; grounded vs
 hallucinated perception spans (and the changed colour words alone); reasoning tokens that use a perceived fact (all of
 them, or the ones read directly off the span) vs those that do not.
 """

@@ -24,8 +24,7 @@ from __future__ import annotations
 import torch
 
 from srpo_core._validate import brief
-
-KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
+from srpo_core.config import KL_KINDS
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:

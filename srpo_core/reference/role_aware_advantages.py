@@ -1,36 +1,56 @@
-"""SPEC steps 2-6 on the packed layout: role-wise standardisation, shared baseline, positive weights, renormalisation,
-token advantages. Plain vectorised torch (segment sums with ``index_add_``), readable as the math, float64-friendly.
+"""SPEC steps 1-6 on the packed layout: the contrasts, role-wise standardisation, shared baseline, positive weights,
+renormalisation, token advantages. Plain vectorised torch (segment sums with ``index_add_``), readable as the math,
+float64-friendly; no validation and no backend choice (``srpo_core/ops/role_aware_advantages.py`` does both).
 
-Shapes: ``advantages: [B]``, ``signals: [N]`` (``s_t``, read at role tokens only), ``roles: int [N]``,
-``cu_seqlens: [B+1]``.
+Shapes: ``advantages: [B]``, per-token inputs ``[N]`` (``roles: int [N]``), ``cu_seqlens: [B+1]``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.distributed as dist
 
+from srpo_core.common.role_aware_advantages import RoleWeights
 from srpo_core.config import Role, SRPOConfig
 from srpo_core.layout import segment_ids, segment_sum
+from srpo_core.reference import contrast as contrast_ref
 
 ROLES = (Role.PERCEPTION, Role.REASONING)
 
+__all__ = ["RoleWeights", "role_aware_advantages", "role_weights", "signals", "standardize", "weight_map"]
 
-@dataclasses.dataclass
-class RoleWeights:
-    """Packed results: ``advantages, weights, z: [N]``, ``baseline: [B]``, ``role_stats: float64 [2, 3]`` holding
-    ``(count, μ_r, σ_r)`` for perception then reasoning (``count``: all the role's tokens; ``μ_r, σ_r``: over the
-    signals ``config.role_stats`` selects), and ``clamped: float64 [2]``, the number of signals at a bound of their
-    contrast per role, over the whole batch."""
 
-    advantages: torch.Tensor
-    weights: torch.Tensor
-    z: torch.Tensor
-    baseline: torch.Tensor
-    role_stats: torch.Tensor
-    clamped: torch.Tensor | None = None
+def role_aware_advantages(advantages: torch.Tensor, logp: torch.Tensor, logp_corrupt: torch.Tensor | None,
+                          logp_ablated: torch.Tensor | None, roles: torch.Tensor,
+                          perception_signal: torch.Tensor | None, reasoning_signal: torch.Tensor | None,
+                          cu_seqlens: torch.Tensor, config: SRPOConfig, group=None, *,
+                          dtype: torch.dtype) -> RoleWeights:
+    """SPEC steps 1-6 on packed inputs whose values the caller has checked; ``advantages`` in ``dtype``."""
+    s, clamped = signals(config, roles, logp, logp_corrupt, logp_ablated, perception_signal, reasoning_signal,
+                         dtype=dtype)
+    return role_weights(advantages, s, roles, cu_seqlens, config, group, clamped)
+
+
+def signals(config: SRPOConfig, roles: torch.Tensor, logp: torch.Tensor, logp_corrupt: torch.Tensor | None,
+            logp_ablated: torch.Tensor | None, perception_signal: torch.Tensor | None,
+            reasoning_signal: torch.Tensor | None, *, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: ``s_t = D_P(ℓ, ℓ̃)`` at perception tokens, ``D_R(ℓ, ℓ°)`` at reasoning tokens (a precomputed signal
+    replaces the contrast of its role), 0 elsewhere [N]; and ``clamped: bool [N]``, the log-prob contrasts at a bound
+    (D87; precomputed signals never are). A role without tokens reads none of its inputs."""
+    s = torch.zeros(roles.shape, dtype=dtype, device=roles.device)
+    clamped = torch.zeros(roles.shape, dtype=torch.bool, device=roles.device)
+    for role, kind, other, given in ((Role.PERCEPTION, config.perception_contrast, logp_corrupt, perception_signal),
+                                     (Role.REASONING, config.reasoning_contrast, logp_ablated, reasoning_signal)):
+        sel = roles == role
+        if not bool(sel.any()):
+            continue
+        if given is not None:
+            s = torch.where(sel, given.to(dtype), s)
+            continue
+        a, b = logp.to(dtype), other.to(dtype)
+        s = torch.where(sel, contrast_ref.contrast(a, b, kind, config.clamp, config.k3_max), s)
+        clamped |= sel & contrast_ref.at_bound(a, b, kind, config.clamp, config.k3_max)
+    return s, clamped
 
 
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:

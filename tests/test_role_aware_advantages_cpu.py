@@ -1,6 +1,6 @@
-"""The fast path of ``role_aware_advantages`` (``backend="auto"`` on CPU, ``srpo_core/cpu/role_weights.py``) against
-the reference (``backend="torch"``): every config variant, both layouts (right-padded, padded with holes and left
-padding, packed with equal and unequal lengths), float32 and float64, eager and compiled, empty batches and
+"""The fast path of ``role_aware_advantages`` (``backend="auto"`` on CPU, ``srpo_core/cpu/role_aware_advantages.py``)
+against the reference (``backend="reference"``): every config variant, both layouts (right-padded, padded with holes
+and left padding, packed with equal and unequal lengths), float32 and float64, eager and compiled, empty batches and
 zero-length trajectories, and the same errors for invalid values."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from srpo_core import SRPOConfig, _chunked, role_aware_advantages
-from srpo_core.cpu import role_weights as fast
+from srpo_core.cpu import role_aware_advantages as fast
 
 CONFIGS = [
     SRPOConfig(),
@@ -132,7 +132,7 @@ def test_fast_matches_reference(eager, layout, config, dtype, signals):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no compile attempt, no fallback warning
         got = role_aware_advantages(**kw, config=config)
-    assert_close_outputs(got, role_aware_advantages(**kw, config=config, backend="torch"), dtype)
+    assert_close_outputs(got, role_aware_advantages(**kw, config=config, backend="reference"), dtype)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=range(len(CONFIGS)))
@@ -158,11 +158,11 @@ def test_fast_mixed_input_dtypes(eager):
     kw["logp_ablated"] = kw["logp_ablated"].to(torch.float16)
     got = role_aware_advantages(**kw)
     assert got.weights.dtype == torch.float32
-    assert_close_outputs(got, role_aware_advantages(**kw, backend="torch"), torch.float32)
+    assert_close_outputs(got, role_aware_advantages(**kw, backend="reference"), torch.float32)
     kw["advantages"] = kw["advantages"].double()
     got = role_aware_advantages(**kw)
     assert got.weights.dtype == torch.float64
-    assert_close_outputs(got, role_aware_advantages(**kw, backend="torch"), torch.float64)
+    assert_close_outputs(got, role_aware_advantages(**kw, backend="reference"), torch.float64)
 
 
 # -- exactness (SPEC properties 3 and 4) ------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def test_compiled_matches_eager_and_reference(compiled, monkeypatch, config, dty
     for layout in LAYOUTS:
         kw = make_batch(layout, dtype=dtype, signals=signals, seed=11, b=9, t=37)
         got = role_aware_advantages(**kw, config=config)
-        assert_close_outputs(got, role_aware_advantages(**kw, config=config, backend="torch"), dtype)
+        assert_close_outputs(got, role_aware_advantages(**kw, config=config, backend="reference"), dtype)
         with monkeypatch.context() as m:
             m.setenv(_chunked.NO_COMPILE_ENV, "1")
             m.setattr(_chunked, "USE_COMPILE", None)
@@ -232,7 +232,7 @@ def test_no_compile_env_never_compiles(monkeypatch):
 
     monkeypatch.setattr(_chunked.Compiled, "__call__", boom)
     kw = make_batch("holes")
-    assert_close_outputs(role_aware_advantages(**kw), role_aware_advantages(**kw, backend="torch"), torch.float32)
+    assert_close_outputs(role_aware_advantages(**kw), role_aware_advantages(**kw, backend="reference"), torch.float32)
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
@@ -270,7 +270,7 @@ def test_empty_batch_and_zero_length_trajectories(eager, packed):
             kw = {"logp": -torch.rand(b, t), "logp_corrupt": -torch.rand(b, t), "logp_ablated": -torch.rand(b, t),
                   "roles": torch.randint(0, 3, (b, t)), "mask": mask}
         got = role_aware_advantages(adv, **kw)
-        assert_close_outputs(got, role_aware_advantages(adv, **kw, backend="torch"), torch.float32)
+        assert_close_outputs(got, role_aware_advantages(adv, **kw, backend="reference"), torch.float32)
 
 
 def test_very_uneven_lengths_take_the_reference_path_in_both_layouts(eager, monkeypatch):
@@ -283,22 +283,21 @@ def test_very_uneven_lengths_take_the_reference_path_in_both_layouts(eager, monk
     packed = {k: (v if k == "advantages" else v[mask]) for k, v in kw.items()}
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(1).cumsum(0)])
     calls = []
-    real = fast.role_aware_advantages_fast
-    monkeypatch.setattr("srpo_core.advantages.role_aware_advantages_fast",
-                        lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    real = fast.role_aware_advantages_cpu
+    monkeypatch.setattr(fast, "role_aware_advantages_cpu", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
     got = role_aware_advantages(**kw, mask=mask)
     got_packed = role_aware_advantages(**packed, cu_seqlens=cu)
-    assert calls == [None, None]
-    assert_identical(got, role_aware_advantages(**kw, mask=mask, backend="torch"))
+    assert calls == []  # the entry routes both layouts to the reference; the fast path never sees them
+    assert_identical(got, role_aware_advantages(**kw, mask=mask, backend="reference"))
     assert_identical(packed_view(got, {"mask": mask}), got_packed)
 
 
-def test_torch_backend_is_the_reference(monkeypatch):
+def test_reference_backend_is_the_reference(monkeypatch):
     def boom(*args, **kwargs):
-        raise AssertionError("fast path used for backend='torch'")
+        raise AssertionError("fast path used for backend='reference'")
 
-    monkeypatch.setattr("srpo_core.advantages.role_aware_advantages_fast", boom)
-    role_aware_advantages(**make_batch("holes"), backend="torch")
+    monkeypatch.setattr(fast, "role_aware_advantages_cpu", boom)
+    role_aware_advantages(**make_batch("holes"), backend="reference")
 
 
 # -- errors: the same messages as the reference ----------------------------------------------------------------
@@ -339,7 +338,7 @@ def test_errors_match_the_reference(request, mode, name, spoil, opts):
     if opts.get("signals"):
         config = SRPOConfig(perception_contrast="kl", reasoning_contrast="js")
     with pytest.raises(ValueError) as want:
-        role_aware_advantages(**kw, config=config, backend="torch")
+        role_aware_advantages(**kw, config=config, backend="reference")
     with pytest.raises(ValueError) as got:
         role_aware_advantages(**kw, config=config)
     assert str(got.value) == str(want.value)

@@ -346,3 +346,38 @@ def test_custom_op_opcheck():
         args = (hidden.requires_grad_(True), weight.requires_grad_(True), bias, ids, 1.25, want_entropy, -100, "torch",
                 True)
         torch.library.opcheck(torch.ops.srpo_core.linear_token_logprobs.default, args)
+
+
+# -- what the fuzz found: logits that overflow; the one strict xfail left is a known limit (D150) --------------------
+def test_linear_token_logprobs_logit_overflow_raises():
+    """Found by the fuzz: hidden [[3e38]] @ weight [[3.8525]]ᵀ overflows the fp32 logit, and the result was NaN
+    (float64 gives 0, V = 1). Logits beyond float32 are outside the op's domain: a clear error, not a NaN (D150)."""
+    with pytest.raises(ValueError, match=r"linear_token_logprobs: the logits of row 0 are not finite"):
+        linear_token_logprobs(torch.tensor([[3e38]]), torch.tensor([[3.8525]]), torch.tensor([0]))
+    out = linear_token_logprobs(torch.tensor([[3e38]]), torch.tensor([[3.8525]]), torch.tensor([0]), check_ids=False)
+    assert bool(torch.isnan(out).all()), out  # the documented escape hatch returns what the arithmetic gives
+
+
+_W17 = [-0.5776, -0.1583, -0.3152, -0.1817, -0.0050, 0.0526, 0.0443, -0.2076, 0.0597, -0.0607, -0.1933, -0.3988,
+        -0.1718, 0.3720, -0.1121, -0.2228, 0.1687]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_linear_token_logprobs_large_finite_logits_raise(backend, device):
+    """Found by the fuzz: large finite fp32 logits (|x/τ| ≈ 2.5e38, within float32 but not once scaled to base 2)
+    gave NaN on all backends, where torch in fp32 gives 0: now the library's error (D150)."""
+    with pytest.raises(ValueError, match=r"linear_token_logprobs: the logits of row 0 are not finite"):
+        linear_token_logprobs(torch.tensor([[-3e38]], device=device), torch.tensor(_W17, device=device)[:, None],
+                              torch.tensor([0], device=device), temperature=0.7, backend=backend)
+
+
+@pytest.mark.xfail(strict=True, reason="known limit (D150): |logit|/τ above ~1.6e38 overflows the base-2 tiles; -inf "
+                                       "where torch in fp32 and the float64 reference both give -3.1984e38")
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_known_linear_token_logprobs_large_finite_logits_inf(backend, device):
+    h = torch.tensor([[3e38, -0.29343, -2.1788, 0.56843, -1.0845, -1.3986, 0.40335, 0.83803]], device=device)
+    w = torch.tensor([[-0.5776, -0.0933, -0.2652, 0.2499, -0.2210, -0.3189, -0.1558, -0.2166],
+                      [0.0597, 0.1834, -0.3305, 0.3287, -0.3719, -0.1784, 0.1300, -0.2382],
+                      [0.1687, 0.2617, 0.0386, -0.1875, -0.1808, 0.0216, -0.4366, 0.2603]], device=device)
+    out = linear_token_logprobs(h, w, torch.tensor([0], device=device), temperature=0.7, backend=backend)
+    assert bool(torch.isfinite(out).all()), out

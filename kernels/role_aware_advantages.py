@@ -1,4 +1,5 @@
-"""Role weights: SPEC steps 2-6 over packed tokens, in two launches, deterministic.
+"""The Triton path of ``role_aware_advantages``: SPEC step 1 in torch on the packed tokens, then steps 2-6 in two
+launches, deterministic.
 
 Inputs (packed): ``signals [N]`` fp32 (``s_t``, read at role tokens only), ``roles [N]`` int, ``cu_seqlens [B+1]``
 int64, ``advantages [B]`` fp32. Outputs: ``adv [N]``, ``w [N]``, ``z [N]`` fp32, ``baseline [B]`` fp32.
@@ -22,8 +23,14 @@ trajectory-sized window (from L2 after the first pass) and writes ``adv, w, z`` 
 
 **The launcher** (``role_weights_triton``) runs the two launches and folds the partials between them (``_fold``;
 over ``group``: counts and sums first, then the squared deviations about the global mean, then max / −min); launch 2
-reads six floats (each μ as an fp32 pair). Float64 inputs take the reference path (the kernels compute in fp32).
-Returns the reference's :class:`~srpo_core.reference.role_weights.RoleWeights`.
+reads six floats (each μ as an fp32 pair). The kernels compute in fp32: float64 never comes here (the public entry's
+``pick_backend`` refuses it for ``backend="triton"`` and sends ``"auto"`` to the CPU path). Returns
+:class:`~srpo_core.common.role_aware_advantages.RoleWeights`.
+
+**Step 1** (``role_aware_advantages_triton``): each role's signal is its precomputed ``s_t`` or the log-prob contrast
+of ``srpo_core/common/role_aware_advantages.py`` (torch, elementwise), and the clamped signals are counted per role
+(all-reduced over a process group after the two launches' collectives). ``role_stats="unclamped"`` needs a per-token
+exclusion launch 1 does not have: the public entry sends those calls to the reference.
 """
 
 from __future__ import annotations
@@ -35,9 +42,8 @@ import triton.language as tl
 
 from srpo_core import _dispatch
 from srpo_core._dispatch import empty
+from srpo_core.common.role_aware_advantages import RoleWeights, signal_and_bound
 from srpo_core.config import SRPOConfig
-from srpo_core.reference.role_weights import RoleWeights
-from srpo_core.reference.role_weights import role_weights as role_weights_reference
 
 MAP_CODES = {"exp": 0, "linear": 1, "sigmoid": 2}
 BLOCK = 1024  # tokens per tile: 8 per thread at 4 warps, two 128-bit loads of fp32 signals
@@ -234,9 +240,8 @@ def _fold(part: torch.Tensor, group) -> torch.Tensor:
 
 def role_weights_triton(advantages: torch.Tensor, signals: torch.Tensor, roles: torch.Tensor,
                         cu_seqlens: torch.Tensor, config: SRPOConfig, group=None) -> RoleWeights:
-    """``advantages [B]``, ``signals [N]``, ``roles int [N]``, ``cu_seqlens int64 [B+1]`` → ``RoleWeights``."""
-    if torch.float64 in (advantages.dtype, signals.dtype):
-        return role_weights_reference(advantages, signals, roles, cu_seqlens, config, group)
+    """Steps 2-6: ``advantages [B]``, ``signals [N]``, ``roles int [N]``, ``cu_seqlens int64 [B+1]``, fp32 / bf16 /
+    fp16 → ``RoleWeights`` (fp32; ``clamped`` left ``None``)."""
     s = signals.to(torch.float32).contiguous()
     r = roles.contiguous()
     stats = _fold(partial_stats(s, r), group)
@@ -255,6 +260,39 @@ def role_weights_triton(advantages: torch.Tensor, signals: torch.Tensor, roles: 
         renorm=config.renorm == "mean")
     # The reference reports μ of an empty role as 0 / 1 = 0 and σ = 0; so does this.
     return RoleWeights(adv, w, z, base, stats)
+
+
+def role_aware_advantages_triton(advantages: torch.Tensor, logp: torch.Tensor, logp_corrupt: torch.Tensor | None,
+                                 logp_ablated: torch.Tensor | None, roles: torch.Tensor,
+                                 perception_signal: torch.Tensor | None, reasoning_signal: torch.Tensor | None,
+                                 cu_seqlens: torch.Tensor, config: SRPOConfig, group=None) -> RoleWeights:
+    """SPEC steps 1-6 on packed inputs whose values the public entry has checked (fp32 / bf16 / fp16, fp32 out)."""
+    s, clamped = _signals(config, roles, logp, logp_corrupt, logp_ablated, perception_signal, reasoning_signal)
+    res = role_weights_triton(advantages, s, roles, cu_seqlens, config, group)
+    counts = torch.stack([(clamped & (roles == r)).sum(dtype=torch.float64) for r in (1, 2)])
+    if group is not None:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    res.clamped = counts
+    return res
+
+
+def _signals(config, roles, logp, logp_corrupt, logp_ablated, perception_signal, reasoning_signal):
+    """Step 1 in fp32: ``s: [N]`` (0 at OTHER tokens) and ``clamped: bool [N]``; a role without tokens reads none of
+    its inputs."""
+    s = torch.zeros(roles.shape, dtype=torch.float32, device=roles.device)
+    clamped = torch.zeros(roles.shape, dtype=torch.bool, device=roles.device)
+    for code, kind, other, given in ((1, config.perception_contrast, logp_corrupt, perception_signal),
+                                     (2, config.reasoning_contrast, logp_ablated, reasoning_signal)):
+        sel = roles == code
+        if not bool(sel.any()):
+            continue
+        if given is not None:
+            s = torch.where(sel, given.to(torch.float32), s)
+            continue
+        value, at_bound = signal_and_bound(logp, other, kind, config.clamp, config.k3_max, torch.float32)
+        s = torch.where(sel, value, s)
+        clamped |= sel & at_bound
+    return s, clamped
 
 
 def _report_entries() -> list[dict]:
@@ -288,5 +326,5 @@ def _report_entries() -> list[dict]:
 
 GPU_REPORT = _report_entries()
 
-__all__ = ["GPU_REPORT", "MAP_CODES", "partial_stats", "role_stats_kernel", "role_weights_kernel",
-           "role_weights_triton", "weights"]
+__all__ = ["GPU_REPORT", "MAP_CODES", "partial_stats", "role_aware_advantages_triton", "role_stats_kernel",
+           "role_weights_kernel", "role_weights_triton", "weights"]

@@ -1,58 +1,25 @@
-"""Bad input gets a ValueError/TypeError naming the argument, what it got and what was expected (issue 2, "Bad
-input"); edge cases that are NOT errors (empty batch, zero-length trajectories, garbage outside the mask) work."""
+"""``role_aware_advantages``: bad input gets a ValueError/TypeError naming the argument, what it got and what was
+expected; edge cases that are NOT errors (empty batch, zero-length trajectories, garbage outside the mask) work;
+the op against an independent float64 implementation of SPEC.md written as plain Python loops over trajectories
+and tokens (``math`` only, no torch, no package code), with the project's decisions where the SPEC is silent:
+equal log-probs (both ``−inf`` included) contrast to 0 (D1), ``σ_r = 0`` gives ``z = 0`` (D5), renormalisation runs
+over all valid tokens, OTHER included (D8); its outputs are constants (no graph)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
+import srpo_core_test_strategies as S  # tests/strategies.py, registered by conftest.py
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from srpo_core_test_checks import call, packed, padded, raises  # tests/_checks.py
+from srpo_core_test_loops import TOL, examples, loop_contrast  # tests/_loops.py
 
-from srpo_core import Role, SRPOConfig, contrast, grpo_advantages, role_aware_advantages
+from srpo_core import Role, SRPOConfig, grpo_advantages, role_aware_advantages
 
 NAN, INF = math.nan, math.inf
-
-
-@contextlib.contextmanager
-def raises(exc, *fragments: str):
-    """``pytest.raises`` that also requires every fragment (plain substrings, not regexes) in the message."""
-    with pytest.raises(exc) as info:
-        yield info
-    message = str(info.value)
-    missing = [f for f in fragments if f not in message]
-    assert not missing, f"message {message!r} lacks {missing}"
-
-
-def padded(b=2, t=4, role=Role.PERCEPTION, dtype=torch.float32):
-    """Keyword arguments for a small valid padded call (every token of role ``role``)."""
-    return {
-        "advantages": torch.ones(b, dtype=dtype),
-        "logp": torch.full((b, t), -1.0, dtype=dtype),
-        "logp_corrupt": torch.full((b, t), -2.0, dtype=dtype),
-        "logp_ablated": torch.full((b, t), -3.0, dtype=dtype),
-        "roles": torch.full((b, t), int(role), dtype=torch.int64),
-        "mask": torch.ones(b, t, dtype=torch.bool),
-    }
-
-
-def packed(lengths=(4, 4), role=Role.PERCEPTION):
-    n = sum(lengths)
-    cu = [0]
-    for k in lengths:
-        cu.append(cu[-1] + k)
-    return {
-        "advantages": torch.ones(len(lengths)),
-        "logp": torch.full((n,), -1.0),
-        "logp_corrupt": torch.full((n,), -2.0),
-        "logp_ablated": torch.full((n,), -3.0),
-        "roles": torch.full((n,), int(role), dtype=torch.int64),
-        "cu_seqlens": torch.tensor(cu),
-    }
-
-
-def call(kw, **changes):
-    return role_aware_advantages(**{**kw, **changes})
 
 
 # -- shapes, devices, dtypes ---------------------------------------------------------------------------------------
@@ -303,96 +270,8 @@ def test_backend_triton_without_cuda(monkeypatch):
 
 
 def test_backend_unknown():
-    with raises(ValueError, "`backend`", "('auto', 'triton', 'torch')", "'cuda'"):
+    with raises(ValueError, "`backend`", "('auto', 'triton', 'torch', 'reference')", "'cuda'"):
         call(padded(), backend="cuda")
-
-
-# -- contrast() ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["kl", "js"])
-def test_contrast_kl_js_need_logits(kind):
-    with raises(ValueError, f"`kind`={kind!r}", "full logit rows", "token_contrast"):
-        contrast(torch.zeros(3), torch.zeros(3), kind)
-
-
-def test_contrast_unknown_kind():
-    with raises(ValueError, "`kind`", "'logratio' or 'k3'", "'bogus'"):
-        contrast(torch.zeros(3), torch.zeros(3), "bogus")
-
-
-def test_contrast_nan():
-    x = torch.zeros(2, 3)
-    x[1, 2] = NAN
-    with raises(ValueError, "`logp_other`", "1 NaN/+inf", "first at index (1, 2)"):
-        contrast(torch.zeros(2, 3), x, "k3")
-
-
-def test_contrast_shape_and_dtype():
-    with raises(ValueError, "`logp_other`", "shape of `logp` (3,)", "shape (2,)"):
-        contrast(torch.zeros(3), torch.zeros(2), "k3")
-    with raises(TypeError, "`logp`", "floating-point", "torch.int64"):
-        contrast(torch.zeros(3, dtype=torch.int64), torch.zeros(3), "k3")
-
-
-# -- grpo_advantages() -----------------------------------------------------------------------------------------------
-def test_grpo_errors():
-    r, g = torch.ones(3), torch.zeros(3, dtype=torch.int64)
-    with raises(TypeError, "`rewards`", "floating-point", "torch.int64"):
-        grpo_advantages(r.long(), g)
-    with raises(TypeError, "`group_ids`", "integer tensor", "torch.float32"):
-        grpo_advantages(r, g.float())
-    with raises(ValueError, "`group_ids`", "shape of `rewards` (3,)", "shape (2,)"):
-        grpo_advantages(r, g[:2])
-    with raises(ValueError, "`group_ids`", "on cpu", "on meta"):
-        grpo_advantages(r, g.to("meta"))
-    with raises(ValueError, "`norm`", "'std' or 'none'", "'mad'"):
-        grpo_advantages(r, g, norm="mad")
-    with raises(ValueError, "`eps`", "positive", "0"):
-        grpo_advantages(r, g, eps=0.0)
-    with raises(ValueError, "`rewards`", "must be finite", "first at index 1"):
-        grpo_advantages(torch.tensor([0.0, NAN, 1.0]), g)
-
-
-def test_grpo_empty():
-    out = grpo_advantages(torch.zeros(0), torch.zeros(0, dtype=torch.int64))
-    assert out.shape == (0,)
-
-
-# -- SRPOConfig ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("field", "value", "fragment"),
-    [
-        ("perception_contrast", "kl_div", "one of ('logratio', 'k3', 'kl', 'js')"),
-        ("reasoning_contrast", None, "one of ('logratio', 'k3', 'kl', 'js')"),
-        ("standardize", "group", "one of ('batch', 'none')"),
-        ("weight_map", "tanh", "one of ('exp', 'linear', 'sigmoid')"),
-        ("renorm", "sum", "one of ('mean', 'none')"),
-        ("clamp", 0.0, "> 0"),
-        ("clamp", NAN, "finite number"),
-        ("k3_max", -1.0, "> 0"),
-        ("eps", 0.0, "> 0"),
-        ("u_max", 0.0, "> 0"),
-        ("u_max", INF, "finite number"),
-        ("beta_perception", -0.1, ">= 0"),
-        ("beta_reasoning", INF, "finite number"),
-        ("w_min", 0.0, "> 0"),
-        ("w_min", "0.1", "finite number"),
-        ("w_min", 1.5, "(0, 1]"),
-        ("beta_perception", True, "finite number"),
-    ],
-    ids=lambda v: repr(v) if not isinstance(v, str) or len(v) < 12 else v[:12],
-)
-def test_config_bad_values(field, value, fragment):
-    with raises(ValueError, "SRPOConfig", f"`{field}`", fragment, f"got {value!r}"):
-        SRPOConfig(**{field: value})
-
-
-def test_config_defaults_match_spec():
-    c = SRPOConfig()
-    assert (c.perception_contrast, c.reasoning_contrast, c.clamp, c.k3_max) == ("k3", "logratio", 20.0, 10.0)
-    assert (c.standardize, c.eps, c.u_max, c.beta_perception, c.beta_reasoning) == ("batch", 1e-6, 3.0, 0.5, 0.5)
-    assert (c.weight_map, c.w_min, c.renorm) == ("exp", 0.1, "mean")
-    with pytest.raises(AttributeError):
-        c.u_max = 1.0  # frozen
 
 
 # -- edge cases that must work ---------------------------------------------------------------------------------------
@@ -431,48 +310,156 @@ def test_all_zero_length_padded():
     assert out.baseline.tolist() == [0.0, 0.0, 0.0]
 
 
-# Bounded messages (issue 25): an input is described by type, shape, dtype and a few values, never printed whole.
-BIG = [[-0.5] * 512 for _ in range(64)]  # the issue's reproducer: a Python list of 64×512 numbers as `logp`
-MAX_MESSAGE = 400
+# -- against the float64 loop reference ------------------------------------------------------------------------------
+PERCEPTION, REASONING = 1, 2
 
 
-def _message(fn) -> str:
-    with pytest.raises((TypeError, ValueError)) as info:
-        fn()
-    return str(info.value)
+def loop_srpo(case, cfg: SRPOConfig) -> dict:
+    """SPEC steps 1-6, one trajectory and one token at a time."""
+    B = case.B  # noqa: N806
+    # Step 1: signals at role tokens.
+    s = [[None] * n for n in case.lengths]
+    for i in range(B):
+        for t, role in enumerate(case.roles[i]):
+            if role == PERCEPTION:
+                if case.perception_signal is not None:
+                    s[i][t] = case.perception_signal[i][t]
+                else:
+                    s[i][t] = loop_contrast(case.logp[i][t], case.logp_corrupt[i][t], cfg.perception_contrast,
+                                            cfg.clamp, cfg.k3_max)
+            elif role == REASONING:
+                if case.reasoning_signal is not None:
+                    s[i][t] = case.reasoning_signal[i][t]
+                else:
+                    s[i][t] = loop_contrast(case.logp[i][t], case.logp_ablated[i][t], cfg.reasoning_contrast,
+                                            cfg.clamp, cfg.k3_max)
+    # Step 2: role-wise standardisation over the batch (population std).
+    stats = {}
+    mu, sigma = {}, {}
+    for role, label in ((PERCEPTION, "perception"), (REASONING, "reasoning")):
+        vals = [s[i][t] for i in range(B) for t, r in enumerate(case.roles[i]) if r == role]
+        n = len(vals)
+        mu[role] = math.fsum(vals) / n if n else 0.0
+        sigma[role] = math.sqrt(math.fsum((v - mu[role]) ** 2 for v in vals) / n) if n else 0.0
+        stats[f"{label}/count"] = n
+        stats[f"{label}/mu"] = mu[role]
+        stats[f"{label}/sigma"] = sigma[role]
+    z = [[0.0] * n for n in case.lengths]
+    for i in range(B):
+        for t, role in enumerate(case.roles[i]):
+            if role in (PERCEPTION, REASONING):
+                if cfg.standardize == "none":
+                    z[i][t] = s[i][t]
+                elif sigma[role] == 0:
+                    z[i][t] = 0.0
+                else:
+                    z[i][t] = (s[i][t] - mu[role]) / (sigma[role] + cfg.eps)
+    # Step 3: the shared baseline.
+    baseline = []
+    for i in range(B):
+        zs = [z[i][t] for t, r in enumerate(case.roles[i]) if r in (PERCEPTION, REASONING)]
+        baseline.append(math.fsum(zs) / len(zs) if zs else 0.0)
+    # Step 4: positive weights.
+    w = [[1.0] * n for n in case.lengths]
+    for i in range(B):
+        for t, role in enumerate(case.roles[i]):
+            if role not in (PERCEPTION, REASONING):
+                continue
+            u = min(max(z[i][t] - baseline[i], -cfg.u_max), cfg.u_max)
+            beta = cfg.beta_perception if role == PERCEPTION else cfg.beta_reasoning
+            if cfg.weight_map == "exp":
+                w[i][t] = math.exp(beta * u)
+            elif cfg.weight_map == "linear":
+                w[i][t] = max(1.0 + beta * u, cfg.w_min)
+            else:
+                w[i][t] = 2.0 / (1.0 + math.exp(-beta * u))
+    # Step 5: renormalisation.
+    if cfg.renorm == "mean":
+        for i in range(B):
+            if w[i]:
+                total = math.fsum(w[i])
+                w[i] = [x * len(w[i]) / total for x in w[i]]
+    # Step 6: token advantages.
+    adv = [[x * case.advantages[i] for x in w[i]] for i in range(B)]
+    for role, label in ((PERCEPTION, "perception"), (REASONING, "reasoning")):
+        ws = [w[i][t] for i in range(B) for t, r in enumerate(case.roles[i]) if r == role]
+        stats[f"{label}/w_min"] = min(ws) if ws else math.nan
+        stats[f"{label}/w_max"] = max(ws) if ws else math.nan
+        stats[f"{label}/w_mean"] = math.fsum(ws) / len(ws) if ws else math.nan
+    return {"advantages": adv, "weights": w, "signals": z, "baseline": baseline, "stats": stats}
 
 
-@pytest.mark.parametrize("entry", [
-    pytest.param(lambda: call(padded(b=64, t=512), logp=BIG), id="role_aware_advantages-logp"),
-    pytest.param(lambda: contrast(BIG, torch.zeros(64, 512)), id="contrast-logp"),
-    pytest.param(lambda: grpo_advantages(BIG[0], torch.zeros(512, dtype=torch.long)), id="grpo_advantages-rewards"),
-])
-def test_list_input_message_is_bounded(entry):
-    message = _message(entry)
-    assert len(message) <= MAX_MESSAGE, f"{len(message)} characters: {message[:300]}..."
-    assert "must be a torch.Tensor" in message and "list" in message
-    assert "64×512" in message or "512" in message  # the shape, not the values
+def flat(rows):
+    return torch.tensor([v for row in rows for v in row], dtype=torch.float64)
 
 
-def test_reproducer_names_argument_and_shape():
-    message = _message(lambda: call(padded(b=64, t=512), logp=BIG))
-    assert len(message) <= MAX_MESSAGE
-    for fragment in ("role_aware_advantages", "`logp`", "must be a torch.Tensor", "nested list (64×512 of float)",
-                     "-0.5", "torch.as_tensor"):
-        assert fragment in message, (fragment, message)
+def close(a: float, b: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return abs(a - b) <= TOL * (1 + abs(b))
 
 
-@pytest.mark.parametrize("field", ["beta_perception", "weight_map"])
-def test_config_value_message_is_bounded(field):
-    message = _message(lambda: SRPOConfig(**{field: BIG}))
-    assert len(message) <= MAX_MESSAGE and f"`{field}`" in message and "64×512" in message
+def all_configs() -> st.SearchStrategy[SRPOConfig]:
+    return S.configs(eps=st.sampled_from((1e-6, 1e-3)))
 
 
-def test_long_string_option_is_bounded():
-    message = _message(lambda: grpo_advantages(torch.zeros(2), torch.zeros(2, dtype=torch.long), norm="x" * 10_000))
-    assert len(message) <= MAX_MESSAGE and "`norm`" in message and "'std' or 'none'" in message
+@pytest.mark.parametrize("backend", ["auto", "reference"])  # the fast path and the reference, 100 examples each
+@settings(max_examples=examples(100))
+@given(case=S.cases(signals=None, max_b=7), config=all_configs(), packed=st.booleans(), data=st.data())
+def test_role_aware_advantages_matches_loop(case, config, packed, data, backend):
+    if case.perception_signal is not None:  # precomputed signals replace the contrast: any kind, kl/js included
+        kinds = st.sampled_from(("k3", "logratio", "kl", "js"))
+        config = SRPOConfig(**{**config.__dict__, "perception_contrast": data.draw(kinds),
+                               "reasoning_contrast": data.draw(kinds)})
+    kw = case.packed(torch.float64) if packed else case.padded(
+        torch.float64, **data.draw(S.padded_layouts(case)), garbage=7)
+    out = role_aware_advantages(**kw, config=config, backend=backend)
+    want = loop_srpo(case, config)
+    for name in ("advantages", "weights", "signals"):
+        got = getattr(out, name)
+        assert got.dtype == torch.float64
+        got = got if packed else got[kw["mask"]]
+        exp = flat(want[name])
+        torch.testing.assert_close(got, exp, atol=TOL, rtol=TOL, msg=lambda m, n=name: f"`{n}`: {m}")
+    torch.testing.assert_close(out.baseline, torch.tensor(want["baseline"], dtype=torch.float64), atol=TOL,
+                               rtol=TOL)
+    for key, value in want["stats"].items():
+        if key.endswith(("/mu", "/sigma")) and want["stats"][key.split("/")[0] + "/count"] == 0:
+            continue  # no tokens of the role: nothing to log
+        assert close(out.stats[key], value), f"stats[{key!r}] = {out.stats[key]!r}, loop gives {value!r}"
 
 
-def test_short_values_still_shown_exactly():
-    message = _message(lambda: SRPOConfig(weight_map="blur"))
-    assert "got 'blur'" in message
+# -- outputs are constants -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_advantages_are_detached_constants(backend, layout):
+    """Issue 22's reproducer: with ``logp.requires_grad`` (and every other float input too), no output has a
+    grad_fn, and a PPO-style ``(advantages * ratio).sum()`` sends into ``logp`` exactly the gradient of the ratio
+    alone (``A·ratio``), nothing through the advantages (it sent a gradient of norm 4.19 into logp)."""
+    g = torch.Generator().manual_seed(22)
+    B, T = 3, 7
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mask[:, 0] = True
+    roles = torch.randint(0, 3, (B, T), generator=g)
+    base = -torch.rand(B, T, generator=g) * 4
+    logp = base.clone().requires_grad_(True)
+    inputs = [(base - torch.rand(B, T, generator=g)).requires_grad_(True) for _ in range(2)]
+    adv = torch.randn(B, generator=g).requires_grad_(True)
+    old = (base - 0.1 * torch.randn(B, T, generator=g)).detach()
+    kw = {"mask": mask}
+    lp_in, others, roles_in, old_in = logp, inputs, roles, old
+    if layout == "packed":
+        kw = {"cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(1).cumsum(0)])}
+        lp_in, others, roles_in, old_in = logp[mask], [x[mask] for x in inputs], roles[mask], old[mask]
+    out = role_aware_advantages(adv, lp_in, *others, roles_in, backend=backend,
+                                config=SRPOConfig(beta_perception=0.5, beta_reasoning=0.5), **kw)
+    for name in ("advantages", "weights", "signals", "baseline"):
+        t = getattr(out, name)
+        assert t.grad_fn is None and not t.requires_grad, f"{name} carries a graph"
+    (out.advantages * torch.exp(lp_in - old_in)).sum().backward()
+    want = base.clone().requires_grad_(True)  # the same loss with the advantages as constants
+    (out.advantages.detach() * torch.exp((want if layout == "padded" else want[mask]) - old_in)).sum().backward()
+    assert torch.equal(logp.grad, want.grad)
+    assert adv.grad is None and all(x.grad is None for x in inputs)
+    g_adv = grpo_advantages(torch.randn(6, generator=g).requires_grad_(True), torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert g_adv.grad_fn is None and not g_adv.requires_grad

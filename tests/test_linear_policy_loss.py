@@ -4,6 +4,7 @@ path (interpreter on CPU, the ``device`` fixture); torch.compile tracing; errors
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -16,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 import srpo_core.cpu.policy_loss as cpu_pl
 import srpo_core.ops.policy_loss as ops_pl
-from srpo_core import linear_policy_loss
+from srpo_core import PolicyLossConfig, linear_policy_loss
 from srpo_core.ops.policy_loss import LOSS_AGG_MODES
 from srpo_core.reference import policy_loss as ref
 from srpo_core.reference.policy_loss import KL_KINDS
@@ -97,6 +98,13 @@ def build(c, dtype=torch.float32):
             "ref_lp": ref_lp, "coef": coef, "t": t, "factor": factor, "seq": seq, "offs": offs}
 
 
+def with_config(kw):
+    """``kw`` with its loss options gathered as ``config=PolicyLossConfig(...)``, the other keywords as they are."""
+    fields = {f.name for f in dataclasses.fields(PolicyLossConfig)}
+    return {**{k: v for k, v in kw.items() if k not in fields},
+            "config": PolicyLossConfig(**{k: v for k, v in kw.items() if k in fields})}
+
+
 def kwargs_of(c):
     kw = {"epsilon_low": c["eps"][0], "epsilon_high": c["eps"][1], "clip_ratio_c": c["clip_c"],
           "entropy_coeff": c["entropy_coeff"], "temperature": c["temperature"]}
@@ -165,7 +173,7 @@ def run_op(c, d, dtype, device="cpu", backend="torch", chunk=None, check_ids=Tru
     per_token = c["per_token"] or (c["layout"] == "packed" and n == b)
     adv = place(d["adv"].to(dtype)) if per_token else d["seq_adv"].to(device, dtype)
     rl = None if d["ref_lp"] is None else place(d["ref_lp"].to(dtype))
-    kw = kwargs_of(c)
+    kw = {**kwargs_of(c), "loss_agg_mode": c["mode"]}
     if c["mode"] == "seq-mean-token-sum-norm" and c["layout"] == "packed":
         kw["loss_scale_factor"] = d["factor"]
     old_chunk, old_tile = cpu_pl.TOKEN_CHUNK, ops_pl.TRITON_TILE_BYTES
@@ -174,9 +182,9 @@ def run_op(c, d, dtype, device="cpu", backend="torch", chunk=None, check_ids=Tru
     old = place(d["old"].to(dtype))
     try:
         phase("forward")
-        out = linear_policy_loss(hid, w, ids, old, adv, bias=bias, ref_logp=rl, loss_agg_mode=c["mode"],
+        out = linear_policy_loss(hid, w, ids, old, adv, bias=bias, ref_logp=rl,
                                  return_entropy=c["return_entropy"], backend=backend, check_ids=check_ids, **extra,
-                                 **kw)
+                                 **with_config(kw))
         params = [x for x in (hid, w, bias) if x is not None]
         phase("backward")
         grads = torch.autograd.grad(out.loss, params) if out.loss.requires_grad else None
@@ -278,7 +286,7 @@ def test_requires_grad_subsets(frozen):
     bias = d["bias"].float().requires_grad_(frozen not in ("bias", "all"))
     kw = kwargs_of(c)
     out = linear_policy_loss(h, w, d["ids"], d["old"].float(), d["adv"].float(), bias=bias,
-                             ref_logp=d["ref_lp"].float(), cu_seqlens=torch.tensor(d["offs"]), **kw)
+                             ref_logp=d["ref_lp"].float(), cu_seqlens=torch.tensor(d["offs"]), **with_config(kw))
     full_c = {**c, "return_entropy": False}
     out_all, grads_all, _ = run_op(full_c, d, torch.float32)
     assert float(out.loss.detach()) == pytest.approx(float(out_all.loss.detach()), rel=1e-6)
@@ -293,7 +301,7 @@ def test_requires_grad_subsets(frozen):
             torch.testing.assert_close(x.grad, g, rtol=1e-6, atol=1e-7)
     with torch.no_grad():  # no grad mode: same loss, nothing to backpropagate
         out_ng = linear_policy_loss(h, w, d["ids"], d["old"].float(), d["adv"].float(), bias=bias,
-                                    ref_logp=d["ref_lp"].float(), cu_seqlens=torch.tensor(d["offs"]), **kw)
+                                    ref_logp=d["ref_lp"].float(), cu_seqlens=torch.tensor(d["offs"]), **with_config(kw))
     assert float(out_ng.loss) == pytest.approx(float(out.loss.detach()), rel=1e-6) and not out_ng.loss.requires_grad
 
 
@@ -303,7 +311,7 @@ def test_no_bias_and_upstream_scale():
     h = d["hid"].float().requires_grad_(True)
     w = d["w"].float().requires_grad_(True)
     out = linear_policy_loss(h, w, d["ids"], d["old"].float(), d["adv"].float(), ref_logp=d["ref_lp"].float(),
-                             cu_seqlens=torch.tensor(d["offs"]), **kwargs_of(c))
+                             cu_seqlens=torch.tensor(d["offs"]), **with_config(kwargs_of(c)))
     (2.5 * out.loss).backward()
     _, grads, _ = run_op(c, d, torch.float32)
     torch.testing.assert_close(h.grad, 2.5 * grads[0], rtol=1e-6, atol=1e-7)
@@ -380,7 +388,7 @@ def test_triton_requires_grad_subsets(device, frozen):
     on = {k: d[k].to(device) for k in ("ids", "old", "adv", "bias", "ref_lp")}
     out = linear_policy_loss(h, w, on["ids"], on["old"].float(), on["adv"].float(), bias=on["bias"].float(),
                              ref_logp=on["ref_lp"].float(), cu_seqlens=torch.tensor(d["offs"], device=device),
-                             backend="triton", **kwargs_of(c))
+                             backend="triton", **with_config(kwargs_of(c)))
     _, grads_all, _ = run_op({**c, "return_entropy": False}, d, torch.float32)
     out.loss.backward()
     live, ref_grad = (h, grads_all[0]) if frozen == "weight" else (w, grads_all[1])
@@ -407,10 +415,12 @@ def test_torch_compile_traces_the_op(check_ids):
     w = d["w"].float().requires_grad_(True)
     bias = d["bias"].float().requires_grad_(True)
 
+    opts = with_config(kwargs_of(c))
+
     def step(h, w, bias):
         out = linear_policy_loss(h, w, pad(d["ids"], -100), pad(d["old"].float()), pad(d["adv"].float()),
                                  mask=mask, bias=bias, ref_logp=pad(d["ref_lp"].float()), check_ids=check_ids,
-                                 **kwargs_of(c))
+                                 **opts)
         return out.loss
 
     torch.compile(step, backend="aot_eager", fullgraph=True)(h, w, bias).backward()
@@ -439,7 +449,7 @@ def test_errors(change, match):
     h, w, ids, old, adv = _args()
     kw = {"cu_seqlens": torch.tensor([0, 1, 4]), **change}
     with pytest.raises((ValueError, TypeError), match=match):
-        linear_policy_loss(h, w, ids, old, adv, **kw)
+        linear_policy_loss(h, w, ids, old, adv, **with_config(kw))
 
 
 def test_value_errors_name_the_argument():
@@ -554,7 +564,8 @@ def test_bf16_logp_is_log_softmax_of_the_bf16_logits(backend, temperature, devic
     w = (torch.randn(v, h, generator=g) * 10 / math.sqrt(h)).bfloat16().to(device)
     ids = torch.randint(0, v, (n,), generator=g).to(device)
     out = linear_policy_loss(hid, w, ids, None, torch.ones(n, device=device),
-                             cu_seqlens=torch.tensor([0, n], device=device), temperature=temperature, backend=backend)
+                             cu_seqlens=torch.tensor([0, n], device=device),
+                             config=PolicyLossConfig(temperature=temperature), backend=backend)
     logits = (hid @ w.T).double()  # bf16 GEMM on the same device, rounded to bf16 once
     want = torch.log_softmax(logits / temperature, -1).gather(1, ids[:, None])[:, 0]
     assert (out.logp.double() - want).abs().max() < 2e-5
@@ -574,10 +585,10 @@ def test_autocast_follows_f_linear(backend, device):
         h = d["hid"].float().to(device).requires_grad_(True)
         w = d["w"].float().to(device).requires_grad_(True)
         if cast:
-            out = linear_policy_loss(h.bfloat16(), w.bfloat16(), *args, backend=backend, **kw)
+            out = linear_policy_loss(h.bfloat16(), w.bfloat16(), *args, backend=backend, **with_config(kw))
         else:
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                out = linear_policy_loss(h, w, *args, backend=backend, **kw)
+                out = linear_policy_loss(h, w, *args, backend=backend, **with_config(kw))
         out.loss.backward()
         return out.loss.detach(), h.grad, w.grad
 
@@ -622,8 +633,8 @@ def test_triton_path_without_gradients(device):
     args = tuple(t.to(device) for t in (d["hid"].float(), d["w"].float(), d["ids"], d["old"].float(),
                                         d["adv"].float()))
     with torch.no_grad():
-        tri = linear_policy_loss(*args, backend="triton", **kw)
-        tor = linear_policy_loss(*args, backend="torch", **kw)
+        tri = linear_policy_loss(*args, backend="triton", **with_config(kw))
+        tor = linear_policy_loss(*args, backend="torch", **with_config(kw))
     assert not tri.loss.requires_grad
     torch.testing.assert_close(tri.loss, tor.loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(tri.logp, tor.logp, rtol=1e-5, atol=1e-6)
@@ -631,7 +642,7 @@ def test_triton_path_without_gradients(device):
         torch.testing.assert_close(tri.metrics[k], tor.metrics[k], rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------- issue 22: fp16, host reads
+# -------------------------------------------------------------------------------------------------- fp16, host reads
 def _fp16_case(device):
     """Token-mean's coefficient at N = 16,384 (``1/16384``, here as ``seq-mean-token-sum`` over 16,384 sequences) on
     64 tokens, V = 3000: ``coef·p`` of most vocabulary entries is below fp16's smallest subnormal (6e-8). The inputs
@@ -667,7 +678,8 @@ def test_fp16_gradients_as_accurate_as_bf16(device, backend, chunk, entropy, mon
         hh = h.to(device, dtype).clone().requires_grad_(True)
         ww = w.to(device, dtype).clone().requires_grad_(True)
         lo = torch.float64 if dtype == torch.float64 else torch.float32
-        out = linear_policy_loss(hh, ww, ids.to(device), old.to(device, lo), adv.to(device, lo), backend=be, **kw)
+        out = linear_policy_loss(hh, ww, ids.to(device), old.to(device, lo), adv.to(device, lo), backend=be,
+                                 **with_config(kw))
         out.loss.backward()
         return hh.grad.double().cpu(), ww.grad.double().cpu()
 
@@ -695,7 +707,8 @@ def test_fp16_scaling_keeps_large_gradients_finite(device):
         hh, ww = h.to(dev, dtype).clone().requires_grad_(True), w.to(dev, dtype).clone().requires_grad_(True)
         lo = torch.float64 if dtype == torch.float64 else torch.float32
         linear_policy_loss(hh, ww, ids.to(dev), None, adv.to(dev, lo), cu_seqlens=torch.tensor([0, n], device=dev),
-                           loss_agg_mode="seq-mean-token-sum", global_batch_size=gbs, backend=be).loss.backward()
+                           config=PolicyLossConfig(loss_agg_mode="seq-mean-token-sum", global_batch_size=gbs),
+                           backend=be).loss.backward()
         return hh.grad.double().cpu(), ww.grad.double().cpu()
 
     gbs = max(float(x.abs().max()) for x in grads(torch.float64, "torch", "cpu", 1.0)) / 2e4
@@ -920,7 +933,7 @@ def test_fp16_loss_scale_recovers_subnormal_gradients(device, backend):
         ww = w.to(device, dtype).clone().requires_grad_(True)
         lo = torch.float64 if dtype == torch.float64 else torch.float32
         out = linear_policy_loss(hh, ww, ids.to(device), old.to(device, lo), adv.to(device, lo),
-                                 backend="torch" if dtype == torch.float64 else backend, **kw)
+                                 backend="torch" if dtype == torch.float64 else backend, **with_config(kw))
         (out.loss * seed).backward()
         return [x.double().cpu() / seed for x in (hh.grad, ww.grad)]
 
@@ -990,7 +1003,7 @@ def test_low_precision_gradients_under_cudas_scalar_rule(device, backend, chunk,
                 for name in _CUDA_RULE_FUNCTIONS:
                     m.setattr(torch, name, _cuda_scalar_rule(getattr(torch, name), hits))
             out = linear_policy_loss(hh, ww, ids.to(device), old.to(device, lo), adv.to(device, lo), bias=bb,
-                                     backend="torch" if dtype == torch.float64 else backend, **kw)
+                                     backend="torch" if dtype == torch.float64 else backend, **with_config(kw))
             (out.loss * seed).backward()
         return [x.grad.double().cpu() / seed for x in (hh, ww, bb)]
 
@@ -1039,3 +1052,49 @@ def test_fp16_grad_weight_with_an_outlier_hidden_column(device, backend, chunk, 
     err = {dt: float((grad_weight(dt, backend) - truth).norm() / truth.norm())
            for dt in (torch.float16, torch.bfloat16)}
     assert err[torch.float16] <= err[torch.bfloat16] / 2, err
+
+
+@pytest.mark.parametrize("name, value", [("epsilon_high", 0.28), ("beta", 0.1), ("loss_agg_mode", "token-mean"),
+                                         ("temperature", 0.7)])
+def test_a_loss_keyword_of_the_previous_release_points_to_the_config(name, value):
+    h, w, ids, old, adv = _args()
+    with pytest.raises(TypeError, match=rf"`{name}` is now a field .*config=PolicyLossConfig\({name}=\.\.\.\)"):
+        linear_policy_loss(h, w, ids, old, adv, cu_seqlens=torch.tensor([0, 4]), **{name: value})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epsilon'"):
+        linear_policy_loss(h, w, ids, old, adv, cu_seqlens=torch.tensor([0, 4]), epsilon=0.2)
+    with pytest.raises(TypeError, match="`config` must be a srpo_core.PolicyLossConfig, got dict"):
+        linear_policy_loss(h, w, ids, old, adv, cu_seqlens=torch.tensor([0, 4]), config={name: value})
+
+
+@pytest.mark.parametrize("fields, error, match", [
+    ({"epsilon_low": -0.1}, ValueError, "`epsilon_low` must be >= 0, got -0.1"),
+    ({"epsilon_high": float("nan")}, TypeError, "`epsilon_high` must be a finite float, got nan"),
+    ({"beta": "0.1"}, TypeError, "`beta` must be a finite float, got '0.1'"),
+    ({"entropy_coeff": True}, TypeError, "`entropy_coeff` must be a finite float, got True"),
+    ({"global_batch_size": 0}, ValueError, "`global_batch_size` must be > 0, got 0"),
+    ({"loss_scale_factor": -2.0}, ValueError, "`loss_scale_factor` must be > 0, got -2.0"),
+    ({"kl_ratio_correction": 1}, TypeError, "`kl_ratio_correction` must be a bool, got 1"),
+])
+def test_policy_loss_config_names_the_bad_field(fields, error, match):
+    with pytest.raises(error, match=f"PolicyLossConfig: {match}"):
+        PolicyLossConfig(**fields)
+
+
+@pytest.mark.parametrize("check_ids", [True, False])
+def test_reference_backend_is_the_reference(check_ids):
+    """``backend="reference"`` runs the materialised-logits math: the same loss, gradients, logp and metrics as the
+    fused path within fp32 rounding, and the entropy only when asked for."""
+    c = {**BASE, "kl": "k3", "entropy_coeff": 0.01, "return_entropy": True, "bias": True}
+    d = build(c)
+    outs = {}
+    for backend in ("torch", "reference"):
+        h, w, bias = (d[x].float().requires_grad_(True) for x in ("hid", "w", "bias"))
+        out = linear_policy_loss(h, w, d["ids"].clamp(min=0), d["old"].float(), d["adv"].float(), bias=bias,
+                                 ref_logp=d["ref_lp"].float(), cu_seqlens=torch.tensor(d["offs"]), backend=backend,
+                                 return_entropy=True, check_ids=check_ids, **with_config(kwargs_of(c)))
+        outs[backend] = (out, torch.autograd.grad(out.loss, (h, w, bias)))
+    (a, ga), (b, gb) = outs["torch"], outs["reference"]
+    assert b.loss.requires_grad and not b.logp.requires_grad and a.metrics.keys() == b.metrics.keys()
+    for x, y in [(a.loss, b.loss), (a.logp, b.logp), (a.entropy, b.entropy), *zip(ga, gb, strict=True),
+                 *((a.metrics[k], b.metrics[k]) for k in a.metrics)]:
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)

@@ -1,7 +1,9 @@
-"""Fast path of ``role_aware_advantages`` (``backend="auto"`` on CPU, and on CUDA when no Triton kernel runs): SPEC
-steps 1-6 with the value checks, in a few passes over a canonical row grid; ``torch.compile``d (inductor, dynamic
-shapes) for large CPU batches, the same functions eagerly otherwise (``SRPO_NO_COMPILE=1``, no C++ compiler, small
-batches, CUDA). ``backend="torch"`` keeps the plain reference (``srpo_core/reference/role_weights.py``).
+"""The CPU path of ``role_aware_advantages`` (``backend="torch"``, and ``"auto"`` where the Triton kernel does not
+run): SPEC steps 1-6 with the value checks, in a few passes over a canonical row grid; ``torch.compile``d (inductor,
+dynamic shapes) for large CPU batches, the same functions eagerly otherwise (``SRPO_NO_COMPILE=1``, no C++ compiler,
+small batches, CUDA). The plain reference is ``srpo_core/reference/role_aware_advantages.py``. The public entry sends
+here only the batches :func:`fits_grid` accepts (the others, no trajectories, no tokens or very uneven lengths, go to
+the reference).
 
 **The grid** (decision D58). Trajectory ``i``'s valid tokens, in order, sit at ``[i, 0:len_i]`` of ``[B, L]``
 tensors, ``L = max_i len_i``. A right-padded batch (``mask`` rows are prefixes) and an equal-length packed batch
@@ -16,8 +18,8 @@ scattered back. Both layouts of one batch therefore run the same code on the sam
    and ``clamped`` (1.0 where a log-prob contrast sits at a bound, D87).
    ``_role_sums``: per role the count, ``Σ s`` and extremes in float64 (over the unclamped signals under
    ``role_stats="unclamped"``), the role's token and clamped counts, and the number of ``BAD`` tokens; if it is
-   not 0, :func:`role_aware_advantages_fast` returns ``None`` and the caller's reference path raises its detailed
-   error (D59).
+   not 0 (or a role with tokens has no signal source), :func:`role_aware_advantages_cpu` raises
+   :class:`InvalidValues` and the public entry reports the detailed error (D59).
 2. ``_sq_dev``: ``Σ (s − μ_r)²`` per role in float64 (two-pass statistics, D4).
 3. ``_standardize``: ``z`` (formed in float64, then cast; D5, D28) and the baselines; ``_weights``: weights,
    renormalisation, token advantages, and each role's weight min / max / sum for the logging statistics.
@@ -33,8 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
 
 from srpo_core import _chunked
+from srpo_core.common.role_aware_advantages import signal_and_bound
 from srpo_core.config import SRPOConfig
-from srpo_core.reference.contrast import clamped_difference
 
 OP = "role_aware_advantages"
 MIN_COMPILE_TOKENS = 1 << 18  # grid elements; smaller batches run the eager passes (a compile costs seconds, once)
@@ -47,6 +49,17 @@ BAD, PADDING, OTHER, PERCEPTION, REASONING = -1, 0, 1, 2, 3  # role codes in the
 CLAMP, K3_MAX, EPS, U_MAX, BETA_P, BETA_R, W_MIN = range(7)
 
 
+class InvalidValues(ValueError):
+    """Pass 1 met a value it cannot read (a NaN/+inf log-prob or non-finite precomputed signal where it is read, a
+    role outside 0-2, a role with tokens and no signal source); the public entry finds it and raises its error."""
+
+
+def fits_grid(num_traj: int, num_tokens: int, max_len: int) -> bool:
+    """Whether this path takes a batch: at least one trajectory and one token, and a ``[B, L]`` grid not too sparse
+    (``B·L`` within ``MAX_GRID_WASTE·N`` or ``MAX_GRID_CELLS``)."""
+    return num_traj > 0 and num_tokens > 0 and num_traj * max_len <= max(MAX_GRID_WASTE * num_tokens, MAX_GRID_CELLS)
+
+
 def _params(config: SRPOConfig, device) -> torch.Tensor:
     # β is rounded to float32 as the reference's ``torch.where(roles == P, β_P, β_R)`` (default dtype) rounds it.
     beta = torch.tensor([config.beta_perception, config.beta_reasoning], dtype=torch.float32).tolist()
@@ -56,7 +69,7 @@ def _params(config: SRPOConfig, device) -> torch.Tensor:
 
 def _source(kind: str, other, given) -> str | None:
     """Where a role's signal comes from: ``"given"``, a log-prob contrast kind, or ``None`` (not computable: an
-    error if the batch has tokens of that role, which the reference path reports)."""
+    error if the batch has tokens of that role, which the public entry reports)."""
     if given is not None:
         return "given"
     if kind in ("logratio", "k3") and other is not None:
@@ -65,18 +78,6 @@ def _source(kind: str, other, given) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------- the passes
-def _contrast(logp, other, kind, params, dtype):
-    """The signal and whether it sits at a bound of its contrast (D87: ``|δ| ≥ c``, or ``k3 ≥ k3_max``)."""
-    c = params[CLAMP].to(dtype)
-    if kind == "logratio":
-        d = clamped_difference(logp.to(dtype), other.to(dtype), c)
-        return d, d.abs() >= c
-    delta = clamped_difference(other.to(dtype), logp.to(dtype), c)
-    raw = torch.expm1(delta) - delta
-    k3_max = params[K3_MAX].to(dtype)
-    return raw.clamp_min(0.0).clamp_max(k3_max), torch.where(delta.abs() >= c, True, raw >= k3_max)
-
-
 def _signals(lengths, roles, logp, input_p, input_r, params, *, dtype, p_src, r_src):
     """Pass 1: signals ``s`` and role codes, ``BAD`` where a value read is invalid (or the role is not 0, 1, 2).
 
@@ -99,7 +100,7 @@ def _signals(lengths, roles, logp, input_p, input_r, params, *, dtype, p_src, r_
             ok.append(x.abs() < inf)
             sat.append(no)
         else:  # log-probs may be -inf, never NaN or +inf (D2)
-            value, at_bound = _contrast(logp, x, src, params, dtype)
+            value, at_bound = signal_and_bound(logp, x, src, params[CLAMP].to(dtype), params[K3_MAX].to(dtype), dtype)
             signal.append(value)
             sat.append(at_bound)
             ok.append(torch.where(logp < inf, x < inf, False))
@@ -263,23 +264,17 @@ class _Grid:
 
 
 # ------------------------------------------------------------------------------------------------------ the entry
-def role_aware_advantages_fast(advantages, logp, logp_corrupt, logp_ablated, roles, perception_signal,
-                               reasoning_signal, *, mask, cu, config: SRPOConfig, group, dtype):
-    """SPEC steps 1-6 on inputs whose shapes, dtypes and ``cu`` the caller has checked; ``advantages`` finite, in
-    ``dtype``. Returns ``(token advantages, weights, z, baseline, stats rows [2, 7])`` in the caller's layout, or
-    ``None`` when this path does not apply (no tokens, very uneven lengths) or some value is invalid: the
-    reference path then computes the result or raises its error."""
+def role_aware_advantages_cpu(advantages, logp, logp_corrupt, logp_ablated, roles, perception_signal,
+                              reasoning_signal, *, mask, cu, max_len: int, config: SRPOConfig, group, dtype):
+    """SPEC steps 1-6 on a batch :func:`fits_grid` accepts, whose shapes, dtypes and ``cu`` the entry has checked
+    (``max_len``: the longest trajectory); ``advantages`` finite, in ``dtype``. Returns ``(token advantages, weights,
+    z, baseline, stats rows float64 [2, 7])`` in the caller's layout; raises :class:`InvalidValues` when a value read
+    is invalid (before any collective, so a process group's ranks stay paired only on valid batches, as before)."""
     lengths = cu[1:] - cu[:-1]
-    if lengths.numel() == 0:
-        return None
-    L = int(lengths.max())  # noqa: N806
-    n = int(cu[-1])
-    if n == 0 or lengths.numel() * L > max(MAX_GRID_WASTE * n, MAX_GRID_CELLS):
-        return None
     p_src = _source(config.perception_contrast, logp_corrupt, perception_signal)
     r_src = _source(config.reasoning_contrast, logp_ablated, reasoning_signal)
-    compiled = lengths.numel() * L >= MIN_COMPILE_TOKENS
-    grid = _Grid(mask, cu, lengths, L, compiled)
+    compiled = lengths.numel() * max_len >= MIN_COMPILE_TOKENS
+    grid = _Grid(mask, cu, lengths, max_len, compiled)
     params = _params(config, logp.device)
     p_in = perception_signal if p_src == "given" else logp_corrupt if p_src else None
     r_in = reasoning_signal if r_src == "given" else logp_ablated if r_src else None
@@ -290,7 +285,23 @@ def role_aware_advantages_fast(advantages, logp, logp_corrupt, logp_ablated, rol
     first, extremes, n_bad = _run(_role_sums, compiled, s, code, clamped, unclamped=unclamped)
     n_bad, n_p, n_r = torch.cat([n_bad.view(1), first[:, 2]]).tolist()
     if n_bad or (n_p and p_src is None) or (n_r and r_src is None):
-        return None
+        raise InvalidValues(f"{OP}: an invalid value in pass 1")
+    mu, sigma, local_count = _moments(s, code, clamped, first, extremes, group, compiled, unclamped)
+    z, baseline = _run(_standardize, compiled, s, code, params, mu, sigma, dtype=dtype,
+                       standardize=config.standardize)
+    token_adv, w, w_stats = _run(_weights, compiled, z, baseline, code, lengths, advantages, params, dtype=dtype,
+                                 weight_map=config.weight_map, renorm=config.renorm)
+    has = local_count > 0
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=w.device)
+    rows = torch.stack([first[:, 2], mu, sigma, torch.where(has, w_stats[:, 0], nan),
+                        w_stats[:, 2] / local_count.clamp(min=1.0), torch.where(has, w_stats[:, 1], nan),
+                        first[:, 3]], dim=1)
+    return (*grid.give(token_adv, w, z), baseline, rows)
+
+
+def _moments(s, code, clamped, first, extremes, group, compiled: bool, unclamped: bool):
+    """Step 2's ``μ_r`` and ``σ_r`` over the batch (all-reduced over ``group`` in the reference's order: SUM, MAX, then
+    SUM), and this rank's token count per role (``first`` is all-reduced in place)."""
     local_count = first[:, 2].clone()
     if group is not None:
         dist.all_reduce(first, op=dist.ReduceOp.SUM, group=group)
@@ -302,14 +313,4 @@ def role_aware_advantages_fast(advantages, logp, logp_corrupt, logp_ablated, rol
         dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
     constant = extremes[:, 0] == -extremes[:, 1]
     sigma = torch.where(constant, 0.0, torch.sqrt(sq / count.clamp(min=1.0)))
-
-    z, baseline = _run(_standardize, compiled, s, code, params, mu, sigma, dtype=dtype,
-                       standardize=config.standardize)
-    token_adv, w, w_stats = _run(_weights, compiled, z, baseline, code, lengths, advantages, params, dtype=dtype,
-                                 weight_map=config.weight_map, renorm=config.renorm)
-    has = local_count > 0
-    nan = torch.tensor(float("nan"), dtype=torch.float64, device=w.device)
-    rows = torch.stack([first[:, 2], mu, sigma, torch.where(has, w_stats[:, 0], nan),
-                        w_stats[:, 2] / local_count.clamp(min=1.0), torch.where(has, w_stats[:, 1], nan),
-                        first[:, 3]], dim=1)
-    return (*grid.give(token_adv, w, z), baseline, rows)
+    return mu, sigma, local_count
