@@ -16,7 +16,8 @@ per split; MODE 0 without ``t`` is its first pass.
 Masked lanes: columns past ``V`` get ``u₂ = −inf`` (``2^−inf = 0``; every product with them is guarded by
 ``where(e > 0, …)``, never ``0·inf``); rows past ``N`` read zeros and are never stored. Offsets are int64 (program
 ids and index vectors cast before any multiply by a stride). Rows whose results are not finite (``−inf``/NaN/inf
-logits, an fp32 overflow) are recomputed by the torch path's float64 slow path (one host sync).
+logits, an fp32 overflow) are recomputed in float64 by ``srpo_core.common.linear_contrast.slow_rows`` (one host sync),
+the redo the CPU path uses too.
 """
 
 from __future__ import annotations
