@@ -39,9 +39,10 @@ import time
 import pytest
 import torch
 
-from srpo_core import _chunked
 from srpo_core.bench.host import cpu_info
+from srpo_core.common import chunked as _chunked
 from srpo_core.ops.token_logprobs import token_logprobs
+from srpo_core.tuning import TUNING
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")
@@ -57,12 +58,12 @@ def trl_selective_log_softmax():
 
 def _eager(fn):
     def run():
-        old = _chunked.USE_COMPILE
-        _chunked.USE_COMPILE = False
+        old = TUNING.use_compile
+        TUNING.use_compile = False
         try:
             return fn()
         finally:
-            _chunked.USE_COMPILE = old
+            TUNING.use_compile = old
 
     return run
 

@@ -8,8 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from srpo_core.ablation import ablate_span
-from srpo_core.ablation import follows_hidden
+from srpo_core.ablation import ablate_span, follows_hidden
 
 
 @st.composite

@@ -15,12 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
-import srpo_core.cpu.policy_loss as cpu_pl
-import srpo_core.ops.policy_loss as ops_pl
 from srpo_core import PolicyLossConfig, linear_policy_loss
 from srpo_core.ops.policy_loss import LOSS_AGG_MODES
 from srpo_core.reference import policy_loss as ref
 from srpo_core.reference.policy_loss import KL_KINDS
+from srpo_core.tuning import TUNING
 
 
 def naive_coef(lengths, valid_of_seq, mode, factor):
@@ -176,9 +175,9 @@ def run_op(c, d, dtype, device="cpu", backend="torch", chunk=None, check_ids=Tru
     kw = {**kwargs_of(c), "loss_agg_mode": c["mode"]}
     if c["mode"] == "seq-mean-token-sum-norm" and c["layout"] == "packed":
         kw["loss_scale_factor"] = d["factor"]
-    old_chunk, old_tile = cpu_pl.TOKEN_CHUNK, ops_pl.TRITON_TILE_BYTES
-    cpu_pl.TOKEN_CHUNK = chunk or c["chunk"]
-    ops_pl.TRITON_TILE_BYTES = (chunk or c["chunk"]) * c["v"] * w.element_size()  # the Triton path's chunk too
+    old_chunk, old_tile = TUNING.policy_loss_token_chunk, TUNING.policy_loss_triton_tile_bytes
+    TUNING.policy_loss_token_chunk = chunk or c["chunk"]
+    TUNING.policy_loss_triton_tile_bytes = (chunk or c["chunk"]) * c["v"] * w.element_size()  # the Triton path's too
     old = place(d["old"].to(dtype))
     try:
         phase("forward")
@@ -190,7 +189,7 @@ def run_op(c, d, dtype, device="cpu", backend="torch", chunk=None, check_ids=Tru
         grads = torch.autograd.grad(out.loss, params) if out.loss.requires_grad else None
         phase(None)
     finally:
-        cpu_pl.TOKEN_CHUNK, ops_pl.TRITON_TILE_BYTES = old_chunk, old_tile
+        TUNING.policy_loss_token_chunk, TUNING.policy_loss_triton_tile_bytes = old_chunk, old_tile
     flat = (lambda x: x.reshape(-1, *x.shape[2:])[extra["mask"].reshape(-1)]) if c["layout"] == "padded" else (
         lambda x: x)
     del n
@@ -610,8 +609,8 @@ def test_bf16_grad_weight_is_summed_in_fp32_across_chunks(backend, monkeypatch, 
     h0, w0, ids, adv = (t.to(device) for t in (h0, w0, ids, adv))
 
     def grad_weight(dtype, chunk):
-        monkeypatch.setattr(cpu_pl, "TOKEN_CHUNK", chunk)
-        monkeypatch.setattr(ops_pl, "TRITON_TILE_BYTES", chunk * v * 2)
+        monkeypatch.setattr(TUNING, "policy_loss_token_chunk", chunk)
+        monkeypatch.setattr(TUNING, "policy_loss_triton_tile_bytes", chunk * v * 2)
         w = w0.to(dtype).clone().requires_grad_(True)  # a fresh leaf: w0 itself would accumulate
         out = linear_policy_loss(h0.to(dtype), w, ids, None, adv.to(dtype),
                                  cu_seqlens=torch.tensor([0, n], device=device),
@@ -670,9 +669,10 @@ def test_fp16_gradients_as_accurate_as_bf16(device, backend, chunk, entropy, mon
     h, w, ids, old, adv, kw = _fp16_case(device)
     kw["entropy_coeff"] = entropy
     if chunk is not None:
-        monkeypatch.setattr(cpu_pl, "TOKEN_CHUNK", chunk)
-        monkeypatch.setattr(cpu_pl, "USER_CAPS", True)  # as a chunk size set through the environment (D152)
-        monkeypatch.setattr(ops_pl, "TRITON_TILE_BYTES", chunk * w.shape[0] * 2)
+        monkeypatch.setattr(TUNING, "policy_loss_token_chunk", chunk)
+        # as a chunk size set through the environment (D152)
+        monkeypatch.setattr(TUNING, "user_set", frozenset({"policy_loss_token_chunk"}))
+        monkeypatch.setattr(TUNING, "policy_loss_triton_tile_bytes", chunk * w.shape[0] * 2)
 
     def grads(dtype, be):
         hh = h.to(device, dtype).clone().requires_grad_(True)
@@ -988,9 +988,9 @@ def test_low_precision_gradients_under_cudas_scalar_rule(device, backend, chunk,
     h, w, ids, old, adv, kw = _fp16_case(device)
     bias = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64).bfloat16().double()
     if chunk is not None:
-        monkeypatch.setattr(cpu_pl, "TOKEN_CHUNK", chunk)
-        monkeypatch.setattr(cpu_pl, "USER_CAPS", True)
-        monkeypatch.setattr(ops_pl, "TRITON_TILE_BYTES", chunk * w.shape[0] * 2)
+        monkeypatch.setattr(TUNING, "policy_loss_token_chunk", chunk)
+        monkeypatch.setattr(TUNING, "user_set", frozenset({"policy_loss_token_chunk"}))
+        monkeypatch.setattr(TUNING, "policy_loss_triton_tile_bytes", chunk * w.shape[0] * 2)
     hits = []
 
     def grads(dtype, seed, emulate):
@@ -1036,9 +1036,9 @@ def test_fp16_grad_weight_with_an_outlier_hidden_column(device, backend, chunk, 
     ids = torch.randint(0, v, (n,), generator=g)
     adv = torch.randn(n, generator=g, dtype=torch.float64)
     if chunk is not None:
-        monkeypatch.setattr(cpu_pl, "TOKEN_CHUNK", chunk)
-        monkeypatch.setattr(cpu_pl, "USER_CAPS", True)
-        monkeypatch.setattr(ops_pl, "TRITON_TILE_BYTES", chunk * v * 2)
+        monkeypatch.setattr(TUNING, "policy_loss_token_chunk", chunk)
+        monkeypatch.setattr(TUNING, "user_set", frozenset({"policy_loss_token_chunk"}))
+        monkeypatch.setattr(TUNING, "policy_loss_triton_tile_bytes", chunk * v * 2)
 
     def grad_weight(dtype, be):
         ww = w.to(device, dtype).clone().requires_grad_(True)

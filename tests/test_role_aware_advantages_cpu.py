@@ -11,8 +11,10 @@ import warnings
 import pytest
 import torch
 
-from srpo_core import SRPOConfig, _chunked, role_aware_advantages
+from srpo_core import SRPOConfig, role_aware_advantages
+from srpo_core.common import chunked as _chunked
 from srpo_core.cpu import role_aware_advantages as fast
+from srpo_core.tuning import TUNING
 
 CONFIGS = [
     SRPOConfig(),
@@ -94,14 +96,14 @@ def assert_identical(a, b) -> None:
 
 @pytest.fixture
 def eager(monkeypatch):
-    monkeypatch.setattr(_chunked, "USE_COMPILE", False)
+    monkeypatch.setattr(TUNING, "use_compile", False)
 
 
 @pytest.fixture
 def compiled(monkeypatch):
     """The compiled path even for tiny batches (needs a working C++ compiler; skipped without one)."""
     monkeypatch.setattr(fast, "MIN_COMPILE_TOKENS", 0)
-    monkeypatch.setattr(_chunked, "USE_COMPILE", True)
+    monkeypatch.setattr(TUNING, "use_compile", True)
     _chunked.reset()
     import torch._dynamo
 
@@ -210,7 +212,7 @@ def test_compiled_matches_eager_and_reference(compiled, monkeypatch, config, dty
         assert_close_outputs(got, role_aware_advantages(**kw, config=config, backend="reference"), dtype)
         with monkeypatch.context() as m:
             m.setenv(_chunked.NO_COMPILE_ENV, "1")
-            m.setattr(_chunked, "USE_COMPILE", None)
+            m.setattr(TUNING, "use_compile", None)
             assert_close_outputs(got, role_aware_advantages(**kw, config=config), dtype)
         results[layout] = (got, kw)
     # compiled, both layouts of one batch: bit for bit
@@ -224,7 +226,7 @@ def test_compiled_matches_eager_and_reference(compiled, monkeypatch, config, dty
 
 def test_no_compile_env_never_compiles(monkeypatch):
     monkeypatch.setattr(fast, "MIN_COMPILE_TOKENS", 0)
-    monkeypatch.setattr(_chunked, "USE_COMPILE", None)
+    monkeypatch.setattr(TUNING, "use_compile", None)
     monkeypatch.setenv(_chunked.NO_COMPILE_ENV, "1")
 
     def boom(*args, **kwargs):
@@ -237,7 +239,7 @@ def test_no_compile_env_never_compiles(monkeypatch):
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(fast, "MIN_COMPILE_TOKENS", 0)
-    monkeypatch.setattr(_chunked, "USE_COMPILE", True)
+    monkeypatch.setattr(TUNING, "use_compile", True)
     _chunked.reset()
 
     def broken(*args, **kwargs):
@@ -248,7 +250,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     try:
         with pytest.warns(RuntimeWarning, match="falling back to eager"):
             got = role_aware_advantages(**kw)
-        monkeypatch.setattr(_chunked, "USE_COMPILE", False)
+        monkeypatch.setattr(TUNING, "use_compile", False)
         assert_identical(got, role_aware_advantages(**kw))
     finally:
         _chunked.reset()

@@ -9,8 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from srpo_core.roles import roles_from_text, roles_from_token_ids
-from srpo_core.roles import _TAG_CHAR, char_roles
+from srpo_core.roles import _TAG_CHAR, char_roles, roles_from_text, roles_from_token_ids
 
 PIECES = ["<think>", "</think>", "<perception>", "</perception>", "< /think >", "\\boxed{", "}", "{", "a", "bc", " ",
           "\n", "é", "<answer>", "</caption>", "😀"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from srpo_core import _chunked, _dispatch
+from srpo_core import _dispatch
 from srpo_core.common import chunked
 from srpo_core.cpu import linear_token_logprobs as cpu_linear
 from srpo_core.tuning import TUNING, Tuning
@@ -50,9 +50,3 @@ def test_paths_read_the_knobs_at_call_time(monkeypatch):
     assert cpu_linear.tile_sizes(100, 50) == (4, 5)
 
 
-def test_the_old_chunked_module_forwards_to_the_new_one(monkeypatch):
-    """``srpo_core._chunked`` stays for one release: its USE_COMPILE is TUNING.use_compile, its names the new ones."""
-    monkeypatch.setattr(_chunked, "USE_COMPILE", False)
-    assert TUNING.use_compile is False and _chunked.USE_COMPILE is False
-    assert _chunked.compile_wanted is chunked.compile_wanted and _chunked.Compiled is chunked.Compiled
-    assert _chunked._BROKEN is chunked._BROKEN

@@ -15,15 +15,15 @@ that token's row is. Per chunk of ``k`` tokens (full vocabulary rows, ``[k, V]``
     grad_weight += Gᵀ @ h;  grad_bias += Σ_t G               GEMM 3
 
 So forward + backward is the three GEMMs plus a handful of elementwise passes over the tile; nothing is recomputed
-and the peak extra memory is one (two with entropy) ``[k, V]`` tile. The chunk is ``TOKEN_CHUNK`` tokens (capped so a
-tile holds at most ``CHUNK_ELEMENTS`` values): large enough that each chunk's GEMMs run at full speed (the weight is
-streamed once per GEMM per chunk), small enough to stay under 1/8 of the naive ``[N, V]`` buffers at N = 1024.
+and the peak extra memory is one (two with entropy) ``[k, V]`` tile. The chunk is ``TUNING.policy_loss_token_chunk``
+tokens (capped so a tile holds at most ``TUNING.policy_loss_chunk_elements`` values): large enough that each chunk's
+GEMMs run at full speed (the weight is streamed once per GEMM per chunk), small enough to stay under 1/8 of the naive
+``[N, V]`` buffers at N = 1024.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
@@ -38,17 +38,20 @@ from srpo_core.common.policy_loss import (
     fp16_store,
     mul_fp32,
 )
+from srpo_core.tuning import TUNING
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-TOKEN_CHUNK = int(os.environ.get("SRPO_POLICY_LOSS_TOKEN_CHUNK", 192))
-CHUNK_ELEMENTS = int(os.environ.get("SRPO_POLICY_LOSS_CHUNK_ELEMENTS", 1 << 26))
-# a chunk size set through the environment is the user's cap: then bf16/fp16 never take the one-chunk path (D152)
-USER_CAPS = any(k in os.environ for k in ("SRPO_POLICY_LOSS_TOKEN_CHUNK", "SRPO_POLICY_LOSS_CHUNK_ELEMENTS"))
+
+
+def user_caps() -> bool:
+    """Whether a chunk size came from the environment: the user's cap, so bf16/fp16 never take the one-chunk path
+    (D152)."""
+    return bool({"policy_loss_token_chunk", "policy_loss_chunk_elements"} & TUNING.user_set)
 
 
 def token_chunk(n: int, v: int) -> int:
-    return max(1, min(n, TOKEN_CHUNK, CHUNK_ELEMENTS // max(v, 1)))
+    return max(1, min(n, TUNING.policy_loss_token_chunk, TUNING.policy_loss_chunk_elements // max(v, 1)))
 
 
 def _logits_tile(h, weight, bias, scale, out, low_buf):
@@ -104,7 +107,7 @@ def _exp_rows(x, ids, e_buf):
 def _chunk_tokens(n: int, v: int, hd: int, *, low: bool, need_w: bool, need_ent: bool) -> int:
     """Tokens per chunk: ``token_chunk``, except for bf16/fp16 with ``grad_weight`` (below)."""
     k_max = token_chunk(n, v)
-    if low and need_w and not USER_CAPS and n * (10 if need_ent else 6) <= 8 * hd:
+    if low and need_w and not user_caps() and n * (10 if need_ent else 6) <= 8 * hd:
         # bf16/fp16: several chunks need an fp32 [V, H] sum of their grad_weight GEMMs (4·H bytes per vocab row, one
         # pass over it per chunk); one chunk of all n tokens needs tiles of 6 (10 with entropy) bytes per token and
         # vocab row instead. Up to twice the accumulator's bytes, the single chunk is the faster choice (D152).

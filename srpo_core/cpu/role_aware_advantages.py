@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
 
-from srpo_core import _chunked
+from srpo_core.common import chunked as _chunked
 from srpo_core.common.role_aware_advantages import signal_and_bound
 from srpo_core.config import SRPOConfig
 

@@ -28,12 +28,12 @@ from typing import NamedTuple
 import torch
 
 from srpo_core import _dispatch
-from srpo_core._validate import check_cu_seqlens, describe, require_tensor
+from srpo_core._validate import AUTOCAST_DEVICES, autocast_dtype, check_cu_seqlens, describe, require_tensor
 from srpo_core.common.policy_loss import N_STATS, LossConfig, fp16_store, mul_fp32_
 from srpo_core.config import LOSS_AGG_MODES, PolicyLossConfig
 from srpo_core.cpu.policy_loss import fused_fwd_bwd
-from srpo_core.ops.linear_token_logprobs_checks import AUTOCAST_DEVICES, autocast_dtype
 from srpo_core.reference import policy_loss as reference
+from srpo_core.tuning import TUNING
 
 OP = "linear_policy_loss"
 
@@ -73,13 +73,12 @@ def aggregation_coef(valid: torch.Tensor, seq: torch.Tensor, n_seq: int, mode: s
 # the flat op: rows with ``valid`` False are dropped before any backend runs
 
 
-TRITON_TILE_BYTES = 1 << 30  # the Triton path's [k, V] logits tile: k = 1 GiB / (V · itemsize) tokens (D154)
 
 
 def triton_chunk(n: int, v: int, itemsize: int) -> int:
-    """Tokens per chunk of the Triton path: as many as a ``TRITON_TILE_BYTES`` tile holds, a multiple of 128 when
-    over 128 (the GEMMs' tile), at least 1."""
-    k = max(1, TRITON_TILE_BYTES // max(1, v * itemsize))
+    """Tokens per chunk of the Triton path: as many as a ``TUNING.policy_loss_triton_tile_bytes`` tile holds, a
+    multiple of 128 when over 128 (the GEMMs' tile), at least 1."""
+    k = max(1, TUNING.policy_loss_triton_tile_bytes // max(1, v * itemsize))
     return min(n, k if k < 128 else k - k % 128)
 
 
