@@ -9,8 +9,8 @@ benchmarks, docs or the study. An edge is an ``import`` anywhere in a module (fu
 names another of them; ``from package import name`` counts the submodule when ``name`` is one. Cycles are the
 strongly connected components of that graph with more than one module. A call path is the sequence of library
 modules whose code runs, from ``sys.setprofile`` (consecutive frames of one module are one stay), with the Triton
-backend under ``TRITON_INTERPRET=1`` so the path reaches the kernels; a climb is a return to a module the path had
-left for a module it imported.
+backend under ``TRITON_INTERPRET=1`` so the path reaches the kernels; a call back up is a call from a module into one that
+imports it (directly or not): a callback or a closure handed down.
 """
 
 from __future__ import annotations
@@ -118,17 +118,24 @@ def _module_of(filename: str, files: dict[str, str]) -> str | None:
     return files.get(os.path.realpath(filename))
 
 
-def trace(fn) -> list[str]:
-    """The library modules whose code runs during ``fn()``, one entry per stay, in order."""
+def trace(fn) -> tuple[list[str], list[tuple[str, str]]]:
+    """The library modules whose code runs during ``fn()``, one entry per stay, in order; and every call from one
+    library module into another, as ``(caller, callee)``."""
     files = {os.path.realpath(p): m for m, p in modules().items()}
     path: list[str] = []
+    calls: list[tuple[str, str]] = []
 
     def prof(frame, event, arg):
         if event != "call":
             return
         m = _module_of(frame.f_code.co_filename, files)
-        if m is not None and (not path or path[-1] != m):
+        if m is None:
+            return
+        if not path or path[-1] != m:
             path.append(m)
+        caller = _module_of(frame.f_back.f_code.co_filename, files) if frame.f_back is not None else None
+        if caller is not None and caller != m:
+            calls.append((caller, m))
 
     fn()  # once untraced: lazy imports and first-call caches are not the call's path
     sys.setprofile(prof)
@@ -136,7 +143,7 @@ def trace(fn) -> list[str]:
         fn()
     finally:
         sys.setprofile(None)
-    return path
+    return path, calls
 
 
 def _calls():
@@ -188,26 +195,38 @@ def compress(path: list[str]) -> list[str]:
     return out
 
 
-def climbs(path: list[str], g: dict[str, set[str]]) -> int:
-    """Returns to a module the path left for one it imports (a module calls down, the callee calls back up)."""
-    n = 0
-    for i in range(2, len(path)):
-        if path[i] in path[: i - 1] and path[i - 1] not in g.get(path[i], set()) | {path[i]} and \
-                path[i] in g.get(path[i - 1], set()):
-            n += 1
-    return n
+def imported_by(g: dict[str, set[str]]) -> dict[str, set[str]]:
+    """``m`` → every module that imports ``m``, directly or not."""
+    up: dict[str, set[str]] = {m: set() for m in g}
+    for m in g:
+        seen, stack = set(), list(g[m])
+        while stack:
+            d = stack.pop()
+            if d not in seen:
+                seen.add(d)
+                stack.extend(g.get(d, ()))
+        for d in seen:
+            up.setdefault(d, set()).add(m)
+    return up
+
+
+def upward(calls: list[tuple[str, str]], g: dict[str, set[str]]) -> list[str]:
+    """The calls that climb back up: a module calling into one that imports it (a callback or a closure handed
+    down), as distinct ``caller → callee`` pairs."""
+    up = imported_by(g)
+    return sorted({f"{a} → {b}" for a, b in calls if b in up.get(a, ())})
 
 
 def measure() -> dict:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     g = graph()
-    paths = {name: trace(fn) for name, fn in _calls().items()}
+    traced = {name: trace(fn) for name, fn in _calls().items()}
     return {
         "modules": len(g),
         "edges": sum(len(v) for v in g.values()),
         "cycles": cycles(g),
-        "paths": {k: {"modules": p, "stays": len(p), "distinct": len(set(p)), "climbs": climbs(p, g),
-                      "first_entries": list(dict.fromkeys(p))} for k, p in paths.items()},
+        "paths": {k: {"modules": p, "stays": len(p), "distinct": len(set(p)), "upward": upward(c, g),
+                      "first_entries": list(dict.fromkeys(p))} for k, (p, c) in traced.items()},
         "public_names": len(__import__("srpo_core").__all__),
     }
 
@@ -218,7 +237,8 @@ def render(r: dict) -> str:
              f"- import cycles: {len(r['cycles'])}" + "".join(f"\n  - {' ↔ '.join(c)}" for c in r["cycles"])]
     for k, p in r["paths"].items():
         short = [m.replace("srpo_core.", "") for m in compress(p["modules"])]
-        lines.append(f"- `{k}`: {p['stays']} stays in {p['distinct']} modules, {p['climbs']} climbs back up; "
+        ups = "; ".join(u.replace("srpo_core.", "") for u in p["upward"]) or "none"
+        lines.append(f"- `{k}`: {p['stays']} stays in {p['distinct']} modules; calls back up the imports: {ups}; "
                      f"modules in order of first entry: "
                      + " → ".join(m.removeprefix("srpo_core.") for m in p["first_entries"])
                      + "\n  - every stay (back-and-forth runs as ⇄): " + " → ".join(short))
