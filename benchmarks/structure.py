@@ -9,8 +9,8 @@ benchmarks, docs or the study. An edge is an ``import`` anywhere in a module (fu
 names another of them; ``from package import name`` counts the submodule when ``name`` is one. Cycles are the
 strongly connected components of that graph with more than one module. A call path is the sequence of library
 modules whose code runs, from ``sys.setprofile`` (consecutive frames of one module are one stay), with the Triton
-backend under ``TRITON_INTERPRET=1`` so the path reaches the kernels; a call back up is a call from a module into one that
-imports it (directly or not): a callback or a closure handed down.
+backend under ``TRITON_INTERPRET=1`` so the path reaches the kernels; a call back up is a call from a module into one
+that imports it (directly or not): a callback or a closure handed down.
 """
 
 from __future__ import annotations

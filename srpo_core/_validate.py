@@ -366,3 +366,26 @@ def _reject_at(op: str, name: str, x: torch.Tensor, bad: torch.Tensor, what: str
     if bool(bad.any()):
         raise ValueError(f"{op}: `{name}` has {int(bad.sum())} {what} value(s){where}; first at index "
                          f"{first_true_index(bad)}")
+
+
+def check_token_layout(op: str, logp: torch.Tensor, mask, cu_seqlens) -> torch.Tensor:
+    """Per-token inputs: padded ``[B, T]`` take ``mask`` (bool, same shape), packed ``[N]`` take ``cu_seqlens``
+    (int ``[B+1]``); anything else raises naming the argument. Returns ``cu_seqlens`` int64 ``[B+1]``."""
+    from srpo_core.layout import cu_seqlens_from_mask
+
+    if logp.dim() == 2:
+        if cu_seqlens is not None:
+            raise ValueError(f"{op}: 2-D (padded) inputs take `mask`, not `cu_seqlens`; got cu_seqlens "
+                             f"{describe(cu_seqlens)} (pass 1-D packed inputs to use cu_seqlens)")
+        if mask is None:
+            raise ValueError(f"{op}: 2-D (padded) inputs need `mask: bool {list(logp.shape)}` marking response tokens")
+        require_tensor(op, "mask", mask, kind="bool")
+        require_same_shape(op, "logp", logp, mask=mask)
+        return cu_seqlens_from_mask(mask)
+    if mask is not None:
+        raise ValueError(f"{op}: 1-D (packed) inputs take `cu_seqlens`, not `mask`; got mask {describe(mask)}")
+    if cu_seqlens is None:
+        raise ValueError(f"{op}: 1-D (packed) inputs need `cu_seqlens: int [B+1]`")
+    check_cu_seqlens(op, cu_seqlens, logp.numel())
+    return cu_seqlens.to(torch.int64)
+

@@ -25,7 +25,7 @@ from srpo_core import _dispatch
 from srpo_core._validate import (
     _WARNED,
     brief,
-    check_cu_seqlens,
+    check_token_layout,
     describe,
     first_true_index,
     largest_at,
@@ -35,7 +35,7 @@ from srpo_core._validate import (
     require_tensor,
     warn_positive_logprobs,
 )
-from srpo_core.layout import cu_seqlens_from_mask, pack, segment_ids, segment_sum, unpack
+from srpo_core.layout import pack, segment_ids, segment_sum, unpack
 from srpo_core.reference import contrast as contrast_ref
 
 # VPPO leaves the advantage scale at 1 when the batch's dependency range is at most this (absolute, as its code).
@@ -79,21 +79,7 @@ def _number(op: str, name: str, value, *, low: float, high: float, low_open: boo
 
 def _layout(op: str, logp: torch.Tensor, mask, cu_seqlens) -> tuple[bool, torch.Tensor]:
     """``(padded, cu_seqlens int64 [B+1])`` after the same checks as ``role_aware_advantages``."""
-    if logp.dim() == 2:
-        if cu_seqlens is not None:
-            raise ValueError(f"{op}: 2-D (padded) inputs take `mask`, not `cu_seqlens`; got cu_seqlens "
-                             f"{describe(cu_seqlens)} (pass 1-D packed inputs to use cu_seqlens)")
-        if mask is None:
-            raise ValueError(f"{op}: 2-D (padded) inputs need `mask: bool {list(logp.shape)}` marking response tokens")
-        require_tensor(op, "mask", mask, kind="bool")
-        require_same_shape(op, "logp", logp, mask=mask)
-        return True, cu_seqlens_from_mask(mask)
-    if mask is not None:
-        raise ValueError(f"{op}: 1-D (packed) inputs take `cu_seqlens`, not `mask`; got mask {describe(mask)}")
-    if cu_seqlens is None:
-        raise ValueError(f"{op}: 1-D (packed) inputs need `cu_seqlens: int [B+1]`")
-    check_cu_seqlens(op, cu_seqlens, logp.numel())
-    return False, cu_seqlens.to(torch.int64)
+    return logp.dim() == 2, check_token_layout(op, logp, mask, cu_seqlens)
 
 
 def _reject_bad(op: str, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:

@@ -23,8 +23,8 @@ import torch
 
 from srpo_core import _dispatch
 from srpo_core._validate import (
-    check_cu_seqlens,
     check_role_values,
+    check_token_layout,
     describe,
     first_true_index,
     refuse_meta,
@@ -34,7 +34,7 @@ from srpo_core._validate import (
 )
 from srpo_core.config import SRPOConfig
 from srpo_core.cpu import role_aware_advantages as cpu
-from srpo_core.layout import cu_seqlens_from_mask, pack, unpack
+from srpo_core.layout import pack, unpack
 from srpo_core.ops.role_aware_advantages_stats import LogprobChecks, packed_rows, stats_dict
 from srpo_core.reference import role_aware_advantages as reference
 
@@ -148,7 +148,7 @@ def _check_call(advantages, logp, roles, per_token, mask, cu_seqlens, config) ->
     require_same_device(OP, "logp", logp, advantages=advantages, roles=roles, mask=mask, cu_seqlens=cu_seqlens,
                         **per_token)
     refuse_meta(OP, advantages=advantages, logp=logp, roles=roles, mask=mask, cu_seqlens=cu_seqlens, **per_token)
-    cu = _check_layout(logp, mask, cu_seqlens)
+    cu = check_token_layout(OP, logp, mask, cu_seqlens)
     _check_advantages(advantages, cu.numel() - 1)
     # Advantages are constants of the policy-gradient loss (issue 22, D175): no graph through them, whatever inputs
     # require grad, so no output has a grad_fn and a loss on them sends nothing into logp or the signals.
@@ -156,25 +156,6 @@ def _check_call(advantages, logp, roles, per_token, mask, cu_seqlens, config) ->
     floats = (advantages, logp, *per_token.values())
     dtype = torch.float64 if any(x is not None and x.dtype == torch.float64 for x in floats) else torch.float32
     return _Call(advantages.detach(), logp.detach(), per_token, roles, mask if logp.dim() == 2 else None, cu, dtype)
-
-
-def _check_layout(logp, mask, cu_seqlens) -> torch.Tensor:
-    """Padded ``[B, T]`` inputs take ``mask``, packed ``[N]`` ones ``cu_seqlens``; returns ``cu`` int64 ``[B+1]``."""
-    if logp.dim() == 2:
-        if cu_seqlens is not None:
-            raise ValueError(f"{OP}: 2-D (padded) inputs take `mask`, not `cu_seqlens`; got cu_seqlens "
-                             f"{describe(cu_seqlens)} (pass 1-D packed inputs to use cu_seqlens)")
-        if mask is None:
-            raise ValueError(f"{OP}: 2-D (padded) inputs need `mask: bool {list(logp.shape)}` marking response tokens")
-        require_tensor(OP, "mask", mask, kind="bool")
-        require_same_shape(OP, "logp", logp, mask=mask)
-        return cu_seqlens_from_mask(mask)
-    if mask is not None:
-        raise ValueError(f"{OP}: 1-D (packed) inputs take `cu_seqlens`, not `mask`; got mask {describe(mask)}")
-    if cu_seqlens is None:
-        raise ValueError(f"{OP}: 1-D (packed) inputs need `cu_seqlens: int [B+1]`")
-    check_cu_seqlens(OP, cu_seqlens, logp.numel())
-    return cu_seqlens.to(torch.int64)
 
 
 def _check_advantages(advantages, num_traj: int) -> None:
