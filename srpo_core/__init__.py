@@ -35,7 +35,7 @@ __all__ = [
     "PolicyLossOutput",
     "ImplausibleInputWarning",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Names the top level exported in 0.1, and the submodule each lives in since 0.2. Importing one from the top level
 # raises ImportError naming the new place for one release; then the entries go.

@@ -58,8 +58,15 @@ class Tuning:
     Triton launchers of the linear ops:
         linear_triton_target_programs: the forward splits the vocabulary until about this many programs run.
         linear_triton_bwd_chunk_elements: the backward's ``G`` buffer holds at most this many elements.
+    ``role_aware_advantages`` CPU path:
+        role_advantages_min_compile_tokens: grids with fewer elements run the eager passes (a compile costs seconds).
+        role_advantages_max_grid_waste, role_advantages_max_grid_cells: a batch whose ``[B, L]`` grid holds more
+            than ``waste · N`` and more than ``cells`` cells (very uneven lengths) is routed to the reference.
     ``linear_policy_loss``:
-        policy_loss_token_chunk: tokens per CPU chunk.
+        policy_loss_token_chunk: tokens per CPU chunk. bf16/fp16 with a weight gradient may still run all tokens in
+            one chunk when that is faster, unless this field (or the next) is in ``user_set``: a size set through
+            ``SRPO_POLICY_LOSS_*`` is, one set in code is not unless its name is added to ``user_set`` too.
+        policy_loss_dot_block: vocabulary rows per block of the entropy's ``Σ e·x`` (a ``[k, block]`` temporary).
         policy_loss_chunk_elements: a CPU ``[k, V]`` tile holds at most this many logits.
         policy_loss_triton_tile_bytes: the Triton path's ``[k, V]`` logits tile is at most this many bytes.
     Switches:
@@ -80,7 +87,11 @@ class Tuning:
     linear_contrast_js_chunk_elements: int = 1 << 23
     linear_triton_target_programs: int = 1024
     linear_triton_bwd_chunk_elements: int = 1 << 26
+    role_advantages_min_compile_tokens: int = 1 << 18
+    role_advantages_max_grid_waste: int = 8
+    role_advantages_max_grid_cells: int = 1 << 22
     policy_loss_token_chunk: int = 192
+    policy_loss_dot_block: int = 2048
     policy_loss_chunk_elements: int = 1 << 26
     policy_loss_triton_tile_bytes: int = 1 << 30
     use_compile: bool | None = None

@@ -481,6 +481,28 @@ def test_logits_far_above_the_sampled_token():
     check(c, d, out, grads, flat)
 
 
+@pytest.mark.parametrize("gap_bits", [121.0, 124.0, 126.5])
+def test_entropy_of_a_row_whose_sum_fits_but_its_weighted_sum_does_not(gap_bits):
+    """A logit 121-127 bits above the sampled one: Σ 2^x is finite in fp32 but Σ 2^x·x overflows, so the entropy (and,
+    with ``entropy_coeff``, the loss and the gradients) must come from the row-max redo too (found by review)."""
+    g = torch.Generator().manual_seed(1)
+    n, hd, v = 3, 16, 37
+    h = torch.randn(n, hd, generator=g, dtype=torch.float64)
+    w = torch.randn(v, hd, generator=g, dtype=torch.float64)
+    h[1] = w[5] * (gap_bits * math.log(2) / w[5].norm() ** 2)
+    ids, adv, cu = torch.tensor([3, 3, 3]), torch.ones(n, dtype=torch.float64), torch.tensor([0, n])
+    cfg = PolicyLossConfig(entropy_coeff=0.01)
+    ref64 = linear_policy_loss(h, w, ids, None, adv, cu_seqlens=cu, return_entropy=True, config=cfg,
+                               backend="reference")
+    h32, w32 = h.float().requires_grad_(True), w.float().requires_grad_(True)
+    got = linear_policy_loss(h32, w32, ids, None, adv.float(), cu_seqlens=cu, return_entropy=True, config=cfg,
+                             backend="torch")
+    got.loss.backward()
+    torch.testing.assert_close(got.entropy.double(), ref64.entropy, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.loss.double(), ref64.loss, rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(h32.grad).all() and torch.isfinite(w32.grad).all()
+
+
 def test_aggregation_divisor_verl_and_trl():
     """verl 0.9.1's agg_loss divides the sequence means by the sequences that have a valid token; TRL's ``.mean()``
     counts every row, which ``global_batch_size=B`` gives. Three sequences, the middle one empty."""

@@ -162,7 +162,7 @@ def test_wheel_in_a_fresh_venv_runs_from_an_unrelated_directory(wheel, tmp_path)
     for key in ("srpo_core", "srpo_core.kernels", "reference"):
         assert pathlib.Path(got[key]).is_relative_to(site), got
     script = venv / "bin" / "srpo-core"
-    assert run(str(script), "--version").strip() == "srpo-core 0.1.0"
+    assert run(str(script), "--version").strip() == "srpo-core 0.2.0"
     out = run(str(script), "explain", "--example", "--width", "100")
     assert "triangle-area" in out and "what SRPO changed vs GRPO" in out
     assert "the math (contract)" in run(str(script), "docs", "spec")

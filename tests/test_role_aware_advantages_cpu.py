@@ -102,7 +102,7 @@ def eager(monkeypatch):
 @pytest.fixture
 def compiled(monkeypatch):
     """The compiled path even for tiny batches (needs a working C++ compiler; skipped without one)."""
-    monkeypatch.setattr(fast, "MIN_COMPILE_TOKENS", 0)
+    monkeypatch.setattr(TUNING, "role_advantages_min_compile_tokens", 0)
     monkeypatch.setattr(TUNING, "use_compile", True)
     _chunked.reset()
     import torch._dynamo
@@ -225,7 +225,7 @@ def test_compiled_matches_eager_and_reference(compiled, monkeypatch, config, dty
 
 
 def test_no_compile_env_never_compiles(monkeypatch):
-    monkeypatch.setattr(fast, "MIN_COMPILE_TOKENS", 0)
+    monkeypatch.setattr(TUNING, "role_advantages_min_compile_tokens", 0)
     monkeypatch.setattr(TUNING, "use_compile", None)
     monkeypatch.setenv(_chunked.NO_COMPILE_ENV, "1")
 
@@ -238,7 +238,7 @@ def test_no_compile_env_never_compiles(monkeypatch):
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
-    monkeypatch.setattr(fast, "MIN_COMPILE_TOKENS", 0)
+    monkeypatch.setattr(TUNING, "role_advantages_min_compile_tokens", 0)
     monkeypatch.setattr(TUNING, "use_compile", True)
     _chunked.reset()
 
@@ -276,7 +276,7 @@ def test_empty_batch_and_zero_length_trajectories(eager, packed):
 
 
 def test_very_uneven_lengths_take_the_reference_path_in_both_layouts(eager, monkeypatch):
-    monkeypatch.setattr(fast, "MAX_GRID_CELLS", 16)
+    monkeypatch.setattr(TUNING, "role_advantages_max_grid_cells", 16)
     kw = make_batch("right_padded", b=16, t=40)
     kw["mask"][:] = False
     kw["mask"][0] = True

@@ -79,7 +79,6 @@ def _shifted_tile(h, weight, bias, scale, c, out):
         torch.addmm(out, h, weight.T, alpha=scale, out=out)
 
 
-DOT_BLOCK = 2048  # vocabulary rows per block of the entropy's Σ e·x (a [k, DOT_BLOCK] temporary)
 
 
 def _tile(buf, k, v):
@@ -99,8 +98,9 @@ def _exp_rows(x, ids, e_buf):
         return tgt, e, e.sum(1), None
     torch.exp2(x, out=e_buf)
     ex = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for j in range(0, x.shape[1], DOT_BLOCK):  # Σ e·x over vocabulary blocks: no [k, V] temporary
-        ex += torch.linalg.vecdot(e_buf[:, j:j + DOT_BLOCK], x[:, j:j + DOT_BLOCK], dim=1)
+    blk = max(1, TUNING.policy_loss_dot_block)
+    for j in range(0, x.shape[1], blk):  # Σ e·x over vocabulary blocks: no [k, V] temporary
+        ex += torch.linalg.vecdot(e_buf[:, j:j + blk], x[:, j:j + blk], dim=1)
     return tgt, e_buf, e_buf.sum(1), ex
 
 
@@ -177,7 +177,9 @@ def _chunk_forward(p: _Pass, h, idc, k: int):
     need_ent = p.need_ent
     tgt, e, s, ex = _exp_rows(u, idc, _tile(p.buf_e, k, v) if need_ent else None)
     bad = ~torch.isfinite(s)
-    # a logit > 127 bits above the sampled one: redo those rows with their max
+    if need_ent:  # Σ e·x overflows before Σ e does (a logit ~121-127 bits above the sampled one)
+        bad |= ~torch.isfinite(ex)
+    # a logit far above the sampled one: redo those rows shifted by their max
     if not p.low and not p.masked and bool(bad.any()):
         rows = torch.nonzero(bad)[:, 0]
         ur = torch.empty(rows.numel(), v, dtype=acc, device=dev)

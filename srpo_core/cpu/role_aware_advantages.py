@@ -37,12 +37,9 @@ import torch.nn.functional as F  # noqa: N812
 from srpo_core.common import chunked as _chunked
 from srpo_core.common.role_aware_advantages import signal_and_bound
 from srpo_core.config import SRPOConfig
+from srpo_core.tuning import TUNING
 
 OP = "role_aware_advantages"
-MIN_COMPILE_TOKENS = 1 << 18  # grid elements; smaller batches run the eager passes (a compile costs seconds, once)
-# Very uneven lengths (B·L above both bounds) take the reference path, in both layouts so that they still agree.
-MAX_GRID_WASTE = 8  # B·L up to this multiple of N
-MAX_GRID_CELLS = 1 << 22  # or up to this many cells
 
 BAD, PADDING, OTHER, PERCEPTION, REASONING = -1, 0, 1, 2, 3  # role codes in the grid
 # params: one float64 vector, so that a new config value costs no recompile
@@ -56,8 +53,10 @@ class InvalidValues(ValueError):
 
 def fits_grid(num_traj: int, num_tokens: int, max_len: int) -> bool:
     """Whether this path takes a batch: at least one trajectory and one token, and a ``[B, L]`` grid not too sparse
-    (``B·L`` within ``MAX_GRID_WASTE·N`` or ``MAX_GRID_CELLS``)."""
-    return num_traj > 0 and num_tokens > 0 and num_traj * max_len <= max(MAX_GRID_WASTE * num_tokens, MAX_GRID_CELLS)
+    (``B·L`` within ``TUNING.role_advantages_max_grid_waste·N`` or ``TUNING.role_advantages_max_grid_cells``): very
+    uneven lengths take the reference, in both layouts so that they still agree."""
+    return num_traj > 0 and num_tokens > 0 and num_traj * max_len <= max(
+        TUNING.role_advantages_max_grid_waste * num_tokens, TUNING.role_advantages_max_grid_cells)
 
 
 def _params(config: SRPOConfig, device) -> torch.Tensor:
@@ -273,7 +272,7 @@ def role_aware_advantages_cpu(advantages, logp, logp_corrupt, logp_ablated, role
     lengths = cu[1:] - cu[:-1]
     p_src = _source(config.perception_contrast, logp_corrupt, perception_signal)
     r_src = _source(config.reasoning_contrast, logp_ablated, reasoning_signal)
-    compiled = lengths.numel() * max_len >= MIN_COMPILE_TOKENS
+    compiled = lengths.numel() * max_len >= TUNING.role_advantages_min_compile_tokens
     grid = _Grid(mask, cu, lengths, max_len, compiled)
     params = _params(config, logp.device)
     p_in = perception_signal if p_src == "given" else logp_corrupt if p_src else None

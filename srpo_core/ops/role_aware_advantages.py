@@ -2,7 +2,7 @@
 
 The entry checks every argument once (:func:`_check_call`), chooses the path once (:func:`_route`) and runs exactly
 one of: ``"torch"``, the CPU path (``srpo_core/cpu/role_aware_advantages.py``, on the caller's layout, with the value
-checks fused into its first pass); ``"triton"``, the kernel path (``srpo_core/kernels/role_aware_advantages.py``, on
+checks fused into its first pass); ``"triton"``, the kernel path (``kernels/role_aware_advantages.py``, on
 the packed tokens, fp32); ``"reference"``, the plain reference (``srpo_core/reference/role_aware_advantages.py``, on
 the packed tokens). ``"auto"``: Triton for CUDA tensors unless an input is float64, the CPU path otherwise.
 
