@@ -67,6 +67,25 @@ def corrupt_pixel_values(
         return_mask: also return ``bool [R]``, the corrupted rows.
     """
     op = "corrupt_pixel_values"
+    mean_t, std_t = _check_pixel_args(op, pixel_values, image_grid_thw, mode, p, patch, image_mean, image_std,
+                                      group_index, temporal_patch_size, patch_size, merge_size)
+    channels = mean_t.numel()
+    row = channels * temporal_patch_size * patch_size * patch_size
+    grids, rows_per_image = _image_rows(op, pixel_values, image_grid_thw, patch, channels, temporal_patch_size,
+                                        patch_size, merge_size)
+    unit = merge_size * merge_size if patch == "merged" else 1
+    groups = _image_groups(op, group_index, grids.shape[0])
+    row_mask, noise = _draw_row_mask(op, pixel_values, grids, rows_per_image, groups, group_index, mode, p, unit,
+                                     row, generator)
+    row_mask = row_mask.to(pixel_values.device)
+    fill = _fill_values(op, pixel_values, mode, mean_t, std_t, noise, row)
+    out = torch.where(row_mask[:, None], fill, pixel_values)
+    return (out, row_mask) if return_mask else out
+
+
+def _check_pixel_args(op: str, pixel_values, image_grid_thw, mode, p, patch, image_mean, image_std, group_index,
+                      temporal_patch_size, patch_size, merge_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the options, the two tensors' kinds and the processor statistics → ``(mean, std)``, ``float64 [C]``."""
     _check_common(op, mode, p)
     if patch not in ("merged", "raw"):
         raise ValueError(f"{op}: `patch` must be 'merged' or 'raw', got {brief(patch)}")
@@ -85,6 +104,12 @@ def corrupt_pixel_values(
         raise ValueError(f"{op}: `image_mean` and `image_std` must have one entry per channel, got "
                          f"{mean_t.numel()} and {std_t.numel()}")
     refuse_meta(op, pixel_values=pixel_values, image_grid_thw=image_grid_thw, group_index=group_index)
+    return mean_t, std_t
+
+
+def _image_rows(op: str, pixel_values, image_grid_thw, patch, channels, temporal_patch_size, patch_size,
+                merge_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check that the grids describe ``pixel_values`` → ``(grids int64 [N, 3] on CPU, rows per image [N])``."""
     row = channels * temporal_patch_size * patch_size * patch_size
     if pixel_values.shape[1] != row:
         raise ValueError(f"{op}: `pixel_values` must have C·T·P·P = {channels}·{temporal_patch_size}·{patch_size}·"
@@ -96,27 +121,34 @@ def corrupt_pixel_values(
     if int(rows_per_image.sum()) != pixel_values.shape[0]:
         raise ValueError(f"{op}: `image_grid_thw` describes Σ t·h·w = {int(rows_per_image.sum())} rows, but "
                          f"`pixel_values` has {pixel_values.shape[0]}")
-    unit = merge_size * merge_size if patch == "merged" else 1
     if patch == "merged" and bool(((grids[:, 1] % merge_size) | (grids[:, 2] % merge_size)).any()):
         raise ValueError(f"{op}: `patch`='merged' needs h and w of `image_grid_thw` divisible by "
                          f"merge_size={merge_size}, got grids {grids.tolist()}")
-    num_images = grids.shape[0]
-    if group_index is None:
-        groups = torch.arange(num_images)
-    else:
-        require_tensor(op, "group_index", group_index, kind="int", ndim=1)
-        if group_index.numel() != num_images:
-            raise ValueError(f"{op}: `group_index` must have one entry per image ({num_images}), got "
-                             f"{describe(group_index)}")
-        _, groups = torch.unique(group_index.detach().cpu(), return_inverse=True)
+    return grids, rows_per_image
 
+
+def _image_groups(op: str, group_index, num_images: int) -> torch.Tensor:
+    """Each image's group, ``int [num_images]`` numbered by sorted ``group_index`` (each image its own by default)."""
+    if group_index is None:
+        return torch.arange(num_images)
+    require_tensor(op, "group_index", group_index, kind="int", ndim=1)
+    if group_index.numel() != num_images:
+        raise ValueError(f"{op}: `group_index` must have one entry per image ({num_images}), got "
+                         f"{describe(group_index)}")
+    _, groups = torch.unique(group_index.detach().cpu(), return_inverse=True)
+    return groups
+
+
+def _draw_row_mask(op: str, pixel_values, grids, rows_per_image, groups, group_index, mode, p, unit, row,
+                   generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one mask (and noise) per group → ``(bool [R] on CPU, float32 [R, row] noise or an empty tensor)``."""
     # One mask (and one noise draw) per group, in order of first appearance, so the draw does not depend on how
     # the images of a group are spread over the batch.
     row_mask = torch.zeros(pixel_values.shape[0], dtype=torch.bool)
     noise = torch.empty(0) if mode != "noise" else torch.zeros(pixel_values.shape, dtype=torch.float32)
     starts = torch.cat([torch.zeros(1, dtype=torch.int64), rows_per_image.cumsum(0)])
     drawn: dict[int, tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]] = {}
-    for i in range(num_images):
+    for i in range(grids.shape[0]):
         g = int(groups[i])
         n_rows = int(rows_per_image[i])
         grid = tuple(grids[i].tolist())
@@ -131,21 +163,22 @@ def corrupt_pixel_values(
         row_mask[starts[i]:starts[i + 1]] = mask_i
         if vals is not None:
             noise[starts[i]:starts[i + 1]] = vals
+    return row_mask, noise
 
-    row_mask = row_mask.to(pixel_values.device)
+
+def _fill_values(op: str, pixel_values, mode, mean_t, std_t, noise, row) -> torch.Tensor:
+    """What replaces a corrupted row, shaped like ``pixel_values``: true black, the mean colour (0) or the noise."""
     if mode == "black":
+        channels = mean_t.numel()
         black = -mean_t / std_t
         if not bool(torch.isfinite(black.to(pixel_values.dtype)).all()):
             raise ValueError(f"{op}: `mode`='black' fills -`image_mean` / `image_std` = {black.tolist()}, which is not "
                              f"finite in {pixel_values.dtype}")
         fill = black.repeat_interleave(row // channels).to(pixel_values.dtype).to(pixel_values.device)
-        fill = fill.expand_as(pixel_values)
-    elif mode == "mean":
-        fill = torch.zeros_like(pixel_values)
-    else:
-        fill = noise.to(pixel_values.dtype).to(pixel_values.device)
-    out = torch.where(row_mask[:, None], fill, pixel_values)
-    return (out, row_mask) if return_mask else out
+        return fill.expand_as(pixel_values)
+    if mode == "mean":
+        return torch.zeros_like(pixel_values)
+    return noise.to(pixel_values.dtype).to(pixel_values.device)
 
 
 def _channel_stats(op: str, name: str, value, *, positive: bool) -> torch.Tensor:

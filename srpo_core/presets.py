@@ -158,6 +158,34 @@ def vppo_advantages(
     (advantages are constants of the policy-gradient loss; nothing flows back into ``logp`` or ``logp_corrupt``).
     """
     op = "vppo_advantages"
+    _vppo_check_tensors(op, advantages, logp, logp_corrupt, mask, cu_seqlens)
+    advantages, logp, logp_corrupt = advantages.detach(), logp.detach(), logp_corrupt.detach()  # constants (D175)
+    beta_min = _number(op, "beta_min", beta_min, low=0.0, high=1.0)
+    top_k = _number(op, "top_k", top_k, low=0.0, high=1.0, low_open=True)
+    clamp = _number(op, "clamp", clamp, low=0.0, high=math.inf, low_open=True)
+    k3_max = _number(op, "k3_max", k3_max, low=0.0, high=math.inf, low_open=True)
+    padded, cu = _vppo_layout(op, advantages, logp, logp_corrupt, mask, cu_seqlens, backend)
+    num_traj = cu.numel() - 1
+
+    dtype = _compute_dtype(advantages, logp, logp_corrupt)
+    l, lc = (pack(x, mask) if padded else x for x in (logp, logp_corrupt))
+    n = l.numel()
+    dep = contrast_ref.k3(l.to(dtype), lc.to(dtype), clamp, k3_max)  # [N]
+    seg = segment_ids(cu, n)
+    lengths = cu[1:] - cu[:-1]  # [B]
+    alpha, beta_max = _vppo_alpha(dep, seg, lengths, num_traj, beta_min, dtype)
+
+    token_adv = (alpha * advantages.to(dtype))[seg]
+    keep = top_k_mask(dep, cu, _top_k_counts(lengths, top_k))
+    stats = _vppo_stats(op, logp, logp_corrupt, mask, alpha, beta_max, dep, keep, n, num_traj, dtype)
+    if padded:
+        return VPPOAdvantages(unpack(token_adv, mask), unpack(keep, mask, fill=False), alpha, unpack(dep, mask),
+                              stats)
+    return VPPOAdvantages(token_adv, keep, alpha, dep, stats)
+
+
+def _vppo_check_tensors(op: str, advantages, logp, logp_corrupt, mask, cu_seqlens) -> None:
+    """Check the kinds, shapes and devices of :func:`vppo_advantages`' tensors."""
     require_tensor(op, "advantages", advantages, kind="float", ndim=1)
     require_tensor(op, "logp", logp, kind="float", ndim=(1, 2))
     require_tensor(op, "logp_corrupt", logp_corrupt, kind="float")
@@ -165,11 +193,10 @@ def vppo_advantages(
     require_same_device(op, "logp", logp, advantages=advantages, logp_corrupt=logp_corrupt, mask=mask,
                         cu_seqlens=cu_seqlens)
     refuse_meta(op, advantages=advantages, logp=logp, logp_corrupt=logp_corrupt, mask=mask, cu_seqlens=cu_seqlens)
-    advantages, logp, logp_corrupt = advantages.detach(), logp.detach(), logp_corrupt.detach()  # constants (D175)
-    beta_min = _number(op, "beta_min", beta_min, low=0.0, high=1.0)
-    top_k = _number(op, "top_k", top_k, low=0.0, high=1.0, low_open=True)
-    clamp = _number(op, "clamp", clamp, low=0.0, high=math.inf, low_open=True)
-    k3_max = _number(op, "k3_max", k3_max, low=0.0, high=math.inf, low_open=True)
+
+
+def _vppo_layout(op: str, advantages, logp, logp_corrupt, mask, cu_seqlens, backend) -> tuple[bool, torch.Tensor]:
+    """Check the layout, the values and the backend of :func:`vppo_advantages` → ``(padded, cu_seqlens)``."""
     padded, cu = _layout(op, logp, mask, cu_seqlens)
     num_traj = cu.numel() - 1
     if advantages.numel() != num_traj:
@@ -183,14 +210,11 @@ def vppo_advantages(
     _reject_bad(op, "logp_corrupt", logp_corrupt, mask)
     which = _dispatch.pick_backend(backend, logp.device, op=op, has_triton=False)
     assert which == "torch"
+    return padded, cu
 
-    dtype = _compute_dtype(advantages, logp, logp_corrupt)
-    l, lc = (pack(x, mask) if padded else x for x in (logp, logp_corrupt))
-    n = l.numel()
-    dep = contrast_ref.k3(l.to(dtype), lc.to(dtype), clamp, k3_max)  # [N]
-    seg = segment_ids(cu, n)
-    lengths = cu[1:] - cu[:-1]  # [B]
 
+def _vppo_alpha(dep, seg, lengths, num_traj: int, beta_min: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trajectory scale ``α [B]`` and ``β_max`` (0-d) from the token dependencies ``δ [N]``."""
     # Trajectory dependency and its min-max normalisation over the non-empty responses (no host sync).
     valid = lengths > 0
     s_bar = segment_sum(dep, seg, num_traj) / lengths.clamp(min=1).to(dtype)
@@ -204,10 +228,13 @@ def vppo_advantages(
     # mean(ŝ) ≥ 1/B > 0 whenever the range is non-zero (the arg-max has ŝ = 1), so no epsilon is needed.
     beta_max = torch.where(shaped, beta_min + (1.0 - beta_min) / torch.where(shaped, mu, 1.0), 1.0)
     alpha = torch.where(valid & shaped, beta_min + (beta_max - beta_min) * norm, 1.0)
+    return alpha, beta_max
 
-    token_adv = (alpha * advantages.to(dtype))[seg]
-    keep = top_k_mask(dep, cu, _top_k_counts(lengths, top_k))
 
+def _vppo_stats(op: str, logp, logp_corrupt, mask, alpha, beta_max, dep, keep, n: int, num_traj: int,
+                dtype) -> dict:
+    """The logged floats, in one host transfer with the positive-log-prob warning's largest values."""
+    inf = torch.tensor(math.inf, dtype=dtype, device=dep.device)
     total = max(n, 1)
     # Log-probs above 0 (D191): their largest values come to the host with the statistics (no extra sync).
     checked = {name: (x, mask) for name, x in (("logp", logp), ("logp_corrupt", logp_corrupt))
@@ -221,12 +248,8 @@ def vppo_advantages(
         warn_positive_logprobs(op, checked, dict(zip(checked, stats_t[5:], strict=True)),
                                "at the response positions")
         stats_t = stats_t[:5]
-    stats = dict(zip(("vppo/alpha_min", "vppo/alpha_max", "vppo/beta_max", "vppo/dependency_mean",
-                      "vppo/mask_fraction"), stats_t, strict=True))
-    if padded:
-        return VPPOAdvantages(unpack(token_adv, mask), unpack(keep, mask, fill=False), alpha, unpack(dep, mask),
-                              stats)
-    return VPPOAdvantages(token_adv, keep, alpha, dep, stats)
+    return dict(zip(("vppo/alpha_min", "vppo/alpha_max", "vppo/beta_max", "vppo/dependency_mean",
+                     "vppo/mask_fraction"), stats_t, strict=True))
 
 
 def papo_perception_kl(

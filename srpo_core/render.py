@@ -155,11 +155,21 @@ def print_analysis(a: Analysis, console=None, *, limit: int | None = None) -> No
     """Print the analysis with rich; ``limit`` caps the number of responses listed (the role table is always over
     the whole batch)."""
     from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
 
     console = console or Console()
     shown = _shown(a, limit)
+    _print_header(a, console)
+    labels = response_labels(a.batch.records)
+    _print_responses(a, console, shown, labels)
+    _print_role_table(a, console)
+    _print_changes(a, console, shown, labels)
+    _print_notes(a, console)
+
+
+def _print_header(a: Analysis, console) -> None:
+    """The title, the legend and the configuration line."""
+    from rich.text import Text
+
     console.rule(f"[bold]{TITLE}[/]")
     console.print(Text.assemble(
         "Colour = token weight w_t (", ("red", "red"), " > 1 > ", ("blue", "blue"), "); ",
@@ -168,7 +178,11 @@ def print_analysis(a: Analysis, console=None, *, limit: int | None = None) -> No
         "least (▼), with role P/R and weight w_t. A_t = w_t·A_i: where A_i < 0, ▲ tokens are pushed down hardest."))
     console.print(Text(_config_line(a), style="dim"))
 
-    labels = response_labels(a.batch.records)
+
+def _print_responses(a: Analysis, console, shown: int, labels: list[str]) -> None:
+    """The first ``shown`` responses, each under its prompt's heading, then how many were left out."""
+    from rich.text import Text
+
     last_prompt = object()
     for i, rec in enumerate(a.batch.records[:shown]):
         if rec["prompt_id"] != last_prompt:
@@ -176,33 +190,46 @@ def print_analysis(a: Analysis, console=None, *, limit: int | None = None) -> No
             console.print()
             console.print(Text.assemble((str(rec["prompt_id"]), "bold cyan"),
                                         (f": {rec['prompt']}" if rec.get("prompt") else "")))
-        sl = a.span(i)
-        grid = Table.grid(padding=(0, 1))
-        grid.add_column(no_wrap=True)
-        grid.add_column(overflow="fold")
-        text = Text()
-        for tok, w, r in zip(a.batch.tokens[i], a.result.weights[sl].tolist(), a.batch.roles[sl].tolist(),
-                             strict=True):
-            if r == Role.OTHER:
-                text.append(tok, style="dim")
-            else:
-                style = "black on rgb({},{},{})".format(*_rgb(w))
-                text.append(tok, style=style + (" underline" if r == Role.PERCEPTION else " bold"))
-        grid.add_row(Text(f"#{labels[i]} {a.sequence_advantages[i]:+.2f}", style="bold"), text)
-        up, down = a.highlights(i)
-        marks = Text(style="dim")
-        for arrow, items in (("▲", up), ("▼", down)):
-            if items:
-                marks.append(("   " if marks else "") + arrow)
-                for tok, role, w in items:
-                    marks.append(f" {_show_token(tok)} {ROLE_LETTER[role]}×{w:.2f}")
-        if not up and not down and any(a.batch.roles[sl].tolist()):
-            marks.append("all weights within 5% of 1")
-        if marks:
-            grid.add_row("", marks)
-        console.print(grid)
+        console.print(_response_grid(a, i, labels[i]))
     if shown < len(a.batch.records):
         console.print(f"\n[dim]… {len(a.batch.records) - shown} more responses (--limit 0 shows all)[/]")
+
+
+def _response_grid(a: Analysis, i: int, label: str):
+    """Response ``i`` as a rich grid: its id and A_i, its tokens coloured by weight, then its ▲/▼ highlights."""
+    from rich.table import Table
+    from rich.text import Text
+
+    sl = a.span(i)
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    text = Text()
+    for tok, w, r in zip(a.batch.tokens[i], a.result.weights[sl].tolist(), a.batch.roles[sl].tolist(),
+                         strict=True):
+        if r == Role.OTHER:
+            text.append(tok, style="dim")
+        else:
+            style = "black on rgb({},{},{})".format(*_rgb(w))
+            text.append(tok, style=style + (" underline" if r == Role.PERCEPTION else " bold"))
+    grid.add_row(Text(f"#{label} {a.sequence_advantages[i]:+.2f}", style="bold"), text)
+    up, down = a.highlights(i)
+    marks = Text(style="dim")
+    for arrow, items in (("▲", up), ("▼", down)):
+        if items:
+            marks.append(("   " if marks else "") + arrow)
+            for tok, role, w in items:
+                marks.append(f" {_show_token(tok)} {ROLE_LETTER[role]}×{w:.2f}")
+    if not up and not down and any(a.batch.roles[sl].tolist()):
+        marks.append("all weights within 5% of 1")
+    if marks:
+        grid.add_row("", marks)
+    return grid
+
+
+def _print_role_table(a: Analysis, console) -> None:
+    """The per-role statistics over the whole batch."""
+    from rich.table import Table
 
     stats = a.result.stats
     table = Table(title="per role (whole batch)", title_justify="left")
@@ -213,6 +240,12 @@ def print_analysis(a: Analysis, console=None, *, limit: int | None = None) -> No
                       *(_num(stats[f"{role}/{k}"]) for k in ("mu", "sigma", "w_min", "w_mean", "w_max")))
     console.print()
     console.print(table)
+
+
+def _print_changes(a: Analysis, console, shown: int, labels: list[str]) -> None:
+    """What SRPO changed against GRPO for each shown response, and how to read the shares."""
+    from rich.table import Table
+    from rich.text import Text
 
     changes = Table(title="what SRPO changed vs GRPO (GRPO gives every token A_i)", title_justify="left")
     for col in ("response", "reward", "A_i", "SRPO A_t range", "P share", "R share"):
@@ -228,6 +261,13 @@ def print_analysis(a: Analysis, console=None, *, limit: int | None = None) -> No
     console.print(Text("P/R share: the part of the response's total |advantage| on perception/reasoning tokens, "
                        "GRPO → SRPO. Every token keeps the sign of A_i; each response's mean weight is 1.",
                        style="dim"))
+
+
+def _print_notes(a: Analysis, console) -> None:
+    """The warnings: malformed tags, clamped signals, no role tokens."""
+    from rich.text import Text
+
+    stats = a.result.stats
     if a.batch.malformed:
         console.print(f"[yellow]{a.batch.malformed} response(s) had malformed tags (roles derived anyway)[/]")
     if note := clamp_note(a):

@@ -49,6 +49,28 @@ class PassResults:
     perception_signal: torch.Tensor | None = None
 
 
+@dataclasses.dataclass
+class _PassPlan:
+    """Which passes run, decided once per step: the ``[B, C]`` masks (valid, perception, reasoning tokens), the
+    ``kl``/``js`` contrast (``kind`` None for VPPO/PAPO), the corrupted ``pixel_values`` (None when this process
+    runs no corrupted pass of its own) and whether it stands in for the others' or runs the ablated pass."""
+
+    mask: torch.Tensor
+    perception: torch.Tensor
+    reasoning: torch.Tensor
+    kind: str | None
+    divergence: bool
+    needs_corrupt: bool
+    corrupted: torch.Tensor | None
+    stand_in: bool
+    run_ablated: bool
+
+
+def _wide(x: torch.Tensor, input_ids: torch.Tensor, width_p: int) -> torch.Tensor:
+    """``[B, C]`` → ``[B, P + C]``, False on the prompt."""
+    return torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), x.to(input_ids.device)], dim=1)
+
+
 class SRPOPasses:
     """The passes' methods; they read ``self.srpo_options``, ``self.srpo_config``, ``self.model``,
     ``self.accelerator``, ``self.temperature``, ``self.args`` and (full passes) TRL's
@@ -61,12 +83,31 @@ class SRPOPasses:
         """ℓ (unless given), ℓ̃ (or the kl/js perception signal) and ℓ° for the batch ``[prompt | completion]``;
         ``role_t``, ``mask``: ``[B, C]``. The corrupted pass reads every completion token for VPPO/PAPO, the
         perception tokens for SRPO; the ablated pass (SRPO only) the reasoning tokens."""
+        plan = self._srpo_plan(out, role_t, mask, group_ids)
+        if not self._srpo_pass_runner:
+            return self._srpo_full_passes(out, input_ids, attention_mask, width_p, plan, group_ids, batch_size, logp)
+        common = self._srpo_runner_kwargs(out, batch_size)
+        model = self.accelerator.unwrap_model(self.model)
+        with self.accelerator.autocast():
+            logp, clean_hidden = self._srpo_run_clean(model, input_ids, attention_mask, width_p, plan, common, logp)
+            res = PassResults(logp, logp)
+            if plan.divergence and plan.corrupted is None:  # no image, or no perception token: ℓ̃ = ℓ, a divergence of 0
+                res.perception_signal = torch.zeros_like(logp)
+            if plan.stand_in:  # the same forwards as a process with images; no image here, so ℓ̃ = ℓ: values unread
+                self._srpo_run_stand_in(model, input_ids, attention_mask, width_p, plan, common, clean_hidden)
+            if plan.corrupted is not None:
+                self._srpo_run_corrupted(res, model, input_ids, attention_mask, width_p, plan, common, clean_hidden)
+            if plan.run_ablated:
+                self._srpo_run_ablated(res, out, input_ids, attention_mask, width_p, plan, group_ids, common)
+        return res
+
+    def _srpo_plan(self, out: dict, role_t, mask, group_ids) -> _PassPlan:
+        """Which passes run on this process (agreed with the others: these are collectives) and the corrupted
+        ``pixel_values``."""
         opts = self.srpo_options
-        width_c = input_ids.shape[1] - width_p
         perception = (role_t == Role.PERCEPTION) & mask
         reasoning = (role_t == Role.REASONING) & mask
         kind = self.srpo_config.perception_contrast if opts.method == "srpo" else None
-        divergence = kind in ("kl", "js")
         # a pass runs on every process as soon as one needs it: the same forwards everywhere (D223). A process whose
         # rows have no image (TRL drops pixel_values then) still runs the corrupted pass when another process has
         # images, on its clean inputs, its values discarded: its collectives must line up with the others' (D236)
@@ -76,78 +117,91 @@ class SRPOPasses:
         stand_in = needs_corrupt and not has_images  # this process runs the corrupted pass for the others' sake
         run_ablated = (opts.method == "srpo" and opts.ablation_mode != ABLATION_OFF
                        and on_any_process(self, bool(perception.any()) and bool(reasoning.any())))
-        if not self._srpo_pass_runner:
-            if divergence:
-                raise ValueError(f"SRPOGRPOTrainer: perception_contrast={kind!r} needs the pass runner "
-                                 "(_srpo_pass_runner=True); the full passes through TRL give log-probs only")
-            if logp is None:
-                logp = self._srpo_logps(out, input_ids, attention_mask, width_c, batch_size)
-            logp_corrupt = logp if corrupted is None else self._srpo_logps(
-                out, input_ids, attention_mask, width_c, batch_size, pixel_values=corrupted)
-            res = PassResults(logp, logp_corrupt)
-            if run_ablated:
-                res.logp_ablated, res.has_value = self._srpo_ablated_logps(out, input_ids, attention_mask,
-                                                                           perception, width_p, batch_size,
-                                                                           group_ids)
-            return res
+        return _PassPlan(mask, perception, reasoning, kind, kind in ("kl", "js"), needs_corrupt, corrupted, stand_in,
+                         run_ablated)
 
-        def wide(x):  # [B, C] -> [B, P + C], False on the prompt
-            return torch.cat([torch.zeros_like(input_ids[:, :width_p], dtype=torch.bool), x.to(input_ids.device)],
-                             dim=1)
-
-        common = self._srpo_runner_kwargs(out, batch_size)
-        model = self.accelerator.unwrap_model(self.model)
-        completion = wide(attention_mask[:, width_p:].bool())
-        clean_hidden = None
-        with self.accelerator.autocast():
-            if logp is None:
-                if divergence and needs_corrupt:  # one clean pass for ℓ and the contrast's clean rows
-                    clean_hidden = passes.hidden_states(model, input_ids, attention_mask, completion,
-                                                        **{k: v for k, v in common.items() if k != "head_fp32"})
-                    head = passes.lm_head(model, self.temperature)
-                    values = passes.head_logprobs(head, clean_hidden, input_ids[completion],
-                                                  fp32=common["head_fp32"])
-                    logp = passes._scatter(values.float(), completion.to(values.device))[:, width_p:]
-                    clean_hidden = clean_hidden[wide(perception)[completion]]
-                else:
-                    logp = passes.token_logprobs(model, input_ids, attention_mask, completion,
-                                                 temperature=self.temperature, **common)[:, width_p:]
-            logp = logp.float()
-            res = PassResults(logp, logp)
-            if divergence and corrupted is None:  # no image, or no perception token: ℓ̃ = ℓ, a divergence of 0
-                res.perception_signal = torch.zeros_like(logp)
-            if stand_in:  # the same forwards as a process with images; no image here, so ℓ̃ = ℓ: values unread
-                if divergence:
-                    passes.contrast(model, input_ids, attention_mask, wide(perception), {"pixel_values": None},
-                                    kind=kind, temperature=self.temperature, clean_hidden=clean_hidden, **common)
-                else:
-                    passes.token_logprobs(model, input_ids, attention_mask,
-                                          wide(mask if opts.method != "srpo" else perception),
-                                          temperature=self.temperature, **common)
-            if corrupted is not None:
-                if divergence:
-                    c = passes.contrast(model, input_ids, attention_mask, wide(perception),
-                                        {"pixel_values": corrupted}, kind=kind, temperature=self.temperature,
-                                        clean_hidden=clean_hidden, **common)
-                    res.perception_signal = c.div[:, width_p:].to(logp.device)
-                    lc = c.logp_ref[:, width_p:].to(logp.device)
-                    res.logp_corrupt = torch.where(perception.to(logp.device), lc, logp)
-                else:
-                    need = mask if opts.method != "srpo" else perception
-                    lc = passes.token_logprobs(model, input_ids, attention_mask, wide(need),
-                                               temperature=self.temperature,
-                                               **{**common, "model_kwargs": {**common["model_kwargs"],
-                                                                             "pixel_values": corrupted}})
-                    res.logp_corrupt = torch.where(need.to(logp.device), lc[:, width_p:].to(logp.device), logp)
-            if run_ablated:
-                la, has_value = self._srpo_ablated_runner(out, input_ids, attention_mask, wide(perception),
-                                                          wide(reasoning), width_p, group_ids, common)
-                has_value = has_value[:, width_p:].to(logp.device)
-                # ℓ° where computed, 0 where the ablated batch has no value (as the full pass gives), ℓ elsewhere
-                res.logp_ablated = torch.where(reasoning.to(logp.device) & has_value,
-                                               la[:, width_p:].to(logp.device), torch.where(has_value, logp, 0.0))
-                res.has_value = has_value
+    def _srpo_full_passes(self, out: dict, input_ids, attention_mask, width_p, plan: _PassPlan, group_ids,
+                          batch_size, logp) -> PassResults:
+        """The former full passes through TRL's ``_get_per_token_logps_and_entropies`` (log-probs only)."""
+        width_c = input_ids.shape[1] - width_p
+        if plan.divergence:
+            raise ValueError(f"SRPOGRPOTrainer: perception_contrast={plan.kind!r} needs the pass runner "
+                             "(_srpo_pass_runner=True); the full passes through TRL give log-probs only")
+        if logp is None:
+            logp = self._srpo_logps(out, input_ids, attention_mask, width_c, batch_size)
+        logp_corrupt = logp if plan.corrupted is None else self._srpo_logps(
+            out, input_ids, attention_mask, width_c, batch_size, pixel_values=plan.corrupted)
+        res = PassResults(logp, logp_corrupt)
+        if plan.run_ablated:
+            res.logp_ablated, res.has_value = self._srpo_ablated_logps(out, input_ids, attention_mask,
+                                                                       plan.perception, width_p, batch_size,
+                                                                       group_ids)
         return res
+
+    def _srpo_run_clean(self, model, input_ids, attention_mask, width_p, plan: _PassPlan, common: dict, logp):
+        """``(ℓ [B, C] float32, clean hidden states of the perception tokens or None)``: ℓ from the runner unless
+        given; one clean pass gives both when the kl/js contrast needs the clean rows."""
+        completion = _wide(attention_mask[:, width_p:].bool(), input_ids, width_p)
+        clean_hidden = None
+        if logp is None:
+            if plan.divergence and plan.needs_corrupt:  # one clean pass for ℓ and the contrast's clean rows
+                clean_hidden = passes.hidden_states(model, input_ids, attention_mask, completion,
+                                                    **{k: v for k, v in common.items() if k != "head_fp32"})
+                head = passes.lm_head(model, self.temperature)
+                values = passes.head_logprobs(head, clean_hidden, input_ids[completion],
+                                              fp32=common["head_fp32"])
+                logp = passes._scatter(values.float(), completion.to(values.device))[:, width_p:]
+                clean_hidden = clean_hidden[_wide(plan.perception, input_ids, width_p)[completion]]
+            else:
+                logp = passes.token_logprobs(model, input_ids, attention_mask, completion,
+                                             temperature=self.temperature, **common)[:, width_p:]
+        return logp.float(), clean_hidden
+
+    def _srpo_run_stand_in(self, model, input_ids, attention_mask, width_p, plan: _PassPlan, common: dict,
+                           clean_hidden) -> None:
+        """The corrupted pass of a process without images, on its clean inputs, for the other processes' sake."""
+        if plan.divergence:
+            passes.contrast(model, input_ids, attention_mask, _wide(plan.perception, input_ids, width_p),
+                            {"pixel_values": None}, kind=plan.kind, temperature=self.temperature,
+                            clean_hidden=clean_hidden, **common)
+        else:
+            passes.token_logprobs(model, input_ids, attention_mask,
+                                  _wide(plan.mask if self.srpo_options.method != "srpo" else plan.perception,
+                                        input_ids, width_p),
+                                  temperature=self.temperature, **common)
+
+    def _srpo_run_corrupted(self, res: PassResults, model, input_ids, attention_mask, width_p, plan: _PassPlan,
+                            common: dict, clean_hidden) -> None:
+        """``res.logp_corrupt`` (and the kl/js ``res.perception_signal``) from the corrupted ``pixel_values``."""
+        logp = res.logp
+        if plan.divergence:
+            c = passes.contrast(model, input_ids, attention_mask, _wide(plan.perception, input_ids, width_p),
+                                {"pixel_values": plan.corrupted}, kind=plan.kind, temperature=self.temperature,
+                                clean_hidden=clean_hidden, **common)
+            res.perception_signal = c.div[:, width_p:].to(logp.device)
+            lc = c.logp_ref[:, width_p:].to(logp.device)
+            res.logp_corrupt = torch.where(plan.perception.to(logp.device), lc, logp)
+        else:
+            need = plan.mask if self.srpo_options.method != "srpo" else plan.perception
+            lc = passes.token_logprobs(model, input_ids, attention_mask, _wide(need, input_ids, width_p),
+                                       temperature=self.temperature,
+                                       **{**common, "model_kwargs": {**common["model_kwargs"],
+                                                                     "pixel_values": plan.corrupted}})
+            res.logp_corrupt = torch.where(need.to(logp.device), lc[:, width_p:].to(logp.device), logp)
+
+    def _srpo_run_ablated(self, res: PassResults, out: dict, input_ids, attention_mask, width_p, plan: _PassPlan,
+                          group_ids, common: dict) -> None:
+        """``res.logp_ablated`` and ``res.has_value`` from the pass with the perception span ablated."""
+        logp = res.logp
+        la, has_value = self._srpo_ablated_runner(out, input_ids, attention_mask,
+                                                  _wide(plan.perception, input_ids, width_p),
+                                                  _wide(plan.reasoning, input_ids, width_p), width_p, group_ids,
+                                                  common)
+        has_value = has_value[:, width_p:].to(logp.device)
+        # ℓ° where computed, 0 where the ablated batch has no value (as the full pass gives), ℓ elsewhere
+        res.logp_ablated = torch.where(plan.reasoning.to(logp.device) & has_value,
+                                       la[:, width_p:].to(logp.device), torch.where(has_value, logp, 0.0))
+        res.has_value = has_value
 
     def _srpo_runner_kwargs(self, out: dict, batch_size) -> dict:
         # a row chunk without a needed token is skipped only when it is on every process (D224)
