@@ -151,7 +151,8 @@ def vppo_advantages(
         beta_min: VPPO's ``β_min`` in ``[0, 1]``; top_k: kept fraction in ``(0, 1]`` (read as a fraction with
             denominator ≤ 10^6, so ``ceil`` is exact).
         clamp, k3_max: the contrast's clamps (VPPO: 20 and 10).
-        backend: ``"auto"`` | ``"torch"`` (no Triton kernel: the op is a handful of segment reductions).
+        backend: ``"auto"`` | ``"torch"`` | ``"reference"``: one plain-torch path (the op is a handful of segment
+            reductions; it is its own reference, and there is no Triton kernel: ``"triton"`` raises).
 
     The scale is computed over the batch given (VPPO uses the mini-batch on one device); pass the whole batch.
     Returns :class:`VPPOAdvantages`, which unpacks as ``(advantages, loss_mask)``; every tensor in it is detached
@@ -208,8 +209,7 @@ def _vppo_layout(op: str, advantages, logp, logp_corrupt, mask, cu_seqlens, back
                          f"first at index {first_true_index(bad)[0]}")
     _reject_bad(op, "logp", logp, mask)
     _reject_bad(op, "logp_corrupt", logp_corrupt, mask)
-    which = _dispatch.pick_backend(backend, logp.device, op=op, has_triton=False)
-    assert which == "torch"
+    _dispatch.pick_backend(backend, logp.device, op=op, has_triton=False)  # raises for "triton" and unknown names
     return padded, cu
 
 

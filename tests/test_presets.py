@@ -322,3 +322,16 @@ def test_papo_rejects_nan_and_bad_layouts():
         papo_perception_kl(torch.zeros(1, 2), torch.zeros(1, 2))
     with pytest.raises(ValueError, match="shape of `logp`"):
         papo_perception_kl(torch.zeros(1, 2), torch.zeros(2, 1), mask=torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_vppo_backends_name_one_path():
+    """``vppo_advantages`` is one plain-torch path: ``"reference"`` (every op takes it) runs it like ``"auto"`` and
+    ``"torch"``, ``"triton"`` says there is no kernel (``"reference"`` once hit a bare ``assert``: review)."""
+    lp = -torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    kw = dict(mask=torch.ones(2, 5, dtype=torch.bool))
+    outs = [vppo_advantages(torch.tensor([1.0, -1.0]), lp, lp - 0.1, backend=b, **kw) for b in
+            ("auto", "torch", "reference")]
+    for o in outs[1:]:
+        torch.testing.assert_close(o.advantages, outs[0].advantages, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="no Triton kernel"):
+        vppo_advantages(torch.tensor([1.0, -1.0]), lp, lp - 0.1, backend="triton", **kw)
