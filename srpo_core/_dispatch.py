@@ -72,7 +72,8 @@ def _pick(backend: str, device: torch.device, *, op: str, has_triton: bool) -> s
     if backend == "auto":
         return "triton" if runnable and device.type == "cuda" else "torch"
     if not has_triton:
-        raise NotImplementedError(f"{op}: no Triton kernel exists for this op yet; use backend='torch' or 'auto'")
+        raise NotImplementedError(f"{op}: no Triton kernel exists for this op yet; use backend='auto', 'torch' or "
+                                  f"'reference'")
     if not triton_importable():
         raise RuntimeError(f"{op}: backend='triton' needs the `triton` package, which does not import here")
     if not runnable:

@@ -388,4 +388,3 @@ def check_token_layout(op: str, logp: torch.Tensor, mask, cu_seqlens) -> torch.T
         raise ValueError(f"{op}: 1-D (packed) inputs need `cu_seqlens: int [B+1]`")
     check_cu_seqlens(op, cu_seqlens, logp.numel())
     return cu_seqlens.to(torch.int64)
-

@@ -481,26 +481,34 @@ def test_logits_far_above_the_sampled_token():
     check(c, d, out, grads, flat)
 
 
-@pytest.mark.parametrize("gap_bits", [121.0, 124.0, 126.5])
-def test_entropy_of_a_row_whose_sum_fits_but_its_weighted_sum_does_not(gap_bits):
-    """A logit 121-127 bits above the sampled one: Σ 2^x is finite in fp32 but Σ 2^x·x overflows, so the entropy (and,
-    with ``entropy_coeff``, the loss and the gradients) must come from the row-max redo too (found by review)."""
+@pytest.mark.parametrize("entropy_coeff", [0.0, 0.01])
+@pytest.mark.parametrize("gap_bits", [70.0, 110.0, 121.0, 124.0, 126.5])
+def test_a_row_far_below_its_max_is_exact(gap_bits, entropy_coeff):
+    """The fp32 path shifts a row by its sampled token's logit. With another logit 121-127 bits above it, Σ 2^x is
+    finite but Σ 2^x·x (the entropy) overflowed, and from far less the backward's 1/Σ 2^x fell into fp32's subnormals
+    (found by review): the loss, the entropy and both gradients must match the float64 reference."""
     g = torch.Generator().manual_seed(1)
     n, hd, v = 3, 16, 37
     h = torch.randn(n, hd, generator=g, dtype=torch.float64)
     w = torch.randn(v, hd, generator=g, dtype=torch.float64)
     h[1] = w[5] * (gap_bits * math.log(2) / w[5].norm() ** 2)
-    ids, adv, cu = torch.tensor([3, 3, 3]), torch.ones(n, dtype=torch.float64), torch.tensor([0, n])
-    cfg = PolicyLossConfig(entropy_coeff=0.01)
-    ref64 = linear_policy_loss(h, w, ids, None, adv, cu_seqlens=cu, return_entropy=True, config=cfg,
+    # small advantages, as a token-mean over many tokens gives: coefficients times 1/Σ 2^x then reach the subnormals
+    ids, adv, cu = torch.tensor([3, 3, 3]), torch.full((n,), 1e-5, dtype=torch.float64), torch.tensor([0, n])
+    cfg = PolicyLossConfig(entropy_coeff=entropy_coeff * 1e-5)
+    ent = entropy_coeff != 0  # without the entropy, nothing overflows: only the precision of 1/Σ 2^x is at stake
+    h64, w64 = h.float().double().requires_grad_(True), w.float().double().requires_grad_(True)
+    ref64 = linear_policy_loss(h64, w64, ids, None, adv, cu_seqlens=cu, return_entropy=ent, config=cfg,
                                backend="reference")
+    ref64.loss.backward()
     h32, w32 = h.float().requires_grad_(True), w.float().requires_grad_(True)
-    got = linear_policy_loss(h32, w32, ids, None, adv.float(), cu_seqlens=cu, return_entropy=True, config=cfg,
+    got = linear_policy_loss(h32, w32, ids, None, adv.float(), cu_seqlens=cu, return_entropy=ent, config=cfg,
                              backend="torch")
     got.loss.backward()
-    torch.testing.assert_close(got.entropy.double(), ref64.entropy, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got.loss.double(), ref64.loss, rtol=1e-4, atol=1e-6)
-    assert torch.isfinite(h32.grad).all() and torch.isfinite(w32.grad).all()
+    if ent:
+        torch.testing.assert_close(got.entropy.double(), ref64.entropy.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.loss.double(), ref64.loss.detach(), rtol=1e-4, atol=1e-6)
+    for mine, want in ((h32.grad, h64.grad), (w32.grad, w64.grad)):
+        torch.testing.assert_close(mine.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
 def test_aggregation_divisor_verl_and_trl():

@@ -79,8 +79,6 @@ def _shifted_tile(h, weight, bias, scale, c, out):
         torch.addmm(out, h, weight.T, alpha=scale, out=out)
 
 
-
-
 def _tile(buf, k, v):
     """A ``[k, V]`` tile stored vocabulary-major (``[V, k]`` in memory, strides ``(1, k)``): GEMM 1 then computes
     ``W @ hᵀ``, whose long side is the vocabulary; with ``k`` ≈ 200 tokens a chunk that runs measurably faster than
@@ -176,10 +174,10 @@ def _chunk_forward(p: _Pass, h, idc, k: int):
         _shifted_tile(h, weight, bias, scale, m, u)
     need_ent = p.need_ent
     tgt, e, s, ex = _exp_rows(u, idc, _tile(p.buf_e, k, v) if need_ent else None)
-    bad = ~torch.isfinite(s)
-    if need_ent:  # Σ e·x overflows before Σ e does (a logit ~121-127 bits above the sampled one)
-        bad |= ~torch.isfinite(ex)
-    # a logit far above the sampled one: redo those rows shifted by their max
+    # A logit more than 64 bits above the sampled one: redo those rows shifted by their max. Past 127 bits Σ e
+    # overflows, from ~121 bits Σ e·x (the entropy) does, and long before either the backward's factors 1/s fall into
+    # fp32's subnormals and lose precision; such a sampled token has probability below 2^-64, so the redo is rare.
+    bad = ~(s <= 2.0 ** 64)
     if not p.low and not p.masked and bool(bad.any()):
         rows = torch.nonzero(bad)[:, 0]
         ur = torch.empty(rows.numel(), v, dtype=acc, device=dev)
