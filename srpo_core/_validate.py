@@ -388,3 +388,15 @@ def check_token_layout(op: str, logp: torch.Tensor, mask, cu_seqlens) -> torch.T
         raise ValueError(f"{op}: 1-D (packed) inputs need `cu_seqlens: int [B+1]`")
     check_cu_seqlens(op, cu_seqlens, logp.numel())
     return cu_seqlens.to(torch.int64)
+
+
+def check_sequence_advantages(op: str, advantages: torch.Tensor, num_traj: int) -> None:
+    """``advantages`` holds one finite value per trajectory (``num_traj`` of them)."""
+    if advantages.numel() != num_traj:
+        raise ValueError(f"{op}: `advantages` must have one entry per trajectory (B = {num_traj}), "
+                         f"got {describe(advantages)}")
+    if not bool(torch.isfinite(advantages).all()):
+        bad = ~torch.isfinite(advantages)
+        raise ValueError(f"{op}: `advantages` must be finite, got {int(bad.sum())} non-finite value(s), "
+                         f"first at index {first_true_index(bad)[0]}")
+

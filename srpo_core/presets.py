@@ -25,6 +25,7 @@ from srpo_core import _dispatch
 from srpo_core._validate import (
     _WARNED,
     brief,
+    check_sequence_advantages,
     check_token_layout,
     describe,
     first_true_index,
@@ -199,14 +200,7 @@ def _vppo_check_tensors(op: str, advantages, logp, logp_corrupt, mask, cu_seqlen
 def _vppo_layout(op: str, advantages, logp, logp_corrupt, mask, cu_seqlens, backend) -> tuple[bool, torch.Tensor]:
     """Check the layout, the values and the backend of :func:`vppo_advantages` → ``(padded, cu_seqlens)``."""
     padded, cu = _layout(op, logp, mask, cu_seqlens)
-    num_traj = cu.numel() - 1
-    if advantages.numel() != num_traj:
-        raise ValueError(f"{op}: `advantages` must have one entry per trajectory (B = {num_traj}), "
-                         f"got {describe(advantages)}")
-    if not bool(torch.isfinite(advantages).all()):
-        bad = ~torch.isfinite(advantages)
-        raise ValueError(f"{op}: `advantages` must be finite, got {int(bad.sum())} non-finite value(s), "
-                         f"first at index {first_true_index(bad)[0]}")
+    check_sequence_advantages(op, advantages, cu.numel() - 1)
     _reject_bad(op, "logp", logp, mask)
     _reject_bad(op, "logp_corrupt", logp_corrupt, mask)
     _dispatch.pick_backend(backend, logp.device, op=op, has_triton=False)  # raises for "triton" and unknown names

@@ -24,9 +24,9 @@ import torch
 from srpo_core import _dispatch
 from srpo_core._validate import (
     check_role_values,
+    check_sequence_advantages,
     check_token_layout,
     describe,
-    first_true_index,
     refuse_meta,
     require_same_device,
     require_same_shape,
@@ -149,23 +149,13 @@ def _check_call(advantages, logp, roles, per_token, mask, cu_seqlens, config) ->
                         **per_token)
     refuse_meta(OP, advantages=advantages, logp=logp, roles=roles, mask=mask, cu_seqlens=cu_seqlens, **per_token)
     cu = check_token_layout(OP, logp, mask, cu_seqlens)
-    _check_advantages(advantages, cu.numel() - 1)
+    check_sequence_advantages(OP, advantages, cu.numel() - 1)
     # Advantages are constants of the policy-gradient loss (issue 22, D175): no graph through them, whatever inputs
     # require grad, so no output has a grad_fn and a loss on them sends nothing into logp or the signals.
     per_token = {name: None if x is None else x.detach() for name, x in per_token.items()}
     floats = (advantages, logp, *per_token.values())
     dtype = torch.float64 if any(x is not None and x.dtype == torch.float64 for x in floats) else torch.float32
     return _Call(advantages.detach(), logp.detach(), per_token, roles, mask if logp.dim() == 2 else None, cu, dtype)
-
-
-def _check_advantages(advantages, num_traj: int) -> None:
-    if advantages.numel() != num_traj:
-        raise ValueError(f"{OP}: `advantages` must have one entry per trajectory (B = {num_traj}), "
-                         f"got {describe(advantages)}")
-    if not bool(torch.isfinite(advantages).all()):
-        bad = ~torch.isfinite(advantages)
-        raise ValueError(f"{OP}: `advantages` must be finite, got {int(bad.sum())} non-finite value(s), "
-                         f"first at index {first_true_index(bad)[0]}")
 
 
 def _check_values(call: _Call, config: SRPOConfig) -> None:
